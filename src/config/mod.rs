@@ -1,0 +1,694 @@
+//! Configuration: one TOML file, overridden key by key from the environment,
+//! on top of an embedded default, validated as a whole.
+//!
+//! Key names are a contract with operators and scripts (see
+//! `shared/CONFIG.md` and the README): `[server] listen` in the file is
+//! `HIVEGATE_SERVER_LISTEN` in the environment, which wins. Every problem is
+//! reported with its line (or variable) and the key it concerns; nothing is
+//! silently ignored or clamped.
+
+mod toml;
+
+use crate::auth::{TokenEntry, TokenParseError};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use toml::Value;
+
+/// Every key this build understands, with its default as written in a file,
+/// and what it means. The README's reference is checked against this list.
+pub const KEYS: &[(&str, &str, &str)] = &[
+    (
+        "server.listen",
+        "\"127.0.0.1:8080\"",
+        "address and port for HTTP and WebSocket",
+    ),
+    (
+        "server.data_dir",
+        "\"./hivegate-data\", or $STATE_DIRECTORY",
+        "where the database lives",
+    ),
+    (
+        "server.max_connections",
+        "1000",
+        "connection table capacity (1..=1000000)",
+    ),
+    (
+        "server.max_connections_per_ip",
+        "10",
+        "open WebSocket connections per client IP",
+    ),
+    (
+        "server.max_handshakes",
+        "256",
+        "sockets still sending their HTTP head; past it new sockets are closed at once",
+    ),
+    (
+        "server.handshake_timeout_ms",
+        "5000",
+        "time to send the HTTP head and finish the upgrade",
+    ),
+    (
+        "server.hello_timeout_ms",
+        "10000",
+        "time to send `hello` after the upgrade (close 4002)",
+    ),
+    ("server.ping_interval_ms", "25000", "WebSocket ping period"),
+    (
+        "server.pong_timeout_ms",
+        "10000",
+        "close 4009 when no pong arrives within this",
+    ),
+    (
+        "server.max_message_bytes",
+        "65536",
+        "largest inbound message; above it close 1009",
+    ),
+    (
+        "server.outbox_frames",
+        "64",
+        "per-connection outbound queue in frames (1..=64); full means close 4008",
+    ),
+    (
+        "server.outbox_bytes",
+        "1048576",
+        "per-connection outbound queue in bytes; full means close 4008",
+    ),
+    (
+        "server.drain_timeout_ms",
+        "10000",
+        "graceful shutdown budget after SIGTERM",
+    ),
+    (
+        "server.allowed_origins",
+        "[] (no check)",
+        "exact browser `Origin` values allowed to upgrade",
+    ),
+    (
+        "auth.mode",
+        "\"token\"",
+        "`token`, or `open` (anyone may connect; generated names)",
+    ),
+    (
+        "auth.tokens",
+        "[]",
+        "`\"user:token\"` or `\"user:sha256:HEX\"` entries",
+    ),
+    (
+        "log.level",
+        "\"info\"",
+        "`error`, `warn`, `info` or `debug`",
+    ),
+    (
+        "log.format",
+        "\"text\"",
+        "`text` or `json` (one object per line)",
+    ),
+];
+
+/// The compile-time capacity of the heapless outbound queue.
+pub const MAX_OUTBOX_FRAMES: usize = 64;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: Server,
+    pub auth: Auth,
+    pub log: Log,
+}
+
+#[derive(Debug, Clone)]
+pub struct Server {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub max_connections: usize,
+    pub max_connections_per_ip: u32,
+    pub max_handshakes: usize,
+    pub handshake_timeout: Duration,
+    pub hello_timeout: Duration,
+    pub ping_interval: Duration,
+    pub pong_timeout: Duration,
+    pub max_message_bytes: usize,
+    pub outbox_frames: usize,
+    pub outbox_bytes: usize,
+    pub drain_timeout: Duration,
+    pub allowed_origins: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMode {
+    Token,
+    Open,
+}
+
+#[derive(Debug, Clone)]
+pub struct Auth {
+    /// The mode in force after validation: `Open` also when no tokens are
+    /// configured and the listen address is loopback.
+    pub mode: AuthMode,
+    /// True when open mode was chosen because no tokens were configured,
+    /// which deserves a warning at start-up.
+    pub implicit_open: bool,
+    pub tokens: Vec<TokenEntry>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct Log {
+    pub level: LogLevel,
+    pub format: LogFormat,
+}
+
+/// Where a setting came from, so an error can point at it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Origin {
+    File {
+        path: PathBuf,
+        line: usize,
+    },
+    Env(String),
+    /// A problem of the configuration as a whole.
+    Whole,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigError {
+    pub origin: Origin,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.origin {
+            Origin::File { path, line } => write!(f, "{}:{line}: {}", path.display(), self.message),
+            Origin::Env(var) => write!(f, "environment {var}: {}", self.message),
+            Origin::Whole => write!(f, "{}", self.message),
+        }
+    }
+}
+
+/// All the problems found, so an operator fixes them in one go.
+#[derive(Debug)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A setting from the file or the environment, with enough context to
+/// convert it and to report a problem with it.
+struct Setting<'a> {
+    key: &'a str,
+    value: &'a Value,
+    /// Environment values are always strings and are parsed by kind.
+    from_env: bool,
+}
+
+impl Setting<'_> {
+    fn int(&self, min: i64, max: i64) -> Result<i64, String> {
+        let n = match self.value {
+            Value::Int(n) => Some(*n),
+            Value::Str(s) if self.from_env => s.trim().replace('_', "").parse().ok(),
+            _ => None,
+        };
+        match n {
+            Some(n) if (min..=max).contains(&n) => Ok(n),
+            Some(n) => Err(format!(
+                "{}: {n} is out of range: expected {min} to {max}",
+                self.key
+            )),
+            None => Err(format!(
+                "{}: expected an integer from {min} to {max}, found {}",
+                self.key, self.value
+            )),
+        }
+    }
+
+    fn usize(&self, min: usize, max: usize) -> Result<usize, String> {
+        self.int(min as i64, max as i64).map(|n| n as usize)
+    }
+
+    fn millis(&self, min: u64, max: u64) -> Result<Duration, String> {
+        self.int(min as i64, max as i64)
+            .map(|n| Duration::from_millis(n as u64))
+    }
+
+    fn string(&self) -> Result<String, String> {
+        match self.value {
+            Value::Str(s) => Ok(s.clone()),
+            other => Err(format!("{}: expected a string, found {other}", self.key)),
+        }
+    }
+
+    fn choice<T: Copy>(&self, choices: &[(&str, T)]) -> Result<T, String> {
+        let s = self.string()?;
+        choices
+            .iter()
+            .find(|(name, _)| *name == s)
+            .map(|(_, v)| *v)
+            .ok_or_else(|| {
+                let names: Vec<_> = choices.iter().map(|(n, _)| format!("{n:?}")).collect();
+                format!(
+                    "{}: expected one of {}, found {s:?}",
+                    self.key,
+                    names.join(", ")
+                )
+            })
+    }
+
+    /// A list of strings; from the environment, comma-separated.
+    fn strings(&self) -> Result<Vec<String>, String> {
+        match self.value {
+            Value::Str(s) if self.from_env => Ok(s
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect()),
+            Value::List(items) => items
+                .iter()
+                .map(|v| match v {
+                    Value::Str(s) => Ok(s.clone()),
+                    other => Err(format!(
+                        "{}: expected a list of strings, found {other} in it",
+                        self.key
+                    )),
+                })
+                .collect(),
+            other => Err(format!(
+                "{}: expected a list of strings, found {other}",
+                self.key
+            )),
+        }
+    }
+}
+
+impl Config {
+    /// The embedded default: loopback, local data only, no keys.
+    pub fn default_with_env(env: &[(String, String)]) -> Config {
+        let data_dir = env
+            .iter()
+            .find(|(k, _)| k == "STATE_DIRECTORY")
+            // systemd may pass several directories separated by ':'.
+            .and_then(|(_, v)| v.split(':').next().filter(|s| !s.is_empty()))
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("./hivegate-data"));
+        Config {
+            server: Server {
+                listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+                data_dir,
+                max_connections: 1000,
+                max_connections_per_ip: 10,
+                max_handshakes: 256,
+                handshake_timeout: Duration::from_millis(5000),
+                hello_timeout: Duration::from_millis(10_000),
+                ping_interval: Duration::from_millis(25_000),
+                pong_timeout: Duration::from_millis(10_000),
+                max_message_bytes: 65536,
+                outbox_frames: MAX_OUTBOX_FRAMES,
+                outbox_bytes: 1 << 20,
+                drain_timeout: Duration::from_millis(10_000),
+                allowed_origins: Vec::new(),
+            },
+            auth: Auth {
+                mode: AuthMode::Token,
+                implicit_open: false,
+                tokens: Vec::new(),
+            },
+            log: Log {
+                level: LogLevel::Info,
+                format: LogFormat::Text,
+            },
+        }
+    }
+
+    /// Loads the file (if any), then the `HIVEGATE_*` variables of `env`, and
+    /// validates the result. Unknown `HIVEGATE_*` variables are returned as
+    /// warnings: the environment is shared with other software (a key file
+    /// variable may well be called `HIVEGATE_KIMI_KEY`).
+    pub fn load(
+        path: Option<&Path>,
+        env: &[(String, String)],
+    ) -> Result<(Config, Vec<String>), ConfigErrors> {
+        let mut cfg = Config::default_with_env(env);
+        let mut errors = Vec::new();
+        let mut warnings = Vec::new();
+        let mut token_origin = Origin::Whole;
+        let mut mode_set = false;
+
+        if let Some(path) = path {
+            let text = match std::fs::read_to_string(path) {
+                Ok(t) => t,
+                Err(e) => {
+                    return Err(ConfigErrors(vec![ConfigError {
+                        origin: Origin::Whole,
+                        message: format!("cannot read config file {}: {e}", path.display()),
+                    }]))
+                }
+            };
+            match toml::parse(&text) {
+                Err(e) => errors.push(ConfigError {
+                    origin: Origin::File {
+                        path: path.to_path_buf(),
+                        line: e.line,
+                    },
+                    message: e.message,
+                }),
+                Ok(entries) => {
+                    for entry in entries {
+                        let origin = Origin::File {
+                            path: path.to_path_buf(),
+                            line: entry.line,
+                        };
+                        let setting = Setting {
+                            key: &entry.key,
+                            value: &entry.value,
+                            from_env: false,
+                        };
+                        track(&entry.key, &origin, &mut token_origin, &mut mode_set);
+                        if let Err(message) = cfg.apply(&setting) {
+                            errors.push(ConfigError { origin, message });
+                        }
+                    }
+                }
+            }
+        }
+
+        for (var, value) in env {
+            let Some(rest) = var.strip_prefix("HIVEGATE_") else {
+                continue;
+            };
+            let Some(key) = key_for_env(rest) else {
+                warnings.push(format!(
+                    "environment variable {var} names no configuration key; it is ignored"
+                ));
+                continue;
+            };
+            let origin = Origin::Env(var.clone());
+            track(key, &origin, &mut token_origin, &mut mode_set);
+            let value = Value::Str(value.clone());
+            let setting = Setting {
+                key,
+                value: &value,
+                from_env: true,
+            };
+            if let Err(message) = cfg.apply(&setting) {
+                errors.push(ConfigError { origin, message });
+            }
+        }
+
+        if errors.is_empty() {
+            if let Err(message) = cfg.check_whole(mode_set) {
+                errors.push(ConfigError {
+                    origin: token_origin,
+                    message,
+                });
+            }
+        }
+        if errors.is_empty() {
+            Ok((cfg, warnings))
+        } else {
+            Err(ConfigErrors(errors))
+        }
+    }
+
+    fn apply(&mut self, s: &Setting) -> Result<(), String> {
+        let sv = &mut self.server;
+        match s.key {
+            "server.listen" => {
+                let text = s.string()?;
+                sv.listen = text.parse().map_err(|_| {
+                    format!(
+                        "server.listen: {text:?} is not an address and port such as \"127.0.0.1:8080\" or \"[::]:8080\""
+                    )
+                })?;
+            }
+            "server.data_dir" => {
+                let dir = s.string()?;
+                if dir.is_empty() {
+                    return Err("server.data_dir: must not be empty".into());
+                }
+                sv.data_dir = PathBuf::from(dir);
+            }
+            "server.max_connections" => sv.max_connections = s.usize(1, 1_000_000)?,
+            "server.max_connections_per_ip" => {
+                sv.max_connections_per_ip = s.int(1, 1_000_000)? as u32
+            }
+            "server.max_handshakes" => sv.max_handshakes = s.usize(1, 100_000)?,
+            "server.handshake_timeout_ms" => sv.handshake_timeout = s.millis(10, 600_000)?,
+            "server.hello_timeout_ms" => sv.hello_timeout = s.millis(10, 600_000)?,
+            "server.ping_interval_ms" => sv.ping_interval = s.millis(10, 3_600_000)?,
+            "server.pong_timeout_ms" => sv.pong_timeout = s.millis(10, 3_600_000)?,
+            "server.max_message_bytes" => sv.max_message_bytes = s.usize(256, 16 << 20)?,
+            "server.outbox_frames" => sv.outbox_frames = s.usize(1, MAX_OUTBOX_FRAMES)?,
+            "server.outbox_bytes" => sv.outbox_bytes = s.usize(1024, 1 << 30)?,
+            "server.drain_timeout_ms" => sv.drain_timeout = s.millis(0, 600_000)?,
+            "server.allowed_origins" => sv.allowed_origins = s.strings()?,
+            "auth.mode" => {
+                self.auth.mode =
+                    s.choice(&[("token", AuthMode::Token), ("open", AuthMode::Open)])?
+            }
+            "auth.tokens" => {
+                let mut tokens = Vec::new();
+                for (i, spec) in s.strings()?.iter().enumerate() {
+                    // The message never repeats the entry: it holds a secret.
+                    let entry = TokenEntry::parse(spec).map_err(|e| {
+                        let why = match e {
+                            TokenParseError::Shape => {
+                                "is not \"user:token\" or \"user:sha256:HEX\""
+                            }
+                            TokenParseError::User => {
+                                "has a user name that is not 1-32 of [A-Za-z0-9_.-]"
+                            }
+                            TokenParseError::Hex => "has a sha256 digest that is not 64 hex digits",
+                            TokenParseError::Empty => "has an empty token",
+                        };
+                        format!("auth.tokens: entry {} {why}", i + 1)
+                    })?;
+                    if tokens.iter().any(|t: &TokenEntry| t.digest == entry.digest) {
+                        return Err(format!(
+                            "auth.tokens: entry {} repeats the token of an earlier entry",
+                            i + 1
+                        ));
+                    }
+                    tokens.push(entry);
+                }
+                self.auth.tokens = tokens;
+            }
+            "log.level" => {
+                self.log.level = s.choice(&[
+                    ("error", LogLevel::Error),
+                    ("warn", LogLevel::Warn),
+                    ("info", LogLevel::Info),
+                    ("debug", LogLevel::Debug),
+                ])?
+            }
+            "log.format" => {
+                self.log.format =
+                    s.choice(&[("text", LogFormat::Text), ("json", LogFormat::Json)])?
+            }
+            other => return Err(unknown_key(other)),
+        }
+        Ok(())
+    }
+
+    /// Rules that involve more than one key.
+    fn check_whole(&mut self, mode_set: bool) -> Result<(), String> {
+        if self.auth.mode == AuthMode::Token && self.auth.tokens.is_empty() {
+            if !self.server.listen.ip().is_loopback() {
+                return Err(format!(
+                    "auth.tokens is empty and server.listen ({}) is not a loopback address: \
+                     anyone on the network could connect. Add tokens under [auth], or set \
+                     auth.mode = \"open\" if that is really what you want",
+                    self.server.listen
+                ));
+            }
+            self.auth.mode = AuthMode::Open;
+            self.auth.implicit_open = !mode_set;
+        }
+        Ok(())
+    }
+}
+
+/// Remembers where the auth settings came from, for the whole-config error.
+fn track(key: &str, origin: &Origin, token_origin: &mut Origin, mode_set: &mut bool) {
+    if key == "auth.tokens" || key == "auth.mode" {
+        *token_origin = origin.clone();
+    }
+    if key == "auth.mode" {
+        *mode_set = true;
+    }
+}
+
+fn unknown_key(key: &str) -> String {
+    let section = key.split('.').next().unwrap_or(key);
+    let close: Vec<&str> = KEYS
+        .iter()
+        .map(|(k, _, _)| *k)
+        .filter(|k| k.starts_with(section) && k.contains('.'))
+        .collect();
+    if close.is_empty() {
+        format!("unknown key {key}: this build has no [{section}] section")
+    } else {
+        format!(
+            "unknown key {key}; keys of [{section}] are: {}",
+            close.join(", ")
+        )
+    }
+}
+
+/// `SERVER_MAX_CONNECTIONS` → `server.max_connections`.
+fn key_for_env(rest: &str) -> Option<&'static str> {
+    KEYS.iter()
+        .map(|(k, _, _)| *k)
+        .find(|k| env_name(k).strip_prefix("HIVEGATE_") == Some(rest))
+}
+
+/// `server.max_connections` → `HIVEGATE_SERVER_MAX_CONNECTIONS`.
+pub fn env_name(key: &str) -> String {
+    format!(
+        "HIVEGATE_{}",
+        key.replace(['.', '-'], "_").to_ascii_uppercase()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn write(text: &str) -> tempfile::TempPath {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        f.into_temp_path()
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn embedded_default_is_open_on_loopback() {
+        let (cfg, warnings) = Config::load(None, &[]).unwrap();
+        assert_eq!(cfg.server.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(cfg.server.data_dir, PathBuf::from("./hivegate-data"));
+        assert_eq!(cfg.auth.mode, AuthMode::Open);
+        assert!(cfg.auth.implicit_open);
+        assert!(warnings.is_empty());
+    }
+
+    #[test]
+    fn state_directory_sets_the_data_dir() {
+        let (cfg, _) = Config::load(None, &env(&[("STATE_DIRECTORY", "/var/lib/hg:/x")])).unwrap();
+        assert_eq!(cfg.server.data_dir, PathBuf::from("/var/lib/hg"));
+    }
+
+    #[test]
+    fn environment_wins_over_the_file() {
+        let p = write("[server]\nmax_connections = 50\nallowed_origins = [\"https://a\"]\n");
+        let (cfg, _) = Config::load(
+            Some(&p),
+            &env(&[
+                ("HIVEGATE_SERVER_MAX_CONNECTIONS", "70"),
+                ("HIVEGATE_AUTH_TOKENS", "alice:tok1, bob:tok2"),
+                ("HIVEGATE_KIMI_KEY", "secret"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(cfg.server.max_connections, 70);
+        assert_eq!(cfg.server.allowed_origins, ["https://a"]);
+        assert_eq!(cfg.auth.tokens.len(), 2);
+        assert_eq!(cfg.auth.mode, AuthMode::Token);
+    }
+
+    #[test]
+    fn unknown_keys_bad_types_and_ranges_name_key_and_line() {
+        let p = write(
+            "[server]\nmax_conections = 5\nmax_connections = \"many\"\nhello_timeout_ms = 0\n[tls]\ncert = \"x\"\n",
+        );
+        let errs = Config::load(Some(&p), &[]).unwrap_err().0;
+        let text: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
+        assert_eq!(errs.len(), 4, "{text:?}");
+        assert!(
+            text[0].contains(":2: unknown key server.max_conections"),
+            "{}",
+            text[0]
+        );
+        assert!(text[0].contains("server.max_connections"), "{}", text[0]);
+        assert!(
+            text[1].contains(":3: server.max_connections: expected an integer"),
+            "{}",
+            text[1]
+        );
+        assert!(
+            text[2].contains(":4: server.hello_timeout_ms: 0 is out of range"),
+            "{}",
+            text[2]
+        );
+        assert!(text[3].contains(":6: unknown key tls.cert"), "{}", text[3]);
+    }
+
+    #[test]
+    fn env_errors_name_the_variable() {
+        let errs = Config::load(None, &env(&[("HIVEGATE_SERVER_OUTBOX_FRAMES", "65")]))
+            .unwrap_err()
+            .0;
+        assert_eq!(
+            errs[0].origin,
+            Origin::Env("HIVEGATE_SERVER_OUTBOX_FRAMES".into())
+        );
+        assert!(errs[0].message.contains("out of range"));
+    }
+
+    #[test]
+    fn no_tokens_on_a_public_address_refuses_to_start() {
+        let p = write("[server]\nlisten = \"0.0.0.0:8080\"\n");
+        let err = Config::load(Some(&p), &[]).unwrap_err().to_string();
+        assert!(err.contains("auth.mode = \"open\""), "{err}");
+        let p = write("[server]\nlisten = \"0.0.0.0:8080\"\n[auth]\nmode = \"open\"\n");
+        let (cfg, _) = Config::load(Some(&p), &[]).unwrap();
+        assert_eq!(cfg.auth.mode, AuthMode::Open);
+        assert!(!cfg.auth.implicit_open);
+    }
+
+    #[test]
+    fn token_errors_never_echo_the_secret() {
+        let p = write("[auth]\ntokens = [\"al ice:hunter2secret\"]\n");
+        let err = Config::load(Some(&p), &[]).unwrap_err().to_string();
+        assert!(err.contains("entry 1"), "{err}");
+        assert!(!err.contains("hunter2secret"), "{err}");
+    }
+
+    #[test]
+    fn every_key_maps_to_an_env_variable_and_back() {
+        for (key, _, _) in KEYS {
+            let var = env_name(key);
+            assert_eq!(key_for_env(&var["HIVEGATE_".len()..]), Some(*key));
+        }
+        assert_eq!(env_name("server.listen"), "HIVEGATE_SERVER_LISTEN");
+    }
+}

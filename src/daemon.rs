@@ -1,0 +1,152 @@
+//! The life of the process: bind, tell systemd we are ready, serve until a
+//! signal, drain, exit.
+//!
+//! Shutdown order matters to the clients and to whatever balances load in
+//! front of the device: the first SIGTERM or SIGINT turns `/readyz` to 503
+//! and refuses new upgrades (the port stays open so probes get an answer),
+//! asks every connection to close with 1001, and waits for them up to
+//! `server.drain_timeout_ms`. A second signal exits at once.
+
+use crate::config::Config;
+use crate::ops::log::Logger;
+use crate::ops::systemd::Notifier;
+use crate::protocol::close;
+use crate::server::{accept_loop, Gateway};
+use async_io::{Async, Timer};
+use futures_lite::{FutureExt, StreamExt};
+use smol::LocalExecutor;
+use std::net::TcpListener;
+use std::rc::Rc;
+use std::time::Instant;
+
+/// Exit code after a second signal cut the drain short.
+pub const EXIT_INTERRUPTED: i32 = 130;
+
+pub fn run(cfg: Config, log: Logger) -> Result<i32, String> {
+    raise_fd_limit(&log, cfg.server.max_connections);
+    std::fs::create_dir_all(&cfg.server.data_dir).map_err(|e| {
+        format!(
+            "cannot create the data directory {}: {e} (set server.data_dir, or run where it is writable)",
+            cfg.server.data_dir.display()
+        )
+    })?;
+    let listen = cfg.server.listen;
+    let listener = TcpListener::bind(listen).map_err(|e| {
+        format!(
+            "cannot listen on {listen}: {e} (is another process using the port? set server.listen)"
+        )
+    })?;
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    let listener = Async::new(listener).map_err(|e| e.to_string())?;
+    let mut signals =
+        async_signal::Signals::new([async_signal::Signal::Term, async_signal::Signal::Int])
+            .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+
+    let gw = Rc::new(Gateway::new(cfg, log));
+    let ex = Rc::new(LocalExecutor::new());
+    let notifier = Notifier::from_env();
+
+    if gw.cfg.auth.implicit_open {
+        log.warn(
+            "no auth.tokens configured: running in open mode on a loopback address; every session gets a generated name",
+            &[],
+        );
+    }
+    log.info(
+        "listening",
+        &[
+            ("addr", &local),
+            ("version", &crate::VERSION),
+            ("max_connections", &gw.cfg.server.max_connections),
+            ("data_dir", &gw.cfg.server.data_dir.display()),
+        ],
+    );
+
+    let main = async {
+        ex.spawn(accept_loop(gw.clone(), ex.clone(), listener))
+            .detach();
+        if let Some(period) = Notifier::watchdog_period() {
+            let n = Notifier::from_env();
+            ex.spawn(async move {
+                loop {
+                    n.notify("WATCHDOG=1");
+                    Timer::after(period).await;
+                }
+            })
+            .detach();
+        }
+        notifier.notify("READY=1");
+
+        let signal = match signals.next().await {
+            Some(Ok(async_signal::Signal::Int)) => "SIGINT",
+            _ => "SIGTERM",
+        };
+        log.info(
+            "shutting down",
+            &[("signal", &signal), ("open", &gw.table.borrow().len())],
+        );
+        notifier.notify("STOPPING=1");
+        gw.draining.set(true);
+        gw.table.borrow_mut().request_close_all(close::GOING_AWAY);
+
+        let deadline = Instant::now() + gw.cfg.server.drain_timeout;
+        let drained = async {
+            loop {
+                let listener = gw.emptied.listen();
+                if gw.table.borrow().is_empty() {
+                    return 0;
+                }
+                listener.await;
+            }
+        };
+        let timed_out = async {
+            Timer::at(deadline).await;
+            log.warn(
+                "drain timeout reached",
+                &[("open", &gw.table.borrow().len())],
+            );
+            0
+        };
+        let second = async {
+            signals.next().await;
+            log.warn("second signal: exiting now", &[]);
+            EXIT_INTERRUPTED
+        };
+        let code = drained.or(timed_out).or(second).await;
+        log.info("stopped", &[("exit", &code)]);
+        code
+    };
+    Ok(smol::block_on(ex.run(main)))
+}
+
+/// Raises the soft limit on open files to the hard limit: each connection
+/// is a descriptor, and the usual soft limit of 1024 is below the default
+/// table size plus the database and listener.
+fn raise_fd_limit(log: &Logger, max_connections: usize) {
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
+    unsafe {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim.rlim_cur = lim.rlim_max;
+            }
+        }
+        let needed = max_connections as u64 + 64;
+        if lim.rlim_cur < needed {
+            log.warn(
+                "the open-file limit is below server.max_connections; raise LimitNOFILE",
+                &[("limit", &lim.rlim_cur), ("needed", &needed)],
+            );
+        }
+    }
+}

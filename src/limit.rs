@@ -1,0 +1,131 @@
+//! Rate measurement without allocation.
+//!
+//! A [`RateMeter`] is a ring of per-second slots: recording an event touches
+//! one slot, and an idle gap is skipped by clearing at most every slot once,
+//! so its cost never grows with traffic or with time.
+
+use std::time::Instant;
+
+/// Counts events in the last `SLOTS` seconds, one slot per second.
+#[derive(Debug, Clone)]
+pub struct RateMeter<const SLOTS: usize> {
+    slots: [u32; SLOTS],
+    /// The instant second 0 started at.
+    epoch: Instant,
+    /// The second (since `epoch`) that the newest slot counts.
+    head: u64,
+}
+
+impl<const SLOTS: usize> RateMeter<SLOTS> {
+    pub fn new(now: Instant) -> Self {
+        RateMeter {
+            slots: [0; SLOTS],
+            epoch: now,
+            head: 0,
+        }
+    }
+
+    fn second(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.epoch).as_secs()
+    }
+
+    /// Moves the ring forward to `now`, clearing the seconds that passed.
+    fn advance(&mut self, now: Instant) {
+        let sec = self.second(now);
+        if sec <= self.head {
+            return;
+        }
+        let gap = sec - self.head;
+        if gap >= SLOTS as u64 {
+            self.slots = [0; SLOTS];
+        } else {
+            for s in self.head + 1..=sec {
+                self.slots[(s % SLOTS as u64) as usize] = 0;
+            }
+        }
+        self.head = sec;
+    }
+
+    pub fn record(&mut self, now: Instant) {
+        self.record_n(now, 1);
+    }
+
+    pub fn record_n(&mut self, now: Instant, n: u32) {
+        self.advance(now);
+        let slot = &mut self.slots[(self.head % SLOTS as u64) as usize];
+        *slot = slot.saturating_add(n);
+    }
+
+    /// Events in the last `seconds` seconds, the current one included.
+    pub fn count(&mut self, now: Instant, seconds: usize) -> u64 {
+        self.advance(now);
+        let seconds = seconds.clamp(1, SLOTS) as u64;
+        (0..seconds)
+            .map(|back| {
+                let s = self.head.wrapping_sub(back) % SLOTS as u64;
+                // Seconds before the meter existed hold nothing.
+                if back > self.head {
+                    0
+                } else {
+                    self.slots[s as usize] as u64
+                }
+            })
+            .sum()
+    }
+
+    #[allow(dead_code)] // Exported by /metrics with the rate limits, next.
+    /// Events per second averaged over the last `seconds` seconds.
+    pub fn rate(&mut self, now: Instant, seconds: usize) -> f64 {
+        let seconds = seconds.clamp(1, SLOTS);
+        self.count(now, seconds) as f64 / seconds as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::{Clock, ManualClock};
+    use std::time::Duration;
+
+    #[test]
+    fn counts_within_the_window_and_forgets_after() {
+        let clock = ManualClock::new();
+        let mut m = RateMeter::<60>::new(clock.now());
+        for _ in 0..10 {
+            m.record(clock.now());
+            clock.advance(Duration::from_millis(500));
+        }
+        // 10 events over 5 s.
+        assert_eq!(m.count(clock.now(), 60), 10);
+        assert_eq!(m.count(clock.now(), 1), 0);
+        assert_eq!(m.count(clock.now(), 2), 2);
+        // At 63 s the window holds seconds 4..=63: the events at 4.0 and 4.5.
+        clock.advance(Duration::from_secs(58));
+        assert_eq!(m.count(clock.now(), 60), 2);
+        clock.advance(Duration::from_secs(10));
+        assert_eq!(m.count(clock.now(), 60), 0);
+    }
+
+    #[test]
+    fn wraps_around_the_ring_many_times() {
+        let clock = ManualClock::new();
+        let mut m = RateMeter::<60>::new(clock.now());
+        for _ in 0..200 {
+            m.record_n(clock.now(), 3);
+            clock.advance(Duration::from_secs(1));
+        }
+        assert_eq!(m.count(clock.now(), 60), 3 * 59);
+        assert_eq!(m.rate(clock.now(), 10), 2.7);
+    }
+
+    #[test]
+    fn a_long_idle_gap_clears_everything() {
+        let clock = ManualClock::new();
+        let mut m = RateMeter::<60>::new(clock.now());
+        m.record_n(clock.now(), 100);
+        clock.advance(Duration::from_secs(3600 * 24 * 365));
+        assert_eq!(m.count(clock.now(), 60), 0);
+        m.record(clock.now());
+        assert_eq!(m.count(clock.now(), 60), 1);
+    }
+}

@@ -1,0 +1,126 @@
+//! `hivegate`: a small single-threaded WebSocket gateway for edge
+//! appliances. This file reads the command line and hands over; the
+//! gateway itself starts in `daemon::run`.
+
+mod auth;
+#[allow(dead_code)] // Used by the rate limits, next.
+mod clock;
+mod config;
+mod daemon;
+mod limit;
+mod ops;
+mod protocol;
+mod server;
+
+use config::Config;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("HIVEGATE_GIT_COMMIT"),
+    ")"
+);
+
+const USAGE: &str = "\
+hivegate: a small WebSocket gateway for chat and LLM traffic on edge devices
+
+Usage:
+  hivegate serve [--config FILE]    run the gateway (no FILE: embedded defaults)
+  hivegate check-config FILE        validate a configuration file and exit
+  hivegate --version                print the version and git commit
+  hivegate help [COMMAND]           show help
+
+Every setting can also come from the environment: [server] listen is
+HIVEGATE_SERVER_LISTEN, and the environment wins. See README.md for all keys.
+";
+
+const SERVE_USAGE: &str = "\
+Usage: hivegate serve [--config FILE]
+
+Runs the gateway in the foreground, logging to stderr. Without --config it
+uses the embedded defaults: listen on 127.0.0.1:8080, data under
+./hivegate-data (or $STATE_DIRECTORY under systemd), open mode (no tokens).
+SIGTERM or SIGINT drains and exits 0; a second signal exits at once.
+
+Options:
+  -c, --config FILE   the TOML configuration file
+  -h, --help          show this help
+";
+
+const CHECK_USAGE: &str = "\
+Usage: hivegate check-config FILE
+
+Reads FILE and the HIVEGATE_* environment as `serve` would, and reports
+every problem with its line. Exits 0 when the configuration is valid, 1
+otherwise.
+";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    match run(&args, &env) {
+        Ok(code) => ExitCode::from(code as u8),
+        Err(message) => {
+            eprintln!("hivegate: {message}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(args: &[String], env: &[(String, String)]) -> Result<i32, String> {
+    let words: Vec<&str> = args.iter().map(String::as_str).collect();
+    match words.as_slice() {
+        [] | ["help"] | ["-h"] | ["--help"] => {
+            print!("{USAGE}");
+            Ok(0)
+        }
+        ["-V"] | ["--version"] | ["version"] => {
+            println!("hivegate {VERSION}");
+            Ok(0)
+        }
+        ["help", "serve"] | ["serve", "-h" | "--help", ..] => {
+            print!("{SERVE_USAGE}");
+            Ok(0)
+        }
+        ["help", "check-config"] | ["check-config", "-h" | "--help", ..] => {
+            print!("{CHECK_USAGE}");
+            Ok(0)
+        }
+        ["serve", rest @ ..] => {
+            let path = match rest {
+                [] => None,
+                ["-c" | "--config", file] => Some(PathBuf::from(file)),
+                _ => {
+                    return Err(format!(
+                        "unexpected arguments to serve: {}\n\n{SERVE_USAGE}",
+                        rest.join(" ")
+                    ))
+                }
+            };
+            let (cfg, warnings) = Config::load(path.as_deref(), env)
+                .map_err(|e| format!("invalid configuration:\n{e}"))?;
+            let log = ops::log::Logger::new(cfg.log.level, cfg.log.format);
+            for w in &warnings {
+                log.warn(w, &[]);
+            }
+            daemon::run(cfg, log)
+        }
+        ["check-config", file] => match Config::load(Some(&PathBuf::from(file)), env) {
+            Ok((_, warnings)) => {
+                for w in warnings {
+                    eprintln!("warning: {w}");
+                }
+                println!("{file}: ok");
+                Ok(0)
+            }
+            Err(errors) => {
+                eprintln!("{errors}");
+                Ok(1)
+            }
+        },
+        ["check-config"] => Err(format!("check-config needs a FILE\n\n{CHECK_USAGE}")),
+        [other, ..] => Err(format!("unknown command {other:?}\n\n{USAGE}")),
+    }
+}

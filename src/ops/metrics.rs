@@ -1,0 +1,246 @@
+//! The gateway's counters, rendered in the Prometheus text format (0.0.4).
+//!
+//! Plain `Cell`s on the one event-loop thread: counting costs an add, and a
+//! scrape renders a few dozen lines.
+
+use crate::protocol::close;
+use std::cell::Cell;
+use std::fmt::Write as _;
+
+/// Why a client was turned away before it had a connection slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    GlobalCap,
+    IpCap,
+    HandshakeTimeout,
+    HandshakeCap,
+    BadRequest,
+    Unauthorized,
+    Origin,
+    Draining,
+}
+
+impl Refusal {
+    const ALL: [Refusal; 8] = [
+        Refusal::GlobalCap,
+        Refusal::IpCap,
+        Refusal::HandshakeTimeout,
+        Refusal::HandshakeCap,
+        Refusal::BadRequest,
+        Refusal::Unauthorized,
+        Refusal::Origin,
+        Refusal::Draining,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Refusal::GlobalCap => "global_cap",
+            Refusal::IpCap => "ip_cap",
+            Refusal::HandshakeTimeout => "handshake_timeout",
+            Refusal::HandshakeCap => "handshake_cap",
+            Refusal::BadRequest => "bad_request",
+            Refusal::Unauthorized => "unauthorized",
+            Refusal::Origin => "origin",
+            Refusal::Draining => "draining",
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub accepted: Cell<u64>,
+    refused: [Cell<u64>; Refusal::ALL.len()],
+    closed: [Cell<u64>; close::ALL.len()],
+    pub frames_in: Cell<u64>,
+    pub frames_out: Cell<u64>,
+    pub bytes_in: Cell<u64>,
+    pub bytes_out: Cell<u64>,
+    pub slow_consumers: Cell<u64>,
+    pub invalid_requests: Cell<u64>,
+    pub http_requests: Cell<u64>,
+}
+
+pub fn inc(c: &Cell<u64>) {
+    add(c, 1);
+}
+
+pub fn add(c: &Cell<u64>, n: u64) {
+    c.set(c.get().wrapping_add(n));
+}
+
+/// Values that live elsewhere and are read at scrape time.
+pub struct Gauges {
+    pub connections_open: usize,
+    pub table_capacity: usize,
+    pub handshakes_pending: usize,
+    pub draining: bool,
+}
+
+impl Metrics {
+    pub fn refused(&self, why: Refusal) {
+        if let Some(i) = Refusal::ALL.iter().position(|r| *r == why) {
+            inc(&self.refused[i]);
+        }
+    }
+
+    pub fn closed(&self, code: u16) {
+        let i = close::ALL
+            .iter()
+            .position(|c| *c == code)
+            .unwrap_or_else(|| {
+                // Unknown codes are folded into "internal error", which is what
+                // an unexpected code means here.
+                close::ALL
+                    .iter()
+                    .position(|c| *c == close::INTERNAL)
+                    .unwrap_or(0)
+            });
+        inc(&self.closed[i]);
+    }
+
+    pub fn render(&self, g: &Gauges, out: &mut String) {
+        gauge(
+            out,
+            "hivegate_connections_open",
+            "Open WebSocket connections.",
+            g.connections_open as u64,
+        );
+        gauge(
+            out,
+            "hivegate_connection_table_capacity",
+            "Slots in the connection table.",
+            g.table_capacity as u64,
+        );
+        gauge(
+            out,
+            "hivegate_handshakes_pending",
+            "Sockets still in their HTTP handshake.",
+            g.handshakes_pending as u64,
+        );
+        gauge(
+            out,
+            "hivegate_draining",
+            "1 while shutting down.",
+            u64::from(g.draining),
+        );
+        counter(
+            out,
+            "hivegate_connections_accepted_total",
+            "WebSocket connections admitted.",
+            self.accepted.get(),
+        );
+        header(
+            out,
+            "hivegate_connections_refused_total",
+            "Clients refused before the upgrade, by reason.",
+            "counter",
+        );
+        for (r, c) in Refusal::ALL.iter().zip(&self.refused) {
+            let _ = writeln!(
+                out,
+                "hivegate_connections_refused_total{{reason=\"{}\"}} {}",
+                r.label(),
+                c.get()
+            );
+        }
+        header(
+            out,
+            "hivegate_connections_closed_total",
+            "WebSocket connections closed, by close code (1006: no close frame).",
+            "counter",
+        );
+        for (code, c) in close::ALL.iter().zip(&self.closed) {
+            let _ = writeln!(
+                out,
+                "hivegate_connections_closed_total{{code=\"{code}\"}} {}",
+                c.get()
+            );
+        }
+        counter(
+            out,
+            "hivegate_frames_in_total",
+            "WebSocket data frames received.",
+            self.frames_in.get(),
+        );
+        counter(
+            out,
+            "hivegate_frames_out_total",
+            "WebSocket data frames sent.",
+            self.frames_out.get(),
+        );
+        counter(
+            out,
+            "hivegate_bytes_in_total",
+            "Payload bytes received.",
+            self.bytes_in.get(),
+        );
+        counter(
+            out,
+            "hivegate_bytes_out_total",
+            "Payload bytes sent.",
+            self.bytes_out.get(),
+        );
+        counter(
+            out,
+            "hivegate_slow_consumer_closes_total",
+            "Connections closed because their outbound queue was full.",
+            self.slow_consumers.get(),
+        );
+        counter(
+            out,
+            "hivegate_invalid_requests_total",
+            "Frames answered with INVALID_REQUEST.",
+            self.invalid_requests.get(),
+        );
+        counter(
+            out,
+            "hivegate_http_requests_total",
+            "Plain HTTP requests answered.",
+            self.http_requests.get(),
+        );
+    }
+}
+
+fn header(out: &mut String, name: &str, help: &str, kind: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+pub fn counter(out: &mut String, name: &str, help: &str, v: u64) {
+    header(out, name, help, "counter");
+    let _ = writeln!(out, "{name} {v}");
+}
+
+pub fn gauge(out: &mut String, name: &str, help: &str, v: u64) {
+    header(out, name, help, "gauge");
+    let _ = writeln!(out, "{name} {v}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_labelled_counters() {
+        let m = Metrics::default();
+        m.refused(Refusal::IpCap);
+        m.refused(Refusal::IpCap);
+        m.closed(4008);
+        m.closed(4242);
+        let mut out = String::new();
+        m.render(
+            &Gauges {
+                connections_open: 3,
+                table_capacity: 10,
+                handshakes_pending: 0,
+                draining: false,
+            },
+            &mut out,
+        );
+        assert!(out.contains("hivegate_connections_refused_total{reason=\"ip_cap\"} 2\n"));
+        assert!(out.contains("hivegate_connections_closed_total{code=\"4008\"} 1\n"));
+        assert!(out.contains("hivegate_connections_closed_total{code=\"1011\"} 1\n"));
+        assert!(
+            out.contains("# TYPE hivegate_connections_open gauge\nhivegate_connections_open 3\n")
+        );
+    }
+}

@@ -1,0 +1,5 @@
+//! Operating the gateway: metrics, logs, systemd integration.
+
+pub mod log;
+pub mod metrics;
+pub mod systemd;

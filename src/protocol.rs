@@ -1,0 +1,609 @@
+//! The wire protocol (`shared/PROTOCOL.md`): typed requests parsed from
+//! client frames, and server frames written as JSON.
+//!
+//! Parsing has two steps. A small validator first checks that the frame is
+//! one well-formed JSON object nested at most [`MAX_DEPTH`] deep: nanoserde
+//! panics on some malformed input (a missing value after a colon), and no
+//! client may be able to crash the gateway. nanoserde then fills a flat
+//! envelope, which is turned into a [`Request`] with every field checked.
+//!
+//! Server frames are written with [`JsonOut`] into a string once, and the
+//! same bytes are shared by every recipient.
+
+use nanoserde::DeJson;
+use std::fmt::Write as _;
+
+/// Deepest nesting of arrays and objects accepted in a client frame.
+pub const MAX_DEPTH: usize = 32;
+/// Longest `request_id`, in bytes.
+pub const MAX_REQUEST_ID: usize = 64;
+/// Longest `client` name in `hello`, in bytes.
+pub const MAX_CLIENT_NAME: usize = 128;
+/// Longest token in `hello`, in bytes.
+pub const MAX_TOKEN: usize = 512;
+
+/// The error codes of the protocol (the whole list: later features use
+/// the rest).
+#[allow(dead_code)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    InvalidRequest,
+    Unauthorized,
+    RateLimited,
+    OverCapacity,
+    LimitExceeded,
+    NotFound,
+    ProviderUnavailable,
+    Timeout,
+    InternalError,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidRequest => "INVALID_REQUEST",
+            ErrorCode::Unauthorized => "UNAUTHORIZED",
+            ErrorCode::RateLimited => "RATE_LIMITED",
+            ErrorCode::OverCapacity => "OVER_CAPACITY",
+            ErrorCode::LimitExceeded => "LIMIT_EXCEEDED",
+            ErrorCode::NotFound => "NOT_FOUND",
+            ErrorCode::ProviderUnavailable => "PROVIDER_UNAVAILABLE",
+            ErrorCode::Timeout => "TIMEOUT",
+            ErrorCode::InternalError => "INTERNAL_ERROR",
+        }
+    }
+}
+
+/// WebSocket close codes used by the gateway.
+pub mod close {
+    pub const NORMAL: u16 = 1000;
+    pub const GOING_AWAY: u16 = 1001;
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    pub const UNSUPPORTED_DATA: u16 = 1003;
+    /// Never sent: stands for "the connection ended without a close frame".
+    pub const ABNORMAL: u16 = 1006;
+    pub const INVALID_PAYLOAD: u16 = 1007;
+    pub const POLICY: u16 = 1008;
+    pub const TOO_BIG: u16 = 1009;
+    pub const INTERNAL: u16 = 1011;
+    pub const TRY_AGAIN_LATER: u16 = 1013;
+    pub const INVALID_JSON: u16 = 4000;
+    pub const UNKNOWN_PROTOCOL: u16 = 4001;
+    pub const HELLO_TIMEOUT: u16 = 4002;
+    pub const UNAUTHORIZED: u16 = 4003;
+    pub const SLOW_CONSUMER: u16 = 4008;
+    pub const PONG_TIMEOUT: u16 = 4009;
+
+    /// Every code the gateway may count, for the metrics.
+    pub const ALL: [u16; 16] = [
+        NORMAL,
+        GOING_AWAY,
+        PROTOCOL_ERROR,
+        UNSUPPORTED_DATA,
+        ABNORMAL,
+        INVALID_PAYLOAD,
+        POLICY,
+        TOO_BIG,
+        INTERNAL,
+        TRY_AGAIN_LATER,
+        INVALID_JSON,
+        UNKNOWN_PROTOCOL,
+        HELLO_TIMEOUT,
+        UNAUTHORIZED,
+        SLOW_CONSUMER,
+        PONG_TIMEOUT,
+    ];
+}
+
+/// A request from a client, checked.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Request {
+    Hello {
+        token: Option<String>,
+        client: Option<String>,
+    },
+    Ping,
+}
+
+/// A parsed frame: the request and its `request_id`, if it had one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Envelope {
+    pub request_id: Option<String>,
+    pub request: Request,
+}
+
+/// Why a frame was refused. `request_id` is kept when it could be read, so
+/// the error can be matched to the request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParseError {
+    pub request_id: Option<String>,
+    pub message: String,
+    /// Malformed JSON (as opposed to a well-formed but wrong request).
+    pub malformed: bool,
+}
+
+/// The flat shape nanoserde fills; every field is optional and checked after.
+/// In a module of its own because the derive's generated code trips
+/// clippy's `question_mark` lint.
+mod raw {
+    #![allow(clippy::question_mark)]
+    use nanoserde::DeJson;
+
+    #[derive(DeJson, Default)]
+    #[nserde(default)]
+    pub struct Raw {
+        pub op: Option<String>,
+        pub request_id: Option<String>,
+        pub token: Option<String>,
+        pub client: Option<String>,
+    }
+}
+use raw::Raw;
+
+pub fn parse(text: &str) -> Result<Envelope, ParseError> {
+    if let Err(why) = validate_json_object(text.as_bytes()) {
+        return Err(ParseError {
+            request_id: None,
+            message: format!("invalid JSON: {why}"),
+            malformed: true,
+        });
+    }
+    let raw = Raw::deserialize_json(text).map_err(|e| ParseError {
+        request_id: None,
+        message: format!("a field has the wrong type: {e}"),
+        malformed: false,
+    })?;
+    let request_id = raw.request_id;
+    let fail = |message: String| ParseError {
+        request_id: request_id.clone().filter(|id| id.len() <= MAX_REQUEST_ID),
+        message,
+        malformed: false,
+    };
+    if let Some(id) = &request_id {
+        if id.len() > MAX_REQUEST_ID {
+            return Err(fail(format!(
+                "request_id is longer than {MAX_REQUEST_ID} bytes"
+            )));
+        }
+    }
+    let op = raw.op.ok_or_else(|| fail("missing \"op\"".into()))?;
+    let request = match op.as_str() {
+        "hello" => {
+            if raw.token.as_ref().is_some_and(|t| t.len() > MAX_TOKEN) {
+                return Err(fail(format!("token is longer than {MAX_TOKEN} bytes")));
+            }
+            if raw
+                .client
+                .as_ref()
+                .is_some_and(|c| c.len() > MAX_CLIENT_NAME)
+            {
+                return Err(fail(format!(
+                    "client is longer than {MAX_CLIENT_NAME} bytes"
+                )));
+            }
+            Request::Hello {
+                token: raw.token,
+                client: raw.client,
+            }
+        }
+        "ping" => Request::Ping,
+        other => {
+            let shown: String = other.chars().take(32).collect();
+            return Err(fail(format!("unknown op {shown:?}")));
+        }
+    };
+    Ok(Envelope {
+        request_id,
+        request,
+    })
+}
+
+/// Checks that `b` is exactly one JSON object, well-formed, nested at most
+/// [`MAX_DEPTH`] deep. Iterative, allocation-free.
+pub fn validate_json_object(b: &[u8]) -> Result<(), &'static str> {
+    // Each level remembers whether it is an object (true) or an array.
+    let mut stack: heapless::Vec<bool, MAX_DEPTH> = heapless::Vec::new();
+    let mut i = skip_ws(b, 0);
+    if b.get(i) != Some(&b'{') {
+        return Err("a frame must hold one JSON object");
+    }
+    // States: expecting a value, or having just finished one.
+    let mut expect_value = true;
+    loop {
+        i = skip_ws(b, i);
+        if expect_value {
+            let c = *b.get(i).ok_or("unexpected end")?;
+            match c {
+                b'{' | b'[' => {
+                    stack.push(c == b'{').map_err(|_| "nested too deeply")?;
+                    i = skip_ws(b, i + 1);
+                    let close = if c == b'{' { b'}' } else { b']' };
+                    if b.get(i) == Some(&close) {
+                        stack.pop();
+                        i += 1;
+                        expect_value = false;
+                    } else if c == b'{' {
+                        i = object_key(b, i)?;
+                    }
+                    // else: an array's first value follows.
+                    continue;
+                }
+                b'"' => i = string_end(b, i)?,
+                b't' => i = literal(b, i, b"true")?,
+                b'f' => i = literal(b, i, b"false")?,
+                b'n' => i = literal(b, i, b"null")?,
+                b'-' | b'0'..=b'9' => i = number_end(b, i)?,
+                _ => return Err("expected a value"),
+            }
+            expect_value = false;
+        } else {
+            let Some(&in_object) = stack.last() else {
+                return if skip_ws(b, i) == b.len() {
+                    Ok(())
+                } else {
+                    Err("text after the object")
+                };
+            };
+            match b.get(i) {
+                Some(b',') => {
+                    i = skip_ws(b, i + 1);
+                    if in_object {
+                        i = object_key(b, i)?;
+                    }
+                    expect_value = true;
+                }
+                Some(b'}') if in_object => {
+                    stack.pop();
+                    i += 1;
+                }
+                Some(b']') if !in_object => {
+                    stack.pop();
+                    i += 1;
+                }
+                _ => return Err("expected ',' or a closing bracket"),
+            }
+        }
+    }
+}
+
+fn skip_ws(b: &[u8], mut i: usize) -> usize {
+    while matches!(b.get(i), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+        i += 1;
+    }
+    i
+}
+
+/// Reads `"key" :` and returns the position after the colon.
+fn object_key(b: &[u8], i: usize) -> Result<usize, &'static str> {
+    if b.get(i) != Some(&b'"') {
+        return Err("expected a quoted key");
+    }
+    let i = skip_ws(b, string_end(b, i)?);
+    if b.get(i) != Some(&b':') {
+        return Err("expected ':' after a key");
+    }
+    Ok(i + 1)
+}
+
+fn literal(b: &[u8], i: usize, word: &[u8]) -> Result<usize, &'static str> {
+    if b[i..].starts_with(word) {
+        Ok(i + word.len())
+    } else {
+        Err("bad literal")
+    }
+}
+
+/// `b[i]` is the opening quote; returns the position after the closing one.
+fn string_end(b: &[u8], mut i: usize) -> Result<usize, &'static str> {
+    i += 1;
+    loop {
+        match *b.get(i).ok_or("unterminated string")? {
+            b'"' => return Ok(i + 1),
+            b'\\' => match *b.get(i + 1).ok_or("unterminated string")? {
+                b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => i += 2,
+                b'u' => {
+                    let hex = b.get(i + 2..i + 6).ok_or("bad \\u escape")?;
+                    if !hex.iter().all(u8::is_ascii_hexdigit) {
+                        return Err("bad \\u escape");
+                    }
+                    i += 6;
+                }
+                _ => return Err("bad escape"),
+            },
+            0..=0x1f => return Err("control character in a string"),
+            _ => i += 1,
+        }
+    }
+}
+
+fn number_end(b: &[u8], mut i: usize) -> Result<usize, &'static str> {
+    let digits = |b: &[u8], mut i: usize| {
+        let start = i;
+        while b.get(i).is_some_and(u8::is_ascii_digit) {
+            i += 1;
+        }
+        (i, i > start)
+    };
+    if b.get(i) == Some(&b'-') {
+        i += 1;
+    }
+    if b.get(i) == Some(&b'0') {
+        i += 1;
+    } else {
+        let (j, any) = digits(b, i);
+        if !any {
+            return Err("bad number");
+        }
+        i = j;
+    }
+    if b.get(i) == Some(&b'.') {
+        let (j, any) = digits(b, i + 1);
+        if !any {
+            return Err("bad number");
+        }
+        i = j;
+    }
+    if matches!(b.get(i), Some(b'e' | b'E')) {
+        i += 1;
+        if matches!(b.get(i), Some(b'+' | b'-')) {
+            i += 1;
+        }
+        let (j, any) = digits(b, i);
+        if !any {
+            return Err("bad number");
+        }
+        i = j;
+    }
+    Ok(i)
+}
+
+/// Writes one JSON object. Keys are trusted literals; string values are
+/// escaped.
+pub struct JsonOut {
+    buf: String,
+    first: bool,
+}
+
+impl Default for JsonOut {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl JsonOut {
+    /// An empty object.
+    pub fn new() -> JsonOut {
+        JsonOut {
+            buf: String::with_capacity(96),
+            first: true,
+        }
+    }
+
+    /// An object whose first member is `"op"`, as every server frame has.
+    pub fn op(op: &str) -> JsonOut {
+        JsonOut::new().str("op", op)
+    }
+
+    fn key(&mut self, key: &str) {
+        if !self.first {
+            self.buf.push(',');
+        }
+        self.first = false;
+        self.buf.push('"');
+        self.buf.push_str(key);
+        self.buf.push_str("\":");
+    }
+
+    pub fn str(mut self, key: &str, value: &str) -> JsonOut {
+        self.key(key);
+        escape_into(&mut self.buf, value);
+        self
+    }
+
+    pub fn opt_str(self, key: &str, value: Option<&str>) -> JsonOut {
+        match value {
+            Some(v) => self.str(key, v),
+            None => self,
+        }
+    }
+
+    pub fn num(mut self, key: &str, value: u64) -> JsonOut {
+        self.key(key);
+        let _ = write!(self.buf, "{value}");
+        self
+    }
+
+    pub fn bool(mut self, key: &str, value: bool) -> JsonOut {
+        self.key(key);
+        self.buf.push_str(if value { "true" } else { "false" });
+        self
+    }
+
+    /// Inserts an already-written JSON value.
+    pub fn raw(mut self, key: &str, json: &str) -> JsonOut {
+        self.key(key);
+        self.buf.push_str(json);
+        self
+    }
+
+    pub fn finish(mut self) -> String {
+        self.buf.insert(0, '{');
+        self.buf.push('}');
+        self.buf
+    }
+}
+
+/// Appends `s` as a JSON string literal.
+pub fn escape_into(buf: &mut String, s: &str) {
+    buf.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => buf.push_str("\\\""),
+            '\\' => buf.push_str("\\\\"),
+            '\n' => buf.push_str("\\n"),
+            '\r' => buf.push_str("\\r"),
+            '\t' => buf.push_str("\\t"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(buf, "\\u{:04x}", c as u32);
+            }
+            c => buf.push(c),
+        }
+    }
+    buf.push('"');
+}
+
+/// `{"op":"error","request_id":..,"error":{"code":..,"message":..}}`
+pub fn error_frame(
+    request_id: Option<&str>,
+    code: ErrorCode,
+    message: &str,
+    retry_after_ms: Option<u64>,
+) -> String {
+    let mut err = JsonOut::new()
+        .str("code", code.as_str())
+        .str("message", message);
+    if let Some(ms) = retry_after_ms {
+        err = err.num("retry_after_ms", ms);
+    }
+    JsonOut::op("error")
+        .opt_str("request_id", request_id)
+        .raw("error", &err.finish())
+        .finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_hello_and_ping() {
+        let e =
+            parse(r#"{"op":"hello","token":"t","client":"kiosk/1.0","request_id":"r1"}"#).unwrap();
+        assert_eq!(e.request_id.as_deref(), Some("r1"));
+        assert_eq!(
+            e.request,
+            Request::Hello {
+                token: Some("t".into()),
+                client: Some("kiosk/1.0".into())
+            }
+        );
+        let e = parse(r#" {"op":"ping","extra":[1,{"a":null}],"n":-1.5e3} "#).unwrap();
+        assert_eq!(e.request, Request::Ping);
+        assert_eq!(e.request_id, None);
+        assert!(matches!(
+            parse(r#"{"op":"hello","token":null}"#).unwrap().request,
+            Request::Hello { token: None, .. }
+        ));
+    }
+
+    #[test]
+    fn unknown_op_and_bad_fields_keep_the_request_id() {
+        let e = parse(r#"{"op":"fly","request_id":"r9"}"#).unwrap_err();
+        assert_eq!(e.request_id.as_deref(), Some("r9"));
+        assert!(!e.malformed);
+        assert!(e.message.contains("unknown op"));
+        let e = parse(r#"{"request_id":"r9"}"#).unwrap_err();
+        assert!(e.message.contains("missing"));
+        let long = "x".repeat(65);
+        let e = parse(&format!(r#"{{"op":"ping","request_id":"{long}"}}"#)).unwrap_err();
+        assert_eq!(e.request_id, None);
+        assert!(parse(r#"{"op":5}"#).is_err());
+        assert!(parse(r#"{"op":"ping","request_id":7}"#).is_err());
+    }
+
+    #[test]
+    fn malformed_json_is_refused_without_panicking() {
+        for bad in [
+            "",
+            "[]",
+            "null",
+            "{",
+            "{\"op\":}",
+            "{\"x\":]",
+            "{\"op\":\"ping\",}",
+            "{\"a\" 1}",
+            "{\"a\":01}",
+            "{\"a\":1.}",
+            "{\"a\":\"\\x\"}",
+            "{\"a\":\"\u{1}\"}",
+            "{} {}",
+            "{\"a\":tru}",
+            "{\"a\":[1,]}",
+            "{\"a\":[1 2]}",
+            "{\"a\":\"\\u12\"}",
+        ] {
+            let e = parse(bad).unwrap_err();
+            assert!(e.malformed, "{bad:?} should be malformed");
+        }
+    }
+
+    #[test]
+    fn nesting_is_bounded() {
+        let ok = format!(
+            "{{\"a\":{}1{}}}",
+            "[".repeat(MAX_DEPTH - 1),
+            "]".repeat(MAX_DEPTH - 1)
+        );
+        assert!(validate_json_object(ok.as_bytes()).is_ok());
+        let deep = format!("{{\"a\":{}1{}}}", "[".repeat(100_000), "]".repeat(100_000));
+        assert_eq!(
+            validate_json_object(deep.as_bytes()),
+            Err("nested too deeply")
+        );
+    }
+
+    /// Random mutations of valid frames never panic the parser.
+    #[test]
+    fn mutated_frames_never_panic() {
+        let seeds = [
+            r#"{"op":"hello","token":"abc","client":"x/1","request_id":"r1"}"#,
+            r#"{"op":"ping","a":[1,2,{"b":"c\u00e9\n"}],"t":true,"f":false,"n":null}"#,
+        ];
+        let alphabet = b"{}[]\":,\\ 0123456789-+.eEtrufalsn\x00\xff";
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for _ in 0..20_000 {
+            let mut bytes = seeds[(next() % 2) as usize].as_bytes().to_vec();
+            for _ in 0..(next() % 4 + 1) {
+                let pos = (next() as usize) % (bytes.len() + 1);
+                let c = alphabet[(next() as usize) % alphabet.len()];
+                match next() % 3 {
+                    0 if pos < bytes.len() => bytes[pos] = c,
+                    1 if pos < bytes.len() => {
+                        bytes.remove(pos);
+                    }
+                    _ => bytes.insert(pos, c),
+                }
+            }
+            if let Ok(text) = std::str::from_utf8(&bytes) {
+                let _ = parse(text);
+            }
+        }
+    }
+
+    #[test]
+    fn writes_escaped_frames() {
+        let f = error_frame(
+            Some("r\"1"),
+            ErrorCode::RateLimited,
+            "slow\ndown",
+            Some(1200),
+        );
+        assert_eq!(
+            f,
+            r#"{"op":"error","request_id":"r\"1","error":{"code":"RATE_LIMITED","message":"slow\ndown","retry_after_ms":1200}}"#
+        );
+        let f = JsonOut::op("x")
+            .str("s", "\u{1}👍")
+            .num("n", 3)
+            .bool("b", false)
+            .finish();
+        assert_eq!(f, r#"{"op":"x","s":"\u0001👍","n":3,"b":false}"#);
+        assert!(validate_json_object(f.as_bytes()).is_ok());
+    }
+}

@@ -1,0 +1,510 @@
+//! One task per connection, from the upgrade to the last byte.
+//!
+//! The task waits on four things at once, in one `poll_fn`: a close request
+//! in its table entry, frames in its outbox (written into the socket as fast
+//! as it takes them), frames from the client, and one timer re-armed to the
+//! nearest deadline (hello, next ping, pong). Reading never waits for
+//! writing: a client that stops reading fills its bounded outbox and is
+//! closed as a slow consumer, and nobody else notices.
+
+use super::table::Frame;
+use super::{Gateway, Slot};
+use crate::config::AuthMode;
+use crate::limit::RateMeter;
+use crate::ops::metrics::{add, inc};
+use crate::protocol::{self, close, ErrorCode, JsonOut, Request};
+use async_io::{Async, Timer};
+use async_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use async_tungstenite::tungstenite::protocol::CloseFrame;
+use async_tungstenite::tungstenite::{Error as WsError, Message};
+use async_tungstenite::WebSocketStream;
+use futures_lite::{future, FutureExt, Stream};
+use futures_sink::Sink;
+use std::net::TcpStream;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+pub type WsStream = WebSocketStream<Async<TcpStream>>;
+
+/// Invalid frames tolerated within a minute before close 4000.
+const MAX_INVALID_PER_MINUTE: u64 = 10;
+/// How long a close may take: sending the close frame, then waiting for the
+/// client to hang up.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// Most bytes read and thrown away while waiting for the client to hang up.
+const CLOSE_DRAIN_BYTES: usize = 256 * 1024;
+
+/// What a session knows after `hello`.
+struct Session {
+    user: Rc<str>,
+}
+
+enum Event {
+    Message(Message),
+    /// The client hung up (after a close handshake or without one).
+    Ended,
+    Failed(WsError),
+    Timer,
+    CloseRequested(u16),
+}
+
+pub struct Conn {
+    gw: Rc<Gateway>,
+    slot: Slot,
+    ws: WsStream,
+    /// A user fixed at upgrade time by an `Authorization: Bearer` header.
+    preauth: Option<Rc<str>>,
+    session: Option<Session>,
+    hello_deadline: Instant,
+    next_ping: Instant,
+    pong_deadline: Option<Instant>,
+    invalid: RateMeter<60>,
+    timer: Timer,
+    armed_at: Instant,
+    ping_pending: bool,
+    flush_pending: bool,
+    /// Whether the client sent a close frame (so the ending is normal).
+    peer_closed: Option<u16>,
+}
+
+impl Conn {
+    pub fn new(gw: Rc<Gateway>, slot: Slot, ws: WsStream, preauth: Option<Rc<str>>) -> Conn {
+        let now = Instant::now();
+        let cfg = &gw.cfg.server;
+        let hello_deadline = now + cfg.hello_timeout;
+        let next_ping = now + cfg.ping_interval;
+        Conn {
+            hello_deadline,
+            next_ping,
+            pong_deadline: None,
+            invalid: RateMeter::new(now),
+            timer: Timer::at(hello_deadline.min(next_ping)),
+            armed_at: hello_deadline.min(next_ping),
+            ping_pending: false,
+            flush_pending: false,
+            peer_closed: None,
+            session: None,
+            preauth,
+            gw,
+            slot,
+            ws,
+        }
+    }
+
+    pub async fn run(mut self) {
+        let (code, reason) = self.serve().await;
+        self.close(code, reason).await;
+    }
+
+    /// Serves the connection until it must close; returns the close code.
+    async fn serve(&mut self) -> (u16, &'static str) {
+        loop {
+            let deadline = self.next_deadline();
+            if deadline != self.armed_at {
+                self.timer.set_at(deadline);
+                self.armed_at = deadline;
+            }
+            let event = future::poll_fn(|cx| self.poll_event(cx)).await;
+            match event {
+                Event::CloseRequested(code) => return (code, close_reason(code)),
+                Event::Ended => {
+                    return match self.peer_closed {
+                        Some(code) => (code, "client closed"),
+                        None => (close::ABNORMAL, "client vanished"),
+                    }
+                }
+                Event::Failed(e) => return ws_error_close(&e),
+                Event::Timer => {
+                    if let Some(code) = self.on_timer(Instant::now()) {
+                        return (code, close_reason(code));
+                    }
+                }
+                Event::Message(msg) => {
+                    if let Some(code) = self.on_message(msg) {
+                        return (code, close_reason(code));
+                    }
+                }
+            }
+        }
+    }
+
+    fn next_deadline(&self) -> Instant {
+        let mut d = self.next_ping;
+        if self.session.is_none() {
+            d = d.min(self.hello_deadline);
+        }
+        if let Some(p) = self.pong_deadline {
+            d = d.min(p);
+        }
+        d
+    }
+
+    fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
+        {
+            let mut table = self.gw.table.borrow_mut();
+            let Some(entry) = table.get_mut(self.slot.key) else {
+                return Poll::Ready(Event::CloseRequested(close::INTERNAL));
+            };
+            if let Some(code) = entry.close_request {
+                return Poll::Ready(Event::CloseRequested(code));
+            }
+            if !entry
+                .waker
+                .as_ref()
+                .is_some_and(|w| w.will_wake(cx.waker()))
+            {
+                entry.waker = Some(cx.waker().clone());
+            }
+        }
+        if let Err(e) = self.poll_write(cx) {
+            return Poll::Ready(Event::Failed(e));
+        }
+        match Pin::new(&mut self.ws).poll_next(cx) {
+            Poll::Ready(Some(Ok(msg))) => return Poll::Ready(Event::Message(msg)),
+            Poll::Ready(Some(Err(e))) => return Poll::Ready(Event::Failed(e)),
+            Poll::Ready(None) => return Poll::Ready(Event::Ended),
+            Poll::Pending => {}
+        }
+        if Pin::new(&mut self.timer).poll(cx).is_ready() {
+            return Poll::Ready(Event::Timer);
+        }
+        Poll::Pending
+    }
+
+    /// Moves frames from the outbox into the socket while it takes them,
+    /// then flushes. Returns at once when the socket is full; the waker is
+    /// registered for when it drains.
+    fn poll_write(&mut self, cx: &mut Context<'_>) -> Result<(), WsError> {
+        loop {
+            let has_frame = self
+                .gw
+                .table
+                .borrow_mut()
+                .get_mut(self.slot.key)
+                .is_some_and(|e| !e.outbox.is_empty());
+            if !self.ping_pending && !has_frame {
+                break;
+            }
+            match Pin::new(&mut self.ws).poll_ready(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => return Err(e),
+                Poll::Pending => return Ok(()),
+            }
+            let msg = if self.ping_pending {
+                self.ping_pending = false;
+                Message::Ping(Default::default())
+            } else {
+                let Some(f) = self.pop_frame() else { break };
+                inc(&self.gw.metrics.frames_out);
+                add(&self.gw.metrics.bytes_out, f.len() as u64);
+                Message::Text((*f).clone())
+            };
+            Pin::new(&mut self.ws).start_send(msg)?;
+            self.flush_pending = true;
+        }
+        if self.flush_pending {
+            match Pin::new(&mut self.ws).poll_flush(cx) {
+                Poll::Ready(Ok(())) => self.flush_pending = false,
+                Poll::Ready(Err(e)) => return Err(e),
+                Poll::Pending => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn pop_frame(&self) -> Option<Frame> {
+        self.gw
+            .table
+            .borrow_mut()
+            .get_mut(self.slot.key)
+            .and_then(|e| e.outbox.pop())
+    }
+
+    fn on_timer(&mut self, now: Instant) -> Option<u16> {
+        if self.session.is_none() && now >= self.hello_deadline {
+            return Some(close::HELLO_TIMEOUT);
+        }
+        if self.pong_deadline.is_some_and(|d| now >= d) {
+            return Some(close::PONG_TIMEOUT);
+        }
+        if now >= self.next_ping {
+            let cfg = &self.gw.cfg.server;
+            self.ping_pending = true;
+            self.next_ping = now + cfg.ping_interval;
+            self.pong_deadline.get_or_insert(now + cfg.pong_timeout);
+        }
+        None
+    }
+
+    fn on_message(&mut self, msg: Message) -> Option<u16> {
+        match msg {
+            Message::Text(text) => {
+                inc(&self.gw.metrics.frames_in);
+                add(&self.gw.metrics.bytes_in, text.len() as u64);
+                self.on_text(&text)
+            }
+            Message::Binary(_) => Some(close::UNSUPPORTED_DATA),
+            // tungstenite queues the pong; the next poll writes it.
+            Message::Ping(_) => {
+                self.flush_pending = true;
+                None
+            }
+            Message::Pong(_) => {
+                self.pong_deadline = None;
+                None
+            }
+            Message::Close(frame) => {
+                self.peer_closed = Some(frame.map_or(close::NORMAL, |f| u16::from(f.code)));
+                self.flush_pending = true;
+                None
+            }
+            Message::Frame(_) => None,
+        }
+    }
+
+    fn on_text(&mut self, text: &str) -> Option<u16> {
+        let envelope = match protocol::parse(text) {
+            Ok(e) => e,
+            Err(e) => {
+                // A well-formed frame that is not `hello` is another
+                // protocol talking to us.
+                if self.session.is_none() && !e.malformed {
+                    return Some(close::UNKNOWN_PROTOCOL);
+                }
+                return self.invalid_request(e.request_id.as_deref(), &e.message);
+            }
+        };
+        let rid = envelope.request_id.as_deref();
+        match (&self.session, envelope.request) {
+            (None, Request::Hello { token, client }) => {
+                self.hello(rid, token.as_deref(), client.as_deref())
+            }
+            (None, _) => Some(close::UNKNOWN_PROTOCOL),
+            (Some(_), Request::Hello { .. }) => {
+                self.invalid_request(rid, "hello was already accepted on this connection")
+            }
+            (Some(_), Request::Ping) => {
+                self.send(JsonOut::op("pong").opt_str("request_id", rid).finish());
+                None
+            }
+        }
+    }
+
+    fn invalid_request(&mut self, rid: Option<&str>, message: &str) -> Option<u16> {
+        inc(&self.gw.metrics.invalid_requests);
+        self.send(protocol::error_frame(
+            rid,
+            ErrorCode::InvalidRequest,
+            message,
+            None,
+        ));
+        let now = Instant::now();
+        self.invalid.record(now);
+        (self.invalid.count(now, 60) >= MAX_INVALID_PER_MINUTE).then_some(close::INVALID_JSON)
+    }
+
+    fn hello(
+        &mut self,
+        rid: Option<&str>,
+        token: Option<&str>,
+        client: Option<&str>,
+    ) -> Option<u16> {
+        let gw = self.gw.clone();
+        let user: Option<Rc<str>> = match token {
+            Some(t) => gw.auth.user_for(t).map(Rc::from),
+            None => match (&self.preauth, gw.cfg.auth.mode) {
+                (Some(u), _) => Some(u.clone()),
+                (None, AuthMode::Open) => Some(Rc::from(format!("guest-{}", self.slot.id))),
+                (None, AuthMode::Token) => None,
+            },
+        };
+        let Some(user) = user else {
+            gw.log.info(
+                "hello refused",
+                &[("conn", &self.slot.id), ("reason", &"bad or missing token")],
+            );
+            self.send(
+                JsonOut::op("hello_ack")
+                    .opt_str("request_id", rid)
+                    .bool("ok", false)
+                    .str("error", "unauthorized")
+                    .finish(),
+            );
+            return Some(close::UNAUTHORIZED);
+        };
+        let session_id = format!("{:016x}{:x}", fastrand_u64(), self.slot.id);
+        let limits = JsonOut::new()
+            .num("max_message_bytes", gw.cfg.server.max_message_bytes as u64)
+            .finish();
+        self.send(
+            JsonOut::op("hello_ack")
+                .opt_str("request_id", rid)
+                .bool("ok", true)
+                .str("session_id", &session_id)
+                .str("user", &user)
+                .str("server", concat!("hivegate/", env!("CARGO_PKG_VERSION")))
+                .raw("limits", &limits)
+                .finish(),
+        );
+        gw.log.info(
+            "hello",
+            &[
+                ("conn", &self.slot.id),
+                ("user", &user),
+                ("client", &client.unwrap_or("-")),
+            ],
+        );
+        self.session = Some(Session { user });
+        None
+    }
+
+    /// Queues one of this connection's own frames (answers, errors).
+    fn send(&self, text: String) {
+        let f = super::table::frame(text);
+        self.gw.table.borrow_mut().deliver(self.slot.key, &f);
+    }
+
+    /// Ends the connection: what is queued is sent (unless the client is
+    /// the reason it cannot be), then the close frame, then the socket is
+    /// half-closed and read until the client hangs up, all within
+    /// [`CLOSE_GRACE`]. Reading to the end keeps the kernel from answering
+    /// unread data with a reset that would destroy the close frame in
+    /// flight.
+    async fn close(mut self, code: u16, reason: &'static str) {
+        let gw = self.gw.clone();
+        inc_close(&gw, code);
+        let user = self.session.as_ref().map_or("-", |s| &*s.user).to_string();
+        gw.log.info(
+            "closed",
+            &[
+                ("conn", &self.slot.id),
+                ("user", &user),
+                ("code", &code),
+                ("reason", &reason),
+            ],
+        );
+        if code == close::ABNORMAL {
+            return;
+        }
+        if code == close::SLOW_CONSUMER {
+            // The client is not reading; queued frames would never arrive.
+            if let Some(e) = gw.table.borrow_mut().get_mut(self.slot.key) {
+                while e.outbox.pop().is_some() {}
+            }
+        }
+        let deadline = Instant::now() + CLOSE_GRACE;
+        let send_close = async {
+            // Flush what is queued (answers already promised), then close.
+            let _ = future::poll_fn(|cx| {
+                if let Err(e) = self.poll_write(cx) {
+                    return Poll::Ready(Err(e));
+                }
+                let queued = gw
+                    .table
+                    .borrow_mut()
+                    .get_mut(self.slot.key)
+                    .is_some_and(|e| !e.outbox.is_empty());
+                if queued || self.flush_pending {
+                    Poll::Pending
+                } else {
+                    Poll::Ready(Ok(()))
+                }
+            })
+            .await;
+            if self.peer_closed.is_none() {
+                let frame = CloseFrame {
+                    code: CloseCode::from(code),
+                    reason: reason.into(),
+                };
+                let _ = future::poll_fn(|cx| Pin::new(&mut self.ws).poll_ready(cx)).await;
+                let _ = Pin::new(&mut self.ws).start_send(Message::Close(Some(frame)));
+                let _ = future::poll_fn(|cx| Pin::new(&mut self.ws).poll_flush(cx)).await;
+            }
+            let _ = self
+                .ws
+                .get_ref()
+                .get_ref()
+                .shutdown(std::net::Shutdown::Write);
+            drain_input(&mut self.ws).await;
+        };
+        send_close
+            .or(async {
+                Timer::at(deadline).await;
+            })
+            .await;
+    }
+}
+
+/// Reads and discards until the client hangs up (bounded in bytes; the
+/// caller bounds it in time).
+async fn drain_input(ws: &mut WsStream) {
+    use futures_lite::{AsyncReadExt, StreamExt};
+    // Let tungstenite see the client's close frame if the stream still works.
+    while let Some(Ok(_)) = ws.next().await {}
+    let mut buf = vec![0u8; 4096];
+    let mut total = 0;
+    while total < CLOSE_DRAIN_BYTES {
+        match ws.get_mut().read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => total += n,
+        }
+    }
+}
+
+fn inc_close(gw: &Gateway, code: u16) {
+    gw.metrics.closed(code);
+    if code == close::SLOW_CONSUMER {
+        inc(&gw.metrics.slow_consumers);
+    }
+}
+
+fn close_reason(code: u16) -> &'static str {
+    match code {
+        close::NORMAL => "normal",
+        close::GOING_AWAY => "server shutting down",
+        close::PROTOCOL_ERROR => "protocol error",
+        close::UNSUPPORTED_DATA => "binary frames are not supported",
+        close::INVALID_PAYLOAD => "invalid UTF-8",
+        close::POLICY => "policy violation",
+        close::TOO_BIG => "message too big",
+        close::TRY_AGAIN_LATER => "try again later",
+        close::INVALID_JSON => "too many invalid requests",
+        close::UNKNOWN_PROTOCOL => "expected hello",
+        close::HELLO_TIMEOUT => "no hello in time",
+        close::UNAUTHORIZED => "unauthorized",
+        close::SLOW_CONSUMER => "slow consumer",
+        close::PONG_TIMEOUT => "no pong in time",
+        _ => "internal error",
+    }
+}
+
+/// The close code RFC 6455 asks for after a read error.
+fn ws_error_close(e: &WsError) -> (u16, &'static str) {
+    use async_tungstenite::tungstenite::error::CapacityError;
+    match e {
+        WsError::Capacity(CapacityError::MessageTooLong { .. }) => {
+            (close::TOO_BIG, "message too big")
+        }
+        WsError::Capacity(_) => (close::TOO_BIG, "message too big"),
+        WsError::Utf8(_) => (close::INVALID_PAYLOAD, "invalid UTF-8"),
+        WsError::Protocol(_) => (close::PROTOCOL_ERROR, "protocol error"),
+        WsError::ConnectionClosed | WsError::AlreadyClosed => {
+            (close::ABNORMAL, "connection closed")
+        }
+        _ => (close::ABNORMAL, "connection failed"),
+    }
+}
+
+/// A random number for session ids: unique, not secret.
+fn fastrand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish()
+}

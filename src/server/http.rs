@@ -1,0 +1,244 @@
+//! The little HTTP/1.1 the gateway speaks: read one request head (bounded in
+//! size; the caller bounds it in time), answer it, close.
+//!
+//! The head is read here rather than by the WebSocket library so that plain
+//! routes (`/healthz`, `/metrics`) share the port, and so that admission
+//! (caps, origin, token) is decided before a connection exists.
+
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+
+/// Largest request head accepted; above it the answer is 431.
+pub const MAX_HEAD_BYTES: usize = 8192;
+/// Most headers accepted; above it the answer is 431.
+const MAX_HEADERS: usize = 48;
+
+/// The parts of a request head the gateway acts on.
+#[derive(Debug, Default, Clone)]
+pub struct Head {
+    pub method: String,
+    pub path: String,
+    pub upgrade_websocket: bool,
+    pub connection_upgrade: bool,
+    pub ws_key: Option<String>,
+    pub ws_version: Option<String>,
+    pub origin: Option<String>,
+    pub bearer: Option<String>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum HeadError {
+    /// The peer closed or reset before a whole head arrived.
+    Closed,
+    /// Not HTTP/1.x as this server reads it: 400.
+    Malformed,
+    /// Over [`MAX_HEAD_BYTES`] or [`MAX_HEADERS`]: 431.
+    TooLarge,
+}
+
+/// Reads until the blank line ending the head. Returns the head and any
+/// bytes that arrived after it (a client may send its first WebSocket frame
+/// right behind the upgrade request).
+pub async fn read_head<S: futures_lite::AsyncRead + Unpin>(
+    stream: &mut S,
+) -> Result<(Head, Vec<u8>), HeadError> {
+    // On the heap and dropped after the handshake: an idle connection must
+    // not carry this buffer.
+    let mut buf = vec![0u8; MAX_HEAD_BYTES];
+    let mut len = 0;
+    loop {
+        let n = stream
+            .read(&mut buf[len..])
+            .await
+            .map_err(|_| HeadError::Closed)?;
+        if n == 0 {
+            return Err(HeadError::Closed);
+        }
+        let searched_from = len.saturating_sub(3);
+        len += n;
+        if let Some(end) = find_head_end(&buf[searched_from..len]) {
+            let end = searched_from + end;
+            let head = parse_head(&buf[..end])?;
+            return Ok((head, buf[end..len].to_vec()));
+        }
+        if len == buf.len() {
+            return Err(HeadError::TooLarge);
+        }
+    }
+}
+
+/// Position just past `\r\n\r\n`, if present.
+fn find_head_end(b: &[u8]) -> Option<usize> {
+    b.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)
+}
+
+fn parse_head(b: &[u8]) -> Result<Head, HeadError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(b) {
+        Ok(httparse::Status::Complete(_)) => {}
+        Ok(httparse::Status::Partial) => return Err(HeadError::Malformed),
+        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
+        Err(_) => return Err(HeadError::Malformed),
+    }
+    let mut head = Head {
+        method: req.method.unwrap_or_default().to_string(),
+        path: req.path.unwrap_or_default().to_string(),
+        ..Head::default()
+    };
+    for h in req.headers.iter() {
+        let value = std::str::from_utf8(h.value).unwrap_or("").trim();
+        let name = h.name;
+        if name.eq_ignore_ascii_case("upgrade") {
+            head.upgrade_websocket = value.eq_ignore_ascii_case("websocket");
+        } else if name.eq_ignore_ascii_case("connection") {
+            head.connection_upgrade = value
+                .split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+        } else if name.eq_ignore_ascii_case("sec-websocket-key") {
+            head.ws_key = Some(value.to_string());
+        } else if name.eq_ignore_ascii_case("sec-websocket-version") {
+            head.ws_version = Some(value.to_string());
+        } else if name.eq_ignore_ascii_case("origin") {
+            head.origin = Some(value.to_string());
+        } else if name.eq_ignore_ascii_case("authorization") {
+            let (scheme, token) = value.split_once(' ').unwrap_or((value, ""));
+            if scheme.eq_ignore_ascii_case("bearer") {
+                head.bearer = Some(token.trim().to_string());
+            }
+        }
+    }
+    Ok(head)
+}
+
+impl Head {
+    /// The path without its query string.
+    pub fn route(&self) -> &str {
+        self.path.split('?').next().unwrap_or("")
+    }
+}
+
+/// One whole response, written and flushed; the caller closes the socket.
+pub struct Response {
+    pub status: u16,
+    pub content_type: &'static str,
+    pub body: String,
+    pub extra: Vec<(&'static str, String)>,
+}
+
+impl Response {
+    pub fn new(status: u16, content_type: &'static str, body: impl Into<String>) -> Response {
+        Response {
+            status,
+            content_type,
+            body: body.into(),
+            extra: Vec::new(),
+        }
+    }
+
+    pub fn text(status: u16, body: impl Into<String>) -> Response {
+        Response::new(status, "text/plain; charset=utf-8", body)
+    }
+
+    pub fn header(mut self, name: &'static str, value: impl Into<String>) -> Response {
+        self.extra.push((name, value.into()));
+        self
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = format!(
+            "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\nCache-Control: no-store\r\n",
+            self.status,
+            reason(self.status),
+            self.content_type,
+            self.body.len()
+        );
+        for (name, value) in &self.extra {
+            out.push_str(name);
+            out.push_str(": ");
+            out.push_str(value);
+            out.push_str("\r\n");
+        }
+        out.push_str("\r\n");
+        out.push_str(&self.body);
+        out.into_bytes()
+    }
+
+    pub async fn send<S: futures_lite::AsyncWrite + Unpin>(&self, stream: &mut S) {
+        // The client may already be gone; there is nobody to tell.
+        let _ = stream.write_all(&self.to_bytes()).await;
+        let _ = stream.flush().await;
+    }
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        101 => "Switching Protocols",
+        200 => "OK",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        426 => "Upgrade Required",
+        429 => "Too Many Requests",
+        431 => "Request Header Fields Too Large",
+        503 => "Service Unavailable",
+        _ => "Unknown",
+    }
+}
+
+/// The `101 Switching Protocols` answer to a valid upgrade request.
+pub fn switching_protocols(ws_key: &str) -> Vec<u8> {
+    let accept = async_tungstenite::tungstenite::handshake::derive_accept_key(ws_key.as_bytes());
+    format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+    )
+    .into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(bytes: &[u8]) -> Result<(Head, Vec<u8>), HeadError> {
+        let mut cursor = futures_lite::io::Cursor::new(bytes.to_vec());
+        futures_lite::future::block_on(read_head(&mut cursor))
+    }
+
+    #[test]
+    fn reads_an_upgrade_request_and_keeps_what_follows() {
+        let (head, rest) = read(
+            b"GET /ws?x=1 HTTP/1.1\r\nHost: a\r\nUpgrade: WebSocket\r\nConnection: keep-alive, Upgrade\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+              Authorization: Bearer tok 1 \r\nOrigin: https://x\r\n\r\n\x81\x80",
+        )
+        .unwrap();
+        assert_eq!(head.route(), "/ws");
+        assert!(head.upgrade_websocket && head.connection_upgrade);
+        assert_eq!(head.ws_version.as_deref(), Some("13"));
+        assert_eq!(head.bearer.as_deref(), Some("tok 1"));
+        assert_eq!(head.origin.as_deref(), Some("https://x"));
+        assert_eq!(rest, b"\x81\x80");
+    }
+
+    #[test]
+    fn refuses_bad_and_oversized_heads() {
+        assert_eq!(read(b"NOT HTTP\r\n\r\n").unwrap_err(), HeadError::Malformed);
+        assert_eq!(read(b"GET / HTTP/1.1\r\n").unwrap_err(), HeadError::Closed);
+        let mut big = b"GET / HTTP/1.1\r\nX: ".to_vec();
+        big.extend(std::iter::repeat_n(b'a', MAX_HEAD_BYTES));
+        assert_eq!(read(&big).unwrap_err(), HeadError::TooLarge);
+        let mut many = b"GET / HTTP/1.1\r\n".to_vec();
+        for i in 0..60 {
+            many.extend(format!("X-{i}: 1\r\n").as_bytes());
+        }
+        many.extend(b"\r\n");
+        assert_eq!(read(&many).unwrap_err(), HeadError::TooLarge);
+    }
+
+    #[test]
+    fn accept_key_matches_rfc_6455() {
+        let r = String::from_utf8(switching_protocols("dGhlIHNhbXBsZSBub25jZQ==")).unwrap();
+        assert!(r.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"));
+    }
+}

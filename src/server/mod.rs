@@ -1,0 +1,377 @@
+//! The listener and everything before a connection exists: reading the
+//! request head under a deadline, the plain HTTP routes, admission (caps,
+//! origin, token) and the upgrade. Then [`conn`] takes over.
+//!
+//! Admission happens before anything is allocated for a client: a refused
+//! upgrade costs a short-lived head buffer and one response, never a slot.
+
+pub mod conn;
+pub mod http;
+pub mod table;
+
+use crate::auth::Authenticator;
+use crate::config::Config;
+use crate::ops::log::Logger;
+use crate::ops::metrics::{inc, Gauges, Metrics, Refusal};
+use crate::protocol::JsonOut;
+use async_io::{Async, Timer};
+use async_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use async_tungstenite::WebSocketStream;
+use futures_lite::{AsyncWriteExt, FutureExt};
+use http::{HeadError, Response};
+use smol::LocalExecutor;
+use std::cell::{Cell, RefCell};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::rc::Rc;
+use std::time::Duration;
+use table::{Full, Table};
+
+/// Seconds a refused client is told to wait before trying again.
+const RETRY_AFTER_S: u32 = 5;
+
+/// The state shared by every task on the event loop.
+pub struct Gateway {
+    pub cfg: Config,
+    pub log: Logger,
+    pub metrics: Metrics,
+    pub table: RefCell<Table>,
+    pub auth: Authenticator,
+    pub draining: Cell<bool>,
+    /// Sockets between accept and upgrade (or their HTTP answer).
+    pub handshakes: Cell<usize>,
+    next_conn_id: Cell<u64>,
+    ws_config: WebSocketConfig,
+    /// Notified when the last connection leaves, for the drain.
+    pub emptied: event_listener::Event,
+}
+
+impl Gateway {
+    pub fn new(cfg: Config, log: Logger) -> Gateway {
+        let s = &cfg.server;
+        let table = Table::new(
+            s.max_connections,
+            s.max_connections_per_ip,
+            s.outbox_frames,
+            s.outbox_bytes,
+        );
+        // Small buffers: an idle connection holds its read buffer for life
+        // (tungstenite zero-fills it on first use), and frames here are
+        // small. Larger messages grow the buffer as needed, up to the cap.
+        let ws_config = WebSocketConfig::default()
+            .read_buffer_size(1024)
+            .write_buffer_size(4096)
+            .max_write_buffer_size(s.outbox_bytes.saturating_mul(2).max(1 << 20))
+            .max_message_size(Some(s.max_message_bytes))
+            .max_frame_size(Some(s.max_message_bytes));
+        Gateway {
+            auth: Authenticator::new(cfg.auth.tokens.clone()),
+            table: RefCell::new(table),
+            metrics: Metrics::default(),
+            draining: Cell::new(false),
+            handshakes: Cell::new(0),
+            next_conn_id: Cell::new(1),
+            ws_config,
+            emptied: event_listener::Event::new(),
+            cfg,
+            log,
+        }
+    }
+
+    fn gauges(&self) -> Gauges {
+        let table = self.table.borrow();
+        Gauges {
+            connections_open: table.len(),
+            table_capacity: table.capacity(),
+            handshakes_pending: self.handshakes.get(),
+            draining: self.draining.get(),
+        }
+    }
+}
+
+/// A connection's place in the table. Dropping it frees the slot and the
+/// client IP's share, on every path out of a connection: normal close,
+/// error, timeout, or the task being dropped at exit.
+pub struct Slot {
+    gw: Rc<Gateway>,
+    pub key: usize,
+    /// Unique for the life of the process (slab keys are reused); used in
+    /// logs.
+    pub id: u64,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut table = self.gw.table.borrow_mut();
+        table.remove(self.key);
+        if table.is_empty() {
+            self.gw.emptied.notify(usize::MAX);
+        }
+    }
+}
+
+/// Counts a socket as in its handshake for as long as it lives.
+struct HandshakeGuard(Rc<Gateway>);
+
+impl Drop for HandshakeGuard {
+    fn drop(&mut self) {
+        let n = &self.0.handshakes;
+        n.set(n.get().saturating_sub(1));
+    }
+}
+
+/// Accepts sockets for ever, each handled in its own task.
+pub async fn accept_loop(
+    gw: Rc<Gateway>,
+    ex: Rc<LocalExecutor<'static>>,
+    listener: Async<TcpListener>,
+) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(pair) => pair,
+            Err(e) => {
+                // Out of file descriptors, most likely: back off instead of
+                // spinning, and say so (once per back-off, not per socket).
+                gw.log.warn("accept failed", &[("error", &e)]);
+                Timer::after(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        if gw.handshakes.get() >= gw.cfg.server.max_handshakes {
+            gw.metrics.refused(Refusal::HandshakeCap);
+            drop(stream);
+            continue;
+        }
+        gw.handshakes.set(gw.handshakes.get() + 1);
+        let guard = HandshakeGuard(gw.clone());
+        let _ = stream.get_ref().set_nodelay(true);
+        ex.spawn(handle_socket(gw.clone(), stream, peer, guard))
+            .detach();
+    }
+}
+
+/// What the pre-upgrade phase decided.
+enum Outcome {
+    /// The request was answered (or dropped); nothing more to do.
+    Done,
+    Upgrade {
+        slot: Slot,
+        leftover: Vec<u8>,
+        user: Option<Rc<str>>,
+    },
+}
+
+async fn handle_socket(
+    gw: Rc<Gateway>,
+    mut stream: Async<TcpStream>,
+    peer: SocketAddr,
+    guard: HandshakeGuard,
+) {
+    let ip = peer.ip().to_canonical();
+    let timeout = gw.cfg.server.handshake_timeout;
+    let outcome = pre_upgrade(&gw, &mut stream, ip)
+        .or(async {
+            Timer::after(timeout).await;
+            gw.metrics.refused(Refusal::HandshakeTimeout);
+            gw.log.debug("handshake timed out", &[("ip", &ip)]);
+            Outcome::Done
+        })
+        .await;
+    drop(guard);
+    let Outcome::Upgrade {
+        slot,
+        leftover,
+        user,
+    } = outcome
+    else {
+        return;
+    };
+    gw.log.info("connected", &[("conn", &slot.id), ("ip", &ip)]);
+    let ws =
+        WebSocketStream::from_partially_read(stream, leftover, Role::Server, Some(gw.ws_config))
+            .await;
+    conn::Conn::new(gw.clone(), slot, ws, user).run().await;
+}
+
+fn refuse(gw: &Gateway, why: Refusal, ip: IpAddr, resp: Response) -> Response {
+    gw.metrics.refused(why);
+    gw.log
+        .debug("refused", &[("ip", &ip), ("reason", &why.label())]);
+    resp
+}
+
+async fn pre_upgrade(gw: &Rc<Gateway>, stream: &mut Async<TcpStream>, ip: IpAddr) -> Outcome {
+    let (head, leftover) = match http::read_head(stream).await {
+        Ok(h) => h,
+        Err(HeadError::Closed) => return Outcome::Done,
+        Err(HeadError::Malformed) => {
+            let r = refuse(
+                gw,
+                Refusal::BadRequest,
+                ip,
+                Response::text(400, "malformed request\n"),
+            );
+            r.send(stream).await;
+            return Outcome::Done;
+        }
+        Err(HeadError::TooLarge) => {
+            let r = refuse(
+                gw,
+                Refusal::BadRequest,
+                ip,
+                Response::text(431, "request head too large\n"),
+            );
+            r.send(stream).await;
+            return Outcome::Done;
+        }
+    };
+    let get = head.method == "GET";
+    let response = match head.route() {
+        "/ws" if get => match admit(gw, &head, ip) {
+            Ok((slot, user)) => {
+                if stream
+                    .write_all(&http::switching_protocols(
+                        head.ws_key.as_deref().unwrap_or(""),
+                    ))
+                    .await
+                    .is_err()
+                {
+                    return Outcome::Done;
+                }
+                inc(&gw.metrics.accepted);
+                return Outcome::Upgrade {
+                    slot,
+                    leftover,
+                    user,
+                };
+            }
+            Err(resp) => resp,
+        },
+        "/healthz" if get => Response::text(200, "ok\n"),
+        "/readyz" if get => readyz(gw),
+        "/metrics" if get => {
+            let mut body = String::with_capacity(4096);
+            gw.metrics.render(&gw.gauges(), &mut body);
+            Response::new(200, "text/plain; version=0.0.4; charset=utf-8", body)
+        }
+        "/ws" | "/healthz" | "/readyz" | "/metrics" => {
+            Response::text(405, "method not allowed\n").header("Allow", "GET")
+        }
+        _ => Response::text(404, "not found\n"),
+    };
+    inc(&gw.metrics.http_requests);
+    response.send(stream).await;
+    Outcome::Done
+}
+
+fn readyz(gw: &Gateway) -> Response {
+    let g = gw.gauges();
+    let status = if g.draining { "draining" } else { "ready" };
+    let body = JsonOut::new()
+        .str("status", status)
+        .str("mode", "online")
+        .num("connections", g.connections_open as u64)
+        .num("capacity", g.table_capacity as u64)
+        .raw("breakers", "{}")
+        .finish();
+    Response::new(
+        if g.draining { 503 } else { 200 },
+        "application/json",
+        body + "\n",
+    )
+}
+
+/// Decides whether an upgrade request gets a connection, in the order the
+/// checks are cheapest and most telling: shape, drain, origin, capacity,
+/// token. On success the slot is taken.
+fn admit(
+    gw: &Rc<Gateway>,
+    head: &http::Head,
+    ip: IpAddr,
+) -> Result<(Slot, Option<Rc<str>>), Response> {
+    if !(head.upgrade_websocket && head.connection_upgrade && head.ws_key.is_some()) {
+        return Err(refuse(
+            gw,
+            Refusal::BadRequest,
+            ip,
+            Response::text(400, "expected a WebSocket upgrade (Upgrade: websocket, Connection: Upgrade, Sec-WebSocket-Key)\n"),
+        ));
+    }
+    if head.ws_version.as_deref() != Some("13") {
+        return Err(refuse(
+            gw,
+            Refusal::BadRequest,
+            ip,
+            Response::text(426, "only WebSocket version 13 is supported\n")
+                .header("Sec-WebSocket-Version", "13"),
+        ));
+    }
+    let retry = || RETRY_AFTER_S.to_string();
+    if gw.draining.get() {
+        return Err(refuse(
+            gw,
+            Refusal::Draining,
+            ip,
+            Response::text(503, "shutting down\n").header("Retry-After", retry()),
+        ));
+    }
+    let origins = &gw.cfg.server.allowed_origins;
+    if let Some(origin) = &head.origin {
+        if !origins.is_empty() && !origins.iter().any(|o| o == origin) {
+            return Err(refuse(
+                gw,
+                Refusal::Origin,
+                ip,
+                Response::text(403, "origin not allowed\n"),
+            ));
+        }
+    }
+    match gw.table.borrow().check(ip) {
+        Ok(()) => {}
+        Err(Full::Global) => {
+            return Err(refuse(
+                gw,
+                Refusal::GlobalCap,
+                ip,
+                Response::text(503, "gateway full\n").header("Retry-After", retry()),
+            ))
+        }
+        Err(Full::Ip) => {
+            return Err(refuse(
+                gw,
+                Refusal::IpCap,
+                ip,
+                Response::text(429, "too many connections from your address\n")
+                    .header("Retry-After", retry()),
+            ))
+        }
+    }
+    let user = match &head.bearer {
+        Some(token) => match gw.auth.user_for(token) {
+            Some(u) => Some(Rc::from(u)),
+            None => {
+                return Err(refuse(
+                    gw,
+                    Refusal::Unauthorized,
+                    ip,
+                    Response::text(401, "bad token\n").header("WWW-Authenticate", "Bearer"),
+                ))
+            }
+        },
+        None => None,
+    };
+    let key = gw.table.borrow_mut().insert(ip).map_err(|_| {
+        // check() passed on this same thread a moment ago; keep a sane
+        // answer anyway.
+        Response::text(503, "gateway full\n").header("Retry-After", retry())
+    })?;
+    let id = gw.next_conn_id.get();
+    gw.next_conn_id.set(id + 1);
+    Ok((
+        Slot {
+            gw: gw.clone(),
+            key,
+            id,
+        },
+        user,
+    ))
+}

@@ -1,0 +1,250 @@
+//! The connection table: a slab sized once at start-up, the count of
+//! connections per client IP, and each connection's bounded outbound queue.
+//!
+//! Everything another task may need to reach a connection (its outbox, the
+//! waker of its task, a request to close) lives here, so delivering a frame
+//! to a member is a slab lookup and a push, never a channel per connection.
+
+use crate::config::MAX_OUTBOX_FRAMES;
+use async_tungstenite::tungstenite::Utf8Bytes;
+use slab::Slab;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::rc::Rc;
+use std::task::Waker;
+
+/// A serialised server frame. Written once and shared by every recipient:
+/// queueing it is a reference-count increment, and the queue holds one
+/// pointer per frame.
+pub type Frame = Rc<Utf8Bytes>;
+
+pub fn frame(text: String) -> Frame {
+    Rc::new(Utf8Bytes::from(text))
+}
+
+/// Why a connection cannot be admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Full {
+    Global,
+    Ip,
+}
+
+/// What happened to a frame offered to a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    Queued,
+    /// The queue was full: the connection has been marked for close 4008.
+    SlowConsumer,
+    /// The connection is gone or already closing.
+    Gone,
+}
+
+/// A connection's outbound queue, bounded in frames and in bytes.
+#[derive(Debug, Default)]
+pub struct Outbox {
+    frames: heapless::Deque<Frame, MAX_OUTBOX_FRAMES>,
+    bytes: usize,
+}
+
+impl Outbox {
+    pub fn pop(&mut self) -> Option<Frame> {
+        let f = self.frames.pop_front()?;
+        self.bytes -= f.len();
+        Some(f)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+}
+
+#[derive(Debug)]
+pub struct Entry {
+    pub ip: IpAddr,
+    pub outbox: Outbox,
+    /// The connection task, to wake when a frame or a close request arrives.
+    pub waker: Option<Waker>,
+    /// A close the task must carry out (slow consumer, shutdown).
+    pub close_request: Option<u16>,
+}
+
+pub struct Table {
+    slab: Slab<Entry>,
+    capacity: usize,
+    per_ip: HashMap<IpAddr, u32>,
+    max_per_ip: u32,
+    outbox_frames: usize,
+    outbox_bytes: usize,
+}
+
+impl Table {
+    pub fn new(
+        capacity: usize,
+        max_per_ip: u32,
+        outbox_frames: usize,
+        outbox_bytes: usize,
+    ) -> Table {
+        Table {
+            slab: Slab::with_capacity(capacity),
+            capacity,
+            per_ip: HashMap::new(),
+            max_per_ip,
+            outbox_frames: outbox_frames.min(MAX_OUTBOX_FRAMES),
+            outbox_bytes,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.slab.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slab.is_empty()
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    pub fn ip_count(&self, ip: IpAddr) -> u32 {
+        self.per_ip.get(&ip).copied().unwrap_or(0)
+    }
+
+    /// Whether a connection from `ip` would be admitted now.
+    pub fn check(&self, ip: IpAddr) -> Result<(), Full> {
+        if self.slab.len() >= self.capacity {
+            Err(Full::Global)
+        } else if self.ip_count(ip) >= self.max_per_ip {
+            Err(Full::Ip)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Takes a slot. The slab never grows past the capacity it was made
+    /// with, so a slot is a reuse of freed memory or a first touch of
+    /// memory reserved at start-up.
+    pub fn insert(&mut self, ip: IpAddr) -> Result<usize, Full> {
+        self.check(ip)?;
+        *self.per_ip.entry(ip).or_insert(0) += 1;
+        Ok(self.slab.insert(Entry {
+            ip,
+            outbox: Outbox::default(),
+            waker: None,
+            close_request: None,
+        }))
+    }
+
+    /// Frees a slot and the IP's share. Idempotent.
+    pub fn remove(&mut self, key: usize) {
+        let Some(entry) = self.slab.try_remove(key) else {
+            return;
+        };
+        if let Some(n) = self.per_ip.get_mut(&entry.ip) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_ip.remove(&entry.ip);
+            }
+        }
+    }
+
+    pub fn get_mut(&mut self, key: usize) -> Option<&mut Entry> {
+        self.slab.get_mut(key)
+    }
+
+    /// Queues a frame for a connection and wakes its task. A full queue
+    /// makes the connection a slow consumer: it is asked to close with 4008
+    /// and gets no more frames, so it can never hold anyone else up.
+    pub fn deliver(&mut self, key: usize, f: &Frame) -> Delivery {
+        let (max_frames, max_bytes) = (self.outbox_frames, self.outbox_bytes);
+        let Some(e) = self.slab.get_mut(key) else {
+            return Delivery::Gone;
+        };
+        if e.close_request.is_some() {
+            return Delivery::Gone;
+        }
+        let fits = e.outbox.frames.len() < max_frames && e.outbox.bytes + f.len() <= max_bytes;
+        let result = if fits && e.outbox.frames.push_back(f.clone()).is_ok() {
+            e.outbox.bytes += f.len();
+            Delivery::Queued
+        } else {
+            e.close_request = Some(crate::protocol::close::SLOW_CONSUMER);
+            Delivery::SlowConsumer
+        };
+        if let Some(w) = &e.waker {
+            w.wake_by_ref();
+        }
+        result
+    }
+
+    /// Asks a connection to close with `code`, unless it already is.
+    pub fn request_close(&mut self, key: usize, code: u16) {
+        if let Some(e) = self.slab.get_mut(key) {
+            e.close_request.get_or_insert(code);
+            if let Some(w) = &e.waker {
+                w.wake_by_ref();
+            }
+        }
+    }
+
+    /// Asks every connection to close with `code` (shutdown).
+    pub fn request_close_all(&mut self, code: u16) {
+        let keys: Vec<usize> = self.slab.iter().map(|(k, _)| k).collect();
+        for k in keys {
+            self.request_close(k, code);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(last: u8) -> IpAddr {
+        IpAddr::from([127, 0, 0, last])
+    }
+
+    #[test]
+    fn caps_globally_and_per_ip_and_reuses_slots() {
+        let mut t = Table::new(3, 2, 4, 1024);
+        let a = t.insert(ip(1)).unwrap();
+        t.insert(ip(1)).unwrap();
+        assert_eq!(t.insert(ip(1)), Err(Full::Ip));
+        let c = t.insert(ip(2)).unwrap();
+        assert_eq!(t.insert(ip(3)), Err(Full::Global));
+        t.remove(a);
+        t.remove(a);
+        assert_eq!(t.ip_count(ip(1)), 1);
+        assert_eq!(t.insert(ip(3)).unwrap(), a, "freed slot is reused");
+        t.remove(c);
+        assert_eq!(t.ip_count(ip(2)), 0);
+        assert!(!t.per_ip.contains_key(&ip(2)));
+        assert_eq!(t.slab.capacity(), 3, "the slab never grows");
+    }
+
+    #[test]
+    fn a_full_outbox_makes_a_slow_consumer() {
+        let mut t = Table::new(2, 2, 2, 1024);
+        let k = t.insert(ip(1)).unwrap();
+        let f = frame("x".repeat(10));
+        assert_eq!(t.deliver(k, &f), Delivery::Queued);
+        assert_eq!(t.deliver(k, &f), Delivery::Queued);
+        assert_eq!(t.deliver(k, &f), Delivery::SlowConsumer);
+        assert_eq!(t.get_mut(k).unwrap().close_request, Some(4008));
+        assert_eq!(t.deliver(k, &f), Delivery::Gone);
+        let e = t.get_mut(k).unwrap();
+        assert_eq!(e.outbox.frames.len(), 2);
+        assert!(e.outbox.pop().is_some());
+        assert_eq!(e.outbox.bytes, 10);
+    }
+
+    #[test]
+    fn the_byte_bound_counts_too() {
+        let mut t = Table::new(2, 2, 64, 25);
+        let k = t.insert(ip(1)).unwrap();
+        let f = frame("x".repeat(10));
+        assert_eq!(t.deliver(k, &f), Delivery::Queued);
+        assert_eq!(t.deliver(k, &f), Delivery::Queued);
+        assert_eq!(t.deliver(k, &f), Delivery::SlowConsumer);
+    }
+}

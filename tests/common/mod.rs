@@ -1,0 +1,346 @@
+//! Shared test helpers: start the real `hivegate` binary on a free loopback
+//! port, talk to it over real sockets, read its metrics and logs.
+
+#![allow(dead_code)]
+
+use serde_json::Value;
+use socket2::{Domain, Socket, Type};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::{Message, WebSocket};
+
+pub type Ws = WebSocket<TcpStream>;
+
+/// A running gateway, killed (by its PID) when dropped.
+pub struct Gateway {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub log: Arc<Mutex<Vec<String>>>,
+    pub dir: tempfile::TempDir,
+}
+
+/// Raises this test process's open-file limit so a test can hold many
+/// sockets.
+pub fn raise_fd_limit() {
+    unsafe {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+impl Gateway {
+    /// Starts the gateway with `config` (TOML, appended to a loopback listen
+    /// on port 0 and a private data directory) and extra environment.
+    pub fn start(config: &str, env: &[(&str, &str)]) -> Gateway {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("hivegate.toml");
+        let data = dir.path().join("data");
+        let text = if config.contains("listen") {
+            config.to_string()
+        } else {
+            format!(
+                "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = {data:?}\n{}",
+                strip_server_header(config)
+            )
+        };
+        std::fs::write(&path, text).expect("write config");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_hivegate"));
+        cmd.arg("serve").arg("--config").arg(&path);
+        cmd.env_remove("NOTIFY_SOCKET").env_remove("WATCHDOG_USEC");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn hivegate");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    if line.contains(" listening ") {
+                        let _ = tx.send(line.clone());
+                    }
+                    log.lock().unwrap().push(line);
+                }
+            });
+        }
+        let line = match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(l) => l,
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "gateway did not start; log:\n{}",
+                    log.lock().unwrap().join("\n")
+                );
+            }
+        };
+        let addr = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("addr="))
+            .and_then(|a| a.parse().ok())
+            .expect("listening line names the address");
+        Gateway {
+            child,
+            addr,
+            log,
+            dir,
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, sig: i32) {
+        unsafe {
+            libc::kill(self.pid(), sig);
+        }
+    }
+
+    /// Waits for the process to exit, up to `within`.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let end = Instant::now() + within;
+        while Instant::now() < end {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    pub fn get(&self, path: &str) -> HttpResponse {
+        http_request(
+            self.addr,
+            &format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n"),
+        )
+    }
+
+    /// The value of one metric line, e.g. `hivegate_connections_closed_total{code="4002"}`.
+    pub fn metric(&self, name: &str) -> f64 {
+        let body = self.get("/metrics").body;
+        body.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("metric {name} not found in:\n{body}"))
+    }
+
+    /// Waits until a metric reaches `at_least`.
+    pub fn wait_metric(&self, name: &str, at_least: f64, within: Duration) -> f64 {
+        let end = Instant::now() + within;
+        loop {
+            let v = self.metric(name);
+            if v >= at_least || Instant::now() > end {
+                return v;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn ws(&self) -> Ws {
+        self.ws_from(None, &[]).expect("upgrade")
+    }
+
+    /// Upgrades from a given loopback source address, with extra headers.
+    pub fn ws_from(
+        &self,
+        source: Option<IpAddr>,
+        headers: &[(&str, &str)],
+    ) -> Result<Ws, HttpResponse> {
+        let stream = connect_from(self.addr, source);
+        let mut req = format!(
+            "GET /ws HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n",
+            self.addr
+        );
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        let mut stream = stream;
+        stream.write_all(req.as_bytes()).unwrap();
+        let head = read_head(&mut stream);
+        if !head.starts_with("HTTP/1.1 101") {
+            let mut rest = String::new();
+            let _ = stream.read_to_string(&mut rest);
+            return Err(parse_response(&(head + &rest)));
+        }
+        Ok(WebSocket::from_raw_socket(
+            stream,
+            tungstenite::protocol::Role::Client,
+            None,
+        ))
+    }
+
+    /// Connects and says hello; returns the socket and the `hello_ack`.
+    pub fn session(&self, token: Option<&str>) -> (Ws, Value) {
+        let mut ws = self.ws();
+        let hello = match token {
+            Some(t) => serde_json::json!({"op":"hello","token":t,"client":"test/1"}),
+            None => serde_json::json!({"op":"hello","client":"test/1"}),
+        };
+        send_json(&mut ws, &hello);
+        let ack = recv_json(&mut ws);
+        (ws, ack)
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn strip_server_header(config: &str) -> String {
+    // The harness writes its own [server] header first; a config that
+    // starts with [server] continues it.
+    config
+        .trim_start()
+        .strip_prefix("[server]")
+        .unwrap_or(config)
+        .to_string()
+}
+
+pub fn connect_from(addr: SocketAddr, source: Option<IpAddr>) -> TcpStream {
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    if let Some(ip) = source {
+        socket.bind(&SocketAddr::new(ip, 0).into()).unwrap();
+    }
+    socket
+        .connect_timeout(&addr.into(), Duration::from_secs(5))
+        .unwrap();
+    let stream: TcpStream = socket.into();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream.set_nodelay(true).unwrap();
+    stream
+}
+
+fn read_head(stream: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match stream.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub head: String,
+    pub body: String,
+}
+
+impl HttpResponse {
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.head.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+        })
+    }
+}
+
+pub fn parse_response(text: &str) -> HttpResponse {
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    HttpResponse {
+        status,
+        head: head.to_string(),
+        body: body.to_string(),
+    }
+}
+
+/// Sends raw bytes and reads the whole answer until the server closes.
+pub fn http_request(addr: SocketAddr, raw: &str) -> HttpResponse {
+    let mut s = connect_from(addr, None);
+    s.write_all(raw.as_bytes()).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    parse_response(&String::from_utf8_lossy(&out))
+}
+
+pub fn send_json(ws: &mut Ws, v: &Value) {
+    ws.send(Message::text(v.to_string())).expect("send");
+}
+
+/// The next text frame, as JSON (pings and pongs are skipped).
+pub fn recv_json(ws: &mut Ws) -> Value {
+    loop {
+        match ws.read().expect("read a frame") {
+            Message::Text(t) => return serde_json::from_str(&t).expect("server sent JSON"),
+            Message::Close(c) => panic!("closed unexpectedly: {c:?}"),
+            _ => continue,
+        }
+    }
+}
+
+/// Reads until the server's close frame; returns its code (None when the
+/// connection ended without one).
+pub fn expect_close(ws: &mut Ws) -> Option<u16> {
+    loop {
+        match ws.read() {
+            Ok(Message::Close(Some(f))) => return Some(u16::from(f.code)),
+            Ok(Message::Close(None)) => return Some(1005),
+            Ok(_) => continue,
+            Err(_) => return None,
+        }
+    }
+}
+
+pub fn close_code(code: CloseCode) -> u16 {
+    u16::from(code)
+}
+
+/// A masked client frame, for sending what tungstenite would not.
+pub fn raw_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![0x80 | opcode];
+    let mask = [1u8, 2, 3, 4];
+    match payload.len() {
+        n if n < 126 => f.push(0x80 | n as u8),
+        n if n < 65536 => {
+            f.push(0x80 | 126);
+            f.extend((n as u16).to_be_bytes());
+        }
+        n => {
+            f.push(0x80 | 127);
+            f.extend((n as u64).to_be_bytes());
+        }
+    }
+    f.extend(mask);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    f
+}
+
+/// Where test fixtures live.
+pub fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name)
+}

@@ -1,0 +1,161 @@
+//! One port, HTTP and WebSocket: the plain routes, bad heads, slowloris,
+//! and the command line.
+
+mod common;
+use common::*;
+use std::io::{Read, Write};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+#[test]
+fn plain_routes_answer() {
+    let gw = Gateway::start("", &[]);
+    let r = gw.get("/healthz");
+    assert_eq!((r.status, r.body.as_str()), (200, "ok\n"));
+    let r = gw.get("/readyz");
+    assert_eq!(r.status, 200);
+    let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(v["status"], "ready");
+    assert_eq!(v["mode"], "online");
+    let r = gw.get("/metrics");
+    assert_eq!(r.status, 200);
+    assert!(r.header("content-type").unwrap().contains("version=0.0.4"));
+    assert!(r.body.contains("hivegate_connection_table_capacity 1000"));
+    assert_eq!(gw.get("/nope").status, 404);
+    assert_eq!(gw.get("/ws").status, 400, "GET /ws without upgrade headers");
+    let r = http_request(
+        gw.addr,
+        "POST /healthz HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+    );
+    assert_eq!(r.status, 405);
+}
+
+#[test]
+fn malformed_and_oversized_heads_are_refused() {
+    let gw = Gateway::start("", &[]);
+    assert_eq!(http_request(gw.addr, "garbage\r\n\r\n").status, 400);
+    let big = format!("GET / HTTP/1.1\r\nX-Big: {}\r\n\r\n", "a".repeat(9000));
+    let mut s = connect_from(gw.addr, None);
+    let _ = s.write_all(big.as_bytes());
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 431"));
+    let r = http_request(
+        gw.addr,
+        "GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: x\r\nSec-WebSocket-Version: 8\r\n\r\n",
+    );
+    assert_eq!(r.status, 426);
+    assert_eq!(r.header("sec-websocket-version").as_deref(), Some("13"));
+    assert!(gw.metric("hivegate_connections_refused_total{reason=\"bad_request\"}") >= 3.0);
+}
+
+#[test]
+fn a_slowloris_client_is_dropped_after_the_handshake_deadline() {
+    let gw = Gateway::start("[server]\nhandshake_timeout_ms = 300\n", &[]);
+    let mut s = connect_from(gw.addr, None);
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    let started = Instant::now();
+    let mut buf = [0u8; 64];
+    // The server hangs up without an answer.
+    let n = s.read(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(
+        gw.metric("hivegate_connections_refused_total{reason=\"handshake_timeout\"}"),
+        1.0
+    );
+    // Everyone else is still served.
+    assert_eq!(gw.get("/healthz").status, 200);
+}
+
+#[test]
+fn origins_are_checked_when_configured() {
+    let gw = Gateway::start(
+        "[server]\nallowed_origins = [\"https://chat.example\"]\n",
+        &[],
+    );
+    let err = gw
+        .ws_from(None, &[("Origin", "https://evil.example")])
+        .unwrap_err();
+    assert_eq!(err.status, 403);
+    assert!(gw
+        .ws_from(None, &[("Origin", "https://chat.example")])
+        .is_ok());
+    assert!(
+        gw.ws_from(None, &[]).is_ok(),
+        "non-browser clients send no Origin"
+    );
+}
+
+#[test]
+fn version_and_help() {
+    let bin = env!("CARGO_BIN_EXE_hivegate");
+    let out = Command::new(bin).arg("--version").output().unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.starts_with("hivegate 0.1.0 ("), "{text}");
+    for args in [
+        &["--help"][..],
+        &["serve", "--help"],
+        &["check-config", "--help"],
+    ] {
+        let out = Command::new(bin).args(args).output().unwrap();
+        assert!(out.status.success());
+        assert!(String::from_utf8(out.stdout).unwrap().contains("Usage"));
+    }
+    let out = Command::new(bin).arg("frobnicate").output().unwrap();
+    assert!(!out.status.success());
+}
+
+#[test]
+fn check_config_reports_every_problem_with_its_line() {
+    let bin = env!("CARGO_BIN_EXE_hivegate");
+    let out = Command::new(bin)
+        .arg("check-config")
+        .arg(fixture("config/full.toml"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new(bin)
+        .arg("check-config")
+        .arg(fixture("config/broken.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains("broken.toml:3: server.max_connections: expected an integer"),
+        "{err}"
+    );
+    assert!(
+        err.contains("broken.toml:5: unknown key server.pong_timeout"),
+        "{err}"
+    );
+    assert!(
+        err.contains("broken.toml:7: log.level: expected one of"),
+        "{err}"
+    );
+    let out = Command::new(bin)
+        .arg("check-config")
+        .arg("/nonexistent.toml")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+}
+
+#[test]
+fn no_tokens_on_a_public_address_refuses_to_start() {
+    let bin = env!("CARGO_BIN_EXE_hivegate");
+    let out = Command::new(bin)
+        .arg("serve")
+        .env("HIVEGATE_SERVER_LISTEN", "0.0.0.0:0")
+        .env("HIVEGATE_SERVER_DATA_DIR", std::env::temp_dir())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("auth.mode = \"open\""));
+}

@@ -1,0 +1,46 @@
+//! Graceful shutdown: SIGTERM closes every client with 1001, turns /readyz
+//! to 503 while draining, and exits 0; a second signal exits at once.
+
+mod common;
+use common::*;
+use std::time::Duration;
+
+#[test]
+fn sigterm_closes_everyone_with_1001_and_exits_0() {
+    let mut gw = Gateway::start("", &[]);
+    let mut clients: Vec<_> = (0..5).map(|_| gw.session(None).0).collect();
+    gw.signal(libc::SIGTERM);
+    for ws in &mut clients {
+        assert_eq!(expect_close(ws), Some(1001));
+    }
+    drop(clients);
+    assert_eq!(gw.wait_exit(Duration::from_secs(10)), Some(0));
+    let log = gw.log_text();
+    assert!(log.contains("shutting down signal=SIGTERM"), "{log}");
+    assert!(log.contains("stopped exit=0"), "{log}");
+}
+
+#[test]
+fn readyz_turns_503_and_upgrades_are_refused_while_draining() {
+    let mut gw = Gateway::start("[server]\ndrain_timeout_ms = 3000\n", &[]);
+    // A client that never reads keeps its slot for the close grace period.
+    let (lingering, _) = gw.session(None);
+    gw.signal(libc::SIGTERM);
+    std::thread::sleep(Duration::from_millis(100));
+    let r = gw.get("/readyz");
+    assert_eq!(r.status, 503);
+    assert!(r.body.contains("\"status\":\"draining\""));
+    assert_eq!(gw.ws_from(None, &[]).unwrap_err().status, 503);
+    assert_eq!(gw.wait_exit(Duration::from_secs(10)), Some(0));
+    drop(lingering);
+}
+
+#[test]
+fn a_second_signal_exits_at_once() {
+    let mut gw = Gateway::start("[server]\ndrain_timeout_ms = 60000\n", &[]);
+    let (_lingering, _) = gw.session(None);
+    gw.signal(libc::SIGINT);
+    std::thread::sleep(Duration::from_millis(100));
+    gw.signal(libc::SIGINT);
+    assert_eq!(gw.wait_exit(Duration::from_secs(5)), Some(130));
+}
