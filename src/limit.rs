@@ -16,6 +16,7 @@ pub struct RateMeter<const SLOTS: usize> {
     head: u64,
 }
 
+#[allow(dead_code)] // Used by the rate limits, next.
 impl<const SLOTS: usize> RateMeter<SLOTS> {
     pub fn new(now: Instant) -> Self {
         RateMeter {
@@ -73,11 +74,41 @@ impl<const SLOTS: usize> RateMeter<SLOTS> {
             .sum()
     }
 
-    #[allow(dead_code)] // Exported by /metrics with the rate limits, next.
     /// Events per second averaged over the last `seconds` seconds.
     pub fn rate(&mut self, now: Instant, seconds: usize) -> f64 {
         let seconds = seconds.clamp(1, SLOTS);
         self.count(now, seconds) as f64 / seconds as f64
+    }
+}
+
+/// Remembers the times of the last `N` events, to answer exactly "have
+/// there been `N` within this window?" in a few dozen bytes.
+#[derive(Debug, Clone)]
+pub struct Strikes<const N: usize> {
+    /// Seconds since `epoch`, plus one (0 means "no event").
+    times: [u32; N],
+    next: usize,
+    epoch: Instant,
+}
+
+impl<const N: usize> Strikes<N> {
+    pub fn new(now: Instant) -> Self {
+        Strikes {
+            times: [0; N],
+            next: 0,
+            epoch: now,
+        }
+    }
+
+    /// Records an event; true when it is the `N`th within `window_secs`.
+    pub fn record(&mut self, now: Instant, window_secs: u32) -> bool {
+        let t = now.saturating_duration_since(self.epoch).as_secs();
+        let t = u32::try_from(t).unwrap_or(u32::MAX - 1) + 1;
+        self.times[self.next] = t;
+        self.next = (self.next + 1) % N;
+        // The oldest remembered event is the one about to be overwritten.
+        let oldest = self.times[self.next];
+        oldest != 0 && t - oldest < window_secs
     }
 }
 
@@ -116,6 +147,19 @@ mod tests {
         }
         assert_eq!(m.count(clock.now(), 60), 3 * 59);
         assert_eq!(m.rate(clock.now(), 10), 2.7);
+    }
+
+    #[test]
+    fn strikes_fire_on_the_nth_event_within_the_window() {
+        let clock = ManualClock::new();
+        let mut s = Strikes::<3>::new(clock.now());
+        assert!(!s.record(clock.now(), 60));
+        clock.advance(Duration::from_secs(30));
+        assert!(!s.record(clock.now(), 60));
+        clock.advance(Duration::from_secs(31));
+        // The first is now 61 s old: only two within the minute.
+        assert!(!s.record(clock.now(), 60));
+        assert!(s.record(clock.now(), 60));
     }
 
     #[test]

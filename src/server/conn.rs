@@ -10,7 +10,7 @@
 use super::table::Frame;
 use super::{Gateway, Slot};
 use crate::config::AuthMode;
-use crate::limit::RateMeter;
+use crate::limit::Strikes;
 use crate::ops::metrics::{add, inc};
 use crate::protocol::{self, close, ErrorCode, JsonOut, Request};
 use async_io::{Async, Timer};
@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 pub type WsStream = WebSocketStream<Async<TcpStream>>;
 
 /// Invalid frames tolerated within a minute before close 4000.
-const MAX_INVALID_PER_MINUTE: u64 = 10;
+const MAX_INVALID_PER_MINUTE: usize = 10;
 /// How long a close may take: sending the close frame, then waiting for the
 /// client to hang up.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
@@ -60,7 +60,7 @@ pub struct Conn {
     hello_deadline: Instant,
     next_ping: Instant,
     pong_deadline: Option<Instant>,
-    invalid: RateMeter<60>,
+    invalid: Strikes<MAX_INVALID_PER_MINUTE>,
     timer: Timer,
     armed_at: Instant,
     ping_pending: bool,
@@ -79,7 +79,7 @@ impl Conn {
             hello_deadline,
             next_ping,
             pong_deadline: None,
-            invalid: RateMeter::new(now),
+            invalid: Strikes::new(now),
             timer: Timer::at(hello_deadline.min(next_ping)),
             armed_at: hello_deadline.min(next_ping),
             ping_pending: false,
@@ -93,9 +93,15 @@ impl Conn {
         }
     }
 
-    pub async fn run(mut self) {
+    /// Takes `&mut self`, not `self`: an async fn keeps a by-value argument
+    /// twice in its state, and this state lives as long as the connection.
+    pub async fn run(&mut self) {
         let (code, reason) = self.serve().await;
-        self.close(code, reason).await;
+        // Boxed, and bound first: a temporary in the awaited expression
+        // would stay in this future's state for the whole connection; the
+        // close sequence's state must exist only while closing.
+        let closing = Box::pin(self.close(code, reason));
+        closing.await;
     }
 
     /// Serves the connection until it must close; returns the close code.
@@ -300,9 +306,9 @@ impl Conn {
             message,
             None,
         ));
-        let now = Instant::now();
-        self.invalid.record(now);
-        (self.invalid.count(now, 60) >= MAX_INVALID_PER_MINUTE).then_some(close::INVALID_JSON)
+        self.invalid
+            .record(Instant::now(), 60)
+            .then_some(close::INVALID_JSON)
     }
 
     fn hello(
@@ -372,7 +378,7 @@ impl Conn {
     /// [`CLOSE_GRACE`]. Reading to the end keeps the kernel from answering
     /// unread data with a reset that would destroy the close frame in
     /// flight.
-    async fn close(mut self, code: u16, reason: &'static str) {
+    async fn close(&mut self, code: u16, reason: &'static str) {
         let gw = self.gw.clone();
         inc_close(&gw, code);
         let user = self.session.as_ref().map_or("-", |s| &*s.user).to_string();

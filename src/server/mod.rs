@@ -160,36 +160,49 @@ enum Outcome {
     },
 }
 
-async fn handle_socket(
+/// Serves one socket from accept to close. A plain fn returning an `async
+/// move` block, because an async fn would keep its by-value arguments twice
+/// in the task's state, for the life of the connection.
+#[allow(clippy::manual_async_fn)]
+fn handle_socket(
     gw: Rc<Gateway>,
     mut stream: Async<TcpStream>,
     peer: SocketAddr,
     guard: HandshakeGuard,
-) {
-    let ip = peer.ip().to_canonical();
-    let timeout = gw.cfg.server.handshake_timeout;
-    let outcome = pre_upgrade(&gw, &mut stream, ip)
-        .or(async {
+) -> impl std::future::Future<Output = ()> {
+    async move {
+        let ip = peer.ip().to_canonical();
+        let timeout = gw.cfg.server.handshake_timeout;
+        // The handshake phase is boxed (and the box bound to a name, so no
+        // temporary outlives it): the task then keeps, for the life of the
+        // connection, only the state of the connection itself.
+        let handshake = Box::pin(pre_upgrade(&gw, &mut stream, ip).or(async {
             Timer::after(timeout).await;
             gw.metrics.refused(Refusal::HandshakeTimeout);
             gw.log.debug("handshake timed out", &[("ip", &ip)]);
             Outcome::Done
-        })
+        }));
+        let outcome = handshake.await;
+        drop(guard);
+        let Outcome::Upgrade {
+            slot,
+            leftover,
+            user,
+        } = outcome
+        else {
+            return;
+        };
+        gw.log.info("connected", &[("conn", &slot.id), ("ip", &ip)]);
+        let ws = WebSocketStream::from_partially_read(
+            stream,
+            leftover,
+            Role::Server,
+            Some(gw.ws_config),
+        )
         .await;
-    drop(guard);
-    let Outcome::Upgrade {
-        slot,
-        leftover,
-        user,
-    } = outcome
-    else {
-        return;
-    };
-    gw.log.info("connected", &[("conn", &slot.id), ("ip", &ip)]);
-    let ws =
-        WebSocketStream::from_partially_read(stream, leftover, Role::Server, Some(gw.ws_config))
-            .await;
-    conn::Conn::new(gw.clone(), slot, ws, user).run().await;
+        let mut conn = conn::Conn::new(gw.clone(), slot, ws, user);
+        conn.run().await;
+    }
 }
 
 fn refuse(gw: &Gateway, why: Refusal, ip: IpAddr, resp: Response) -> Response {
