@@ -684,6 +684,33 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_documents_every_key() {
+        let readme = include_str!("../../README.md");
+        for (key, _, _) in KEYS {
+            assert!(
+                readme.contains(&format!("| `{key}` |")),
+                "README lacks {key}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_full_fixture_sets_every_key() {
+        let text = include_str!("../../fixtures/config/full.toml");
+        let keys: Vec<String> = toml::parse(text)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.key)
+            .collect();
+        for (key, _, _) in KEYS {
+            assert!(
+                keys.iter().any(|k| k == key),
+                "fixtures/config/full.toml lacks {key}"
+            );
+        }
+    }
+
+    #[test]
     fn every_key_maps_to_an_env_variable_and_back() {
         for (key, _, _) in KEYS {
             let var = env_name(key);
