@@ -3,8 +3,6 @@
 //! gateway itself starts in `daemon::run`.
 
 mod auth;
-#[allow(dead_code)] // Used by the rate limits, next.
-mod clock;
 mod config;
 mod daemon;
 mod limit;

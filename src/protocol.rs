@@ -413,6 +413,13 @@ impl JsonOut {
         self
     }
 
+    /// A number that may have a fraction, with at most three decimals.
+    pub fn float(mut self, key: &str, value: f64) -> JsonOut {
+        self.key(key);
+        self.buf.push_str(&fmt_f64(value));
+        self
+    }
+
     pub fn bool(mut self, key: &str, value: bool) -> JsonOut {
         self.key(key);
         self.buf.push_str(if value { "true" } else { "false" });
@@ -431,6 +438,19 @@ impl JsonOut {
         self.buf.push('}');
         self.buf
     }
+}
+
+/// `30`, `0.5`, `0.333`: integers without a fraction, others to three
+/// decimals; never `NaN` or `inf`, which JSON and Prometheus parsers reject.
+pub fn fmt_f64(v: f64) -> String {
+    if !v.is_finite() {
+        return "0".into();
+    }
+    if v.fract() == 0.0 && v.abs() < 1e15 {
+        return format!("{}", v as i64);
+    }
+    let s = format!("{v:.3}");
+    s.trim_end_matches('0').trim_end_matches('.').to_string()
 }
 
 /// Appends `s` as a JSON string literal.
@@ -605,5 +625,9 @@ mod tests {
             .finish();
         assert_eq!(f, r#"{"op":"x","s":"\u0001👍","n":3,"b":false}"#);
         assert!(validate_json_object(f.as_bytes()).is_ok());
+        assert_eq!(fmt_f64(30.0), "30");
+        assert_eq!(fmt_f64(0.5), "0.5");
+        assert_eq!(fmt_f64(1.0 / 3.0), "0.333");
+        assert_eq!(fmt_f64(f64::NAN), "0");
     }
 }

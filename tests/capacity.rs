@@ -13,8 +13,12 @@ use tungstenite::Message;
 #[test]
 fn the_1001st_connection_gets_503_and_freed_slots_are_reused() {
     raise_fd_limit();
-    // Per-IP cap out of the way: this test is about the global one.
-    let gw = Gateway::start("[server]\nmax_connections_per_ip = 2000\n", &[]);
+    // Per-IP cap and connection rate out of the way: this test is about
+    // the global cap.
+    let gw = Gateway::start(
+        "[server]\nmax_connections_per_ip = 2000\n[limits]\nip_connect_capacity = 5000\n",
+        &[],
+    );
     let mut open = Vec::new();
     for _ in 0..1000 {
         open.push(gw.ws());
@@ -96,7 +100,11 @@ fn the_per_ip_share_is_released_after_a_timeout_close() {
 
 #[test]
 fn a_client_that_never_reads_is_closed_4008_while_others_are_served() {
-    let gw = Gateway::start("[server]\noutbox_frames = 8\noutbox_bytes = 4096\n", &[]);
+    // Rate limits out of the way: this test floods on purpose.
+    let gw = Gateway::start(
+        &format!("[server]\noutbox_frames = 8\noutbox_bytes = 4096\n{NO_RATE_LIMITS}"),
+        &[],
+    );
     let (mut polite, _) = gw.session(None);
     let (slow, _) = gw.session(None);
     let mut stream = slow.into_inner();

@@ -170,6 +170,7 @@ fn idle(n: usize) -> Result<(), String> {
     let cap = n + warmup + 16;
     let gw = start_gateway(&format!(
         "max_connections = {cap}\nmax_connections_per_ip = {cap}\nmax_handshakes = 1024\n\
+         [limits]\nip_connect_capacity = 1e9\nip_connect_refill_per_s = 1e9\n\
          [auth]\ntokens = [\"bench:bench-token\"]\n"
     ))?;
     let pid = gw.child.id();

@@ -10,6 +10,7 @@
 mod toml;
 
 use crate::auth::{TokenEntry, TokenParseError};
+use crate::limit::{BucketParams, LimitParams};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -96,6 +97,56 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "`\"user:token\"` or `\"user:sha256:HEX\"` entries",
     ),
     (
+        "limits.global_capacity",
+        "1000",
+        "gateway-wide request bucket: burst",
+    ),
+    (
+        "limits.global_refill_per_s",
+        "100",
+        "gateway-wide request bucket: tokens per second",
+    ),
+    (
+        "limits.ip_capacity",
+        "100",
+        "per-client-IP request bucket: burst",
+    ),
+    (
+        "limits.ip_refill_per_s",
+        "10",
+        "per-client-IP request bucket: tokens per second",
+    ),
+    (
+        "limits.user_capacity",
+        "50",
+        "per-user request bucket: burst",
+    ),
+    (
+        "limits.user_refill_per_s",
+        "5",
+        "per-user request bucket: tokens per second",
+    ),
+    (
+        "limits.ip_connect_capacity",
+        "20",
+        "new connections per IP: burst",
+    ),
+    (
+        "limits.ip_connect_refill_per_s",
+        "2",
+        "new connections per IP: per second",
+    ),
+    (
+        "limits.abuse_threshold",
+        "50",
+        "refusals within 10 s before close 1008",
+    ),
+    (
+        "limits.table_entries",
+        "4096",
+        "most buckets in each per-IP and per-user table",
+    ),
+    (
         "log.level",
         "\"info\"",
         "`error`, `warn`, `info` or `debug`",
@@ -114,7 +165,15 @@ pub const MAX_OUTBOX_FRAMES: usize = 64;
 pub struct Config {
     pub server: Server,
     pub auth: Auth,
+    pub limits: Limits,
     pub log: Log,
+}
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub buckets: LimitParams,
+    /// Refusals within 10 s that close a connection with 1008.
+    pub abuse_threshold: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -245,6 +304,29 @@ impl Setting<'_> {
         }
     }
 
+    /// A number that may have a fraction (an integer is fine too).
+    fn float(&self, min: f64, max: f64) -> Result<f64, String> {
+        let x = match self.value {
+            Value::Int(n) => Some(*n as f64),
+            Value::Float(x) => Some(*x),
+            Value::Str(s) if self.from_env => {
+                s.trim().parse::<f64>().ok().filter(|x| x.is_finite())
+            }
+            _ => None,
+        };
+        match x {
+            Some(x) if (min..=max).contains(&x) => Ok(x),
+            Some(x) => Err(format!(
+                "{}: {x} is out of range: expected {min} to {max}",
+                self.key
+            )),
+            None => Err(format!(
+                "{}: expected a number from {min} to {max}, found {}",
+                self.key, self.value
+            )),
+        }
+    }
+
     fn usize(&self, min: usize, max: usize) -> Result<usize, String> {
         self.int(min as i64, max as i64).map(|n| n as usize)
     }
@@ -335,6 +417,16 @@ impl Config {
                 mode: AuthMode::Token,
                 implicit_open: false,
                 tokens: Vec::new(),
+            },
+            limits: Limits {
+                buckets: LimitParams {
+                    global: bucket(1000.0, 100.0),
+                    ip: bucket(100.0, 10.0),
+                    user: bucket(50.0, 5.0),
+                    ip_connect: bucket(20.0, 2.0),
+                    table_entries: 4096,
+                },
+                abuse_threshold: 50,
             },
             log: Log {
                 level: LogLevel::Info,
@@ -496,6 +588,26 @@ impl Config {
                 }
                 self.auth.tokens = tokens;
             }
+            "limits.global_capacity" => self.limits.buckets.global.capacity = s.float(1.0, 1e9)?,
+            "limits.global_refill_per_s" => {
+                self.limits.buckets.global.refill_per_s = s.float(0.001, 1e9)?
+            }
+            "limits.ip_capacity" => self.limits.buckets.ip.capacity = s.float(1.0, 1e9)?,
+            "limits.ip_refill_per_s" => {
+                self.limits.buckets.ip.refill_per_s = s.float(0.001, 1e9)?
+            }
+            "limits.user_capacity" => self.limits.buckets.user.capacity = s.float(1.0, 1e9)?,
+            "limits.user_refill_per_s" => {
+                self.limits.buckets.user.refill_per_s = s.float(0.001, 1e9)?
+            }
+            "limits.ip_connect_capacity" => {
+                self.limits.buckets.ip_connect.capacity = s.float(1.0, 1e9)?
+            }
+            "limits.ip_connect_refill_per_s" => {
+                self.limits.buckets.ip_connect.refill_per_s = s.float(0.001, 1e9)?
+            }
+            "limits.abuse_threshold" => self.limits.abuse_threshold = s.int(1, 1_000_000)? as u64,
+            "limits.table_entries" => self.limits.buckets.table_entries = s.usize(16, 1_000_000)?,
             "log.level" => {
                 self.log.level = s.choice(&[
                     ("error", LogLevel::Error),
@@ -528,6 +640,13 @@ impl Config {
             self.auth.implicit_open = !mode_set;
         }
         Ok(())
+    }
+}
+
+fn bucket(capacity: f64, refill_per_s: f64) -> BucketParams {
+    BucketParams {
+        capacity,
+        refill_per_s,
     }
 }
 
@@ -650,6 +769,21 @@ mod tests {
             text[2]
         );
         assert!(text[3].contains(":6: unknown key tls.cert"), "{}", text[3]);
+    }
+
+    #[test]
+    fn limits_take_fractions_and_refuse_zero_refill() {
+        let p = write("[limits]\nuser_refill_per_s = 0.5\nuser_capacity = 10\n");
+        let (cfg, _) =
+            Config::load(Some(&p), &env(&[("HIVEGATE_LIMITS_IP_CAPACITY", "7")])).unwrap();
+        assert_eq!(cfg.limits.buckets.user, bucket(10.0, 0.5));
+        assert_eq!(cfg.limits.buckets.ip.capacity, 7.0);
+        let p = write("[limits]\nglobal_refill_per_s = 0\n");
+        let err = Config::load(Some(&p), &[]).unwrap_err().to_string();
+        assert!(
+            err.contains(":2: limits.global_refill_per_s: 0 is out of range"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -12,6 +12,7 @@ use std::fmt::Write as _;
 pub enum Refusal {
     GlobalCap,
     IpCap,
+    IpRate,
     HandshakeTimeout,
     HandshakeCap,
     BadRequest,
@@ -21,9 +22,10 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    const ALL: [Refusal; 8] = [
+    const ALL: [Refusal; 9] = [
         Refusal::GlobalCap,
         Refusal::IpCap,
+        Refusal::IpRate,
         Refusal::HandshakeTimeout,
         Refusal::HandshakeCap,
         Refusal::BadRequest,
@@ -36,6 +38,7 @@ impl Refusal {
         match self {
             Refusal::GlobalCap => "global_cap",
             Refusal::IpCap => "ip_cap",
+            Refusal::IpRate => "ip_rate",
             Refusal::HandshakeTimeout => "handshake_timeout",
             Refusal::HandshakeCap => "handshake_cap",
             Refusal::BadRequest => "bad_request",
@@ -57,6 +60,7 @@ pub struct Metrics {
     pub bytes_out: Cell<u64>,
     pub slow_consumers: Cell<u64>,
     pub invalid_requests: Cell<u64>,
+    pub abuse_closes: Cell<u64>,
     pub http_requests: Cell<u64>,
 }
 
@@ -194,6 +198,12 @@ impl Metrics {
         );
         counter(
             out,
+            "hivegate_abuse_closes_total",
+            "Connections closed with 1008 for repeated rate-limit refusals.",
+            self.abuse_closes.get(),
+        );
+        counter(
+            out,
             "hivegate_http_requests_total",
             "Plain HTTP requests answered.",
             self.http_requests.get(),
@@ -213,6 +223,40 @@ pub fn counter(out: &mut String, name: &str, help: &str, v: u64) {
 pub fn gauge(out: &mut String, name: &str, help: &str, v: u64) {
     header(out, name, help, "gauge");
     let _ = writeln!(out, "{name} {v}");
+}
+
+/// A counter with one label, a line per value.
+pub fn counter_with(out: &mut String, name: &str, help: &str, label: &str, values: &[(&str, u64)]) {
+    header(out, name, help, "counter");
+    for (l, v) in values {
+        let _ = writeln!(out, "{name}{{{label}=\"{l}\"}} {v}");
+    }
+}
+
+/// A gauge with one label, a line per value.
+pub fn gauge_with(out: &mut String, name: &str, help: &str, label: &str, values: &[(&str, u64)]) {
+    header(out, name, help, "gauge");
+    for (l, v) in values {
+        let _ = writeln!(out, "{name}{{{label}=\"{l}\"}} {v}");
+    }
+}
+
+/// A fractional gauge with one label.
+pub fn gauge_f64_with(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    label: &str,
+    values: &[(&str, f64)],
+) {
+    header(out, name, help, "gauge");
+    for (l, v) in values {
+        let _ = writeln!(
+            out,
+            "{name}{{{label}=\"{l}\"}} {}",
+            crate::protocol::fmt_f64(*v)
+        );
+    }
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@
 use super::table::Frame;
 use super::{Gateway, Slot};
 use crate::config::AuthMode;
-use crate::limit::Strikes;
+use crate::limit::{RateMeter, Refused, Strikes};
 use crate::ops::metrics::{add, inc};
 use crate::protocol::{self, close, ErrorCode, JsonOut, Request};
 use async_io::{Async, Timer};
@@ -61,6 +61,8 @@ pub struct Conn {
     next_ping: Instant,
     pong_deadline: Option<Instant>,
     invalid: Strikes<MAX_INVALID_PER_MINUTE>,
+    /// Rate-limit refusals, for the abuse threshold.
+    refusals: RateMeter<10>,
     timer: Timer,
     armed_at: Instant,
     ping_pending: bool,
@@ -80,6 +82,7 @@ impl Conn {
             next_ping,
             pong_deadline: None,
             invalid: Strikes::new(now),
+            refusals: RateMeter::new(now),
             timer: Timer::at(hello_deadline.min(next_ping)),
             armed_at: hello_deadline.min(next_ping),
             ping_pending: false,
@@ -205,6 +208,11 @@ impl Conn {
                 let Some(f) = self.pop_frame() else { break };
                 inc(&self.gw.metrics.frames_out);
                 add(&self.gw.metrics.bytes_out, f.len() as u64);
+                self.gw
+                    .meters
+                    .borrow_mut()
+                    .messages_out
+                    .record(Instant::now());
                 Message::Text((*f).clone())
             };
             Pin::new(&mut self.ws).start_send(msg)?;
@@ -247,9 +255,14 @@ impl Conn {
     fn on_message(&mut self, msg: Message) -> Option<u16> {
         match msg {
             Message::Text(text) => {
+                let now = Instant::now();
                 inc(&self.gw.metrics.frames_in);
                 add(&self.gw.metrics.bytes_in, text.len() as u64);
-                self.on_text(&text)
+                self.gw.meters.borrow_mut().messages_in.record(now);
+                if let Some(e) = self.gw.table.borrow_mut().get_mut(self.slot.key) {
+                    e.messages.record(now);
+                }
+                self.on_text(&text, now)
             }
             Message::Binary(_) => Some(close::UNSUPPORTED_DATA),
             // tungstenite queues the pong; the next poll writes it.
@@ -270,8 +283,26 @@ impl Conn {
         }
     }
 
-    fn on_text(&mut self, text: &str) -> Option<u16> {
-        let envelope = match protocol::parse(text) {
+    fn on_text(&mut self, text: &str, now: Instant) -> Option<u16> {
+        let parsed = protocol::parse(text);
+        // Every request of a session passes the rate limits before it costs
+        // anything more than its parse (which is what finds the request_id
+        // to answer with). `hello` itself is paid for by the connection rate.
+        if let Some(session) = &self.session {
+            let checked = self
+                .gw
+                .limits
+                .borrow_mut()
+                .check(now, self.slot.ip, &session.user);
+            if let Err(refused) = checked {
+                let rid = match &parsed {
+                    Ok(e) => e.request_id.as_deref(),
+                    Err(e) => e.request_id.as_deref(),
+                };
+                return self.rate_limited(rid, refused, now);
+            }
+        }
+        let envelope = match parsed {
             Ok(e) => e,
             Err(e) => {
                 // A well-formed frame that is not `hello` is another
@@ -296,6 +327,25 @@ impl Conn {
                 None
             }
         }
+    }
+
+    /// Answers `RATE_LIMITED`; the connection stays open unless the client
+    /// keeps hammering past the abuse threshold.
+    fn rate_limited(&mut self, rid: Option<&str>, refused: Refused, now: Instant) -> Option<u16> {
+        self.gw.meters.borrow_mut().refusals.record(now);
+        let message = format!("too many requests ({} limit)", refused.level.label());
+        self.send(protocol::error_frame(
+            rid,
+            ErrorCode::RateLimited,
+            &message,
+            Some(refused.retry_after_ms()),
+        ));
+        self.refusals.record(now);
+        if self.refusals.count(now, 10) > self.gw.cfg.limits.abuse_threshold {
+            inc(&self.gw.metrics.abuse_closes);
+            return Some(close::POLICY);
+        }
+        None
     }
 
     fn invalid_request(&mut self, rid: Option<&str>, message: &str) -> Option<u16> {
@@ -341,8 +391,11 @@ impl Conn {
             return Some(close::UNAUTHORIZED);
         };
         let session_id = format!("{:016x}{:x}", fastrand_u64(), self.slot.id);
+        let user_bucket = gw.cfg.limits.buckets.user;
         let limits = JsonOut::new()
             .num("max_message_bytes", gw.cfg.server.max_message_bytes as u64)
+            .float("rate_per_s", user_bucket.refill_per_s)
+            .float("burst", user_bucket.capacity)
             .finish();
         self.send(
             JsonOut::op("hello_ack")
@@ -382,6 +435,11 @@ impl Conn {
         let gw = self.gw.clone();
         inc_close(&gw, code);
         let user = self.session.as_ref().map_or("-", |s| &*s.user).to_string();
+        let recent = gw
+            .table
+            .borrow_mut()
+            .get_mut(self.slot.key)
+            .map_or(0, |e| e.messages.count(Instant::now(), 10));
         gw.log.info(
             "closed",
             &[
@@ -389,6 +447,7 @@ impl Conn {
                 ("user", &user),
                 ("code", &code),
                 ("reason", &reason),
+                ("msgs_10s", &recent),
             ],
         );
         if code == close::ABNORMAL {

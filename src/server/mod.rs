@@ -11,6 +11,7 @@ pub mod table;
 
 use crate::auth::Authenticator;
 use crate::config::Config;
+use crate::limit::{Limits, Meters};
 use crate::ops::log::Logger;
 use crate::ops::metrics::{inc, Gauges, Metrics, Refusal};
 use crate::protocol::JsonOut;
@@ -23,7 +24,7 @@ use smol::LocalExecutor;
 use std::cell::{Cell, RefCell};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use table::{Full, Table};
 
 /// Seconds a refused client is told to wait before trying again.
@@ -36,6 +37,8 @@ pub struct Gateway {
     pub metrics: Metrics,
     pub table: RefCell<Table>,
     pub auth: Authenticator,
+    pub limits: RefCell<Limits>,
+    pub meters: RefCell<Meters>,
     pub draining: Cell<bool>,
     /// Sockets between accept and upgrade (or their HTTP answer).
     pub handshakes: Cell<usize>,
@@ -65,6 +68,8 @@ impl Gateway {
             .max_frame_size(Some(s.max_message_bytes));
         Gateway {
             auth: Authenticator::new(cfg.auth.tokens.clone()),
+            limits: RefCell::new(Limits::new(&cfg.limits.buckets, Instant::now())),
+            meters: RefCell::new(Meters::new(Instant::now())),
             table: RefCell::new(table),
             metrics: Metrics::default(),
             draining: Cell::new(false),
@@ -97,6 +102,7 @@ pub struct Slot {
     /// Unique for the life of the process (slab keys are reused); used in
     /// logs.
     pub id: u64,
+    pub ip: IpAddr,
 }
 
 impl Drop for Slot {
@@ -264,6 +270,8 @@ async fn pre_upgrade(gw: &Rc<Gateway>, stream: &mut Async<TcpStream>, ip: IpAddr
         "/metrics" if get => {
             let mut body = String::with_capacity(4096);
             gw.metrics.render(&gw.gauges(), &mut body);
+            gw.limits.borrow().render(&mut body);
+            gw.meters.borrow_mut().render(Instant::now(), &mut body);
             Response::new(200, "text/plain; version=0.0.4; charset=utf-8", body)
         }
         "/ws" | "/healthz" | "/readyz" | "/metrics" => {
@@ -285,6 +293,7 @@ fn readyz(gw: &Gateway) -> Response {
         .num("connections", g.connections_open as u64)
         .num("capacity", g.table_capacity as u64)
         .raw("breakers", "{}")
+        .raw("rates", &gw.meters.borrow_mut().json(Instant::now()))
         .finish();
     Response::new(
         if g.draining { 503 } else { 200 },
@@ -338,6 +347,17 @@ fn admit(
             ));
         }
     }
+    if let Err(wait) = gw.limits.borrow_mut().check_connect(Instant::now(), ip) {
+        return Err(refuse(
+            gw,
+            Refusal::IpRate,
+            ip,
+            Response::text(429, "too many new connections from your address\n").header(
+                "Retry-After",
+                wait.as_secs_f64().ceil().max(1.0).to_string(),
+            ),
+        ));
+    }
     match gw.table.borrow().check(ip) {
         Ok(()) => {}
         Err(Full::Global) => {
@@ -372,11 +392,15 @@ fn admit(
         },
         None => None,
     };
-    let key = gw.table.borrow_mut().insert(ip).map_err(|_| {
-        // check() passed on this same thread a moment ago; keep a sane
-        // answer anyway.
-        Response::text(503, "gateway full\n").header("Retry-After", retry())
-    })?;
+    let key = gw
+        .table
+        .borrow_mut()
+        .insert(ip, Instant::now())
+        .map_err(|_| {
+            // check() passed on this same thread a moment ago; keep a sane
+            // answer anyway.
+            Response::text(503, "gateway full\n").header("Retry-After", retry())
+        })?;
     let id = gw.next_conn_id.get();
     gw.next_conn_id.set(id + 1);
     Ok((
@@ -384,6 +408,7 @@ fn admit(
             gw: gw.clone(),
             key,
             id,
+            ip,
         },
         user,
     ))

@@ -6,12 +6,14 @@
 //! to a member is a slab lookup and a push, never a channel per connection.
 
 use crate::config::MAX_OUTBOX_FRAMES;
+use crate::limit::RateMeter;
 use async_tungstenite::tungstenite::Utf8Bytes;
 use slab::Slab;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::rc::Rc;
 use std::task::Waker;
+use std::time::Instant;
 
 /// A serialised server frame. Written once and shared by every recipient:
 /// queueing it is a reference-count increment, and the queue holds one
@@ -66,6 +68,8 @@ pub struct Entry {
     pub waker: Option<Waker>,
     /// A close the task must carry out (slow consumer, shutdown).
     pub close_request: Option<u16>,
+    /// Messages received from this client, per second.
+    pub messages: RateMeter<10>,
 }
 
 pub struct Table {
@@ -124,7 +128,7 @@ impl Table {
     /// Takes a slot. The slab never grows past the capacity it was made
     /// with, so a slot is a reuse of freed memory or a first touch of
     /// memory reserved at start-up.
-    pub fn insert(&mut self, ip: IpAddr) -> Result<usize, Full> {
+    pub fn insert(&mut self, ip: IpAddr, now: Instant) -> Result<usize, Full> {
         self.check(ip)?;
         *self.per_ip.entry(ip).or_insert(0) += 1;
         Ok(self.slab.insert(Entry {
@@ -132,6 +136,7 @@ impl Table {
             outbox: Outbox::default(),
             waker: None,
             close_request: None,
+            messages: RateMeter::new(now),
         }))
     }
 
@@ -207,15 +212,19 @@ mod tests {
     #[test]
     fn caps_globally_and_per_ip_and_reuses_slots() {
         let mut t = Table::new(3, 2, 4, 1024);
-        let a = t.insert(ip(1)).unwrap();
-        t.insert(ip(1)).unwrap();
-        assert_eq!(t.insert(ip(1)), Err(Full::Ip));
-        let c = t.insert(ip(2)).unwrap();
-        assert_eq!(t.insert(ip(3)), Err(Full::Global));
+        let a = t.insert(ip(1), Instant::now()).unwrap();
+        t.insert(ip(1), Instant::now()).unwrap();
+        assert_eq!(t.insert(ip(1), Instant::now()), Err(Full::Ip));
+        let c = t.insert(ip(2), Instant::now()).unwrap();
+        assert_eq!(t.insert(ip(3), Instant::now()), Err(Full::Global));
         t.remove(a);
         t.remove(a);
         assert_eq!(t.ip_count(ip(1)), 1);
-        assert_eq!(t.insert(ip(3)).unwrap(), a, "freed slot is reused");
+        assert_eq!(
+            t.insert(ip(3), Instant::now()).unwrap(),
+            a,
+            "freed slot is reused"
+        );
         t.remove(c);
         assert_eq!(t.ip_count(ip(2)), 0);
         assert!(!t.per_ip.contains_key(&ip(2)));
@@ -225,7 +234,7 @@ mod tests {
     #[test]
     fn a_full_outbox_makes_a_slow_consumer() {
         let mut t = Table::new(2, 2, 2, 1024);
-        let k = t.insert(ip(1)).unwrap();
+        let k = t.insert(ip(1), Instant::now()).unwrap();
         let f = frame("x".repeat(10));
         assert_eq!(t.deliver(k, &f), Delivery::Queued);
         assert_eq!(t.deliver(k, &f), Delivery::Queued);
@@ -241,7 +250,7 @@ mod tests {
     #[test]
     fn the_byte_bound_counts_too() {
         let mut t = Table::new(2, 2, 64, 25);
-        let k = t.insert(ip(1)).unwrap();
+        let k = t.insert(ip(1), Instant::now()).unwrap();
         let f = frame("x".repeat(10));
         assert_eq!(t.deliver(k, &f), Delivery::Queued);
         assert_eq!(t.deliver(k, &f), Delivery::Queued);

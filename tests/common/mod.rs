@@ -16,6 +16,11 @@ use tungstenite::{Message, WebSocket};
 
 pub type Ws = WebSocket<TcpStream>;
 
+/// A `[limits]` section that keeps the rate limits out of a test's way.
+pub const NO_RATE_LIMITS: &str = "[limits]\nglobal_capacity = 1e9\nglobal_refill_per_s = 1e9\n\
+    ip_capacity = 1e9\nip_refill_per_s = 1e9\nuser_capacity = 1e9\nuser_refill_per_s = 1e9\n\
+    ip_connect_capacity = 1e9\nip_connect_refill_per_s = 1e9\nabuse_threshold = 1000000\n";
+
 /// A running gateway, killed (by its PID) when dropped.
 pub struct Gateway {
     pub child: Child,

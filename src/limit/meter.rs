@@ -2,7 +2,8 @@
 //!
 //! A [`RateMeter`] is a ring of per-second slots: recording an event touches
 //! one slot, and an idle gap is skipped by clearing at most every slot once,
-//! so its cost never grows with traffic or with time.
+//! so its cost never grows with traffic or with time. [`Strikes`] answers
+//! "N events within a window?" exactly, for small N.
 
 use std::time::Instant;
 
@@ -16,7 +17,6 @@ pub struct RateMeter<const SLOTS: usize> {
     head: u64,
 }
 
-#[allow(dead_code)] // Used by the rate limits, next.
 impl<const SLOTS: usize> RateMeter<SLOTS> {
     pub fn new(now: Instant) -> Self {
         RateMeter {
@@ -74,10 +74,17 @@ impl<const SLOTS: usize> RateMeter<SLOTS> {
             .sum()
     }
 
-    /// Events per second averaged over the last `seconds` seconds.
+    /// Events per second over the last `seconds` *complete* seconds (the
+    /// second in progress is left out, so a scrape early in a second does
+    /// not read low). At most `SLOTS - 1` seconds.
     pub fn rate(&mut self, now: Instant, seconds: usize) -> f64 {
-        let seconds = seconds.clamp(1, SLOTS);
-        self.count(now, seconds) as f64 / seconds as f64
+        self.advance(now);
+        let seconds = seconds.clamp(1, SLOTS - 1) as u64;
+        let sum: u64 = (1..=seconds)
+            .filter(|back| *back <= self.head)
+            .map(|back| self.slots[((self.head - back) % SLOTS as u64) as usize] as u64)
+            .sum();
+        sum as f64 / seconds as f64
     }
 }
 
@@ -115,8 +122,33 @@ impl<const N: usize> Strikes<N> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::clock::{Clock, ManualClock};
+    use std::cell::Cell;
     use std::time::Duration;
+
+    /// A clock that moves only when told to.
+    struct ManualClock(Cell<Instant>);
+
+    impl ManualClock {
+        fn new() -> Self {
+            ManualClock(Cell::new(Instant::now()))
+        }
+        fn now(&self) -> Instant {
+            self.0.get()
+        }
+        fn advance(&self, by: Duration) {
+            self.0.set(self.0.get() + by);
+        }
+    }
+
+    #[test]
+    fn a_young_meter_does_not_count_seconds_before_it_existed() {
+        let clock = ManualClock::new();
+        let mut m = RateMeter::<60>::new(clock.now());
+        m.record_n(clock.now(), 10);
+        clock.advance(Duration::from_millis(1500));
+        assert_eq!(m.rate(clock.now(), 1), 10.0);
+        assert_eq!(m.rate(clock.now(), 10), 1.0);
+    }
 
     #[test]
     fn counts_within_the_window_and_forgets_after() {
@@ -146,7 +178,11 @@ mod tests {
             clock.advance(Duration::from_secs(1));
         }
         assert_eq!(m.count(clock.now(), 60), 3 * 59);
-        assert_eq!(m.rate(clock.now(), 10), 2.7);
+        // Complete seconds only: the ten before the current one held 3 each.
+        assert_eq!(m.rate(clock.now(), 10), 3.0);
+        assert_eq!(m.rate(clock.now(), 59), 3.0);
+        clock.advance(Duration::from_secs(5));
+        assert_eq!(m.rate(clock.now(), 10), 1.5);
     }
 
     #[test]
@@ -169,6 +205,7 @@ mod tests {
         m.record_n(clock.now(), 100);
         clock.advance(Duration::from_secs(3600 * 24 * 365));
         assert_eq!(m.count(clock.now(), 60), 0);
+        assert_eq!(m.rate(clock.now(), 59), 0.0);
         m.record(clock.now());
         assert_eq!(m.count(clock.now(), 60), 1);
     }

@@ -1,0 +1,363 @@
+//! Rate limits and rate meters.
+//!
+//! Every request frame passes three token buckets before it costs
+//! anything: the gateway's, its client IP's, its user's, in that order.
+//! When a later level refuses, the tokens taken by the earlier ones are
+//! given back, so a refused request is free. New connections have a bucket
+//! per IP of their own. Per-key buckets live in bounded tables
+//! ([`KeyedBuckets`]); rates are measured with allocation-free rings
+//! ([`RateMeter`]). Time is always a parameter.
+
+mod bucket;
+mod meter;
+mod table;
+
+pub use bucket::{BucketParams, TokenBucket};
+pub use meter::{RateMeter, Strikes};
+pub use table::KeyedBuckets;
+
+use crate::ops::metrics::{counter_with, gauge_with};
+use std::net::IpAddr;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+/// The level that refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    Global,
+    Ip,
+    User,
+}
+
+impl Level {
+    const ALL: [Level; 3] = [Level::Global, Level::Ip, Level::User];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Level::Global => "global",
+            Level::Ip => "ip",
+            Level::User => "user",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refused {
+    pub level: Level,
+    /// When the request would pass: the longest wait among the levels.
+    pub retry_after: Duration,
+}
+
+impl Refused {
+    pub fn retry_after_ms(&self) -> u64 {
+        // Round up: retrying a millisecond early would be refused again.
+        self.retry_after.as_nanos().div_ceil(1_000_000) as u64
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LimitParams {
+    pub global: BucketParams,
+    pub ip: BucketParams,
+    pub user: BucketParams,
+    pub ip_connect: BucketParams,
+    pub table_entries: usize,
+}
+
+pub struct Limits {
+    global_params: BucketParams,
+    global: TokenBucket,
+    ip: KeyedBuckets<IpAddr>,
+    user: KeyedBuckets<Rc<str>>,
+    connect: KeyedBuckets<IpAddr>,
+    refused: [u64; 3],
+    connects_refused: u64,
+}
+
+impl Limits {
+    pub fn new(p: &LimitParams, now: Instant) -> Limits {
+        Limits {
+            global_params: p.global,
+            global: TokenBucket::new(&p.global, now),
+            ip: KeyedBuckets::new(p.ip, p.table_entries),
+            user: KeyedBuckets::new(p.user, p.table_entries),
+            connect: KeyedBuckets::new(p.ip_connect, p.table_entries),
+            refused: [0; 3],
+            connects_refused: 0,
+        }
+    }
+
+    /// Admits one request frame, or says which level refused and when to
+    /// retry. A refusal leaves every bucket as it was.
+    pub fn check(&mut self, now: Instant, ip: IpAddr, user: &Rc<str>) -> Result<(), Refused> {
+        let gp = self.global_params;
+        let level = if self.global.take(&gp, now).is_err() {
+            Level::Global
+        } else if self.ip.take(&ip, now).is_err() {
+            self.global.refund(&gp);
+            Level::Ip
+        } else if self.user.take(user, now).is_err() {
+            self.global.refund(&gp);
+            self.ip.refund(&ip);
+            Level::User
+        } else {
+            return Ok(());
+        };
+        self.refused[Level::ALL.iter().position(|l| *l == level).unwrap_or(0)] += 1;
+        let retry_after = self
+            .global
+            .wait_for_one(&gp)
+            .max(self.ip.wait_for_one(&ip))
+            .max(self.user.wait_for_one(user));
+        Err(Refused { level, retry_after })
+    }
+
+    /// Admits one new connection attempt from `ip`, or says when to retry.
+    pub fn check_connect(&mut self, now: Instant, ip: IpAddr) -> Result<(), Duration> {
+        self.connect.take(&ip, now).inspect_err(|_| {
+            self.connects_refused += 1;
+        })
+    }
+
+    pub fn render(&self, out: &mut String) {
+        let by_level: Vec<(&str, u64)> = Level::ALL
+            .iter()
+            .zip(self.refused)
+            .map(|(l, n)| (l.label(), n))
+            .collect();
+        counter_with(
+            out,
+            "hivegate_rate_limited_total",
+            "Requests refused by a token bucket, by level.",
+            "level",
+            &by_level,
+        );
+        let tables = [
+            ("ip", self.ip.len() as u64, self.ip.evictions),
+            ("user", self.user.len() as u64, self.user.evictions),
+            (
+                "ip_connect",
+                self.connect.len() as u64,
+                self.connect.evictions,
+            ),
+        ];
+        let sizes: Vec<(&str, u64)> = tables.iter().map(|(n, s, _)| (*n, *s)).collect();
+        let evictions: Vec<(&str, u64)> = tables.iter().map(|(n, _, e)| (*n, *e)).collect();
+        gauge_with(
+            out,
+            "hivegate_rate_table_entries",
+            "Buckets held in each keyed table.",
+            "table",
+            &sizes,
+        );
+        counter_with(
+            out,
+            "hivegate_rate_table_evictions_total",
+            "Live buckets evicted because a table was full.",
+            "table",
+            &evictions,
+        );
+        counter_with(
+            out,
+            "hivegate_connect_rate_limited_total",
+            "New connections refused by the per-IP connection rate.",
+            "level",
+            &[("ip", self.connects_refused)],
+        );
+    }
+}
+
+/// The gateway-wide rates, 60 complete seconds deep.
+pub struct Meters {
+    pub messages_in: RateMeter<61>,
+    pub messages_out: RateMeter<61>,
+    pub refusals: RateMeter<61>,
+}
+
+/// The windows exported for every meter.
+pub const WINDOWS: [(usize, &str); 3] = [(1, "1s"), (10, "10s"), (60, "60s")];
+
+impl Meters {
+    pub fn new(now: Instant) -> Meters {
+        Meters {
+            messages_in: RateMeter::new(now),
+            messages_out: RateMeter::new(now),
+            refusals: RateMeter::new(now),
+        }
+    }
+
+    fn each(&mut self) -> [(&'static str, &mut RateMeter<61>); 3] {
+        [
+            ("messages_in", &mut self.messages_in),
+            ("messages_out", &mut self.messages_out),
+            ("refusals", &mut self.refusals),
+        ]
+    }
+
+    /// `hivegate_<name>_per_second{window="1s"}` gauges.
+    pub fn render(&mut self, now: Instant, out: &mut String) {
+        for (name, meter) in self.each() {
+            let rates: Vec<(&str, f64)> = WINDOWS
+                .iter()
+                .map(|(secs, label)| (*label, meter.rate(now, *secs)))
+                .collect();
+            crate::ops::metrics::gauge_f64_with(
+                out,
+                &format!("hivegate_{name}_per_second"),
+                "Events per second over the last complete seconds of each window.",
+                "window",
+                &rates,
+            );
+        }
+    }
+
+    /// `{"messages_in":{"1s":..,"10s":..,"60s":..},...}` for `/readyz`.
+    pub fn json(&mut self, now: Instant) -> String {
+        let mut out = crate::protocol::JsonOut::new();
+        for (name, meter) in self.each() {
+            let mut w = crate::protocol::JsonOut::new();
+            for (secs, label) in WINDOWS {
+                w = w.float(label, meter.rate(now, secs));
+            }
+            out = out.raw(name, &w.finish());
+        }
+        out.finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params() -> LimitParams {
+        LimitParams {
+            global: BucketParams {
+                capacity: 1000.0,
+                refill_per_s: 100.0,
+            },
+            ip: BucketParams {
+                capacity: 100.0,
+                refill_per_s: 10.0,
+            },
+            user: BucketParams {
+                capacity: 50.0,
+                refill_per_s: 5.0,
+            },
+            ip_connect: BucketParams {
+                capacity: 20.0,
+                refill_per_s: 2.0,
+            },
+            table_entries: 4096,
+        }
+    }
+
+    fn ip(n: u8) -> IpAddr {
+        IpAddr::from([127, 0, 0, n])
+    }
+
+    #[test]
+    fn the_user_level_refuses_after_its_burst_and_refunds_the_others() {
+        let t0 = Instant::now();
+        let mut l = Limits::new(&params(), t0);
+        let alice: Rc<str> = Rc::from("alice");
+        for _ in 0..50 {
+            l.check(t0, ip(1), &alice).unwrap();
+        }
+        let r = l.check(t0, ip(1), &alice).unwrap_err();
+        assert_eq!(r.level, Level::User);
+        assert_eq!(r.retry_after_ms(), 200);
+        // The refusal cost nothing: the IP bucket still has exactly 50.
+        let bob: Rc<str> = Rc::from("bob");
+        for _ in 0..50 {
+            l.check(t0, ip(1), &bob).unwrap();
+        }
+        let carol: Rc<str> = Rc::from("carol");
+        let r = l.check(t0, ip(1), &carol).unwrap_err();
+        assert_eq!(r.level, Level::Ip);
+        assert_eq!(r.retry_after_ms(), 100);
+        assert_eq!(l.refused, [0, 1, 1]);
+    }
+
+    #[test]
+    fn the_global_level_is_checked_first_and_shared_by_everyone() {
+        let mut p = params();
+        p.global = BucketParams {
+            capacity: 3.0,
+            refill_per_s: 1.0,
+        };
+        let t0 = Instant::now();
+        let mut l = Limits::new(&p, t0);
+        for n in 1..=3 {
+            let u: Rc<str> = Rc::from(format!("u{n}"));
+            l.check(t0, ip(n), &u).unwrap();
+        }
+        let u: Rc<str> = Rc::from("u9");
+        let r = l.check(t0, ip(9), &u).unwrap_err();
+        assert_eq!(r.level, Level::Global);
+        assert_eq!(r.retry_after_ms(), 1000);
+        assert!(l.check(t0 + Duration::from_secs(1), ip(9), &u).is_ok());
+    }
+
+    #[test]
+    fn retry_after_is_the_longest_wait_among_the_levels() {
+        let mut p = params();
+        p.user = BucketParams {
+            capacity: 1.0,
+            refill_per_s: 0.5,
+        };
+        p.ip = BucketParams {
+            capacity: 1.0,
+            refill_per_s: 4.0,
+        };
+        let t0 = Instant::now();
+        let mut l = Limits::new(&p, t0);
+        let a: Rc<str> = Rc::from("a");
+        l.check(t0, ip(1), &a).unwrap();
+        // Both the IP (250 ms) and the user (2 s) are empty; the IP refuses
+        // first, but retrying before 2 s would fail at the user level.
+        let r = l.check(t0, ip(1), &a).unwrap_err();
+        assert_eq!(r.level, Level::Ip);
+        assert_eq!(r.retry_after_ms(), 2000);
+        assert!(l.check(t0 + Duration::from_secs(2), ip(1), &a).is_ok());
+    }
+
+    #[test]
+    fn connection_attempts_have_their_own_rate() {
+        let t0 = Instant::now();
+        let mut l = Limits::new(&params(), t0);
+        for _ in 0..20 {
+            l.check_connect(t0, ip(1)).unwrap();
+        }
+        assert_eq!(l.check_connect(t0, ip(1)), Err(Duration::from_millis(500)));
+        assert!(l.check_connect(t0, ip(2)).is_ok());
+        assert!(l
+            .check_connect(t0 + Duration::from_millis(500), ip(1))
+            .is_ok());
+    }
+
+    #[test]
+    fn meters_render_windows() {
+        let t0 = Instant::now();
+        let mut m = Meters::new(t0);
+        m.messages_in.record_n(t0, 30);
+        let t1 = t0 + Duration::from_secs(1);
+        let mut out = String::new();
+        m.render(t1, &mut out);
+        assert!(
+            out.contains("hivegate_messages_in_per_second{window=\"1s\"} 30\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("hivegate_messages_in_per_second{window=\"10s\"} 3\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("hivegate_messages_in_per_second{window=\"60s\"} 0.5\n"),
+            "{out}"
+        );
+        assert_eq!(
+            m.json(t1),
+            r#"{"messages_in":{"1s":30,"10s":3,"60s":0.5},"messages_out":{"1s":0,"10s":0,"60s":0},"refusals":{"1s":0,"10s":0,"60s":0}}"#
+        );
+    }
+}
