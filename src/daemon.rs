@@ -10,13 +10,16 @@
 use crate::config::Config;
 use crate::ops::log::Logger;
 use crate::ops::systemd::Notifier;
+use crate::pool::Pool;
 use crate::protocol::close;
 use crate::server::{accept_loop, Gateway};
+use crate::store::{Store, WriteOk, WriteOp};
 use async_io::{Async, Timer};
 use futures_lite::{FutureExt, StreamExt};
 use smol::LocalExecutor;
 use std::net::TcpListener;
 use std::rc::Rc;
+use std::time::Duration;
 use std::time::Instant;
 
 /// Exit code after a second signal cut the drain short.
@@ -42,8 +45,19 @@ pub fn run(cfg: Config, log: Logger) -> Result<i32, String> {
         async_signal::Signals::new([async_signal::Signal::Term, async_signal::Signal::Int])
             .map_err(|e| format!("cannot install signal handlers: {e}"))?;
 
-    let gw = Rc::new(Gateway::new(cfg, log));
+    let pool = Rc::new(
+        Pool::new(cfg.pool.threads, cfg.pool.queue)
+            .map_err(|e| format!("cannot start the pool threads: {e}"))?,
+    );
+    let (store, writer) = Store::open(
+        &cfg.server.data_dir,
+        cfg.store.synchronous,
+        pool.clone(),
+        cfg.store.write_queue,
+        cfg.store.batch_max,
+    )?;
     let ex = Rc::new(LocalExecutor::new());
+    let gw = Rc::new(Gateway::new(cfg, log, ex.clone(), pool, store));
     let notifier = Notifier::from_env();
 
     if gw.cfg.auth.implicit_open {
@@ -63,6 +77,9 @@ pub fn run(cfg: Config, log: Logger) -> Result<i32, String> {
     );
 
     let main = async {
+        ex.spawn(writer).detach();
+        ex.spawn(presence_loop(gw.clone())).detach();
+        ex.spawn(retention_loop(gw.clone())).detach();
         ex.spawn(accept_loop(gw.clone(), ex.clone(), listener))
             .detach();
         if let Some(period) = Notifier::watchdog_period() {
@@ -117,6 +134,60 @@ pub fn run(cfg: Config, log: Logger) -> Result<i32, String> {
         code
     };
     Ok(smol::block_on(ex.run(main)))
+}
+
+/// Sends coalesced presence: at most one frame per room per interval.
+async fn presence_loop(gw: Rc<Gateway>) {
+    loop {
+        let due = gw.chat.presence_due.listen();
+        if !gw.chat.has_pending_presence() {
+            due.await;
+        }
+        Timer::after(crate::chat::PRESENCE_INTERVAL).await;
+        let sent = gw.chat.flush_presence(&gw.table).await;
+        crate::chat::count(&gw.metrics, sent);
+    }
+}
+
+/// Deletes expired and surplus messages, a small batch at a time, so a
+/// publish never waits behind more than one batch.
+async fn retention_loop(gw: Rc<Gateway>) {
+    const BATCH: i64 = 500;
+    let mut pause = Duration::from_secs(5);
+    loop {
+        Timer::after(pause).await;
+        pause = Duration::from_secs(60);
+        loop {
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64);
+            let cfg = &gw.cfg.store;
+            let op = WriteOp::Prune {
+                older_than_ts: now_ms - cfg.retention.as_millis() as i64,
+                max_per_room: cfg.max_messages_per_room,
+                batch: BATCH,
+            };
+            let deleted = match gw.store.write(op) {
+                Ok(done) => match done.await {
+                    Ok(WriteOk::Pruned { deleted }) => deleted,
+                    Ok(_) => 0,
+                    Err(e) => {
+                        gw.log
+                            .warn("retention failed", &[("error", &format!("{e:?}"))]);
+                        0
+                    }
+                },
+                // The write queue is full: publishes go first.
+                Err(_) => 0,
+            };
+            if deleted > 0 {
+                gw.log.info("retention", &[("deleted", &deleted)]);
+            }
+            if deleted < BATCH {
+                break;
+            }
+        }
+    }
 }
 
 /// Raises the soft limit on open files to the hard limit: each connection

@@ -3,12 +3,15 @@
 //! gateway itself starts in `daemon::run`.
 
 mod auth;
+mod chat;
 mod config;
 mod daemon;
 mod limit;
 mod ops;
+mod pool;
 mod protocol;
 mod server;
+mod store;
 
 use config::Config;
 use std::path::PathBuf;
@@ -27,6 +30,8 @@ hivegate: a small WebSocket gateway for chat and LLM traffic on edge devices
 Usage:
   hivegate serve [--config FILE]    run the gateway (no FILE: embedded defaults)
   hivegate check-config FILE        validate a configuration file and exit
+  hivegate backup --out FILE [--config FILE]
+                                    copy the live database, consistently
   hivegate --version                print the version and git commit
   hivegate help [COMMAND]           show help
 
@@ -53,6 +58,15 @@ Usage: hivegate check-config FILE
 Reads FILE and the HIVEGATE_* environment as `serve` would, and reports
 every problem with its line. Exits 0 when the configuration is valid, 1
 otherwise.
+";
+
+const BACKUP_USAGE: &str = "\
+Usage: hivegate backup --out FILE [--config FILE]
+
+Copies the database under server.data_dir to FILE with SQLite's online
+backup API: a consistent snapshot, safe while the gateway is running and
+writing. FILE must not exist yet. To restore, stop the gateway and put the
+copy in place of hivegate.db (removing hivegate.db-wal and -shm).
 ";
 
 fn main() -> ExitCode {
@@ -119,6 +133,45 @@ fn run(args: &[String], env: &[(String, String)]) -> Result<i32, String> {
             }
         },
         ["check-config"] => Err(format!("check-config needs a FILE\n\n{CHECK_USAGE}")),
+        ["help", "backup"] | ["backup", "-h" | "--help", ..] => {
+            print!("{BACKUP_USAGE}");
+            Ok(0)
+        }
+        ["backup", rest @ ..] => {
+            let (mut out, mut config) = (None, None);
+            let mut it = rest.iter();
+            while let Some(flag) = it.next() {
+                match (*flag, it.next()) {
+                    ("-o" | "--out", Some(f)) => out = Some(PathBuf::from(f)),
+                    ("-c" | "--config", Some(f)) => config = Some(PathBuf::from(f)),
+                    _ => {
+                        return Err(format!(
+                            "unexpected arguments to backup: {}\n\n{BACKUP_USAGE}",
+                            rest.join(" ")
+                        ))
+                    }
+                }
+            }
+            let out = out.ok_or_else(|| format!("backup needs --out FILE\n\n{BACKUP_USAGE}"))?;
+            if out.exists() {
+                return Err(format!(
+                    "{} exists already: choose another name or remove it",
+                    out.display()
+                ));
+            }
+            let (cfg, _) = Config::load(config.as_deref(), env)
+                .map_err(|e| format!("invalid configuration:\n{e}"))?;
+            let db = cfg.server.data_dir.join(store::DB_FILE);
+            if !db.exists() {
+                return Err(format!(
+                    "no database at {} (check server.data_dir)",
+                    db.display()
+                ));
+            }
+            store::db::backup(&db, &out)?;
+            println!("backed up {} to {}", db.display(), out.display());
+            Ok(0)
+        }
         [other, ..] => Err(format!("unknown command {other:?}\n\n{USAGE}")),
     }
 }

@@ -21,6 +21,14 @@ pub const MAX_REQUEST_ID: usize = 64;
 pub const MAX_CLIENT_NAME: usize = 128;
 /// Longest token in `hello`, in bytes.
 pub const MAX_TOKEN: usize = 512;
+/// Most messages in one `history` answer or `join`.
+pub const MAX_HISTORY: u64 = 200;
+/// History when `join` or `history` does not say how much.
+pub const DEFAULT_HISTORY: u64 = 50;
+/// Longest message id accepted in `react`.
+pub const MAX_MESSAGE_ID: usize = 64;
+/// Longest emoji, in bytes.
+pub const MAX_EMOJI: usize = 32;
 
 /// The error codes of the protocol (the whole list: later features use
 /// the rest).
@@ -103,6 +111,30 @@ pub enum Request {
         client: Option<String>,
     },
     Ping,
+    Join {
+        room: String,
+        history: u64,
+    },
+    Leave {
+        room: String,
+    },
+    Publish {
+        room: String,
+        text: String,
+    },
+    React {
+        message_id: String,
+        emoji: String,
+    },
+    History {
+        room: String,
+        /// Messages before this seq; without it (and without `after_seq`),
+        /// the newest.
+        before_seq: Option<u64>,
+        /// Messages after this seq: what a reconnecting client missed.
+        after_seq: Option<u64>,
+        limit: u64,
+    },
 }
 
 /// A parsed frame: the request and its `request_id`, if it had one.
@@ -136,6 +168,14 @@ mod raw {
         pub request_id: Option<String>,
         pub token: Option<String>,
         pub client: Option<String>,
+        pub room: Option<String>,
+        pub history: Option<u64>,
+        pub text: Option<String>,
+        pub message_id: Option<String>,
+        pub emoji: Option<String>,
+        pub before_seq: Option<u64>,
+        pub after_seq: Option<u64>,
+        pub limit: Option<u64>,
     }
 }
 use raw::Raw;
@@ -187,6 +227,39 @@ pub fn parse(text: &str) -> Result<Envelope, ParseError> {
             }
         }
         "ping" => Request::Ping,
+        "join" => Request::Join {
+            room: room(raw.room, &fail)?,
+            history: count(raw.history, "history", &fail)?,
+        },
+        "leave" => Request::Leave {
+            room: room(raw.room, &fail)?,
+        },
+        "publish" => Request::Publish {
+            room: room(raw.room, &fail)?,
+            text: raw.text.ok_or_else(|| fail("missing \"text\"".into()))?,
+        },
+        "react" => {
+            let message_id = raw
+                .message_id
+                .filter(|m| (1..=MAX_MESSAGE_ID).contains(&m.len()))
+                .ok_or_else(|| fail(format!("message_id must be 1-{MAX_MESSAGE_ID} bytes")))?;
+            let emoji = raw
+                .emoji
+                .filter(|e| (1..=MAX_EMOJI).contains(&e.len()))
+                .ok_or_else(|| fail(format!("emoji must be 1-{MAX_EMOJI} bytes")))?;
+            Request::React { message_id, emoji }
+        }
+        "history" => {
+            if raw.before_seq.is_some() && raw.after_seq.is_some() {
+                return Err(fail("give before_seq or after_seq, not both".into()));
+            }
+            Request::History {
+                room: room(raw.room, &fail)?,
+                before_seq: raw.before_seq,
+                after_seq: raw.after_seq,
+                limit: count(raw.limit, "limit", &fail)?,
+            }
+        }
         other => {
             let shown: String = other.chars().take(32).collect();
             return Err(fail(format!("unknown op {shown:?}")));
@@ -196,6 +269,30 @@ pub fn parse(text: &str) -> Result<Envelope, ParseError> {
         request_id,
         request,
     })
+}
+
+/// A room name: 1-64 bytes of `[A-Za-z0-9_.-]`.
+fn room(name: Option<String>, fail: &dyn Fn(String) -> ParseError) -> Result<String, ParseError> {
+    match name {
+        Some(n) if crate::chat::valid_room(&n) => Ok(n),
+        Some(_) => Err(fail(
+            "room must be 1-64 characters of A-Z a-z 0-9 _ . -".into(),
+        )),
+        None => Err(fail("missing \"room\"".into())),
+    }
+}
+
+/// A message count: at most [`MAX_HISTORY`], [`DEFAULT_HISTORY`] if absent.
+fn count(
+    n: Option<u64>,
+    field: &str,
+    fail: &dyn Fn(String) -> ParseError,
+) -> Result<u64, ParseError> {
+    match n {
+        None => Ok(DEFAULT_HISTORY),
+        Some(n) if n <= MAX_HISTORY => Ok(n),
+        Some(_) => Err(fail(format!("{field} is at most {MAX_HISTORY}"))),
+    }
 }
 
 /// Checks that `b` is exactly one JSON object, well-formed, nested at most
@@ -514,6 +611,47 @@ mod tests {
             parse(r#"{"op":"hello","token":null}"#).unwrap().request,
             Request::Hello { token: None, .. }
         ));
+    }
+
+    #[test]
+    fn parses_chat_requests_and_checks_their_fields() {
+        let r = |s: &str| parse(s).map(|e| e.request);
+        assert_eq!(
+            r(r#"{"op":"join","room":"general"}"#),
+            Ok(Request::Join {
+                room: "general".into(),
+                history: 50
+            })
+        );
+        assert_eq!(
+            r(r#"{"op":"history","room":"g","after_seq":42,"limit":200}"#),
+            Ok(Request::History {
+                room: "g".into(),
+                before_seq: None,
+                after_seq: Some(42),
+                limit: 200
+            })
+        );
+        assert_eq!(
+            r(r#"{"op":"react","message_id":"01J","emoji":"👍"}"#),
+            Ok(Request::React {
+                message_id: "01J".into(),
+                emoji: "👍".into()
+            })
+        );
+        for bad in [
+            r#"{"op":"join","room":"bad room"}"#,
+            r#"{"op":"join"}"#,
+            r#"{"op":"join","room":"g","history":201}"#,
+            r#"{"op":"join","room":"g","history":-1}"#,
+            r#"{"op":"publish","room":"g"}"#,
+            r#"{"op":"publish","room":"g","text":5}"#,
+            r#"{"op":"react","message_id":"m","emoji":""}"#,
+            r#"{"op":"history","room":"g","before_seq":1,"after_seq":2}"#,
+        ] {
+            let e = parse(bad).unwrap_err();
+            assert!(!e.malformed, "{bad}: {e:?}");
+        }
     }
 
     #[test]

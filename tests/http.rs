@@ -61,10 +61,8 @@ fn a_slowloris_client_is_dropped_after_the_handshake_deadline() {
     let n = s.read(&mut buf).unwrap_or(0);
     assert_eq!(n, 0);
     assert!(started.elapsed() < Duration::from_secs(5));
-    assert_eq!(
-        gw.metric("hivegate_connections_refused_total{reason=\"handshake_timeout\"}"),
-        1.0
-    );
+    let timeouts = gw.metric("hivegate_connections_refused_total{reason=\"handshake_timeout\"}");
+    assert_eq!(timeouts, 1.0, "gateway log:\n{}", gw.log_text());
     // Everyone else is still served.
     assert_eq!(gw.get("/healthz").status, 200);
 }

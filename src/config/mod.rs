@@ -10,7 +10,9 @@
 mod toml;
 
 use crate::auth::{TokenEntry, TokenParseError};
+use crate::chat::ChatLimits;
 use crate::limit::{BucketParams, LimitParams};
+use crate::store::Sync;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -97,6 +99,44 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "`\"user:token\"` or `\"user:sha256:HEX\"` entries",
     ),
     (
+        "pool.threads",
+        "2",
+        "threads of the blocking pool (SQLite, HTTP)",
+    ),
+    (
+        "pool.queue",
+        "256",
+        "jobs waiting for a pool thread; past it OVER_CAPACITY",
+    ),
+    (
+        "store.synchronous",
+        "\"full\"",
+        "SQLite `synchronous`: `full`, `normal` or `off`",
+    ),
+    (
+        "store.retention_days",
+        "30",
+        "messages older than this are deleted",
+    ),
+    (
+        "store.max_messages_per_room",
+        "100000",
+        "the oldest messages beyond this are deleted",
+    ),
+    (
+        "store.write_queue",
+        "1024",
+        "writes waiting for the next group commit; past it OVER_CAPACITY",
+    ),
+    ("store.batch_max", "256", "most writes in one transaction"),
+    (
+        "chat.rooms_per_session",
+        "32",
+        "rooms one connection may be in",
+    ),
+    ("chat.members_per_room", "10000", "connections in one room"),
+    ("chat.max_text_bytes", "8192", "longest message text"),
+    (
         "limits.global_capacity",
         "1000",
         "gateway-wide request bucket: burst",
@@ -166,7 +206,25 @@ pub struct Config {
     pub server: Server,
     pub auth: Auth,
     pub limits: Limits,
+    pub pool: PoolConfig,
+    pub store: StoreConfig,
+    pub chat: ChatLimits,
     pub log: Log,
+}
+
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    pub threads: usize,
+    pub queue: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub synchronous: Sync,
+    pub retention: Duration,
+    pub max_messages_per_room: i64,
+    pub write_queue: usize,
+    pub batch_max: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -428,6 +486,22 @@ impl Config {
                 },
                 abuse_threshold: 50,
             },
+            pool: PoolConfig {
+                threads: 2,
+                queue: 256,
+            },
+            store: StoreConfig {
+                synchronous: Sync::Full,
+                retention: Duration::from_secs(30 * 86_400),
+                max_messages_per_room: 100_000,
+                write_queue: 1024,
+                batch_max: 256,
+            },
+            chat: ChatLimits {
+                rooms_per_session: 32,
+                members_per_room: 10_000,
+                max_text_bytes: 8192,
+            },
             log: Log {
                 level: LogLevel::Info,
                 format: LogFormat::Text,
@@ -608,6 +682,26 @@ impl Config {
             }
             "limits.abuse_threshold" => self.limits.abuse_threshold = s.int(1, 1_000_000)? as u64,
             "limits.table_entries" => self.limits.buckets.table_entries = s.usize(16, 1_000_000)?,
+            "pool.threads" => self.pool.threads = s.usize(1, 64)?,
+            "pool.queue" => self.pool.queue = s.usize(1, 1_000_000)?,
+            "store.synchronous" => {
+                self.store.synchronous = s.choice(&[
+                    ("full", Sync::Full),
+                    ("normal", Sync::Normal),
+                    ("off", Sync::Off),
+                ])?
+            }
+            "store.retention_days" => {
+                self.store.retention = Duration::from_secs(s.int(1, 36_500)? as u64 * 86_400)
+            }
+            "store.max_messages_per_room" => {
+                self.store.max_messages_per_room = s.int(1, 1_000_000_000)?
+            }
+            "store.write_queue" => self.store.write_queue = s.usize(1, 1_000_000)?,
+            "store.batch_max" => self.store.batch_max = s.usize(1, 10_000)?,
+            "chat.rooms_per_session" => self.chat.rooms_per_session = s.usize(1, 10_000)?,
+            "chat.members_per_room" => self.chat.members_per_room = s.usize(1, 1_000_000)?,
+            "chat.max_text_bytes" => self.chat.max_text_bytes = s.usize(1, 1 << 20)?,
             "log.level" => {
                 self.log.level = s.choice(&[
                     ("error", LogLevel::Error),

@@ -61,6 +61,8 @@ pub struct Metrics {
     pub slow_consumers: Cell<u64>,
     pub invalid_requests: Cell<u64>,
     pub abuse_closes: Cell<u64>,
+    pub deliveries: Cell<u64>,
+    pub fanout_slow: Cell<u64>,
     pub http_requests: Cell<u64>,
 }
 
@@ -195,6 +197,18 @@ impl Metrics {
             "hivegate_invalid_requests_total",
             "Frames answered with INVALID_REQUEST.",
             self.invalid_requests.get(),
+        );
+        counter(
+            out,
+            "hivegate_deliveries_total",
+            "Room frames queued for members (messages, reactions, presence).",
+            self.deliveries.get(),
+        );
+        counter(
+            out,
+            "hivegate_fanout_slow_consumers_total",
+            "Fan-outs that found a member's outbox full.",
+            self.fanout_slow.get(),
         );
         counter(
             out,

@@ -7,12 +7,14 @@
 //! writing: a client that stops reading fills its bounded outbox and is
 //! closed as a slow consumer, and nobody else notices.
 
-use super::table::Frame;
+use super::table::{frame, Frame};
 use super::{Gateway, Slot};
+use crate::chat::JoinError;
 use crate::config::AuthMode;
 use crate::limit::{RateMeter, Refused, Strikes};
 use crate::ops::metrics::{add, inc};
 use crate::protocol::{self, close, ErrorCode, JsonOut, Request};
+use crate::store::{Range, StoreError, StoredMessage, WriteOk, WriteOp};
 use async_io::{Async, Timer};
 use async_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use async_tungstenite::tungstenite::protocol::CloseFrame;
@@ -20,6 +22,7 @@ use async_tungstenite::tungstenite::{Error as WsError, Message};
 use async_tungstenite::WebSocketStream;
 use futures_lite::{future, FutureExt, Stream};
 use futures_sink::Sink;
+use std::cell::Cell;
 use std::net::TcpStream;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -27,6 +30,83 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 pub type WsStream = WebSocketStream<Async<TcpStream>>;
+
+/// Requests of one connection still running (store writes, history reads).
+const MAX_IN_FLIGHT: u32 = 32;
+
+/// Counts a request in flight until dropped.
+struct InFlight(Rc<Cell<u32>>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.set(self.0.get().saturating_sub(1));
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn messages_json(msgs: &[StoredMessage]) -> String {
+    let mut out = String::from("[");
+    for (i, m) in msgs.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&crate::chat::message_json(m));
+    }
+    out.push(']');
+    out
+}
+
+/// The protocol error for a store failure. Database failures are logged
+/// with the connection and request ids, and the client gets only a
+/// correlation id.
+fn store_error_parts(
+    gw: &Gateway,
+    conn: u64,
+    rid: Option<&str>,
+    e: &StoreError,
+) -> (ErrorCode, String, Option<u64>) {
+    match e {
+        StoreError::Busy { retry_after_ms } => (
+            ErrorCode::OverCapacity,
+            "the store is busy; retry later".into(),
+            Some(*retry_after_ms),
+        ),
+        StoreError::Timeout => (
+            ErrorCode::Timeout,
+            "the store did not answer in time".into(),
+            None,
+        ),
+        StoreError::NotFound => (
+            ErrorCode::NotFound,
+            "no such message in your rooms".into(),
+            None,
+        ),
+        StoreError::LimitExceeded(m) => (ErrorCode::LimitExceeded, (*m).into(), None),
+        StoreError::Storage(m) => {
+            gw.log.warn(
+                "store failed",
+                &[
+                    ("conn", &conn),
+                    ("request_id", &rid.unwrap_or("-")),
+                    ("error", m),
+                ],
+            );
+            (
+                ErrorCode::InternalError,
+                format!(
+                    "internal error (conn {conn}, request {})",
+                    rid.unwrap_or("-")
+                ),
+                None,
+            )
+        }
+    }
+}
 
 /// Invalid frames tolerated within a minute before close 4000.
 const MAX_INVALID_PER_MINUTE: usize = 10;
@@ -69,6 +149,10 @@ pub struct Conn {
     flush_pending: bool,
     /// Whether the client sent a close frame (so the ending is normal).
     peer_closed: Option<u16>,
+    /// The rooms this connection is in (at most `chat.rooms_per_session`).
+    rooms: Vec<Rc<str>>,
+    /// Requests of this connection still running in their own tasks.
+    in_flight: Rc<Cell<u32>>,
 }
 
 impl Conn {
@@ -88,6 +172,8 @@ impl Conn {
             ping_pending: false,
             flush_pending: false,
             peer_closed: None,
+            rooms: Vec::new(),
+            in_flight: Rc::new(Cell::new(0)),
             session: None,
             preauth,
             gw,
@@ -100,6 +186,17 @@ impl Conn {
     /// twice in its state, and this state lives as long as the connection.
     pub async fn run(&mut self) {
         let (code, reason) = self.serve().await;
+        // Leaving is automatic, whatever ended the connection.
+        for room in std::mem::take(&mut self.rooms) {
+            self.gw.chat.leave(&room, self.slot.key);
+        }
+        if code == close::GOING_AWAY {
+            // Shutting down: requests already started get to finish (the
+            // daemon bounds the whole drain).
+            while self.in_flight.get() > 0 {
+                Timer::after(Duration::from_millis(10)).await;
+            }
+        }
         // Boxed, and bound first: a temporary in the awaited expression
         // would stay in this future's state for the whole connection; the
         // close sequence's state must exist only while closing.
@@ -326,6 +423,26 @@ impl Conn {
                 self.send(JsonOut::op("pong").opt_str("request_id", rid).finish());
                 None
             }
+            (Some(_), Request::Join { room, history }) => self.join(rid, room, history),
+            (Some(_), Request::Leave { room }) => self.leave(rid, &room),
+            (Some(_), Request::Publish { room, text }) => self.publish(rid, room, text),
+            (Some(_), Request::React { message_id, emoji }) => self.react(rid, message_id, emoji),
+            (
+                Some(_),
+                Request::History {
+                    room,
+                    before_seq,
+                    after_seq,
+                    limit,
+                },
+            ) => {
+                let range = match (before_seq, after_seq) {
+                    (Some(b), _) => Range::Before(b.min(i64::MAX as u64) as i64),
+                    (None, Some(a)) => Range::After(a.min(i64::MAX as u64) as i64),
+                    (None, None) => Range::Latest,
+                };
+                self.history(rid, room, range, limit)
+            }
         }
     }
 
@@ -417,6 +534,324 @@ impl Conn {
         );
         self.session = Some(Session { user });
         None
+    }
+
+    fn error(
+        &self,
+        rid: Option<&str>,
+        code: ErrorCode,
+        message: &str,
+        retry_after_ms: Option<u64>,
+    ) {
+        self.send(protocol::error_frame(rid, code, message, retry_after_ms));
+    }
+
+    fn user(&self) -> Rc<str> {
+        self.session
+            .as_ref()
+            .map_or_else(|| Rc::from("-"), |s| s.user.clone())
+    }
+
+    /// Counts a request that continues in its own task, or refuses it when
+    /// this connection already has [`MAX_IN_FLIGHT`] of them.
+    fn start_request(&self, rid: Option<&str>) -> Option<InFlight> {
+        if self.in_flight.get() >= MAX_IN_FLIGHT {
+            self.error(
+                rid,
+                ErrorCode::OverCapacity,
+                &format!("at most {MAX_IN_FLIGHT} requests in flight per connection"),
+                Some(100),
+            );
+            return None;
+        }
+        self.in_flight.set(self.in_flight.get() + 1);
+        Some(InFlight(self.in_flight.clone()))
+    }
+
+    fn join(&mut self, rid: Option<&str>, room: String, history: u64) -> Option<u16> {
+        let room: Rc<str> = Rc::from(room);
+        let limits = self.gw.cfg.chat;
+        let already = self.rooms.contains(&room);
+        if !already && self.rooms.len() >= limits.rooms_per_session {
+            let msg = format!("at most {} rooms per connection", limits.rooms_per_session);
+            self.error(rid, ErrorCode::LimitExceeded, &msg, None);
+            return None;
+        }
+        // Refused (the error is sent): the connection stays open.
+        let guard = self.start_request(rid)?;
+        let user = self.user();
+        let members = match self
+            .gw
+            .chat
+            .join(&room, self.slot.key, self.slot.id, &user, &limits)
+        {
+            Ok(m) => m,
+            Err(JoinError::RoomFull) => {
+                let msg = format!("room is full ({} members)", limits.members_per_room);
+                self.error(rid, ErrorCode::LimitExceeded, &msg, None);
+                return None;
+            }
+        };
+        if !already {
+            self.rooms.push(room.clone());
+        }
+        // Membership first, history second: a message committed meanwhile
+        // may arrive twice (clients dedupe by seq) but never not at all.
+        let reply = JsonOut::op("joined")
+            .opt_str("request_id", rid)
+            .str("room", &room)
+            .raw("members", &crate::chat::names_json(&members));
+        let history = if history == 0 {
+            None
+        } else {
+            match self
+                .gw
+                .store
+                .history(room.to_string(), Range::Latest, history as i64)
+            {
+                Ok(f) => Some(f),
+                Err(e) => {
+                    self.undo_join(&room);
+                    self.store_error(rid, &e);
+                    return None;
+                }
+            }
+        };
+        let (gw, key, id, rid) = (
+            self.gw.clone(),
+            self.slot.key,
+            self.slot.id,
+            rid.map(String::from),
+        );
+        self.gw.spawn(async move {
+            let _guard = guard;
+            let messages = match history {
+                None => Ok(Vec::new()),
+                Some(f) => f.await,
+            };
+            let text = match messages {
+                Ok(msgs) => reply.raw("history", &messages_json(&msgs)).finish(),
+                Err(e) => {
+                    // Without its history the join did not happen.
+                    gw.chat.leave(&room, key);
+                    let (code, msg, retry) = store_error_parts(&gw, id, rid.as_deref(), &e);
+                    protocol::error_frame(rid.as_deref(), code, &msg, retry)
+                }
+            };
+            gw.table.borrow_mut().deliver_to(key, id, &frame(text));
+        });
+        None
+    }
+
+    /// Takes back a join whose history could not be read.
+    fn undo_join(&mut self, room: &Rc<str>) {
+        self.gw.chat.leave(room, self.slot.key);
+        self.rooms.retain(|r| r != room);
+    }
+
+    fn leave(&mut self, rid: Option<&str>, room: &str) -> Option<u16> {
+        if let Some(i) = self.rooms.iter().position(|r| &**r == room) {
+            let r = self.rooms.swap_remove(i);
+            self.gw.chat.leave(&r, self.slot.key);
+        }
+        // Leaving a room one is not in is not an error: the outcome is the same.
+        self.send(
+            JsonOut::op("left")
+                .opt_str("request_id", rid)
+                .str("room", room)
+                .finish(),
+        );
+        None
+    }
+
+    fn publish(&mut self, rid: Option<&str>, room: String, text: String) -> Option<u16> {
+        let max = self.gw.cfg.chat.max_text_bytes;
+        if text.is_empty() || text.len() > max {
+            self.error(
+                rid,
+                ErrorCode::InvalidRequest,
+                &format!("text must be 1-{max} bytes"),
+                None,
+            );
+            return None;
+        }
+        if !self.gw.chat.is_member(&room, self.slot.key) {
+            self.error(
+                rid,
+                ErrorCode::Unauthorized,
+                "join the room before publishing to it",
+                None,
+            );
+            return None;
+        }
+        let guard = self.start_request(rid)?;
+        let ts = now_ms();
+        let msg = StoredMessage {
+            id: self.gw.store.new_id(ts),
+            room,
+            seq: 0,
+            user: self.user().to_string(),
+            text,
+            ts: ts as i64,
+            reactions: Vec::new(),
+        };
+        let op = WriteOp::Publish {
+            id: msg.id.clone(),
+            room: msg.room.clone(),
+            user: msg.user.clone(),
+            text: msg.text.clone(),
+            ts: msg.ts,
+        };
+        let committed = match self.gw.store.write(op) {
+            Ok(f) => f,
+            Err(e) => {
+                self.store_error(rid, &e);
+                return None;
+            }
+        };
+        let (gw, key, id, rid) = (
+            self.gw.clone(),
+            self.slot.key,
+            self.slot.id,
+            rid.map(String::from),
+        );
+        self.gw.spawn(async move {
+            let _guard = guard;
+            match committed.await {
+                Ok(WriteOk::Published { seq }) => {
+                    // Acknowledged only now: the message is on disk.
+                    let ack = JsonOut::op("ack")
+                        .opt_str("request_id", rid.as_deref())
+                        .str("id", &msg.id)
+                        .num("seq", seq as u64)
+                        .finish();
+                    gw.table.borrow_mut().deliver_to(key, id, &frame(ack));
+                    let stored = StoredMessage { seq, ..msg };
+                    let f = frame(crate::chat::message_json(&stored));
+                    let sent = gw.chat.fanout(&gw.table, &stored.room, &f).await;
+                    crate::chat::count(&gw.metrics, sent);
+                }
+                Ok(other) => gw.log.warn(
+                    "unexpected store answer",
+                    &[("conn", &id), ("answer", &format!("{other:?}"))],
+                ),
+                Err(e) => {
+                    let (code, m, retry) = store_error_parts(&gw, id, rid.as_deref(), &e);
+                    let f = frame(protocol::error_frame(rid.as_deref(), code, &m, retry));
+                    gw.table.borrow_mut().deliver_to(key, id, &f);
+                }
+            }
+        });
+        None
+    }
+
+    fn react(&mut self, rid: Option<&str>, message_id: String, emoji: String) -> Option<u16> {
+        let guard = self.start_request(rid)?;
+        let user = self.user();
+        let op = WriteOp::React {
+            message_id: message_id.clone(),
+            emoji: emoji.clone(),
+            user: user.to_string(),
+            ts: now_ms() as i64,
+            rooms: self.rooms.iter().map(|r| r.to_string()).collect(),
+        };
+        let done = match self.gw.store.write(op) {
+            Ok(f) => f,
+            Err(e) => {
+                self.store_error(rid, &e);
+                return None;
+            }
+        };
+        let (gw, key, id, rid) = (
+            self.gw.clone(),
+            self.slot.key,
+            self.slot.id,
+            rid.map(String::from),
+        );
+        self.gw.spawn(async move {
+            let _guard = guard;
+            match done.await {
+                Ok(WriteOk::Reacted { room, count, added }) => {
+                    let ack = JsonOut::op("ack")
+                        .opt_str("request_id", rid.as_deref())
+                        .finish();
+                    gw.table.borrow_mut().deliver_to(key, id, &frame(ack));
+                    let event = JsonOut::op("reaction")
+                        .str("room", &room)
+                        .str("message_id", &message_id)
+                        .str("emoji", &emoji)
+                        .num("count", count as u64)
+                        .str("by", &user)
+                        .bool("added", added)
+                        .finish();
+                    let sent = gw.chat.fanout(&gw.table, &room, &frame(event)).await;
+                    crate::chat::count(&gw.metrics, sent);
+                }
+                Ok(other) => gw.log.warn(
+                    "unexpected store answer",
+                    &[("conn", &id), ("answer", &format!("{other:?}"))],
+                ),
+                Err(e) => {
+                    let (code, m, retry) = store_error_parts(&gw, id, rid.as_deref(), &e);
+                    let f = frame(protocol::error_frame(rid.as_deref(), code, &m, retry));
+                    gw.table.borrow_mut().deliver_to(key, id, &f);
+                }
+            }
+        });
+        None
+    }
+
+    fn history(
+        &mut self,
+        rid: Option<&str>,
+        room: String,
+        range: Range,
+        limit: u64,
+    ) -> Option<u16> {
+        if !self.gw.chat.is_member(&room, self.slot.key) {
+            self.error(
+                rid,
+                ErrorCode::Unauthorized,
+                "join the room before reading its history",
+                None,
+            );
+            return None;
+        }
+        let guard = self.start_request(rid)?;
+        let read = match self.gw.store.history(room.clone(), range, limit as i64) {
+            Ok(f) => f,
+            Err(e) => {
+                self.store_error(rid, &e);
+                return None;
+            }
+        };
+        let (gw, key, id, rid) = (
+            self.gw.clone(),
+            self.slot.key,
+            self.slot.id,
+            rid.map(String::from),
+        );
+        self.gw.spawn(async move {
+            let _guard = guard;
+            let text = match read.await {
+                Ok(msgs) => JsonOut::op("history_res")
+                    .opt_str("request_id", rid.as_deref())
+                    .str("room", &room)
+                    .raw("messages", &messages_json(&msgs))
+                    .finish(),
+                Err(e) => {
+                    let (code, m, retry) = store_error_parts(&gw, id, rid.as_deref(), &e);
+                    protocol::error_frame(rid.as_deref(), code, &m, retry)
+                }
+            };
+            gw.table.borrow_mut().deliver_to(key, id, &frame(text));
+        });
+        None
+    }
+
+    fn store_error(&self, rid: Option<&str>, e: &StoreError) {
+        let (code, msg, retry) = store_error_parts(&self.gw, self.slot.id, rid, e);
+        self.error(rid, code, &msg, retry);
     }
 
     /// Queues one of this connection's own frames (answers, errors).

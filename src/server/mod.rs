@@ -10,11 +10,14 @@ pub mod http;
 pub mod table;
 
 use crate::auth::Authenticator;
+use crate::chat::Chat;
 use crate::config::Config;
 use crate::limit::{Limits, Meters};
 use crate::ops::log::Logger;
 use crate::ops::metrics::{inc, Gauges, Metrics, Refusal};
+use crate::pool::Pool;
 use crate::protocol::JsonOut;
+use crate::store::Store;
 use async_io::{Async, Timer};
 use async_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use async_tungstenite::WebSocketStream;
@@ -46,10 +49,20 @@ pub struct Gateway {
     ws_config: WebSocketConfig,
     /// Notified when the last connection leaves, for the drain.
     pub emptied: event_listener::Event,
+    pub pool: Rc<Pool>,
+    pub store: Store,
+    pub chat: Chat,
+    ex: Rc<LocalExecutor<'static>>,
 }
 
 impl Gateway {
-    pub fn new(cfg: Config, log: Logger) -> Gateway {
+    pub fn new(
+        cfg: Config,
+        log: Logger,
+        ex: Rc<LocalExecutor<'static>>,
+        pool: Rc<Pool>,
+        store: Store,
+    ) -> Gateway {
         let s = &cfg.server;
         let table = Table::new(
             s.max_connections,
@@ -77,9 +90,19 @@ impl Gateway {
             next_conn_id: Cell::new(1),
             ws_config,
             emptied: event_listener::Event::new(),
+            pool,
+            store,
+            chat: Chat::default(),
+            ex,
             cfg,
             log,
         }
+    }
+
+    /// Runs `f` on the event loop, detached (work a request started that
+    /// outlives the frame that asked for it).
+    pub fn spawn(&self, f: impl std::future::Future<Output = ()> + 'static) {
+        self.ex.spawn(f).detach();
     }
 
     fn gauges(&self) -> Gauges {
@@ -272,6 +295,19 @@ async fn pre_upgrade(gw: &Rc<Gateway>, stream: &mut Async<TcpStream>, ip: IpAddr
             gw.metrics.render(&gw.gauges(), &mut body);
             gw.limits.borrow().render(&mut body);
             gw.meters.borrow_mut().render(Instant::now(), &mut body);
+            gw.pool.render(&mut body);
+            crate::ops::metrics::gauge(
+                &mut body,
+                "hivegate_store_write_queue",
+                "Writes waiting for the next group commit.",
+                gw.store.queued() as u64,
+            );
+            crate::ops::metrics::gauge(
+                &mut body,
+                "hivegate_chat_rooms",
+                "Rooms with at least one member.",
+                gw.chat.room_count() as u64,
+            );
             Response::new(200, "text/plain; version=0.0.4; charset=utf-8", body)
         }
         "/ws" | "/healthz" | "/readyz" | "/metrics" => {
@@ -392,16 +428,16 @@ fn admit(
         },
         None => None,
     };
+    let id = gw.next_conn_id.get();
     let key = gw
         .table
         .borrow_mut()
-        .insert(ip, Instant::now())
+        .insert(ip, id, Instant::now())
         .map_err(|_| {
             // check() passed on this same thread a moment ago; keep a sane
             // answer anyway.
             Response::text(503, "gateway full\n").header("Retry-After", retry())
         })?;
-    let id = gw.next_conn_id.get();
     gw.next_conn_id.set(id + 1);
     Ok((
         Slot {

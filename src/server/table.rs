@@ -63,6 +63,8 @@ impl Outbox {
 #[derive(Debug)]
 pub struct Entry {
     pub ip: IpAddr,
+    /// The connection's id (slab keys are reused; ids are not).
+    pub id: u64,
     pub outbox: Outbox,
     /// The connection task, to wake when a frame or a close request arrives.
     pub waker: Option<Waker>,
@@ -128,11 +130,12 @@ impl Table {
     /// Takes a slot. The slab never grows past the capacity it was made
     /// with, so a slot is a reuse of freed memory or a first touch of
     /// memory reserved at start-up.
-    pub fn insert(&mut self, ip: IpAddr, now: Instant) -> Result<usize, Full> {
+    pub fn insert(&mut self, ip: IpAddr, id: u64, now: Instant) -> Result<usize, Full> {
         self.check(ip)?;
         *self.per_ip.entry(ip).or_insert(0) += 1;
         Ok(self.slab.insert(Entry {
             ip,
+            id,
             outbox: Outbox::default(),
             waker: None,
             close_request: None,
@@ -182,6 +185,15 @@ impl Table {
         result
     }
 
+    /// Like [`Table::deliver`], for a connection known by key and id: a slot
+    /// taken over by another connection gets nothing.
+    pub fn deliver_to(&mut self, key: usize, id: u64, f: &Frame) -> Delivery {
+        match self.slab.get(key) {
+            Some(e) if e.id == id => self.deliver(key, f),
+            _ => Delivery::Gone,
+        }
+    }
+
     /// Asks a connection to close with `code`, unless it already is.
     pub fn request_close(&mut self, key: usize, code: u16) {
         if let Some(e) = self.slab.get_mut(key) {
@@ -212,16 +224,16 @@ mod tests {
     #[test]
     fn caps_globally_and_per_ip_and_reuses_slots() {
         let mut t = Table::new(3, 2, 4, 1024);
-        let a = t.insert(ip(1), Instant::now()).unwrap();
-        t.insert(ip(1), Instant::now()).unwrap();
-        assert_eq!(t.insert(ip(1), Instant::now()), Err(Full::Ip));
-        let c = t.insert(ip(2), Instant::now()).unwrap();
-        assert_eq!(t.insert(ip(3), Instant::now()), Err(Full::Global));
+        let a = t.insert(ip(1), 7, Instant::now()).unwrap();
+        t.insert(ip(1), 7, Instant::now()).unwrap();
+        assert_eq!(t.insert(ip(1), 7, Instant::now()), Err(Full::Ip));
+        let c = t.insert(ip(2), 7, Instant::now()).unwrap();
+        assert_eq!(t.insert(ip(3), 7, Instant::now()), Err(Full::Global));
         t.remove(a);
         t.remove(a);
         assert_eq!(t.ip_count(ip(1)), 1);
         assert_eq!(
-            t.insert(ip(3), Instant::now()).unwrap(),
+            t.insert(ip(3), 7, Instant::now()).unwrap(),
             a,
             "freed slot is reused"
         );
@@ -234,7 +246,7 @@ mod tests {
     #[test]
     fn a_full_outbox_makes_a_slow_consumer() {
         let mut t = Table::new(2, 2, 2, 1024);
-        let k = t.insert(ip(1), Instant::now()).unwrap();
+        let k = t.insert(ip(1), 7, Instant::now()).unwrap();
         let f = frame("x".repeat(10));
         assert_eq!(t.deliver(k, &f), Delivery::Queued);
         assert_eq!(t.deliver(k, &f), Delivery::Queued);
@@ -250,7 +262,7 @@ mod tests {
     #[test]
     fn the_byte_bound_counts_too() {
         let mut t = Table::new(2, 2, 64, 25);
-        let k = t.insert(ip(1), Instant::now()).unwrap();
+        let k = t.insert(ip(1), 7, Instant::now()).unwrap();
         let f = frame("x".repeat(10));
         assert_eq!(t.deliver(k, &f), Delivery::Queued);
         assert_eq!(t.deliver(k, &f), Delivery::Queued);

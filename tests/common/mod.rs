@@ -60,8 +60,34 @@ impl Gateway {
             )
         };
         std::fs::write(&path, text).expect("write config");
+        let (child, addr, log) = spawn(&path, env);
+        Gateway {
+            child,
+            addr,
+            log,
+            dir,
+        }
+    }
+
+    /// Starts a new gateway process on the same configuration and data
+    /// (after this one exited or was killed).
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let (child, addr, log) = spawn(&self.dir.path().join("hivegate.toml"), &[]);
+        self.child = child;
+        self.addr = addr;
+        self.log = log;
+    }
+}
+
+fn spawn(
+    path: &std::path::Path,
+    env: &[(&str, &str)],
+) -> (Child, SocketAddr, Arc<Mutex<Vec<String>>>) {
+    {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_hivegate"));
-        cmd.arg("serve").arg("--config").arg(&path);
+        cmd.arg("serve").arg("--config").arg(path);
         cmd.env_remove("NOTIFY_SOCKET").env_remove("WATCHDOG_USEC");
         for (k, v) in env {
             cmd.env(k, v);
@@ -97,14 +123,11 @@ impl Gateway {
             .find_map(|w| w.strip_prefix("addr="))
             .and_then(|a| a.parse().ok())
             .expect("listening line names the address");
-        Gateway {
-            child,
-            addr,
-            log,
-            dir,
-        }
+        (child, addr, log)
     }
+}
 
+impl Gateway {
     pub fn pid(&self) -> i32 {
         self.child.id() as i32
     }

@@ -1,0 +1,374 @@
+//! Chat rooms in memory: who is in which room, presence, fan-out.
+//!
+//! A room exists while it has members. Members are connection slots; the
+//! same user on two devices is two members but one name in the member list
+//! and in presence. Presence changes are coalesced: a room sends at most one
+//! `presence` frame per [`PRESENCE_INTERVAL`] with every join and leave since
+//! the last. Fan-out serialises a frame once and queues the same bytes for
+//! every member, yielding to the executor every [`FANOUT_CHUNK`] deliveries
+//! so one big room cannot starve other clients.
+
+use crate::ops::metrics::{add, inc};
+use crate::protocol::{escape_into, JsonOut};
+use crate::server::table::{frame, Delivery, Frame, Table};
+use crate::store::StoredMessage;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::time::Duration;
+
+/// The most presence frames a room sends: one per interval.
+pub const PRESENCE_INTERVAL: Duration = Duration::from_millis(100);
+/// Deliveries between two yields to the executor.
+pub const FANOUT_CHUNK: usize = 256;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ChatLimits {
+    pub rooms_per_session: usize,
+    pub members_per_room: usize,
+    pub max_text_bytes: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JoinError {
+    RoomFull,
+}
+
+struct Member {
+    /// The connection's id, so a reused slot never gets a frame meant for
+    /// the connection that had it before.
+    conn_id: u64,
+    user: Rc<str>,
+}
+
+#[derive(Default)]
+struct Room {
+    members: HashMap<usize, Member>,
+    /// Connections per user name, for presence by user.
+    users: HashMap<Rc<str>, u32>,
+    joined: Vec<Rc<str>>,
+    left: Vec<Rc<str>>,
+}
+
+#[derive(Default)]
+pub struct Chat {
+    rooms: RefCell<HashMap<Rc<str>, Room>>,
+    /// Rooms with presence changes not sent yet.
+    dirty: RefCell<Vec<Rc<str>>>,
+    pub presence_due: event_listener::Event,
+}
+
+/// Delivery counters, kept by the caller's metrics.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Fanout {
+    pub delivered: u64,
+    pub slow: u64,
+}
+
+impl Chat {
+    /// Adds a connection to a room (creating it). Joining twice is a no-op.
+    /// Returns the room's member names.
+    pub fn join(
+        &self,
+        room: &Rc<str>,
+        key: usize,
+        conn_id: u64,
+        user: &Rc<str>,
+        limits: &ChatLimits,
+    ) -> Result<Vec<Rc<str>>, JoinError> {
+        let mut rooms = self.rooms.borrow_mut();
+        let r = rooms.entry(room.clone()).or_default();
+        if !r.members.contains_key(&key) {
+            if r.members.len() >= limits.members_per_room {
+                if r.members.is_empty() {
+                    rooms.remove(room);
+                }
+                return Err(JoinError::RoomFull);
+            }
+            r.members.insert(
+                key,
+                Member {
+                    conn_id,
+                    user: user.clone(),
+                },
+            );
+            let n = r.users.entry(user.clone()).or_insert(0);
+            *n += 1;
+            if *n == 1 {
+                note(&mut r.left, &mut r.joined, user);
+                self.mark_dirty(room);
+            }
+        }
+        let mut names: Vec<Rc<str>> = r.users.keys().cloned().collect();
+        names.sort();
+        Ok(names)
+    }
+
+    /// Removes a connection from a room; the room goes when it is empty.
+    pub fn leave(&self, room: &Rc<str>, key: usize) -> bool {
+        let mut rooms = self.rooms.borrow_mut();
+        let Some(r) = rooms.get_mut(room) else {
+            return false;
+        };
+        let Some(m) = r.members.remove(&key) else {
+            return false;
+        };
+        if let Some(n) = r.users.get_mut(&m.user) {
+            *n -= 1;
+            if *n == 0 {
+                r.users.remove(&m.user);
+                note(&mut r.joined, &mut r.left, &m.user);
+                self.mark_dirty(room);
+            }
+        }
+        if r.members.is_empty() {
+            // Nobody is left to tell; the room goes with its last member.
+            rooms.remove(room);
+        }
+        true
+    }
+
+    pub fn is_member(&self, room: &str, key: usize) -> bool {
+        self.rooms
+            .borrow()
+            .get(room)
+            .is_some_and(|r| r.members.contains_key(&key))
+    }
+
+    pub fn has_pending_presence(&self) -> bool {
+        !self.dirty.borrow().is_empty()
+    }
+
+    pub fn room_count(&self) -> usize {
+        self.rooms.borrow().len()
+    }
+
+    fn mark_dirty(&self, room: &Rc<str>) {
+        let mut dirty = self.dirty.borrow_mut();
+        if !dirty.contains(room) {
+            dirty.push(room.clone());
+        }
+        self.presence_due.notify(1);
+    }
+
+    /// The members of a room, copied: fan-out yields, and the room may
+    /// change meanwhile.
+    fn snapshot(&self, room: &str) -> Vec<(usize, u64)> {
+        self.rooms
+            .borrow()
+            .get(room)
+            .map(|r| r.members.iter().map(|(k, m)| (*k, m.conn_id)).collect())
+            .unwrap_or_default()
+    }
+
+    /// Queues one frame for every member of `room`.
+    pub async fn fanout(&self, table: &RefCell<Table>, room: &str, f: &Frame) -> Fanout {
+        let members = self.snapshot(room);
+        let mut stats = Fanout::default();
+        for chunk in members.chunks(FANOUT_CHUNK) {
+            {
+                let mut t = table.borrow_mut();
+                for (key, conn_id) in chunk {
+                    match t.deliver_to(*key, *conn_id, f) {
+                        Delivery::Queued => stats.delivered += 1,
+                        Delivery::SlowConsumer => stats.slow += 1,
+                        Delivery::Gone => {}
+                    }
+                }
+            }
+            if members.len() > FANOUT_CHUNK {
+                futures_lite::future::yield_now().await;
+            }
+        }
+        stats
+    }
+
+    /// Sends the coalesced presence of every room that changed.
+    pub async fn flush_presence(&self, table: &RefCell<Table>) -> Fanout {
+        let dirty: Vec<Rc<str>> = std::mem::take(&mut *self.dirty.borrow_mut());
+        let mut total = Fanout::default();
+        for room in dirty {
+            let frame_text = {
+                let mut rooms = self.rooms.borrow_mut();
+                let Some(r) = rooms.get_mut(&room) else {
+                    continue;
+                };
+                let joined = std::mem::take(&mut r.joined);
+                let left = std::mem::take(&mut r.left);
+                if joined.is_empty() && left.is_empty() {
+                    continue;
+                }
+                let mut out = JsonOut::op("presence").str("room", &room);
+                if !joined.is_empty() {
+                    out = out.raw("joined", &names_json(&joined));
+                }
+                if !left.is_empty() {
+                    out = out.raw("left", &names_json(&left));
+                }
+                out.finish()
+            };
+            let f = frame(frame_text);
+            let s = self.fanout(table, &room, &f).await;
+            total.delivered += s.delivered;
+            total.slow += s.slow;
+        }
+        total
+    }
+}
+
+/// Records a presence change, cancelling an opposite one not sent yet
+/// (join then leave within an interval is no news).
+fn note(opposite: &mut Vec<Rc<str>>, this: &mut Vec<Rc<str>>, user: &Rc<str>) {
+    if let Some(i) = opposite.iter().position(|u| u == user) {
+        opposite.swap_remove(i);
+    } else if !this.contains(user) {
+        this.push(user.clone());
+    }
+}
+
+pub fn names_json(names: &[Rc<str>]) -> String {
+    let mut out = String::from("[");
+    for (i, n) in names.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        escape_into(&mut out, n);
+    }
+    out.push(']');
+    out
+}
+
+/// `{"op":"message",...}` for a stored message.
+pub fn message_json(m: &StoredMessage) -> String {
+    let mut reactions = JsonOut::new();
+    for (emoji, n) in &m.reactions {
+        reactions = reactions.num(emoji, *n as u64);
+    }
+    JsonOut::op("message")
+        .str("room", &m.room)
+        .str("id", &m.id)
+        .num("seq", m.seq as u64)
+        .str("from", &m.user)
+        .str("text", &m.text)
+        .num("ts", m.ts as u64)
+        .raw("reactions", &reactions.finish())
+        .finish()
+}
+
+/// Counts a fan-out in the gateway's metrics.
+pub fn count(metrics: &crate::ops::metrics::Metrics, f: Fanout) {
+    add(&metrics.deliveries, f.delivered);
+    if f.slow > 0 {
+        inc(&metrics.fanout_slow);
+    }
+}
+
+/// Whether `name` is a valid room name: 1-64 bytes of `[A-Za-z0-9_.-]`.
+pub fn valid_room(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_lite::future::block_on;
+    use std::time::Instant;
+
+    const LIMITS: ChatLimits = ChatLimits {
+        rooms_per_session: 32,
+        members_per_room: 3,
+        max_text_bytes: 8192,
+    };
+
+    fn table_with(n: usize) -> (RefCell<Table>, Vec<(usize, u64)>) {
+        let mut t = Table::new(100, 100, 64, 1 << 20);
+        let keys = (0..n)
+            .map(|i| {
+                let id = i as u64 + 1;
+                (
+                    t.insert([127, 0, 0, 1].into(), id, Instant::now()).unwrap(),
+                    id,
+                )
+            })
+            .collect();
+        (RefCell::new(t), keys)
+    }
+
+    #[test]
+    fn presence_is_by_user_and_coalesced() {
+        let chat = Chat::default();
+        let (table, keys) = table_with(3);
+        let room: Rc<str> = Rc::from("general");
+        let (alice, bob): (Rc<str>, Rc<str>) = (Rc::from("alice"), Rc::from("bob"));
+        chat.join(&room, keys[0].0, keys[0].1, &alice, &LIMITS)
+            .unwrap();
+        chat.join(&room, keys[1].0, keys[1].1, &alice, &LIMITS)
+            .unwrap();
+        let names = chat
+            .join(&room, keys[2].0, keys[2].1, &bob, &LIMITS)
+            .unwrap();
+        assert_eq!(names, [alice.clone(), bob.clone()]);
+        // bob joins and leaves within one interval: no news about bob.
+        chat.leave(&room, keys[2].0);
+        let sent = block_on(chat.flush_presence(&table));
+        assert_eq!(sent.delivered, 2, "two alice connections are members");
+        let mut t = table.borrow_mut();
+        let f = t.get_mut(keys[0].0).unwrap().outbox.pop().unwrap();
+        assert_eq!(
+            &**f,
+            r#"{"op":"presence","room":"general","joined":["alice"]}"#
+        );
+        drop(t);
+        // One alice connection leaving is not alice leaving.
+        chat.leave(&room, keys[0].0);
+        assert_eq!(block_on(chat.flush_presence(&table)).delivered, 0);
+        chat.leave(&room, keys[1].0);
+        assert_eq!(chat.room_count(), 0, "a room goes with its last member");
+    }
+
+    #[test]
+    fn a_full_room_refuses_and_a_reused_slot_gets_nothing() {
+        let chat = Chat::default();
+        let (table, keys) = table_with(4);
+        let room: Rc<str> = Rc::from("r");
+        let u: Rc<str> = Rc::from("u");
+        for (k, id) in &keys[..3] {
+            chat.join(&room, *k, *id, &u, &LIMITS).unwrap();
+        }
+        assert_eq!(
+            chat.join(&room, keys[3].0, keys[3].1, &u, &LIMITS),
+            Err(JoinError::RoomFull)
+        );
+        // A member's slot now belongs to another connection (other id).
+        {
+            let mut t = table.borrow_mut();
+            t.remove(keys[0].0);
+            let k = t.insert([127, 0, 0, 2].into(), 99, Instant::now()).unwrap();
+            assert_eq!(k, keys[0].0);
+        }
+        let f = frame("{}".into());
+        let s = block_on(chat.fanout(&table, "r", &f));
+        assert_eq!(s.delivered, 2);
+        assert!(table
+            .borrow_mut()
+            .get_mut(keys[0].0)
+            .unwrap()
+            .outbox
+            .pop()
+            .is_none());
+    }
+
+    #[test]
+    fn room_names_are_checked() {
+        assert!(valid_room("general") && valid_room("a.b-c_9") && valid_room(&"x".repeat(64)));
+        assert!(
+            !valid_room("")
+                && !valid_room("has space")
+                && !valid_room(&"x".repeat(65))
+                && !valid_room("é")
+        );
+    }
+}

@@ -1,0 +1,301 @@
+//! The bounded blocking pool: a few std threads and a bounded job queue,
+//! the only threads in the process.
+//!
+//! SQLite and HTTP calls block; they run here so the event loop never does.
+//! A full queue is an answer, not a wait: [`Pool::submit`] returns
+//! [`PoolError::Full`] at once, which the client sees as `OVER_CAPACITY`. A
+//! job still queued when its deadline passes is answered
+//! [`PoolError::Timeout`] and not run. (`smol::unblock` is not used: its
+//! pool grows to 500 threads behind an unbounded queue.)
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolError {
+    /// The queue is full; try again later.
+    Full,
+    /// The job waited past its deadline and was not run.
+    Timeout,
+    /// The pool is shutting down, or the job panicked.
+    Gone,
+}
+
+type Job = Box<dyn FnOnce(bool) + Send>;
+
+struct Queued {
+    job: Job,
+    queued_at: Instant,
+    deadline: Instant,
+}
+
+/// Upper bounds (seconds) of the job latency histogram buckets.
+pub const LATENCY_BUCKETS: [f64; 7] = [0.001, 0.005, 0.025, 0.1, 0.5, 2.5, 10.0];
+
+/// Counters shared with the worker threads.
+#[derive(Default)]
+pub struct PoolStats {
+    pub run: AtomicU64,
+    pub rejected: AtomicU64,
+    pub timed_out: AtomicU64,
+    /// Queue wait plus run time, in microseconds.
+    pub latency_us_sum: AtomicU64,
+    /// Cumulative counts per [`LATENCY_BUCKETS`] bound (and +Inf last).
+    pub latency_buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+}
+
+pub struct Pool {
+    tx: async_channel::Sender<Queued>,
+    pub stats: Arc<PoolStats>,
+    threads: usize,
+}
+
+impl Pool {
+    pub fn new(threads: usize, queue: usize) -> std::io::Result<Pool> {
+        let (tx, rx) = async_channel::bounded::<Queued>(queue.max(1));
+        let stats = Arc::new(PoolStats::default());
+        for i in 0..threads.max(1) {
+            let rx = rx.clone();
+            let stats = stats.clone();
+            std::thread::Builder::new()
+                .name(format!("hivegate-pool-{i}"))
+                .spawn(move || worker(rx, stats))?;
+        }
+        Ok(Pool {
+            tx,
+            stats,
+            threads: threads.max(1),
+        })
+    }
+
+    /// Jobs waiting to run.
+    pub fn queued(&self) -> usize {
+        self.tx.len()
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.tx.capacity().unwrap_or(0)
+    }
+
+    /// Queues `f` to run on a pool thread within `deadline`. Returns at
+    /// once: `Err(Full)` when the queue is full, otherwise a future of the
+    /// result.
+    pub fn submit<T, F>(
+        &self,
+        deadline: Duration,
+        f: F,
+    ) -> Result<impl Future<Output = Result<T, PoolError>>, PoolError>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        let (reply_tx, reply_rx) = async_channel::bounded::<Result<T, PoolError>>(1);
+        let job: Job = Box::new(move |expired| {
+            let result = if expired {
+                Err(PoolError::Timeout)
+            } else {
+                Ok(f())
+            };
+            // The caller may have gone (client disconnected); that is fine.
+            let _ = reply_tx.try_send(result);
+        });
+        let now = Instant::now();
+        let queued = Queued {
+            job,
+            queued_at: now,
+            deadline: now + deadline,
+        };
+        if self.tx.try_send(queued).is_err() {
+            self.stats.rejected.fetch_add(1, Relaxed);
+            return Err(PoolError::Full);
+        }
+        Ok(async move { reply_rx.recv().await.unwrap_or(Err(PoolError::Gone)) })
+    }
+
+    /// A hint for `retry_after_ms` when the queue is full: the time the
+    /// queue takes to drain at the average job latency so far.
+    pub fn retry_after_ms(&self) -> u64 {
+        let s = &self.stats;
+        let done = s.run.load(Relaxed).max(1);
+        let avg_us = s.latency_us_sum.load(Relaxed) / done;
+        let drain_us = avg_us * self.queued() as u64 / self.threads as u64;
+        (drain_us / 1000).clamp(10, 5000)
+    }
+}
+
+fn worker(rx: async_channel::Receiver<Queued>, stats: Arc<PoolStats>) {
+    while let Ok(q) = rx.recv_blocking() {
+        let expired = Instant::now() > q.deadline;
+        if expired {
+            stats.timed_out.fetch_add(1, Relaxed);
+            (q.job)(true);
+            continue;
+        }
+        // A panicking job must not take the thread (and so the pool's
+        // capacity) with it; its caller sees `Gone`. (Release builds abort
+        // on panic instead, and systemd restarts the service: a panic is a
+        // bug, never a reaction to input.)
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (q.job)(false)));
+        let latency = q.queued_at.elapsed();
+        stats.run.fetch_add(1, Relaxed);
+        stats
+            .latency_us_sum
+            .fetch_add(latency.as_micros() as u64, Relaxed);
+        let secs = latency.as_secs_f64();
+        let bucket = LATENCY_BUCKETS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(LATENCY_BUCKETS.len());
+        stats.latency_buckets[bucket].fetch_add(1, Relaxed);
+        drop(ran);
+    }
+}
+
+impl Pool {
+    /// Prometheus lines for the pool.
+    pub fn render(&self, out: &mut String) {
+        use crate::ops::metrics::{counter, gauge};
+        use std::fmt::Write as _;
+        let s = &self.stats;
+        gauge(
+            out,
+            "hivegate_pool_queue_depth",
+            "Jobs waiting for a pool thread.",
+            self.queued() as u64,
+        );
+        gauge(
+            out,
+            "hivegate_pool_queue_capacity",
+            "Bound of the pool's job queue.",
+            self.capacity() as u64,
+        );
+        counter(
+            out,
+            "hivegate_pool_jobs_run_total",
+            "Jobs run on the pool.",
+            s.run.load(Relaxed),
+        );
+        counter(
+            out,
+            "hivegate_pool_jobs_rejected_total",
+            "Jobs refused because the queue was full.",
+            s.rejected.load(Relaxed),
+        );
+        counter(
+            out,
+            "hivegate_pool_jobs_timed_out_total",
+            "Jobs not run because their deadline passed in the queue.",
+            s.timed_out.load(Relaxed),
+        );
+        let name = "hivegate_pool_job_seconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Time from submission to the end of the job.\n# TYPE {name} histogram"
+        );
+        let mut cumulative = 0;
+        for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
+            cumulative += s.latency_buckets[i].load(Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+        }
+        cumulative += s.latency_buckets[LATENCY_BUCKETS.len()].load(Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
+        let sum = s.latency_us_sum.load(Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum {}", crate::protocol::fmt_f64(sum));
+        let _ = writeln!(out, "{name}_count {cumulative}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_lite::future::block_on;
+    use std::sync::mpsc;
+
+    #[test]
+    fn runs_jobs_and_returns_results() {
+        let pool = Pool::new(2, 4).unwrap();
+        let a = pool.submit(Duration::from_secs(5), || 2 + 2).unwrap();
+        assert_eq!(block_on(a), Ok(4));
+        assert_eq!(pool.stats.run.load(Relaxed), 1);
+    }
+
+    #[test]
+    fn a_full_queue_refuses_at_once() {
+        let pool = Pool::new(1, 1).unwrap();
+        let (release_tx, release_rx) = mpsc::channel::<()>();
+        let (started_tx, started_rx) = mpsc::channel::<()>();
+        // Occupy the only thread...
+        let busy = pool
+            .submit(Duration::from_secs(5), move || {
+                started_tx.send(()).unwrap();
+                release_rx.recv().unwrap();
+            })
+            .unwrap();
+        started_rx.recv().unwrap();
+        // ...fill the one queue slot...
+        let queued = pool.submit(Duration::from_secs(5), || 1).unwrap();
+        // ...and the next is refused without waiting.
+        assert_eq!(
+            pool.submit(Duration::from_secs(5), || 2).err(),
+            Some(PoolError::Full)
+        );
+        assert_eq!(pool.stats.rejected.load(Relaxed), 1);
+        release_tx.send(()).unwrap();
+        assert_eq!(block_on(busy), Ok(()));
+        assert_eq!(block_on(queued), Ok(1));
+    }
+
+    #[test]
+    fn a_job_past_its_deadline_is_not_run() {
+        let pool = Pool::new(1, 4).unwrap();
+        let (release_tx, release_rx) = mpsc::channel::<()>();
+        let (started_tx, started_rx) = mpsc::channel::<()>();
+        let busy = pool
+            .submit(Duration::from_secs(5), move || {
+                started_tx.send(()).unwrap();
+                release_rx.recv().unwrap();
+            })
+            .unwrap();
+        started_rx.recv().unwrap();
+        let ran = Arc::new(AtomicU64::new(0));
+        let r = ran.clone();
+        let late = pool
+            .submit(Duration::ZERO, move || {
+                r.fetch_add(1, Relaxed);
+            })
+            .unwrap();
+        // The deadline passes while the job waits behind the busy one.
+        std::thread::sleep(Duration::from_millis(5));
+        release_tx.send(()).unwrap();
+        block_on(busy).unwrap();
+        assert_eq!(block_on(late), Err(PoolError::Timeout));
+        assert_eq!(ran.load(Relaxed), 0);
+        assert_eq!(pool.stats.timed_out.load(Relaxed), 1);
+    }
+
+    #[test]
+    fn a_panicking_job_does_not_kill_the_thread() {
+        let pool = Pool::new(1, 4).unwrap();
+        let bad = pool
+            .submit(Duration::from_secs(5), || -> u32 { panic!("boom") })
+            .unwrap();
+        assert_eq!(block_on(bad), Err(PoolError::Gone));
+        let good = pool.submit(Duration::from_secs(5), || 7).unwrap();
+        assert_eq!(block_on(good), Ok(7));
+    }
+
+    #[test]
+    fn renders_a_histogram() {
+        let pool = Pool::new(1, 4).unwrap();
+        block_on(pool.submit(Duration::from_secs(5), || ()).unwrap()).unwrap();
+        let mut out = String::new();
+        pool.render(&mut out);
+        assert!(
+            out.contains("hivegate_pool_job_seconds_bucket{le=\"+Inf\"} 1\n"),
+            "{out}"
+        );
+        assert!(out.contains("hivegate_pool_job_seconds_count 1\n"));
+    }
+}

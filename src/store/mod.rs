@@ -1,0 +1,284 @@
+//! Durable chat storage: local SQLite, written by one connection in group
+//! commits, read by others, always on the bounded pool.
+//!
+//! Group commit: writes go into a bounded queue; one writer task takes
+//! everything queued (up to `batch_max`) into one pool job and one
+//! transaction. While a commit runs, new writes wait in the queue and make
+//! the next batch, so throughput grows with load and every answer still
+//! means "committed" (`synchronous = FULL` by default: on disk).
+
+pub mod db;
+mod ulid;
+
+use crate::pool::{Pool, PoolError};
+pub use db::{Range, StoredMessage, Sync, WriteErr, WriteOk, WriteOp};
+use rusqlite::Connection;
+use std::cell::RefCell;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// How long a write batch may wait in the pool queue.
+const WRITE_DEADLINE: Duration = Duration::from_secs(30);
+/// How long a history read may wait in the pool queue.
+const READ_DEADLINE: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreError {
+    /// A bounded queue is full; retry after this long.
+    Busy {
+        retry_after_ms: u64,
+    },
+    Timeout,
+    NotFound,
+    LimitExceeded(&'static str),
+    /// The database failed; logged, answered INTERNAL_ERROR.
+    Storage(String),
+}
+
+impl From<WriteErr> for StoreError {
+    fn from(e: WriteErr) -> Self {
+        match e {
+            WriteErr::NotFound => StoreError::NotFound,
+            WriteErr::LimitExceeded(m) => StoreError::LimitExceeded(m),
+            WriteErr::Storage(m) => StoreError::Storage(m),
+        }
+    }
+}
+
+fn pool_error(e: PoolError, pool: &Pool) -> StoreError {
+    match e {
+        PoolError::Full => StoreError::Busy {
+            retry_after_ms: pool.retry_after_ms(),
+        },
+        PoolError::Timeout => StoreError::Timeout,
+        PoolError::Gone => StoreError::Storage("the pool dropped the job".into()),
+    }
+}
+
+struct Pending {
+    op: WriteOp,
+    reply: async_channel::Sender<Result<WriteOk, StoreError>>,
+}
+
+pub struct Store {
+    pool: Rc<Pool>,
+    queue: async_channel::Sender<Pending>,
+    readers: Arc<Mutex<Vec<Connection>>>,
+    path: PathBuf,
+    ids: RefCell<ulid::UlidGen>,
+}
+
+/// The file name of the database inside `server.data_dir`.
+pub const DB_FILE: &str = "hivegate.db";
+
+impl Store {
+    /// Opens the database (migrating it) and returns the store and the
+    /// writer task, which the caller spawns on the event loop.
+    pub fn open(
+        data_dir: &Path,
+        sync: Sync,
+        pool: Rc<Pool>,
+        write_queue: usize,
+        batch_max: usize,
+    ) -> Result<(Store, impl Future<Output = ()>), String> {
+        let path = data_dir.join(DB_FILE);
+        let writer = Arc::new(Mutex::new(db::open_writer(&path, sync)?));
+        let (tx, rx) = async_channel::bounded(write_queue.max(1));
+        let seed = {
+            use std::hash::{BuildHasher, Hasher};
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u64(std::process::id() as u64);
+            h.finish()
+        };
+        let store = Store {
+            pool: pool.clone(),
+            queue: tx,
+            readers: Arc::new(Mutex::new(Vec::new())),
+            path,
+            ids: RefCell::new(ulid::UlidGen::new(seed)),
+        };
+        Ok((store, writer_loop(rx, writer, pool, batch_max.max(1))))
+    }
+
+    /// A fresh message id.
+    pub fn new_id(&self, now_ms: u64) -> String {
+        self.ids.borrow_mut().next(now_ms)
+    }
+
+    /// Writes waiting for the writer.
+    pub fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Queues a write; the future resolves once it is committed (or failed).
+    /// A full queue is refused at once.
+    pub fn write(
+        &self,
+        op: WriteOp,
+    ) -> Result<impl Future<Output = Result<WriteOk, StoreError>>, StoreError> {
+        let (reply, rx) = async_channel::bounded(1);
+        self.queue
+            .try_send(Pending { op, reply })
+            .map_err(|_| StoreError::Busy { retry_after_ms: 50 })?;
+        Ok(async move {
+            rx.recv()
+                .await
+                .unwrap_or(Err(StoreError::Storage("the writer stopped".into())))
+        })
+    }
+
+    /// Reads history on the pool.
+    pub fn history(
+        &self,
+        room: String,
+        range: Range,
+        limit: i64,
+    ) -> Result<impl Future<Output = Result<Vec<StoredMessage>, StoreError>>, StoreError> {
+        let readers = self.readers.clone();
+        let path = self.path.clone();
+        let job = self
+            .pool
+            .submit(
+                READ_DEADLINE,
+                move || -> Result<Vec<StoredMessage>, String> {
+                    // Check a reader out (or open one: at most one per pool thread).
+                    let conn = readers.lock().ok().and_then(|mut r| r.pop());
+                    let conn = match conn {
+                        Some(c) => c,
+                        None => db::open_reader(&path)?,
+                    };
+                    let result = db::history(&conn, &room, range, limit).map_err(|e| e.to_string());
+                    if let Ok(mut r) = readers.lock() {
+                        r.push(conn);
+                    }
+                    result
+                },
+            )
+            .map_err(|e| pool_error(e, &self.pool))?;
+        let pool = self.pool.clone();
+        Ok(async move {
+            match job.await {
+                Ok(Ok(msgs)) => Ok(msgs),
+                Ok(Err(e)) => Err(StoreError::Storage(e)),
+                Err(e) => Err(pool_error(e, &pool)),
+            }
+        })
+    }
+}
+
+/// Takes everything queued into one batch, commits it on the pool, answers
+/// each write, and goes round again. Ends when the store is dropped.
+async fn writer_loop(
+    rx: async_channel::Receiver<Pending>,
+    conn: Arc<Mutex<Connection>>,
+    pool: Rc<Pool>,
+    batch_max: usize,
+) {
+    while let Ok(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < batch_max {
+            match rx.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        let (ops, replies): (Vec<WriteOp>, Vec<_>) =
+            batch.into_iter().map(|p| (p.op, p.reply)).unzip();
+        let ops = Arc::new(ops);
+        let results = loop {
+            let (conn, ops) = (conn.clone(), ops.clone());
+            let job = pool.submit(WRITE_DEADLINE, move || match conn.lock() {
+                Ok(mut c) => db::write_batch(&mut c, &ops),
+                Err(_) => ops
+                    .iter()
+                    .map(|_| Err(WriteErr::Storage("writer lock poisoned".into())))
+                    .collect(),
+            });
+            match job {
+                Ok(job) => break job.await,
+                // The pool is full of reads: the writes wait their turn
+                // here (their own queue is what bounds them).
+                Err(PoolError::Full) => async_io::Timer::after(Duration::from_millis(2)).await,
+                Err(e) => break Err(e),
+            };
+        };
+        match results {
+            Ok(results) => {
+                for (reply, r) in replies.into_iter().zip(results) {
+                    let _ = reply.try_send(r.map_err(StoreError::from));
+                }
+            }
+            Err(e) => {
+                let err = pool_error(e, &pool);
+                for reply in replies {
+                    let _ = reply.try_send(Err(err.clone()));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_lite::future::block_on;
+
+    #[test]
+    fn concurrent_writes_are_committed_in_groups_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = Rc::new(Pool::new(2, 16).unwrap());
+        let (store, writer) = Store::open(dir.path(), Sync::Full, pool.clone(), 1000, 64).unwrap();
+        let ex = smol::LocalExecutor::new();
+        ex.spawn(writer).detach();
+        let futs: Vec<_> = (0..200)
+            .map(|i| {
+                store
+                    .write(WriteOp::Publish {
+                        id: store.new_id(1),
+                        room: "r".into(),
+                        user: "u".into(),
+                        text: i.to_string(),
+                        ts: 1,
+                    })
+                    .unwrap()
+            })
+            .collect();
+        let seqs: Vec<i64> = block_on(ex.run(async {
+            let mut seqs = Vec::new();
+            for f in futs {
+                match f.await {
+                    Ok(WriteOk::Published { seq }) => seqs.push(seq),
+                    other => panic!("{other:?}"),
+                }
+            }
+            seqs
+        }));
+        assert_eq!(seqs, (1..=200).collect::<Vec<_>>());
+        // 200 writes queued at once went in at most 64 per transaction.
+        let jobs = pool.stats.run.load(std::sync::atomic::Ordering::Relaxed);
+        assert!((4..=10).contains(&jobs), "{jobs} commits");
+        let h = block_on(ex.run(store.history("r".into(), Range::Latest, 5).unwrap())).unwrap();
+        assert_eq!(h.last().unwrap().text, "199");
+    }
+
+    #[test]
+    fn a_full_write_queue_is_refused_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = Rc::new(Pool::new(1, 4).unwrap());
+        // The writer task is never run: the queue only fills.
+        let (store, _writer) = Store::open(dir.path(), Sync::Full, pool, 2, 64).unwrap();
+        let op = || WriteOp::Publish {
+            id: "x".into(),
+            room: "r".into(),
+            user: "u".into(),
+            text: "t".into(),
+            ts: 1,
+        };
+        assert!(store.write(op()).is_ok());
+        assert!(store.write(op()).is_ok());
+        assert!(matches!(store.write(op()), Err(StoreError::Busy { .. })));
+    }
+}

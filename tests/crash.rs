@@ -1,0 +1,122 @@
+//! An acknowledged message survives a crash: a client publishes without
+//! pause, the gateway is killed with SIGKILL mid-stream, and after a restart
+//! every message the client had an `ack` for is in the history.
+
+mod common;
+use common::*;
+use serde_json::json;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tungstenite::Message;
+
+#[test]
+fn every_acked_message_survives_sigkill() {
+    let mut gw = Gateway::start(NO_RATE_LIMITS, &[]);
+    let (mut ws, _) = gw.session(None);
+    send_json(
+        &mut ws,
+        &json!({"op":"join","room":"crash","history":0,"request_id":"j"}),
+    );
+    while recv_json(&mut ws)["op"] != "joined" {}
+
+    let acked = Arc::new(Mutex::new(Vec::<String>::new()));
+    let publisher = {
+        let acked = acked.clone();
+        std::thread::spawn(move || {
+            // Keep up to 20 publishes in flight; read acks until the
+            // connection dies under us.
+            let mut sent = 0u64;
+            let mut in_flight = 0;
+            loop {
+                while in_flight < 20 {
+                    let p = json!({"op":"publish","room":"crash","text":format!("m{sent}"),"request_id":sent.to_string()});
+                    if ws.write(Message::text(p.to_string())).is_err() {
+                        return sent;
+                    }
+                    sent += 1;
+                    in_flight += 1;
+                }
+                if ws.flush().is_err() {
+                    return sent;
+                }
+                match ws.read() {
+                    Ok(Message::Text(t)) => {
+                        let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+                        if v["op"] == "ack" {
+                            acked
+                                .lock()
+                                .unwrap()
+                                .push(v["id"].as_str().unwrap().to_string());
+                            in_flight -= 1;
+                        } else if v["op"] == "error" {
+                            in_flight -= 1;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => return sent,
+                }
+            }
+        })
+    };
+    // Let it run, then pull the plug.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while acked.lock().unwrap().len() < 300 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    gw.signal(libc::SIGKILL);
+    let sent = publisher.join().unwrap();
+    let acked: Vec<String> = acked.lock().unwrap().clone();
+    assert!(
+        acked.len() >= 300,
+        "only {} acks before the kill",
+        acked.len()
+    );
+
+    gw.restart();
+    let (mut ws, _) = gw.session(None);
+    send_json(
+        &mut ws,
+        &json!({"op":"join","room":"crash","history":0,"request_id":"j"}),
+    );
+    while recv_json(&mut ws)["op"] != "joined" {}
+    let mut stored = HashSet::new();
+    let mut after = 0;
+    loop {
+        send_json(
+            &mut ws,
+            &json!({"op":"history","room":"crash","after_seq":after,"limit":200,"request_id":"h"}),
+        );
+        let h = loop {
+            let v = recv_json(&mut ws);
+            if v["request_id"] == "h" {
+                break v;
+            }
+        };
+        let msgs = h["messages"].as_array().unwrap().clone();
+        if msgs.is_empty() {
+            break;
+        }
+        for m in &msgs {
+            stored.insert(m["id"].as_str().unwrap().to_string());
+            after = m["seq"].as_u64().unwrap();
+        }
+    }
+    let lost: Vec<&String> = acked.iter().filter(|id| !stored.contains(*id)).collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} acked messages lost: {lost:?}",
+        lost.len(),
+        acked.len()
+    );
+    assert!(
+        stored.len() as u64 <= sent,
+        "more stored ({}) than sent ({sent})",
+        stored.len()
+    );
+    eprintln!(
+        "acked {}, stored {}, sent {sent}",
+        acked.len(),
+        stored.len()
+    );
+}
