@@ -4,16 +4,24 @@
 //! same user on two devices is two members but one name in the member list
 //! and in presence. Presence changes are coalesced: a room sends at most one
 //! `presence` frame per [`PRESENCE_INTERVAL`] with every join and leave since
-//! the last. Fan-out serialises a frame once and queues the same bytes for
-//! every member, yielding to the executor every [`FANOUT_CHUNK`] deliveries
-//! so one big room cannot starve other clients.
+//! the last.
+//!
+//! Fan-out is one task fed by one queue, in commit order. It takes up to
+//! [`FANOUT_BATCH`] frames, queues the same bytes for every member of their
+//! rooms, and yields: the member tasks it woke run before it goes on, so
+//! each writes its frames with one flush and no healthy member's outbox
+//! fills because of a burst (a group commit can finish hundreds of
+//! messages at once). Big rooms also yield every [`FANOUT_CHUNK`]
+//! deliveries so other clients are not starved. The queue is bounded from
+//! upstream: the store's writer takes no new batch while it is longer than
+//! its limit.
 
 use crate::ops::metrics::{add, inc};
 use crate::protocol::{escape_into, JsonOut};
 use crate::server::table::{frame, Delivery, Frame, Table};
 use crate::store::StoredMessage;
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -21,6 +29,8 @@ use std::time::Duration;
 pub const PRESENCE_INTERVAL: Duration = Duration::from_millis(100);
 /// Deliveries between two yields to the executor.
 pub const FANOUT_CHUNK: usize = 256;
+/// Frames delivered to members between two yields.
+pub const FANOUT_BATCH: usize = 32;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ChatLimits {
@@ -50,12 +60,16 @@ struct Room {
     left: Vec<Rc<str>>,
 }
 
-#[derive(Default)]
 pub struct Chat {
     rooms: RefCell<HashMap<Rc<str>, Room>>,
     /// Rooms with presence changes not sent yet.
     dirty: RefCell<Vec<Rc<str>>>,
     pub presence_due: event_listener::Event,
+    /// Frames waiting for fan-out, in commit order.
+    queue: RefCell<VecDeque<(Rc<str>, Frame)>>,
+    queued: event_listener::Event,
+    drained: event_listener::Event,
+    backlog_limit: usize,
 }
 
 /// Delivery counters, kept by the caller's metrics.
@@ -66,6 +80,79 @@ pub struct Fanout {
 }
 
 impl Chat {
+    /// A chat whose fan-out queue counts as full past `backlog_limit`.
+    pub fn new(backlog_limit: usize) -> Chat {
+        Chat {
+            rooms: RefCell::default(),
+            dirty: RefCell::default(),
+            presence_due: event_listener::Event::new(),
+            queue: RefCell::default(),
+            queued: event_listener::Event::new(),
+            drained: event_listener::Event::new(),
+            backlog_limit: backlog_limit.max(1),
+        }
+    }
+
+    /// Queues a frame for every member of `room`, behind what is queued.
+    pub fn enqueue(&self, room: Rc<str>, f: Frame) {
+        self.queue.borrow_mut().push_back((room, f));
+        self.queued.notify(1);
+    }
+
+    /// Frames waiting for fan-out.
+    pub fn backlog(&self) -> usize {
+        self.queue.borrow().len()
+    }
+
+    /// `None` while the fan-out queue is within its limit; otherwise a
+    /// listener that fires when it has shrunk (the store's writer waits on
+    /// it before taking the next batch).
+    pub fn wait_for_room(&self) -> Option<event_listener::EventListener> {
+        let listener = self.drained.listen();
+        (self.backlog() > self.backlog_limit).then_some(listener)
+    }
+
+    /// The fan-out task: runs for the life of the gateway.
+    pub async fn run_fanout(&self, table: &RefCell<Table>, metrics: &crate::ops::metrics::Metrics) {
+        loop {
+            let listener = self.queued.listen();
+            if self.backlog() == 0 {
+                listener.await;
+                continue;
+            }
+            let sent = self.deliver_batch(table).await;
+            count(metrics, sent);
+            self.drained.notify(usize::MAX);
+            // Let the member tasks just woken write before the next batch.
+            futures_lite::future::yield_now().await;
+        }
+    }
+
+    /// Takes up to [`FANOUT_BATCH`] queued frames and delivers them, room
+    /// by room, each member getting its frames in order.
+    async fn deliver_batch(&self, table: &RefCell<Table>) -> Fanout {
+        let mut by_room: Vec<(Rc<str>, Vec<Frame>)> = Vec::new();
+        {
+            let mut queue = self.queue.borrow_mut();
+            for _ in 0..FANOUT_BATCH {
+                let Some((room, f)) = queue.pop_front() else {
+                    break;
+                };
+                match by_room.iter_mut().find(|(r, _)| *r == room) {
+                    Some((_, frames)) => frames.push(f),
+                    None => by_room.push((room, vec![f])),
+                }
+            }
+        }
+        let mut total = Fanout::default();
+        for (room, frames) in by_room {
+            let s = self.deliver(table, &room, &frames).await;
+            total.delivered += s.delivered;
+            total.slow += s.slow;
+        }
+        total
+    }
+
     /// Adds a connection to a room (creating it). Joining twice is a no-op.
     /// Returns the room's member names.
     pub fn join(
@@ -161,34 +248,36 @@ impl Chat {
             .unwrap_or_default()
     }
 
-    /// Queues one frame for every member of `room`.
-    pub async fn fanout(&self, table: &RefCell<Table>, room: &str, f: &Frame) -> Fanout {
+    /// Queues `frames` for every member of `room`, in order.
+    async fn deliver(&self, table: &RefCell<Table>, room: &str, frames: &[Frame]) -> Fanout {
         let members = self.snapshot(room);
         let mut stats = Fanout::default();
-        for chunk in members.chunks(FANOUT_CHUNK) {
+        let per_chunk = (FANOUT_CHUNK / frames.len().max(1)).max(1);
+        for chunk in members.chunks(per_chunk) {
             {
                 let mut t = table.borrow_mut();
                 for (key, conn_id) in chunk {
-                    match t.deliver_to(*key, *conn_id, f) {
-                        Delivery::Queued => stats.delivered += 1,
-                        Delivery::SlowConsumer => stats.slow += 1,
-                        Delivery::Gone => {}
+                    for f in frames {
+                        match t.deliver_to(*key, *conn_id, f) {
+                            Delivery::Queued => stats.delivered += 1,
+                            Delivery::SlowConsumer => stats.slow += 1,
+                            Delivery::Gone => break,
+                        }
                     }
                 }
             }
-            if members.len() > FANOUT_CHUNK {
+            if members.len() > per_chunk {
                 futures_lite::future::yield_now().await;
             }
         }
         stats
     }
 
-    /// Sends the coalesced presence of every room that changed.
-    pub async fn flush_presence(&self, table: &RefCell<Table>) -> Fanout {
+    /// Queues the coalesced presence of every room that changed.
+    pub fn flush_presence(&self) {
         let dirty: Vec<Rc<str>> = std::mem::take(&mut *self.dirty.borrow_mut());
-        let mut total = Fanout::default();
         for room in dirty {
-            let frame_text = {
+            let text = {
                 let mut rooms = self.rooms.borrow_mut();
                 let Some(r) = rooms.get_mut(&room) else {
                     continue;
@@ -207,12 +296,8 @@ impl Chat {
                 }
                 out.finish()
             };
-            let f = frame(frame_text);
-            let s = self.fanout(table, &room, &f).await;
-            total.delivered += s.delivered;
-            total.slow += s.slow;
+            self.enqueue(room, frame(text));
         }
-        total
     }
 }
 
@@ -299,7 +384,7 @@ mod tests {
 
     #[test]
     fn presence_is_by_user_and_coalesced() {
-        let chat = Chat::default();
+        let chat = Chat::new(64);
         let (table, keys) = table_with(3);
         let room: Rc<str> = Rc::from("general");
         let (alice, bob): (Rc<str>, Rc<str>) = (Rc::from("alice"), Rc::from("bob"));
@@ -313,7 +398,8 @@ mod tests {
         assert_eq!(names, [alice.clone(), bob.clone()]);
         // bob joins and leaves within one interval: no news about bob.
         chat.leave(&room, keys[2].0);
-        let sent = block_on(chat.flush_presence(&table));
+        chat.flush_presence();
+        let sent = block_on(chat.deliver_batch(&table));
         assert_eq!(sent.delivered, 2, "two alice connections are members");
         let mut t = table.borrow_mut();
         let f = t.get_mut(keys[0].0).unwrap().outbox.pop().unwrap();
@@ -324,14 +410,15 @@ mod tests {
         drop(t);
         // One alice connection leaving is not alice leaving.
         chat.leave(&room, keys[0].0);
-        assert_eq!(block_on(chat.flush_presence(&table)).delivered, 0);
+        chat.flush_presence();
+        assert_eq!(chat.backlog(), 0);
         chat.leave(&room, keys[1].0);
         assert_eq!(chat.room_count(), 0, "a room goes with its last member");
     }
 
     #[test]
     fn a_full_room_refuses_and_a_reused_slot_gets_nothing() {
-        let chat = Chat::default();
+        let chat = Chat::new(64);
         let (table, keys) = table_with(4);
         let room: Rc<str> = Rc::from("r");
         let u: Rc<str> = Rc::from("u");
@@ -349,8 +436,8 @@ mod tests {
             let k = t.insert([127, 0, 0, 2].into(), 99, Instant::now()).unwrap();
             assert_eq!(k, keys[0].0);
         }
-        let f = frame("{}".into());
-        let s = block_on(chat.fanout(&table, "r", &f));
+        chat.enqueue(room.clone(), frame("{}".into()));
+        let s = block_on(chat.deliver_batch(&table));
         assert_eq!(s.delivered, 2);
         assert!(table
             .borrow_mut()
@@ -359,6 +446,32 @@ mod tests {
             .outbox
             .pop()
             .is_none());
+    }
+
+    #[test]
+    fn a_batch_keeps_each_rooms_order_and_the_backlog_is_bounded() {
+        let chat = Chat::new(3);
+        let (table, keys) = table_with(2);
+        let (r1, r2): (Rc<str>, Rc<str>) = (Rc::from("one"), Rc::from("two"));
+        let u: Rc<str> = Rc::from("u");
+        chat.join(&r1, keys[0].0, keys[0].1, &u, &LIMITS).unwrap();
+        chat.join(&r2, keys[1].0, keys[1].1, &u, &LIMITS).unwrap();
+        chat.flush_presence();
+        block_on(chat.deliver_batch(&table));
+        for i in 0..4 {
+            chat.enqueue(r1.clone(), frame(format!("1-{i}")));
+            chat.enqueue(r2.clone(), frame(format!("2-{i}")));
+        }
+        assert!(chat.wait_for_room().is_some(), "8 queued, limit 3");
+        let s = block_on(chat.deliver_batch(&table));
+        assert_eq!(s.delivered, 8);
+        assert!(chat.wait_for_room().is_none());
+        let mut t = table.borrow_mut();
+        let got: Vec<String> = std::iter::from_fn(|| t.get_mut(keys[0].0).unwrap().outbox.pop())
+            .map(|f| f.to_string())
+            .filter(|s| s.starts_with('1'))
+            .collect();
+        assert_eq!(got, ["1-0", "1-1", "1-2", "1-3"]);
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! asks every connection to close with 1001, and waits for them up to
 //! `server.drain_timeout_ms`. A second signal exits at once.
 
+use crate::chat::Chat;
 use crate::config::Config;
 use crate::ops::log::Logger;
 use crate::ops::systemd::Notifier;
@@ -49,15 +50,20 @@ pub fn run(cfg: Config, log: Logger) -> Result<i32, String> {
         Pool::new(cfg.pool.threads, cfg.pool.queue)
             .map_err(|e| format!("cannot start the pool threads: {e}"))?,
     );
+    // The fan-out queue may hold two commit batches; past that the writer
+    // waits, and publishers meet a full write queue (OVER_CAPACITY).
+    let chat = Rc::new(Chat::new(cfg.store.batch_max * 2));
+    let downstream = chat.clone();
     let (store, writer) = Store::open(
         &cfg.server.data_dir,
         cfg.store.synchronous,
         pool.clone(),
         cfg.store.write_queue,
         cfg.store.batch_max,
+        Box::new(move || downstream.wait_for_room()),
     )?;
     let ex = Rc::new(LocalExecutor::new());
-    let gw = Rc::new(Gateway::new(cfg, log, ex.clone(), pool, store));
+    let gw = Rc::new(Gateway::new(cfg, log, ex.clone(), pool, store, chat));
     let notifier = Notifier::from_env();
 
     if gw.cfg.auth.implicit_open {
@@ -79,6 +85,9 @@ pub fn run(cfg: Config, log: Logger) -> Result<i32, String> {
     let main = async {
         ex.spawn(writer).detach();
         ex.spawn(presence_loop(gw.clone())).detach();
+        let fan = gw.clone();
+        ex.spawn(async move { fan.chat.run_fanout(&fan.table, &fan.metrics).await })
+            .detach();
         ex.spawn(retention_loop(gw.clone())).detach();
         ex.spawn(accept_loop(gw.clone(), ex.clone(), listener))
             .detach();
@@ -144,8 +153,7 @@ async fn presence_loop(gw: Rc<Gateway>) {
             due.await;
         }
         Timer::after(crate::chat::PRESENCE_INTERVAL).await;
-        let sent = gw.chat.flush_presence(&gw.table).await;
-        crate::chat::count(&gw.metrics, sent);
+        gw.chat.flush_presence();
     }
 }
 

@@ -213,11 +213,20 @@ mod tests {
     use futures_lite::future::block_on;
     use std::sync::mpsc;
 
+    /// The worker counts a job just after the job has answered: wait for it.
+    fn wait_for_run_count(pool: &Pool, n: u64) {
+        let end = Instant::now() + Duration::from_secs(5);
+        while pool.stats.run.load(Relaxed) < n && Instant::now() < end {
+            std::thread::yield_now();
+        }
+    }
+
     #[test]
     fn runs_jobs_and_returns_results() {
         let pool = Pool::new(2, 4).unwrap();
         let a = pool.submit(Duration::from_secs(5), || 2 + 2).unwrap();
         assert_eq!(block_on(a), Ok(4));
+        wait_for_run_count(&pool, 1);
         assert_eq!(pool.stats.run.load(Relaxed), 1);
     }
 
@@ -290,6 +299,7 @@ mod tests {
     fn renders_a_histogram() {
         let pool = Pool::new(1, 4).unwrap();
         block_on(pool.submit(Duration::from_secs(5), || ()).unwrap()).unwrap();
+        wait_for_run_count(&pool, 1);
         let mut out = String::new();
         pool.render(&mut out);
         assert!(

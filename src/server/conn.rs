@@ -728,8 +728,7 @@ impl Conn {
                     gw.table.borrow_mut().deliver_to(key, id, &frame(ack));
                     let stored = StoredMessage { seq, ..msg };
                     let f = frame(crate::chat::message_json(&stored));
-                    let sent = gw.chat.fanout(&gw.table, &stored.room, &f).await;
-                    crate::chat::count(&gw.metrics, sent);
+                    gw.chat.enqueue(Rc::from(stored.room), f);
                 }
                 Ok(other) => gw.log.warn(
                     "unexpected store answer",
@@ -784,8 +783,7 @@ impl Conn {
                         .str("by", &user)
                         .bool("added", added)
                         .finish();
-                    let sent = gw.chat.fanout(&gw.table, &room, &frame(event)).await;
-                    crate::chat::count(&gw.metrics, sent);
+                    gw.chat.enqueue(Rc::from(room), frame(event));
                 }
                 Ok(other) => gw.log.warn(
                     "unexpected store answer",

@@ -51,7 +51,7 @@ pub struct Gateway {
     pub emptied: event_listener::Event,
     pub pool: Rc<Pool>,
     pub store: Store,
-    pub chat: Chat,
+    pub chat: Rc<Chat>,
     ex: Rc<LocalExecutor<'static>>,
 }
 
@@ -62,6 +62,7 @@ impl Gateway {
         ex: Rc<LocalExecutor<'static>>,
         pool: Rc<Pool>,
         store: Store,
+        chat: Rc<Chat>,
     ) -> Gateway {
         let s = &cfg.server;
         let table = Table::new(
@@ -92,7 +93,7 @@ impl Gateway {
             emptied: event_listener::Event::new(),
             pool,
             store,
-            chat: Chat::default(),
+            chat,
             ex,
             cfg,
             log,

@@ -58,6 +58,10 @@ fn pool_error(e: PoolError, pool: &Pool) -> StoreError {
     }
 }
 
+/// Asked before each batch: `Some(listener)` while whoever consumes the
+/// commits (the fan-out) is behind, and the writer should wait.
+pub type Downstream = Box<dyn Fn() -> Option<event_listener::EventListener>>;
+
 struct Pending {
     op: WriteOp,
     reply: async_channel::Sender<Result<WriteOk, StoreError>>,
@@ -83,6 +87,7 @@ impl Store {
         pool: Rc<Pool>,
         write_queue: usize,
         batch_max: usize,
+        downstream: Downstream,
     ) -> Result<(Store, impl Future<Output = ()>), String> {
         let path = data_dir.join(DB_FILE);
         let writer = Arc::new(Mutex::new(db::open_writer(&path, sync)?));
@@ -100,7 +105,10 @@ impl Store {
             path,
             ids: RefCell::new(ulid::UlidGen::new(seed)),
         };
-        Ok((store, writer_loop(rx, writer, pool, batch_max.max(1))))
+        Ok((
+            store,
+            writer_loop(rx, writer, pool, batch_max.max(1), downstream),
+        ))
     }
 
     /// A fresh message id.
@@ -176,8 +184,14 @@ async fn writer_loop(
     conn: Arc<Mutex<Connection>>,
     pool: Rc<Pool>,
     batch_max: usize,
+    downstream: Downstream,
 ) {
-    while let Ok(first) = rx.recv().await {
+    loop {
+        // Backpressure: no new batch while the fan-out is behind.
+        while let Some(behind) = downstream() {
+            behind.await;
+        }
+        let Ok(first) = rx.recv().await else { return };
         let mut batch = vec![first];
         while batch.len() < batch_max {
             match rx.try_recv() {
@@ -230,7 +244,15 @@ mod tests {
     fn concurrent_writes_are_committed_in_groups_in_order() {
         let dir = tempfile::tempdir().unwrap();
         let pool = Rc::new(Pool::new(2, 16).unwrap());
-        let (store, writer) = Store::open(dir.path(), Sync::Full, pool.clone(), 1000, 64).unwrap();
+        let (store, writer) = Store::open(
+            dir.path(),
+            Sync::Full,
+            pool.clone(),
+            1000,
+            64,
+            Box::new(|| None),
+        )
+        .unwrap();
         let ex = smol::LocalExecutor::new();
         ex.spawn(writer).detach();
         let futs: Vec<_> = (0..200)
@@ -257,8 +279,14 @@ mod tests {
             seqs
         }));
         assert_eq!(seqs, (1..=200).collect::<Vec<_>>());
-        // 200 writes queued at once went in at most 64 per transaction.
-        let jobs = pool.stats.run.load(std::sync::atomic::Ordering::Relaxed);
+        // 200 writes queued at once went in at most 64 per transaction. (The
+        // pool counts a job just after it answered: give it a moment.)
+        let run = || pool.stats.run.load(std::sync::atomic::Ordering::Relaxed);
+        let end = std::time::Instant::now() + Duration::from_secs(5);
+        while run() < 4 && std::time::Instant::now() < end {
+            std::thread::yield_now();
+        }
+        let jobs = run();
         assert!((4..=10).contains(&jobs), "{jobs} commits");
         let h = block_on(ex.run(store.history("r".into(), Range::Latest, 5).unwrap())).unwrap();
         assert_eq!(h.last().unwrap().text, "199");
@@ -269,7 +297,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let pool = Rc::new(Pool::new(1, 4).unwrap());
         // The writer task is never run: the queue only fills.
-        let (store, _writer) = Store::open(dir.path(), Sync::Full, pool, 2, 64).unwrap();
+        let (store, _writer) =
+            Store::open(dir.path(), Sync::Full, pool, 2, 64, Box::new(|| None)).unwrap();
         let op = || WriteOp::Publish {
             id: "x".into(),
             room: "r".into(),

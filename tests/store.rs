@@ -1,6 +1,5 @@
-//! An acknowledged message survives a crash: a client publishes without
-//! pause, the gateway is killed with SIGKILL mid-stream, and after a restart
-//! every message the client had an `ack` for is in the history.
+//! Durability: an acknowledged message survives SIGKILL, and `hivegate
+//! backup` copies the live database consistently.
 
 mod common;
 use common::*;
@@ -119,4 +118,48 @@ fn every_acked_message_survives_sigkill() {
         acked.len(),
         stored.len()
     );
+}
+
+#[test]
+fn backup_copies_the_live_database() {
+    let gw = Gateway::start("", &[]);
+    let (mut ws, _) = gw.session(None);
+    send_json(
+        &mut ws,
+        &json!({"op":"join","room":"b","history":0,"request_id":"j"}),
+    );
+    while recv_json(&mut ws)["op"] != "joined" {}
+    for i in 0..25 {
+        send_json(
+            &mut ws,
+            &json!({"op":"publish","room":"b","text":format!("m{i}"),"request_id":"p"}),
+        );
+        while recv_json(&mut ws)["op"] != "ack" {}
+    }
+    let config = gw.dir.path().join("hivegate.toml");
+    let out = gw.dir.path().join("copy.db");
+    let run = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_hivegate"))
+            .args(["backup", "--out"])
+            .arg(&out)
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap()
+    };
+    let done = run();
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    let copy = rusqlite::Connection::open(&out).unwrap();
+    let n: i64 = copy
+        .query_row("SELECT COUNT(*) FROM messages", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 25);
+    // It will not overwrite a file.
+    let again = run();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("exists already"));
 }
