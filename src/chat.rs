@@ -44,6 +44,15 @@ pub enum JoinError {
     RoomFull,
 }
 
+/// A frame waiting in the fan-out queue.
+enum Outgoing {
+    /// For every member of a room.
+    Room(Rc<str>, Frame),
+    /// For one connection (slot key, connection id): an `ack` that must
+    /// reach its publisher before, and in the same write as, the message.
+    Direct(usize, u64, Frame),
+}
+
 struct Member {
     /// The connection's id, so a reused slot never gets a frame meant for
     /// the connection that had it before.
@@ -66,7 +75,7 @@ pub struct Chat {
     dirty: RefCell<Vec<Rc<str>>>,
     pub presence_due: event_listener::Event,
     /// Frames waiting for fan-out, in commit order.
-    queue: RefCell<VecDeque<(Rc<str>, Frame)>>,
+    queue: RefCell<VecDeque<Outgoing>>,
     queued: event_listener::Event,
     drained: event_listener::Event,
     backlog_limit: usize,
@@ -95,7 +104,15 @@ impl Chat {
 
     /// Queues a frame for every member of `room`, behind what is queued.
     pub fn enqueue(&self, room: Rc<str>, f: Frame) {
-        self.queue.borrow_mut().push_back((room, f));
+        self.queue.borrow_mut().push_back(Outgoing::Room(room, f));
+        self.queued.notify(1);
+    }
+
+    /// Queues a frame for one connection, in line with room frames.
+    pub fn enqueue_direct(&self, key: usize, conn_id: u64, f: Frame) {
+        self.queue
+            .borrow_mut()
+            .push_back(Outgoing::Direct(key, conn_id, f));
         self.queued.notify(1);
     }
 
@@ -132,19 +149,27 @@ impl Chat {
     /// by room, each member getting its frames in order.
     async fn deliver_batch(&self, table: &RefCell<Table>) -> Fanout {
         let mut by_room: Vec<(Rc<str>, Vec<Frame>)> = Vec::new();
+        let mut total = Fanout::default();
         {
             let mut queue = self.queue.borrow_mut();
             for _ in 0..FANOUT_BATCH {
-                let Some((room, f)) = queue.pop_front() else {
-                    break;
-                };
-                match by_room.iter_mut().find(|(r, _)| *r == room) {
-                    Some((_, frames)) => frames.push(f),
-                    None => by_room.push((room, vec![f])),
+                match queue.pop_front() {
+                    None => break,
+                    // Delivered now, so before any room frame of the batch.
+                    Some(Outgoing::Direct(key, id, f)) => {
+                        if table.borrow_mut().deliver_to(key, id, &f) == Delivery::Queued {
+                            total.delivered += 1;
+                        }
+                    }
+                    Some(Outgoing::Room(room, f)) => {
+                        match by_room.iter_mut().find(|(r, _)| *r == room) {
+                            Some((_, frames)) => frames.push(f),
+                            None => by_room.push((room, vec![f])),
+                        }
+                    }
                 }
             }
         }
-        let mut total = Fanout::default();
         for (room, frames) in by_room {
             let s = self.deliver(table, &room, &frames).await;
             total.delivered += s.delivered;

@@ -7,6 +7,15 @@
 //! `idle N`: memory per idle authenticated connection. Starts the gateway,
 //! opens and authenticates 200 warm-up connections, reads the gateway's
 //! resident set size, opens N more, reads it again, and divides.
+//!
+//! `fanout M S`: one room of M members (raw sockets that only count
+//! frames, so the client is not the bottleneck) and 4 publishers keeping
+//! 32 publishes each in flight; counts the message frames the members
+//! receive over S seconds, and the gateway's CPU time.
+//!
+//! `publish N S`: N publishers, each in a room of its own, each with one
+//! publish in flight (send, wait for the ack, repeat); counts acks over S
+//! seconds with `synchronous = FULL`.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -14,21 +23,29 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use async_io::Async;
 use async_tungstenite::tungstenite::{protocol::Role, Message, WebSocket};
 
 const USAGE: &str = "\
-Usage: hivegate-bench idle [N]    memory per idle authenticated connection (N defaults to 10000)
+Usage: hivegate-bench idle [N]          memory per idle authenticated connection (N: 10000)
+       hivegate-bench fanout [M] [S]    deliveries per second to one room of M members (1000, 5 s)
+       hivegate-bench publish [N] [S]   durable acks per second from N publishers (100, 5 s)
 ";
+
+/// Lifts every rate limit: the benchmarks measure the gateway, not its
+/// protection.
+const NO_RATE_LIMITS: &str = "[limits]\nglobal_capacity = 1e9\nglobal_refill_per_s = 1e9\n\
+    ip_capacity = 1e9\nip_refill_per_s = 1e9\nuser_capacity = 1e9\nuser_refill_per_s = 1e9\n\
+    ip_connect_capacity = 1e9\nip_connect_refill_per_s = 1e9\nabuse_threshold = 1000000\n";
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let words: Vec<&str> = args.iter().map(String::as_str).collect();
     let result = match words.as_slice() {
         ["idle"] => idle(10_000),
-        ["idle", n] => match n.parse() {
-            Ok(n) => idle(n),
-            Err(_) => Err(format!("N must be a whole number, not {n:?}")),
-        },
+        ["idle", n] => number(n).and_then(idle),
+        ["fanout", rest @ ..] => numbers(rest, [1000, 5]).and_then(|[m, s]| fanout(m, s)),
+        ["publish", rest @ ..] => numbers(rest, [100, 5]).and_then(|[n, s]| publish(n, s)),
         _ => {
             print!("{USAGE}");
             return;
@@ -200,4 +217,355 @@ fn idle(n: usize) -> Result<(), String> {
     );
     drop(conns);
     Ok(())
+}
+
+fn number(s: &str) -> Result<usize, String> {
+    s.parse()
+        .map_err(|_| format!("expected a whole number, not {s:?}"))
+}
+
+fn numbers<const K: usize>(args: &[&str], defaults: [usize; K]) -> Result<[usize; K], String> {
+    let mut out = defaults;
+    for (i, a) in args.iter().enumerate().take(K) {
+        out[i] = number(a)?;
+    }
+    Ok(out)
+}
+
+/// User plus system CPU time of a process, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    stat_cpu(&format!("/proc/{pid}/stat"))
+}
+
+/// utime + stime from a `stat` file, in seconds.
+fn stat_cpu(path: &str) -> f64 {
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
+    // After the ")" that ends the command name come the state (field 3),
+    // ... utime (field 14) and stime (field 15).
+    let rest: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let field = |n: usize| {
+        rest.get(n - 3)
+            .and_then(|x| x.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    (field(14) + field(15)) as f64 / hz
+}
+
+/// CPU seconds per thread name of a process.
+fn thread_cpu(pid: u32) -> Vec<(String, f64)> {
+    let mut out: Vec<(String, f64)> = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let dir = task.path();
+        let name = std::fs::read_to_string(dir.join("comm"))
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        let cpu = stat_cpu(&dir.join("stat").display().to_string());
+        match out.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, c)) => *c += cpu,
+            None => out.push((name, cpu)),
+        }
+    }
+    out
+}
+
+fn metric(addr: SocketAddr, name: &str) -> f64 {
+    let Ok(mut s) = TcpStream::connect(addr) else {
+        return -1.0;
+    };
+    let _ = s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n");
+    let mut body = String::new();
+    let _ = s.read_to_string(&mut body);
+    body.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(-1.0)
+}
+
+/// A masked client text frame.
+fn text_frame(payload: &str) -> Vec<u8> {
+    let p = payload.as_bytes();
+    let mut f = vec![0x81];
+    match p.len() {
+        n if n < 126 => f.push(0x80 | n as u8),
+        n => {
+            f.push(0x80 | 126);
+            f.extend((n as u16).to_be_bytes());
+        }
+    }
+    let mask = [0x11u8, 0x22, 0x33, 0x44];
+    f.extend(mask);
+    f.extend(p.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    f
+}
+
+/// Reads server frames (unmasked) from a raw socket, cheaply.
+struct FrameReader {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl FrameReader {
+    fn new() -> FrameReader {
+        FrameReader {
+            buf: vec![0; 64 * 1024],
+            start: 0,
+            end: 0,
+        }
+    }
+
+    /// The next whole frame in the buffer: (opcode, payload range).
+    fn next(&mut self) -> Option<(u8, std::ops::Range<usize>)> {
+        let b = &self.buf[self.start..self.end];
+        if b.len() < 2 {
+            return None;
+        }
+        let (len, header) = match b[1] & 0x7f {
+            126 if b.len() >= 4 => (u16::from_be_bytes([b[2], b[3]]) as usize, 4),
+            127 if b.len() >= 10 => (u64::from_be_bytes(b[2..10].try_into().ok()?) as usize, 10),
+            126 | 127 => return None,
+            n => (n as usize, 2),
+        };
+        if b.len() < header + len {
+            return None;
+        }
+        let op = b[0] & 0x0f;
+        let range = self.start + header..self.start + header + len;
+        self.start += header + len;
+        Some((op, range))
+    }
+
+    async fn fill(&mut self, s: &mut Async<TcpStream>) -> std::io::Result<usize> {
+        use futures_lite::AsyncReadExt;
+        if self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        if self.end == self.buf.len() {
+            let n = self.buf.len() * 2;
+            self.buf.resize(n, 0);
+        }
+        let n = s.read(&mut self.buf[self.end..]).await?;
+        self.end += n;
+        Ok(n)
+    }
+}
+
+/// Upgrades a raw socket, says hello and joins `room`; waits for `joined`.
+async fn raw_member(
+    addr: SocketAddr,
+    room: &str,
+) -> Result<(Async<TcpStream>, FrameReader), String> {
+    use futures_lite::{AsyncReadExt, AsyncWriteExt};
+    let mut s = Async::<TcpStream>::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let req = format!(
+        "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    s.write_all(req.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if s.read(&mut byte).await.map_err(|e| e.to_string())? == 0 {
+            return Err("closed during the handshake".into());
+        }
+        head.push(byte[0]);
+    }
+    if !head.starts_with(b"HTTP/1.1 101") {
+        return Err(format!("refused: {}", String::from_utf8_lossy(&head)));
+    }
+    let mut out = text_frame(r#"{"op":"hello","client":"bench/1"}"#);
+    out.extend(text_frame(&format!(
+        r#"{{"op":"join","room":"{room}","history":0}}"#
+    )));
+    s.write_all(&out).await.map_err(|e| e.to_string())?;
+    let mut r = FrameReader::new();
+    loop {
+        while let Some((_, range)) = r.next() {
+            if r.buf[range].starts_with(b"{\"op\":\"joined\"") {
+                return Ok((s, r));
+            }
+        }
+        if r.fill(&mut s).await.map_err(|e| e.to_string())? == 0 {
+            return Err("closed before joined".into());
+        }
+    }
+}
+
+fn fanout(members: usize, seconds: usize) -> Result<(), String> {
+    use futures_lite::AsyncWriteExt;
+    use std::cell::Cell;
+    use std::rc::Rc;
+    raise_fd_limit();
+    let publishers = 4;
+    let window = 32;
+    let cap = members + publishers + 16;
+    let gw = start_gateway(&format!(
+        "max_connections = {cap}\nmax_connections_per_ip = {cap}\nmax_handshakes = 1024\n{NO_RATE_LIMITS}"
+    ))?;
+    let (addr, pid) = (gw.addr, gw.child.id());
+    let ex = Rc::new(smol::LocalExecutor::new());
+    let received = Rc::new(Cell::new(0u64));
+    let stop = Rc::new(Cell::new(false));
+    let result = smol::block_on(ex.run(async {
+        let mut readers = Vec::new();
+        for _ in 0..members {
+            let (mut s, mut r) = raw_member(addr, "bench").await?;
+            let (received, stop) = (received.clone(), stop.clone());
+            readers.push(ex.spawn(async move {
+                while !stop.get() {
+                    while let Some((op, _)) = r.next() {
+                        if op == 1 {
+                            received.set(received.get() + 1);
+                        }
+                    }
+                    if r.fill(&mut s).await.map_or(true, |n| n == 0) {
+                        return;
+                    }
+                }
+            }));
+        }
+        // Presence of all those joins goes out within a few 100 ms.
+        async_io::Timer::after(Duration::from_secs(1)).await;
+        let text = "hello from the fan-out benchmark";
+        for p in 0..publishers {
+            let (mut s, mut r) = raw_member(addr, "bench").await?;
+            let stop = stop.clone();
+            ex.spawn(async move {
+                let mut in_flight = 0;
+                let mut n = 0u64;
+                while !stop.get() {
+                    let mut out = Vec::new();
+                    while in_flight < window {
+                        out.extend(text_frame(&format!(r#"{{"op":"publish","room":"bench","text":"{text}","request_id":"{p}-{n}"}}"#)));
+                        n += 1;
+                        in_flight += 1;
+                    }
+                    if !out.is_empty() && s.write_all(&out).await.is_err() {
+                        return;
+                    }
+                    if r.fill(&mut s).await.map_or(true, |n| n == 0) {
+                        return;
+                    }
+                    while let Some((_, range)) = r.next() {
+                        let f = &r.buf[range];
+                        if f.starts_with(b"{\"op\":\"ack\"") || f.starts_with(b"{\"op\":\"error\"") {
+                            in_flight -= 1;
+                        }
+                    }
+                }
+            })
+            .detach();
+        }
+        async_io::Timer::after(Duration::from_secs(1)).await;
+        let (r0, c0, t0) = (received.get(), cpu_seconds(pid), Instant::now());
+        async_io::Timer::after(Duration::from_secs(seconds as u64)).await;
+        let (r1, c1, elapsed) = (received.get(), cpu_seconds(pid), t0.elapsed().as_secs_f64());
+        stop.set(true);
+        let per_s = (r1 - r0) as f64 / elapsed;
+        println!("room of {members} members, {publishers} publishers with {window} publishes in flight each");
+        println!("deliveries: {} in {elapsed:.2} s = {:.0} per second", r1 - r0, per_s);
+        println!("gateway CPU: {:.0}% of one core", (c1 - c0) / elapsed * 100.0);
+        println!("messages per second: {:.0}", per_s / members as f64);
+        println!(
+            "slow-consumer closes: {}",
+            metric(addr, "hivegate_slow_consumer_closes_total")
+        );
+        drop(readers);
+        Ok::<(), String>(())
+    }));
+    result
+}
+
+fn publish(publishers: usize, seconds: usize) -> Result<(), String> {
+    use futures_lite::AsyncWriteExt;
+    use std::cell::{Cell, RefCell};
+    use std::rc::Rc;
+    raise_fd_limit();
+    let cap = publishers + 16;
+    let gw = start_gateway(&format!(
+        "max_connections = {cap}\nmax_connections_per_ip = {cap}\nmax_handshakes = 1024\n[store]\nsynchronous = \"full\"\n{NO_RATE_LIMITS}"
+    ))?;
+    let (addr, pid) = (gw.addr, gw.child.id());
+    let ex = Rc::new(smol::LocalExecutor::new());
+    let acks = Rc::new(Cell::new(0u64));
+    let latencies = Rc::new(RefCell::new(Vec::<Duration>::new()));
+    let measuring = Rc::new(Cell::new(false));
+    let stop = Rc::new(Cell::new(false));
+    smol::block_on(ex.run(async {
+        let mut conns = Vec::new();
+        for i in 0..publishers {
+            conns.push(raw_member(addr, &format!("p{i}")).await?);
+        }
+        for (i, (mut s, mut r)) in conns.into_iter().enumerate() {
+            let (acks, latencies, measuring, stop) = (acks.clone(), latencies.clone(), measuring.clone(), stop.clone());
+            ex.spawn(async move {
+                let mut n = 0u64;
+                while !stop.get() {
+                    let frame = text_frame(&format!(r#"{{"op":"publish","room":"p{i}","text":"durable message {n}","request_id":"{n}"}}"#));
+                    n += 1;
+                    let sent = Instant::now();
+                    if s.write_all(&frame).await.is_err() {
+                        return;
+                    }
+                    'ack: loop {
+                        while let Some((_, range)) = r.next() {
+                            if r.buf[range].starts_with(b"{\"op\":\"ack\"") {
+                                if measuring.get() {
+                                    acks.set(acks.get() + 1);
+                                    latencies.borrow_mut().push(sent.elapsed());
+                                }
+                                break 'ack;
+                            }
+                        }
+                        if r.fill(&mut s).await.map_or(true, |n| n == 0) {
+                            return;
+                        }
+                    }
+                }
+            })
+            .detach();
+        }
+        async_io::Timer::after(Duration::from_secs(1)).await;
+        measuring.set(true);
+        let (t0, cpu0) = (Instant::now(), thread_cpu(pid));
+        async_io::Timer::after(Duration::from_secs(seconds as u64)).await;
+        measuring.set(false);
+        let (elapsed, cpu1) = (t0.elapsed().as_secs_f64(), thread_cpu(pid));
+        stop.set(true);
+        let mut l = latencies.borrow_mut();
+        l.sort();
+        let pct = |p: f64| l.get(((l.len() as f64 * p) as usize).min(l.len().saturating_sub(1))).copied().unwrap_or_default();
+        println!("{publishers} publishers, one publish in flight each, synchronous = FULL");
+        println!("acks: {} in {elapsed:.2} s = {:.0} per second", acks.get(), acks.get() as f64 / elapsed);
+        println!("ack latency: p50 {:.2} ms, p99 {:.2} ms", pct(0.5).as_secs_f64() * 1e3, pct(0.99).as_secs_f64() * 1e3);
+        let busy: Vec<String> = cpu1
+            .iter()
+            .map(|(name, c)| {
+                let before = cpu0.iter().find(|(n, _)| n == name).map_or(0.0, |(_, c)| *c);
+                format!("{name} {:.0}%", (c - before) / elapsed * 100.0)
+            })
+            .collect();
+        println!("gateway threads' CPU: {}", busy.join(", "));
+        let commits = metric(addr, "hivegate_pool_jobs_run_total");
+        println!("commits (pool jobs, warm-up included): {commits:.0}");
+        Ok::<(), String>(())
+    }))
 }

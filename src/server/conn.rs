@@ -725,7 +725,9 @@ impl Conn {
                         .str("id", &msg.id)
                         .num("seq", seq as u64)
                         .finish();
-                    gw.table.borrow_mut().deliver_to(key, id, &frame(ack));
+                    // Through the fan-out queue, just ahead of the message:
+                    // the publisher gets both in one write.
+                    gw.chat.enqueue_direct(key, id, frame(ack));
                     let stored = StoredMessage { seq, ..msg };
                     let f = frame(crate::chat::message_json(&stored));
                     gw.chat.enqueue(Rc::from(stored.room), f);

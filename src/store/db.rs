@@ -171,36 +171,70 @@ pub enum WriteErr {
     Storage(String),
 }
 
-/// Applies a batch in one transaction (the group commit). Each op runs in a
-/// savepoint, so one failing op does not take the others with it; if the
-/// commit itself fails, every op fails.
+/// Applies a batch in one transaction (the group commit). A failing op
+/// must not take the others with it, and a savepoint around every op would
+/// double the statements, so the batch first runs without them: refusals
+/// (not found, limits) change nothing before they return. Only if an op
+/// fails in the database itself is the transaction rolled back and the
+/// batch run again with a savepoint per op. If the commit fails, every op
+/// fails.
 pub fn write_batch(conn: &mut Connection, ops: &[WriteOp]) -> Vec<Result<WriteOk, WriteErr>> {
-    let all_fail = |e: rusqlite::Error| {
-        let msg = e.to_string();
-        ops.iter()
-            .map(|_| Err(WriteErr::Storage(msg.clone())))
-            .collect()
+    match try_batch(conn, ops, false) {
+        Ok(results) => results,
+        Err(Retry::WithSavepoints) => {
+            try_batch(conn, ops, true).unwrap_or_else(|e| all_fail(ops, &e))
+        }
+        Err(e) => all_fail(ops, &e),
+    }
+}
+
+enum Retry {
+    /// An op failed in the database: run again, isolating each op.
+    WithSavepoints,
+    Failed(String),
+}
+
+fn all_fail(ops: &[WriteOp], e: &Retry) -> Vec<Result<WriteOk, WriteErr>> {
+    let msg = match e {
+        Retry::Failed(m) => m.clone(),
+        Retry::WithSavepoints => "an op failed twice".to_string(),
     };
-    let mut tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
-        Ok(tx) => tx,
-        Err(e) => return all_fail(e),
-    };
+    ops.iter()
+        .map(|_| Err(WriteErr::Storage(msg.clone())))
+        .collect()
+}
+
+fn try_batch(
+    conn: &mut Connection,
+    ops: &[WriteOp],
+    isolate: bool,
+) -> Result<Vec<Result<WriteOk, WriteErr>>, Retry> {
+    let failed = |e: rusqlite::Error| Retry::Failed(e.to_string());
+    // Dropping the transaction without commit rolls it back.
+    let mut tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(failed)?;
     let mut results = Vec::with_capacity(ops.len());
     for op in ops {
-        // A savepoint rolls back on drop: a failed op leaves no trace.
-        let result = match tx.savepoint() {
-            Ok(sp) => apply(&sp, op).and_then(|ok| {
-                sp.commit().map_err(|e| WriteErr::Storage(e.to_string()))?;
-                Ok(ok)
-            }),
-            Err(e) => Err(WriteErr::Storage(e.to_string())),
+        let result = if isolate {
+            // A savepoint rolls back on drop: a failed op leaves no trace.
+            match tx.savepoint() {
+                Ok(sp) => apply(&sp, op).and_then(|ok| {
+                    sp.commit().map_err(|e| WriteErr::Storage(e.to_string()))?;
+                    Ok(ok)
+                }),
+                Err(e) => Err(WriteErr::Storage(e.to_string())),
+            }
+        } else {
+            match apply(&tx, op) {
+                Err(WriteErr::Storage(_)) => return Err(Retry::WithSavepoints),
+                other => other,
+            }
         };
         results.push(result);
     }
-    match tx.commit() {
-        Ok(()) => results,
-        Err(e) => all_fail(e),
-    }
+    tx.commit().map_err(failed)?;
+    Ok(results)
 }
 
 fn apply(conn: &Connection, op: &WriteOp) -> Result<WriteOk, WriteErr> {
