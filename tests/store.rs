@@ -163,3 +163,24 @@ fn backup_copies_the_live_database() {
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("exists already"));
 }
+
+#[test]
+fn a_damaged_database_stops_start_up_with_a_message_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let db = data.join("hivegate.db");
+    std::fs::write(&db, vec![b'x'; 8192]).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hivegate"))
+        .arg("serve")
+        .env("HIVEGATE_SERVER_LISTEN", "127.0.0.1:0")
+        .env("HIVEGATE_SERVER_DATA_DIR", &data)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&db.display().to_string()), "{err}");
+    assert!(err.contains("backup"), "{err}");
+    // The file is left as it was, for whoever investigates.
+    assert_eq!(std::fs::read(&db).unwrap(), vec![b'x'; 8192]);
+}
