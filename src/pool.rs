@@ -213,6 +213,25 @@ mod tests {
     use futures_lite::future::block_on;
     use std::sync::mpsc;
 
+    /// Keeps a pool thread busy until the returned sender says go.
+    fn occupy(
+        pool: &Pool,
+    ) -> (
+        impl std::future::Future<Output = Result<(), PoolError>>,
+        mpsc::Sender<()>,
+    ) {
+        let (release_tx, release_rx) = mpsc::channel::<()>();
+        let (started_tx, started_rx) = mpsc::channel::<()>();
+        let busy = pool
+            .submit(Duration::from_secs(5), move || {
+                started_tx.send(()).unwrap();
+                release_rx.recv().unwrap();
+            })
+            .unwrap();
+        started_rx.recv().unwrap();
+        (busy, release_tx)
+    }
+
     /// The worker counts a job just after the job has answered: wait for it.
     fn wait_for_run_count(pool: &Pool, n: u64) {
         let end = Instant::now() + Duration::from_secs(5);
@@ -233,16 +252,8 @@ mod tests {
     #[test]
     fn a_full_queue_refuses_at_once() {
         let pool = Pool::new(1, 1).unwrap();
-        let (release_tx, release_rx) = mpsc::channel::<()>();
-        let (started_tx, started_rx) = mpsc::channel::<()>();
         // Occupy the only thread...
-        let busy = pool
-            .submit(Duration::from_secs(5), move || {
-                started_tx.send(()).unwrap();
-                release_rx.recv().unwrap();
-            })
-            .unwrap();
-        started_rx.recv().unwrap();
+        let (busy, release_tx) = occupy(&pool);
         // ...fill the one queue slot...
         let queued = pool.submit(Duration::from_secs(5), || 1).unwrap();
         // ...and the next is refused without waiting.
@@ -259,15 +270,7 @@ mod tests {
     #[test]
     fn a_job_past_its_deadline_is_not_run() {
         let pool = Pool::new(1, 4).unwrap();
-        let (release_tx, release_rx) = mpsc::channel::<()>();
-        let (started_tx, started_rx) = mpsc::channel::<()>();
-        let busy = pool
-            .submit(Duration::from_secs(5), move || {
-                started_tx.send(()).unwrap();
-                release_rx.recv().unwrap();
-            })
-            .unwrap();
-        started_rx.recv().unwrap();
+        let (busy, release_tx) = occupy(&pool);
         let ran = Arc::new(AtomicU64::new(0));
         let r = ran.clone();
         let late = pool

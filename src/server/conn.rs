@@ -43,6 +43,44 @@ impl Drop for InFlight {
     }
 }
 
+/// Where the answer to a request that continues in its own task goes, and
+/// its place among the connection's requests in flight (freed on drop).
+struct Reply {
+    gw: Rc<Gateway>,
+    key: usize,
+    conn: u64,
+    rid: Option<String>,
+    _in_flight: InFlight,
+}
+
+impl Reply {
+    fn rid(&self) -> Option<&str> {
+        self.rid.as_deref()
+    }
+
+    /// Queues a frame for the connection that asked, if it is still there.
+    fn send(&self, text: String) {
+        self.gw
+            .table
+            .borrow_mut()
+            .deliver_to(self.key, self.conn, &frame(text));
+    }
+
+    fn fail(&self, e: &StoreError) {
+        let (code, msg, retry) = store_error_parts(&self.gw, self.conn, self.rid(), e);
+        self.send(protocol::error_frame(self.rid(), code, &msg, retry));
+    }
+
+    /// The store answered with the wrong kind of result: a bug, logged.
+    fn unexpected(&self, answer: &WriteOk) {
+        self.gw.log.warn(
+            "unexpected store answer",
+            &[("conn", &self.conn), ("answer", &format!("{answer:?}"))],
+        );
+        self.fail(&StoreError::Storage("unexpected answer".into()));
+    }
+}
+
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -552,9 +590,10 @@ impl Conn {
             .map_or_else(|| Rc::from("-"), |s| s.user.clone())
     }
 
-    /// Counts a request that continues in its own task, or refuses it when
-    /// this connection already has [`MAX_IN_FLIGHT`] of them.
-    fn start_request(&self, rid: Option<&str>) -> Option<InFlight> {
+    /// Counts a request that continues in its own task and says where its
+    /// answer goes; refuses it (answering `OVER_CAPACITY`) when this
+    /// connection already has [`MAX_IN_FLIGHT`] of them.
+    fn start_request(&self, rid: Option<&str>) -> Option<Reply> {
         if self.in_flight.get() >= MAX_IN_FLIGHT {
             self.error(
                 rid,
@@ -565,7 +604,13 @@ impl Conn {
             return None;
         }
         self.in_flight.set(self.in_flight.get() + 1);
-        Some(InFlight(self.in_flight.clone()))
+        Some(Reply {
+            gw: self.gw.clone(),
+            key: self.slot.key,
+            conn: self.slot.id,
+            rid: rid.map(String::from),
+            _in_flight: InFlight(self.in_flight.clone()),
+        })
     }
 
     fn join(&mut self, rid: Option<&str>, room: String, history: u64) -> Option<u16> {
@@ -578,7 +623,7 @@ impl Conn {
             return None;
         }
         // Refused (the error is sent): the connection stays open.
-        let guard = self.start_request(rid)?;
+        let reply = self.start_request(rid)?;
         let user = self.user();
         let members = match self
             .gw
@@ -597,7 +642,7 @@ impl Conn {
         }
         // Membership first, history second: a message committed meanwhile
         // may arrive twice (clients dedupe by seq) but never not at all.
-        let reply = JsonOut::op("joined")
+        let joined = JsonOut::op("joined")
             .opt_str("request_id", rid)
             .str("room", &room)
             .raw("members", &crate::chat::names_json(&members));
@@ -617,28 +662,19 @@ impl Conn {
                 }
             }
         };
-        let (gw, key, id, rid) = (
-            self.gw.clone(),
-            self.slot.key,
-            self.slot.id,
-            rid.map(String::from),
-        );
         self.gw.spawn(async move {
-            let _guard = guard;
             let messages = match history {
                 None => Ok(Vec::new()),
                 Some(f) => f.await,
             };
-            let text = match messages {
-                Ok(msgs) => reply.raw("history", &messages_json(&msgs)).finish(),
+            match messages {
+                Ok(msgs) => reply.send(joined.raw("history", &messages_json(&msgs)).finish()),
                 Err(e) => {
                     // Without its history the join did not happen.
-                    gw.chat.leave(&room, key);
-                    let (code, msg, retry) = store_error_parts(&gw, id, rid.as_deref(), &e);
-                    protocol::error_frame(rid.as_deref(), code, &msg, retry)
+                    reply.gw.chat.leave(&room, reply.key);
+                    reply.fail(&e);
                 }
-            };
-            gw.table.borrow_mut().deliver_to(key, id, &frame(text));
+            }
         });
         None
     }
@@ -684,7 +720,7 @@ impl Conn {
             );
             return None;
         }
-        let guard = self.start_request(rid)?;
+        let reply = self.start_request(rid)?;
         let ts = now_ms();
         let msg = StoredMessage {
             id: self.gw.store.new_id(ts),
@@ -709,45 +745,34 @@ impl Conn {
                 return None;
             }
         };
-        let (gw, key, id, rid) = (
-            self.gw.clone(),
-            self.slot.key,
-            self.slot.id,
-            rid.map(String::from),
-        );
         self.gw.spawn(async move {
-            let _guard = guard;
             match committed.await {
                 Ok(WriteOk::Published { seq }) => {
                     // Acknowledged only now: the message is on disk.
                     let ack = JsonOut::op("ack")
-                        .opt_str("request_id", rid.as_deref())
+                        .opt_str("request_id", reply.rid())
                         .str("id", &msg.id)
                         .num("seq", seq as u64)
                         .finish();
                     // Through the fan-out queue, just ahead of the message:
                     // the publisher gets both in one write.
-                    gw.chat.enqueue_direct(key, id, frame(ack));
+                    let chat = &reply.gw.chat;
+                    chat.enqueue_direct(reply.key, reply.conn, frame(ack));
                     let stored = StoredMessage { seq, ..msg };
-                    let f = frame(crate::chat::message_json(&stored));
-                    gw.chat.enqueue(Rc::from(stored.room), f);
+                    chat.enqueue(
+                        Rc::from(stored.room.as_str()),
+                        frame(crate::chat::message_json(&stored)),
+                    );
                 }
-                Ok(other) => gw.log.warn(
-                    "unexpected store answer",
-                    &[("conn", &id), ("answer", &format!("{other:?}"))],
-                ),
-                Err(e) => {
-                    let (code, m, retry) = store_error_parts(&gw, id, rid.as_deref(), &e);
-                    let f = frame(protocol::error_frame(rid.as_deref(), code, &m, retry));
-                    gw.table.borrow_mut().deliver_to(key, id, &f);
-                }
+                Ok(other) => reply.unexpected(&other),
+                Err(e) => reply.fail(&e),
             }
         });
         None
     }
 
     fn react(&mut self, rid: Option<&str>, message_id: String, emoji: String) -> Option<u16> {
-        let guard = self.start_request(rid)?;
+        let reply = self.start_request(rid)?;
         let user = self.user();
         let op = WriteOp::React {
             message_id: message_id.clone(),
@@ -763,20 +788,14 @@ impl Conn {
                 return None;
             }
         };
-        let (gw, key, id, rid) = (
-            self.gw.clone(),
-            self.slot.key,
-            self.slot.id,
-            rid.map(String::from),
-        );
         self.gw.spawn(async move {
-            let _guard = guard;
             match done.await {
                 Ok(WriteOk::Reacted { room, count, added }) => {
-                    let ack = JsonOut::op("ack")
-                        .opt_str("request_id", rid.as_deref())
-                        .finish();
-                    gw.table.borrow_mut().deliver_to(key, id, &frame(ack));
+                    reply.send(
+                        JsonOut::op("ack")
+                            .opt_str("request_id", reply.rid())
+                            .finish(),
+                    );
                     let event = JsonOut::op("reaction")
                         .str("room", &room)
                         .str("message_id", &message_id)
@@ -785,17 +804,10 @@ impl Conn {
                         .str("by", &user)
                         .bool("added", added)
                         .finish();
-                    gw.chat.enqueue(Rc::from(room), frame(event));
+                    reply.gw.chat.enqueue(Rc::from(room), frame(event));
                 }
-                Ok(other) => gw.log.warn(
-                    "unexpected store answer",
-                    &[("conn", &id), ("answer", &format!("{other:?}"))],
-                ),
-                Err(e) => {
-                    let (code, m, retry) = store_error_parts(&gw, id, rid.as_deref(), &e);
-                    let f = frame(protocol::error_frame(rid.as_deref(), code, &m, retry));
-                    gw.table.borrow_mut().deliver_to(key, id, &f);
-                }
+                Ok(other) => reply.unexpected(&other),
+                Err(e) => reply.fail(&e),
             }
         });
         None
@@ -817,7 +829,7 @@ impl Conn {
             );
             return None;
         }
-        let guard = self.start_request(rid)?;
+        let reply = self.start_request(rid)?;
         let read = match self.gw.store.history(room.clone(), range, limit as i64) {
             Ok(f) => f,
             Err(e) => {
@@ -825,26 +837,17 @@ impl Conn {
                 return None;
             }
         };
-        let (gw, key, id, rid) = (
-            self.gw.clone(),
-            self.slot.key,
-            self.slot.id,
-            rid.map(String::from),
-        );
         self.gw.spawn(async move {
-            let _guard = guard;
-            let text = match read.await {
-                Ok(msgs) => JsonOut::op("history_res")
-                    .opt_str("request_id", rid.as_deref())
-                    .str("room", &room)
-                    .raw("messages", &messages_json(&msgs))
-                    .finish(),
-                Err(e) => {
-                    let (code, m, retry) = store_error_parts(&gw, id, rid.as_deref(), &e);
-                    protocol::error_frame(rid.as_deref(), code, &m, retry)
-                }
-            };
-            gw.table.borrow_mut().deliver_to(key, id, &frame(text));
+            match read.await {
+                Ok(msgs) => reply.send(
+                    JsonOut::op("history_res")
+                        .opt_str("request_id", reply.rid())
+                        .str("room", &room)
+                        .raw("messages", &messages_json(&msgs))
+                        .finish(),
+                ),
+                Err(e) => reply.fail(&e),
+            }
         });
         None
     }
