@@ -153,3 +153,25 @@ mod tests {
         assert_eq!(format!("{e:?}"), "TokenEntry { user: \"alice\" }");
     }
 }
+
+/// A secret from the configuration (an API key). It has no `Display`, and
+/// its `Debug` shows nothing of it: the only way to the value is
+/// [`Secret::expose`], at the one place that sends it upstream.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: String) -> Secret {
+        Secret(value)
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}

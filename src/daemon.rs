@@ -64,7 +64,9 @@ pub fn run(cfg: Config, log: Logger) -> Result<i32, String> {
         Box::new(move || downstream.wait_for_room()),
     )?;
     let ex = Rc::new(LocalExecutor::new());
-    let gw = Rc::new(Gateway::new(cfg, log, ex.clone(), pool, store, chat));
+    let llm = crate::llm::Llm::new(&cfg.llm, log)
+        .map_err(|e| format!("cannot start the upstream pool: {e}"))?;
+    let gw = Rc::new(Gateway::new(cfg, log, ex.clone(), pool, store, chat, llm));
     let notifier = Notifier::from_env();
 
     if gw.cfg.auth.implicit_open {

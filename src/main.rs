@@ -7,9 +7,11 @@ mod chat;
 mod config;
 mod daemon;
 mod limit;
+mod llm;
 mod ops;
 mod pool;
 mod protocol;
+mod resilience;
 mod server;
 mod store;
 

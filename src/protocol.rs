@@ -126,6 +126,12 @@ pub enum Request {
         message_id: String,
         emoji: String,
     },
+    ListTools,
+    CallTool {
+        name: String,
+        call: crate::llm::Call,
+    },
+    Cancel,
     History {
         room: String,
         /// Messages before this seq; without it (and without `after_seq`),
@@ -176,6 +182,24 @@ mod raw {
         pub before_seq: Option<u64>,
         pub after_seq: Option<u64>,
         pub limit: Option<u64>,
+        pub name: Option<String>,
+        pub arguments: Option<ToolArguments>,
+    }
+
+    #[derive(DeJson, Default)]
+    #[nserde(default)]
+    pub struct ToolArguments {
+        pub messages: Option<Vec<ChatMessage>>,
+        pub provider: Option<String>,
+        pub model: Option<String>,
+        pub stream: Option<bool>,
+    }
+
+    #[derive(DeJson, Default)]
+    #[nserde(default)]
+    pub struct ChatMessage {
+        pub role: Option<String>,
+        pub content: Option<String>,
     }
 }
 use raw::Raw;
@@ -248,6 +272,47 @@ pub fn parse(text: &str) -> Result<Envelope, ParseError> {
                 .filter(|e| (1..=MAX_EMOJI).contains(&e.len()))
                 .ok_or_else(|| fail(format!("emoji must be 1-{MAX_EMOJI} bytes")))?;
             Request::React { message_id, emoji }
+        }
+        "list_tools" => Request::ListTools,
+        "cancel" => {
+            if request_id.is_none() {
+                return Err(fail(
+                    "cancel needs the request_id of the call to cancel".into(),
+                ));
+            }
+            Request::Cancel
+        }
+        "call_tool" => {
+            if request_id.is_none() {
+                return Err(fail(
+                    "call_tool needs a request_id (its answers carry it)".into(),
+                ));
+            }
+            let name = raw.name.ok_or_else(|| fail("missing \"name\"".into()))?;
+            let args = raw
+                .arguments
+                .ok_or_else(|| fail("missing \"arguments\"".into()))?;
+            let messages = args
+                .messages
+                .ok_or_else(|| fail("missing \"arguments.messages\"".into()))?
+                .into_iter()
+                .map(|m| match (m.role, m.content) {
+                    (Some(r), Some(c)) => Ok((r, c)),
+                    _ => Err(fail(
+                        "each message needs a role and a string content".into(),
+                    )),
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let provider = args.provider.filter(|p| p != "auto");
+            Request::CallTool {
+                name,
+                call: crate::llm::Call {
+                    messages,
+                    provider,
+                    model: args.model,
+                    stream: args.stream.unwrap_or(true),
+                },
+            }
         }
         "history" => {
             if raw.before_seq.is_some() && raw.after_seq.is_some() {
@@ -652,6 +717,35 @@ mod tests {
             let e = parse(bad).unwrap_err();
             assert!(!e.malformed, "{bad}: {e:?}");
         }
+    }
+
+    #[test]
+    fn parses_tool_calls() {
+        let e = parse(r#"{"op":"call_tool","request_id":"t2","name":"chat","arguments":{"messages":[{"role":"user","content":"hi"}],"provider":"auto","model":null,"stream":true}}"#).unwrap();
+        match e.request {
+            Request::CallTool { name, call } => {
+                assert_eq!(name, "chat");
+                assert_eq!(call.messages, [("user".to_string(), "hi".to_string())]);
+                assert_eq!((call.provider, call.model, call.stream), (None, None, true));
+            }
+            other => panic!("{other:?}"),
+        }
+        for bad in [
+            r#"{"op":"call_tool","name":"chat","arguments":{"messages":[]}}"#,
+            r#"{"op":"call_tool","request_id":"t","arguments":{"messages":[]}}"#,
+            r#"{"op":"call_tool","request_id":"t","name":"chat"}"#,
+            r#"{"op":"call_tool","request_id":"t","name":"chat","arguments":{"messages":[{"role":"user"}]}}"#,
+            r#"{"op":"call_tool","request_id":"t","name":"chat","arguments":{"messages":[{"role":"user","content":[{"type":"text"}]}]}}"#,
+            r#"{"op":"cancel"}"#,
+        ] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            parse(r#"{"op":"list_tools","request_id":"t1"}"#)
+                .unwrap()
+                .request,
+            Request::ListTools
+        );
     }
 
     #[test]

@@ -9,7 +9,7 @@
 
 mod toml;
 
-use crate::auth::{TokenEntry, TokenParseError};
+use crate::auth::{Secret, TokenEntry, TokenParseError};
 use crate::chat::ChatLimits;
 use crate::limit::{BucketParams, LimitParams};
 use crate::store::Sync;
@@ -187,6 +187,99 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "most buckets in each per-IP and per-user table",
     ),
     (
+        "llm.chain",
+        "the providers in file order",
+        "fallback order for `provider: \"auto\"`, a list of names",
+    ),
+    (
+        "llm.max_in_flight",
+        "24",
+        "LLM calls at once, gateway-wide (also the upstream pool's threads)",
+    ),
+    (
+        "llm.max_in_flight_per_session",
+        "8",
+        "LLM calls at once per connection",
+    ),
+    (
+        "llm.max_prompt_bytes",
+        "32768",
+        "total `content` of a call's messages",
+    ),
+    (
+        "llm.max_response_bytes",
+        "1048576",
+        "longest answer relayed; past it the call ends with an error",
+    ),
+    (
+        "llm.max_retries",
+        "2",
+        "retries of a failure before the first streamed byte, per provider",
+    ),
+    (
+        "llm.backoff_base_ms",
+        "250",
+        "first retry waits up to this (full jitter, doubling)",
+    ),
+    ("llm.backoff_cap_ms", "5000", "longest wait between retries"),
+    (
+        "llm.progress_interval_ms",
+        "5000",
+        "`progress` frames while the client has received nothing for this long",
+    ),
+    (
+        "provider.NAME.base_url",
+        "none",
+        "OpenAI-compatible base URL, e.g. `https://api.moonshot.ai/v1`",
+    ),
+    ("provider.NAME.model", "none", "model name sent upstream"),
+    (
+        "provider.NAME.api_key_env",
+        "none",
+        "environment variable holding the API key",
+    ),
+    (
+        "provider.NAME.api_key_file",
+        "none",
+        "file holding the API key (e.g. under `$CREDENTIALS_DIRECTORY`)",
+    ),
+    (
+        "provider.NAME.max_in_flight",
+        "4",
+        "calls at once to this provider",
+    ),
+    (
+        "provider.NAME.rpm",
+        "0 (no quota)",
+        "requests per minute allowed by the provider's quota",
+    ),
+    (
+        "provider.NAME.connect_timeout_ms",
+        "5000",
+        "to connect (TCP and TLS)",
+    ),
+    (
+        "provider.NAME.first_byte_timeout_ms",
+        "30000",
+        "from the request to the response head",
+    ),
+    (
+        "provider.NAME.idle_timeout_ms",
+        "30000",
+        "between two reads of the stream",
+    ),
+    ("provider.NAME.total_timeout_ms", "300000", "the whole call"),
+    (
+        "provider.NAME.fail_max",
+        "4",
+        "consecutive counted failures that open the breaker",
+    ),
+    (
+        "provider.NAME.reset_timeout_ms",
+        "120000",
+        "open breaker's wait before one trial call",
+    ),
+    (
         "log.level",
         "\"info\"",
         "`error`, `warn`, `info` or `debug`",
@@ -209,8 +302,81 @@ pub struct Config {
     pub pool: PoolConfig,
     pub store: StoreConfig,
     pub chat: ChatLimits,
+    pub llm: LlmConfig,
     pub log: Log,
 }
+
+#[derive(Debug, Clone)]
+pub struct LlmConfig {
+    /// Names; empty until validated, then the providers in file order if
+    /// not given.
+    pub chain: Vec<String>,
+    pub max_in_flight: u32,
+    pub max_in_flight_per_session: u32,
+    pub max_prompt_bytes: usize,
+    pub max_response_bytes: usize,
+    pub max_retries: u32,
+    pub backoff_base: Duration,
+    pub backoff_cap: Duration,
+    pub progress_interval: Duration,
+    pub providers: Vec<ProviderConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProviderConfig {
+    pub name: String,
+    pub base_url: String,
+    pub model: String,
+    pub api_key_env: Option<String>,
+    pub api_key_file: Option<PathBuf>,
+    /// Read once at start-up from the variable or file above.
+    pub api_key: Option<Secret>,
+    pub max_in_flight: u32,
+    pub rpm: u32,
+    pub connect_timeout: Duration,
+    pub first_byte_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub total_timeout: Duration,
+    pub fail_max: u32,
+    pub reset_timeout: Duration,
+}
+
+impl ProviderConfig {
+    fn new(name: &str) -> ProviderConfig {
+        ProviderConfig {
+            name: name.to_string(),
+            base_url: String::new(),
+            model: String::new(),
+            api_key_env: None,
+            api_key_file: None,
+            api_key: None,
+            max_in_flight: 4,
+            rpm: 0,
+            connect_timeout: Duration::from_secs(5),
+            first_byte_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(30),
+            total_timeout: Duration::from_secs(300),
+            fail_max: 4,
+            reset_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+/// The keys of a `[provider.NAME]` section.
+const PROVIDER_FIELDS: &[&str] = &[
+    "base_url",
+    "model",
+    "api_key_env",
+    "api_key_file",
+    "max_in_flight",
+    "rpm",
+    "connect_timeout_ms",
+    "first_byte_timeout_ms",
+    "idle_timeout_ms",
+    "total_timeout_ms",
+    "fail_max",
+    "reset_timeout_ms",
+];
 
 #[derive(Debug, Clone)]
 pub struct PoolConfig {
@@ -502,6 +668,18 @@ impl Config {
                 members_per_room: 10_000,
                 max_text_bytes: 8192,
             },
+            llm: LlmConfig {
+                chain: Vec::new(),
+                max_in_flight: 24,
+                max_in_flight_per_session: 8,
+                max_prompt_bytes: 32 * 1024,
+                max_response_bytes: 1 << 20,
+                max_retries: 2,
+                backoff_base: Duration::from_millis(250),
+                backoff_cap: Duration::from_secs(5),
+                progress_interval: Duration::from_secs(5),
+                providers: Vec::new(),
+            },
             log: Log {
                 level: LogLevel::Info,
                 format: LogFormat::Text,
@@ -572,10 +750,10 @@ impl Config {
                 continue;
             };
             let origin = Origin::Env(var.clone());
-            track(key, &origin, &mut token_origin, &mut mode_set);
+            track(&key, &origin, &mut token_origin, &mut mode_set);
             let value = Value::Str(value.clone());
             let setting = Setting {
-                key,
+                key: &key,
                 value: &value,
                 from_env: true,
             };
@@ -588,6 +766,12 @@ impl Config {
             if let Err(message) = cfg.check_whole(mode_set) {
                 errors.push(ConfigError {
                     origin: token_origin,
+                    message,
+                });
+            }
+            if let Err(message) = cfg.check_llm(env) {
+                errors.push(ConfigError {
+                    origin: Origin::Whole,
                     message,
                 });
             }
@@ -714,7 +898,144 @@ impl Config {
                 self.log.format =
                     s.choice(&[("text", LogFormat::Text), ("json", LogFormat::Json)])?
             }
+            "llm.chain" => self.llm.chain = s.strings()?,
+            "llm.max_in_flight" => self.llm.max_in_flight = s.int(1, 1024)? as u32,
+            "llm.max_in_flight_per_session" => {
+                self.llm.max_in_flight_per_session = s.int(1, 1024)? as u32
+            }
+            "llm.max_prompt_bytes" => self.llm.max_prompt_bytes = s.usize(1, 16 << 20)?,
+            "llm.max_response_bytes" => self.llm.max_response_bytes = s.usize(1024, 64 << 20)?,
+            "llm.max_retries" => self.llm.max_retries = s.int(0, 10)? as u32,
+            "llm.backoff_base_ms" => self.llm.backoff_base = s.millis(1, 60_000)?,
+            "llm.backoff_cap_ms" => self.llm.backoff_cap = s.millis(1, 600_000)?,
+            "llm.progress_interval_ms" => self.llm.progress_interval = s.millis(10, 600_000)?,
+            other if other.starts_with("provider.") => self.apply_provider(s)?,
             other => return Err(unknown_key(other)),
+        }
+        Ok(())
+    }
+
+    /// `provider.NAME.FIELD`: a provider is created by its first key.
+    fn apply_provider(&mut self, s: &Setting) -> Result<(), String> {
+        let rest = &s.key["provider.".len()..];
+        let (name, field) = rest.rsplit_once('.').ok_or_else(|| {
+            format!(
+                "{}: expected provider.NAME.FIELD, e.g. provider.kimi.base_url",
+                s.key
+            )
+        })?;
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            return Err(format!(
+                "{}: provider names are letters, digits, '_' and '-'",
+                s.key
+            ));
+        }
+        if !PROVIDER_FIELDS.contains(&field) {
+            return Err(format!(
+                "unknown key {}; keys of a [provider.NAME] section are: {}",
+                s.key,
+                PROVIDER_FIELDS.join(", ")
+            ));
+        }
+        let i = match self.llm.providers.iter().position(|p| p.name == name) {
+            Some(i) => i,
+            None => {
+                self.llm.providers.push(ProviderConfig::new(name));
+                self.llm.providers.len() - 1
+            }
+        };
+        let p = &mut self.llm.providers[i];
+        match field {
+            "base_url" => {
+                let url = s.string()?;
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    return Err(format!(
+                        "{}: {url:?} must start with http:// or https://",
+                        s.key
+                    ));
+                }
+                p.base_url = url.trim_end_matches('/').to_string();
+            }
+            "model" => p.model = s.string()?,
+            "api_key_env" => p.api_key_env = Some(s.string()?),
+            "api_key_file" => p.api_key_file = Some(PathBuf::from(s.string()?)),
+            "max_in_flight" => p.max_in_flight = s.int(1, 1024)? as u32,
+            "rpm" => p.rpm = s.int(0, 1_000_000)? as u32,
+            "connect_timeout_ms" => p.connect_timeout = s.millis(10, 600_000)?,
+            "first_byte_timeout_ms" => p.first_byte_timeout = s.millis(10, 3_600_000)?,
+            "idle_timeout_ms" => p.idle_timeout = s.millis(10, 3_600_000)?,
+            "total_timeout_ms" => p.total_timeout = s.millis(10, 86_400_000)?,
+            "fail_max" => p.fail_max = s.int(1, 1000)? as u32,
+            _ => p.reset_timeout = s.millis(10, 86_400_000)?,
+        }
+        Ok(())
+    }
+
+    /// The providers, complete, with their keys read; the chain checked.
+    fn check_llm(&mut self, env: &[(String, String)]) -> Result<(), String> {
+        for p in &mut self.llm.providers {
+            if p.base_url.is_empty() || p.model.is_empty() {
+                return Err(format!(
+                    "provider {} needs base_url and model (provider.{}.base_url, provider.{}.model)",
+                    p.name, p.name, p.name
+                ));
+            }
+            // The key's value never appears in a message: only where it
+            // was looked for.
+            p.api_key = match (&p.api_key_env, &p.api_key_file) {
+                (Some(_), Some(_)) => {
+                    return Err(format!(
+                        "provider {}: give api_key_env or api_key_file, not both",
+                        p.name
+                    ))
+                }
+                (Some(var), None) => {
+                    let value = env.iter().find(|(k, _)| k == var).map(|(_, v)| v.trim());
+                    match value {
+                        Some(v) if !v.is_empty() => Some(Secret::new(v.to_string())),
+                        _ => {
+                            return Err(format!(
+                                "provider {}: environment variable {var} (api_key_env) is not set or empty",
+                                p.name
+                            ))
+                        }
+                    }
+                }
+                (None, Some(path)) => {
+                    let text = std::fs::read_to_string(path).map_err(|e| {
+                        format!(
+                            "provider {}: cannot read api_key_file {}: {e}",
+                            p.name,
+                            path.display()
+                        )
+                    })?;
+                    let key = text.trim();
+                    if key.is_empty() {
+                        return Err(format!(
+                            "provider {}: api_key_file {} is empty",
+                            p.name,
+                            path.display()
+                        ));
+                    }
+                    Some(Secret::new(key.to_string()))
+                }
+                // A local OpenAI-compatible server may need no key.
+                (None, None) => None,
+            };
+        }
+        if self.llm.chain.is_empty() {
+            self.llm.chain = self.llm.providers.iter().map(|p| p.name.clone()).collect();
+        }
+        for name in &self.llm.chain {
+            if !self.llm.providers.iter().any(|p| &p.name == name) {
+                return Err(format!(
+                    "llm.chain names {name:?}, which has no [provider.{name}] section"
+                ));
+            }
         }
         Ok(())
     }
@@ -772,10 +1093,22 @@ fn unknown_key(key: &str) -> String {
 }
 
 /// `SERVER_MAX_CONNECTIONS` → `server.max_connections`.
-fn key_for_env(rest: &str) -> Option<&'static str> {
+fn key_for_env(rest: &str) -> Option<String> {
+    if let Some(provider) = rest.strip_prefix("PROVIDER_") {
+        // PROVIDER_<NAME>_<FIELD>: the field is a known suffix, so a name
+        // may hold underscores itself.
+        return PROVIDER_FIELDS.iter().find_map(|field| {
+            let name = provider
+                .strip_suffix(&field.to_ascii_uppercase())?
+                .strip_suffix('_')?;
+            (!name.is_empty()).then(|| format!("provider.{}.{field}", name.to_ascii_lowercase()))
+        });
+    }
     KEYS.iter()
         .map(|(k, _, _)| *k)
+        .filter(|k| !k.starts_with("provider."))
         .find(|k| env_name(k).strip_prefix("HIVEGATE_") == Some(rest))
+        .map(String::from)
 }
 
 /// `server.max_connections` → `HIVEGATE_SERVER_MAX_CONNECTIONS`.
@@ -931,6 +1264,9 @@ mod tests {
             .map(|e| e.key)
             .collect();
         for (key, _, _) in KEYS {
+            let key = &key.replace("provider.NAME.", "provider.kimi.");
+            // The two key sources are alternatives: one of them is set.
+            let key = &key.replace("api_key_env", "api_key_file");
             assert!(
                 keys.iter().any(|k| k == key),
                 "fixtures/config/full.toml lacks {key}"
@@ -939,11 +1275,65 @@ mod tests {
     }
 
     #[test]
+    fn providers_come_from_sections_and_the_environment_and_keys_stay_secret() {
+        let keyfile = write("  sk-from-file-123\n");
+        let p = write(&format!(
+            "[llm]\nchain = [\"glm\", \"kimi\"]\n[provider.kimi]\nbase_url = \"https://api.moonshot.ai/v1/\"\nmodel = \"m1\"\napi_key_env = \"KIMI_KEY\"\n[provider.glm]\nbase_url = \"http://127.0.0.1:9/v1\"\nmodel = \"g\"\napi_key_file = {:?}\n",
+            keyfile.to_str().unwrap()
+        ));
+        let env = env(&[
+            ("KIMI_KEY", "sk-secret-kimi"),
+            (
+                "HIVEGATE_PROVIDER_MY_LOCAL_BASE_URL",
+                "http://127.0.0.1:8/v1",
+            ),
+            ("HIVEGATE_PROVIDER_MY_LOCAL_MODEL", "llama"),
+            ("HIVEGATE_PROVIDER_KIMI_FAIL_MAX", "7"),
+        ]);
+        let (cfg, _) = Config::load(Some(&p), &env).unwrap();
+        let names: Vec<&str> = cfg.llm.providers.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["kimi", "glm", "my_local"]);
+        assert_eq!(cfg.llm.chain, ["glm", "kimi"]);
+        let kimi = &cfg.llm.providers[0];
+        assert_eq!(kimi.base_url, "https://api.moonshot.ai/v1");
+        assert_eq!(kimi.fail_max, 7);
+        assert_eq!(kimi.api_key.as_ref().unwrap().expose(), "sk-secret-kimi");
+        assert_eq!(
+            cfg.llm.providers[1].api_key.as_ref().unwrap().expose(),
+            "sk-from-file-123"
+        );
+        assert!(cfg.llm.providers[2].api_key.is_none());
+        assert!(!format!("{cfg:?}").contains("sk-secret-kimi"));
+        // A missing key names the variable, never a value.
+        let err = Config::load(Some(&p), &[]).unwrap_err().to_string();
+        assert!(err.contains("KIMI_KEY"), "{err}");
+        let p = write("[llm]\nchain = [\"nope\"]\n");
+        assert!(Config::load(Some(&p), &[])
+            .unwrap_err()
+            .to_string()
+            .contains("nope"));
+        let p = write("[provider.x]\nbase_url = \"ftp://x\"\n");
+        assert!(Config::load(Some(&p), &[]).is_err());
+        let p = write("[provider.x]\nbase_uri = \"http://x\"\n");
+        assert!(Config::load(Some(&p), &[])
+            .unwrap_err()
+            .to_string()
+            .contains("base_url"));
+    }
+
+    #[test]
     fn every_key_maps_to_an_env_variable_and_back() {
-        for (key, _, _) in KEYS {
+        for (key, _, _) in KEYS.iter().filter(|(k, _, _)| !k.starts_with("provider.")) {
             let var = env_name(key);
-            assert_eq!(key_for_env(&var["HIVEGATE_".len()..]), Some(*key));
+            assert_eq!(
+                key_for_env(&var["HIVEGATE_".len()..]).as_deref(),
+                Some(*key)
+            );
         }
+        assert_eq!(
+            key_for_env("PROVIDER_KIMI_API_KEY_ENV").as_deref(),
+            Some("provider.kimi.api_key_env")
+        );
         assert_eq!(env_name("server.listen"), "HIVEGATE_SERVER_LISTEN");
     }
 }

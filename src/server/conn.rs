@@ -22,10 +22,13 @@ use async_tungstenite::tungstenite::{Error as WsError, Message};
 use async_tungstenite::WebSocketStream;
 use futures_lite::{future, FutureExt, Stream};
 use futures_sink::Sink;
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::net::TcpStream;
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -78,6 +81,77 @@ impl Reply {
             &[("conn", &self.conn), ("answer", &format!("{answer:?}"))],
         );
         self.fail(&StoreError::Storage("unexpected answer".into()));
+    }
+}
+
+/// A tool call in flight: its cancel flag (shared with the pool thread that
+/// reads the upstream) and how many more askers share its answer.
+#[derive(Default)]
+struct CallState {
+    cancelled: Arc<AtomicBool>,
+    wake: event_listener::Event,
+    followers: Cell<u32>,
+}
+
+impl CallState {
+    fn cancel(&self) {
+        self.cancelled.store(true, Ordering::Relaxed);
+        self.wake.notify(usize::MAX);
+    }
+}
+
+/// Where a tool call's frames go.
+struct CallOutput {
+    reply: Reply,
+    state: Rc<CallState>,
+}
+
+impl crate::llm::Output for CallOutput {
+    fn rid(&self) -> Option<&str> {
+        self.reply.rid()
+    }
+
+    fn send(&self, frame: String) {
+        if !self.cancelled() {
+            self.reply.send(frame);
+        }
+    }
+
+    fn finish(&self, frame: String) {
+        if self.cancelled() {
+            return;
+        }
+        // Every asker of a shared call gets the answer; the later ones
+        // are told it was shared.
+        for _ in 0..self.state.followers.get() {
+            let shared = frame.replacen(
+                "{\"op\":\"call_tool_res\",",
+                "{\"op\":\"call_tool_res\",\"from_inflight\":true,",
+                1,
+            );
+            self.reply.send(shared);
+        }
+        self.reply.send(frame);
+    }
+
+    fn cancelled(&self) -> bool {
+        self.state.cancelled.load(Ordering::Relaxed)
+    }
+
+    fn cancel_flag(&self) -> Arc<AtomicBool> {
+        self.state.cancelled.clone()
+    }
+
+    fn until_cancelled(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + '_>> {
+        Box::pin(async move {
+            loop {
+                let listener = self.state.wake.listen();
+                if self.cancelled() {
+                    return;
+                }
+                listener.await;
+            }
+        })
     }
 }
 
@@ -191,6 +265,9 @@ pub struct Conn {
     rooms: Vec<Rc<str>>,
     /// Requests of this connection still running in their own tasks.
     in_flight: Rc<Cell<u32>>,
+    /// Tool calls in flight, by request_id (at most
+    /// `llm.max_in_flight_per_session`).
+    calls: Rc<RefCell<HashMap<String, Rc<CallState>>>>,
 }
 
 impl Conn {
@@ -212,6 +289,7 @@ impl Conn {
             peer_closed: None,
             rooms: Vec::new(),
             in_flight: Rc::new(Cell::new(0)),
+            calls: Rc::default(),
             session: None,
             preauth,
             gw,
@@ -224,9 +302,13 @@ impl Conn {
     /// twice in its state, and this state lives as long as the connection.
     pub async fn run(&mut self) {
         let (code, reason) = self.serve().await;
-        // Leaving is automatic, whatever ended the connection.
+        // Leaving is automatic, whatever ended the connection, and nobody
+        // is left to read a tool call's answer.
         for room in std::mem::take(&mut self.rooms) {
             self.gw.chat.leave(&room, self.slot.key);
+        }
+        for (_, call) in self.calls.borrow_mut().drain() {
+            call.cancel();
         }
         if code == close::GOING_AWAY {
             // Shutting down: requests already started get to finish (the
@@ -465,6 +547,12 @@ impl Conn {
             (Some(_), Request::Leave { room }) => self.leave(rid, &room),
             (Some(_), Request::Publish { room, text }) => self.publish(rid, room, text),
             (Some(_), Request::React { message_id, emoji }) => self.react(rid, message_id, emoji),
+            (Some(_), Request::ListTools) => {
+                self.send(self.gw.llm.list_tools(rid));
+                None
+            }
+            (Some(_), Request::CallTool { name, call }) => self.call_tool(rid, &name, call),
+            (Some(_), Request::Cancel) => self.cancel(rid),
             (
                 Some(_),
                 Request::History {
@@ -849,6 +937,92 @@ impl Conn {
                 Err(e) => reply.fail(&e),
             }
         });
+        None
+    }
+
+    fn call_tool(&mut self, rid: Option<&str>, name: &str, call: crate::llm::Call) -> Option<u16> {
+        let rid_owned = rid.unwrap_or_default().to_string();
+        if name != "chat" {
+            let name: String = name.chars().take(32).collect();
+            self.error(
+                rid,
+                ErrorCode::NotFound,
+                &format!("no tool {name:?}; list_tools names them"),
+                None,
+            );
+            return None;
+        }
+        // The same request_id while it runs: share the answer, call nobody.
+        if let Some(state) = self.calls.borrow().get(&rid_owned) {
+            state.followers.set(state.followers.get() + 1);
+            self.send(
+                JsonOut::op("call_tool_ack")
+                    .opt_str("request_id", rid)
+                    .bool("from_inflight", true)
+                    .finish(),
+            );
+            return None;
+        }
+        if let Err((code, msg)) = self.gw.llm.check(&call) {
+            self.error(rid, code, &msg, None);
+            return None;
+        }
+        let per_session = self.gw.cfg.llm.max_in_flight_per_session;
+        if self.calls.borrow().len() >= per_session as usize {
+            let msg = format!("at most {per_session} tool calls in flight per connection");
+            self.error(rid, ErrorCode::OverCapacity, &msg, Some(1000));
+            return None;
+        }
+        let Some(slot) = self.gw.llm.try_start() else {
+            self.error(
+                rid,
+                ErrorCode::OverCapacity,
+                "the gateway is at its limit of tool calls",
+                Some(1000),
+            );
+            return None;
+        };
+        let reply = self.start_request(rid)?;
+        let state = Rc::new(CallState::default());
+        self.calls
+            .borrow_mut()
+            .insert(rid_owned.clone(), state.clone());
+        self.send(
+            JsonOut::op("call_tool_ack")
+                .opt_str("request_id", rid)
+                .finish(),
+        );
+        let calls = self.calls.clone();
+        let gw = self.gw.clone();
+        self.gw.spawn(async move {
+            let _slot = slot;
+            let out = CallOutput {
+                reply,
+                state: state.clone(),
+            };
+            gw.llm.run(call, &out).await;
+            let mut calls = calls.borrow_mut();
+            if calls.get(&rid_owned).is_some_and(|s| Rc::ptr_eq(s, &state)) {
+                calls.remove(&rid_owned);
+            }
+        });
+        None
+    }
+
+    fn cancel(&mut self, rid: Option<&str>) -> Option<u16> {
+        let state = self.calls.borrow_mut().remove(rid.unwrap_or_default());
+        match state {
+            Some(state) => {
+                state.cancel();
+                self.send(JsonOut::op("cancelled").opt_str("request_id", rid).finish());
+            }
+            None => self.error(
+                rid,
+                ErrorCode::NotFound,
+                "no tool call in flight with that request_id",
+                None,
+            ),
+        }
         None
     }
 

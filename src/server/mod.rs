@@ -52,6 +52,7 @@ pub struct Gateway {
     pub pool: Rc<Pool>,
     pub store: Store,
     pub chat: Rc<Chat>,
+    pub llm: crate::llm::Llm,
     ex: Rc<LocalExecutor<'static>>,
 }
 
@@ -63,6 +64,7 @@ impl Gateway {
         pool: Rc<Pool>,
         store: Store,
         chat: Rc<Chat>,
+        llm: crate::llm::Llm,
     ) -> Gateway {
         let s = &cfg.server;
         let table = Table::new(
@@ -94,6 +96,7 @@ impl Gateway {
             pool,
             store,
             chat,
+            llm,
             ex,
             cfg,
             log,
@@ -297,6 +300,7 @@ async fn pre_upgrade(gw: &Rc<Gateway>, stream: &mut Async<TcpStream>, ip: IpAddr
             gw.limits.borrow().render(&mut body);
             gw.meters.borrow_mut().render(Instant::now(), &mut body);
             gw.pool.render(&mut body);
+            gw.llm.render(&mut body);
             crate::ops::metrics::gauge(
                 &mut body,
                 "hivegate_store_write_queue",
@@ -329,7 +333,7 @@ fn readyz(gw: &Gateway) -> Response {
         .str("mode", "online")
         .num("connections", g.connections_open as u64)
         .num("capacity", g.table_capacity as u64)
-        .raw("breakers", "{}")
+        .raw("breakers", &gw.llm.breakers_json())
         .raw("rates", &gw.meters.borrow_mut().json(Instant::now()))
         .finish();
     Response::new(

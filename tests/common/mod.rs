@@ -372,3 +372,4 @@ pub fn fixture(name: &str) -> PathBuf {
         .join("fixtures")
         .join(name)
 }
+pub mod fake_openai;

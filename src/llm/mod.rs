@@ -1,0 +1,674 @@
+//! The LLM tool relay: the `chat` tool, answered by OpenAI-compatible
+//! providers (Kimi, GLM, a local server...) through a fallback chain.
+//!
+//! For each provider in the chain: skip it if it is at its call limit, out
+//! of quota, or its circuit is open; otherwise call it on the upstream
+//! pool. A failure before the first streamed byte is retried with
+//! full-jitter backoff (honouring `Retry-After`), then the next provider is
+//! tried. A failure after streaming began ends the call: the client holds
+//! part of an answer, and a second answer would not continue it. When no
+//! provider could answer: `PROVIDER_UNAVAILABLE`, with the time the first
+//! of them may be tried again.
+//!
+//! Calls run on a pool of their own (`llm.max_in_flight` threads): a
+//! streamed answer holds its thread for as long as it streams, and must
+//! not starve the store's pool.
+
+pub mod client;
+pub mod sse;
+
+use crate::config::{LlmConfig, ProviderConfig};
+use crate::limit::{BucketParams, TokenBucket};
+use crate::ops::log::Logger;
+use crate::ops::metrics::{counter_with, gauge_with};
+use crate::pool::Pool;
+use crate::protocol::{error_frame, ErrorCode, JsonOut};
+use crate::resilience::{backoff, Breaker, BreakerState, Jitter, Transition};
+use async_io::Timer;
+use client::{CallError, Event, Usage};
+use futures_lite::FutureExt;
+use std::cell::{Cell, RefCell};
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Roles a message may have.
+pub const ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
+
+/// Where a call's frames go. The connection implements it; a cancelled
+/// call sends nothing more.
+pub trait Output {
+    fn rid(&self) -> Option<&str>;
+    fn send(&self, frame: String);
+    /// The last frame of the call (to every asker, for a shared call).
+    fn finish(&self, frame: String);
+    fn cancelled(&self) -> bool;
+    /// Shared with the pool thread, which stops reading when it is set.
+    fn cancel_flag(&self) -> Arc<AtomicBool>;
+    /// Resolves when the call is cancelled.
+    fn until_cancelled(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + '_>>;
+}
+
+/// A `chat` call, as the client asked for it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Call {
+    pub messages: Vec<(String, String)>,
+    /// `None` for `auto` (the chain).
+    pub provider: Option<String>,
+    pub model: Option<String>,
+    pub stream: bool,
+}
+
+struct Provider {
+    cfg: ProviderConfig,
+    url: String,
+    agent: ureq::Agent,
+    breaker: RefCell<Breaker>,
+    in_flight: Cell<u32>,
+    quota: Option<(BucketParams, RefCell<TokenBucket>)>,
+    calls: Cell<u64>,
+    failures: Cell<u64>,
+    prompt_tokens: Cell<u64>,
+    completion_tokens: Cell<u64>,
+}
+
+pub struct Llm {
+    providers: Vec<Provider>,
+    chain: Vec<usize>,
+    cfg: LlmConfig,
+    /// `None` when no provider is configured: no threads are started.
+    pool: Option<Pool>,
+    in_flight: std::rc::Rc<Cell<u32>>,
+    jitter: RefCell<Jitter>,
+    log: Logger,
+}
+
+/// How one attempt at one provider ended.
+enum Attempt {
+    Done {
+        text: String,
+        model: Option<String>,
+        usage: Option<Usage>,
+    },
+    Failed {
+        error: CallError,
+        chunks: u64,
+        bytes: usize,
+    },
+    Cancelled,
+    /// The upstream pool is full: nothing was sent, nothing to count.
+    NoSlot,
+}
+
+/// Counts a call in flight (gateway-wide or per provider) until dropped.
+pub struct InFlight<'a>(&'a Cell<u32>);
+
+impl<'a> InFlight<'a> {
+    fn new(c: &'a Cell<u32>) -> InFlight<'a> {
+        c.set(c.get() + 1);
+        InFlight(c)
+    }
+}
+
+/// A gateway-wide call slot, released on drop.
+pub struct CallSlot(std::rc::Rc<Cell<u32>>);
+
+impl Drop for CallSlot {
+    fn drop(&mut self) {
+        self.0.set(self.0.get().saturating_sub(1));
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.set(self.0.get().saturating_sub(1));
+    }
+}
+
+impl Llm {
+    pub fn new(cfg: &LlmConfig, log: Logger) -> std::io::Result<Llm> {
+        let now = Instant::now();
+        let providers: Vec<Provider> = cfg
+            .providers
+            .iter()
+            .map(|p| Provider {
+                url: format!("{}/chat/completions", p.base_url),
+                agent: client::agent(p),
+                breaker: RefCell::new(Breaker::new(p.fail_max, p.reset_timeout, now)),
+                in_flight: Cell::new(0),
+                quota: (p.rpm > 0).then(|| {
+                    let params = BucketParams {
+                        capacity: p.rpm as f64,
+                        refill_per_s: p.rpm as f64 / 60.0,
+                    };
+                    (params, RefCell::new(TokenBucket::new(&params, now)))
+                }),
+                calls: Cell::new(0),
+                failures: Cell::new(0),
+                prompt_tokens: Cell::new(0),
+                completion_tokens: Cell::new(0),
+                cfg: p.clone(),
+            })
+            .collect();
+        let chain = cfg
+            .chain
+            .iter()
+            .filter_map(|name| providers.iter().position(|p| &p.cfg.name == name))
+            .collect();
+        let threads = cfg.max_in_flight as usize;
+        let pool = if providers.is_empty() {
+            None
+        } else {
+            Some(Pool::new(threads, threads)?)
+        };
+        let seed = {
+            use std::hash::{BuildHasher, Hasher};
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u8(1);
+            h.finish()
+        };
+        Ok(Llm {
+            providers,
+            chain,
+            cfg: cfg.clone(),
+            pool,
+            in_flight: std::rc::Rc::default(),
+            jitter: RefCell::new(Jitter::new(seed)),
+            log,
+        })
+    }
+
+    /// The `list_tools_res` frame.
+    pub fn list_tools(&self, rid: Option<&str>) -> String {
+        let providers: Vec<String> = self.providers.iter().map(|p| p.cfg.name.clone()).collect();
+        let mut names = String::from("[\"auto\"");
+        for p in &providers {
+            names.push(',');
+            crate::protocol::escape_into(&mut names, p);
+        }
+        names.push(']');
+        let schema = format!(
+            r#"{{"type":"object","required":["messages"],"properties":{{"messages":{{"type":"array","minItems":1,"items":{{"type":"object","required":["role","content"],"properties":{{"role":{{"enum":["system","user","assistant","tool"]}},"content":{{"type":"string"}}}}}}}},"provider":{{"enum":{names}}},"model":{{"type":["string","null"]}},"stream":{{"type":"boolean"}}}}}}"#
+        );
+        let tool = JsonOut::new()
+            .str("name", "chat")
+            .str(
+                "description",
+                "Chat completion from an OpenAI-compatible provider, streamed; `provider: auto` uses the fallback chain.",
+            )
+            .raw("inputSchema", &schema)
+            .finish();
+        JsonOut::op("list_tools_res")
+            .opt_str("request_id", rid)
+            .raw("tools", &format!("[{tool}]"))
+            .finish()
+    }
+
+    /// Checks a call before it costs anything.
+    pub fn check(&self, call: &Call) -> Result<(), (ErrorCode, String)> {
+        if call.messages.is_empty() {
+            return Err((
+                ErrorCode::InvalidRequest,
+                "messages must not be empty".into(),
+            ));
+        }
+        if let Some((role, _)) = call
+            .messages
+            .iter()
+            .find(|(r, _)| !ROLES.contains(&r.as_str()))
+        {
+            let role: String = role.chars().take(32).collect();
+            return Err((
+                ErrorCode::InvalidRequest,
+                format!("unknown role {role:?}: use {}", ROLES.join(", ")),
+            ));
+        }
+        let total: usize = call.messages.iter().map(|(_, c)| c.len()).sum();
+        if total > self.cfg.max_prompt_bytes {
+            return Err((
+                ErrorCode::InvalidRequest,
+                format!(
+                    "the messages hold {total} bytes; at most {} (llm.max_prompt_bytes)",
+                    self.cfg.max_prompt_bytes
+                ),
+            ));
+        }
+        if let Some(name) = &call.provider {
+            if !self.providers.iter().any(|p| &p.cfg.name == name) {
+                let name: String = name.chars().take(32).collect();
+                return Err((ErrorCode::NotFound, format!("no provider {name:?}")));
+            }
+        }
+        if self.providers.is_empty() {
+            return Err((
+                ErrorCode::ProviderUnavailable,
+                "no LLM provider is configured".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Takes a gateway-wide call slot, if one is free; it is held until the
+    /// returned guard is dropped.
+    pub fn try_start(&self) -> Option<CallSlot> {
+        let n = &self.in_flight;
+        (n.get() < self.cfg.max_in_flight).then(|| {
+            n.set(n.get() + 1);
+            CallSlot(n.clone())
+        })
+    }
+
+    fn note(&self, p: &Provider, t: Option<Transition>) {
+        if let Some((from, to)) = t {
+            self.log.warn(
+                "circuit breaker",
+                &[
+                    ("service", &p.cfg.name),
+                    ("from", &from.label()),
+                    ("to", &to.label()),
+                ],
+            );
+        }
+    }
+
+    /// Runs a checked call to its end, sending every frame to `out`.
+    pub async fn run(&self, call: Call, out: &dyn Output) {
+        let candidates: Vec<usize> = match &call.provider {
+            Some(name) => self
+                .providers
+                .iter()
+                .position(|p| &p.cfg.name == name)
+                .into_iter()
+                .collect(),
+            None => self.chain.clone(),
+        };
+        let mut soonest: Option<Instant> = None;
+        let mut later = |at: Instant| soonest = Some(soonest.map_or(at, |s: Instant| s.min(at)));
+        let mut last = String::from("no provider could be tried");
+        for i in candidates {
+            let p = &self.providers[i];
+            let now = Instant::now();
+            if p.in_flight.get() >= p.cfg.max_in_flight {
+                last = format!(
+                    "{} is at its limit of {} calls",
+                    p.cfg.name, p.cfg.max_in_flight
+                );
+                later(now + Duration::from_secs(1));
+                continue;
+            }
+            if let Some((params, bucket)) = &p.quota {
+                if let Err(wait) = bucket.borrow_mut().take(params, now) {
+                    last = format!(
+                        "{} is out of its quota of {} requests a minute",
+                        p.cfg.name, p.cfg.rpm
+                    );
+                    later(now + wait);
+                    continue;
+                }
+            }
+            let mut attempt = 0;
+            loop {
+                match p.breaker.borrow_mut().allow(Instant::now()) {
+                    Err(at) => {
+                        last = format!("{}: circuit open", p.cfg.name);
+                        later(at);
+                        break;
+                    }
+                    Ok(t) => self.note(p, t),
+                }
+                p.calls.set(p.calls.get() + 1);
+                match self.attempt(p, &call, out).await {
+                    Attempt::Done { text, model, usage } => {
+                        let t = p.breaker.borrow_mut().success();
+                        self.note(p, t);
+                        let usage = usage.unwrap_or_default();
+                        p.prompt_tokens
+                            .set(p.prompt_tokens.get() + usage.prompt_tokens);
+                        p.completion_tokens
+                            .set(p.completion_tokens.get() + usage.completion_tokens);
+                        let usage_json = JsonOut::new()
+                            .num("prompt_tokens", usage.prompt_tokens)
+                            .num("completion_tokens", usage.completion_tokens)
+                            .finish();
+                        let output = JsonOut::new()
+                            .str("type", "text")
+                            .str("text", &text)
+                            .finish();
+                        let model = model
+                            .or_else(|| call.model.clone())
+                            .unwrap_or_else(|| p.cfg.model.clone());
+                        out.finish(
+                            JsonOut::op("call_tool_res")
+                                .opt_str("request_id", out.rid())
+                                .raw("outputs", &format!("[{output}]"))
+                                .str("provider", &p.cfg.name)
+                                .str("model", &model)
+                                .raw("usage", &usage_json)
+                                .finish(),
+                        );
+                        return;
+                    }
+                    Attempt::Cancelled => {
+                        p.breaker.borrow_mut().release();
+                        return;
+                    }
+                    Attempt::NoSlot => {
+                        p.breaker.borrow_mut().release();
+                        last = "every upstream slot is busy".into();
+                        later(Instant::now() + Duration::from_secs(1));
+                        break;
+                    }
+                    Attempt::Failed {
+                        error,
+                        chunks,
+                        bytes,
+                    } => {
+                        p.failures.set(p.failures.get() + 1);
+                        if error.counted() {
+                            let t = p.breaker.borrow_mut().failure(Instant::now());
+                            self.note(p, t);
+                        } else {
+                            p.breaker.borrow_mut().release();
+                        }
+                        self.log.warn(
+                            "llm call failed",
+                            &[
+                                ("provider", &p.cfg.name),
+                                ("attempt", &(attempt + 1)),
+                                ("chunks", &chunks),
+                                ("error", &error),
+                            ],
+                        );
+                        if chunks > 0 {
+                            // Streaming began: the client holds part of an
+                            // answer, and no retry can continue it.
+                            let code = if error.is_timeout() {
+                                ErrorCode::Timeout
+                            } else {
+                                ErrorCode::ProviderUnavailable
+                            };
+                            let msg = format!(
+                                "{} failed after {chunks} chunks ({bytes} bytes) had been delivered: {error}",
+                                p.cfg.name
+                            );
+                            out.finish(error_frame(out.rid(), code, &msg, None));
+                            return;
+                        }
+                        last = format!("{}: {error}", p.cfg.name);
+                        let retry_after = match &error {
+                            CallError::Status { retry_after, .. } => *retry_after,
+                            _ => None,
+                        };
+                        if let Some(ra) = retry_after {
+                            later(Instant::now() + ra);
+                        }
+                        if !error.retryable() || attempt >= self.cfg.max_retries {
+                            break;
+                        }
+                        let mut wait = backoff(
+                            attempt,
+                            self.cfg.backoff_base,
+                            self.cfg.backoff_cap,
+                            self.jitter.borrow_mut().unit(),
+                        );
+                        if let Some(ra) = retry_after {
+                            if ra > self.cfg.backoff_cap {
+                                // Longer than we would wait: next provider.
+                                break;
+                            }
+                            wait = wait.max(ra);
+                        }
+                        attempt += 1;
+                        let cancelled = async {
+                            out.until_cancelled().await;
+                            true
+                        }
+                        .or(async {
+                            Timer::after(wait).await;
+                            false
+                        })
+                        .await;
+                        if cancelled {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+        let now = Instant::now();
+        let retry_ms = soonest.map_or(1000, |at| {
+            at.saturating_duration_since(now).as_millis().max(1) as u64
+        });
+        let msg = format!("no provider could answer; last: {last}");
+        out.finish(error_frame(
+            out.rid(),
+            ErrorCode::ProviderUnavailable,
+            &msg,
+            Some(retry_ms),
+        ));
+    }
+
+    /// One call to one provider, relayed until it ends.
+    async fn attempt(&self, p: &Provider, call: &Call, out: &dyn Output) -> Attempt {
+        let Some(pool) = &self.pool else {
+            return Attempt::NoSlot;
+        };
+        let (tx, rx) = async_channel::bounded::<Event>(64);
+        let flag = out.cancel_flag();
+        let model = call.model.as_deref().unwrap_or(&p.cfg.model);
+        let req = client::Request {
+            agent: p.agent.clone(),
+            url: p.url.clone(),
+            api_key: p.cfg.api_key.clone(),
+            body: client::request_body(model, &call.messages),
+        };
+        let job_flag = flag.clone();
+        let Ok(job) = pool.submit(p.cfg.total_timeout, move || {
+            client::run(req, &tx, &job_flag)
+        }) else {
+            return Attempt::NoSlot;
+        };
+        let _slot = InFlight::new(&p.in_flight);
+        let deadline = Instant::now() + p.cfg.total_timeout;
+        let (mut text, mut chunks) = (String::new(), 0u64);
+        enum Step {
+            Event(Option<Event>),
+            Silence,
+            Cancelled,
+            Deadline,
+        }
+        loop {
+            let step = async { Step::Event(rx.recv().await.ok()) }
+                .or(async {
+                    out.until_cancelled().await;
+                    Step::Cancelled
+                })
+                .or(async {
+                    Timer::after(self.cfg.progress_interval).await;
+                    Step::Silence
+                })
+                .or(async {
+                    Timer::at(deadline).await;
+                    Step::Deadline
+                })
+                .await;
+            match step {
+                Step::Cancelled => return Attempt::Cancelled,
+                Step::Silence => {
+                    // The client has heard nothing for a while: say why.
+                    let msg = format!("waiting for {}", p.cfg.name);
+                    out.send(
+                        JsonOut::op("progress")
+                            .opt_str("request_id", out.rid())
+                            .str("message", &msg)
+                            .finish(),
+                    );
+                }
+                Step::Deadline => {
+                    flag.store(true, Ordering::Relaxed);
+                    let error = CallError::Timeout("after the whole call's time");
+                    return Attempt::Failed {
+                        error,
+                        chunks,
+                        bytes: text.len(),
+                    };
+                }
+                Step::Event(Some(Event::Delta(t))) => {
+                    if out.cancelled() {
+                        return Attempt::Cancelled;
+                    }
+                    if text.len() + t.len() > self.cfg.max_response_bytes {
+                        flag.store(true, Ordering::Relaxed);
+                        let error = CallError::Malformed(format!(
+                            "the answer is longer than llm.max_response_bytes ({})",
+                            self.cfg.max_response_bytes
+                        ));
+                        return Attempt::Failed {
+                            error,
+                            chunks,
+                            bytes: text.len(),
+                        };
+                    }
+                    chunks += 1;
+                    text.push_str(&t);
+                    if call.stream {
+                        out.send(
+                            JsonOut::op("stream_chunk")
+                                .opt_str("request_id", out.rid())
+                                .str("chunk", &t)
+                                .finish(),
+                        );
+                    }
+                }
+                Step::Event(Some(Event::Done { model, usage })) => {
+                    return Attempt::Done { text, model, usage }
+                }
+                Step::Event(Some(Event::Failed(error))) => {
+                    return Attempt::Failed {
+                        error,
+                        chunks,
+                        bytes: text.len(),
+                    }
+                }
+                Step::Event(None) => {
+                    // The job ended without a last word: cancelled, or it
+                    // waited past its deadline in the queue.
+                    if out.cancelled() {
+                        return Attempt::Cancelled;
+                    }
+                    let error = match job.await {
+                        Err(crate::pool::PoolError::Timeout) => {
+                            CallError::Timeout("waiting for a free upstream slot")
+                        }
+                        _ => CallError::Transport("the call ended without an answer".into()),
+                    };
+                    return Attempt::Failed {
+                        error,
+                        chunks,
+                        bytes: text.len(),
+                    };
+                }
+            }
+        }
+    }
+
+    /// `{"kimi":"closed",...}` for `/readyz`.
+    pub fn breakers_json(&self) -> String {
+        let now = Instant::now();
+        let mut out = JsonOut::new();
+        for p in &self.providers {
+            out = out.str(&p.cfg.name, p.breaker.borrow().state(now).label());
+        }
+        out.finish()
+    }
+
+    pub fn render(&self, out: &mut String) {
+        let now = Instant::now();
+        let names: Vec<&str> = self.providers.iter().map(|p| p.cfg.name.as_str()).collect();
+        let per = |f: &dyn Fn(&Provider) -> u64| -> Vec<(&str, u64)> {
+            self.providers
+                .iter()
+                .zip(&names)
+                .map(|(p, n)| (*n, f(p)))
+                .collect()
+        };
+        gauge_with(
+            out,
+            "hivegate_breaker_state",
+            "Circuit breaker state: 0 closed, 1 open, 2 half-open.",
+            "service",
+            &per(&|p| p.breaker.borrow().state(now).gauge()),
+        );
+        counter_with(
+            out,
+            "hivegate_breaker_failures_total",
+            "Failures counted by each breaker.",
+            "service",
+            &per(&|p| p.breaker.borrow().failures_total),
+        );
+        let name = "hivegate_breaker_transitions_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Breaker state changes.\n# TYPE {name} counter"
+        );
+        for p in &self.providers {
+            let b = p.breaker.borrow();
+            for (i, from) in BreakerState::ALL.iter().enumerate() {
+                for (j, to) in BreakerState::ALL.iter().enumerate() {
+                    if i != j {
+                        let _ = writeln!(
+                            out,
+                            "{name}{{service=\"{}\",from=\"{}\",to=\"{}\"}} {}",
+                            p.cfg.name,
+                            from.label(),
+                            to.label(),
+                            b.transitions[i][j]
+                        );
+                    }
+                }
+            }
+        }
+        counter_with(
+            out,
+            "hivegate_llm_calls_total",
+            "Calls sent to each provider (retries included).",
+            "provider",
+            &per(&|p| p.calls.get()),
+        );
+        counter_with(
+            out,
+            "hivegate_llm_failures_total",
+            "Failed calls per provider.",
+            "provider",
+            &per(&|p| p.failures.get()),
+        );
+        counter_with(
+            out,
+            "hivegate_llm_prompt_tokens_total",
+            "Prompt tokens reported by each provider.",
+            "provider",
+            &per(&|p| p.prompt_tokens.get()),
+        );
+        counter_with(
+            out,
+            "hivegate_llm_completion_tokens_total",
+            "Completion tokens reported by each provider.",
+            "provider",
+            &per(&|p| p.completion_tokens.get()),
+        );
+        gauge_with(
+            out,
+            "hivegate_llm_in_flight",
+            "Calls in flight per provider.",
+            "provider",
+            &per(&|p| p.in_flight.get() as u64),
+        );
+        crate::ops::metrics::gauge(
+            out,
+            "hivegate_llm_calls_in_flight",
+            "Tool calls in flight, gateway-wide.",
+            self.in_flight.get() as u64,
+        );
+    }
+}

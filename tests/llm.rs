@@ -1,0 +1,495 @@
+//! The LLM tool relay over real sockets, against a fake OpenAI-compatible
+//! server: streaming, the breaker, retries and fallback, cancel, shared
+//! calls, progress, timeouts, and an API key that never leaks.
+
+mod common;
+use common::fake_openai::{counting_transcript, ok_stream, transcript, Behaviour, FakeOpenAi};
+use common::*;
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+const KEY: &str = "sk-test-key-7f3a9c";
+
+/// A gateway with the given providers (name, fake) and extra TOML.
+fn gateway(providers: &[(&str, &FakeOpenAi)], extra: &str) -> Gateway {
+    let mut cfg = format!("{NO_RATE_LIMITS}{extra}\n");
+    for (name, fake) in providers {
+        cfg.push_str(&format!(
+            "[provider.{name}]\nbase_url = \"{}\"\nmodel = \"fake-model\"\napi_key_env = \"FAKE_KEY\"\n",
+            fake.base_url()
+        ));
+    }
+    Gateway::start(&cfg, &[("FAKE_KEY", KEY)])
+}
+
+fn call(ws: &mut Ws, rid: &str, extra: Value) {
+    let mut args = json!({"messages":[{"role":"user","content":"hi"}],"provider":"auto","model":null,"stream":true});
+    if let (Some(a), Some(e)) = (args.as_object_mut(), extra.as_object()) {
+        for (k, v) in e {
+            a.insert(k.clone(), v.clone());
+        }
+    }
+    send_json(
+        ws,
+        &json!({"op":"call_tool","request_id":rid,"name":"chat","arguments":args}),
+    );
+}
+
+/// Every frame for `rid` until its last one (call_tool_res or error).
+fn frames_until_end(ws: &mut Ws, rid: &str) -> Vec<Value> {
+    let mut out = Vec::new();
+    loop {
+        let v = recv_json(ws);
+        if v["request_id"] != rid {
+            continue;
+        }
+        let end = v["op"] == "call_tool_res" || v["op"] == "error";
+        out.push(v);
+        if end {
+            return out;
+        }
+    }
+}
+
+fn last(frames: &[Value]) -> &Value {
+    frames.last().unwrap()
+}
+
+#[test]
+fn streamed_chunks_arrive_in_order_and_join_to_the_final_text() {
+    let fake = FakeOpenAi::start(ok_stream(transcript("hello.txt")));
+    let gw = gateway(&[("kimi", &fake)], "");
+    let (mut ws, _) = gw.session(None);
+    call(&mut ws, "t1", json!({}));
+    let frames = frames_until_end(&mut ws, "t1");
+    assert_eq!(frames[0], json!({"op":"call_tool_ack","request_id":"t1"}));
+    let chunks: Vec<&str> = frames
+        .iter()
+        .filter(|f| f["op"] == "stream_chunk")
+        .map(|f| f["chunk"].as_str().unwrap())
+        .collect();
+    assert_eq!(chunks, ["Hel", "lo, ", "wörld \"quoted\"\n"]);
+    let res = last(&frames);
+    assert_eq!(res["op"], "call_tool_res");
+    assert_eq!(
+        res["outputs"],
+        json!([{"type":"text","text":"Hello, wörld \"quoted\"\n"}])
+    );
+    assert_eq!(res["provider"], "kimi");
+    assert_eq!(res["model"], "moonshot-v1-8k");
+    assert_eq!(
+        res["usage"],
+        json!({"prompt_tokens":3,"completion_tokens":5})
+    );
+    // What went upstream.
+    let req = &fake.requests()[0];
+    assert!(
+        req.head.starts_with("POST /v1/chat/completions "),
+        "{}",
+        req.head
+    );
+    assert!(req.head.contains(&format!("Bearer {KEY}")));
+    let body: Value = serde_json::from_str(&req.body).unwrap();
+    assert_eq!(
+        body,
+        json!({"model":"fake-model","stream":true,"messages":[{"role":"user","content":"hi"}]})
+    );
+    // Without stream, only the result.
+    call(&mut ws, "t2", json!({"stream": false}));
+    let frames = frames_until_end(&mut ws, "t2");
+    assert!(frames.iter().all(|f| f["op"] != "stream_chunk"));
+    assert_eq!(
+        last(&frames)["outputs"][0]["text"],
+        "Hello, wörld \"quoted\"\n"
+    );
+    assert_eq!(
+        gw.metric("hivegate_llm_completion_tokens_total{provider=\"kimi\"}"),
+        10.0
+    );
+}
+
+#[test]
+fn a_provider_that_does_not_stream_is_relayed_too() {
+    let fake = FakeOpenAi::start(Behaviour::Json(
+        r#"{"model":"glm-4","choices":[{"index":0,"message":{"role":"assistant","content":"whole answer"}}],"usage":{"prompt_tokens":1,"completion_tokens":2}}"#.into(),
+    ));
+    let gw = gateway(&[("glm", &fake)], "");
+    let (mut ws, _) = gw.session(None);
+    call(&mut ws, "j", json!({}));
+    let frames = frames_until_end(&mut ws, "j");
+    assert_eq!(last(&frames)["outputs"][0]["text"], "whole answer");
+    assert_eq!(last(&frames)["model"], "glm-4");
+}
+
+#[test]
+fn the_breaker_opens_after_four_failures_and_a_trial_closes_it() {
+    let fake = FakeOpenAi::start(Behaviour::Status {
+        status: 500,
+        retry_after: None,
+        body: "{\"error\":{\"message\":\"boom\"}}".into(),
+    });
+    let gw = gateway(
+        &[("kimi", &fake)],
+        "[llm]\nmax_retries = 0\n[provider.kimi]\nfail_max = 4\nreset_timeout_ms = 700\n",
+    );
+    let (mut ws, _) = gw.session(None);
+    for i in 0..4 {
+        call(&mut ws, &format!("f{i}"), json!({}));
+        let end = last(&frames_until_end(&mut ws, &format!("f{i}"))).clone();
+        assert_eq!(end["error"]["code"], "PROVIDER_UNAVAILABLE", "{end}");
+        assert!(
+            end["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("HTTP 500: boom"),
+            "{end}"
+        );
+    }
+    assert_eq!(fake.requests().len(), 4);
+    assert_eq!(gw.metric("hivegate_breaker_state{service=\"kimi\"}"), 1.0);
+    // The fifth call fails fast, without a request reaching the fake.
+    let started = Instant::now();
+    call(&mut ws, "f5", json!({}));
+    let end = last(&frames_until_end(&mut ws, "f5")).clone();
+    assert_eq!(end["error"]["code"], "PROVIDER_UNAVAILABLE");
+    let retry = end["error"]["retry_after_ms"].as_u64().unwrap();
+    assert!(retry > 0 && retry <= 700, "{end}");
+    assert!(started.elapsed() < Duration::from_millis(500));
+    assert_eq!(fake.requests().len(), 4);
+    let ready: Value = serde_json::from_str(&gw.get("/readyz").body).unwrap();
+    assert_eq!(ready["breakers"]["kimi"], "open");
+    // After reset_timeout one trial goes through and, succeeding, closes it.
+    fake.set(ok_stream(transcript("hello.txt")));
+    std::thread::sleep(Duration::from_millis(retry + 50));
+    call(&mut ws, "trial", json!({}));
+    assert_eq!(
+        last(&frames_until_end(&mut ws, "trial"))["op"],
+        "call_tool_res"
+    );
+    assert_eq!(fake.requests().len(), 5);
+    assert_eq!(gw.metric("hivegate_breaker_state{service=\"kimi\"}"), 0.0);
+    assert_eq!(
+        gw.metric(
+            "hivegate_breaker_transitions_total{service=\"kimi\",from=\"closed\",to=\"open\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        gw.metric(
+            "hivegate_breaker_transitions_total{service=\"kimi\",from=\"half_open\",to=\"closed\"}"
+        ),
+        1.0
+    );
+    let log = gw.log_text();
+    assert!(
+        log.contains("circuit breaker service=kimi from=closed to=open"),
+        "{log}"
+    );
+}
+
+#[test]
+fn a_failing_first_provider_falls_back_to_the_second_after_its_retries() {
+    let bad = FakeOpenAi::start(Behaviour::Status {
+        status: 503,
+        retry_after: None,
+        body: String::new(),
+    });
+    let good = FakeOpenAi::start(ok_stream(transcript("hello.txt")));
+    let gw = gateway(
+        &[("kimi", &bad), ("glm", &good)],
+        "[llm]\nmax_retries = 2\nbackoff_base_ms = 10\n",
+    );
+    let (mut ws, _) = gw.session(None);
+    call(&mut ws, "fb", json!({}));
+    let frames = frames_until_end(&mut ws, "fb");
+    assert_eq!(last(&frames)["provider"], "glm");
+    assert_eq!(bad.requests().len(), 3, "one call and two retries");
+    assert_eq!(good.requests().len(), 1);
+    // A named provider is used alone.
+    call(&mut ws, "named", json!({"provider":"kimi"}));
+    assert_eq!(
+        last(&frames_until_end(&mut ws, "named"))["error"]["code"],
+        "PROVIDER_UNAVAILABLE"
+    );
+}
+
+#[test]
+fn a_failure_after_streaming_began_is_not_retried() {
+    let fake = FakeOpenAi::start(Behaviour::CloseAfter {
+        transcript: transcript("hello.txt"),
+        events: 4,
+    });
+    let gw = gateway(
+        &[("kimi", &fake)],
+        "[llm]\nmax_retries = 2\nbackoff_base_ms = 10\n",
+    );
+    let (mut ws, _) = gw.session(None);
+    call(&mut ws, "mid", json!({}));
+    let frames = frames_until_end(&mut ws, "mid");
+    let chunks: Vec<&Value> = frames
+        .iter()
+        .filter(|f| f["op"] == "stream_chunk")
+        .collect();
+    assert_eq!(chunks.len(), 2);
+    let end = last(&frames);
+    assert_eq!(end["op"], "error");
+    let msg = end["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("after 2 chunks (7 bytes) had been delivered"),
+        "{msg}"
+    );
+    assert_eq!(fake.requests().len(), 1);
+}
+
+#[test]
+fn a_429_is_retried_after_its_retry_after_without_opening_the_breaker() {
+    let fake = FakeOpenAi::start(ok_stream(transcript("hello.txt")));
+    fake.push(Behaviour::Status {
+        status: 429,
+        retry_after: Some(1),
+        body: String::new(),
+    });
+    let gw = gateway(&[("kimi", &fake)], "[provider.kimi]\nfail_max = 1\n");
+    let (mut ws, _) = gw.session(None);
+    let started = Instant::now();
+    call(&mut ws, "q", json!({}));
+    assert_eq!(last(&frames_until_end(&mut ws, "q"))["op"], "call_tool_res");
+    assert!(started.elapsed() >= Duration::from_millis(1000));
+    assert_eq!(fake.requests().len(), 2);
+    assert_eq!(gw.metric("hivegate_breaker_state{service=\"kimi\"}"), 0.0);
+}
+
+#[test]
+fn cancel_stops_the_relay_and_the_upstream_read() {
+    let fake = FakeOpenAi::start(Behaviour::Stream {
+        transcript: counting_transcript(400),
+        delay: Duration::from_millis(20),
+        first_byte: Duration::ZERO,
+    });
+    let gw = gateway(&[("kimi", &fake)], "");
+    let (mut ws, _) = gw.session(None);
+    call(&mut ws, "c", json!({}));
+    while recv_json(&mut ws)["op"] != "stream_chunk" {}
+    send_json(&mut ws, &json!({"op":"cancel","request_id":"c"}));
+    // Chunks already queued may still arrive before `cancelled`; nothing after.
+    loop {
+        let v = recv_json(&mut ws);
+        if v["op"] == "cancelled" {
+            assert_eq!(v["request_id"], "c");
+            break;
+        }
+        assert_eq!(v["op"], "stream_chunk", "{v}");
+    }
+    ws.get_mut()
+        .set_read_timeout(Some(Duration::from_millis(400)))
+        .unwrap();
+    if let Ok(tungstenite::Message::Text(t)) = ws.read() {
+        panic!("a frame after cancelled: {t}");
+    }
+    let end = Instant::now() + Duration::from_secs(5);
+    while fake.hung_up() == 0 && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        fake.hung_up(),
+        1,
+        "the gateway stopped reading the upstream"
+    );
+    assert_eq!(gw.metric("hivegate_llm_in_flight{provider=\"kimi\"}"), 0.0);
+    assert_eq!(gw.metric("hivegate_llm_calls_in_flight"), 0.0);
+}
+
+#[test]
+fn a_closed_connection_cancels_its_calls() {
+    let fake = FakeOpenAi::start(Behaviour::Stream {
+        transcript: counting_transcript(400),
+        delay: Duration::from_millis(20),
+        first_byte: Duration::ZERO,
+    });
+    let gw = gateway(&[("kimi", &fake)], "");
+    let (mut ws, _) = gw.session(None);
+    call(&mut ws, "d", json!({}));
+    while recv_json(&mut ws)["op"] != "stream_chunk" {}
+    drop(ws);
+    let end = Instant::now() + Duration::from_secs(5);
+    while fake.hung_up() == 0 && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(fake.hung_up(), 1);
+}
+
+#[test]
+fn the_same_request_id_in_flight_shares_one_upstream_call() {
+    let fake = FakeOpenAi::start(Behaviour::Stream {
+        transcript: transcript("hello.txt"),
+        delay: Duration::from_millis(50),
+        first_byte: Duration::ZERO,
+    });
+    let gw = gateway(&[("kimi", &fake)], "");
+    let (mut ws, _) = gw.session(None);
+    call(&mut ws, "s", json!({}));
+    call(&mut ws, "s", json!({}));
+    let (mut results, mut acks) = (Vec::new(), Vec::new());
+    while results.len() < 2 {
+        let v = recv_json(&mut ws);
+        match v["op"].as_str() {
+            Some("call_tool_res") => results.push(v),
+            Some("call_tool_ack") => acks.push(v),
+            _ => {}
+        }
+    }
+    assert_eq!(acks[1]["from_inflight"], true);
+    assert_eq!(
+        results
+            .iter()
+            .filter(|r| r["from_inflight"] == true)
+            .count(),
+        1
+    );
+    assert!(results
+        .iter()
+        .all(|r| r["outputs"][0]["text"] == "Hello, wörld \"quoted\"\n"));
+    assert_eq!(fake.requests().len(), 1);
+}
+
+#[test]
+fn progress_frames_come_while_the_provider_is_silent() {
+    let fake = FakeOpenAi::start(Behaviour::Stream {
+        transcript: transcript("hello.txt"),
+        delay: Duration::ZERO,
+        first_byte: Duration::from_millis(900),
+    });
+    let gw = gateway(&[("kimi", &fake)], "[llm]\nprogress_interval_ms = 200\n");
+    let (mut ws, _) = gw.session(None);
+    call(&mut ws, "p", json!({}));
+    let frames = frames_until_end(&mut ws, "p");
+    let progress: Vec<&Value> = frames.iter().filter(|f| f["op"] == "progress").collect();
+    assert!(progress.len() >= 2, "{frames:?}");
+    assert_eq!(progress[0]["message"], "waiting for kimi");
+    assert_eq!(last(&frames)["op"], "call_tool_res");
+}
+
+#[test]
+fn a_stalled_provider_times_out() {
+    let fake = FakeOpenAi::start(Behaviour::Stall);
+    let gw = gateway(
+        &[("kimi", &fake)],
+        "[llm]\nmax_retries = 0\n[provider.kimi]\nfirst_byte_timeout_ms = 300\n",
+    );
+    let (mut ws, _) = gw.session(None);
+    let started = Instant::now();
+    call(&mut ws, "st", json!({}));
+    let end = last(&frames_until_end(&mut ws, "st")).clone();
+    assert_eq!(end["error"]["code"], "PROVIDER_UNAVAILABLE");
+    assert!(
+        end["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("timed out"),
+        "{end}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[test]
+fn requests_are_checked_and_tools_listed() {
+    let fake = FakeOpenAi::start(ok_stream(transcript("hello.txt")));
+    let gw = gateway(&[("kimi", &fake)], "[llm]\nmax_prompt_bytes = 100\n");
+    let (mut ws, _) = gw.session(None);
+    send_json(&mut ws, &json!({"op":"list_tools","request_id":"l"}));
+    let tools = recv_json(&mut ws);
+    assert_eq!(tools["op"], "list_tools_res");
+    assert_eq!(tools["tools"][0]["name"], "chat");
+    assert_eq!(
+        tools["tools"][0]["inputSchema"]["properties"]["provider"]["enum"],
+        json!(["auto", "kimi"])
+    );
+    let code = |ws: &mut Ws, rid: &str, req: Value| -> String {
+        send_json(ws, &req);
+        loop {
+            let v = recv_json(ws);
+            if v["request_id"] == rid {
+                return v["error"]["code"].as_str().unwrap_or("none").to_string();
+            }
+        }
+    };
+    let args = |messages: Value| json!({"messages": messages});
+    assert_eq!(
+        code(
+            &mut ws,
+            "a",
+            json!({"op":"call_tool","request_id":"a","name":"chat","arguments":args(json!([]))})
+        ),
+        "INVALID_REQUEST"
+    );
+    assert_eq!(
+        code(
+            &mut ws,
+            "b",
+            json!({"op":"call_tool","request_id":"b","name":"chat","arguments":args(json!([{"role":"wizard","content":"x"}]))})
+        ),
+        "INVALID_REQUEST"
+    );
+    assert_eq!(
+        code(
+            &mut ws,
+            "c",
+            json!({"op":"call_tool","request_id":"c","name":"chat","arguments":args(json!([{"role":"user","content":"x".repeat(101)}]))})
+        ),
+        "INVALID_REQUEST"
+    );
+    assert_eq!(
+        code(
+            &mut ws,
+            "d",
+            json!({"op":"call_tool","request_id":"d","name":"draw","arguments":args(json!([{"role":"user","content":"x"}]))})
+        ),
+        "NOT_FOUND"
+    );
+    assert_eq!(
+        code(
+            &mut ws,
+            "e",
+            json!({"op":"call_tool","request_id":"e","name":"chat","arguments":{"messages":[{"role":"user","content":"x"}],"provider":"nobody"}})
+        ),
+        "NOT_FOUND"
+    );
+    assert_eq!(
+        code(&mut ws, "f", json!({"op":"cancel","request_id":"f"})),
+        "NOT_FOUND"
+    );
+    assert!(fake.requests().is_empty());
+}
+
+#[test]
+fn the_api_key_never_appears_in_any_output() {
+    let fake = FakeOpenAi::start(Behaviour::Status {
+        status: 401,
+        retry_after: None,
+        body: "{\"error\":{\"message\":\"invalid key\"}}".into(),
+    });
+    let gw = gateway(&[("kimi", &fake)], "[log]\nlevel = \"debug\"\n");
+    let (mut ws, _) = gw.session(None);
+    let mut seen = String::new();
+    call(&mut ws, "k1", json!({}));
+    for f in frames_until_end(&mut ws, "k1") {
+        seen.push_str(&f.to_string());
+    }
+    fake.set(ok_stream(transcript("hello.txt")));
+    call(&mut ws, "k2", json!({}));
+    for f in frames_until_end(&mut ws, "k2") {
+        seen.push_str(&f.to_string());
+    }
+    seen.push_str(&gw.get("/metrics").body);
+    seen.push_str(&gw.get("/readyz").body);
+    std::thread::sleep(Duration::from_millis(100));
+    seen.push_str(&gw.log_text());
+    assert!(
+        seen.contains("invalid key"),
+        "the upstream's error was relayed"
+    );
+    assert!(!seen.contains(KEY), "the key leaked");
+    assert!(!seen.contains("7f3a9c"), "part of the key leaked");
+    // It did go upstream, where it belongs.
+    assert!(fake.requests()[0].head.contains(KEY));
+}
