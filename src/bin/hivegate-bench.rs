@@ -16,6 +16,10 @@
 //! `publish N S`: N publishers, each in a room of its own, each with one
 //! publish in flight (send, wait for the ack, repeat); counts acks over S
 //! seconds with `synchronous = FULL`.
+//!
+//! `relay N`: the LLM relay's overhead. The fake OpenAI-compatible server
+//! of the tests streams a short answer; N calls go to it directly and N
+//! through the gateway, one at a time, timing the first chunk of each.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -30,7 +34,19 @@ const USAGE: &str = "\
 Usage: hivegate-bench idle [N]          memory per idle authenticated connection (N: 10000)
        hivegate-bench fanout [M] [S]    deliveries per second to one room of M members (1000, 5 s)
        hivegate-bench publish [N] [S]   durable acks per second from N publishers (100, 5 s)
+       hivegate-bench relay [N]         LLM relay overhead to the first chunk over N calls (1000)
 ";
+
+/// The tests' fake OpenAI-compatible server, shared rather than copied.
+#[allow(dead_code)]
+#[path = "../../tests/common/fake_openai.rs"]
+mod fake_openai;
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name)
+}
 
 /// Lifts every rate limit: the benchmarks measure the gateway, not its
 /// protection.
@@ -46,6 +62,7 @@ fn main() {
         ["idle", n] => number(n).and_then(idle),
         ["fanout", rest @ ..] => numbers(rest, [1000, 5]).and_then(|[m, s]| fanout(m, s)),
         ["publish", rest @ ..] => numbers(rest, [100, 5]).and_then(|[n, s]| publish(n, s)),
+        ["relay", rest @ ..] => numbers(rest, [1000]).and_then(|[n]| relay(n)),
         _ => {
             print!("{USAGE}");
             return;
@@ -568,4 +585,89 @@ fn publish(publishers: usize, seconds: usize) -> Result<(), String> {
         println!("commits (pool jobs, warm-up included): {commits:.0}");
         Ok::<(), String>(())
     }))
+}
+
+/// Time from sending a call to its first chunk, directly and through the
+/// gateway.
+fn relay(n: usize) -> Result<(), String> {
+    let fake =
+        fake_openai::FakeOpenAi::start(fake_openai::ok_stream(fake_openai::counting_transcript(3)));
+    let gw = start_gateway(&format!(
+        "{NO_RATE_LIMITS}[auth]\ntokens = [\"bench:bench-token\"]\n[provider.fake]\nbase_url = \"{}\"\nmodel = \"m\"\n",
+        fake.base_url()
+    ))?;
+    let body = r#"{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+    let direct_once = || -> Result<Duration, String> {
+        let t = Instant::now();
+        let mut s = TcpStream::connect(fake.addr).map_err(|e| e.to_string())?;
+        s.set_nodelay(true).map_err(|e| e.to_string())?;
+        let req = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !got.windows(9).any(|w| w == b"\"content\"") {
+            let k = s.read(&mut buf).map_err(|e| e.to_string())?;
+            if k == 0 {
+                return Err("the fake closed early".into());
+            }
+            got.extend_from_slice(&buf[..k]);
+        }
+        let elapsed = t.elapsed();
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+        Ok(elapsed)
+    };
+    let mut ws = session(gw.addr, "bench-token")?;
+    let call = r#"{"op":"call_tool","request_id":"r","name":"chat","arguments":{"messages":[{"role":"user","content":"hi"}]}}"#;
+    let mut gateway_once = || -> Result<Duration, String> {
+        let t = Instant::now();
+        ws.send(Message::text(call)).map_err(|e| e.to_string())?;
+        let mut first = None;
+        loop {
+            match ws.read().map_err(|e| e.to_string())? {
+                Message::Text(f) if f.starts_with("{\"op\":\"stream_chunk\"") => {
+                    first.get_or_insert_with(|| t.elapsed());
+                }
+                Message::Text(f) if f.starts_with("{\"op\":\"call_tool_res\"") => break,
+                Message::Text(f) if f.starts_with("{\"op\":\"error\"") => return Err(f.to_string()),
+                _ => {}
+            }
+        }
+        first.ok_or_else(|| "no chunk".to_string())
+    };
+    let measure =
+        |f: &mut dyn FnMut() -> Result<Duration, String>| -> Result<Vec<Duration>, String> {
+            for _ in 0..50 {
+                f()?;
+            }
+            let mut v = (0..n).map(|_| f()).collect::<Result<Vec<_>, _>>()?;
+            v.sort();
+            Ok(v)
+        };
+    let mut direct_fn = direct_once;
+    let direct = measure(&mut direct_fn)?;
+    let through = measure(&mut gateway_once)?;
+    let pct = |v: &[Duration], p: f64| {
+        v[((v.len() as f64 * p) as usize).min(v.len() - 1)].as_secs_f64() * 1e3
+    };
+    println!("{n} calls each, one at a time; time to the first chunk:");
+    println!(
+        "direct from the fake:  p50 {:.3} ms, p99 {:.3} ms",
+        pct(&direct, 0.5),
+        pct(&direct, 0.99)
+    );
+    println!(
+        "through the gateway:   p50 {:.3} ms, p99 {:.3} ms",
+        pct(&through, 0.5),
+        pct(&through, 0.99)
+    );
+    println!(
+        "relay overhead:        p50 {:.3} ms, p99 {:.3} ms",
+        pct(&through, 0.5) - pct(&direct, 0.5),
+        pct(&through, 0.99) - pct(&direct, 0.99)
+    );
+    Ok(())
 }

@@ -58,7 +58,6 @@ pub struct FakeOpenAi {
 impl FakeOpenAi {
     pub fn start(default: Behaviour) -> FakeOpenAi {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-        listener.set_nonblocking(true).expect("nonblocking");
         let addr = listener.local_addr().expect("addr");
         let state = Arc::new(Mutex::new(State {
             default: Some(default),
@@ -68,13 +67,14 @@ impl FakeOpenAi {
         {
             let (state, stop) = (state.clone(), stop.clone());
             std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    match listener.accept() {
-                        Ok((s, _)) => {
-                            let (state, stop) = (state.clone(), stop.clone());
-                            std::thread::spawn(move || serve(s, state, stop));
-                        }
-                        Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                // Blocking accept: Drop wakes it with a connection of its own.
+                for s in listener.incoming() {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    if let Ok(s) = s {
+                        let (state, stop) = (state.clone(), stop.clone());
+                        std::thread::spawn(move || serve(s, state, stop));
                     }
                 }
             });
@@ -107,6 +107,7 @@ impl FakeOpenAi {
 impl Drop for FakeOpenAi {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
     }
 }
 
