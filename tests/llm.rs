@@ -493,3 +493,44 @@ fn the_api_key_never_appears_in_any_output() {
     // It did go upstream, where it belongs.
     assert!(fake.requests()[0].head.contains(KEY));
 }
+
+#[test]
+fn the_per_connection_cap_and_the_provider_quota_refuse() {
+    let fake = FakeOpenAi::start(Behaviour::Stream {
+        transcript: transcript("hello.txt"),
+        delay: Duration::from_millis(100),
+        first_byte: Duration::ZERO,
+    });
+    let gw = gateway(
+        &[("kimi", &fake)],
+        "[llm]\nmax_in_flight_per_session = 1\n[provider.kimi]\nrpm = 2\n",
+    );
+    let (mut ws, _) = gw.session(None);
+    call(&mut ws, "one", json!({}));
+    call(&mut ws, "two", json!({}));
+    let refused = frames_until_end(&mut ws, "two");
+    assert_eq!(last(&refused)["error"]["code"], "OVER_CAPACITY");
+    assert!(last(&refused)["error"]["retry_after_ms"].as_u64().unwrap() > 0);
+    assert_eq!(
+        last(&frames_until_end(&mut ws, "one"))["op"],
+        "call_tool_res"
+    );
+    // Two requests a minute: the second passes, the third is out of quota.
+    call(&mut ws, "three", json!({}));
+    assert_eq!(
+        last(&frames_until_end(&mut ws, "three"))["op"],
+        "call_tool_res"
+    );
+    call(&mut ws, "four", json!({}));
+    let end = last(&frames_until_end(&mut ws, "four")).clone();
+    assert_eq!(end["error"]["code"], "PROVIDER_UNAVAILABLE");
+    assert!(
+        end["error"]["message"].as_str().unwrap().contains("quota"),
+        "{end}"
+    );
+    assert!(
+        end["error"]["retry_after_ms"].as_u64().unwrap() > 1000,
+        "{end}"
+    );
+    assert_eq!(fake.requests().len(), 2);
+}
