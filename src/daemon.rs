@@ -66,7 +66,16 @@ pub fn run(cfg: Config, log: Logger) -> Result<i32, String> {
     let ex = Rc::new(LocalExecutor::new());
     let llm = crate::llm::Llm::new(&cfg.llm, log)
         .map_err(|e| format!("cannot start the upstream pool: {e}"))?;
-    let gw = Rc::new(Gateway::new(cfg, log, ex.clone(), pool, store, chat, llm));
+    let remote = match &cfg.remote {
+        Some(r) => Some(
+            crate::remote::Remote::new(r, log)
+                .map_err(|e| format!("cannot start the sync thread: {e}"))?,
+        ),
+        None => None,
+    };
+    let mut gateway = Gateway::new(cfg, log, ex.clone(), pool, store, chat, llm);
+    gateway.remote = remote;
+    let gw = Rc::new(gateway);
     let notifier = Notifier::from_env();
 
     if gw.cfg.auth.implicit_open {
@@ -92,6 +101,16 @@ pub fn run(cfg: Config, log: Logger) -> Result<i32, String> {
         ex.spawn(async move { fan.chat.run_fanout(&fan.table, &fan.metrics).await })
             .detach();
         ex.spawn(retention_loop(gw.clone())).detach();
+        ex.spawn(storage_loop(gw.clone())).detach();
+        if gw.remote.is_some() {
+            let sync = gw.clone();
+            ex.spawn(async move {
+                if let Some(r) = &sync.remote {
+                    r.run(&sync.store).await;
+                }
+            })
+            .detach();
+        }
         ex.spawn(accept_loop(gw.clone(), ex.clone(), listener))
             .detach();
         if let Some(period) = Notifier::watchdog_period() {
@@ -177,6 +196,8 @@ async fn retention_loop(gw: Rc<Gateway>) {
                 older_than_ts: now_ms - cfg.retention.as_millis() as i64,
                 max_per_room: cfg.max_messages_per_room,
                 batch: BATCH,
+                // With a remote, a message is deleted only once shipped.
+                synced_only: gw.cfg.remote.is_some(),
             };
             let deleted = match gw.store.write(op) {
                 Ok(done) => match done.await {
@@ -217,6 +238,60 @@ fn tune_malloc() {
         libc::mallopt(libc::M_TRIM_THRESHOLD, 8 << 20);
         libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
     }
+}
+
+/// Keeps the database under `store.max_db_bytes`: from 90% of it the
+/// oldest messages are deleted (only shipped ones when there is a remote:
+/// an unshipped message is never deleted to make room), and at 100%
+/// publishes are refused until space returns.
+async fn storage_loop(gw: Rc<Gateway>) {
+    let max = gw.cfg.store.max_db_bytes;
+    let synced_only = gw.cfg.remote.is_some();
+    loop {
+        Timer::after(gw.cfg.store.check_interval).await;
+        let Some(mut bytes) = used_bytes(&gw).await else {
+            continue;
+        };
+        while bytes >= max / 10 * 9 {
+            let Ok(done) = gw.store.write(WriteOp::MakeRoom {
+                batch: 500,
+                synced_only,
+            }) else {
+                break;
+            };
+            match done.await {
+                Ok(WriteOk::Pruned { deleted }) if deleted > 0 => {
+                    gw.log.info(
+                        "storage: deleted the oldest messages to make room",
+                        &[("deleted", &deleted)],
+                    );
+                }
+                _ => break,
+            }
+            match used_bytes(&gw).await {
+                Some(b) => bytes = b,
+                None => break,
+            }
+        }
+        let full = bytes >= max;
+        if gw.storage_full.replace(full) != full {
+            if full {
+                gw.log.warn(
+                    "storage full: publishes are refused until space returns",
+                    &[("used_bytes", &bytes), ("max_db_bytes", &max)],
+                );
+            } else {
+                gw.log.info(
+                    "storage: space again; publishes are accepted",
+                    &[("used_bytes", &bytes)],
+                );
+            }
+        }
+    }
+}
+
+async fn used_bytes(gw: &Gateway) -> Option<i64> {
+    gw.store.used_bytes().ok()?.await.ok()
 }
 
 /// Raises the soft limit on open files to the hard limit: each connection

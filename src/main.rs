@@ -11,6 +11,7 @@ mod llm;
 mod ops;
 mod pool;
 mod protocol;
+mod remote;
 mod resilience;
 mod server;
 mod store;

@@ -151,6 +151,62 @@ impl Breaker {
     }
 }
 
+/// The breaker metrics of every service, as one family each (Prometheus
+/// wants a family in one place).
+pub fn render_breakers(out: &mut String, breakers: &[(String, Breaker)], now: Instant) {
+    use std::fmt::Write as _;
+    let family = |out: &mut String, name: &str, help: &str, kind: &str| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    };
+    family(
+        out,
+        "hivegate_breaker_state",
+        "Circuit breaker state: 0 closed, 1 open, 2 half-open.",
+        "gauge",
+    );
+    for (s, b) in breakers {
+        let _ = writeln!(
+            out,
+            "hivegate_breaker_state{{service=\"{s}\"}} {}",
+            b.state(now).gauge()
+        );
+    }
+    family(
+        out,
+        "hivegate_breaker_failures_total",
+        "Failures counted by each breaker.",
+        "counter",
+    );
+    for (s, b) in breakers {
+        let _ = writeln!(
+            out,
+            "hivegate_breaker_failures_total{{service=\"{s}\"}} {}",
+            b.failures_total
+        );
+    }
+    family(
+        out,
+        "hivegate_breaker_transitions_total",
+        "Breaker state changes.",
+        "counter",
+    );
+    for (s, b) in breakers {
+        for (i, from) in BreakerState::ALL.iter().enumerate() {
+            for (j, to) in BreakerState::ALL.iter().enumerate() {
+                if i != j {
+                    let _ = writeln!(
+                        out,
+                        "hivegate_breaker_transitions_total{{service=\"{s}\",from=\"{}\",to=\"{}\"}} {}",
+                        from.label(),
+                        to.label(),
+                        b.transitions[i][j]
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// Full-jitter exponential backoff: a random wait between zero and
 /// `min(cap, base * 2^attempt)`. `unit` is a random number in [0, 1).
 pub fn backoff(attempt: u32, base: Duration, cap: Duration, unit: f64) -> Duration {

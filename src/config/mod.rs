@@ -130,6 +130,63 @@ pub const KEYS: &[(&str, &str, &str)] = &[
     ),
     ("store.batch_max", "256", "most writes in one transaction"),
     (
+        "store.max_db_bytes",
+        "1073741824",
+        "database size bound; near it shipped messages are deleted, at it publishes are refused",
+    ),
+    (
+        "store.check_interval_ms",
+        "5000",
+        "how often the database size is checked",
+    ),
+    (
+        "remote.url",
+        "none (local only)",
+        "Supabase project URL; its PostgREST API is `{url}/rest/v1`",
+    ),
+    (
+        "remote.api_key_env",
+        "none",
+        "environment variable holding the service key",
+    ),
+    (
+        "remote.api_key_file",
+        "none",
+        "file holding the service key",
+    ),
+    (
+        "remote.messages_table",
+        "\"messages\"",
+        "remote table for messages",
+    ),
+    (
+        "remote.reactions_table",
+        "\"reactions\"",
+        "remote table for reactions",
+    ),
+    ("remote.batch_rows", "500", "rows per upsert"),
+    (
+        "remote.interval_ms",
+        "1000",
+        "pause between sync rounds when the backlog is empty",
+    ),
+    (
+        "remote.connect_timeout_ms",
+        "5000",
+        "to connect to the remote",
+    ),
+    ("remote.timeout_ms", "10000", "a whole upsert"),
+    (
+        "remote.fail_max",
+        "3",
+        "consecutive failures that open the remote's breaker (fallback mode)",
+    ),
+    (
+        "remote.reset_timeout_ms",
+        "30000",
+        "open breaker's wait before a trial batch",
+    ),
+    (
         "chat.rooms_per_session",
         "32",
         "rooms one connection may be in",
@@ -303,7 +360,44 @@ pub struct Config {
     pub store: StoreConfig,
     pub chat: ChatLimits,
     pub llm: LlmConfig,
+    /// `None`: local only, no sync at all.
+    pub remote: Option<RemoteConfig>,
     pub log: Log,
+}
+
+#[derive(Debug, Clone)]
+pub struct RemoteConfig {
+    pub url: String,
+    pub api_key_env: Option<String>,
+    pub api_key_file: Option<PathBuf>,
+    pub api_key: Option<Secret>,
+    pub messages_table: String,
+    pub reactions_table: String,
+    pub batch_rows: usize,
+    pub interval: Duration,
+    pub connect_timeout: Duration,
+    pub timeout: Duration,
+    pub fail_max: u32,
+    pub reset_timeout: Duration,
+}
+
+impl Default for RemoteConfig {
+    fn default() -> Self {
+        RemoteConfig {
+            url: String::new(),
+            api_key_env: None,
+            api_key_file: None,
+            api_key: None,
+            messages_table: "messages".into(),
+            reactions_table: "reactions".into(),
+            batch_rows: 500,
+            interval: Duration::from_secs(1),
+            connect_timeout: Duration::from_secs(5),
+            timeout: Duration::from_secs(10),
+            fail_max: 3,
+            reset_timeout: Duration::from_secs(30),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -391,6 +485,8 @@ pub struct StoreConfig {
     pub max_messages_per_room: i64,
     pub write_queue: usize,
     pub batch_max: usize,
+    pub max_db_bytes: i64,
+    pub check_interval: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -662,6 +758,8 @@ impl Config {
                 max_messages_per_room: 100_000,
                 write_queue: 1024,
                 batch_max: 256,
+                max_db_bytes: 1 << 30,
+                check_interval: Duration::from_secs(5),
             },
             chat: ChatLimits {
                 rooms_per_session: 32,
@@ -680,6 +778,7 @@ impl Config {
                 progress_interval: Duration::from_secs(5),
                 providers: Vec::new(),
             },
+            remote: None,
             log: Log {
                 level: LogLevel::Info,
                 format: LogFormat::Text,
@@ -766,6 +865,12 @@ impl Config {
             if let Err(message) = cfg.check_whole(mode_set) {
                 errors.push(ConfigError {
                     origin: token_origin,
+                    message,
+                });
+            }
+            if let Err(message) = cfg.check_remote(env) {
+                errors.push(ConfigError {
+                    origin: Origin::Whole,
                     message,
                 });
             }
@@ -909,6 +1014,33 @@ impl Config {
             "llm.backoff_base_ms" => self.llm.backoff_base = s.millis(1, 60_000)?,
             "llm.backoff_cap_ms" => self.llm.backoff_cap = s.millis(1, 600_000)?,
             "llm.progress_interval_ms" => self.llm.progress_interval = s.millis(10, 600_000)?,
+            "store.max_db_bytes" => self.store.max_db_bytes = s.int(1 << 16, 1 << 50)?,
+            "store.check_interval_ms" => self.store.check_interval = s.millis(10, 3_600_000)?,
+            other if other.starts_with("remote.") => {
+                let r = self.remote.get_or_insert_with(RemoteConfig::default);
+                match other {
+                    "remote.url" => {
+                        let url = s.string()?;
+                        if !(url.starts_with("http://") || url.starts_with("https://")) {
+                            return Err(format!(
+                                "remote.url: {url:?} must start with http:// or https://"
+                            ));
+                        }
+                        r.url = url.trim_end_matches('/').to_string();
+                    }
+                    "remote.api_key_env" => r.api_key_env = Some(s.string()?),
+                    "remote.api_key_file" => r.api_key_file = Some(PathBuf::from(s.string()?)),
+                    "remote.messages_table" => r.messages_table = table_name(s)?,
+                    "remote.reactions_table" => r.reactions_table = table_name(s)?,
+                    "remote.batch_rows" => r.batch_rows = s.usize(1, 10_000)?,
+                    "remote.interval_ms" => r.interval = s.millis(10, 3_600_000)?,
+                    "remote.connect_timeout_ms" => r.connect_timeout = s.millis(10, 600_000)?,
+                    "remote.timeout_ms" => r.timeout = s.millis(10, 3_600_000)?,
+                    "remote.fail_max" => r.fail_max = s.int(1, 1000)? as u32,
+                    "remote.reset_timeout_ms" => r.reset_timeout = s.millis(10, 86_400_000)?,
+                    _ => return Err(unknown_key(other)),
+                }
+            }
             other if other.starts_with("provider.") => self.apply_provider(s)?,
             other => return Err(unknown_key(other)),
         }
@@ -975,6 +1107,18 @@ impl Config {
         Ok(())
     }
 
+    /// The remote, complete, with its key read.
+    fn check_remote(&mut self, env: &[(String, String)]) -> Result<(), String> {
+        let Some(r) = &mut self.remote else {
+            return Ok(());
+        };
+        if r.url.is_empty() {
+            return Err("[remote] needs url (remote.url), or no [remote] section at all for local-only mode".into());
+        }
+        r.api_key = read_key("remote", &r.api_key_env, &r.api_key_file, env)?;
+        Ok(())
+    }
+
     /// The providers, complete, with their keys read; the chain checked.
     fn check_llm(&mut self, env: &[(String, String)]) -> Result<(), String> {
         for p in &mut self.llm.providers {
@@ -984,48 +1128,12 @@ impl Config {
                     p.name, p.name, p.name
                 ));
             }
-            // The key's value never appears in a message: only where it
-            // was looked for.
-            p.api_key = match (&p.api_key_env, &p.api_key_file) {
-                (Some(_), Some(_)) => {
-                    return Err(format!(
-                        "provider {}: give api_key_env or api_key_file, not both",
-                        p.name
-                    ))
-                }
-                (Some(var), None) => {
-                    let value = env.iter().find(|(k, _)| k == var).map(|(_, v)| v.trim());
-                    match value {
-                        Some(v) if !v.is_empty() => Some(Secret::new(v.to_string())),
-                        _ => {
-                            return Err(format!(
-                                "provider {}: environment variable {var} (api_key_env) is not set or empty",
-                                p.name
-                            ))
-                        }
-                    }
-                }
-                (None, Some(path)) => {
-                    let text = std::fs::read_to_string(path).map_err(|e| {
-                        format!(
-                            "provider {}: cannot read api_key_file {}: {e}",
-                            p.name,
-                            path.display()
-                        )
-                    })?;
-                    let key = text.trim();
-                    if key.is_empty() {
-                        return Err(format!(
-                            "provider {}: api_key_file {} is empty",
-                            p.name,
-                            path.display()
-                        ));
-                    }
-                    Some(Secret::new(key.to_string()))
-                }
-                // A local OpenAI-compatible server may need no key.
-                (None, None) => None,
-            };
+            p.api_key = read_key(
+                &format!("provider {}", p.name),
+                &p.api_key_env,
+                &p.api_key_file,
+                env,
+            )?;
         }
         if self.llm.chain.is_empty() {
             self.llm.chain = self.llm.providers.iter().map(|p| p.name.clone()).collect();
@@ -1056,6 +1164,45 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Reads a key from the named variable or file, once. The key's value
+/// never appears in a message: only where it was looked for.
+fn read_key(
+    who: &str,
+    var: &Option<String>,
+    file: &Option<PathBuf>,
+    env: &[(String, String)],
+) -> Result<Option<Secret>, String> {
+    match (var, file) {
+        (Some(_), Some(_)) => Err(format!("{who}: give api_key_env or api_key_file, not both")),
+        (Some(var), None) => match env.iter().find(|(k, _)| k == var).map(|(_, v)| v.trim()) {
+            Some(v) if !v.is_empty() => Ok(Some(Secret::new(v.to_string()))),
+            _ => Err(format!(
+                "{who}: environment variable {var} (api_key_env) is not set or empty"
+            )),
+        },
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("{who}: cannot read api_key_file {}: {e}", path.display()))?;
+            let key = text.trim();
+            if key.is_empty() {
+                return Err(format!("{who}: api_key_file {} is empty", path.display()));
+            }
+            Ok(Some(Secret::new(key.to_string())))
+        }
+        // A server that needs no key (a local one).
+        (None, None) => Ok(None),
+    }
+}
+
+/// A PostgREST table name: letters, digits, '_'.
+fn table_name(s: &Setting) -> Result<String, String> {
+    let name = s.string()?;
+    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        return Err(format!("{}: {name:?} is not a plain table name", s.key));
+    }
+    Ok(name)
 }
 
 fn bucket(capacity: f64, refill_per_s: f64) -> BucketParams {

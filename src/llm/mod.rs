@@ -23,12 +23,11 @@ use crate::ops::log::Logger;
 use crate::ops::metrics::{counter_with, gauge_with};
 use crate::pool::Pool;
 use crate::protocol::{error_frame, ErrorCode, JsonOut};
-use crate::resilience::{backoff, Breaker, BreakerState, Jitter, Transition};
+use crate::resilience::{backoff, Breaker, Jitter, Transition};
 use async_io::Timer;
 use client::{CallError, Event, Usage};
 use futures_lite::FutureExt;
 use std::cell::{Cell, RefCell};
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -573,6 +572,14 @@ impl Llm {
         }
     }
 
+    /// Each provider's breaker, for the metrics.
+    pub fn breakers(&self) -> Vec<(String, Breaker)> {
+        self.providers
+            .iter()
+            .map(|p| (p.cfg.name.clone(), p.breaker.borrow().clone()))
+            .collect()
+    }
+
     /// `{"kimi":"closed",...}` for `/readyz`.
     pub fn breakers_json(&self) -> String {
         let now = Instant::now();
@@ -584,7 +591,6 @@ impl Llm {
     }
 
     pub fn render(&self, out: &mut String) {
-        let now = Instant::now();
         let names: Vec<&str> = self.providers.iter().map(|p| p.cfg.name.as_str()).collect();
         let per = |f: &dyn Fn(&Provider) -> u64| -> Vec<(&str, u64)> {
             self.providers
@@ -593,42 +599,6 @@ impl Llm {
                 .map(|(p, n)| (*n, f(p)))
                 .collect()
         };
-        gauge_with(
-            out,
-            "hivegate_breaker_state",
-            "Circuit breaker state: 0 closed, 1 open, 2 half-open.",
-            "service",
-            &per(&|p| p.breaker.borrow().state(now).gauge()),
-        );
-        counter_with(
-            out,
-            "hivegate_breaker_failures_total",
-            "Failures counted by each breaker.",
-            "service",
-            &per(&|p| p.breaker.borrow().failures_total),
-        );
-        let name = "hivegate_breaker_transitions_total";
-        let _ = writeln!(
-            out,
-            "# HELP {name} Breaker state changes.\n# TYPE {name} counter"
-        );
-        for p in &self.providers {
-            let b = p.breaker.borrow();
-            for (i, from) in BreakerState::ALL.iter().enumerate() {
-                for (j, to) in BreakerState::ALL.iter().enumerate() {
-                    if i != j {
-                        let _ = writeln!(
-                            out,
-                            "{name}{{service=\"{}\",from=\"{}\",to=\"{}\"}} {}",
-                            p.cfg.name,
-                            from.label(),
-                            to.label(),
-                            b.transitions[i][j]
-                        );
-                    }
-                }
-            }
-        }
         counter_with(
             out,
             "hivegate_llm_calls_total",

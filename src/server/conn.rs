@@ -808,6 +808,11 @@ impl Conn {
             );
             return None;
         }
+        if self.gw.storage_full.get() {
+            let msg = "storage full: the database is at store.max_db_bytes";
+            self.error(rid, ErrorCode::OverCapacity, msg, Some(5000));
+            return None;
+        }
         let reply = self.start_request(rid)?;
         let ts = now_ms();
         let msg = StoredMessage {

@@ -53,6 +53,10 @@ pub struct Gateway {
     pub store: Store,
     pub chat: Rc<Chat>,
     pub llm: crate::llm::Llm,
+    /// `None` in local-only mode.
+    pub remote: Option<crate::remote::Remote>,
+    /// The database reached `store.max_db_bytes`: publishes are refused.
+    pub storage_full: Cell<bool>,
     ex: Rc<LocalExecutor<'static>>,
 }
 
@@ -97,6 +101,8 @@ impl Gateway {
             store,
             chat,
             llm,
+            remote: None,
+            storage_full: Cell::new(false),
             ex,
             cfg,
             log,
@@ -301,6 +307,12 @@ async fn pre_upgrade(gw: &Rc<Gateway>, stream: &mut Async<TcpStream>, ip: IpAddr
             gw.meters.borrow_mut().render(Instant::now(), &mut body);
             gw.pool.render(&mut body);
             gw.llm.render(&mut body);
+            let mut breakers = gw.llm.breakers();
+            if let Some(r) = &gw.remote {
+                r.render(&mut body);
+                breakers.push(("remote".to_string(), r.breaker.borrow().clone()));
+            }
+            crate::resilience::render_breakers(&mut body, &breakers, Instant::now());
             crate::ops::metrics::gauge(
                 &mut body,
                 "hivegate_store_write_queue",
@@ -330,10 +342,18 @@ fn readyz(gw: &Gateway) -> Response {
     let status = if g.draining { "draining" } else { "ready" };
     let body = JsonOut::new()
         .str("status", status)
-        .str("mode", "online")
+        .str(
+            "mode",
+            if gw.remote.as_ref().is_some_and(|r| r.in_fallback()) {
+                "fallback"
+            } else {
+                "online"
+            },
+        )
+        .str("storage", if gw.storage_full.get() { "full" } else { "ok" })
         .num("connections", g.connections_open as u64)
         .num("capacity", g.table_capacity as u64)
-        .raw("breakers", &gw.llm.breakers_json())
+        .raw("breakers", &breakers_json(gw))
         .raw("rates", &gw.meters.borrow_mut().json(Instant::now()))
         .finish();
     Response::new(
@@ -341,6 +361,21 @@ fn readyz(gw: &Gateway) -> Response {
         "application/json",
         body + "\n",
     )
+}
+
+/// Every breaker's state, by service, for `/readyz`.
+fn breakers_json(gw: &Gateway) -> String {
+    let mut json = gw.llm.breakers_json();
+    if let Some(r) = &gw.remote {
+        let state = r.breaker.borrow().state(Instant::now()).label();
+        let entry = format!("\"remote\":\"{state}\"");
+        json = if json == "{}" {
+            format!("{{{entry}}}")
+        } else {
+            format!("{},{entry}}}", &json[..json.len() - 1])
+        };
+    }
+    json
 }
 
 /// Decides whether an upgrade request gets a connection, in the order the

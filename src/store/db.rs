@@ -7,7 +7,7 @@ use std::path::Path;
 
 /// The schema this build writes. Older databases are migrated on start;
 /// a newer one is refused (it was written by a newer hivegate).
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// Most distinct emoji on one message.
 pub const MAX_EMOJI_PER_MESSAGE: i64 = 50;
@@ -36,6 +36,28 @@ CREATE TABLE reactions (
     ts INTEGER NOT NULL,
     PRIMARY KEY (message_id, emoji, user)
 ) WITHOUT ROWID;
+";
+
+/// Version 2: the outbox. Every message and reaction change is marked
+/// unsynced in the transaction that stores it; reactions stay as rows with
+/// a `removed` flag and a version, so a toggle is an upsert remotely too,
+/// and a row is marked synced only if it did not change while shipping.
+/// `synced = 2` parks a row the remote refused (see `dead_letters`).
+const SCHEMA_V2: &str = "
+ALTER TABLE messages ADD COLUMN synced INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX messages_unsynced ON messages (synced) WHERE synced = 0;
+ALTER TABLE reactions ADD COLUMN removed INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE reactions ADD COLUMN synced INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE reactions ADD COLUMN version INTEGER NOT NULL DEFAULT 1;
+CREATE INDEX reactions_unsynced ON reactions (synced, ts) WHERE synced = 0;
+CREATE TABLE dead_letters (
+    id INTEGER PRIMARY KEY,
+    kind TEXT NOT NULL,
+    row_key TEXT NOT NULL,
+    row_json TEXT NOT NULL,
+    error TEXT NOT NULL,
+    ts INTEGER NOT NULL
+);
 ";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,6 +126,11 @@ fn migrate(conn: &Connection, from: i64) -> rusqlite::Result<()> {
             "BEGIN; {SCHEMA_V1} PRAGMA user_version = 1; COMMIT;"
         ))?;
     }
+    if from < 2 {
+        conn.execute_batch(&format!(
+            "BEGIN; {SCHEMA_V2} PRAGMA user_version = 2; COMMIT;"
+        ))?;
+    }
     Ok(())
 }
 
@@ -140,11 +167,30 @@ pub enum WriteOp {
         rooms: Vec<String>,
     },
     /// Deletes up to `batch` messages older than `older_than_ts`, then up to
-    /// `batch` beyond `max_per_room` in each room.
+    /// `batch` beyond `max_per_room` in each room. With `synced_only`
+    /// (a remote is configured) a message not yet shipped is never deleted.
     Prune {
         older_than_ts: i64,
         max_per_room: i64,
         batch: i64,
+        synced_only: bool,
+    },
+    /// Storage pressure: deletes the oldest `batch` messages, only shipped
+    /// ones when `synced_only`.
+    MakeRoom { batch: i64, synced_only: bool },
+    /// The remote has these: messages by id; reactions by key and the
+    /// version that was shipped (a newer change stays unsynced).
+    MarkSynced {
+        messages: Vec<String>,
+        reactions: Vec<(String, String, String, i64)>,
+    },
+    /// The remote refused this row: park it and say why.
+    DeadLetter {
+        kind: &'static str,
+        key: Vec<String>,
+        row_json: String,
+        error: String,
+        ts: i64,
     },
 }
 
@@ -161,6 +207,7 @@ pub enum WriteOk {
     Pruned {
         deleted: i64,
     },
+    Marked,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -276,20 +323,31 @@ fn apply(conn: &Connection, op: &WriteOp) -> Result<WriteOk, WriteErr> {
             let room = room
                 .filter(|r| rooms.iter().any(|allowed| allowed == r))
                 .ok_or(WriteErr::NotFound)?;
-            let removed = conn
+            let current: Option<i64> = conn
                 .prepare_cached(
-                    "DELETE FROM reactions WHERE message_id = ?1 AND emoji = ?2 AND user = ?3",
+                    "SELECT removed FROM reactions WHERE message_id = ?1 AND emoji = ?2 AND user = ?3",
                 )
-                .and_then(|mut s| s.execute(params![message_id, emoji, user]))
+                .and_then(|mut s| s.query_row(params![message_id, emoji, user], |r| r.get(0)).optional())
                 .map_err(storage)?;
             let count_for = |emoji: &str| -> Result<i64, WriteErr> {
                 conn.prepare_cached(
-                    "SELECT COUNT(*) FROM reactions WHERE message_id = ?1 AND emoji = ?2",
+                    "SELECT COUNT(*) FROM reactions WHERE message_id = ?1 AND emoji = ?2 AND removed = 0",
                 )
                 .and_then(|mut s| s.query_row(params![message_id, emoji], |r| r.get(0)))
                 .map_err(storage)
             };
-            if removed > 0 {
+            // Every change bumps the version and marks the row unsynced.
+            let set_removed = |removed: bool| -> Result<(), WriteErr> {
+                conn.prepare_cached(
+                    "UPDATE reactions SET removed = ?4, ts = ?5, synced = 0, version = version + 1
+                     WHERE message_id = ?1 AND emoji = ?2 AND user = ?3",
+                )
+                .and_then(|mut s| s.execute(params![message_id, emoji, user, removed, ts]))
+                .map(|_| ())
+                .map_err(storage)
+            };
+            if current == Some(0) {
+                set_removed(true)?;
                 return Ok(WriteOk::Reacted {
                     room,
                     count: count_for(emoji)?,
@@ -300,7 +358,7 @@ fn apply(conn: &Connection, op: &WriteOp) -> Result<WriteOk, WriteErr> {
             if users == 0 {
                 let distinct: i64 = conn
                     .prepare_cached(
-                        "SELECT COUNT(DISTINCT emoji) FROM reactions WHERE message_id = ?1",
+                        "SELECT COUNT(DISTINCT emoji) FROM reactions WHERE message_id = ?1 AND removed = 0",
                     )
                     .and_then(|mut s| s.query_row(params![message_id], |r| r.get(0)))
                     .map_err(storage)?;
@@ -310,11 +368,15 @@ fn apply(conn: &Connection, op: &WriteOp) -> Result<WriteOk, WriteErr> {
             } else if users >= MAX_USERS_PER_EMOJI {
                 return Err(WriteErr::LimitExceeded("an emoji holds at most 100 users"));
             }
-            conn.prepare_cached(
-                "INSERT INTO reactions (message_id, emoji, user, ts) VALUES (?1, ?2, ?3, ?4)",
-            )
-            .and_then(|mut s| s.execute(params![message_id, emoji, user, ts]))
-            .map_err(storage)?;
+            if current.is_some() {
+                set_removed(false)?;
+            } else {
+                conn.prepare_cached(
+                    "INSERT INTO reactions (message_id, emoji, user, ts) VALUES (?1, ?2, ?3, ?4)",
+                )
+                .and_then(|mut s| s.execute(params![message_id, emoji, user, ts]))
+                .map_err(storage)?;
+            }
             Ok(WriteOk::Reacted {
                 room,
                 count: users + 1,
@@ -325,8 +387,83 @@ fn apply(conn: &Connection, op: &WriteOp) -> Result<WriteOk, WriteErr> {
             older_than_ts,
             max_per_room,
             batch,
-        } => prune(conn, *older_than_ts, *max_per_room, *batch).map_err(storage),
+            synced_only,
+        } => prune(conn, *older_than_ts, *max_per_room, *batch, *synced_only).map_err(storage),
+        WriteOp::MakeRoom { batch, synced_only } => make_room(conn, *batch, *synced_only).map_err(storage),
+        WriteOp::MarkSynced { messages, reactions } => (|| {
+            for id in messages {
+                conn.prepare_cached("UPDATE messages SET synced = 1 WHERE id = ?1")?
+                    .execute(params![id])?;
+            }
+            for (message_id, emoji, user, version) in reactions {
+                conn.prepare_cached(
+                    "UPDATE reactions SET synced = 1
+                     WHERE message_id = ?1 AND emoji = ?2 AND user = ?3 AND version = ?4",
+                )?
+                .execute(params![message_id, emoji, user, version])?;
+            }
+            Ok(WriteOk::Marked)
+        })()
+        .map_err(storage),
+        WriteOp::DeadLetter {
+            kind,
+            key,
+            row_json,
+            error,
+            ts,
+        } => (|| {
+            conn.prepare_cached(
+                "INSERT INTO dead_letters (kind, row_key, row_json, error, ts) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?
+            .execute(params![kind, key.join("/"), row_json, error, ts])?;
+            if *kind == "message" {
+                conn.prepare_cached("UPDATE messages SET synced = 2 WHERE id = ?1")?
+                    .execute(params![key.first()])?;
+            } else {
+                conn.prepare_cached(
+                    "UPDATE reactions SET synced = 2 WHERE message_id = ?1 AND emoji = ?2 AND user = ?3",
+                )?
+                .execute(params![key.first(), key.get(1), key.get(2)])?;
+            }
+            Ok(WriteOk::Marked)
+        })()
+        .map_err(storage),
     }
+}
+
+/// Deletes messages (and their reactions) by id. A message whose
+/// reactions still wait to be shipped is kept.
+fn delete_messages(conn: &Connection, ids: &[String], synced_only: bool) -> rusqlite::Result<i64> {
+    let mut deleted = 0;
+    for id in ids {
+        if synced_only {
+            let pending: i64 = conn
+                .prepare_cached(
+                    "SELECT COUNT(*) FROM reactions WHERE message_id = ?1 AND synced = 0",
+                )?
+                .query_row(params![id], |r| r.get(0))?;
+            if pending > 0 {
+                continue;
+            }
+        }
+        conn.prepare_cached("DELETE FROM reactions WHERE message_id = ?1")?
+            .execute(params![id])?;
+        deleted += conn
+            .prepare_cached("DELETE FROM messages WHERE id = ?1")?
+            .execute(params![id])? as i64;
+    }
+    Ok(deleted)
+}
+
+fn make_room(conn: &Connection, batch: i64, synced_only: bool) -> rusqlite::Result<WriteOk> {
+    let floor = if synced_only { 1 } else { 0 };
+    let ids: Vec<String> = conn
+        .prepare_cached("SELECT id FROM messages WHERE synced >= ?2 ORDER BY ts LIMIT ?1")?
+        .query_map(params![batch, floor], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(WriteOk::Pruned {
+        deleted: delete_messages(conn, &ids, synced_only)?,
+    })
 }
 
 fn prune(
@@ -334,10 +471,15 @@ fn prune(
     older_than_ts: i64,
     max_per_room: i64,
     batch: i64,
+    synced_only: bool,
 ) -> rusqlite::Result<WriteOk> {
+    // synced = 1 (shipped), or anything when there is no remote.
+    let floor = if synced_only { 1 } else { 0 };
     let mut ids: Vec<String> = conn
-        .prepare_cached("SELECT id FROM messages WHERE ts < ?1 ORDER BY ts LIMIT ?2")?
-        .query_map(params![older_than_ts, batch], |r| r.get(0))?
+        .prepare_cached(
+            "SELECT id FROM messages WHERE ts < ?1 AND synced >= ?3 ORDER BY ts LIMIT ?2",
+        )?
+        .query_map(params![older_than_ts, batch, floor], |r| r.get(0))?
         .collect::<rusqlite::Result<_>>()?;
     // Rooms past their bound: their oldest messages beyond it.
     let crowded: Vec<(String, i64)> = conn
@@ -349,21 +491,15 @@ fn prune(
     for (room, below_or_at) in crowded {
         let mut more: Vec<String> = conn
             .prepare_cached(
-                "SELECT id FROM messages WHERE room = ?1 AND seq <= ?2 ORDER BY seq LIMIT ?3",
+                "SELECT id FROM messages WHERE room = ?1 AND seq <= ?2 AND synced >= ?4 ORDER BY seq LIMIT ?3",
             )?
-            .query_map(params![room, below_or_at, batch], |r| r.get(0))?
+            .query_map(params![room, below_or_at, batch, floor], |r| r.get(0))?
             .collect::<rusqlite::Result<_>>()?;
         ids.append(&mut more);
     }
-    let mut deleted = 0;
-    for id in &ids {
-        conn.prepare_cached("DELETE FROM reactions WHERE message_id = ?1")?
-            .execute(params![id])?;
-        deleted += conn
-            .prepare_cached("DELETE FROM messages WHERE id = ?1")?
-            .execute(params![id])? as i64;
-    }
-    Ok(WriteOk::Pruned { deleted })
+    Ok(WriteOk::Pruned {
+        deleted: delete_messages(conn, &ids, synced_only)?,
+    })
 }
 
 /// A stored message with its reaction counts.
@@ -429,7 +565,7 @@ pub fn history(
         let (lo, hi) = (first.seq, last.seq);
         let mut stmt = conn.prepare_cached(
             "SELECT r.message_id, r.emoji, COUNT(*) FROM reactions r JOIN messages m ON m.id = r.message_id
-             WHERE m.room = ?1 AND m.seq BETWEEN ?2 AND ?3 GROUP BY r.message_id, r.emoji ORDER BY MIN(r.ts), r.emoji",
+             WHERE m.room = ?1 AND m.seq BETWEEN ?2 AND ?3 AND r.removed = 0 GROUP BY r.message_id, r.emoji ORDER BY MIN(r.ts), r.emoji",
         )?;
         let rows = stmt.query_map(params![room, lo, hi], |r| {
             Ok((
@@ -446,6 +582,98 @@ pub fn history(
         }
     }
     Ok(msgs)
+}
+
+/// A message waiting to be shipped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutMessage {
+    pub id: String,
+    pub room: String,
+    pub seq: i64,
+    pub user: String,
+    pub text: String,
+    pub ts: i64,
+}
+
+/// A reaction change waiting to be shipped, at the version read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutReaction {
+    pub message_id: String,
+    pub emoji: String,
+    pub user: String,
+    pub removed: bool,
+    pub ts: i64,
+    pub version: i64,
+}
+
+/// The oldest unsynced rows, and the size and age of the whole backlog.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Outbox {
+    pub messages: Vec<OutMessage>,
+    pub reactions: Vec<OutReaction>,
+    pub backlog: i64,
+    pub oldest_ts: Option<i64>,
+}
+
+/// Up to `limit` unsynced messages in the order they were stored, then up
+/// to `limit` unsynced reaction changes (a reaction's message is shipped
+/// before it, or in the same round).
+pub fn outbox(conn: &Connection, limit: i64) -> rusqlite::Result<Outbox> {
+    let messages = conn
+        .prepare_cached(
+            "SELECT id, room, seq, user, text, ts FROM messages WHERE synced = 0 ORDER BY rowid LIMIT ?1",
+        )?
+        .query_map(params![limit], |r| {
+            Ok(OutMessage {
+                id: r.get(0)?,
+                room: r.get(1)?,
+                seq: r.get(2)?,
+                user: r.get(3)?,
+                text: r.get(4)?,
+                ts: r.get(5)?,
+            })
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let reactions = conn
+        .prepare_cached(
+            "SELECT message_id, emoji, user, removed, ts, version FROM reactions WHERE synced = 0 ORDER BY ts LIMIT ?1",
+        )?
+        .query_map(params![limit], |r| {
+            Ok(OutReaction {
+                message_id: r.get(0)?,
+                emoji: r.get(1)?,
+                user: r.get(2)?,
+                removed: r.get::<_, i64>(3)? != 0,
+                ts: r.get(4)?,
+                version: r.get(5)?,
+            })
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let (m_count, m_oldest): (i64, Option<i64>) = conn
+        .prepare_cached("SELECT COUNT(*), MIN(ts) FROM messages WHERE synced = 0")?
+        .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    let (r_count, r_oldest): (i64, Option<i64>) = conn
+        .prepare_cached("SELECT COUNT(*), MIN(ts) FROM reactions WHERE synced = 0")?
+        .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    let oldest_ts = match (m_oldest, r_oldest) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    Ok(Outbox {
+        messages,
+        reactions,
+        backlog: m_count + r_count,
+        oldest_ts,
+    })
+}
+
+/// Bytes of the database in use: its pages less the free ones. (The WAL
+/// comes on top, bounded by SQLite's automatic checkpoint at about 4 MiB.)
+pub fn used_bytes(conn: &Connection) -> rusqlite::Result<i64> {
+    let pages: i64 = conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+    let free: i64 = conn.query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
+    let size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+    Ok((pages - free) * size)
 }
 
 /// Copies the live database at `from` to `to` with SQLite's online backup
@@ -619,6 +847,85 @@ mod tests {
     }
 
     #[test]
+    fn the_outbox_lists_unsynced_rows_and_marks_only_what_was_shipped() {
+        let (_d, mut c) = db();
+        write_batch(
+            &mut c,
+            &[
+                publish("a", "x", "1", 1),
+                publish("b", "x", "2", 2),
+                react("a", "👍", "u"),
+            ],
+        );
+        let o = outbox(&c, 10).unwrap();
+        assert_eq!(
+            o.messages.iter().map(|m| m.id.as_str()).collect::<Vec<_>>(),
+            ["a", "b"]
+        );
+        assert_eq!(o.backlog, 3);
+        assert_eq!(o.oldest_ts, Some(1));
+        let r = o.reactions[0].clone();
+        assert!(!r.removed);
+        // The reaction is toggled off while the batch is being shipped.
+        write_batch(&mut c, &[react("a", "👍", "u")]);
+        let mark = WriteOp::MarkSynced {
+            messages: vec!["a".into(), "b".into()],
+            reactions: vec![(r.message_id, r.emoji, r.user, r.version)],
+        };
+        assert_eq!(write_batch(&mut c, &[mark])[0], Ok(WriteOk::Marked));
+        let o = outbox(&c, 10).unwrap();
+        assert!(o.messages.is_empty());
+        assert_eq!(o.reactions.len(), 1, "the newer change still waits");
+        assert!(o.reactions[0].removed);
+        // Parked rows leave the outbox.
+        let dl = WriteOp::DeadLetter {
+            kind: "reaction",
+            key: vec!["a".into(), "👍".into(), "u".into()],
+            row_json: "{}".into(),
+            error: "400".into(),
+            ts: 3,
+        };
+        write_batch(&mut c, &[dl]);
+        assert_eq!(outbox(&c, 10).unwrap().backlog, 0);
+        assert!(used_bytes(&c).unwrap() > 0);
+    }
+
+    #[test]
+    fn unsynced_messages_are_never_pruned_when_a_remote_is_set() {
+        let (_d, mut c) = db();
+        let ops: Vec<WriteOp> = (1..=4)
+            .map(|i| publish(&format!("m{i}"), "x", "t", i))
+            .collect();
+        write_batch(&mut c, &ops);
+        let mark = WriteOp::MarkSynced {
+            messages: vec!["m1".into(), "m2".into()],
+            reactions: vec![],
+        };
+        write_batch(&mut c, &[mark]);
+        let prune = WriteOp::Prune {
+            older_than_ts: 100,
+            max_per_room: 1000,
+            batch: 10,
+            synced_only: true,
+        };
+        assert_eq!(
+            write_batch(&mut c, &[prune])[0],
+            Ok(WriteOk::Pruned { deleted: 2 })
+        );
+        assert_eq!(
+            write_batch(
+                &mut c,
+                &[WriteOp::MakeRoom {
+                    batch: 10,
+                    synced_only: true
+                }]
+            )[0],
+            Ok(WriteOk::Pruned { deleted: 0 })
+        );
+        assert_eq!(history(&c, "x", Range::Latest, 10).unwrap().len(), 2);
+    }
+
+    #[test]
     fn pruning_removes_old_and_surplus_messages_in_batches() {
         let (_d, mut c) = db();
         let ops: Vec<WriteOp> = (1..=30)
@@ -631,6 +938,7 @@ mod tests {
             write_batch(
                 c,
                 &[WriteOp::Prune {
+                    synced_only: false,
                     older_than_ts: ts,
                     max_per_room: max,
                     batch: 3,

@@ -11,7 +11,7 @@ pub mod db;
 mod ulid;
 
 use crate::pool::{Pool, PoolError};
-pub use db::{Range, StoredMessage, Sync, WriteErr, WriteOk, WriteOp};
+pub use db::{Outbox, Range, StoredMessage, Sync, WriteErr, WriteOk, WriteOp};
 use rusqlite::Connection;
 use std::cell::RefCell;
 use std::future::Future;
@@ -145,31 +145,50 @@ impl Store {
         range: Range,
         limit: i64,
     ) -> Result<impl Future<Output = Result<Vec<StoredMessage>, StoreError>>, StoreError> {
+        self.read(move |c| db::history(c, &room, range, limit))
+    }
+
+    /// The oldest unsynced rows and the backlog, for the sync job.
+    pub fn outbox(
+        &self,
+        limit: i64,
+    ) -> Result<impl Future<Output = Result<db::Outbox, StoreError>>, StoreError> {
+        self.read(move |c| db::outbox(c, limit))
+    }
+
+    /// Bytes of the database in use.
+    pub fn used_bytes(&self) -> Result<impl Future<Output = Result<i64, StoreError>>, StoreError> {
+        self.read(db::used_bytes)
+    }
+
+    /// Runs `f` on a read-only connection on the pool.
+    fn read<T, F>(&self, f: F) -> Result<impl Future<Output = Result<T, StoreError>>, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
         let readers = self.readers.clone();
         let path = self.path.clone();
         let job = self
             .pool
-            .submit(
-                READ_DEADLINE,
-                move || -> Result<Vec<StoredMessage>, String> {
-                    // Check a reader out (or open one: at most one per pool thread).
-                    let conn = readers.lock().ok().and_then(|mut r| r.pop());
-                    let conn = match conn {
-                        Some(c) => c,
-                        None => db::open_reader(&path)?,
-                    };
-                    let result = db::history(&conn, &room, range, limit).map_err(|e| e.to_string());
-                    if let Ok(mut r) = readers.lock() {
-                        r.push(conn);
-                    }
-                    result
-                },
-            )
+            .submit(READ_DEADLINE, move || -> Result<T, String> {
+                // Check a reader out (or open one: at most one per pool thread).
+                let conn = readers.lock().ok().and_then(|mut r| r.pop());
+                let conn = match conn {
+                    Some(c) => c,
+                    None => db::open_reader(&path)?,
+                };
+                let result = f(&conn).map_err(|e| e.to_string());
+                if let Ok(mut r) = readers.lock() {
+                    r.push(conn);
+                }
+                result
+            })
             .map_err(|e| pool_error(e, &self.pool))?;
         let pool = self.pool.clone();
         Ok(async move {
             match job.await {
-                Ok(Ok(msgs)) => Ok(msgs),
+                Ok(Ok(v)) => Ok(v),
                 Ok(Err(e)) => Err(StoreError::Storage(e)),
                 Err(e) => Err(pool_error(e, &pool)),
             }

@@ -23,6 +23,8 @@ pub const NO_RATE_LIMITS: &str = "[limits]\nglobal_capacity = 1e9\nglobal_refill
 
 /// A running gateway, killed (by its PID) when dropped.
 pub struct Gateway {
+    /// The environment it was started with, for a restart.
+    env: Vec<(String, String)>,
     pub child: Child,
     pub addr: SocketAddr,
     pub log: Arc<Mutex<Vec<String>>>,
@@ -61,7 +63,12 @@ impl Gateway {
         };
         std::fs::write(&path, text).expect("write config");
         let (child, addr, log) = spawn(&path, env);
+        let env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         Gateway {
+            env,
             child,
             addr,
             log,
@@ -74,7 +81,12 @@ impl Gateway {
     pub fn restart(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let (child, addr, log) = spawn(&self.dir.path().join("hivegate.toml"), &[]);
+        let env: Vec<(&str, &str)> = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let (child, addr, log) = spawn(&self.dir.path().join("hivegate.toml"), &env);
         self.child = child;
         self.addr = addr;
         self.log = log;
@@ -373,3 +385,4 @@ pub fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 pub mod fake_openai;
+pub mod fake_postgrest;
