@@ -649,12 +649,14 @@ pub fn outbox(conn: &Connection, limit: i64) -> rusqlite::Result<Outbox> {
             })
         })?
         .collect::<rusqlite::Result<Vec<_>>>()?;
-    let (m_count, m_oldest): (i64, Option<i64>) = conn
-        .prepare_cached("SELECT COUNT(*), MIN(ts) FROM messages WHERE synced = 0")?
-        .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))?;
-    let (r_count, r_oldest): (i64, Option<i64>) = conn
-        .prepare_cached("SELECT COUNT(*), MIN(ts) FROM reactions WHERE synced = 0")?
-        .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    let pending = |table: &str| -> rusqlite::Result<(i64, Option<i64>)> {
+        conn.prepare_cached(&format!(
+            "SELECT COUNT(*), MIN(ts) FROM {table} WHERE synced = 0"
+        ))?
+        .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
+    };
+    let (m_count, m_oldest) = pending("messages")?;
+    let (r_count, r_oldest) = pending("reactions")?;
     let oldest_ts = match (m_oldest, r_oldest) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
