@@ -259,13 +259,27 @@ fn a_429_is_retried_after_its_retry_after_without_opening_the_breaker() {
     assert_eq!(gw.metric("hivegate_breaker_state{service=\"kimi\"}"), 0.0);
 }
 
-#[test]
-fn cancel_stops_the_relay_and_the_upstream_read() {
-    let fake = FakeOpenAi::start(Behaviour::Stream {
+/// A provider that streams 400 chunks, 20 ms apart: a call still running
+/// when the test acts on it.
+fn slow_stream() -> FakeOpenAi {
+    FakeOpenAi::start(Behaviour::Stream {
         transcript: counting_transcript(400),
         delay: Duration::from_millis(20),
         first_byte: Duration::ZERO,
-    });
+    })
+}
+
+/// Waits until the fake has seen the gateway hang up on a stream.
+fn wait_for_hang_up(fake: &FakeOpenAi) {
+    let end = Instant::now() + Duration::from_secs(5);
+    while fake.hung_up() == 0 && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn cancel_stops_the_relay_and_the_upstream_read() {
+    let fake = slow_stream();
     let gw = gateway(&[("kimi", &fake)], "");
     let (mut ws, _) = gw.session(None);
     call(&mut ws, "c", json!({}));
@@ -286,10 +300,7 @@ fn cancel_stops_the_relay_and_the_upstream_read() {
     if let Ok(tungstenite::Message::Text(t)) = ws.read() {
         panic!("a frame after cancelled: {t}");
     }
-    let end = Instant::now() + Duration::from_secs(5);
-    while fake.hung_up() == 0 && Instant::now() < end {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_hang_up(&fake);
     assert_eq!(
         fake.hung_up(),
         1,
@@ -301,20 +312,13 @@ fn cancel_stops_the_relay_and_the_upstream_read() {
 
 #[test]
 fn a_closed_connection_cancels_its_calls() {
-    let fake = FakeOpenAi::start(Behaviour::Stream {
-        transcript: counting_transcript(400),
-        delay: Duration::from_millis(20),
-        first_byte: Duration::ZERO,
-    });
+    let fake = slow_stream();
     let gw = gateway(&[("kimi", &fake)], "");
     let (mut ws, _) = gw.session(None);
     call(&mut ws, "d", json!({}));
     while recv_json(&mut ws)["op"] != "stream_chunk" {}
     drop(ws);
-    let end = Instant::now() + Duration::from_secs(5);
-    while fake.hung_up() == 0 && Instant::now() < end {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_hang_up(&fake);
     assert_eq!(fake.hung_up(), 1);
 }
 
