@@ -44,3 +44,28 @@ fn a_second_signal_exits_at_once() {
     gw.signal(libc::SIGINT);
     assert_eq!(gw.wait_exit(Duration::from_secs(5)), Some(130));
 }
+
+#[test]
+fn systemd_hears_ready_watchdog_and_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let path_text = path.display().to_string();
+    let mut gw = Gateway::start("", &[("NOTIFY_SOCKET", &path_text), ("WATCHDOG_USEC", "200000")]);
+    let mut heard = Vec::new();
+    let mut buf = [0u8; 256];
+    let mut next = |heard: &mut Vec<String>| {
+        let n = sock.recv(&mut buf).expect("a notification");
+        heard.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    };
+    while !heard.iter().any(|h| h == "READY=1") || !heard.iter().any(|h| h == "WATCHDOG=1") {
+        next(&mut heard);
+    }
+    gw.signal(libc::SIGTERM);
+    while !heard.iter().any(|h| h == "STOPPING=1") {
+        next(&mut heard);
+    }
+    assert_eq!(gw.wait_exit(Duration::from_secs(10)), Some(0));
+}
