@@ -102,6 +102,7 @@ pub fn run(cfg: Config, log: Logger) -> Result<i32, String> {
             .detach();
         ex.spawn(retention_loop(gw.clone())).detach();
         ex.spawn(storage_loop(gw.clone())).detach();
+        ex.spawn(memory_loop(gw.clone())).detach();
         if gw.remote.is_some() {
             let sync = gw.clone();
             ex.spawn(async move {
@@ -285,6 +286,41 @@ async fn storage_loop(gw: Rc<Gateway>) {
                     "storage: space again; publishes are accepted",
                     &[("used_bytes", &bytes)],
                 );
+            }
+        }
+    }
+}
+
+/// The memory sentinel: twice a second, compares resident memory with the
+/// limit. Over it, new connections are refused and `/readyz` is 503 (the
+/// connections there are keep being served); below 90% of it, all is
+/// normal again. Each change is logged once.
+async fn memory_loop(gw: Rc<Gateway>) {
+    loop {
+        Timer::after(Duration::from_millis(500)).await;
+        if let Some(rss) = crate::ops::memory::rss_bytes() {
+            gw.rss.set(rss);
+            if let Some(limit) = gw.memory_limit {
+                let shedding = gw.shedding.get();
+                let now = if shedding {
+                    rss >= limit / 10 * 9
+                } else {
+                    rss > limit
+                };
+                if now != shedding {
+                    gw.shedding.set(now);
+                    if now {
+                        gw.log.warn(
+                            "shedding load: memory is over its limit; new connections are refused",
+                            &[("rss", &rss), ("limit", &limit)],
+                        );
+                    } else {
+                        gw.log.info(
+                            "memory back under its limit; new connections are accepted",
+                            &[("rss", &rss)],
+                        );
+                    }
+                }
             }
         }
     }

@@ -157,3 +157,34 @@ fn a_client_that_never_reads_is_closed_4008_while_others_are_served() {
     assert_eq!(recv_json(&mut polite)["op"], "pong");
     let _ = polite.send(Message::Close(None));
 }
+
+#[test]
+fn over_the_memory_limit_new_connections_are_shed_and_open_ones_served() {
+    // A limit the gateway is over from the start (its RSS is several MiB);
+    // the sentinel's first check comes half a second after start, so this
+    // connection is made before shedding begins.
+    let gw = Gateway::start("[server]\nmemory_limit_bytes = 1048576\n", &[]);
+    let (mut open, _) = gw.session(None);
+    let end = Instant::now() + Duration::from_secs(5);
+    while gw.metric("hivegate_shedding") == 0.0 && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let ready = gw.get("/readyz");
+    assert_eq!(ready.status, 503);
+    assert!(
+        ready.body.contains("\"status\":\"shedding\""),
+        "{}",
+        ready.body
+    );
+    let refused = gw.ws_from(None, &[]).unwrap_err();
+    assert_eq!(refused.status, 503);
+    assert!(refused.header("retry-after").is_some());
+    assert_eq!(
+        gw.metric("hivegate_connections_refused_total{reason=\"memory\"}"),
+        1.0
+    );
+    // The connection already open keeps being served.
+    send_json(&mut open, &json!({"op":"ping"}));
+    assert_eq!(recv_json(&mut open)["op"], "pong");
+    assert!(gw.metric("hivegate_memory_rss_bytes") > 1048576.0);
+}

@@ -51,9 +51,13 @@ fn systemd_hears_ready_watchdog_and_stopping() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("notify");
     let sock = UnixDatagram::bind(&path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     let path_text = path.display().to_string();
-    let mut gw = Gateway::start("", &[("NOTIFY_SOCKET", &path_text), ("WATCHDOG_USEC", "200000")]);
+    let mut gw = Gateway::start(
+        "",
+        &[("NOTIFY_SOCKET", &path_text), ("WATCHDOG_USEC", "200000")],
+    );
     let mut heard = Vec::new();
     let mut buf = [0u8; 256];
     let mut next = |heard: &mut Vec<String>| {

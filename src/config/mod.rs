@@ -84,6 +84,11 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "graceful shutdown budget after SIGTERM",
     ),
     (
+        "server.memory_limit_bytes",
+        "0 (90% of systemd's MemoryMax, or none)",
+        "above this resident memory new connections are refused (503) and /readyz is 503",
+    ),
+    (
         "server.allowed_origins",
         "[] (no check)",
         "exact browser `Origin` values allowed to upgrade",
@@ -512,6 +517,8 @@ pub struct Server {
     pub outbox_bytes: usize,
     pub drain_timeout: Duration,
     pub allowed_origins: Vec<String>,
+    /// 0: automatic (from the cgroup), see `ops::memory`.
+    pub memory_limit_bytes: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -732,6 +739,7 @@ impl Config {
                 outbox_bytes: 1 << 20,
                 drain_timeout: Duration::from_millis(10_000),
                 allowed_origins: Vec::new(),
+                memory_limit_bytes: 0,
             },
             auth: Auth {
                 mode: AuthMode::Token,
@@ -920,6 +928,7 @@ impl Config {
             "server.outbox_bytes" => sv.outbox_bytes = s.usize(1024, 1 << 30)?,
             "server.drain_timeout_ms" => sv.drain_timeout = s.millis(0, 600_000)?,
             "server.allowed_origins" => sv.allowed_origins = s.strings()?,
+            "server.memory_limit_bytes" => sv.memory_limit_bytes = s.int(0, 1 << 50)? as u64,
             "auth.mode" => {
                 self.auth.mode =
                     s.choice(&[("token", AuthMode::Token), ("open", AuthMode::Open)])?

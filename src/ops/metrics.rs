@@ -19,10 +19,11 @@ pub enum Refusal {
     Unauthorized,
     Origin,
     Draining,
+    Memory,
 }
 
 impl Refusal {
-    const ALL: [Refusal; 9] = [
+    const ALL: [Refusal; 10] = [
         Refusal::GlobalCap,
         Refusal::IpCap,
         Refusal::IpRate,
@@ -32,6 +33,7 @@ impl Refusal {
         Refusal::Unauthorized,
         Refusal::Origin,
         Refusal::Draining,
+        Refusal::Memory,
     ];
 
     pub fn label(self) -> &'static str {
@@ -45,6 +47,7 @@ impl Refusal {
             Refusal::Unauthorized => "unauthorized",
             Refusal::Origin => "origin",
             Refusal::Draining => "draining",
+            Refusal::Memory => "memory",
         }
     }
 }

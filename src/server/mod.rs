@@ -57,6 +57,12 @@ pub struct Gateway {
     pub remote: Option<crate::remote::Remote>,
     /// The database reached `store.max_db_bytes`: publishes are refused.
     pub storage_full: Cell<bool>,
+    /// Resident memory is over the limit: new connections are refused.
+    pub shedding: Cell<bool>,
+    /// The last resident memory reading, in bytes.
+    pub rss: Cell<u64>,
+    /// The memory limit in force, if any.
+    pub memory_limit: Option<u64>,
     ex: Rc<LocalExecutor<'static>>,
 }
 
@@ -103,6 +109,9 @@ impl Gateway {
             llm,
             remote: None,
             storage_full: Cell::new(false),
+            shedding: Cell::new(false),
+            rss: Cell::new(0),
+            memory_limit: crate::ops::memory::effective_limit(cfg.server.memory_limit_bytes),
             ex,
             cfg,
             log,
@@ -313,6 +322,25 @@ async fn pre_upgrade(gw: &Rc<Gateway>, stream: &mut Async<TcpStream>, ip: IpAddr
                 breakers.push(("remote".to_string(), r.breaker.borrow().clone()));
             }
             crate::resilience::render_breakers(&mut body, &breakers, Instant::now());
+            use crate::ops::metrics::gauge;
+            gauge(
+                &mut body,
+                "hivegate_memory_rss_bytes",
+                "Resident memory at the last check.",
+                gw.rss.get(),
+            );
+            gauge(
+                &mut body,
+                "hivegate_memory_limit_bytes",
+                "Memory limit in force (0: none).",
+                gw.memory_limit.unwrap_or(0),
+            );
+            gauge(
+                &mut body,
+                "hivegate_shedding",
+                "1 while new connections are refused for memory.",
+                u64::from(gw.shedding.get()),
+            );
             crate::ops::metrics::gauge(
                 &mut body,
                 "hivegate_store_write_queue",
@@ -339,7 +367,13 @@ async fn pre_upgrade(gw: &Rc<Gateway>, stream: &mut Async<TcpStream>, ip: IpAddr
 
 fn readyz(gw: &Gateway) -> Response {
     let g = gw.gauges();
-    let status = if g.draining { "draining" } else { "ready" };
+    let status = if g.draining {
+        "draining"
+    } else if gw.shedding.get() {
+        "shedding"
+    } else {
+        "ready"
+    };
     let body = JsonOut::new()
         .str("status", status)
         .str(
@@ -353,11 +387,12 @@ fn readyz(gw: &Gateway) -> Response {
         .str("storage", if gw.storage_full.get() { "full" } else { "ok" })
         .num("connections", g.connections_open as u64)
         .num("capacity", g.table_capacity as u64)
+        .num("rss_bytes", gw.rss.get())
         .raw("breakers", &breakers_json(gw))
         .raw("rates", &gw.meters.borrow_mut().json(Instant::now()))
         .finish();
     Response::new(
-        if g.draining { 503 } else { 200 },
+        if status == "ready" { 200 } else { 503 },
         "application/json",
         body + "\n",
     )
@@ -410,6 +445,15 @@ fn admit(
             Refusal::Draining,
             ip,
             Response::text(503, "shutting down\n").header("Retry-After", retry()),
+        ));
+    }
+    if gw.shedding.get() {
+        return Err(refuse(
+            gw,
+            Refusal::Memory,
+            ip,
+            Response::text(503, "shedding load: memory is over its limit\n")
+                .header("Retry-After", retry()),
         ));
     }
     let origins = &gw.cfg.server.allowed_origins;
