@@ -22,6 +22,13 @@ fn plain_routes_answer() {
     assert!(r.header("content-type").unwrap().contains("version=0.0.4"));
     assert!(r.body.contains("hivegate_connection_table_capacity 1000"));
     assert_eq!(gw.get("/nope").status, 404);
+    let page = gw.get("/");
+    assert_eq!(page.status, 200);
+    assert!(page
+        .header("content-type")
+        .unwrap()
+        .starts_with("text/html"));
+    assert!(page.body.contains("new WebSocket(url)") && page.body.contains("op: \"hello\""));
     assert_eq!(gw.get("/ws").status, 400, "GET /ws without upgrade headers");
     let r = http_request(
         gw.addr,

@@ -308,6 +308,12 @@ async fn pre_upgrade(gw: &Rc<Gateway>, stream: &mut Async<TcpStream>, ip: IpAddr
             Err(resp) => resp,
         },
         "/healthz" if get => Response::text(200, "ok\n"),
+        // The embedded web chat: a plain client of the wire protocol.
+        "/" if get => Response::new(
+            200,
+            "text/html; charset=utf-8",
+            include_str!("../web/index.html"),
+        ),
         "/readyz" if get => readyz(gw),
         "/metrics" if get => {
             let mut body = String::with_capacity(4096);
@@ -355,7 +361,7 @@ async fn pre_upgrade(gw: &Rc<Gateway>, stream: &mut Async<TcpStream>, ip: IpAddr
             );
             Response::new(200, "text/plain; version=0.0.4; charset=utf-8", body)
         }
-        "/ws" | "/healthz" | "/readyz" | "/metrics" => {
+        "/" | "/ws" | "/healthz" | "/readyz" | "/metrics" => {
             Response::text(405, "method not allowed\n").header("Allow", "GET")
         }
         _ => Response::text(404, "not found\n"),
