@@ -13,7 +13,9 @@ fn main() {
         .map(|s| s.trim().to_string())
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "unknown".to_string());
-    println!("cargo:rustc-env=HIVEGATE_GIT_COMMIT={commit}");
+    // Not HIVEGATE_*: `cargo run` passes this to the process too, and the
+    // configuration reads that prefix.
+    println!("cargo:rustc-env=BUILD_GIT_COMMIT={commit}");
     println!("cargo:rerun-if-changed=.git/HEAD");
     println!("cargo:rerun-if-changed=.git/refs/heads");
 }

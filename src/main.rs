@@ -23,7 +23,7 @@ use std::process::ExitCode;
 pub const VERSION: &str = concat!(
     env!("CARGO_PKG_VERSION"),
     " (",
-    env!("HIVEGATE_GIT_COMMIT"),
+    env!("BUILD_GIT_COMMIT"),
     ")"
 );
 
