@@ -17,9 +17,33 @@ pub use meter::{RateMeter, Strikes};
 pub use table::KeyedBuckets;
 
 use crate::ops::metrics::{counter_with, gauge_with};
+use std::cell::Cell;
 use std::net::IpAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
+
+/// A place among things in flight (requests of a connection, tool calls):
+/// taking one counts it, and dropping it gives it back, on every path out.
+pub struct InFlight(Rc<Cell<u32>>);
+
+impl InFlight {
+    /// Counts one in `counter`, if it holds fewer than `max`.
+    pub fn try_take(counter: &Rc<Cell<u32>>, max: u32) -> Option<InFlight> {
+        (counter.get() < max).then(|| InFlight::take(counter))
+    }
+
+    /// Counts one in `counter`, whatever it holds.
+    pub fn take(counter: &Rc<Cell<u32>>) -> InFlight {
+        counter.set(counter.get() + 1);
+        InFlight(counter.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.set(self.0.get().saturating_sub(1));
+    }
+}
 
 /// The level that refused a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -319,6 +343,19 @@ mod tests {
         assert_eq!(r.level, Level::Ip);
         assert_eq!(r.retry_after_ms(), 2000);
         assert!(l.check(t0 + Duration::from_secs(2), ip(1), &a).is_ok());
+    }
+
+    #[test]
+    fn an_in_flight_place_is_given_back_when_dropped() {
+        let n = Rc::new(Cell::new(0));
+        let a = InFlight::try_take(&n, 2).unwrap();
+        let b = InFlight::try_take(&n, 2).unwrap();
+        assert!(InFlight::try_take(&n, 2).is_none());
+        drop(a);
+        assert_eq!(n.get(), 1);
+        let _c = InFlight::take(&n);
+        drop(b);
+        assert_eq!(n.get(), 1);
     }
 
     #[test]

@@ -18,7 +18,7 @@ pub mod client;
 pub mod sse;
 
 use crate::config::{LlmConfig, ProviderConfig};
-use crate::limit::{BucketParams, TokenBucket};
+use crate::limit::{BucketParams, InFlight, TokenBucket};
 use crate::ops::log::Logger;
 use crate::ops::metrics::{counter_with, gauge_with};
 use crate::pool::Pool;
@@ -64,7 +64,7 @@ struct Provider {
     url: String,
     agent: ureq::Agent,
     breaker: RefCell<Breaker>,
-    in_flight: Cell<u32>,
+    in_flight: std::rc::Rc<Cell<u32>>,
     quota: Option<(BucketParams, RefCell<TokenBucket>)>,
     calls: Cell<u64>,
     failures: Cell<u64>,
@@ -100,31 +100,6 @@ enum Attempt {
     NoSlot,
 }
 
-/// Counts a call in flight (gateway-wide or per provider) until dropped.
-pub struct InFlight<'a>(&'a Cell<u32>);
-
-impl<'a> InFlight<'a> {
-    fn new(c: &'a Cell<u32>) -> InFlight<'a> {
-        c.set(c.get() + 1);
-        InFlight(c)
-    }
-}
-
-/// A gateway-wide call slot, released on drop.
-pub struct CallSlot(std::rc::Rc<Cell<u32>>);
-
-impl Drop for CallSlot {
-    fn drop(&mut self) {
-        self.0.set(self.0.get().saturating_sub(1));
-    }
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.set(self.0.get().saturating_sub(1));
-    }
-}
-
 impl Llm {
     pub fn new(cfg: &LlmConfig, log: Logger) -> std::io::Result<Llm> {
         let now = Instant::now();
@@ -135,7 +110,7 @@ impl Llm {
                 url: format!("{}/chat/completions", p.base_url),
                 agent: client::agent(p),
                 breaker: RefCell::new(Breaker::new(p.fail_max, p.reset_timeout, now)),
-                in_flight: Cell::new(0),
+                in_flight: std::rc::Rc::default(),
                 quota: (p.rpm > 0).then(|| {
                     let params = BucketParams {
                         capacity: p.rpm as f64,
@@ -250,12 +225,8 @@ impl Llm {
 
     /// Takes a gateway-wide call slot, if one is free; it is held until the
     /// returned guard is dropped.
-    pub fn try_start(&self) -> Option<CallSlot> {
-        let n = &self.in_flight;
-        (n.get() < self.cfg.max_in_flight).then(|| {
-            n.set(n.get() + 1);
-            CallSlot(n.clone())
-        })
+    pub fn try_start(&self) -> Option<InFlight> {
+        InFlight::try_take(&self.in_flight, self.cfg.max_in_flight)
     }
 
     fn note(&self, p: &Provider, t: Option<Transition>) {
@@ -468,7 +439,7 @@ impl Llm {
         }) else {
             return Attempt::NoSlot;
         };
-        let _slot = InFlight::new(&p.in_flight);
+        let _slot = InFlight::take(&p.in_flight);
         let deadline = Instant::now() + p.cfg.total_timeout;
         let (mut text, mut chunks) = (String::new(), 0u64);
         enum Step {

@@ -11,7 +11,7 @@ use super::table::{frame, Frame};
 use super::{Gateway, Slot};
 use crate::chat::JoinError;
 use crate::config::AuthMode;
-use crate::limit::{RateMeter, Refused, Strikes};
+use crate::limit::{InFlight, RateMeter, Refused, Strikes};
 use crate::ops::metrics::{add, inc};
 use crate::protocol::{self, close, ErrorCode, JsonOut, Request};
 use crate::store::{Range, StoreError, StoredMessage, WriteOk, WriteOp};
@@ -36,15 +36,6 @@ pub type WsStream = WebSocketStream<Async<TcpStream>>;
 
 /// Requests of one connection still running (store writes, history reads).
 const MAX_IN_FLIGHT: u32 = 32;
-
-/// Counts a request in flight until dropped.
-struct InFlight(Rc<Cell<u32>>);
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.set(self.0.get().saturating_sub(1));
-    }
-}
 
 /// Where the answer to a request that continues in its own task goes, and
 /// its place among the connection's requests in flight (freed on drop).
@@ -682,7 +673,7 @@ impl Conn {
     /// answer goes; refuses it (answering `OVER_CAPACITY`) when this
     /// connection already has [`MAX_IN_FLIGHT`] of them.
     fn start_request(&self, rid: Option<&str>) -> Option<Reply> {
-        if self.in_flight.get() >= MAX_IN_FLIGHT {
+        let Some(in_flight) = InFlight::try_take(&self.in_flight, MAX_IN_FLIGHT) else {
             self.error(
                 rid,
                 ErrorCode::OverCapacity,
@@ -690,14 +681,13 @@ impl Conn {
                 Some(100),
             );
             return None;
-        }
-        self.in_flight.set(self.in_flight.get() + 1);
+        };
         Some(Reply {
             gw: self.gw.clone(),
             key: self.slot.key,
             conn: self.slot.id,
             rid: rid.map(String::from),
-            _in_flight: InFlight(self.in_flight.clone()),
+            _in_flight: in_flight,
         })
     }
 
