@@ -189,9 +189,7 @@ async fn retention_loop(gw: Rc<Gateway>) {
         Timer::after(pause).await;
         pause = Duration::from_secs(60);
         loop {
-            let now_ms = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as i64);
+            let now_ms = crate::clock::unix_ms();
             let cfg = &gw.cfg.store;
             let op = WriteOp::Prune {
                 older_than_ts: now_ms - cfg.retention.as_millis() as i64,

@@ -4,6 +4,7 @@
 
 mod auth;
 mod chat;
+mod clock;
 mod config;
 mod daemon;
 mod limit;

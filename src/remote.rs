@@ -22,7 +22,7 @@ use crate::store::{Outbox, Store, WriteOk, WriteOp};
 use async_io::Timer;
 use std::cell::{Cell, RefCell};
 use std::io::Read;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 /// What a POST of rows came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,12 +50,6 @@ pub struct Remote {
     log: Logger,
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
 impl Remote {
     pub fn new(cfg: &RemoteConfig, log: Logger) -> std::io::Result<Remote> {
         let agent = ureq::Agent::config_builder()
@@ -79,7 +73,7 @@ impl Remote {
             shipped: Cell::new(0),
             batches_failed: Cell::new(0),
             dead_letters: Cell::new(0),
-            jitter: RefCell::new(Jitter::new(now_ms() as u64)),
+            jitter: RefCell::new(Jitter::new(crate::resilience::random_u64())),
             cfg: cfg.clone(),
             log,
         })
@@ -324,7 +318,7 @@ impl Remote {
                         key: key(from),
                         row_json: rows[from].clone(),
                         error: why,
-                        ts: now_ms(),
+                        ts: crate::clock::unix_ms(),
                     };
                     if let Ok(done) = store.write(op) {
                         if let Ok(WriteOk::Marked) = done.await {
@@ -400,10 +394,9 @@ impl Remote {
             "Messages and reaction changes not shipped yet.",
             self.backlog.get().max(0) as u64,
         );
-        let age = self
-            .oldest_ts
-            .get()
-            .map_or(0, |ts| ((now_ms() - ts).max(0) / 1000) as u64);
+        let age = self.oldest_ts.get().map_or(0, |ts| {
+            ((crate::clock::unix_ms() - ts).max(0) / 1000) as u64
+        });
         gauge(
             out,
             "hivegate_sync_backlog_oldest_seconds",

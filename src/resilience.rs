@@ -216,6 +216,19 @@ pub fn backoff(attempt: u32, base: Duration, cap: Duration, unit: f64) -> Durati
     ceiling.mul_f64(unit.clamp(0.0, 1.0))
 }
 
+/// A random number from the standard library's per-process keys: for
+/// seeds and ids that must differ between runs, never for secrets.
+pub fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish()
+}
+
 /// A small random source for jitter (not for secrets).
 #[derive(Debug, Clone)]
 pub struct Jitter(u64);

@@ -136,12 +136,7 @@ impl Llm {
         } else {
             Some(Pool::new(threads, threads)?)
         };
-        let seed = {
-            use std::hash::{BuildHasher, Hasher};
-            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-            h.write_u8(1);
-            h.finish()
-        };
+        let seed = crate::resilience::random_u64();
         Ok(Llm {
             providers,
             chain,

@@ -146,12 +146,6 @@ impl crate::llm::Output for CallOutput {
     }
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 fn messages_json(msgs: &[StoredMessage]) -> String {
     let mut out = String::from("[");
     for (i, m) in msgs.iter().enumerate() {
@@ -624,7 +618,7 @@ impl Conn {
             );
             return Some(close::UNAUTHORIZED);
         };
-        let session_id = format!("{:016x}{:x}", fastrand_u64(), self.slot.id);
+        let session_id = format!("{:016x}{:x}", crate::resilience::random_u64(), self.slot.id);
         let user_bucket = gw.cfg.limits.buckets.user;
         let limits = JsonOut::new()
             .num("max_message_bytes", gw.cfg.server.max_message_bytes as u64)
@@ -804,14 +798,14 @@ impl Conn {
             return None;
         }
         let reply = self.start_request(rid)?;
-        let ts = now_ms();
+        let ts = crate::clock::unix_ms();
         let msg = StoredMessage {
-            id: self.gw.store.new_id(ts),
+            id: self.gw.store.new_id(ts.max(0) as u64),
             room,
             seq: 0,
             user: self.user().to_string(),
             text,
-            ts: ts as i64,
+            ts,
             reactions: Vec::new(),
         };
         let op = WriteOp::Publish {
@@ -861,7 +855,7 @@ impl Conn {
             message_id: message_id.clone(),
             emoji: emoji.clone(),
             user: user.to_string(),
-            ts: now_ms() as i64,
+            ts: crate::clock::unix_ms(),
             rooms: self.rooms.iter().map(|r| r.to_string()).collect(),
         };
         let done = match self.gw.store.write(op) {
@@ -1167,16 +1161,4 @@ fn ws_error_close(e: &WsError) -> (u16, &'static str) {
         }
         _ => (close::ABNORMAL, "connection failed"),
     }
-}
-
-/// A random number for session ids: unique, not secret.
-fn fastrand_u64() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos()),
-    );
-    h.finish()
 }

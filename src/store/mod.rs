@@ -92,12 +92,7 @@ impl Store {
         let path = data_dir.join(DB_FILE);
         let writer = Arc::new(Mutex::new(db::open_writer(&path, sync)?));
         let (tx, rx) = async_channel::bounded(write_queue.max(1));
-        let seed = {
-            use std::hash::{BuildHasher, Hasher};
-            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-            h.write_u64(std::process::id() as u64);
-            h.finish()
-        };
+        let seed = crate::resilience::random_u64();
         let store = Store {
             pool: pool.clone(),
             queue: tx,
