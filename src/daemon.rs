@@ -290,9 +290,8 @@ async fn storage_loop(gw: Rc<Gateway>) {
 }
 
 /// The memory sentinel: twice a second, compares resident memory with the
-/// limit. Over it, new connections are refused and `/readyz` is 503 (the
-/// connections there are keep being served); below 90% of it, all is
-/// normal again. Each change is logged once.
+/// limit. Over it, new connections are refused and `/readyz` is 503 (open
+/// connections are still served); below 90% of it, all is normal again. Each change is logged once.
 async fn memory_loop(gw: Rc<Gateway>) {
     loop {
         Timer::after(Duration::from_millis(500)).await;

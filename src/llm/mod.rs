@@ -546,16 +546,6 @@ impl Llm {
             .collect()
     }
 
-    /// `{"kimi":"closed",...}` for `/readyz`.
-    pub fn breakers_json(&self) -> String {
-        let now = Instant::now();
-        let mut out = JsonOut::new();
-        for p in &self.providers {
-            out = out.str(&p.cfg.name, p.breaker.borrow().state(now).label());
-        }
-        out.finish()
-    }
-
     pub fn render(&self, out: &mut String) {
         let names: Vec<&str> = self.providers.iter().map(|p| p.cfg.name.as_str()).collect();
         let per = |f: &dyn Fn(&Provider) -> u64| -> Vec<(&str, u64)> {

@@ -322,12 +322,10 @@ async fn pre_upgrade(gw: &Rc<Gateway>, stream: &mut Async<TcpStream>, ip: IpAddr
             gw.meters.borrow_mut().render(Instant::now(), &mut body);
             gw.pool.render(&mut body);
             gw.llm.render(&mut body);
-            let mut breakers = gw.llm.breakers();
             if let Some(r) = &gw.remote {
                 r.render(&mut body);
-                breakers.push(("remote".to_string(), r.breaker.borrow().clone()));
             }
-            crate::resilience::render_breakers(&mut body, &breakers, Instant::now());
+            crate::resilience::render_breakers(&mut body, &all_breakers(gw), Instant::now());
             use crate::ops::metrics::gauge;
             gauge(
                 &mut body,
@@ -406,17 +404,22 @@ fn readyz(gw: &Gateway) -> Response {
 
 /// Every breaker's state, by service, for `/readyz`.
 fn breakers_json(gw: &Gateway) -> String {
-    let mut json = gw.llm.breakers_json();
+    let now = Instant::now();
+    all_breakers(gw)
+        .iter()
+        .fold(JsonOut::new(), |out, (service, b)| {
+            out.str(service, b.state(now).label())
+        })
+        .finish()
+}
+
+/// Every circuit breaker, by service: the providers', then the remote's.
+fn all_breakers(gw: &Gateway) -> Vec<(String, crate::resilience::Breaker)> {
+    let mut breakers = gw.llm.breakers();
     if let Some(r) = &gw.remote {
-        let state = r.breaker.borrow().state(Instant::now()).label();
-        let entry = format!("\"remote\":\"{state}\"");
-        json = if json == "{}" {
-            format!("{{{entry}}}")
-        } else {
-            format!("{},{entry}}}", &json[..json.len() - 1])
-        };
+        breakers.push(("remote".to_string(), r.breaker.borrow().clone()));
     }
-    json
+    breakers
 }
 
 /// Decides whether an upgrade request gets a connection, in the order the
