@@ -388,7 +388,9 @@ impl Conn {
     /// then flushes. Returns at once when the socket is full; the waker is
     /// registered for when it drains.
     fn poll_write(&mut self, cx: &mut Context<'_>) -> Result<(), WsError> {
-        loop {
+        let mut sent = 0u32;
+        // Ok(true): all moved; Ok(false): the socket is full for now.
+        let moved = loop {
             let has_frame = self
                 .gw
                 .table
@@ -396,29 +398,41 @@ impl Conn {
                 .get_mut(self.slot.key)
                 .is_some_and(|e| !e.outbox.is_empty());
             if !self.ping_pending && !has_frame {
-                break;
+                break Ok(true);
             }
             match Pin::new(&mut self.ws).poll_ready(cx) {
                 Poll::Ready(Ok(())) => {}
-                Poll::Ready(Err(e)) => return Err(e),
-                Poll::Pending => return Ok(()),
+                Poll::Ready(Err(e)) => break Err(e),
+                Poll::Pending => break Ok(false),
             }
             let msg = if self.ping_pending {
                 self.ping_pending = false;
                 Message::Ping(Default::default())
             } else {
-                let Some(f) = self.pop_frame() else { break };
+                let Some(f) = self.pop_frame() else {
+                    break Ok(true);
+                };
                 inc(&self.gw.metrics.frames_out);
                 add(&self.gw.metrics.bytes_out, f.len() as u64);
-                self.gw
-                    .meters
-                    .borrow_mut()
-                    .messages_out
-                    .record(Instant::now());
+                sent += 1;
                 Message::Text((*f).clone())
             };
-            Pin::new(&mut self.ws).start_send(msg)?;
+            if let Err(e) = Pin::new(&mut self.ws).start_send(msg) {
+                break Err(e);
+            }
             self.flush_pending = true;
+        };
+        // The rate meter once per batch, not once per frame: this is the
+        // fan-out's hot path.
+        if sent > 0 {
+            self.gw
+                .meters
+                .borrow_mut()
+                .messages_out
+                .record_n(Instant::now(), sent);
+        }
+        if !moved? {
+            return Ok(());
         }
         if self.flush_pending {
             match Pin::new(&mut self.ws).poll_flush(cx) {
