@@ -1,16 +1,18 @@
 //! The wire protocol (`shared/PROTOCOL.md`): typed requests parsed from
 //! client frames, and server frames written as JSON.
 //!
-//! Parsing has two steps. A small validator first checks that the frame is
-//! one well-formed JSON object nested at most [`MAX_DEPTH`] deep: nanoserde
-//! panics on some malformed input (a missing value after a colon), and no
-//! client may be able to crash the gateway. nanoserde then fills a flat
-//! envelope, which is turned into a [`Request`] with every field checked.
+//! Parsing has two steps. A scan of the bytes checks that the frame is a
+//! JSON object nested at most [`MAX_DEPTH`] deep (serde_json's own bound is
+//! 128 levels of recursion; a client gets far less). serde_json, which
+//! returns an error and never panics or loops on malformed input, then
+//! fills a flat envelope, which is turned into a [`Request`] with every
+//! field checked.
 //!
 //! Server frames are written with [`JsonOut`] into a string once, and the
-//! same bytes are shared by every recipient.
+//! same bytes are shared by every recipient. Every key and every string
+//! value is escaped: a key may come from a client (a reaction's emoji).
 
-use nanoserde::DeJson;
+use serde::Deserialize;
 use std::fmt::Write as _;
 
 /// Deepest nesting of arrays and objects accepted in a client frame.
@@ -160,62 +162,49 @@ pub struct ParseError {
     pub malformed: bool,
 }
 
-/// The flat shape nanoserde fills; every field is optional and checked after.
-/// In a module of its own because the derive's generated code trips
-/// clippy's `question_mark` lint.
-mod raw {
-    #![allow(clippy::question_mark)]
-    use nanoserde::DeJson;
-
-    #[derive(DeJson, Default)]
-    #[nserde(default)]
-    pub struct Raw {
-        pub op: Option<String>,
-        pub request_id: Option<String>,
-        pub token: Option<String>,
-        pub client: Option<String>,
-        pub room: Option<String>,
-        pub history: Option<u64>,
-        pub text: Option<String>,
-        pub message_id: Option<String>,
-        pub emoji: Option<String>,
-        pub before_seq: Option<u64>,
-        pub after_seq: Option<u64>,
-        pub limit: Option<u64>,
-        pub name: Option<String>,
-        pub arguments: Option<ToolArguments>,
-    }
-
-    #[derive(DeJson, Default)]
-    #[nserde(default)]
-    pub struct ToolArguments {
-        pub messages: Option<Vec<ChatMessage>>,
-        pub provider: Option<String>,
-        pub model: Option<String>,
-        pub stream: Option<bool>,
-    }
-
-    #[derive(DeJson, Default)]
-    #[nserde(default)]
-    pub struct ChatMessage {
-        pub role: Option<String>,
-        pub content: Option<String>,
-    }
+/// The flat shape serde fills; every field is optional and checked after.
+/// Unknown fields are ignored (clients may send more than this version
+/// reads).
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct Raw {
+    op: Option<String>,
+    request_id: Option<String>,
+    token: Option<String>,
+    client: Option<String>,
+    room: Option<String>,
+    history: Option<u64>,
+    text: Option<String>,
+    message_id: Option<String>,
+    emoji: Option<String>,
+    before_seq: Option<u64>,
+    after_seq: Option<u64>,
+    limit: Option<u64>,
+    name: Option<String>,
+    arguments: Option<ToolArguments>,
 }
-use raw::Raw;
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct ToolArguments {
+    messages: Option<Vec<ChatMessage>>,
+    provider: Option<String>,
+    model: Option<String>,
+    stream: Option<bool>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct ChatMessage {
+    role: Option<String>,
+    content: Option<String>,
+}
 
 pub fn parse(text: &str) -> Result<Envelope, ParseError> {
-    if let Err(why) = validate_json_object(text.as_bytes()) {
-        return Err(ParseError {
-            request_id: None,
-            message: format!("invalid JSON: {why}"),
-            malformed: true,
-        });
-    }
-    let raw = Raw::deserialize_json(text).map_err(|e| ParseError {
+    let raw: Raw = from_json(text).map_err(|e| ParseError {
         request_id: None,
-        message: format!("a field has the wrong type: {e}"),
-        malformed: false,
+        malformed: e.malformed,
+        message: e.message,
     })?;
     let request_id = raw.request_id;
     let fail = |message: String| ParseError {
@@ -269,8 +258,12 @@ pub fn parse(text: &str) -> Result<Envelope, ParseError> {
                 .ok_or_else(|| fail(format!("message_id must be 1-{MAX_MESSAGE_ID} bytes")))?;
             let emoji = raw
                 .emoji
-                .filter(|e| (1..=MAX_EMOJI).contains(&e.len()))
-                .ok_or_else(|| fail(format!("emoji must be 1-{MAX_EMOJI} bytes")))?;
+                .filter(|e| valid_emoji(e))
+                .ok_or_else(|| {
+                    fail(format!(
+                        "emoji must be 1-{MAX_EMOJI} bytes of printable text, without quotes or backslashes"
+                    ))
+                })?;
             Request::React { message_id, emoji }
         }
         "list_tools" => Request::ListTools,
@@ -360,167 +353,90 @@ fn count(
     }
 }
 
-/// Checks that `b` is exactly one JSON object, well-formed, nested at most
-/// [`MAX_DEPTH`] deep. Iterative, allocation-free.
-pub fn validate_json_object(b: &[u8]) -> Result<(), &'static str> {
-    // Each level remembers whether it is an object (true) or an array.
-    let mut stack: heapless::Vec<bool, MAX_DEPTH> = heapless::Vec::new();
-    let mut i = skip_ws(b, 0);
-    if b.get(i) != Some(&b'{') {
+/// Whether `e` may be a reaction: 1-[`MAX_EMOJI`] bytes of printable text.
+/// Quotes, backslashes, control and format characters (and whitespace) are
+/// refused: an emoji is shown as a label and used as a JSON key.
+pub fn valid_emoji(e: &str) -> bool {
+    (1..=MAX_EMOJI).contains(&e.len())
+        && e.chars().all(|c| {
+            !c.is_control()
+                && !c.is_whitespace()
+                && c != '"'
+                && c != '\\'
+                // Bidirectional overrides and other invisible controls,
+                // except the joiners and selectors that emoji are made of.
+                && !matches!(c, '\u{200b}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{feff}')
+        })
+}
+
+/// Why a JSON text could not be read into a type.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JsonError {
+    pub message: String,
+    /// Not JSON at all (as opposed to JSON of the wrong shape).
+    pub malformed: bool,
+}
+
+/// Reads one JSON object of at most [`MAX_DEPTH`] levels into `T`. Never
+/// panics; the time it takes is linear in the length of `text`.
+pub fn from_json<'a, T: Deserialize<'a>>(text: &'a str) -> Result<T, JsonError> {
+    if let Err(why) = check_shape(text.as_bytes()) {
+        return Err(JsonError {
+            message: format!("invalid JSON: {why}"),
+            malformed: true,
+        });
+    }
+    serde_json::from_str(text).map_err(|e| {
+        use serde_json::error::Category;
+        let malformed = matches!(e.classify(), Category::Syntax | Category::Eof);
+        JsonError {
+            message: if malformed {
+                format!("invalid JSON: {e}")
+            } else {
+                format!("a field has the wrong type: {e}")
+            },
+            malformed,
+        }
+    })
+}
+
+/// Checks, before parsing, that `b` starts as a JSON object and nests at
+/// most [`MAX_DEPTH`] deep. Only brackets outside strings are counted: the
+/// parser finds every other fault.
+pub fn check_shape(b: &[u8]) -> Result<(), &'static str> {
+    let start = b
+        .iter()
+        .position(|c| !matches!(c, b' ' | b'\t' | b'\n' | b'\r'));
+    if start.map(|i| b[i]) != Some(b'{') {
         return Err("a frame must hold one JSON object");
     }
-    // States: expecting a value, or having just finished one.
-    let mut expect_value = true;
-    loop {
-        i = skip_ws(b, i);
-        if expect_value {
-            let c = *b.get(i).ok_or("unexpected end")?;
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &c in b {
+        if in_string {
             match c {
-                b'{' | b'[' => {
-                    stack.push(c == b'{').map_err(|_| "nested too deeply")?;
-                    i = skip_ws(b, i + 1);
-                    let close = if c == b'{' { b'}' } else { b']' };
-                    if b.get(i) == Some(&close) {
-                        stack.pop();
-                        i += 1;
-                        expect_value = false;
-                    } else if c == b'{' {
-                        i = object_key(b, i)?;
-                    }
-                    // else: an array's first value follows.
-                    continue;
-                }
-                b'"' => i = string_end(b, i)?,
-                b't' => i = literal(b, i, b"true")?,
-                b'f' => i = literal(b, i, b"false")?,
-                b'n' => i = literal(b, i, b"null")?,
-                b'-' | b'0'..=b'9' => i = number_end(b, i)?,
-                _ => return Err("expected a value"),
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
             }
-            expect_value = false;
-        } else {
-            let Some(&in_object) = stack.last() else {
-                return if skip_ws(b, i) == b.len() {
-                    Ok(())
-                } else {
-                    Err("text after the object")
-                };
-            };
-            match b.get(i) {
-                Some(b',') => {
-                    i = skip_ws(b, i + 1);
-                    if in_object {
-                        i = object_key(b, i)?;
-                    }
-                    expect_value = true;
+            continue;
+        }
+        match c {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return Err("nested too deeply");
                 }
-                Some(b'}') if in_object => {
-                    stack.pop();
-                    i += 1;
-                }
-                Some(b']') if !in_object => {
-                    stack.pop();
-                    i += 1;
-                }
-                _ => return Err("expected ',' or a closing bracket"),
             }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
         }
     }
+    Ok(())
 }
 
-fn skip_ws(b: &[u8], mut i: usize) -> usize {
-    while matches!(b.get(i), Some(b' ' | b'\t' | b'\n' | b'\r')) {
-        i += 1;
-    }
-    i
-}
-
-/// Reads `"key" :` and returns the position after the colon.
-fn object_key(b: &[u8], i: usize) -> Result<usize, &'static str> {
-    if b.get(i) != Some(&b'"') {
-        return Err("expected a quoted key");
-    }
-    let i = skip_ws(b, string_end(b, i)?);
-    if b.get(i) != Some(&b':') {
-        return Err("expected ':' after a key");
-    }
-    Ok(i + 1)
-}
-
-fn literal(b: &[u8], i: usize, word: &[u8]) -> Result<usize, &'static str> {
-    if b[i..].starts_with(word) {
-        Ok(i + word.len())
-    } else {
-        Err("bad literal")
-    }
-}
-
-/// `b[i]` is the opening quote; returns the position after the closing one.
-fn string_end(b: &[u8], mut i: usize) -> Result<usize, &'static str> {
-    i += 1;
-    loop {
-        match *b.get(i).ok_or("unterminated string")? {
-            b'"' => return Ok(i + 1),
-            b'\\' => match *b.get(i + 1).ok_or("unterminated string")? {
-                b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => i += 2,
-                b'u' => {
-                    let hex = b.get(i + 2..i + 6).ok_or("bad \\u escape")?;
-                    if !hex.iter().all(u8::is_ascii_hexdigit) {
-                        return Err("bad \\u escape");
-                    }
-                    i += 6;
-                }
-                _ => return Err("bad escape"),
-            },
-            0..=0x1f => return Err("control character in a string"),
-            _ => i += 1,
-        }
-    }
-}
-
-fn number_end(b: &[u8], mut i: usize) -> Result<usize, &'static str> {
-    let digits = |b: &[u8], mut i: usize| {
-        let start = i;
-        while b.get(i).is_some_and(u8::is_ascii_digit) {
-            i += 1;
-        }
-        (i, i > start)
-    };
-    if b.get(i) == Some(&b'-') {
-        i += 1;
-    }
-    if b.get(i) == Some(&b'0') {
-        i += 1;
-    } else {
-        let (j, any) = digits(b, i);
-        if !any {
-            return Err("bad number");
-        }
-        i = j;
-    }
-    if b.get(i) == Some(&b'.') {
-        let (j, any) = digits(b, i + 1);
-        if !any {
-            return Err("bad number");
-        }
-        i = j;
-    }
-    if matches!(b.get(i), Some(b'e' | b'E')) {
-        i += 1;
-        if matches!(b.get(i), Some(b'+' | b'-')) {
-            i += 1;
-        }
-        let (j, any) = digits(b, i);
-        if !any {
-            return Err("bad number");
-        }
-        i = j;
-    }
-    Ok(i)
-}
-
-/// Writes one JSON object. Keys are trusted literals; string values are
-/// escaped.
+/// Writes one JSON object, keys and string values escaped.
 pub struct JsonOut {
     buf: String,
     first: bool,
@@ -551,9 +467,8 @@ impl JsonOut {
             self.buf.push(',');
         }
         self.first = false;
-        self.buf.push('"');
-        self.buf.push_str(key);
-        self.buf.push_str("\":");
+        escape_into(&mut self.buf, key);
+        self.buf.push(':');
     }
 
     pub fn str(mut self, key: &str, value: &str) -> JsonOut {
@@ -783,6 +698,14 @@ mod tests {
             "{\"a\":[1,]}",
             "{\"a\":[1 2]}",
             "{\"a\":\"\\u12\"}",
+            // nanoserde aborted on the first and looped for ever on the
+            // next two.
+            "{\"x\":}",
+            "{\"x\":[1,2",
+            "{\"x\":{",
+            "{\"x\":{\"y\":[{\"z\":",
+            "{\"op\":\"ping\"",
+            "{\"op\":\"\\ud800\"}",
         ] {
             let e = parse(bad).unwrap_err();
             assert!(e.malformed, "{bad:?} should be malformed");
@@ -796,12 +719,18 @@ mod tests {
             "[".repeat(MAX_DEPTH - 1),
             "]".repeat(MAX_DEPTH - 1)
         );
-        assert!(validate_json_object(ok.as_bytes()).is_ok());
+        assert!(check_shape(ok.as_bytes()).is_ok());
+        assert!(parse(&ok).is_err_and(|e| !e.malformed));
         let deep = format!("{{\"a\":{}1{}}}", "[".repeat(100_000), "]".repeat(100_000));
-        assert_eq!(
-            validate_json_object(deep.as_bytes()),
-            Err("nested too deeply")
+        assert_eq!(check_shape(deep.as_bytes()), Err("nested too deeply"));
+        assert!(parse(&deep).is_err_and(|e| e.malformed));
+        // Brackets inside strings are text, not nesting.
+        let quoted = format!(
+            "{{\"op\":\"ping\",\"a\":\"{}\\\"{}\"}}",
+            "[".repeat(99),
+            "{".repeat(99)
         );
+        assert_eq!(parse(&quoted).map(|e| e.request), Ok(Request::Ping));
     }
 
     /// Random mutations of valid frames never panic the parser.
@@ -839,6 +768,44 @@ mod tests {
     }
 
     #[test]
+    fn emoji_are_printable_text_without_quotes() {
+        for ok in ["👍", "❤️", "👨‍👩‍👧", ":+1:", "ok"] {
+            assert!(valid_emoji(ok), "{ok:?}");
+        }
+        for bad in [
+            "",
+            "\"",
+            "a\\",
+            "\n",
+            "\u{1b}[31m",
+            "a b",
+            "\u{202e}x",
+            &"x".repeat(33),
+        ] {
+            assert!(!valid_emoji(bad), "{bad:?}");
+            let frame = format!(
+                r#"{{"op":"react","message_id":"m","emoji":{}}}"#,
+                serde_json::to_string(bad).unwrap()
+            );
+            assert!(parse(&frame).is_err_and(|e| !e.malformed), "{bad:?}");
+        }
+    }
+
+    /// Keys are escaped like values: a reaction stored before emoji were
+    /// checked still cannot break a frame or forge a field.
+    #[test]
+    fn keys_are_escaped() {
+        let evil = "x\":1},\"from\":\"admin\",\"y\":{\"\\\n";
+        let f = JsonOut::op("message")
+            .str("from", "alice")
+            .raw("reactions", &JsonOut::new().num(evil, 1).finish())
+            .finish();
+        let v: serde_json::Value = serde_json::from_str(&f).unwrap();
+        assert_eq!(v["from"], "alice");
+        assert_eq!(v["reactions"][evil], 1);
+    }
+
+    #[test]
     fn writes_escaped_frames() {
         let f = error_frame(
             Some("r\"1"),
@@ -856,7 +823,7 @@ mod tests {
             .bool("b", false)
             .finish();
         assert_eq!(f, r#"{"op":"x","s":"\u0001👍","n":3,"b":false}"#);
-        assert!(validate_json_object(f.as_bytes()).is_ok());
+        assert!(serde_json::from_str::<serde_json::Value>(&f).is_ok());
         assert_eq!(fmt_f64(30.0), "30");
         assert_eq!(fmt_f64(0.5), "0.5");
         assert_eq!(fmt_f64(1.0 / 3.0), "0.333");

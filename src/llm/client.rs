@@ -10,8 +10,6 @@
 //! per-read timeout).
 
 use super::sse::SseParser;
-use crate::protocol::validate_json_object;
-use nanoserde::DeJson;
 use std::io::Read;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -249,13 +247,12 @@ fn call(
 }
 
 mod wire {
-    //! The parts of OpenAI's answer shapes that are read. In a module of
-    //! its own: the derives trip clippy's `question_mark` lint.
-    #![allow(clippy::question_mark)]
-    use nanoserde::DeJson;
+    //! The parts of OpenAI's answer shapes that are read; anything else in
+    //! an answer is ignored.
+    use serde::Deserialize;
 
-    #[derive(DeJson, Default)]
-    #[nserde(default)]
+    #[derive(Deserialize, Default)]
+    #[serde(default)]
     pub struct Answer {
         pub model: Option<String>,
         pub choices: Option<Vec<Choice>>,
@@ -263,8 +260,8 @@ mod wire {
         pub error: Option<ErrorBody>,
     }
 
-    #[derive(DeJson, Default)]
-    #[nserde(default)]
+    #[derive(Deserialize, Default)]
+    #[serde(default)]
     pub struct Choice {
         pub delta: Option<Content>,
         pub message: Option<Content>,
@@ -272,21 +269,21 @@ mod wire {
         pub usage: Option<Usage>,
     }
 
-    #[derive(DeJson, Default)]
-    #[nserde(default)]
+    #[derive(Deserialize, Default)]
+    #[serde(default)]
     pub struct Content {
         pub content: Option<String>,
     }
 
-    #[derive(DeJson, Default, Clone, Copy)]
-    #[nserde(default)]
+    #[derive(Deserialize, Default, Clone, Copy)]
+    #[serde(default)]
     pub struct Usage {
         pub prompt_tokens: Option<u64>,
         pub completion_tokens: Option<u64>,
     }
 
-    #[derive(DeJson, Default)]
-    #[nserde(default)]
+    #[derive(Deserialize, Default)]
+    #[serde(default)]
     pub struct ErrorBody {
         pub message: Option<String>,
     }
@@ -299,10 +296,9 @@ pub struct Chunk {
 }
 
 fn decode(json: &str) -> Result<wire::Answer, CallError> {
-    // Validated first: nanoserde panics on some malformed JSON, and an
-    // upstream is as untrusted as a client.
-    validate_json_object(json.as_bytes()).map_err(|e| CallError::Malformed(e.into()))?;
-    wire::Answer::deserialize_json(json).map_err(|e| CallError::Malformed(e.to_string()))
+    // The same bounded reader as client frames: an upstream is as
+    // untrusted as a client.
+    crate::protocol::from_json(json).map_err(|e| CallError::Malformed(e.message))
 }
 
 fn usage_of(a: &wire::Answer) -> Option<Usage> {
@@ -450,7 +446,7 @@ mod tests {
             body,
             r#"{"model":"m\"1","stream":true,"messages":[{"role":"user","content":"hi\n"}]}"#
         );
-        assert!(validate_json_object(body.as_bytes()).is_ok());
+        assert!(serde_json::from_str::<serde_json::Value>(&body).is_ok());
     }
 
     #[test]
