@@ -348,6 +348,13 @@ pub fn names_json(names: &[Rc<str>]) -> String {
     out
 }
 
+/// The most bytes a `message` frame may take for a text of at most
+/// `max_text_bytes`: every byte may be a control character written as
+/// `\u001f` (six bytes), plus the envelope, the names and the reactions.
+pub fn largest_message_frame(max_text_bytes: usize) -> usize {
+    max_text_bytes.saturating_mul(6).saturating_add(1024)
+}
+
 /// `{"op":"message",...}` for a stored message.
 pub fn message_json(m: &StoredMessage) -> String {
     let mut reactions = JsonOut::new();

@@ -510,6 +510,11 @@ impl JsonOut {
         self
     }
 
+    /// Bytes written so far (the closing brace not counted).
+    pub fn len(&self) -> usize {
+        self.buf.len() + 1
+    }
+
     pub fn finish(mut self) -> String {
         self.buf.insert(0, '{');
         self.buf.push('}');

@@ -102,7 +102,7 @@ fn the_per_ip_share_is_released_after_a_timeout_close() {
 fn a_client_that_never_reads_is_closed_4008_while_others_are_served() {
     // Rate limits out of the way: this test floods on purpose.
     let gw = Gateway::start(
-        &format!("[server]\noutbox_frames = 8\noutbox_bytes = 4096\n{NO_RATE_LIMITS}"),
+        &format!("[server]\noutbox_frames = 8\noutbox_bytes = 4096\n[chat]\nmax_text_bytes = 128\n{NO_RATE_LIMITS}"),
         &[],
     );
     let (mut polite, _) = gw.session(None);

@@ -1159,6 +1159,17 @@ impl Config {
 
     /// Rules that involve more than one key.
     fn check_whole(&mut self, mode_set: bool) -> Result<(), String> {
+        let largest = crate::chat::largest_message_frame(self.chat.max_text_bytes);
+        if largest > self.server.outbox_bytes / 2 {
+            return Err(format!(
+                "server.outbox_bytes ({}) must hold two of the largest message frames: with \
+                 chat.max_text_bytes = {} (each byte may take 6 escaped), a message frame may be \
+                 {largest} bytes. Raise server.outbox_bytes to at least {} or lower chat.max_text_bytes",
+                self.server.outbox_bytes,
+                self.chat.max_text_bytes,
+                largest * 2
+            ));
+        }
         if self.auth.mode == AuthMode::Token && self.auth.tokens.is_empty() {
             if !self.server.listen.ip().is_loopback() {
                 return Err(format!(

