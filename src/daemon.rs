@@ -64,11 +64,12 @@ pub fn run(cfg: Config, log: Logger) -> Result<i32, String> {
         Box::new(move || downstream.wait_for_room()),
     )?;
     let ex = Rc::new(LocalExecutor::new());
-    let llm = crate::llm::Llm::new(&cfg.llm, log)
+    let redact = cfg.redactor();
+    let llm = crate::llm::Llm::new(&cfg.llm, log, redact.clone())
         .map_err(|e| format!("cannot start the upstream pool: {e}"))?;
     let remote = match &cfg.remote {
         Some(r) => Some(
-            crate::remote::Remote::new(r, log)
+            crate::remote::Remote::new(r, log, redact)
                 .map_err(|e| format!("cannot start the sync thread: {e}"))?,
         ),
         None => None,

@@ -12,6 +12,7 @@ mod llm;
 mod ops;
 mod pool;
 mod protocol;
+mod redact;
 mod remote;
 mod resilience;
 mod server;

@@ -48,10 +48,16 @@ pub struct Remote {
     dead_letters: Cell<u64>,
     jitter: RefCell<Jitter>,
     log: Logger,
+    /// Cleans the remote's words before they are logged or stored.
+    redact: crate::redact::Redactor,
 }
 
 impl Remote {
-    pub fn new(cfg: &RemoteConfig, log: Logger) -> std::io::Result<Remote> {
+    pub fn new(
+        cfg: &RemoteConfig,
+        log: Logger,
+        redact: crate::redact::Redactor,
+    ) -> std::io::Result<Remote> {
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_connect(Some(cfg.connect_timeout))
@@ -76,6 +82,7 @@ impl Remote {
             jitter: RefCell::new(Jitter::new(crate::resilience::random_u64())),
             cfg: cfg.clone(),
             log,
+            redact,
         })
     }
 
@@ -343,6 +350,7 @@ impl Remote {
         let url = format!("{}/rest/v1/{table}?on_conflict={conflict}", self.cfg.url);
         let agent = self.agent.clone();
         let key: Option<Secret> = self.cfg.api_key.clone();
+        let redact = self.redact.clone();
         let job = self.pool.submit(self.cfg.timeout * 2, move || {
             let mut r = agent
                 .post(&url)
@@ -354,16 +362,16 @@ impl Remote {
                     .header("Authorization", &format!("Bearer {}", k.expose()));
             }
             match r.send(body.as_str()) {
-                Err(e) => Posted::Failed(e.to_string()),
+                Err(e) => Posted::Failed(redact.clean(&e.to_string())),
                 Ok(resp) => {
                     let status = resp.status().as_u16();
                     let mut text = String::new();
                     let _ = resp
                         .into_body()
                         .into_reader()
-                        .take(1024)
+                        .take(4096)
                         .read_to_string(&mut text);
-                    let text: String = text.trim().chars().take(300).collect();
+                    let text = redact.clean(&text);
                     match status {
                         200..=299 => Posted::Ok,
                         // A 408 or 429 is the remote's state, not the rows'.

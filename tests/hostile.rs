@@ -133,3 +133,78 @@ fn a_history_larger_than_the_outbox_is_cut_and_says_more() {
     assert_eq!(gw.metric("hivegate_connections_closed_total{code=\"4008\"}"), 0.0);
     assert!(gw.metric("hivegate_answers_cut_total") >= 2.0);
 }
+
+#[test]
+fn a_provider_that_echoes_the_key_does_not_leak_it() {
+    use common::fake_openai::{Behaviour, FakeOpenAi};
+    const KEY: &str = "sk-live-echoed-4242";
+    let fake = FakeOpenAi::start(Behaviour::Status {
+        status: 401,
+        retry_after: None,
+        body: format!(
+            "{{\"error\":{{\"message\":\"Incorrect API key provided: {KEY}\\u001b[31m{}\"}}}}",
+            "x".repeat(2000)
+        ),
+    });
+    let gw = Gateway::start(
+        &format!(
+            "{NO_RATE_LIMITS}[llm]\nmax_retries = 0\n[provider.kimi]\nbase_url = \"{}\"\nmodel = \"m\"\napi_key_env = \"FAKE_KEY\"\n",
+            fake.base_url()
+        ),
+        &[("FAKE_KEY", KEY)],
+    );
+    let (mut ws, _) = gw.session(None);
+    send_json(
+        &mut ws,
+        &json!({"op":"call_tool","request_id":"t","name":"chat","arguments":{"messages":[{"role":"user","content":"hi"}]}}),
+    );
+    let end = loop {
+        let v = answer(&mut ws, "t");
+        if v["op"] == "error" || v["op"] == "call_tool_res" {
+            break v;
+        }
+    };
+    let message = end["error"]["message"].as_str().expect("an error message");
+    assert!(message.contains("HTTP 401"), "{message}");
+    assert!(message.contains("[redacted]"), "{message}");
+    assert!(!message.contains(KEY) && !message.contains('\u{1b}'), "{message}");
+    assert!(message.len() < 600, "capped: {} bytes", message.len());
+    std::thread::sleep(Duration::from_millis(200));
+    let log = gw.log_text();
+    assert!(!log.contains(KEY), "the key reached the log:\n{log}");
+    assert!(!log.contains('\u{1b}'));
+}
+
+#[test]
+fn a_remote_that_echoes_the_key_does_not_leak_it_into_logs_or_dead_letters() {
+    use common::fake_postgrest::FakePostgrest;
+    const KEY: &str = "service-role-key-echoed-77";
+    let fake = FakePostgrest::start(KEY);
+    fake.set_poison("POISON");
+    let gw = Gateway::start(
+        &format!(
+            "{NO_RATE_LIMITS}[remote]\nurl = \"{}\"\napi_key_env = \"SUPABASE_KEY\"\ninterval_ms = 50\n",
+            fake.url()
+        ),
+        &[("SUPABASE_KEY", KEY)],
+    );
+    let (mut ws, _) = gw.session(None);
+    join(&mut ws, "r");
+    request(
+        &mut ws,
+        json!({"op":"publish","room":"r","text":"POISON","request_id":"p"}),
+    );
+    let end = Instant::now() + Duration::from_secs(10);
+    while gw.metric("hivegate_sync_dead_letters_total") < 1.0 && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let db = rusqlite::Connection::open(gw.dir.path().join("data/hivegate.db")).unwrap();
+    let error: String = db
+        .query_row("SELECT error FROM dead_letters", [], |r| r.get(0))
+        .expect("a dead letter");
+    assert!(error.contains("no_poison") && error.contains("[redacted]"), "{error}");
+    assert!(!error.contains(KEY) && !error.contains('\u{1b}'), "{error}");
+    let log = gw.log_text();
+    assert!(log.contains("dead_letters"), "{log}");
+    assert!(!log.contains(KEY), "the key reached the log:\n{log}");
+}

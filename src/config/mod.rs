@@ -714,6 +714,14 @@ impl Setting<'_> {
 }
 
 impl Config {
+    /// What removes every configured upstream key from upstream text.
+    /// (Client tokens are not among them: only their digests are kept.)
+    pub fn redactor(&self) -> crate::redact::Redactor {
+        let providers = self.llm.providers.iter().filter_map(|p| p.api_key.as_ref());
+        let remote = self.remote.iter().filter_map(|r| r.api_key.as_ref());
+        crate::redact::Redactor::new(providers.chain(remote).map(|k| k.expose()))
+    }
+
     /// The embedded default: loopback, local data only, no keys.
     pub fn default_with_env(env: &[(String, String)]) -> Config {
         let data_dir = env

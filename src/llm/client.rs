@@ -67,6 +67,25 @@ impl CallError {
         }
     }
 
+    /// The same error with every piece of upstream text cleaned: no
+    /// secret, no control character, a bounded length.
+    pub fn redacted(self, r: &crate::redact::Redactor) -> CallError {
+        match self {
+            CallError::Transport(m) => CallError::Transport(r.clean(&m)),
+            CallError::Status {
+                code,
+                retry_after,
+                message,
+            } => CallError::Status {
+                code,
+                retry_after,
+                message: r.clean(&message),
+            },
+            CallError::Malformed(m) => CallError::Malformed(r.clean(&m)),
+            t @ CallError::Timeout(_) => t,
+        }
+    }
+
     pub fn is_timeout(&self) -> bool {
         matches!(self, CallError::Timeout(_))
     }
@@ -89,6 +108,8 @@ pub struct Request {
     pub url: String,
     pub api_key: Option<crate::auth::Secret>,
     pub body: String,
+    /// Cleans the upstream's words before they leave this thread.
+    pub redact: crate::redact::Redactor,
 }
 
 /// An agent with the provider's timeouts. `http_status_as_error` is off so
@@ -115,7 +136,7 @@ pub fn run(req: Request, events: &async_channel::Sender<Event>, cancel: &AtomicB
     let last = match outcome {
         Ok(Some(done)) => done,
         Ok(None) => return,
-        Err(e) => Event::Failed(e),
+        Err(e) => Event::Failed(e.redacted(&req.redact)),
     };
     let _ = events.send_blocking(last);
 }
@@ -347,8 +368,9 @@ pub fn parse_answer(body: &str) -> Result<(String, Option<String>, Option<Usage>
 /// The `error.message` of an error body, or the start of the body.
 fn error_message(body: &str) -> String {
     let from_json = decode(body).ok().and_then(|a| a.error?.message);
-    let text = from_json.unwrap_or_else(|| body.trim().to_string());
-    text.chars().take(300).collect()
+    // Cut here, cleaned (secrets, controls, length) before it leaves the
+    // pool thread: see `run`.
+    from_json.unwrap_or_else(|| body.trim().to_string())
 }
 
 /// The request body: the model, the messages, `stream: true`.

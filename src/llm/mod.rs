@@ -81,6 +81,7 @@ pub struct Llm {
     in_flight: std::rc::Rc<Cell<u32>>,
     jitter: RefCell<Jitter>,
     log: Logger,
+    redact: crate::redact::Redactor,
 }
 
 /// How one attempt at one provider ended.
@@ -101,7 +102,11 @@ enum Attempt {
 }
 
 impl Llm {
-    pub fn new(cfg: &LlmConfig, log: Logger) -> std::io::Result<Llm> {
+    pub fn new(
+        cfg: &LlmConfig,
+        log: Logger,
+        redact: crate::redact::Redactor,
+    ) -> std::io::Result<Llm> {
         let now = Instant::now();
         let providers: Vec<Provider> = cfg
             .providers
@@ -145,6 +150,7 @@ impl Llm {
             in_flight: std::rc::Rc::default(),
             jitter: RefCell::new(Jitter::new(seed)),
             log,
+            redact,
         })
     }
 
@@ -427,6 +433,7 @@ impl Llm {
             url: p.url.clone(),
             api_key: p.cfg.api_key.clone(),
             body: client::request_body(model, &call.messages),
+            redact: self.redact.clone(),
         };
         let job_flag = flag.clone();
         let Ok(job) = pool.submit(p.cfg.total_timeout, move || {

@@ -207,11 +207,12 @@ fn serve(mut s: TcpStream, state: &Mutex<State>, stop: &AtomicBool, key: &str) {
     if let Some(p) = &st.poison {
         if rows.iter().any(|r| r["text"] == *p) {
             drop(st);
-            return respond(
-                &mut s,
-                400,
-                r#"{"message":"new row violates check constraint \"no_poison\""}"#,
+            // Like some proxies, it echoes the key it was sent: the
+            // gateway must not log or store it.
+            let echo = format!(
+                r#"{{"message":"new row violates check constraint \"no_poison\"","hint":"apikey {key}\u001b[2J"}}"#
             );
+            return respond(&mut s, 400, &echo);
         }
     }
     let t = st.tables.entry(table.to_string()).or_default();
