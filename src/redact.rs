@@ -74,7 +74,7 @@ mod tests {
         let r = Redactor::new(["sk-live-123456", "sk-live-1234567890", "abc"]);
         assert_eq!(
             r.clean(" invalid key sk-live-1234567890 (sk-live-123456)\r\n\u{1b}[31m "),
-            "invalid key [redacted] ([redacted])    [31m"
+            "invalid key [redacted] ([redacted])   [31m"
         );
         assert_eq!(r.clean("abc stays"), "abc stays");
         let long = r.clean(&"é".repeat(1000));
