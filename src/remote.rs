@@ -46,6 +46,8 @@ pub struct Remote {
     shipped: Cell<u64>,
     batches_failed: Cell<u64>,
     dead_letters: Cell<u64>,
+    /// Old dead letters dropped to keep the table bounded.
+    dead_letters_pruned: Cell<u64>,
     jitter: RefCell<Jitter>,
     log: Logger,
     /// Cleans the remote's words before they are logged or stored.
@@ -79,6 +81,7 @@ impl Remote {
             shipped: Cell::new(0),
             batches_failed: Cell::new(0),
             dead_letters: Cell::new(0),
+            dead_letters_pruned: Cell::new(0),
             jitter: RefCell::new(Jitter::new(crate::resilience::random_u64())),
             cfg: cfg.clone(),
             log,
@@ -328,8 +331,10 @@ impl Remote {
                         ts: crate::clock::unix_ms(),
                     };
                     if let Ok(done) = store.write(op) {
-                        if let Ok(WriteOk::Marked) = done.await {
+                        if let Ok(WriteOk::Parked { pruned }) = done.await {
                             self.backlog.set((self.backlog.get() - 1).max(0));
+                            let n = &self.dead_letters_pruned;
+                            n.set(n.get() + pruned);
                         }
                     }
                 }
@@ -428,6 +433,12 @@ impl Remote {
             "hivegate_sync_dead_letters_total",
             "Rows the remote refused, parked in dead_letters.",
             self.dead_letters.get(),
+        );
+        counter(
+            out,
+            "hivegate_sync_dead_letters_pruned_total",
+            "Oldest dead letters dropped to keep the table at its bound (1000 rows).",
+            self.dead_letters_pruned.get(),
         );
     }
 }

@@ -64,10 +64,7 @@ fn an_emoji_cannot_forge_a_message_or_break_its_frame() {
     assert_eq!(v["op"], "ack");
     // The history frame that carries the reaction is valid JSON, and the
     // message is still alice's.
-    let h = request(
-        &mut a,
-        json!({"op":"history","room":"r","request_id":"h"}),
-    );
+    let h = request(&mut a, json!({"op":"history","room":"r","request_id":"h"}));
     let m = &h["messages"][0];
     assert_eq!(m["from"], a_user(&gw));
     assert_eq!(m["reactions"]["👍"], 1);
@@ -95,12 +92,13 @@ fn a_history_larger_than_the_outbox_is_cut_and_says_more() {
         seqs.push(ack["seq"].as_u64().expect("seq"));
     }
     let (mut b, _) = gw.session(None);
-    let joined = request(
-        &mut b,
-        json!({"op":"join","room":"big","request_id":"j"}),
-    );
+    let joined = request(&mut b, json!({"op":"join","room":"big","request_id":"j"}));
     let history = joined["history"].as_array().expect("history");
-    assert!(!history.is_empty() && history.len() < 22, "{}", history.len());
+    assert!(
+        !history.is_empty() && history.len() < 22,
+        "{}",
+        history.len()
+    );
     assert_eq!(joined["more"], true);
     // The newest are kept, oldest first.
     let last = history.last().unwrap()["seq"].as_u64().unwrap();
@@ -129,8 +127,15 @@ fn a_history_larger_than_the_outbox_is_cut_and_says_more() {
     );
     let page = h["messages"].as_array().unwrap();
     assert_eq!(h["more"], true);
-    assert_eq!(page[0]["seq"].as_u64(), Some(seqs[0]), "after_seq keeps the oldest");
-    assert_eq!(gw.metric("hivegate_connections_closed_total{code=\"4008\"}"), 0.0);
+    assert_eq!(
+        page[0]["seq"].as_u64(),
+        Some(seqs[0]),
+        "after_seq keeps the oldest"
+    );
+    assert_eq!(
+        gw.metric("hivegate_connections_closed_total{code=\"4008\"}"),
+        0.0
+    );
     assert!(gw.metric("hivegate_answers_cut_total") >= 2.0);
 }
 
@@ -167,7 +172,10 @@ fn a_provider_that_echoes_the_key_does_not_leak_it() {
     let message = end["error"]["message"].as_str().expect("an error message");
     assert!(message.contains("HTTP 401"), "{message}");
     assert!(message.contains("[redacted]"), "{message}");
-    assert!(!message.contains(KEY) && !message.contains('\u{1b}'), "{message}");
+    assert!(
+        !message.contains(KEY) && !message.contains('\u{1b}'),
+        "{message}"
+    );
     assert!(message.len() < 600, "capped: {} bytes", message.len());
     std::thread::sleep(Duration::from_millis(200));
     let log = gw.log_text();
@@ -202,9 +210,111 @@ fn a_remote_that_echoes_the_key_does_not_leak_it_into_logs_or_dead_letters() {
     let error: String = db
         .query_row("SELECT error FROM dead_letters", [], |r| r.get(0))
         .expect("a dead letter");
-    assert!(error.contains("no_poison") && error.contains("[redacted]"), "{error}");
+    assert!(
+        error.contains("no_poison") && error.contains("[redacted]"),
+        "{error}"
+    );
     assert!(!error.contains(KEY) && !error.contains('\u{1b}'), "{error}");
     let log = gw.log_text();
     assert!(log.contains("dead_letters"), "{log}");
     assert!(!log.contains(KEY), "the key reached the log:\n{log}");
+}
+
+#[test]
+fn repeats_of_a_call_in_flight_are_bounded() {
+    use common::fake_openai::{Behaviour, FakeOpenAi};
+    let fake = FakeOpenAi::start(Behaviour::Stall);
+    let gw = Gateway::start(
+        &format!(
+            "{NO_RATE_LIMITS}[provider.kimi]\nbase_url = \"{}\"\nmodel = \"m\"\n",
+            fake.base_url()
+        ),
+        &[],
+    );
+    let (mut ws, _) = gw.session(None);
+    let call = json!({"op":"call_tool","request_id":"same","name":"chat","arguments":{"messages":[{"role":"user","content":"hi"}]}});
+    let mut shared = 0;
+    for _ in 0..20 {
+        let v = request(&mut ws, call.clone());
+        match v["op"].as_str() {
+            Some("call_tool_ack") if v["from_inflight"] == true => shared += 1,
+            Some("call_tool_ack") => {}
+            _ => {
+                assert_eq!(v["error"]["code"], "LIMIT_EXCEEDED", "{v}");
+            }
+        }
+    }
+    assert_eq!(shared, 8);
+}
+
+#[test]
+fn a_client_that_hangs_up_without_a_close_frame_is_counted_1006() {
+    let gw = Gateway::start("", &[]);
+    let (ws, _) = gw.session(None);
+    let stream = ws.into_inner();
+    stream.shutdown(std::net::Shutdown::Write).unwrap();
+    let end = Instant::now() + Duration::from_secs(5);
+    while gw.metric("hivegate_connections_open") > 0.0 && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        gw.metric("hivegate_connections_closed_total{code=\"1006\"}"),
+        1.0
+    );
+    assert_eq!(
+        gw.metric("hivegate_connections_closed_total{code=\"1002\"}"),
+        0.0
+    );
+}
+
+#[test]
+fn control_bytes_from_clients_are_escaped_in_text_logs() {
+    let gw = Gateway::start("[log]\nformat = \"text\"\n", &[]);
+    let mut ws = gw.ws();
+    send_json(
+        &mut ws,
+        &json!({"op":"hello","client":"evil\r\u{1b}[2J\u{0}fake line"}),
+    );
+    recv_json(&mut ws);
+    std::thread::sleep(Duration::from_millis(200));
+    let log = gw.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains(" hello "))
+        .expect("a hello line");
+    assert!(
+        line.contains(r#"client="evil\r\u{1b}[2J\0fake line""#),
+        "{line:?}"
+    );
+    assert!(!log.contains(['\r', '\u{1b}', '\0']), "{log:?}");
+}
+
+#[test]
+fn a_head_with_bare_line_feeds_gets_400_at_once() {
+    let gw = Gateway::start("", &[]);
+    let started = Instant::now();
+    let r = http_request(gw.addr, "GET /healthz HTTP/1.1\nHost: x\n\n");
+    assert_eq!(r.status, 400);
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "answered at the handshake timeout, not at once"
+    );
+}
+
+#[test]
+fn an_empty_or_malformed_websocket_key_gets_400() {
+    let gw = Gateway::start("", &[]);
+    assert!(gw.ws_from(None, &[]).is_ok(), "a good key upgrades");
+    for key in [
+        "",
+        "abc",
+        "dGhlIHNhbXBsZSBub25jZQ",
+        "!!!!!!!!!!!!!!!!!!!!!!==",
+    ] {
+        let raw = format!(
+            "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        );
+        assert_eq!(http_request(gw.addr, &raw).status, 400, "{key:?}");
+    }
 }

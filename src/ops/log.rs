@@ -65,7 +65,13 @@ impl Logger {
                 let _ = write!(line, "{ts} {name:<5} {msg}");
                 for (k, v) in fields {
                     let v = v.to_string();
-                    if v.is_empty() || v.contains([' ', '"', '=']) {
+                    // Quoted (and so escaped) when it holds anything a
+                    // reader of the line could take for structure: a
+                    // client's name may carry CR, ESC or NUL.
+                    if v.is_empty()
+                        || v.contains([' ', '"', '=', '\\'])
+                        || v.chars().any(char::is_control)
+                    {
                         let _ = write!(line, " {k}={v:?}");
                     } else {
                         let _ = write!(line, " {k}={v}");
@@ -143,6 +149,16 @@ mod tests {
         assert_eq!(
             text,
             "1970-01-01T00:00:00.000Z warn  closed conn=7 reason=\"hello timeout\"\n"
+        );
+        let hostile = Logger::new(LogLevel::Info, LogFormat::Text).format_line(
+            t,
+            LogLevel::Info,
+            "hello",
+            &[("client", &"x\r\u{1b}[2J\0y")],
+        );
+        assert_eq!(
+            hostile,
+            "1970-01-01T00:00:00.000Z info  hello client=\"x\\r\\u{1b}[2J\\0y\"\n"
         );
         let json = Logger::new(LogLevel::Info, LogFormat::Json).format_line(
             t,

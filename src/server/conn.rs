@@ -36,6 +36,9 @@ pub type WsStream = WebSocketStream<Async<TcpStream>>;
 
 /// Requests of one connection still running (store writes, history reads).
 const MAX_IN_FLIGHT: u32 = 32;
+/// Most repeats of one tool call's `request_id` that share its answer
+/// (each one is an answer frame more when it ends).
+const MAX_FOLLOWERS: u32 = 8;
 
 /// Where the answer to a request that continues in its own task goes, and
 /// its place among the connection's requests in flight (freed on drop).
@@ -965,7 +968,13 @@ impl Conn {
                         .opt_str("request_id", reply.rid())
                         .str("room", &room);
                     let keep_newest = !matches!(range, Range::After(_));
-                    reply.send(with_messages(&reply.gw, answer, "messages", &msgs, keep_newest));
+                    reply.send(with_messages(
+                        &reply.gw,
+                        answer,
+                        "messages",
+                        &msgs,
+                        keep_newest,
+                    ));
                 }
                 Err(e) => reply.fail(&e),
             }
@@ -987,6 +996,11 @@ impl Conn {
         }
         // The same request_id while it runs: share the answer, call nobody.
         if let Some(state) = self.calls.borrow().get(&rid_owned) {
+            if state.followers.get() >= MAX_FOLLOWERS {
+                let msg = format!("at most {MAX_FOLLOWERS} repeats of a call in flight share it");
+                self.error(rid, ErrorCode::LimitExceeded, &msg, None);
+                return None;
+            }
             state.followers.set(state.followers.get() + 1);
             self.send(
                 JsonOut::op("call_tool_ack")
@@ -1192,8 +1206,13 @@ fn close_reason(code: u16) -> &'static str {
 
 /// The close code RFC 6455 asks for after a read error.
 fn ws_error_close(e: &WsError) -> (u16, &'static str) {
-    use async_tungstenite::tungstenite::error::CapacityError;
+    use async_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
     match e {
+        // The client hung up (FIN or reset) without a close frame: an
+        // abnormal end, not a protocol error of ours to report.
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => {
+            (close::ABNORMAL, "client vanished")
+        }
         WsError::Capacity(CapacityError::MessageTooLong { .. }) => {
             (close::TOO_BIG, "message too big")
         }

@@ -55,6 +55,14 @@ pub async fn read_head<S: futures_lite::AsyncRead + Unpin>(
         }
         let searched_from = len.saturating_sub(3);
         len += n;
+        // A head with bare LF line ends would never show CRLF CRLF: say
+        // so at once rather than at the timeout.
+        if buf[searched_from.saturating_sub(1)..len]
+            .windows(2)
+            .any(|w| w == b"\n\n")
+        {
+            return Err(HeadError::Malformed);
+        }
         if let Some(end) = find_head_end(&buf[searched_from..len]) {
             let end = searched_from + end;
             let head = parse_head(&buf[..end])?;
@@ -95,7 +103,9 @@ fn parse_head(b: &[u8]) -> Result<Head, HeadError> {
                 .split(',')
                 .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
         } else if name.eq_ignore_ascii_case("sec-websocket-key") {
-            head.ws_key = Some(value.to_string());
+            // RFC 6455 4.2.1: the base64 of 16 bytes; anything else is
+            // not a WebSocket client (400, like a missing key).
+            head.ws_key = valid_ws_key(value).then(|| value.to_string());
         } else if name.eq_ignore_ascii_case("sec-websocket-version") {
             head.ws_version = Some(value.to_string());
         } else if name.eq_ignore_ascii_case("origin") {
@@ -108,6 +118,20 @@ fn parse_head(b: &[u8]) -> Result<Head, HeadError> {
         }
     }
     Ok(head)
+}
+
+/// Whether `key` is the base64 encoding of 16 bytes: 22 characters of the
+/// base64 alphabet and `==`.
+fn valid_ws_key(key: &str) -> bool {
+    let b = key.as_bytes();
+    b.len() == 24
+        && b[22..] == *b"=="
+        && b[..22]
+            .iter()
+            .all(|c| c.is_ascii_alphanumeric() || *c == b'+' || *c == b'/')
+        // The last character before the padding carries 2 bits: the rest
+        // of its 6 must be zero.
+        && b"AQgw".contains(&b[21])
 }
 
 impl Head {
@@ -234,6 +258,32 @@ mod tests {
         }
         many.extend(b"\r\n");
         assert_eq!(read(&many).unwrap_err(), HeadError::TooLarge);
+    }
+
+    #[test]
+    fn bare_lf_heads_and_bad_keys_are_refused() {
+        assert_eq!(
+            read(b"GET / HTTP/1.1\nHost: a\n\n").unwrap_err(),
+            HeadError::Malformed
+        );
+        // Split across reads, the two LFs are still found.
+        assert_eq!(
+            read(b"GET / HTTP/1.1\n\n").unwrap_err(),
+            HeadError::Malformed
+        );
+        for key in [
+            "",
+            "abc",
+            "dGhlIHNhbXBsZSBub25jZQ=",
+            "dGhlIHNhbXBsZSBub25jZQ!=",
+            "dGhlIHNhbXBsZSBub25jZR==",
+            "not base64 at all!!!!!!=",
+        ] {
+            assert!(!valid_ws_key(key), "{key:?}");
+        }
+        assert!(valid_ws_key("dGhlIHNhbXBsZSBub25jZQ=="));
+        let (head, _) = read(b"GET /ws HTTP/1.1\r\nSec-WebSocket-Key: \r\n\r\n").unwrap();
+        assert_eq!(head.ws_key, None);
     }
 
     #[test]

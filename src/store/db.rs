@@ -208,7 +208,17 @@ pub enum WriteOk {
         deleted: i64,
     },
     Marked,
+    /// A refused row was parked; `pruned` older dead letters were dropped
+    /// to keep the table within [`MAX_DEAD_LETTERS`].
+    Parked {
+        pruned: u64,
+    },
 }
+
+/// Most rows kept in `dead_letters`; past it the oldest go. The rows they
+/// stood for stay in `messages`/`reactions` (marked `synced = 2`) until
+/// retention.
+pub const MAX_DEAD_LETTERS: i64 = 1000;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WriteErr {
@@ -416,6 +426,11 @@ fn apply(conn: &Connection, op: &WriteOp) -> Result<WriteOk, WriteErr> {
                 "INSERT INTO dead_letters (kind, row_key, row_json, error, ts) VALUES (?1, ?2, ?3, ?4, ?5)",
             )?
             .execute(params![kind, key.join("/"), row_json, error, ts])?;
+            let pruned = conn
+                .prepare_cached(
+                    "DELETE FROM dead_letters WHERE id <= (SELECT MAX(id) FROM dead_letters) - ?1",
+                )?
+                .execute(params![MAX_DEAD_LETTERS])?;
             if *kind == "message" {
                 conn.prepare_cached("UPDATE messages SET synced = 2 WHERE id = ?1")?
                     .execute(params![key.first()])?;
@@ -425,7 +440,9 @@ fn apply(conn: &Connection, op: &WriteOp) -> Result<WriteOk, WriteErr> {
                 )?
                 .execute(params![key.first(), key.get(1), key.get(2)])?;
             }
-            Ok(WriteOk::Marked)
+            Ok(WriteOk::Parked {
+                pruned: pruned as u64,
+            })
         })()
         .map_err(storage),
     }
@@ -846,6 +863,40 @@ mod tests {
         assert_eq!(h[0].reactions.len(), 50);
         assert!(h[0].reactions.contains(&("👍".to_string(), 100)));
         assert!(h[0].reactions.contains(&("e0".to_string(), 2)));
+    }
+
+    #[test]
+    fn dead_letters_are_kept_to_their_bound() {
+        let (_d, mut c) = db();
+        let park = |i: i64| WriteOp::DeadLetter {
+            kind: "message",
+            key: vec![format!("m{i}")],
+            row_json: "{}".into(),
+            error: "HTTP 400".into(),
+            ts: i,
+        };
+        let ops: Vec<WriteOp> = (0..MAX_DEAD_LETTERS).map(park).collect();
+        assert!(write_batch(&mut c, &ops)
+            .iter()
+            .all(|r| *r == Ok(WriteOk::Parked { pruned: 0 })));
+        let more: Vec<WriteOp> = (MAX_DEAD_LETTERS..MAX_DEAD_LETTERS + 5).map(park).collect();
+        assert!(write_batch(&mut c, &more)
+            .iter()
+            .all(|r| *r == Ok(WriteOk::Parked { pruned: 1 })));
+        let (n, oldest): (i64, String) = c
+            .query_row("SELECT COUNT(*), MIN(row_key) FROM dead_letters", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .unwrap();
+        assert_eq!(n, MAX_DEAD_LETTERS);
+        let first: String = c
+            .query_row(
+                "SELECT row_key FROM dead_letters ORDER BY id LIMIT 1",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(first, "m5", "the oldest went first ({oldest})");
     }
 
     #[test]
