@@ -318,3 +318,55 @@ fn an_empty_or_malformed_websocket_key_gets_400() {
         assert_eq!(http_request(gw.addr, &raw).status, 400, "{key:?}");
     }
 }
+
+/// Opens `n` sockets from `source` that send half a request head and stop.
+fn slowloris(addr: std::net::SocketAddr, source: IpAddr, n: usize) -> Vec<TcpStream> {
+    (0..n)
+        .filter_map(|_| {
+            let mut s = connect_from(addr, Some(source));
+            s.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+                .ok()?;
+            Some(s)
+        })
+        .collect()
+}
+
+#[test]
+fn slowloris_from_one_address_does_not_lock_out_the_others() {
+    raise_fd_limit();
+    let gw = Gateway::start("[server]\nhandshake_timeout_ms = 20000\n", &[]);
+    let attacker: IpAddr = "127.0.0.2".parse().unwrap();
+    let held = slowloris(gw.addr, attacker, 500);
+    std::thread::sleep(Duration::from_millis(300));
+    // Health, metrics and a new WebSocket client from another address are
+    // all served while the 500 sockets hang.
+    assert_eq!(gw.get("/healthz").status, 200);
+    assert!(gw.metric("hivegate_handshakes_pending") <= 16.0 + 1.0);
+    assert!(gw.metric("hivegate_connections_refused_total{reason=\"handshake_ip_cap\"}") >= 400.0);
+    let (mut ws, ack) = gw.session(None);
+    assert_eq!(ack["ok"], true);
+    send_json(&mut ws, &json!({"op":"ping","request_id":"p"}));
+    assert_eq!(answer(&mut ws, "p")["op"], "pong");
+    drop(held);
+}
+
+#[test]
+fn many_slow_addresses_still_leave_the_reserve_to_a_newcomer() {
+    raise_fd_limit();
+    let gw = Gateway::start(
+        "[server]\nhandshake_timeout_ms = 20000\nmax_handshakes = 64\nmax_handshakes_per_ip = 8\n",
+        &[],
+    );
+    // Eight addresses with eight sockets each would take every slot: the
+    // first seven fill the 56 general slots, the eighth (holding none yet)
+    // gets one reserve slot, and the other seven reserve slots stay free.
+    let mut held = Vec::new();
+    for last in 2..10u8 {
+        held.extend(slowloris(gw.addr, IpAddr::from([127, 0, 0, last]), 8));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    // (+1: the scrape itself.)
+    assert_eq!(gw.metric("hivegate_handshakes_pending"), 57.0 + 1.0);
+    assert_eq!(gw.get("/readyz").status, 200);
+    drop(held);
+}

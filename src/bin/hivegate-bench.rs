@@ -203,7 +203,7 @@ fn idle(n: usize) -> Result<(), String> {
     let warmup = 200;
     let cap = n + warmup + 16;
     let gw = start_gateway(&format!(
-        "max_connections = {cap}\nmax_connections_per_ip = {cap}\nmax_handshakes = 1024\n\
+        "max_connections = {cap}\nmax_connections_per_ip = {cap}\nmax_handshakes = 1024\nmax_handshakes_per_ip = 1024\n\
          [limits]\nip_connect_capacity = 1e9\nip_connect_refill_per_s = 1e9\n\
          [auth]\ntokens = [\"bench:bench-token\"]\n"
     ))?;
@@ -435,7 +435,7 @@ fn fanout(members: usize, seconds: usize) -> Result<(), String> {
     let window = 32;
     let cap = members + publishers + 16;
     let gw = start_gateway(&format!(
-        "max_connections = {cap}\nmax_connections_per_ip = {cap}\nmax_handshakes = 1024\n{NO_RATE_LIMITS}"
+        "max_connections = {cap}\nmax_connections_per_ip = {cap}\nmax_handshakes = 1024\nmax_handshakes_per_ip = 1024\n{NO_RATE_LIMITS}"
     ))?;
     let (addr, pid) = (gw.addr, gw.child.id());
     let ex = Rc::new(smol::LocalExecutor::new());
@@ -518,7 +518,7 @@ fn publish(publishers: usize, seconds: usize) -> Result<(), String> {
     raise_fd_limit();
     let cap = publishers + 16;
     let gw = start_gateway(&format!(
-        "max_connections = {cap}\nmax_connections_per_ip = {cap}\nmax_handshakes = 1024\n[store]\nsynchronous = \"full\"\n{NO_RATE_LIMITS}"
+        "max_connections = {cap}\nmax_connections_per_ip = {cap}\nmax_handshakes = 1024\nmax_handshakes_per_ip = 1024\n[store]\nsynchronous = \"full\"\n{NO_RATE_LIMITS}"
     ))?;
     let (addr, pid) = (gw.addr, gw.child.id());
     let ex = Rc::new(smol::LocalExecutor::new());

@@ -45,7 +45,12 @@ pub const KEYS: &[(&str, &str, &str)] = &[
     (
         "server.max_handshakes",
         "256",
-        "sockets still sending their HTTP head; past it new sockets are closed at once",
+        "sockets still sending their HTTP head; past it new sockets are closed at once (the last eighth only for addresses holding none)",
+    ),
+    (
+        "server.max_handshakes_per_ip",
+        "16",
+        "sockets one client IP may have still sending their HTTP head",
     ),
     (
         "server.handshake_timeout_ms",
@@ -508,6 +513,7 @@ pub struct Server {
     pub max_connections: usize,
     pub max_connections_per_ip: u32,
     pub max_handshakes: usize,
+    pub max_handshakes_per_ip: u32,
     pub handshake_timeout: Duration,
     pub hello_timeout: Duration,
     pub ping_interval: Duration,
@@ -738,6 +744,7 @@ impl Config {
                 max_connections: 1000,
                 max_connections_per_ip: 10,
                 max_handshakes: 256,
+                max_handshakes_per_ip: 16,
                 handshake_timeout: Duration::from_millis(5000),
                 hello_timeout: Duration::from_millis(10_000),
                 ping_interval: Duration::from_millis(25_000),
@@ -927,6 +934,7 @@ impl Config {
                 sv.max_connections_per_ip = s.int(1, 1_000_000)? as u32
             }
             "server.max_handshakes" => sv.max_handshakes = s.usize(1, 100_000)?,
+            "server.max_handshakes_per_ip" => sv.max_handshakes_per_ip = s.int(1, 100_000)? as u32,
             "server.handshake_timeout_ms" => sv.handshake_timeout = s.millis(10, 600_000)?,
             "server.hello_timeout_ms" => sv.hello_timeout = s.millis(10, 600_000)?,
             "server.ping_interval_ms" => sv.ping_interval = s.millis(10, 3_600_000)?,

@@ -15,6 +15,7 @@ pub enum Refusal {
     IpRate,
     HandshakeTimeout,
     HandshakeCap,
+    HandshakeIpCap,
     BadRequest,
     Unauthorized,
     Origin,
@@ -23,12 +24,13 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    const ALL: [Refusal; 10] = [
+    const ALL: [Refusal; 11] = [
         Refusal::GlobalCap,
         Refusal::IpCap,
         Refusal::IpRate,
         Refusal::HandshakeTimeout,
         Refusal::HandshakeCap,
+        Refusal::HandshakeIpCap,
         Refusal::BadRequest,
         Refusal::Unauthorized,
         Refusal::Origin,
@@ -43,6 +45,7 @@ impl Refusal {
             Refusal::IpRate => "ip_rate",
             Refusal::HandshakeTimeout => "handshake_timeout",
             Refusal::HandshakeCap => "handshake_cap",
+            Refusal::HandshakeIpCap => "handshake_ip_cap",
             Refusal::BadRequest => "bad_request",
             Refusal::Unauthorized => "unauthorized",
             Refusal::Origin => "origin",

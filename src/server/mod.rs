@@ -6,6 +6,7 @@
 //! upgrade costs a short-lived head buffer and one response, never a slot.
 
 pub mod conn;
+pub mod handshakes;
 pub mod http;
 pub mod table;
 
@@ -44,7 +45,7 @@ pub struct Gateway {
     pub meters: RefCell<Meters>,
     pub draining: Cell<bool>,
     /// Sockets between accept and upgrade (or their HTTP answer).
-    pub handshakes: Cell<usize>,
+    pub handshakes: RefCell<handshakes::Handshakes>,
     next_conn_id: Cell<u64>,
     ws_config: WebSocketConfig,
     /// Notified when the last connection leaves, for the drain.
@@ -99,7 +100,10 @@ impl Gateway {
             table: RefCell::new(table),
             metrics: Metrics::default(),
             draining: Cell::new(false),
-            handshakes: Cell::new(0),
+            handshakes: RefCell::new(handshakes::Handshakes::new(
+                s.max_handshakes,
+                s.max_handshakes_per_ip,
+            )),
             next_conn_id: Cell::new(1),
             ws_config,
             emptied: event_listener::Event::new(),
@@ -129,7 +133,7 @@ impl Gateway {
         Gauges {
             connections_open: table.len(),
             table_capacity: table.capacity(),
-            handshakes_pending: self.handshakes.get(),
+            handshakes_pending: self.handshakes.borrow().len(),
             draining: self.draining.get(),
         }
     }
@@ -158,12 +162,11 @@ impl Drop for Slot {
 }
 
 /// Counts a socket as in its handshake for as long as it lives.
-struct HandshakeGuard(Rc<Gateway>);
+struct HandshakeGuard(Rc<Gateway>, IpAddr);
 
 impl Drop for HandshakeGuard {
     fn drop(&mut self) {
-        let n = &self.0.handshakes;
-        n.set(n.get().saturating_sub(1));
+        self.0.handshakes.borrow_mut().leave(self.1);
     }
 }
 
@@ -184,13 +187,13 @@ pub async fn accept_loop(
                 continue;
             }
         };
-        if gw.handshakes.get() >= gw.cfg.server.max_handshakes {
-            gw.metrics.refused(Refusal::HandshakeCap);
+        let ip = peer.ip().to_canonical();
+        if let Err(why) = gw.handshakes.borrow_mut().try_enter(ip) {
+            gw.metrics.refused(why);
             drop(stream);
             continue;
         }
-        gw.handshakes.set(gw.handshakes.get() + 1);
-        let guard = HandshakeGuard(gw.clone());
+        let guard = HandshakeGuard(gw.clone(), ip);
         let _ = stream.get_ref().set_nodelay(true);
         ex.spawn(handle_socket(gw.clone(), stream, peer, guard))
             .detach();
