@@ -9,7 +9,6 @@ use serde_json::{json, Value};
 use std::io::{Read, Write};
 use std::net::{IpAddr, TcpStream};
 use std::time::{Duration, Instant};
-use tungstenite::Message;
 
 /// Reads frames until the answer to `request_id`.
 fn answer(ws: &mut Ws, request_id: &str) -> Value {
@@ -202,14 +201,16 @@ fn a_remote_that_echoes_the_key_does_not_leak_it_into_logs_or_dead_letters() {
         &mut ws,
         json!({"op":"publish","room":"r","text":"POISON","request_id":"p"}),
     );
-    let end = Instant::now() + Duration::from_secs(10);
-    while gw.metric("hivegate_sync_dead_letters_total") < 1.0 && Instant::now() < end {
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    // The counter moves before the row is committed: wait for the row.
     let db = rusqlite::Connection::open(gw.dir.path().join("data/hivegate.db")).unwrap();
-    let error: String = db
-        .query_row("SELECT error FROM dead_letters", [], |r| r.get(0))
-        .expect("a dead letter");
+    let end = Instant::now() + Duration::from_secs(10);
+    let error: String = loop {
+        match db.query_row("SELECT error FROM dead_letters", [], |r| r.get(0)) {
+            Ok(e) => break e,
+            Err(_) if Instant::now() < end => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => panic!("no dead letter: {e}"),
+        }
+    };
     assert!(
         error.contains("no_poison") && error.contains("[redacted]"),
         "{error}"
@@ -369,4 +370,84 @@ fn many_slow_addresses_still_leave_the_reserve_to_a_newcomer() {
     assert_eq!(gw.metric("hivegate_handshakes_pending"), 57.0 + 1.0);
     assert_eq!(gw.get("/readyz").status, 200);
     drop(held);
+}
+
+/// Sends `unit` again and again from a session's socket for up to `for_`,
+/// until the gateway hangs up. Returns the bytes sent.
+fn flood(mut stream: TcpStream, first: &[u8], unit: &[u8], for_: Duration) -> usize {
+    let burst: Vec<u8> = unit
+        .iter()
+        .copied()
+        .cycle()
+        .take(unit.len() * 4096)
+        .collect();
+    stream
+        .set_write_timeout(Some(Duration::from_secs(1)))
+        .unwrap();
+    let end = Instant::now() + for_;
+    let mut sent = 0;
+    if stream.write_all(first).is_err() {
+        return 0;
+    }
+    while Instant::now() < end {
+        match stream.write_all(&burst) {
+            Ok(()) => sent += burst.len(),
+            Err(_) => break,
+        }
+    }
+    // Read what the gateway says until it hangs up.
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut sink = [0u8; 65536];
+    while matches!(stream.read(&mut sink), Ok(n) if n > 0) {}
+    sent
+}
+
+#[test]
+fn floods_of_control_frames_and_fragments_are_closed_1008_and_others_stay_served() {
+    // Rate limits out of the way: the good client asks often, and the
+    // floods must be stopped by the control-frame and fragment bounds.
+    let gw = Gateway::start(NO_RATE_LIMITS, &[]);
+    let (mut good, _) = gw.session(None);
+    let floods: [(&str, Vec<u8>, Vec<u8>); 3] = [
+        ("pings", Vec::new(), raw_frame(0x9, &[7u8; 125])),
+        ("pongs", Vec::new(), raw_frame(0xA, b"")),
+        (
+            "empty continuations",
+            raw_fragment(false, 0x1, b"{"),
+            raw_fragment(false, 0x0, b""),
+        ),
+    ];
+    for (i, (what, first, unit)) in floods.into_iter().enumerate() {
+        let (ws, _) = gw.session(None);
+        let stream = ws.into_inner();
+        let flooder =
+            std::thread::spawn(move || flood(stream, &first, &unit, Duration::from_secs(5)));
+        // The good client keeps getting answers while the flood lasts.
+        let mut worst = Duration::ZERO;
+        let mut round_trips = 0;
+        while !flooder.is_finished() || round_trips < 20 {
+            let started = Instant::now();
+            let rid = format!("{i}-{round_trips}");
+            send_json(&mut good, &json!({"op":"ping","request_id":rid}));
+            assert_eq!(answer(&mut good, &rid)["op"], "pong");
+            worst = worst.max(started.elapsed());
+            round_trips += 1;
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        flooder.join().unwrap();
+        assert!(
+            worst < Duration::from_secs(1),
+            "{what}: a round trip took {worst:?}"
+        );
+        assert_eq!(
+            gw.wait_metric(
+                "hivegate_connections_closed_total{code=\"1008\"}",
+                (i + 1) as f64,
+                Duration::from_secs(5)
+            ),
+            (i + 1) as f64,
+            "{what} closed with 1008"
+        );
+    }
+    assert_eq!(gw.metric("hivegate_abuse_closes_total"), 3.0);
 }

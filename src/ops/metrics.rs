@@ -221,7 +221,7 @@ impl Metrics {
         counter(
             out,
             "hivegate_abuse_closes_total",
-            "Connections closed with 1008 for repeated rate-limit refusals.",
+            "Connections closed with 1008 for abuse: repeated rate-limit refusals, ping or pong floods, endless fragments.",
             self.abuse_closes.get(),
         );
         counter(

@@ -32,7 +32,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-pub type WsStream = WebSocketStream<Async<TcpStream>>;
+pub type WsStream = WebSocketStream<super::intake::Intake<Async<TcpStream>>>;
 
 /// Requests of one connection still running (store writes, history reads).
 const MAX_IN_FLIGHT: u32 = 32;
@@ -238,6 +238,12 @@ fn store_error_parts(
     }
 }
 
+/// Messages handled in one turn of the event loop before the task yields
+/// (the intake bounds the bytes; this bounds the work).
+const TURN_MESSAGES: u32 = 64;
+/// Pings and pongs a client may send in 10 s; past it, close 1008. A
+/// client needs one pong per server ping and a ping now and then.
+const MAX_CONTROL_PER_10S: u64 = 100;
 /// Invalid frames tolerated within a minute before close 4000.
 const MAX_INVALID_PER_MINUTE: usize = 10;
 /// How long a close may take: sending the close frame, then waiting for the
@@ -273,6 +279,10 @@ pub struct Conn {
     invalid: Strikes<MAX_INVALID_PER_MINUTE>,
     /// Rate-limit refusals, for the abuse threshold.
     refusals: RateMeter<10>,
+    /// Pings and pongs from the client, for [`MAX_CONTROL_PER_10S`].
+    control: RateMeter<10>,
+    /// Messages handled since the task last yielded.
+    turn_messages: u32,
     timer: Timer,
     armed_at: Instant,
     ping_pending: bool,
@@ -300,6 +310,8 @@ impl Conn {
             pong_deadline: None,
             invalid: Strikes::new(now),
             refusals: RateMeter::new(now),
+            control: RateMeter::new(now),
+            turn_messages: 0,
             timer: Timer::at(hello_deadline.min(next_ping)),
             armed_at: hello_deadline.min(next_ping),
             ping_pending: false,
@@ -359,6 +371,10 @@ impl Conn {
                         None => (close::ABNORMAL, "client vanished"),
                     }
                 }
+                Event::Failed(_) if self.ws.get_ref().flooded() => {
+                    inc(&self.gw.metrics.abuse_closes);
+                    return (close::POLICY, "too many bytes without a complete message");
+                }
                 Event::Failed(e) => return ws_error_close(&e),
                 Event::Timer => {
                     if let Some(code) = self.on_timer(Instant::now()) {
@@ -366,8 +382,16 @@ impl Conn {
                     }
                 }
                 Event::Message(msg) => {
+                    self.ws.get_mut().message_done();
                     if let Some(code) = self.on_message(msg) {
                         return (code, close_reason(code));
+                    }
+                    // A client with frames always ready must not keep the
+                    // loop to itself.
+                    self.turn_messages += 1;
+                    if self.turn_messages >= TURN_MESSAGES {
+                        self.turn_messages = 0;
+                        future::yield_now().await;
                     }
                 }
             }
@@ -414,6 +438,8 @@ impl Conn {
         if Pin::new(&mut self.timer).poll(cx).is_ready() {
             return Poll::Ready(Event::Timer);
         }
+        // Waiting: the next wake-up starts a new turn.
+        self.turn_messages = 0;
         Poll::Pending
     }
 
@@ -517,11 +543,11 @@ impl Conn {
             // tungstenite queues the pong; the next poll writes it.
             Message::Ping(_) => {
                 self.flush_pending = true;
-                None
+                self.control_frame()
             }
             Message::Pong(_) => {
                 self.pong_deadline = None;
-                None
+                self.control_frame()
             }
             Message::Close(frame) => {
                 self.peer_closed = Some(frame.map_or(close::NORMAL, |f| u16::from(f.code)));
@@ -530,6 +556,17 @@ impl Conn {
             }
             Message::Frame(_) => None,
         }
+    }
+
+    /// Counts a ping or pong; a flood of them is abuse (close 1008).
+    fn control_frame(&mut self) -> Option<u16> {
+        let now = Instant::now();
+        self.control.record(now);
+        if self.control.count(now, 10) > MAX_CONTROL_PER_10S {
+            inc(&self.gw.metrics.abuse_closes);
+            return Some(close::POLICY);
+        }
+        None
     }
 
     fn on_text(&mut self, text: &str, now: Instant) -> Option<u16> {
@@ -1148,6 +1185,7 @@ impl Conn {
             }
             let _ = self
                 .ws
+                .get_ref()
                 .get_ref()
                 .get_ref()
                 .shutdown(std::net::Shutdown::Write);

@@ -8,6 +8,7 @@
 pub mod conn;
 pub mod handshakes;
 pub mod http;
+pub mod intake;
 pub mod table;
 
 use crate::auth::Authenticator;
@@ -244,8 +245,9 @@ fn handle_socket(
             return;
         };
         gw.log.info("connected", &[("conn", &slot.id), ("ip", &ip)]);
+        let max_message = gw.cfg.server.max_message_bytes;
         let ws = WebSocketStream::from_partially_read(
-            stream,
+            intake::Intake::new(stream, max_message),
             leftover,
             Role::Server,
             Some(gw.ws_config),
@@ -448,6 +450,18 @@ fn admit(
             ip,
             Response::text(426, "only WebSocket version 13 is supported\n")
                 .header("Sec-WebSocket-Version", "13"),
+        ));
+    }
+    // RFC 6455 4.2.1: the key is the base64 of 16 bytes.
+    if !head.ws_key.as_deref().is_some_and(http::valid_ws_key) {
+        return Err(refuse(
+            gw,
+            Refusal::BadRequest,
+            ip,
+            Response::text(
+                400,
+                "Sec-WebSocket-Key must be the base64 encoding of 16 bytes\n",
+            ),
         ));
     }
     let retry = || RETRY_AFTER_S.to_string();

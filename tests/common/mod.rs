@@ -386,3 +386,12 @@ pub fn fixture(name: &str) -> PathBuf {
 }
 pub mod fake_openai;
 pub mod fake_postgrest;
+
+/// A masked client frame with the FIN bit as given (for fragments).
+pub fn raw_fragment(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mut f = raw_frame(opcode, payload);
+    if !fin {
+        f[0] &= 0x7f;
+    }
+    f
+}
