@@ -2,32 +2,10 @@
 //! appliances. This file reads the command line and hands over; the
 //! gateway itself starts in `daemon::run`.
 
-mod auth;
-mod chat;
-mod clock;
-mod config;
-mod daemon;
-mod limit;
-mod llm;
-mod ops;
-mod pool;
-mod protocol;
-mod redact;
-mod remote;
-mod resilience;
-mod server;
-mod store;
-
-use config::Config;
+use hivegate::config::Config;
+use hivegate::{daemon, ops, store, VERSION};
 use std::path::PathBuf;
 use std::process::ExitCode;
-
-pub const VERSION: &str = concat!(
-    env!("CARGO_PKG_VERSION"),
-    " (",
-    env!("BUILD_GIT_COMMIT"),
-    ")"
-);
 
 const USAGE: &str = "\
 hivegate: a small WebSocket gateway for chat and LLM traffic on edge devices

@@ -511,7 +511,7 @@ impl JsonOut {
     }
 
     /// Bytes written so far (the closing brace not counted).
-    pub fn len(&self) -> usize {
+    pub fn byte_len(&self) -> usize {
         self.buf.len() + 1
     }
 

@@ -817,23 +817,35 @@ impl Config {
         path: Option<&Path>,
         env: &[(String, String)],
     ) -> Result<(Config, Vec<String>), ConfigErrors> {
+        let text = match path.map(std::fs::read_to_string) {
+            None => None,
+            Some(Ok(t)) => Some(t),
+            Some(Err(e)) => {
+                return Err(ConfigErrors(vec![ConfigError {
+                    origin: Origin::Whole,
+                    message: format!(
+                        "cannot read config file {}: {e}",
+                        path.unwrap_or(Path::new("-")).display()
+                    ),
+                }]))
+            }
+        };
+        Config::from_text(path.zip(text.as_deref()), env)
+    }
+
+    /// [`Config::load`] of a file already read: `(its path, its text)`.
+    pub fn from_text(
+        file: Option<(&Path, &str)>,
+        env: &[(String, String)],
+    ) -> Result<(Config, Vec<String>), ConfigErrors> {
         let mut cfg = Config::default_with_env(env);
         let mut errors = Vec::new();
         let mut warnings = Vec::new();
         let mut token_origin = Origin::Whole;
         let mut mode_set = false;
 
-        if let Some(path) = path {
-            let text = match std::fs::read_to_string(path) {
-                Ok(t) => t,
-                Err(e) => {
-                    return Err(ConfigErrors(vec![ConfigError {
-                        origin: Origin::Whole,
-                        message: format!("cannot read config file {}: {e}", path.display()),
-                    }]))
-                }
-            };
-            match toml::parse(&text) {
+        if let Some((path, text)) = file {
+            match toml::parse(text) {
                 Err(e) => errors.push(ConfigError {
                     origin: Origin::File {
                         path: path.to_path_buf(),
@@ -1219,7 +1231,13 @@ fn read_key(
             )),
         },
         (None, Some(path)) => {
-            let text = std::fs::read_to_string(path)
+            // At most 64 KiB: a key is short, and the path may name
+            // anything (a device that never ends, say).
+            let mut text = String::new();
+            std::fs::File::open(path)
+                .and_then(|f| {
+                    std::io::Read::read_to_string(&mut std::io::Read::take(f, 64 * 1024), &mut text)
+                })
                 .map_err(|e| format!("{who}: cannot read api_key_file {}: {e}", path.display()))?;
             let key = text.trim();
             if key.is_empty() {

@@ -52,6 +52,10 @@ impl<K: Hash + Eq + Clone> KeyedBuckets<K> {
         self.nodes.len()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
     /// Takes a token from `key`'s bucket (a new key starts full).
     pub fn take(&mut self, key: &K, now: Instant) -> Result<(), Duration> {
         let at = self.touch(key, now);

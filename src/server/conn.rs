@@ -163,7 +163,8 @@ fn with_messages(
     keep_newest: bool,
 ) -> String {
     // The envelope, the key and `"more":true` come out of the budget.
-    let budget = (gw.cfg.server.outbox_bytes / 2).saturating_sub(answer.len() + key.len() + 32);
+    let budget =
+        (gw.cfg.server.outbox_bytes / 2).saturating_sub(answer.byte_len() + key.len() + 32);
     let mut parts: Vec<String> = Vec::with_capacity(msgs.len());
     let mut total = 2;
     let mut take = |m: &StoredMessage| {

@@ -60,7 +60,7 @@ impl Handshakes {
         }
     }
 
-    pub fn len(&self) -> usize {
+    pub fn pending(&self) -> usize {
         self.total
     }
 }
@@ -84,7 +84,7 @@ mod tests {
         for i in 2..=11 {
             h.try_enter(ip(i)).unwrap();
         }
-        assert_eq!(h.len(), 14);
+        assert_eq!(h.pending(), 14);
         // ...and an address that holds one may not take the reserve,
         assert_eq!(h.try_enter(ip(2)), Err(Refusal::HandshakeCap));
         // but newcomers may, until everything is taken.
@@ -95,9 +95,9 @@ mod tests {
             h.leave(ip(1));
         }
         h.leave(ip(1));
-        assert_eq!(h.len(), 12);
+        assert_eq!(h.pending(), 12);
         assert!(!h.per_ip.contains_key(&ip(1)));
-        assert_eq!(h.per_ip.len(), h.len());
+        assert_eq!(h.per_ip.len(), h.pending());
         h.try_enter(ip(1)).unwrap();
     }
 }

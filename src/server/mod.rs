@@ -134,7 +134,7 @@ impl Gateway {
         Gauges {
             connections_open: table.len(),
             table_capacity: table.capacity(),
-            handshakes_pending: self.handshakes.borrow().len(),
+            handshakes_pending: self.handshakes.borrow().pending(),
             draining: self.draining.get(),
         }
     }

@@ -1,0 +1,28 @@
+//! hivegate's modules, as a library: the `hivegate` binary wires them
+//! together (`main.rs`), and the fuzz targets and benchmarks reach the
+//! parsers through it.
+
+pub mod auth;
+pub mod chat;
+pub mod clock;
+pub mod config;
+pub mod daemon;
+pub mod fuzz;
+pub mod limit;
+pub mod llm;
+pub mod ops;
+pub mod pool;
+pub mod protocol;
+pub mod redact;
+pub mod remote;
+pub mod resilience;
+pub mod server;
+pub mod store;
+
+/// The version and the git commit it was built from.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("BUILD_GIT_COMMIT"),
+    ")"
+);
