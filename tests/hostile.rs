@@ -451,3 +451,16 @@ fn floods_of_control_frames_and_fragments_are_closed_1008_and_others_stay_served
     }
     assert_eq!(gw.metric("hivegate_abuse_closes_total"), 3.0);
 }
+
+#[test]
+fn the_echo_endpoint_exists_only_when_switched_on() {
+    let gw = Gateway::start("", &[]);
+    assert_eq!(gw.get("/ws-echo").status, 404);
+    let on = Gateway::start("[server]\necho_endpoint = true\n", &[]);
+    let stream = connect_from(on.addr, None);
+    let mut ws = tungstenite::client::client(format!("ws://{}/ws-echo", on.addr), stream)
+        .expect("upgrade")
+        .0;
+    ws.send(tungstenite::Message::text("écho")).unwrap();
+    assert_eq!(ws.read().unwrap(), tungstenite::Message::text("écho"));
+}

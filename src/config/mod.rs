@@ -94,6 +94,11 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "above this resident memory new connections are refused (503) and /readyz is 503",
     ),
     (
+        "server.echo_endpoint",
+        "false",
+        "for conformance tests only: /ws-echo echoes every message (Autobahn|Testsuite); never in production",
+    ),
+    (
         "server.allowed_origins",
         "[] (no check)",
         "exact browser `Origin` values allowed to upgrade",
@@ -525,6 +530,8 @@ pub struct Server {
     pub allowed_origins: Vec<String>,
     /// 0: automatic (from the cgroup), see `ops::memory`.
     pub memory_limit_bytes: u64,
+    /// Serve `/ws-echo` (conformance tests only).
+    pub echo_endpoint: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -669,6 +676,17 @@ impl Setting<'_> {
             .map(|n| Duration::from_millis(n as u64))
     }
 
+    fn boolean(&self) -> Result<bool, String> {
+        match self.value {
+            Value::Bool(b) => Ok(*b),
+            Value::Str(s) if self.from_env && (s == "true" || s == "false") => Ok(s == "true"),
+            other => Err(format!(
+                "{}: expected true or false, found {other}",
+                self.key
+            )),
+        }
+    }
+
     fn string(&self) -> Result<String, String> {
         match self.value {
             Value::Str(s) => Ok(s.clone()),
@@ -755,6 +773,7 @@ impl Config {
                 drain_timeout: Duration::from_millis(10_000),
                 allowed_origins: Vec::new(),
                 memory_limit_bytes: 0,
+                echo_endpoint: false,
             },
             auth: Auth {
                 mode: AuthMode::Token,
@@ -956,6 +975,7 @@ impl Config {
             "server.outbox_bytes" => sv.outbox_bytes = s.usize(1024, 1 << 30)?,
             "server.drain_timeout_ms" => sv.drain_timeout = s.millis(0, 600_000)?,
             "server.allowed_origins" => sv.allowed_origins = s.strings()?,
+            "server.echo_endpoint" => sv.echo_endpoint = s.boolean()?,
             "server.memory_limit_bytes" => sv.memory_limit_bytes = s.int(0, 1 << 50)? as u64,
             "auth.mode" => {
                 self.auth.mode =

@@ -1202,7 +1202,7 @@ impl Conn {
 
 /// Reads and discards until the client hangs up (bounded in bytes; the
 /// caller bounds it in time).
-async fn drain_input(ws: &mut WsStream) {
+pub(super) async fn drain_input(ws: &mut WsStream) {
     use futures_lite::{AsyncReadExt, StreamExt};
     // Let tungstenite see the client's close frame if the stream still works.
     while let Some(Ok(_)) = ws.next().await {}
@@ -1244,7 +1244,7 @@ fn close_reason(code: u16) -> &'static str {
 }
 
 /// The close code RFC 6455 asks for after a read error.
-fn ws_error_close(e: &WsError) -> (u16, &'static str) {
+pub(super) fn ws_error_close(e: &WsError) -> (u16, &'static str) {
     use async_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
     match e {
         // The client hung up (FIN or reset) without a close frame: an

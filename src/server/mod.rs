@@ -6,6 +6,7 @@
 //! upgrade costs a short-lived head buffer and one response, never a slot.
 
 pub mod conn;
+pub mod echo;
 pub mod handshakes;
 pub mod http;
 pub mod intake;
@@ -209,6 +210,8 @@ enum Outcome {
         slot: Slot,
         leftover: Vec<u8>,
         user: Option<Rc<str>>,
+        /// `/ws-echo`: echo instead of the chat protocol.
+        echo: bool,
     },
 }
 
@@ -240,6 +243,7 @@ fn handle_socket(
             slot,
             leftover,
             user,
+            echo,
         } = outcome
         else {
             return;
@@ -253,6 +257,12 @@ fn handle_socket(
             Some(gw.ws_config),
         )
         .await;
+        if echo {
+            let mut ws = ws;
+            echo::run(&gw, &mut ws).await;
+            drop(slot);
+            return;
+        }
         let mut conn = conn::Conn::new(gw.clone(), slot, ws, user);
         conn.run().await;
     }
@@ -291,7 +301,10 @@ async fn pre_upgrade(gw: &Rc<Gateway>, stream: &mut Async<TcpStream>, ip: IpAddr
         }
     };
     let get = head.method == "GET";
-    let response = match head.route() {
+    // `/ws-echo`, when enabled, is `/ws` with an echo instead of the chat.
+    let echo = gw.cfg.server.echo_endpoint && head.route() == "/ws-echo";
+    let route = if echo { "/ws" } else { head.route() };
+    let response = match route {
         "/ws" if get => match admit(gw, &head, ip) {
             Ok((slot, user)) => {
                 if stream
@@ -308,6 +321,7 @@ async fn pre_upgrade(gw: &Rc<Gateway>, stream: &mut Async<TcpStream>, ip: IpAddr
                     slot,
                     leftover,
                     user,
+                    echo,
                 };
             }
             Err(resp) => resp,
