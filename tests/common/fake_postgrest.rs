@@ -27,6 +27,9 @@ struct State {
     mode: Option<Mode>,
     /// table → primary key → row.
     tables: HashMap<String, HashMap<String, Value>>,
+    /// table → primary key → how many times a row with that key was
+    /// stored (an upsert hides duplicates; this shows them).
+    stored: HashMap<String, HashMap<String, usize>>,
     /// Rows with this `text` make their whole batch a 400.
     poison: Option<String>,
     posts: usize,
@@ -89,6 +92,17 @@ impl FakePostgrest {
             .lock()
             .unwrap()
             .tables
+            .get(table)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// How many times each key of a table was stored.
+    pub fn stored(&self, table: &str) -> HashMap<String, usize> {
+        self.state
+            .lock()
+            .unwrap()
+            .stored
             .get(table)
             .cloned()
             .unwrap_or_default()
@@ -215,13 +229,21 @@ fn serve(mut s: TcpStream, state: &Mutex<State>, stop: &AtomicBool, key: &str) {
             return respond(&mut s, 400, &echo);
         }
     }
-    let t = st.tables.entry(table.to_string()).or_default();
     for row in rows {
         let k: Vec<String> = conflict
             .iter()
             .map(|c| row[c].as_str().unwrap_or("").to_string())
             .collect();
-        t.insert(k.join("/"), row);
+        let k = k.join("/");
+        *st.stored
+            .entry(table.to_string())
+            .or_default()
+            .entry(k.clone())
+            .or_default() += 1;
+        st.tables
+            .entry(table.to_string())
+            .or_default()
+            .insert(k, row);
     }
     drop(st);
     respond(&mut s, 201, "");
