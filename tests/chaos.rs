@@ -64,9 +64,17 @@ fn ask(ws: &mut Ws, v: Value) -> Option<Value> {
     answer(ws, &rid)
 }
 
-/// Publishes into `room` until `stop` or the connection breaks; returns
-/// what was acknowledged, as (id, seq).
-fn publisher(ws: &mut Ws, room: &str, tag: &str, stop: &AtomicBool) -> Vec<(String, u64)> {
+/// Publishes into `room` (joining it first) until `stop` or the
+/// connection breaks, `pause` apart; returns what was acknowledged, as
+/// (id, seq). A refused publish (`OVER_CAPACITY`, say) is not acknowledged
+/// and not counted.
+fn publisher(
+    ws: &mut Ws,
+    room: &str,
+    tag: &str,
+    stop: &AtomicBool,
+    pause: Duration,
+) -> Vec<(String, u64)> {
     let mut acked = Vec::new();
     if ask(
         ws,
@@ -89,6 +97,7 @@ fn publisher(ws: &mut Ws, room: &str, tag: &str, stop: &AtomicBool) -> Vec<(Stri
             acked.push((id.to_string(), seq));
         }
         i += 1;
+        std::thread::sleep(pause);
     }
     acked
 }
@@ -138,7 +147,13 @@ fn sigkill_while_50_clients_publish_loses_no_acknowledged_message() {
                     let Some(mut ws) = session_from(addr, loopback(1, round, i + 1)) else {
                         return Vec::new();
                     };
-                    publisher(&mut ws, "chaos", &format!("r{round}c{i}"), &stop)
+                    publisher(
+                        &mut ws,
+                        "chaos",
+                        &format!("r{round}c{i}"),
+                        &stop,
+                        Duration::ZERO,
+                    )
                 })
             })
             .collect();
@@ -218,14 +233,9 @@ fn upstreams_failing_in_a_loop_lose_nothing_and_memory_stays_bounded() {
                         std::thread::sleep(Duration::from_millis(100));
                         continue;
                     };
-                    while !stop.load(Ordering::Relaxed) {
-                        let text = format!("c{i}-{}", acked.len());
-                        match publisher_once(&mut ws, &text) {
-                            Some(a) => acked.push(a),
-                            None => break,
-                        }
-                        std::thread::sleep(Duration::from_millis(50));
-                    }
+                    let tag = format!("c{i}-{}", acked.len());
+                    let pause = Duration::from_millis(50);
+                    acked.extend(publisher(&mut ws, "flap", &tag, &stop, pause));
                 }
                 acked
             })
@@ -345,26 +355,6 @@ fn upstreams_failing_in_a_loop_lose_nothing_and_memory_stays_bounded() {
         max_rss < FLAP_RSS_BOUND_KIB,
         "RSS reached {max_rss} KiB (bound {FLAP_RSS_BOUND_KIB})"
     );
-}
-
-/// One publish into "flap" (joining first if needed); `None` when the
-/// connection is gone.
-fn publisher_once(ws: &mut Ws, text: &str) -> Option<(String, u64)> {
-    let mut a = ask(
-        ws,
-        json!({"op":"publish","room":"flap","text":text,"request_id":"p"}),
-    )?;
-    if a["error"]["code"] == "UNAUTHORIZED" {
-        ask(
-            ws,
-            json!({"op":"join","room":"flap","history":0,"request_id":"j"}),
-        )?;
-        a = ask(
-            ws,
-            json!({"op":"publish","room":"flap","text":text,"request_id":"p"}),
-        )?;
-    }
-    Some((a["id"].as_str()?.to_string(), a["seq"].as_u64()?))
 }
 
 /// How long the combined attack runs.

@@ -36,7 +36,7 @@ fn join(ws: &mut Ws, room: &str) -> Value {
 #[test]
 fn an_emoji_cannot_forge_a_message_or_break_its_frame() {
     let gw = Gateway::start("", &[]);
-    let (mut a, _) = gw.session(None);
+    let (mut a, hello) = gw.session(None);
     join(&mut a, "r");
     let ack = request(
         &mut a,
@@ -65,13 +65,8 @@ fn an_emoji_cannot_forge_a_message_or_break_its_frame() {
     // message is still alice's.
     let h = request(&mut a, json!({"op":"history","room":"r","request_id":"h"}));
     let m = &h["messages"][0];
-    assert_eq!(m["from"], a_user(&gw));
+    assert_eq!(m["from"], hello["user"]);
     assert_eq!(m["reactions"]["👍"], 1);
-}
-
-/// The guest name the open mode gives the first connection.
-fn a_user(_gw: &Gateway) -> &'static str {
-    "guest-1"
 }
 
 #[test]
