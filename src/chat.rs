@@ -18,7 +18,7 @@
 
 use crate::ops::metrics::{add, inc};
 use crate::protocol::{escape_into, JsonOut};
-use crate::server::table::{frame, Delivery, Frame, Table};
+use crate::hub::{frame, Delivery, Frame, Table};
 use crate::store::StoredMessage;
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};

@@ -8,6 +8,7 @@ pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod fuzz;
+pub mod hub;
 pub mod limit;
 pub mod llm;
 pub mod ops;

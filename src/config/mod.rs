@@ -9,6 +9,7 @@
 
 mod toml;
 
+use crate::hub::MAX_OUTBOX_FRAMES;
 use crate::auth::{Secret, TokenEntry, TokenParseError};
 use crate::chat::ChatLimits;
 use crate::limit::{BucketParams, LimitParams};
@@ -363,8 +364,6 @@ pub const KEYS: &[(&str, &str, &str)] = &[
     ),
 ];
 
-/// The compile-time capacity of the heapless outbound queue.
-pub const MAX_OUTBOX_FRAMES: usize = 64;
 
 #[derive(Debug, Clone)]
 pub struct Config {

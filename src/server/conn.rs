@@ -7,7 +7,7 @@
 //! writing: a client that stops reading fills its bounded outbox and is
 //! closed as a slow consumer, and nobody else notices.
 
-use super::table::{frame, Frame};
+use crate::hub::{frame, Frame};
 use super::{Gateway, Slot};
 use crate::chat::JoinError;
 use crate::config::AuthMode;
@@ -1118,7 +1118,7 @@ impl Conn {
 
     /// Queues one of this connection's own frames (answers, errors).
     fn send(&self, text: String) {
-        let f = super::table::frame(text);
+        let f = frame(text);
         self.gw.table.borrow_mut().deliver(self.slot.key, &f);
     }
 

@@ -10,7 +10,6 @@ pub mod echo;
 pub mod handshakes;
 pub mod http;
 pub mod intake;
-pub mod table;
 
 use crate::auth::Authenticator;
 use crate::chat::Chat;
@@ -31,7 +30,7 @@ use std::cell::{Cell, RefCell};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
-use table::{Full, Table};
+use crate::hub::{Full, Table};
 
 /// Seconds a refused client is told to wait before trying again.
 const RETRY_AFTER_S: u32 = 5;

@@ -5,7 +5,6 @@
 //! waker of its task, a request to close) lives here, so delivering a frame
 //! to a member is a slab lookup and a push, never a channel per connection.
 
-use crate::config::MAX_OUTBOX_FRAMES;
 use crate::limit::RateMeter;
 use async_tungstenite::tungstenite::Utf8Bytes;
 use slab::Slab;
@@ -14,6 +13,9 @@ use std::net::IpAddr;
 use std::rc::Rc;
 use std::task::Waker;
 use std::time::Instant;
+
+/// The compile-time capacity of the heapless outbound queue.
+pub const MAX_OUTBOX_FRAMES: usize = 64;
 
 /// A serialised server frame. Written once and shared by every recipient:
 /// queueing it is a reference-count increment, and the queue holds one
