@@ -6,6 +6,24 @@
 
 use sha2::{Digest, Sha256};
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMode {
+    Token,
+    Open,
+}
+
+/// `[auth]`.
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    /// The mode in force after validation: `Open` also when no tokens are
+    /// configured and the listen address is loopback.
+    pub mode: AuthMode,
+    /// True when open mode was chosen because no tokens were configured,
+    /// which deserves a warning at start-up.
+    pub implicit_open: bool,
+    pub tokens: Vec<TokenEntry>,
+}
+
 #[derive(Clone)]
 pub struct TokenEntry {
     pub user: String,

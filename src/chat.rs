@@ -16,9 +16,9 @@
 //! upstream: the store's writer takes no new batch while it is longer than
 //! its limit.
 
+use crate::hub::{frame, Delivery, Frame, Table};
 use crate::ops::metrics::{add, inc};
 use crate::protocol::{escape_into, JsonOut};
-use crate::hub::{frame, Delivery, Frame, Table};
 use crate::store::StoredMessage;
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};

@@ -13,6 +13,13 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// `[pool]`.
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    pub threads: usize,
+    pub queue: usize,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PoolError {
     /// The queue is full; try again later.

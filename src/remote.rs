@@ -13,7 +13,6 @@
 //! and it leaves fallback mode when a batch goes through.
 
 use crate::auth::Secret;
-use crate::config::RemoteConfig;
 use crate::ops::log::Logger;
 use crate::pool::Pool;
 use crate::protocol::JsonOut;
@@ -23,6 +22,42 @@ use async_io::Timer;
 use std::cell::{Cell, RefCell};
 use std::io::Read;
 use std::time::{Duration, Instant};
+
+/// `[remote]`: where and how to ship rows.
+#[derive(Debug, Clone)]
+pub struct RemoteConfig {
+    pub url: String,
+    pub api_key_env: Option<String>,
+    pub api_key_file: Option<std::path::PathBuf>,
+    pub api_key: Option<Secret>,
+    pub messages_table: String,
+    pub reactions_table: String,
+    pub batch_rows: usize,
+    pub interval: Duration,
+    pub connect_timeout: Duration,
+    pub timeout: Duration,
+    pub fail_max: u32,
+    pub reset_timeout: Duration,
+}
+
+impl Default for RemoteConfig {
+    fn default() -> Self {
+        RemoteConfig {
+            url: String::new(),
+            api_key_env: None,
+            api_key_file: None,
+            api_key: None,
+            messages_table: "messages".into(),
+            reactions_table: "reactions".into(),
+            batch_rows: 500,
+            interval: Duration::from_secs(1),
+            connect_timeout: Duration::from_secs(5),
+            timeout: Duration::from_secs(10),
+            fail_max: 3,
+            reset_timeout: Duration::from_secs(30),
+        }
+    }
+}
 
 /// What a POST of rows came to.
 #[derive(Debug, Clone, PartialEq, Eq)]

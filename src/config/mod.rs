@@ -9,11 +9,16 @@
 
 mod toml;
 
-use crate::hub::MAX_OUTBOX_FRAMES;
-use crate::auth::{Secret, TokenEntry, TokenParseError};
+use crate::auth::{AuthConfig, AuthMode, Secret, TokenEntry, TokenParseError};
 use crate::chat::ChatLimits;
+use crate::hub::MAX_OUTBOX_FRAMES;
 use crate::limit::{BucketParams, LimitParams};
-use crate::store::Sync;
+use crate::llm::{LlmConfig, ProviderConfig};
+use crate::ops::log::{LogConfig, LogFormat, LogLevel};
+use crate::pool::PoolConfig;
+use crate::remote::RemoteConfig;
+use crate::store::StoreConfig;
+use crate::store::Synchronous;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -364,11 +369,10 @@ pub const KEYS: &[(&str, &str, &str)] = &[
     ),
 ];
 
-
 #[derive(Debug, Clone)]
 pub struct Config {
     pub server: Server,
-    pub auth: Auth,
+    pub auth: AuthConfig,
     pub limits: Limits,
     pub pool: PoolConfig,
     pub store: StoreConfig,
@@ -376,98 +380,7 @@ pub struct Config {
     pub llm: LlmConfig,
     /// `None`: local only, no sync at all.
     pub remote: Option<RemoteConfig>,
-    pub log: Log,
-}
-
-#[derive(Debug, Clone)]
-pub struct RemoteConfig {
-    pub url: String,
-    pub api_key_env: Option<String>,
-    pub api_key_file: Option<PathBuf>,
-    pub api_key: Option<Secret>,
-    pub messages_table: String,
-    pub reactions_table: String,
-    pub batch_rows: usize,
-    pub interval: Duration,
-    pub connect_timeout: Duration,
-    pub timeout: Duration,
-    pub fail_max: u32,
-    pub reset_timeout: Duration,
-}
-
-impl Default for RemoteConfig {
-    fn default() -> Self {
-        RemoteConfig {
-            url: String::new(),
-            api_key_env: None,
-            api_key_file: None,
-            api_key: None,
-            messages_table: "messages".into(),
-            reactions_table: "reactions".into(),
-            batch_rows: 500,
-            interval: Duration::from_secs(1),
-            connect_timeout: Duration::from_secs(5),
-            timeout: Duration::from_secs(10),
-            fail_max: 3,
-            reset_timeout: Duration::from_secs(30),
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct LlmConfig {
-    /// Names; empty until validated, then the providers in file order if
-    /// not given.
-    pub chain: Vec<String>,
-    pub max_in_flight: u32,
-    pub max_in_flight_per_session: u32,
-    pub max_prompt_bytes: usize,
-    pub max_response_bytes: usize,
-    pub max_retries: u32,
-    pub backoff_base: Duration,
-    pub backoff_cap: Duration,
-    pub progress_interval: Duration,
-    pub providers: Vec<ProviderConfig>,
-}
-
-#[derive(Debug, Clone)]
-pub struct ProviderConfig {
-    pub name: String,
-    pub base_url: String,
-    pub model: String,
-    pub api_key_env: Option<String>,
-    pub api_key_file: Option<PathBuf>,
-    /// Read once at start-up from the variable or file above.
-    pub api_key: Option<Secret>,
-    pub max_in_flight: u32,
-    pub rpm: u32,
-    pub connect_timeout: Duration,
-    pub first_byte_timeout: Duration,
-    pub idle_timeout: Duration,
-    pub total_timeout: Duration,
-    pub fail_max: u32,
-    pub reset_timeout: Duration,
-}
-
-impl ProviderConfig {
-    fn new(name: &str) -> ProviderConfig {
-        ProviderConfig {
-            name: name.to_string(),
-            base_url: String::new(),
-            model: String::new(),
-            api_key_env: None,
-            api_key_file: None,
-            api_key: None,
-            max_in_flight: 4,
-            rpm: 0,
-            connect_timeout: Duration::from_secs(5),
-            first_byte_timeout: Duration::from_secs(30),
-            idle_timeout: Duration::from_secs(30),
-            total_timeout: Duration::from_secs(300),
-            fail_max: 4,
-            reset_timeout: Duration::from_secs(120),
-        }
-    }
+    pub log: LogConfig,
 }
 
 /// The keys of a `[provider.NAME]` section.
@@ -485,23 +398,6 @@ const PROVIDER_FIELDS: &[&str] = &[
     "fail_max",
     "reset_timeout_ms",
 ];
-
-#[derive(Debug, Clone)]
-pub struct PoolConfig {
-    pub threads: usize,
-    pub queue: usize,
-}
-
-#[derive(Debug, Clone)]
-pub struct StoreConfig {
-    pub synchronous: Sync,
-    pub retention: Duration,
-    pub max_messages_per_room: i64,
-    pub write_queue: usize,
-    pub batch_max: usize,
-    pub max_db_bytes: i64,
-    pub check_interval: Duration,
-}
 
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -531,43 +427,6 @@ pub struct Server {
     pub memory_limit_bytes: u64,
     /// Serve `/ws-echo` (conformance tests only).
     pub echo_endpoint: bool,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AuthMode {
-    Token,
-    Open,
-}
-
-#[derive(Debug, Clone)]
-pub struct Auth {
-    /// The mode in force after validation: `Open` also when no tokens are
-    /// configured and the listen address is loopback.
-    pub mode: AuthMode,
-    /// True when open mode was chosen because no tokens were configured,
-    /// which deserves a warning at start-up.
-    pub implicit_open: bool,
-    pub tokens: Vec<TokenEntry>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum LogLevel {
-    Error,
-    Warn,
-    Info,
-    Debug,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
-#[derive(Debug, Clone)]
-pub struct Log {
-    pub level: LogLevel,
-    pub format: LogFormat,
 }
 
 /// Where a setting came from, so an error can point at it.
@@ -774,7 +633,7 @@ impl Config {
                 memory_limit_bytes: 0,
                 echo_endpoint: false,
             },
-            auth: Auth {
+            auth: AuthConfig {
                 mode: AuthMode::Token,
                 implicit_open: false,
                 tokens: Vec::new(),
@@ -794,7 +653,7 @@ impl Config {
                 queue: 256,
             },
             store: StoreConfig {
-                synchronous: Sync::Full,
+                synchronous: Synchronous::Full,
                 retention: Duration::from_secs(30 * 86_400),
                 max_messages_per_room: 100_000,
                 write_queue: 1024,
@@ -820,7 +679,7 @@ impl Config {
                 providers: Vec::new(),
             },
             remote: None,
-            log: Log {
+            log: LogConfig {
                 level: LogLevel::Info,
                 format: LogFormat::Text,
             },
@@ -1031,9 +890,9 @@ impl Config {
             "pool.queue" => self.pool.queue = s.usize(1, 1_000_000)?,
             "store.synchronous" => {
                 self.store.synchronous = s.choice(&[
-                    ("full", Sync::Full),
-                    ("normal", Sync::Normal),
-                    ("off", Sync::Off),
+                    ("full", Synchronous::Full),
+                    ("normal", Synchronous::Normal),
+                    ("off", Synchronous::Off),
                 ])?
             }
             "store.retention_days" => {

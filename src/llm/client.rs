@@ -114,7 +114,7 @@ pub struct Request {
 
 /// An agent with the provider's timeouts. `http_status_as_error` is off so
 /// that a 429's `Retry-After` and an error body can be read.
-pub fn agent(cfg: &crate::config::ProviderConfig) -> ureq::Agent {
+pub fn agent(cfg: &super::ProviderConfig) -> ureq::Agent {
     ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_connect(Some(cfg.connect_timeout))

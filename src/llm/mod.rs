@@ -15,9 +15,9 @@
 //! not starve the store's pool.
 
 pub mod client;
+mod config;
 pub mod sse;
 
-use crate::config::{LlmConfig, ProviderConfig};
 use crate::limit::{BucketParams, InFlight, TokenBucket};
 use crate::ops::log::Logger;
 use crate::ops::metrics::{counter_with, gauge_with};
@@ -26,6 +26,7 @@ use crate::protocol::{error_frame, ErrorCode, JsonOut};
 use crate::resilience::{backoff, Breaker, Jitter, Transition};
 use async_io::Timer;
 use client::{CallError, Event, Usage};
+pub use config::{LlmConfig, ProviderConfig};
 use futures_lite::FutureExt;
 use std::cell::{Cell, RefCell};
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -4,10 +4,30 @@
 //! Fields are passed explicitly at every call, so what is logged is visible
 //! at the call site: secrets are never handed to the logger.
 
-use crate::config::{LogFormat, LogLevel};
 use std::fmt::{Display, Write as _};
 use std::io::Write as _;
 use std::time::{SystemTime, UNIX_EPOCH};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub level: LogLevel,
+    pub format: LogFormat,
+}
 
 #[derive(Debug, Clone, Copy)]
 pub struct Logger {

@@ -7,10 +7,10 @@
 //! writing: a client that stops reading fills its bounded outbox and is
 //! closed as a slow consumer, and nobody else notices.
 
-use crate::hub::{frame, Frame};
 use super::{Gateway, Slot};
+use crate::auth::AuthMode;
 use crate::chat::JoinError;
-use crate::config::AuthMode;
+use crate::hub::{frame, Frame};
 use crate::limit::{InFlight, RateMeter, Refused, Strikes};
 use crate::ops::metrics::{add, inc};
 use crate::protocol::{self, close, ErrorCode, JsonOut, Request};

@@ -14,6 +14,7 @@ pub mod intake;
 use crate::auth::Authenticator;
 use crate::chat::Chat;
 use crate::config::Config;
+use crate::hub::{Full, Table};
 use crate::limit::{Limits, Meters};
 use crate::ops::log::Logger;
 use crate::ops::metrics::{inc, Gauges, Metrics, Refusal};
@@ -30,7 +31,6 @@ use std::cell::{Cell, RefCell};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
-use crate::hub::{Full, Table};
 
 /// Seconds a refused client is told to wait before trying again.
 const RETRY_AFTER_S: u32 = 5;

@@ -61,25 +61,25 @@ CREATE TABLE dead_letters (
 ";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Sync {
+pub enum Synchronous {
     Full,
     Normal,
     Off,
 }
 
-impl Sync {
+impl Synchronous {
     pub fn pragma(self) -> &'static str {
         match self {
-            Sync::Full => "FULL",
-            Sync::Normal => "NORMAL",
-            Sync::Off => "OFF",
+            Synchronous::Full => "FULL",
+            Synchronous::Normal => "NORMAL",
+            Synchronous::Off => "OFF",
         }
     }
 }
 
 /// Opens (creating if needed) and migrates the database at `path`. A file
 /// that is not a hivegate database is an error naming it, never replaced.
-pub fn open_writer(path: &Path, sync: Sync) -> Result<Connection, String> {
+pub fn open_writer(path: &Path, sync: Synchronous) -> Result<Connection, String> {
     let fail = |what: &str, e: rusqlite::Error| {
         format!(
             "database {}: {what}: {e} (if the file is damaged, move it away and restore a backup made with `hivegate backup`)",
@@ -716,7 +716,7 @@ mod tests {
 
     fn db() -> (tempfile::TempDir, Connection) {
         let dir = tempfile::tempdir().unwrap();
-        let conn = open_writer(&dir.path().join("t.db"), Sync::Full).unwrap();
+        let conn = open_writer(&dir.path().join("t.db"), Synchronous::Full).unwrap();
         (dir, conn)
     }
 
@@ -1031,7 +1031,7 @@ mod tests {
             b"this is not a database, just some text that is long enough",
         )
         .unwrap();
-        let err = open_writer(&path, Sync::Full).unwrap_err();
+        let err = open_writer(&path, Synchronous::Full).unwrap_err();
         assert!(err.contains("junk.db"), "{err}");
         assert_eq!(
             std::fs::read(&path).unwrap()[..4],
@@ -1045,14 +1045,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.db");
         {
-            let mut c = open_writer(&path, Sync::Full).unwrap();
+            let mut c = open_writer(&path, Synchronous::Full).unwrap();
             write_batch(&mut c, &[publish("a", "x", "1", 1)]);
         }
-        let c = open_writer(&path, Sync::Normal).unwrap();
+        let c = open_writer(&path, Synchronous::Normal).unwrap();
         assert_eq!(history(&c, "x", Range::Latest, 5).unwrap().len(), 1);
         c.execute_batch("PRAGMA user_version = 99").unwrap();
         drop(c);
-        assert!(open_writer(&path, Sync::Full)
+        assert!(open_writer(&path, Synchronous::Full)
             .unwrap_err()
             .contains("newer"));
     }
@@ -1061,7 +1061,7 @@ mod tests {
     fn backup_copies_a_consistent_database() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.db");
-        let mut c = open_writer(&path, Sync::Full).unwrap();
+        let mut c = open_writer(&path, Synchronous::Full).unwrap();
         write_batch(
             &mut c,
             &[publish("a", "x", "1", 1), publish("b", "x", "2", 2)],

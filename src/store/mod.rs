@@ -11,7 +11,7 @@ pub mod db;
 mod ulid;
 
 use crate::pool::{Pool, PoolError};
-pub use db::{Outbox, Range, StoredMessage, Sync, WriteErr, WriteOk, WriteOp};
+pub use db::{Outbox, Range, StoredMessage, Synchronous, WriteErr, WriteOk, WriteOp};
 use rusqlite::Connection;
 use std::cell::RefCell;
 use std::future::Future;
@@ -19,6 +19,18 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+/// `[store]`.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub synchronous: Synchronous,
+    pub retention: Duration,
+    pub max_messages_per_room: i64,
+    pub write_queue: usize,
+    pub batch_max: usize,
+    pub max_db_bytes: i64,
+    pub check_interval: Duration,
+}
 
 /// How long a write batch may wait in the pool queue.
 const WRITE_DEADLINE: Duration = Duration::from_secs(30);
@@ -83,7 +95,7 @@ impl Store {
     /// writer task, which the caller spawns on the event loop.
     pub fn open(
         data_dir: &Path,
-        sync: Sync,
+        sync: Synchronous,
         pool: Rc<Pool>,
         write_queue: usize,
         batch_max: usize,
@@ -260,7 +272,7 @@ mod tests {
         let pool = Rc::new(Pool::new(2, 16).unwrap());
         let (store, writer) = Store::open(
             dir.path(),
-            Sync::Full,
+            Synchronous::Full,
             pool.clone(),
             1000,
             64,
@@ -311,8 +323,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let pool = Rc::new(Pool::new(1, 4).unwrap());
         // The writer task is never run: the queue only fills.
-        let (store, _writer) =
-            Store::open(dir.path(), Sync::Full, pool, 2, 64, Box::new(|| None)).unwrap();
+        let (store, _writer) = Store::open(
+            dir.path(),
+            Synchronous::Full,
+            pool,
+            2,
+            64,
+            Box::new(|| None),
+        )
+        .unwrap();
         let op = || WriteOp::Publish {
             id: "x".into(),
             room: "r".into(),
