@@ -6,14 +6,15 @@
 
 use sha2::{Digest, Sha256};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum AuthMode {
+    #[default]
     Token,
     Open,
 }
 
 /// `[auth]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct AuthConfig {
     /// The mode in force after validation: `Open` also when no tokens are
     /// configured and the listen address is loopback.

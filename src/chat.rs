@@ -17,8 +17,8 @@
 //! its limit.
 
 use crate::hub::{frame, Delivery, Frame, Table};
+use crate::json::{escape_into, JsonOut};
 use crate::ops::metrics::{add, inc};
-use crate::protocol::{escape_into, JsonOut};
 use crate::store::StoredMessage;
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
@@ -32,7 +32,7 @@ pub const FANOUT_CHUNK: usize = 256;
 /// Frames delivered to members between two yields.
 pub const FANOUT_BATCH: usize = 32;
 
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct ChatLimits {
     pub rooms_per_session: usize,
     pub members_per_room: usize,
@@ -380,14 +380,6 @@ pub fn count(metrics: &crate::ops::metrics::Metrics, f: Fanout) {
     }
 }
 
-/// Whether `name` is a valid room name: 1-64 bytes of `[A-Za-z0-9_.-]`.
-pub fn valid_room(name: &str) -> bool {
-    (1..=64).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-')
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -504,16 +496,5 @@ mod tests {
             .filter(|s| s.starts_with('1'))
             .collect();
         assert_eq!(got, ["1-0", "1-1", "1-2", "1-3"]);
-    }
-
-    #[test]
-    fn room_names_are_checked() {
-        assert!(valid_room("general") && valid_room("a.b-c_9") && valid_room(&"x".repeat(64)));
-        assert!(
-            !valid_room("")
-                && !valid_room("has space")
-                && !valid_room(&"x".repeat(65))
-                && !valid_room("é")
-        );
     }
 }

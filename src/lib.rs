@@ -9,6 +9,7 @@ pub mod config;
 pub mod daemon;
 pub mod fuzz;
 pub mod hub;
+pub mod json;
 pub mod limit;
 pub mod llm;
 pub mod ops;

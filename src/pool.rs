@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// `[pool]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct PoolConfig {
     pub threads: usize,
     pub queue: usize,
@@ -209,7 +209,7 @@ impl Pool {
         cumulative += s.latency_buckets[LATENCY_BUCKETS.len()].load(Relaxed);
         let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
         let sum = s.latency_us_sum.load(Relaxed) as f64 / 1e6;
-        let _ = writeln!(out, "{name}_sum {}", crate::protocol::fmt_f64(sum));
+        let _ = writeln!(out, "{name}_sum {}", crate::json::fmt_f64(sum));
         let _ = writeln!(out, "{name}_count {cumulative}");
     }
 }

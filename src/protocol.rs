@@ -1,22 +1,15 @@
 //! The wire protocol (`shared/PROTOCOL.md`): typed requests parsed from
 //! client frames, and server frames written as JSON.
 //!
-//! Parsing has two steps. A scan of the bytes checks that the frame is a
-//! JSON object nested at most [`MAX_DEPTH`] deep (serde_json's own bound is
-//! 128 levels of recursion; a client gets far less). serde_json, which
-//! returns an error and never panics or loops on malformed input, then
-//! fills a flat envelope, which is turned into a [`Request`] with every
-//! field checked.
-//!
-//! Server frames are written with [`JsonOut`] into a string once, and the
-//! same bytes are shared by every recipient. Every key and every string
-//! value is escaped: a key may come from a client (a reaction's emoji).
+//! A frame is read with [`crate::json::from_json`] (bounded nesting, no
+//! panic, no loop) into a flat envelope, which is turned into a
+//! [`Request`] with every field checked. Server frames are written with
+//! [`JsonOut`]; this module holds the vocabulary: ops, limits, error and
+//! close codes.
 
+use crate::json::{from_json, JsonOut};
 use serde::Deserialize;
-use std::fmt::Write as _;
 
-/// Deepest nesting of arrays and objects accepted in a client frame.
-pub const MAX_DEPTH: usize = 32;
 /// Longest `request_id`, in bytes.
 pub const MAX_REQUEST_ID: usize = 64;
 /// Longest `client` name in `hello`, in bytes.
@@ -105,6 +98,17 @@ pub mod close {
     ];
 }
 
+/// A `chat` tool call, as the client asked for it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolCall {
+    /// (role, content) pairs.
+    pub messages: Vec<(String, String)>,
+    /// `None` for `auto` (the chain).
+    pub provider: Option<String>,
+    pub model: Option<String>,
+    pub stream: bool,
+}
+
 /// A request from a client, checked.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Request {
@@ -131,7 +135,7 @@ pub enum Request {
     ListTools,
     CallTool {
         name: String,
-        call: crate::llm::Call,
+        call: ToolCall,
     },
     Cancel,
     History {
@@ -299,7 +303,7 @@ pub fn parse(text: &str) -> Result<Envelope, ParseError> {
             let provider = args.provider.filter(|p| p != "auto");
             Request::CallTool {
                 name,
-                call: crate::llm::Call {
+                call: ToolCall {
                     messages,
                     provider,
                     model: args.model,
@@ -332,7 +336,7 @@ pub fn parse(text: &str) -> Result<Envelope, ParseError> {
 /// A room name: 1-64 bytes of `[A-Za-z0-9_.-]`.
 fn room(name: Option<String>, fail: &dyn Fn(String) -> ParseError) -> Result<String, ParseError> {
     match name {
-        Some(n) if crate::chat::valid_room(&n) => Ok(n),
+        Some(n) if valid_room(&n) => Ok(n),
         Some(_) => Err(fail(
             "room must be 1-64 characters of A-Z a-z 0-9 _ . -".into(),
         )),
@@ -353,6 +357,14 @@ fn count(
     }
 }
 
+/// Whether `name` is a valid room name: 1-64 bytes of `[A-Za-z0-9_.-]`.
+pub fn valid_room(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-')
+}
+
 /// Whether `e` may be a reaction: 1-[`MAX_EMOJI`] bytes of printable text.
 /// Quotes, backslashes, control and format characters (and whitespace) are
 /// refused: an emoji is shown as a label and used as a JSON key.
@@ -367,191 +379,6 @@ pub fn valid_emoji(e: &str) -> bool {
                 // except the joiners and selectors that emoji are made of.
                 && !matches!(c, '\u{200b}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{feff}')
         })
-}
-
-/// Why a JSON text could not be read into a type.
-#[derive(Debug, Clone, PartialEq)]
-pub struct JsonError {
-    pub message: String,
-    /// Not JSON at all (as opposed to JSON of the wrong shape).
-    pub malformed: bool,
-}
-
-/// Reads one JSON object of at most [`MAX_DEPTH`] levels into `T`. Never
-/// panics; the time it takes is linear in the length of `text`.
-pub fn from_json<'a, T: Deserialize<'a>>(text: &'a str) -> Result<T, JsonError> {
-    if let Err(why) = check_shape(text.as_bytes()) {
-        return Err(JsonError {
-            message: format!("invalid JSON: {why}"),
-            malformed: true,
-        });
-    }
-    serde_json::from_str(text).map_err(|e| {
-        use serde_json::error::Category;
-        let malformed = matches!(e.classify(), Category::Syntax | Category::Eof);
-        JsonError {
-            message: if malformed {
-                format!("invalid JSON: {e}")
-            } else {
-                format!("a field has the wrong type: {e}")
-            },
-            malformed,
-        }
-    })
-}
-
-/// Checks, before parsing, that `b` starts as a JSON object and nests at
-/// most [`MAX_DEPTH`] deep. Only brackets outside strings are counted: the
-/// parser finds every other fault.
-pub fn check_shape(b: &[u8]) -> Result<(), &'static str> {
-    let start = b
-        .iter()
-        .position(|c| !matches!(c, b' ' | b'\t' | b'\n' | b'\r'));
-    if start.map(|i| b[i]) != Some(b'{') {
-        return Err("a frame must hold one JSON object");
-    }
-    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
-    for &c in b {
-        if in_string {
-            match c {
-                _ if escaped => escaped = false,
-                b'\\' => escaped = true,
-                b'"' => in_string = false,
-                _ => {}
-            }
-            continue;
-        }
-        match c {
-            b'"' => in_string = true,
-            b'{' | b'[' => {
-                depth += 1;
-                if depth > MAX_DEPTH {
-                    return Err("nested too deeply");
-                }
-            }
-            b'}' | b']' => depth = depth.saturating_sub(1),
-            _ => {}
-        }
-    }
-    Ok(())
-}
-
-/// Writes one JSON object, keys and string values escaped.
-pub struct JsonOut {
-    buf: String,
-    first: bool,
-}
-
-impl Default for JsonOut {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl JsonOut {
-    /// An empty object.
-    pub fn new() -> JsonOut {
-        JsonOut {
-            buf: String::with_capacity(96),
-            first: true,
-        }
-    }
-
-    /// An object whose first member is `"op"`, as every server frame has.
-    pub fn op(op: &str) -> JsonOut {
-        JsonOut::new().str("op", op)
-    }
-
-    fn key(&mut self, key: &str) {
-        if !self.first {
-            self.buf.push(',');
-        }
-        self.first = false;
-        escape_into(&mut self.buf, key);
-        self.buf.push(':');
-    }
-
-    pub fn str(mut self, key: &str, value: &str) -> JsonOut {
-        self.key(key);
-        escape_into(&mut self.buf, value);
-        self
-    }
-
-    pub fn opt_str(self, key: &str, value: Option<&str>) -> JsonOut {
-        match value {
-            Some(v) => self.str(key, v),
-            None => self,
-        }
-    }
-
-    pub fn num(mut self, key: &str, value: u64) -> JsonOut {
-        self.key(key);
-        let _ = write!(self.buf, "{value}");
-        self
-    }
-
-    /// A number that may have a fraction, with at most three decimals.
-    pub fn float(mut self, key: &str, value: f64) -> JsonOut {
-        self.key(key);
-        self.buf.push_str(&fmt_f64(value));
-        self
-    }
-
-    pub fn bool(mut self, key: &str, value: bool) -> JsonOut {
-        self.key(key);
-        self.buf.push_str(if value { "true" } else { "false" });
-        self
-    }
-
-    /// Inserts an already-written JSON value.
-    pub fn raw(mut self, key: &str, json: &str) -> JsonOut {
-        self.key(key);
-        self.buf.push_str(json);
-        self
-    }
-
-    /// Bytes written so far (the closing brace not counted).
-    pub fn byte_len(&self) -> usize {
-        self.buf.len() + 1
-    }
-
-    pub fn finish(mut self) -> String {
-        self.buf.insert(0, '{');
-        self.buf.push('}');
-        self.buf
-    }
-}
-
-/// `30`, `0.5`, `0.333`: integers without a fraction, others to three
-/// decimals; never `NaN` or `inf`, which JSON and Prometheus parsers reject.
-pub fn fmt_f64(v: f64) -> String {
-    if !v.is_finite() {
-        return "0".into();
-    }
-    if v.fract() == 0.0 && v.abs() < 1e15 {
-        return format!("{}", v as i64);
-    }
-    let s = format!("{v:.3}");
-    s.trim_end_matches('0').trim_end_matches('.').to_string()
-}
-
-/// Appends `s` as a JSON string literal.
-pub fn escape_into(buf: &mut String, s: &str) {
-    buf.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => buf.push_str("\\\""),
-            '\\' => buf.push_str("\\\\"),
-            '\n' => buf.push_str("\\n"),
-            '\r' => buf.push_str("\\r"),
-            '\t' => buf.push_str("\\t"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(buf, "\\u{:04x}", c as u32);
-            }
-            c => buf.push(c),
-        }
-    }
-    buf.push('"');
 }
 
 /// `{"op":"error","request_id":..,"error":{"code":..,"message":..}}`
@@ -576,6 +403,7 @@ pub fn error_frame(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::json::fmt_f64;
 
     #[test]
     fn parses_hello_and_ping() {
@@ -718,28 +546,6 @@ mod tests {
     }
 
     #[test]
-    fn nesting_is_bounded() {
-        let ok = format!(
-            "{{\"a\":{}1{}}}",
-            "[".repeat(MAX_DEPTH - 1),
-            "]".repeat(MAX_DEPTH - 1)
-        );
-        assert!(check_shape(ok.as_bytes()).is_ok());
-        assert!(parse(&ok).is_err_and(|e| !e.malformed));
-        let deep = format!("{{\"a\":{}1{}}}", "[".repeat(100_000), "]".repeat(100_000));
-        assert_eq!(check_shape(deep.as_bytes()), Err("nested too deeply"));
-        assert!(parse(&deep).is_err_and(|e| e.malformed));
-        // Brackets inside strings are text, not nesting.
-        let quoted = format!(
-            "{{\"op\":\"ping\",\"a\":\"{}\\\"{}\"}}",
-            "[".repeat(99),
-            "{".repeat(99)
-        );
-        assert_eq!(parse(&quoted).map(|e| e.request), Ok(Request::Ping));
-    }
-
-    /// Random mutations of valid frames never panic the parser.
-    #[test]
     fn mutated_frames_never_panic() {
         let seeds = [
             r#"{"op":"hello","token":"abc","client":"x/1","request_id":"r1"}"#,
@@ -799,18 +605,6 @@ mod tests {
     /// Keys are escaped like values: a reaction stored before emoji were
     /// checked still cannot break a frame or forge a field.
     #[test]
-    fn keys_are_escaped() {
-        let evil = "x\":1},\"from\":\"admin\",\"y\":{\"\\\n";
-        let f = JsonOut::op("message")
-            .str("from", "alice")
-            .raw("reactions", &JsonOut::new().num(evil, 1).finish())
-            .finish();
-        let v: serde_json::Value = serde_json::from_str(&f).unwrap();
-        assert_eq!(v["from"], "alice");
-        assert_eq!(v["reactions"][evil], 1);
-    }
-
-    #[test]
     fn writes_escaped_frames() {
         let f = error_frame(
             Some("r\"1"),
@@ -833,5 +627,16 @@ mod tests {
         assert_eq!(fmt_f64(0.5), "0.5");
         assert_eq!(fmt_f64(1.0 / 3.0), "0.333");
         assert_eq!(fmt_f64(f64::NAN), "0");
+    }
+
+    #[test]
+    fn room_names_are_checked() {
+        assert!(valid_room("general") && valid_room("a.b-c_9") && valid_room(&"x".repeat(64)));
+        assert!(
+            !valid_room("")
+                && !valid_room("has space")
+                && !valid_room(&"x".repeat(65))
+                && !valid_room("é")
+        );
     }
 }

@@ -13,9 +13,9 @@
 //! and it leaves fallback mode when a batch goes through.
 
 use crate::auth::Secret;
+use crate::json::JsonOut;
 use crate::ops::log::Logger;
 use crate::pool::Pool;
-use crate::protocol::JsonOut;
 use crate::resilience::{backoff, Breaker, BreakerState, Jitter};
 use crate::store::{Outbox, Store, WriteOk, WriteOp};
 use async_io::Timer;
@@ -24,7 +24,7 @@ use std::io::Read;
 use std::time::{Duration, Instant};
 
 /// `[remote]`: where and how to ship rows.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct RemoteConfig {
     pub url: String,
     pub api_key_env: Option<String>,
@@ -38,25 +38,6 @@ pub struct RemoteConfig {
     pub timeout: Duration,
     pub fail_max: u32,
     pub reset_timeout: Duration,
-}
-
-impl Default for RemoteConfig {
-    fn default() -> Self {
-        RemoteConfig {
-            url: String::new(),
-            api_key_env: None,
-            api_key_file: None,
-            api_key: None,
-            messages_table: "messages".into(),
-            reactions_table: "reactions".into(),
-            batch_rows: 500,
-            interval: Duration::from_secs(1),
-            connect_timeout: Duration::from_secs(5),
-            timeout: Duration::from_secs(10),
-            fail_max: 3,
-            reset_timeout: Duration::from_secs(30),
-        }
-    }
 }
 
 /// What a POST of rows came to.

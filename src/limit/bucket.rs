@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 /// The shape shared by every bucket of one level.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct BucketParams {
     pub capacity: f64,
     pub refill_per_s: f64,

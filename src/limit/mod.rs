@@ -79,13 +79,15 @@ impl Refused {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct LimitParams {
     pub global: BucketParams,
     pub ip: BucketParams,
     pub user: BucketParams,
     pub ip_connect: BucketParams,
     pub table_entries: usize,
+    /// Refusals within 10 s that close a connection with 1008.
+    pub abuse_threshold: u64,
 }
 
 pub struct Limits {
@@ -237,9 +239,9 @@ impl Meters {
 
     /// `{"messages_in":{"1s":..,"10s":..,"60s":..},...}` for `/readyz`.
     pub fn json(&mut self, now: Instant) -> String {
-        let mut out = crate::protocol::JsonOut::new();
+        let mut out = crate::json::JsonOut::new();
         for (name, meter) in self.each() {
-            let mut w = crate::protocol::JsonOut::new();
+            let mut w = crate::json::JsonOut::new();
             for (secs, label) in WINDOWS {
                 w = w.float(label, meter.rate(now, secs));
             }
@@ -272,6 +274,7 @@ mod tests {
                 refill_per_s: 2.0,
             },
             table_entries: 4096,
+            abuse_threshold: 50,
         }
     }
 

@@ -319,7 +319,7 @@ pub struct Chunk {
 fn decode(json: &str) -> Result<wire::Answer, CallError> {
     // The same bounded reader as client frames: an upstream is as
     // untrusted as a client.
-    crate::protocol::from_json(json).map_err(|e| CallError::Malformed(e.message))
+    crate::json::from_json(json).map_err(|e| CallError::Malformed(e.message))
 }
 
 fn usage_of(a: &wire::Answer) -> Option<Usage> {
@@ -375,7 +375,7 @@ fn error_message(body: &str) -> String {
 
 /// The request body: the model, the messages, `stream: true`.
 pub fn request_body(model: &str, messages: &[(String, String)]) -> String {
-    use crate::protocol::escape_into;
+    use crate::json::escape_into;
     let mut out = String::with_capacity(128);
     out.push_str("{\"model\":");
     escape_into(&mut out, model);

@@ -5,7 +5,7 @@ use crate::auth::Secret;
 use std::path::PathBuf;
 use std::time::Duration;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct LlmConfig {
     /// Names; empty until validated, then the providers in file order if
     /// not given.
@@ -21,7 +21,7 @@ pub struct LlmConfig {
     pub providers: Vec<ProviderConfig>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct ProviderConfig {
     pub name: String,
     pub base_url: String,
@@ -38,25 +38,4 @@ pub struct ProviderConfig {
     pub total_timeout: Duration,
     pub fail_max: u32,
     pub reset_timeout: Duration,
-}
-
-impl ProviderConfig {
-    pub fn new(name: &str) -> ProviderConfig {
-        ProviderConfig {
-            name: name.to_string(),
-            base_url: String::new(),
-            model: String::new(),
-            api_key_env: None,
-            api_key_file: None,
-            api_key: None,
-            max_in_flight: 4,
-            rpm: 0,
-            connect_timeout: Duration::from_secs(5),
-            first_byte_timeout: Duration::from_secs(30),
-            idle_timeout: Duration::from_secs(30),
-            total_timeout: Duration::from_secs(300),
-            fail_max: 4,
-            reset_timeout: Duration::from_secs(120),
-        }
-    }
 }

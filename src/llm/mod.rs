@@ -18,11 +18,12 @@ pub mod client;
 mod config;
 pub mod sse;
 
+use crate::json::JsonOut;
 use crate::limit::{BucketParams, InFlight, TokenBucket};
 use crate::ops::log::Logger;
 use crate::ops::metrics::{counter_with, gauge_with};
 use crate::pool::Pool;
-use crate::protocol::{error_frame, ErrorCode, JsonOut};
+use crate::protocol::{error_frame, ErrorCode};
 use crate::resilience::{backoff, Breaker, Jitter, Transition};
 use async_io::Timer;
 use client::{CallError, Event, Usage};
@@ -50,15 +51,8 @@ pub trait Output {
     fn until_cancelled(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + '_>>;
 }
 
-/// A `chat` call, as the client asked for it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Call {
-    pub messages: Vec<(String, String)>,
-    /// `None` for `auto` (the chain).
-    pub provider: Option<String>,
-    pub model: Option<String>,
-    pub stream: bool,
-}
+/// A `chat` call, as the client asked for it (the wire form is the call).
+pub use crate::protocol::ToolCall as Call;
 
 struct Provider {
     cfg: ProviderConfig,
@@ -161,7 +155,7 @@ impl Llm {
         let mut names = String::from("[\"auto\"");
         for p in &providers {
             names.push(',');
-            crate::protocol::escape_into(&mut names, p);
+            crate::json::escape_into(&mut names, p);
         }
         names.push(']');
         let schema = format!(

@@ -8,22 +8,24 @@ use std::fmt::{Display, Write as _};
 use std::io::Write as _;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
 pub enum LogLevel {
     Error,
     Warn,
+    #[default]
     Info,
     Debug,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum LogFormat {
+    #[default]
     Text,
     Json,
 }
 
 /// `[log]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct LogConfig {
     pub level: LogLevel,
     pub format: LogFormat,
@@ -100,14 +102,14 @@ impl Logger {
             }
             LogFormat::Json => {
                 line.push_str("{\"ts\":");
-                crate::protocol::escape_into(&mut line, &ts);
+                crate::json::escape_into(&mut line, &ts);
                 let _ = write!(line, ",\"level\":\"{name}\",\"msg\":");
-                crate::protocol::escape_into(&mut line, msg);
+                crate::json::escape_into(&mut line, msg);
                 for (k, v) in fields {
                     line.push(',');
-                    crate::protocol::escape_into(&mut line, k);
+                    crate::json::escape_into(&mut line, k);
                     line.push(':');
-                    crate::protocol::escape_into(&mut line, &v.to_string());
+                    crate::json::escape_into(&mut line, &v.to_string());
                 }
                 line.push('}');
             }

@@ -282,7 +282,7 @@ pub fn gauge_f64_with(
         let _ = writeln!(
             out,
             "{name}{{{label}=\"{l}\"}} {}",
-            crate::protocol::fmt_f64(*v)
+            crate::json::fmt_f64(*v)
         );
     }
 }

@@ -11,9 +11,10 @@ use super::{Gateway, Slot};
 use crate::auth::AuthMode;
 use crate::chat::JoinError;
 use crate::hub::{frame, Frame};
+use crate::json::JsonOut;
 use crate::limit::{InFlight, RateMeter, Refused, Strikes};
 use crate::ops::metrics::{add, inc};
-use crate::protocol::{self, close, ErrorCode, JsonOut, Request};
+use crate::protocol::{self, close, ErrorCode, Request};
 use crate::store::{Range, StoreError, StoredMessage, WriteOk, WriteOp};
 use async_io::{Async, Timer};
 use async_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -704,7 +705,7 @@ impl Conn {
             return Some(close::UNAUTHORIZED);
         };
         let session_id = format!("{:016x}{:x}", crate::resilience::random_u64(), self.slot.id);
-        let user_bucket = gw.cfg.limits.buckets.user;
+        let user_bucket = gw.cfg.limits.user;
         let limits = JsonOut::new()
             .num("max_message_bytes", gw.cfg.server.max_message_bytes as u64)
             .float("rate_per_s", user_bucket.refill_per_s)

@@ -15,11 +15,11 @@ use crate::auth::Authenticator;
 use crate::chat::Chat;
 use crate::config::Config;
 use crate::hub::{Full, Table};
+use crate::json::JsonOut;
 use crate::limit::{Limits, Meters};
 use crate::ops::log::Logger;
 use crate::ops::metrics::{inc, Gauges, Metrics, Refusal};
 use crate::pool::Pool;
-use crate::protocol::JsonOut;
 use crate::store::Store;
 use async_io::{Async, Timer};
 use async_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
@@ -96,7 +96,7 @@ impl Gateway {
             .max_frame_size(Some(s.max_message_bytes));
         Gateway {
             auth: Authenticator::new(cfg.auth.tokens.clone()),
-            limits: RefCell::new(Limits::new(&cfg.limits.buckets, Instant::now())),
+            limits: RefCell::new(Limits::new(&cfg.limits, Instant::now())),
             meters: RefCell::new(Meters::new(Instant::now())),
             table: RefCell::new(table),
             metrics: Metrics::default(),

@@ -60,8 +60,9 @@ CREATE TABLE dead_letters (
 );
 ";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Synchronous {
+    #[default]
     Full,
     Normal,
     Off,

@@ -1,0 +1,173 @@
+//! One setting on its way into the configuration: a key, a value from the
+//! file or the environment, and the conversions every key uses, each of
+//! which names the key when it refuses a value.
+
+use super::toml::Value;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// A setting from the file or the environment, with enough context to
+/// convert it and to report a problem with it.
+pub struct Setting<'a> {
+    pub key: &'a str,
+    pub value: &'a Value,
+    /// Environment values are always strings and are parsed by kind.
+    pub from_env: bool,
+}
+
+impl Setting<'_> {
+    pub fn int(&self, min: i64, max: i64) -> Result<i64, String> {
+        let n = match self.value {
+            Value::Int(n) => Some(*n),
+            Value::Str(s) if self.from_env => s.trim().replace('_', "").parse().ok(),
+            _ => None,
+        };
+        match n {
+            Some(n) if (min..=max).contains(&n) => Ok(n),
+            Some(n) => Err(format!(
+                "{}: {n} is out of range: expected {min} to {max}",
+                self.key
+            )),
+            None => Err(format!(
+                "{}: expected an integer from {min} to {max}, found {}",
+                self.key, self.value
+            )),
+        }
+    }
+
+    /// A number that may have a fraction (an integer is fine too).
+    pub fn float(&self, min: f64, max: f64) -> Result<f64, String> {
+        let x = match self.value {
+            Value::Int(n) => Some(*n as f64),
+            Value::Float(x) => Some(*x),
+            Value::Str(s) if self.from_env => {
+                s.trim().parse::<f64>().ok().filter(|x| x.is_finite())
+            }
+            _ => None,
+        };
+        match x {
+            Some(x) if (min..=max).contains(&x) => Ok(x),
+            Some(x) => Err(format!(
+                "{}: {x} is out of range: expected {min} to {max}",
+                self.key
+            )),
+            None => Err(format!(
+                "{}: expected a number from {min} to {max}, found {}",
+                self.key, self.value
+            )),
+        }
+    }
+
+    pub fn usize(&self, min: usize, max: usize) -> Result<usize, String> {
+        self.int(min as i64, max as i64).map(|n| n as usize)
+    }
+
+    pub fn millis(&self, min: u64, max: u64) -> Result<Duration, String> {
+        self.int(min as i64, max as i64)
+            .map(|n| Duration::from_millis(n as u64))
+    }
+
+    pub fn boolean(&self) -> Result<bool, String> {
+        match self.value {
+            Value::Bool(b) => Ok(*b),
+            Value::Str(s) if self.from_env && (s == "true" || s == "false") => Ok(s == "true"),
+            other => Err(format!(
+                "{}: expected true or false, found {other}",
+                self.key
+            )),
+        }
+    }
+
+    pub fn string(&self) -> Result<String, String> {
+        match self.value {
+            Value::Str(s) => Ok(s.clone()),
+            other => Err(format!("{}: expected a string, found {other}", self.key)),
+        }
+    }
+
+    pub fn choice<T: Copy>(&self, choices: &[(&str, T)]) -> Result<T, String> {
+        let s = self.string()?;
+        choices
+            .iter()
+            .find(|(name, _)| *name == s)
+            .map(|(_, v)| *v)
+            .ok_or_else(|| {
+                let names: Vec<_> = choices.iter().map(|(n, _)| format!("{n:?}")).collect();
+                format!(
+                    "{}: expected one of {}, found {s:?}",
+                    self.key,
+                    names.join(", ")
+                )
+            })
+    }
+
+    /// A list of strings; from the environment, comma-separated.
+    pub fn strings(&self) -> Result<Vec<String>, String> {
+        match self.value {
+            Value::Str(s) if self.from_env => Ok(s
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect()),
+            Value::List(items) => items
+                .iter()
+                .map(|v| match v {
+                    Value::Str(s) => Ok(s.clone()),
+                    other => Err(format!(
+                        "{}: expected a list of strings, found {other} in it",
+                        self.key
+                    )),
+                })
+                .collect(),
+            other => Err(format!(
+                "{}: expected a list of strings, found {other}",
+                self.key
+            )),
+        }
+    }
+    pub fn u32(&self, min: u32, max: u32) -> Result<u32, String> {
+        self.int(i64::from(min), i64::from(max)).map(|n| n as u32)
+    }
+
+    pub fn socket_addr(&self) -> Result<SocketAddr, String> {
+        let text = self.string()?;
+        text.parse().map_err(|_| {
+            format!(
+                "{}: {text:?} is not an address and port such as \"127.0.0.1:8080\" or \"[::]:8080\"",
+                self.key
+            )
+        })
+    }
+
+    /// A path that is not empty.
+    pub fn path(&self) -> Result<PathBuf, String> {
+        let text = self.string()?;
+        if text.is_empty() {
+            return Err(format!("{}: must not be empty", self.key));
+        }
+        Ok(PathBuf::from(text))
+    }
+
+    /// An `http://` or `https://` URL, without a trailing `/`.
+    pub fn url(&self) -> Result<String, String> {
+        let url = self.string()?;
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(format!(
+                "{}: {url:?} must start with http:// or https://",
+                self.key
+            ));
+        }
+        Ok(url.trim_end_matches('/').to_string())
+    }
+
+    /// A PostgREST table name: letters, digits, '_'.
+    pub fn table_name(&self) -> Result<String, String> {
+        let name = self.string()?;
+        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            return Err(format!("{}: {name:?} is not a plain table name", self.key));
+        }
+        Ok(name)
+    }
+}
