@@ -5,9 +5,11 @@
 //! waker of its task, a request to close) lives here, so delivering a frame
 //! to a member is a slab lookup and a push, never a channel per connection.
 
-use crate::limit::RateMeter;
+use crate::limit::{InFlight, RateMeter};
+use crate::protocol::{error_frame, ErrorCode};
 use async_tungstenite::tungstenite::Utf8Bytes;
 use slab::Slab;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::rc::Rc;
@@ -16,6 +18,14 @@ use std::time::Instant;
 
 /// The compile-time capacity of the heapless outbound queue.
 pub const MAX_OUTBOX_FRAMES: usize = 64;
+
+/// Requests of one connection still running in their own tasks (store
+/// writes, history reads, tool calls); past it, `OVER_CAPACITY`.
+pub const MAX_IN_FLIGHT: u32 = 32;
+
+/// Work a request started that outlives the frame that asked for it: the
+/// caller spawns it on the event loop.
+pub type Task = std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>;
 
 /// A serialised server frame. Written once and shared by every recipient:
 /// queueing it is a reference-count increment, and the queue holds one
@@ -211,6 +221,62 @@ impl Table {
         let keys: Vec<usize> = self.slab.iter().map(|(k, _)| k).collect();
         for k in keys {
             self.request_close(k, code);
+        }
+    }
+}
+
+/// Where the answers to one request go: the connection that asked (if it
+/// is still there: a reused slot gets nothing), with the request's id.
+/// While the request runs in its own task, the reply also holds its place
+/// among the connection's requests in flight, freed when it is dropped.
+pub struct Reply {
+    table: Rc<RefCell<Table>>,
+    pub key: usize,
+    pub conn: u64,
+    rid: Option<String>,
+    in_flight: Option<InFlight>,
+}
+
+impl Reply {
+    pub fn new(table: Rc<RefCell<Table>>, key: usize, conn: u64, rid: Option<&str>) -> Reply {
+        Reply {
+            table,
+            key,
+            conn,
+            rid: rid.map(String::from),
+            in_flight: None,
+        }
+    }
+
+    pub fn rid(&self) -> Option<&str> {
+        self.rid.as_deref()
+    }
+
+    /// Queues a frame for the connection that asked.
+    pub fn send(&self, text: String) {
+        self.table
+            .borrow_mut()
+            .deliver_to(self.key, self.conn, &frame(text));
+    }
+
+    pub fn error(&self, code: ErrorCode, message: &str, retry_after_ms: Option<u64>) {
+        self.send(error_frame(self.rid(), code, message, retry_after_ms));
+    }
+
+    /// Takes a place among the connection's requests in flight (`count`,
+    /// at most `max`) for as long as this reply lives; when there is none,
+    /// answers `OVER_CAPACITY` and returns false.
+    pub fn begin(&mut self, count: &Rc<Cell<u32>>, max: u32) -> bool {
+        match InFlight::try_take(count, max) {
+            Some(slot) => {
+                self.in_flight = Some(slot);
+                true
+            }
+            None => {
+                let msg = format!("at most {max} requests in flight per connection");
+                self.error(ErrorCode::OverCapacity, &msg, Some(100));
+                false
+            }
         }
     }
 }

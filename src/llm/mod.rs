@@ -16,6 +16,8 @@
 
 pub mod client;
 mod config;
+mod tools;
+pub use tools::ToolCalls;
 pub mod sse;
 
 use crate::json::JsonOut;
@@ -217,6 +219,11 @@ impl Llm {
             ));
         }
         Ok(())
+    }
+
+    /// Tool calls one connection may have in flight.
+    pub fn max_in_flight_per_session(&self) -> u32 {
+        self.cfg.max_in_flight_per_session
     }
 
     /// Takes a gateway-wide call slot, if one is free; it is held until the

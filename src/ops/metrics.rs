@@ -70,8 +70,6 @@ pub struct Metrics {
     pub deliveries: Cell<u64>,
     pub fanout_slow: Cell<u64>,
     pub http_requests: Cell<u64>,
-    /// Direct answers (join, history) cut to fit the client's outbox.
-    pub answers_cut: Cell<u64>,
 }
 
 pub fn inc(c: &Cell<u64>) {
@@ -229,12 +227,6 @@ impl Metrics {
             "hivegate_http_requests_total",
             "Plain HTTP requests answered.",
             self.http_requests.get(),
-        );
-        counter(
-            out,
-            "hivegate_answers_cut_total",
-            "History answers cut to fit the client's outbox (sent with \"more\":true).",
-            self.answers_cut.get(),
         );
     }
 }

@@ -9,13 +9,14 @@
 
 use super::{Gateway, Slot};
 use crate::auth::AuthMode;
-use crate::chat::JoinError;
-use crate::hub::{frame, Frame};
+use crate::chat::Asker;
+use crate::hub::{frame, Frame, Reply, Task};
 use crate::json::JsonOut;
-use crate::limit::{InFlight, RateMeter, Refused, Strikes};
+use crate::limit::{RateMeter, Refused, Strikes};
+use crate::llm::ToolCalls;
 use crate::ops::metrics::{add, inc};
 use crate::protocol::{self, close, ErrorCode, Request};
-use crate::store::{Range, StoreError, StoredMessage, WriteOk, WriteOp};
+use crate::store::Range;
 use async_io::{Async, Timer};
 use async_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use async_tungstenite::tungstenite::protocol::CloseFrame;
@@ -23,222 +24,14 @@ use async_tungstenite::tungstenite::{Error as WsError, Message};
 use async_tungstenite::WebSocketStream;
 use futures_lite::{future, FutureExt, Stream};
 use futures_sink::Sink;
-use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::cell::Cell;
 use std::net::TcpStream;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 pub type WsStream = WebSocketStream<super::intake::Intake<Async<TcpStream>>>;
-
-/// Requests of one connection still running (store writes, history reads).
-const MAX_IN_FLIGHT: u32 = 32;
-/// Most repeats of one tool call's `request_id` that share its answer
-/// (each one is an answer frame more when it ends).
-const MAX_FOLLOWERS: u32 = 8;
-
-/// Where the answer to a request that continues in its own task goes, and
-/// its place among the connection's requests in flight (freed on drop).
-struct Reply {
-    gw: Rc<Gateway>,
-    key: usize,
-    conn: u64,
-    rid: Option<String>,
-    _in_flight: InFlight,
-}
-
-impl Reply {
-    fn rid(&self) -> Option<&str> {
-        self.rid.as_deref()
-    }
-
-    /// Queues a frame for the connection that asked, if it is still there.
-    fn send(&self, text: String) {
-        self.gw
-            .table
-            .borrow_mut()
-            .deliver_to(self.key, self.conn, &frame(text));
-    }
-
-    fn fail(&self, e: &StoreError) {
-        let (code, msg, retry) = store_error_parts(&self.gw, self.conn, self.rid(), e);
-        self.send(protocol::error_frame(self.rid(), code, &msg, retry));
-    }
-
-    /// The store answered with the wrong kind of result: a bug, logged.
-    fn unexpected(&self, answer: &WriteOk) {
-        self.gw.log.warn(
-            "unexpected store answer",
-            &[("conn", &self.conn), ("answer", &format!("{answer:?}"))],
-        );
-        self.fail(&StoreError::Storage("unexpected answer".into()));
-    }
-}
-
-/// A tool call in flight: its cancel flag (shared with the pool thread that
-/// reads the upstream) and how many more askers share its answer.
-#[derive(Default)]
-struct CallState {
-    cancelled: Arc<AtomicBool>,
-    wake: event_listener::Event,
-    followers: Cell<u32>,
-}
-
-impl CallState {
-    fn cancel(&self) {
-        self.cancelled.store(true, Ordering::Relaxed);
-        self.wake.notify(usize::MAX);
-    }
-}
-
-/// Where a tool call's frames go.
-struct CallOutput {
-    reply: Reply,
-    state: Rc<CallState>,
-}
-
-impl crate::llm::Output for CallOutput {
-    fn rid(&self) -> Option<&str> {
-        self.reply.rid()
-    }
-
-    fn send(&self, frame: String) {
-        if !self.cancelled() {
-            self.reply.send(frame);
-        }
-    }
-
-    fn finish(&self, frame: String) {
-        if self.cancelled() {
-            return;
-        }
-        // Every asker of a shared call gets the answer; the later ones
-        // are told it was shared.
-        for _ in 0..self.state.followers.get() {
-            let shared = frame.replacen(
-                "{\"op\":\"call_tool_res\",",
-                "{\"op\":\"call_tool_res\",\"from_inflight\":true,",
-                1,
-            );
-            self.reply.send(shared);
-        }
-        self.reply.send(frame);
-    }
-
-    fn cancelled(&self) -> bool {
-        self.state.cancelled.load(Ordering::Relaxed)
-    }
-
-    fn cancel_flag(&self) -> Arc<AtomicBool> {
-        self.state.cancelled.clone()
-    }
-
-    fn until_cancelled(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + '_>> {
-        Box::pin(async move {
-            loop {
-                let listener = self.state.wake.listen();
-                if self.cancelled() {
-                    return;
-                }
-                listener.await;
-            }
-        })
-    }
-}
-
-/// Adds `"messages"` (or `"history"`) to a direct answer, cut so that the
-/// whole frame stays within half the connection's outbox: the client must
-/// be able to receive its own answer whatever the messages hold. A cut
-/// answer says `"more":true`; the client asks again from the seq at its
-/// edge. `keep_newest` keeps the end of the list (the newest page, or the
-/// page before a seq), otherwise its start (the page after a seq).
-fn with_messages(
-    gw: &Gateway,
-    answer: JsonOut,
-    key: &str,
-    msgs: &[StoredMessage],
-    keep_newest: bool,
-) -> String {
-    // The envelope, the key and `"more":true` come out of the budget.
-    let budget =
-        (gw.cfg.server.outbox_bytes / 2).saturating_sub(answer.byte_len() + key.len() + 32);
-    let mut parts: Vec<String> = Vec::with_capacity(msgs.len());
-    let mut total = 2;
-    let mut take = |m: &StoredMessage| {
-        let json = crate::chat::message_json(m);
-        if total + json.len() + 1 > budget {
-            return false;
-        }
-        total += json.len() + 1;
-        parts.push(json);
-        true
-    };
-    if keep_newest {
-        msgs.iter().rev().take_while(|m| take(m)).for_each(drop);
-        parts.reverse();
-    } else {
-        msgs.iter().take_while(|m| take(m)).for_each(drop);
-    }
-    let more = parts.len() < msgs.len();
-    let answer = answer.raw(key, &format!("[{}]", parts.join(",")));
-    if more {
-        add(&gw.metrics.answers_cut, 1);
-        answer.bool("more", true).finish()
-    } else {
-        answer.finish()
-    }
-}
-
-/// The protocol error for a store failure. Database failures are logged
-/// with the connection and request ids, and the client gets only a
-/// correlation id.
-fn store_error_parts(
-    gw: &Gateway,
-    conn: u64,
-    rid: Option<&str>,
-    e: &StoreError,
-) -> (ErrorCode, String, Option<u64>) {
-    match e {
-        StoreError::Busy { retry_after_ms } => (
-            ErrorCode::OverCapacity,
-            "the store is busy; retry later".into(),
-            Some(*retry_after_ms),
-        ),
-        StoreError::Timeout => (
-            ErrorCode::Timeout,
-            "the store did not answer in time".into(),
-            None,
-        ),
-        StoreError::NotFound => (
-            ErrorCode::NotFound,
-            "no such message in your rooms".into(),
-            None,
-        ),
-        StoreError::LimitExceeded(m) => (ErrorCode::LimitExceeded, (*m).into(), None),
-        StoreError::Storage(m) => {
-            gw.log.warn(
-                "store failed",
-                &[
-                    ("conn", &conn),
-                    ("request_id", &rid.unwrap_or("-")),
-                    ("error", m),
-                ],
-            );
-            (
-                ErrorCode::InternalError,
-                format!(
-                    "internal error (conn {conn}, request {})",
-                    rid.unwrap_or("-")
-                ),
-                None,
-            )
-        }
-    }
-}
 
 /// Messages handled in one turn of the event loop before the task yields
 /// (the intake bounds the bytes; this bounds the work).
@@ -291,13 +84,10 @@ pub struct Conn {
     flush_pending: bool,
     /// Whether the client sent a close frame (so the ending is normal).
     peer_closed: Option<u16>,
-    /// The rooms this connection is in (at most `chat.rooms_per_session`).
-    rooms: Vec<Rc<str>>,
     /// Requests of this connection still running in their own tasks.
     in_flight: Rc<Cell<u32>>,
-    /// Tool calls in flight, by request_id (at most
-    /// `llm.max_in_flight_per_session`).
-    calls: Rc<RefCell<HashMap<String, Rc<CallState>>>>,
+    /// Tool calls in flight.
+    tools: ToolCalls,
 }
 
 impl Conn {
@@ -319,9 +109,8 @@ impl Conn {
             ping_pending: false,
             flush_pending: false,
             peer_closed: None,
-            rooms: Vec::new(),
             in_flight: Rc::new(Cell::new(0)),
-            calls: Rc::default(),
+            tools: ToolCalls::default(),
             session: None,
             preauth,
             gw,
@@ -336,12 +125,8 @@ impl Conn {
         let (code, reason) = self.serve().await;
         // Leaving is automatic, whatever ended the connection, and nobody
         // is left to read a tool call's answer.
-        for room in std::mem::take(&mut self.rooms) {
-            self.gw.chat.leave(&room, self.slot.key);
-        }
-        for (_, call) in self.calls.borrow_mut().drain() {
-            call.cancel();
-        }
+        self.gw.chat.leave_all(self.slot.key);
+        self.tools.cancel_all();
         if code == close::GOING_AWAY {
             // Shutting down: requests already started get to finish (the
             // daemon bounds the whole drain).
@@ -614,16 +399,56 @@ impl Conn {
                 self.send(JsonOut::op("pong").opt_str("request_id", rid).finish());
                 None
             }
-            (Some(_), Request::Join { room, history }) => self.join(rid, room, history),
-            (Some(_), Request::Leave { room }) => self.leave(rid, &room),
-            (Some(_), Request::Publish { room, text }) => self.publish(rid, room, text),
-            (Some(_), Request::React { message_id, emoji }) => self.react(rid, message_id, emoji),
+            (Some(_), Request::Join { room, history }) => {
+                let task = self.gw.requests.join(
+                    &self.gw.store,
+                    &self.asker(),
+                    self.reply(rid),
+                    room,
+                    history,
+                );
+                self.spawn(task)
+            }
+            (Some(_), Request::Leave { room }) => {
+                self.gw
+                    .requests
+                    .leave(&self.asker(), self.reply(rid), &room);
+                None
+            }
+            (Some(_), Request::Publish { room, text }) => {
+                let task = self.gw.requests.publish(
+                    &self.gw.store,
+                    &self.asker(),
+                    self.reply(rid),
+                    room,
+                    text,
+                );
+                self.spawn(task)
+            }
+            (Some(_), Request::React { message_id, emoji }) => {
+                let task = self.gw.requests.react(
+                    &self.gw.store,
+                    &self.asker(),
+                    self.reply(rid),
+                    message_id,
+                    emoji,
+                );
+                self.spawn(task)
+            }
             (Some(_), Request::ListTools) => {
                 self.send(self.gw.llm.list_tools(rid));
                 None
             }
-            (Some(_), Request::CallTool { name, call }) => self.call_tool(rid, &name, call),
-            (Some(_), Request::Cancel) => self.cancel(rid),
+            (Some(_), Request::CallTool { name, call }) => {
+                let task =
+                    self.tools
+                        .call(&self.gw.llm, self.reply(rid), &self.in_flight, &name, call);
+                self.spawn(task)
+            }
+            (Some(_), Request::Cancel) => {
+                self.tools.cancel(self.reply(rid));
+                None
+            }
             (
                 Some(_),
                 Request::History {
@@ -638,7 +463,15 @@ impl Conn {
                     (None, Some(a)) => Range::After(a.min(i64::MAX as u64) as i64),
                     (None, None) => Range::Latest,
                 };
-                self.history(rid, room, range, limit)
+                let task = self.gw.requests.history(
+                    &self.gw.store,
+                    &self.asker(),
+                    self.reply(rid),
+                    room,
+                    range,
+                    limit,
+                );
+                self.spawn(task)
             }
         }
     }
@@ -733,388 +566,33 @@ impl Conn {
         None
     }
 
-    fn error(
-        &self,
-        rid: Option<&str>,
-        code: ErrorCode,
-        message: &str,
-        retry_after_ms: Option<u64>,
-    ) {
-        self.send(protocol::error_frame(rid, code, message, retry_after_ms));
-    }
-
     fn user(&self) -> Rc<str> {
         self.session
             .as_ref()
             .map_or_else(|| Rc::from("-"), |s| s.user.clone())
     }
 
-    /// Counts a request that continues in its own task and says where its
-    /// answer goes; refuses it (answering `OVER_CAPACITY`) when this
-    /// connection already has [`MAX_IN_FLIGHT`] of them.
-    fn start_request(&self, rid: Option<&str>) -> Option<Reply> {
-        let Some(in_flight) = InFlight::try_take(&self.in_flight, MAX_IN_FLIGHT) else {
-            self.error(
-                rid,
-                ErrorCode::OverCapacity,
-                &format!("at most {MAX_IN_FLIGHT} requests in flight per connection"),
-                Some(100),
-            );
-            return None;
-        };
-        Some(Reply {
-            gw: self.gw.clone(),
+    /// Where the answers to a request of this connection go.
+    fn reply(&self, rid: Option<&str>) -> Reply {
+        Reply::new(self.gw.table.clone(), self.slot.key, self.slot.id, rid)
+    }
+
+    /// This connection as the chat sees it.
+    fn asker(&self) -> Asker {
+        Asker {
             key: self.slot.key,
             conn: self.slot.id,
-            rid: rid.map(String::from),
-            _in_flight: in_flight,
-        })
+            user: self.user(),
+            in_flight: self.in_flight.clone(),
+        }
     }
 
-    fn join(&mut self, rid: Option<&str>, room: String, history: u64) -> Option<u16> {
-        let room: Rc<str> = Rc::from(room);
-        let limits = self.gw.cfg.chat;
-        let already = self.rooms.contains(&room);
-        if !already && self.rooms.len() >= limits.rooms_per_session {
-            let msg = format!("at most {} rooms per connection", limits.rooms_per_session);
-            self.error(rid, ErrorCode::LimitExceeded, &msg, None);
-            return None;
-        }
-        // Refused (the error is sent): the connection stays open.
-        let reply = self.start_request(rid)?;
-        let user = self.user();
-        let members = match self
-            .gw
-            .chat
-            .join(&room, self.slot.key, self.slot.id, &user, &limits)
-        {
-            Ok(m) => m,
-            Err(JoinError::RoomFull) => {
-                let msg = format!("room is full ({} members)", limits.members_per_room);
-                self.error(rid, ErrorCode::LimitExceeded, &msg, None);
-                return None;
-            }
-        };
-        if !already {
-            self.rooms.push(room.clone());
-        }
-        // Membership first, history second: a message committed meanwhile
-        // may arrive twice (clients dedupe by seq) but never not at all.
-        let joined = JsonOut::op("joined")
-            .opt_str("request_id", rid)
-            .str("room", &room)
-            .raw("members", &crate::chat::names_json(&members));
-        let history = if history == 0 {
-            None
-        } else {
-            match self
-                .gw
-                .store
-                .history(room.to_string(), Range::Latest, history as i64)
-            {
-                Ok(f) => Some(f),
-                Err(e) => {
-                    self.undo_join(&room);
-                    self.store_error(rid, &e);
-                    return None;
-                }
-            }
-        };
-        self.gw.spawn(async move {
-            let messages = match history {
-                None => Ok(Vec::new()),
-                Some(f) => f.await,
-            };
-            match messages {
-                Ok(msgs) => reply.send(with_messages(&reply.gw, joined, "history", &msgs, true)),
-                Err(e) => {
-                    // Without its history the join did not happen.
-                    reply.gw.chat.leave(&room, reply.key);
-                    reply.fail(&e);
-                }
-            }
-        });
-        None
-    }
-
-    /// Takes back a join whose history could not be read.
-    fn undo_join(&mut self, room: &Rc<str>) {
-        self.gw.chat.leave(room, self.slot.key);
-        self.rooms.retain(|r| r != room);
-    }
-
-    fn leave(&mut self, rid: Option<&str>, room: &str) -> Option<u16> {
-        if let Some(i) = self.rooms.iter().position(|r| &**r == room) {
-            let r = self.rooms.swap_remove(i);
-            self.gw.chat.leave(&r, self.slot.key);
-        }
-        // Leaving a room one is not in is not an error: the outcome is the same.
-        self.send(
-            JsonOut::op("left")
-                .opt_str("request_id", rid)
-                .str("room", room)
-                .finish(),
-        );
-        None
-    }
-
-    fn publish(&mut self, rid: Option<&str>, room: String, text: String) -> Option<u16> {
-        let max = self.gw.cfg.chat.max_text_bytes;
-        if text.is_empty() || text.len() > max {
-            self.error(
-                rid,
-                ErrorCode::InvalidRequest,
-                &format!("text must be 1-{max} bytes"),
-                None,
-            );
-            return None;
-        }
-        if !self.gw.chat.is_member(&room, self.slot.key) {
-            self.error(
-                rid,
-                ErrorCode::Unauthorized,
-                "join the room before publishing to it",
-                None,
-            );
-            return None;
-        }
-        if self.gw.storage_full.get() {
-            let msg = "storage full: the database is at store.max_db_bytes";
-            self.error(rid, ErrorCode::OverCapacity, msg, Some(5000));
-            return None;
-        }
-        let reply = self.start_request(rid)?;
-        let ts = crate::clock::unix_ms();
-        let msg = StoredMessage {
-            id: self.gw.store.new_id(ts.max(0) as u64),
-            room,
-            seq: 0,
-            user: self.user().to_string(),
-            text,
-            ts,
-            reactions: Vec::new(),
-        };
-        let op = WriteOp::Publish {
-            id: msg.id.clone(),
-            room: msg.room.clone(),
-            user: msg.user.clone(),
-            text: msg.text.clone(),
-            ts: msg.ts,
-        };
-        let committed = match self.gw.store.write(op) {
-            Ok(f) => f,
-            Err(e) => {
-                self.store_error(rid, &e);
-                return None;
-            }
-        };
-        self.gw.spawn(async move {
-            match committed.await {
-                Ok(WriteOk::Published { seq }) => {
-                    // Acknowledged only now: the message is on disk.
-                    let ack = JsonOut::op("ack")
-                        .opt_str("request_id", reply.rid())
-                        .str("id", &msg.id)
-                        .num("seq", seq as u64)
-                        .finish();
-                    // Through the fan-out queue, just ahead of the message:
-                    // the publisher gets both in one write.
-                    let chat = &reply.gw.chat;
-                    chat.enqueue_direct(reply.key, reply.conn, frame(ack));
-                    let stored = StoredMessage { seq, ..msg };
-                    chat.enqueue(
-                        Rc::from(stored.room.as_str()),
-                        frame(crate::chat::message_json(&stored)),
-                    );
-                }
-                Ok(other) => reply.unexpected(&other),
-                Err(e) => reply.fail(&e),
-            }
-        });
-        None
-    }
-
-    fn react(&mut self, rid: Option<&str>, message_id: String, emoji: String) -> Option<u16> {
-        let reply = self.start_request(rid)?;
-        let user = self.user();
-        let op = WriteOp::React {
-            message_id: message_id.clone(),
-            emoji: emoji.clone(),
-            user: user.to_string(),
-            ts: crate::clock::unix_ms(),
-            rooms: self.rooms.iter().map(|r| r.to_string()).collect(),
-        };
-        let done = match self.gw.store.write(op) {
-            Ok(f) => f,
-            Err(e) => {
-                self.store_error(rid, &e);
-                return None;
-            }
-        };
-        self.gw.spawn(async move {
-            match done.await {
-                Ok(WriteOk::Reacted { room, count, added }) => {
-                    reply.send(
-                        JsonOut::op("ack")
-                            .opt_str("request_id", reply.rid())
-                            .finish(),
-                    );
-                    let event = JsonOut::op("reaction")
-                        .str("room", &room)
-                        .str("message_id", &message_id)
-                        .str("emoji", &emoji)
-                        .num("count", count as u64)
-                        .str("by", &user)
-                        .bool("added", added)
-                        .finish();
-                    reply.gw.chat.enqueue(Rc::from(room), frame(event));
-                }
-                Ok(other) => reply.unexpected(&other),
-                Err(e) => reply.fail(&e),
-            }
-        });
-        None
-    }
-
-    fn history(
-        &mut self,
-        rid: Option<&str>,
-        room: String,
-        range: Range,
-        limit: u64,
-    ) -> Option<u16> {
-        if !self.gw.chat.is_member(&room, self.slot.key) {
-            self.error(
-                rid,
-                ErrorCode::Unauthorized,
-                "join the room before reading its history",
-                None,
-            );
-            return None;
-        }
-        let reply = self.start_request(rid)?;
-        let read = match self.gw.store.history(room.clone(), range, limit as i64) {
-            Ok(f) => f,
-            Err(e) => {
-                self.store_error(rid, &e);
-                return None;
-            }
-        };
-        self.gw.spawn(async move {
-            match read.await {
-                Ok(msgs) => {
-                    let answer = JsonOut::op("history_res")
-                        .opt_str("request_id", reply.rid())
-                        .str("room", &room);
-                    let keep_newest = !matches!(range, Range::After(_));
-                    reply.send(with_messages(
-                        &reply.gw,
-                        answer,
-                        "messages",
-                        &msgs,
-                        keep_newest,
-                    ));
-                }
-                Err(e) => reply.fail(&e),
-            }
-        });
-        None
-    }
-
-    fn call_tool(&mut self, rid: Option<&str>, name: &str, call: crate::llm::Call) -> Option<u16> {
-        let rid_owned = rid.unwrap_or_default().to_string();
-        if name != "chat" {
-            let name: String = name.chars().take(32).collect();
-            self.error(
-                rid,
-                ErrorCode::NotFound,
-                &format!("no tool {name:?}; list_tools names them"),
-                None,
-            );
-            return None;
-        }
-        // The same request_id while it runs: share the answer, call nobody.
-        if let Some(state) = self.calls.borrow().get(&rid_owned) {
-            if state.followers.get() >= MAX_FOLLOWERS {
-                let msg = format!("at most {MAX_FOLLOWERS} repeats of a call in flight share it");
-                self.error(rid, ErrorCode::LimitExceeded, &msg, None);
-                return None;
-            }
-            state.followers.set(state.followers.get() + 1);
-            self.send(
-                JsonOut::op("call_tool_ack")
-                    .opt_str("request_id", rid)
-                    .bool("from_inflight", true)
-                    .finish(),
-            );
-            return None;
-        }
-        if let Err((code, msg)) = self.gw.llm.check(&call) {
-            self.error(rid, code, &msg, None);
-            return None;
-        }
-        let per_session = self.gw.cfg.llm.max_in_flight_per_session;
-        if self.calls.borrow().len() >= per_session as usize {
-            let msg = format!("at most {per_session} tool calls in flight per connection");
-            self.error(rid, ErrorCode::OverCapacity, &msg, Some(1000));
-            return None;
-        }
-        let Some(slot) = self.gw.llm.try_start() else {
-            self.error(
-                rid,
-                ErrorCode::OverCapacity,
-                "the gateway is at its limit of tool calls",
-                Some(1000),
-            );
-            return None;
-        };
-        let reply = self.start_request(rid)?;
-        let state = Rc::new(CallState::default());
-        self.calls
-            .borrow_mut()
-            .insert(rid_owned.clone(), state.clone());
-        self.send(
-            JsonOut::op("call_tool_ack")
-                .opt_str("request_id", rid)
-                .finish(),
-        );
-        let calls = self.calls.clone();
-        let gw = self.gw.clone();
-        self.gw.spawn(async move {
-            let _slot = slot;
-            let out = CallOutput {
-                reply,
-                state: state.clone(),
-            };
-            gw.llm.run(call, &out).await;
-            let mut calls = calls.borrow_mut();
-            if calls.get(&rid_owned).is_some_and(|s| Rc::ptr_eq(s, &state)) {
-                calls.remove(&rid_owned);
-            }
-        });
-        None
-    }
-
-    fn cancel(&mut self, rid: Option<&str>) -> Option<u16> {
-        let state = self.calls.borrow_mut().remove(rid.unwrap_or_default());
-        match state {
-            Some(state) => {
-                state.cancel();
-                self.send(JsonOut::op("cancelled").opt_str("request_id", rid).finish());
-            }
-            None => self.error(
-                rid,
-                ErrorCode::NotFound,
-                "no tool call in flight with that request_id",
-                None,
-            ),
+    /// Runs a request's remaining work on the event loop.
+    fn spawn(&self, task: Option<Task>) -> Option<u16> {
+        if let Some(task) = task {
+            self.gw.spawn(task);
         }
         None
-    }
-
-    fn store_error(&self, rid: Option<&str>, e: &StoreError) {
-        let (code, msg, retry) = store_error_parts(&self.gw, self.slot.id, rid, e);
-        self.error(rid, code, &msg, retry);
     }
 
     /// Queues one of this connection's own frames (answers, errors).

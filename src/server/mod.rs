@@ -40,7 +40,7 @@ pub struct Gateway {
     pub cfg: Config,
     pub log: Logger,
     pub metrics: Metrics,
-    pub table: RefCell<Table>,
+    pub table: Rc<RefCell<Table>>,
     pub auth: Authenticator,
     pub limits: RefCell<Limits>,
     pub meters: RefCell<Meters>,
@@ -54,11 +54,13 @@ pub struct Gateway {
     pub pool: Rc<Pool>,
     pub store: Store,
     pub chat: Rc<Chat>,
-    pub llm: crate::llm::Llm,
+    /// The chat requests of every session.
+    pub requests: crate::chat::ChatRequests,
+    pub llm: Rc<crate::llm::Llm>,
     /// `None` in local-only mode.
     pub remote: Option<crate::remote::Remote>,
     /// The database reached `store.max_db_bytes`: publishes are refused.
-    pub storage_full: Cell<bool>,
+    pub storage_full: Rc<Cell<bool>>,
     /// Resident memory is over the limit: new connections are refused.
     pub shedding: Cell<bool>,
     /// The last resident memory reading, in bytes.
@@ -94,11 +96,19 @@ impl Gateway {
             .max_write_buffer_size(s.outbox_bytes.saturating_mul(2).max(1 << 20))
             .max_message_size(Some(s.max_message_bytes))
             .max_frame_size(Some(s.max_message_bytes));
+        let storage_full = Rc::new(Cell::new(false));
+        let requests = crate::chat::ChatRequests {
+            chat: chat.clone(),
+            limits: cfg.chat,
+            answer_budget: s.outbox_bytes / 2,
+            storage_full: storage_full.clone(),
+            log,
+        };
         Gateway {
             auth: Authenticator::new(cfg.auth.tokens.clone()),
             limits: RefCell::new(Limits::new(&cfg.limits, Instant::now())),
             meters: RefCell::new(Meters::new(Instant::now())),
-            table: RefCell::new(table),
+            table: Rc::new(RefCell::new(table)),
             metrics: Metrics::default(),
             draining: Cell::new(false),
             handshakes: RefCell::new(handshakes::Handshakes::new(
@@ -111,9 +121,10 @@ impl Gateway {
             pool,
             store,
             chat,
-            llm,
+            requests,
+            llm: Rc::new(llm),
             remote: None,
-            storage_full: Cell::new(false),
+            storage_full,
             shedding: Cell::new(false),
             rss: Cell::new(0),
             memory_limit: crate::ops::memory::effective_limit(cfg.server.memory_limit_bytes),
@@ -369,12 +380,7 @@ async fn pre_upgrade(gw: &Rc<Gateway>, stream: &mut Async<TcpStream>, ip: IpAddr
                 "Writes waiting for the next group commit.",
                 gw.store.queued() as u64,
             );
-            crate::ops::metrics::gauge(
-                &mut body,
-                "hivegate_chat_rooms",
-                "Rooms with at least one member.",
-                gw.chat.room_count() as u64,
-            );
+            gw.chat.render(&mut body);
             Response::new(200, "text/plain; version=0.0.4; charset=utf-8", body)
         }
         "/" | "/ws" | "/healthz" | "/readyz" | "/metrics" => {

@@ -20,6 +20,9 @@ use crate::hub::{frame, Delivery, Frame, Table};
 use crate::json::{escape_into, JsonOut};
 use crate::ops::metrics::{add, inc};
 use crate::store::StoredMessage;
+
+mod requests;
+pub use requests::{Asker, ChatRequests};
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
@@ -71,6 +74,11 @@ struct Room {
 
 pub struct Chat {
     rooms: RefCell<HashMap<Rc<str>, Room>>,
+    /// The rooms of each connection (by slot key): the same membership as
+    /// `rooms`, indexed the other way, kept by `join` and `leave` alone.
+    by_conn: RefCell<HashMap<usize, Vec<Rc<str>>>>,
+    /// Direct answers cut to fit the client's outbox.
+    answers_cut: std::cell::Cell<u64>,
     /// Rooms with presence changes not sent yet.
     dirty: RefCell<Vec<Rc<str>>>,
     pub presence_due: event_listener::Event,
@@ -93,6 +101,8 @@ impl Chat {
     pub fn new(backlog_limit: usize) -> Chat {
         Chat {
             rooms: RefCell::default(),
+            by_conn: RefCell::default(),
+            answers_cut: std::cell::Cell::new(0),
             dirty: RefCell::default(),
             presence_due: event_listener::Event::new(),
             queue: RefCell::default(),
@@ -197,6 +207,11 @@ impl Chat {
                 }
                 return Err(JoinError::RoomFull);
             }
+            self.by_conn
+                .borrow_mut()
+                .entry(key)
+                .or_default()
+                .push(room.clone());
             r.members.insert(
                 key,
                 Member {
@@ -225,6 +240,13 @@ impl Chat {
         let Some(m) = r.members.remove(&key) else {
             return false;
         };
+        let mut by_conn = self.by_conn.borrow_mut();
+        if let Some(list) = by_conn.get_mut(&key) {
+            list.retain(|x| x != room);
+            if list.is_empty() {
+                by_conn.remove(&key);
+            }
+        }
         if let Some(n) = r.users.get_mut(&m.user) {
             *n -= 1;
             if *n == 0 {
@@ -240,6 +262,23 @@ impl Chat {
         true
     }
 
+    /// The rooms a connection is in.
+    pub fn rooms_of(&self, key: usize) -> Vec<Rc<str>> {
+        self.by_conn.borrow().get(&key).cloned().unwrap_or_default()
+    }
+
+    /// How many rooms a connection is in.
+    pub fn room_count_of(&self, key: usize) -> usize {
+        self.by_conn.borrow().get(&key).map_or(0, Vec::len)
+    }
+
+    /// Takes a connection out of every room (it closed).
+    pub fn leave_all(&self, key: usize) {
+        for room in self.rooms_of(key) {
+            self.leave(&room, key);
+        }
+    }
+
     pub fn is_member(&self, room: &str, key: usize) -> bool {
         self.rooms
             .borrow()
@@ -253,6 +292,22 @@ impl Chat {
 
     pub fn room_count(&self) -> usize {
         self.rooms.borrow().len()
+    }
+
+    /// The chat's gauges and counters, for `/metrics`.
+    pub fn render(&self, out: &mut String) {
+        crate::ops::metrics::gauge(
+            out,
+            "hivegate_chat_rooms",
+            "Rooms with at least one member.",
+            self.room_count() as u64,
+        );
+        crate::ops::metrics::counter(
+            out,
+            "hivegate_answers_cut_total",
+            "History answers cut to fit the client's outbox (sent with \"more\":true).",
+            self.answers_cut.get(),
+        );
     }
 
     fn mark_dirty(&self, room: &Rc<str>) {
