@@ -57,6 +57,11 @@ impl ErrorCode {
     }
 }
 
+/// Why a connection must end: the close code to send (or, for 1006, to
+/// count). Request handlers return `Err(Close(..))` to end their connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Close(pub u16);
+
 /// WebSocket close codes used by the gateway.
 pub mod close {
     pub const NORMAL: u16 = 1000;

@@ -17,7 +17,7 @@ use crate::json::JsonOut;
 use crate::ops::log::Logger;
 use crate::pool::Pool;
 use crate::resilience::{backoff, Breaker, BreakerState, Jitter};
-use crate::store::{Outbox, Store, WriteOk, WriteOp};
+use crate::store::{Store, Unsynced, WriteOk, WriteOp};
 use async_io::Timer;
 use std::cell::{Cell, RefCell};
 use std::io::Read;
@@ -219,7 +219,7 @@ impl Remote {
 
     /// Ships one outbox read: messages first, then reactions. `Err` when
     /// the remote failed (the breaker counts it).
-    async fn ship(&self, store: &Store, outbox: &Outbox, probe: bool) -> Result<(), String> {
+    async fn ship(&self, store: &Store, outbox: &Unsynced, probe: bool) -> Result<(), String> {
         if probe {
             // Nothing to send, but the breaker wants a trial: an empty upsert.
             return match self.post(&self.cfg.messages_table, "id", "[]".into()).await {

@@ -8,15 +8,11 @@
 //! closed as a slow consumer, and nobody else notices.
 
 use super::{Gateway, Slot};
-use crate::auth::AuthMode;
-use crate::chat::Asker;
-use crate::hub::{frame, Frame, Reply, Task};
-use crate::json::JsonOut;
-use crate::limit::{RateMeter, Refused, Strikes};
+use crate::hub::{frame, Frame};
+use crate::limit::{RateMeter, Strikes};
 use crate::llm::ToolCalls;
 use crate::ops::metrics::{add, inc};
-use crate::protocol::{self, close, ErrorCode, Request};
-use crate::store::Range;
+use crate::protocol::{close, Close};
 use async_io::{Async, Timer};
 use async_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use async_tungstenite::tungstenite::protocol::CloseFrame;
@@ -30,6 +26,8 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
+
+mod session;
 
 pub type WsStream = WebSocketStream<super::intake::Intake<Async<TcpStream>>>;
 
@@ -164,13 +162,13 @@ impl Conn {
                 }
                 Event::Failed(e) => return ws_error_close(&e),
                 Event::Timer => {
-                    if let Some(code) = self.on_timer(Instant::now()) {
+                    if let Err(Close(code)) = self.on_timer(Instant::now()) {
                         return (code, close_reason(code));
                     }
                 }
                 Event::Message(msg) => {
                     self.ws.get_mut().message_done();
-                    if let Some(code) = self.on_message(msg) {
+                    if let Err(Close(code)) = self.on_message(msg) {
                         return (code, close_reason(code));
                     }
                     // A client with frames always ready must not keep the
@@ -298,12 +296,12 @@ impl Conn {
             .and_then(|e| e.outbox.pop())
     }
 
-    fn on_timer(&mut self, now: Instant) -> Option<u16> {
+    fn on_timer(&mut self, now: Instant) -> Result<(), Close> {
         if self.session.is_none() && now >= self.hello_deadline {
-            return Some(close::HELLO_TIMEOUT);
+            return Err(Close(close::HELLO_TIMEOUT));
         }
         if self.pong_deadline.is_some_and(|d| now >= d) {
-            return Some(close::PONG_TIMEOUT);
+            return Err(Close(close::PONG_TIMEOUT));
         }
         if now >= self.next_ping {
             let cfg = &self.gw.cfg.server;
@@ -311,10 +309,10 @@ impl Conn {
             self.next_ping = now + cfg.ping_interval;
             self.pong_deadline.get_or_insert(now + cfg.pong_timeout);
         }
-        None
+        Ok(())
     }
 
-    fn on_message(&mut self, msg: Message) -> Option<u16> {
+    fn on_message(&mut self, msg: Message) -> Result<(), Close> {
         match msg {
             Message::Text(text) => {
                 let now = Instant::now();
@@ -326,7 +324,7 @@ impl Conn {
                 }
                 self.on_text(&text, now)
             }
-            Message::Binary(_) => Some(close::UNSUPPORTED_DATA),
+            Message::Binary(_) => Err(Close(close::UNSUPPORTED_DATA)),
             // tungstenite queues the pong; the next poll writes it.
             Message::Ping(_) => {
                 self.flush_pending = true;
@@ -339,260 +337,21 @@ impl Conn {
             Message::Close(frame) => {
                 self.peer_closed = Some(frame.map_or(close::NORMAL, |f| u16::from(f.code)));
                 self.flush_pending = true;
-                None
+                Ok(())
             }
-            Message::Frame(_) => None,
+            Message::Frame(_) => Ok(()),
         }
     }
 
     /// Counts a ping or pong; a flood of them is abuse (close 1008).
-    fn control_frame(&mut self) -> Option<u16> {
+    fn control_frame(&mut self) -> Result<(), Close> {
         let now = Instant::now();
         self.control.record(now);
         if self.control.count(now, 10) > MAX_CONTROL_PER_10S {
             inc(&self.gw.metrics.abuse_closes);
-            return Some(close::POLICY);
+            return Err(Close(close::POLICY));
         }
-        None
-    }
-
-    fn on_text(&mut self, text: &str, now: Instant) -> Option<u16> {
-        let parsed = protocol::parse(text);
-        // Every request of a session passes the rate limits before it costs
-        // anything more than its parse (which is what finds the request_id
-        // to answer with). `hello` itself is paid for by the connection rate.
-        if let Some(session) = &self.session {
-            let checked = self
-                .gw
-                .limits
-                .borrow_mut()
-                .check(now, self.slot.ip, &session.user);
-            if let Err(refused) = checked {
-                let rid = match &parsed {
-                    Ok(e) => e.request_id.as_deref(),
-                    Err(e) => e.request_id.as_deref(),
-                };
-                return self.rate_limited(rid, refused, now);
-            }
-        }
-        let envelope = match parsed {
-            Ok(e) => e,
-            Err(e) => {
-                // A well-formed frame that is not `hello` is another
-                // protocol talking to us.
-                if self.session.is_none() && !e.malformed {
-                    return Some(close::UNKNOWN_PROTOCOL);
-                }
-                return self.invalid_request(e.request_id.as_deref(), &e.message);
-            }
-        };
-        let rid = envelope.request_id.as_deref();
-        match (&self.session, envelope.request) {
-            (None, Request::Hello { token, client }) => {
-                self.hello(rid, token.as_deref(), client.as_deref())
-            }
-            (None, _) => Some(close::UNKNOWN_PROTOCOL),
-            (Some(_), Request::Hello { .. }) => {
-                self.invalid_request(rid, "hello was already accepted on this connection")
-            }
-            (Some(_), Request::Ping) => {
-                self.send(JsonOut::op("pong").opt_str("request_id", rid).finish());
-                None
-            }
-            (Some(_), Request::Join { room, history }) => {
-                let task = self.gw.requests.join(
-                    &self.gw.store,
-                    &self.asker(),
-                    self.reply(rid),
-                    room,
-                    history,
-                );
-                self.spawn(task)
-            }
-            (Some(_), Request::Leave { room }) => {
-                self.gw
-                    .requests
-                    .leave(&self.asker(), self.reply(rid), &room);
-                None
-            }
-            (Some(_), Request::Publish { room, text }) => {
-                let task = self.gw.requests.publish(
-                    &self.gw.store,
-                    &self.asker(),
-                    self.reply(rid),
-                    room,
-                    text,
-                );
-                self.spawn(task)
-            }
-            (Some(_), Request::React { message_id, emoji }) => {
-                let task = self.gw.requests.react(
-                    &self.gw.store,
-                    &self.asker(),
-                    self.reply(rid),
-                    message_id,
-                    emoji,
-                );
-                self.spawn(task)
-            }
-            (Some(_), Request::ListTools) => {
-                self.send(self.gw.llm.list_tools(rid));
-                None
-            }
-            (Some(_), Request::CallTool { name, call }) => {
-                let task =
-                    self.tools
-                        .call(&self.gw.llm, self.reply(rid), &self.in_flight, &name, call);
-                self.spawn(task)
-            }
-            (Some(_), Request::Cancel) => {
-                self.tools.cancel(self.reply(rid));
-                None
-            }
-            (
-                Some(_),
-                Request::History {
-                    room,
-                    before_seq,
-                    after_seq,
-                    limit,
-                },
-            ) => {
-                let range = match (before_seq, after_seq) {
-                    (Some(b), _) => Range::Before(b.min(i64::MAX as u64) as i64),
-                    (None, Some(a)) => Range::After(a.min(i64::MAX as u64) as i64),
-                    (None, None) => Range::Latest,
-                };
-                let task = self.gw.requests.history(
-                    &self.gw.store,
-                    &self.asker(),
-                    self.reply(rid),
-                    room,
-                    range,
-                    limit,
-                );
-                self.spawn(task)
-            }
-        }
-    }
-
-    /// Answers `RATE_LIMITED`; the connection stays open unless the client
-    /// keeps hammering past the abuse threshold.
-    fn rate_limited(&mut self, rid: Option<&str>, refused: Refused, now: Instant) -> Option<u16> {
-        self.gw.meters.borrow_mut().refusals.record(now);
-        let message = format!("too many requests ({} limit)", refused.level.label());
-        self.send(protocol::error_frame(
-            rid,
-            ErrorCode::RateLimited,
-            &message,
-            Some(refused.retry_after_ms()),
-        ));
-        self.refusals.record(now);
-        if self.refusals.count(now, 10) > self.gw.cfg.limits.abuse_threshold {
-            inc(&self.gw.metrics.abuse_closes);
-            return Some(close::POLICY);
-        }
-        None
-    }
-
-    fn invalid_request(&mut self, rid: Option<&str>, message: &str) -> Option<u16> {
-        inc(&self.gw.metrics.invalid_requests);
-        self.send(protocol::error_frame(
-            rid,
-            ErrorCode::InvalidRequest,
-            message,
-            None,
-        ));
-        self.invalid
-            .record(Instant::now(), 60)
-            .then_some(close::INVALID_JSON)
-    }
-
-    fn hello(
-        &mut self,
-        rid: Option<&str>,
-        token: Option<&str>,
-        client: Option<&str>,
-    ) -> Option<u16> {
-        let gw = self.gw.clone();
-        let user: Option<Rc<str>> = match token {
-            Some(t) => gw.auth.user_for(t).map(Rc::from),
-            None => match (&self.preauth, gw.cfg.auth.mode) {
-                (Some(u), _) => Some(u.clone()),
-                (None, AuthMode::Open) => Some(Rc::from(format!("guest-{}", self.slot.id))),
-                (None, AuthMode::Token) => None,
-            },
-        };
-        let Some(user) = user else {
-            gw.log.info(
-                "hello refused",
-                &[("conn", &self.slot.id), ("reason", &"bad or missing token")],
-            );
-            self.send(
-                JsonOut::op("hello_ack")
-                    .opt_str("request_id", rid)
-                    .bool("ok", false)
-                    .str("error", "unauthorized")
-                    .finish(),
-            );
-            return Some(close::UNAUTHORIZED);
-        };
-        let session_id = format!("{:016x}{:x}", crate::resilience::random_u64(), self.slot.id);
-        let user_bucket = gw.cfg.limits.user;
-        let limits = JsonOut::new()
-            .num("max_message_bytes", gw.cfg.server.max_message_bytes as u64)
-            .float("rate_per_s", user_bucket.refill_per_s)
-            .float("burst", user_bucket.capacity)
-            .finish();
-        self.send(
-            JsonOut::op("hello_ack")
-                .opt_str("request_id", rid)
-                .bool("ok", true)
-                .str("session_id", &session_id)
-                .str("user", &user)
-                .str("server", concat!("hivegate/", env!("CARGO_PKG_VERSION")))
-                .raw("limits", &limits)
-                .finish(),
-        );
-        gw.log.info(
-            "hello",
-            &[
-                ("conn", &self.slot.id),
-                ("user", &user),
-                ("client", &client.unwrap_or("-")),
-            ],
-        );
-        self.session = Some(Session { user });
-        None
-    }
-
-    fn user(&self) -> Rc<str> {
-        self.session
-            .as_ref()
-            .map_or_else(|| Rc::from("-"), |s| s.user.clone())
-    }
-
-    /// Where the answers to a request of this connection go.
-    fn reply(&self, rid: Option<&str>) -> Reply {
-        Reply::new(self.gw.table.clone(), self.slot.key, self.slot.id, rid)
-    }
-
-    /// This connection as the chat sees it.
-    fn asker(&self) -> Asker {
-        Asker {
-            key: self.slot.key,
-            conn: self.slot.id,
-            user: self.user(),
-            in_flight: self.in_flight.clone(),
-        }
-    }
-
-    /// Runs a request's remaining work on the event loop.
-    fn spawn(&self, task: Option<Task>) -> Option<u16> {
-        if let Some(task) = task {
-            self.gw.spawn(task);
-        }
-        None
+        Ok(())
     }
 
     /// Queues one of this connection's own frames (answers, errors).

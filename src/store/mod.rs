@@ -11,7 +11,7 @@ pub mod db;
 mod ulid;
 
 use crate::pool::{Pool, PoolError};
-pub use db::{Outbox, Range, StoredMessage, Synchronous, WriteErr, WriteOk, WriteOp};
+pub use db::{Range, StoredMessage, Synchronous, Unsynced, WriteErr, WriteOk, WriteOp};
 use rusqlite::Connection;
 use std::cell::RefCell;
 use std::future::Future;
@@ -159,7 +159,7 @@ impl Store {
     pub fn outbox(
         &self,
         limit: i64,
-    ) -> Result<impl Future<Output = Result<db::Outbox, StoreError>>, StoreError> {
+    ) -> Result<impl Future<Output = Result<db::Unsynced, StoreError>>, StoreError> {
         self.read(move |c| db::outbox(c, limit))
     }
 

@@ -1,0 +1,264 @@
+//! The session on top of the socket: `hello` and who the client is, the
+//! rate limits every request passes, invalid frames, and the dispatch of a
+//! request to its handler (chat requests in `chat`, tool calls in `llm`).
+//! Handlers answer through a [`Reply`]; one that must end the connection
+//! returns `Err(Close(code))`.
+
+use super::{Conn, Session};
+use crate::auth::AuthMode;
+use crate::chat::Asker;
+use crate::hub::{Reply, Task};
+use crate::json::JsonOut;
+use crate::limit::Refused;
+use crate::ops::metrics::inc;
+use crate::protocol::{self, close, Close, ErrorCode, Request};
+use crate::store::Range;
+use std::rc::Rc;
+use std::time::Instant;
+
+impl Conn {
+    pub(super) fn on_text(&mut self, text: &str, now: Instant) -> Result<(), Close> {
+        let parsed = protocol::parse(text);
+        // Every request of a session passes the rate limits before it costs
+        // anything more than its parse (which is what finds the request_id
+        // to answer with). `hello` itself is paid for by the connection rate.
+        if let Some(session) = &self.session {
+            let checked = self
+                .gw
+                .limits
+                .borrow_mut()
+                .check(now, self.slot.ip, &session.user);
+            if let Err(refused) = checked {
+                let rid = match &parsed {
+                    Ok(e) => e.request_id.as_deref(),
+                    Err(e) => e.request_id.as_deref(),
+                };
+                return self.rate_limited(rid, refused, now);
+            }
+        }
+        let envelope = match parsed {
+            Ok(e) => e,
+            Err(e) => {
+                // A well-formed frame that is not `hello` is another
+                // protocol talking to us.
+                if self.session.is_none() && !e.malformed {
+                    return Err(Close(close::UNKNOWN_PROTOCOL));
+                }
+                return self.invalid_request(e.request_id.as_deref(), &e.message);
+            }
+        };
+        let rid = envelope.request_id.as_deref();
+        match (&self.session, envelope.request) {
+            (None, Request::Hello { token, client }) => {
+                self.hello(rid, token.as_deref(), client.as_deref())
+            }
+            (None, _) => Err(Close(close::UNKNOWN_PROTOCOL)),
+            (Some(_), Request::Hello { .. }) => {
+                self.invalid_request(rid, "hello was already accepted on this connection")
+            }
+            (Some(_), Request::Ping) => {
+                self.send(JsonOut::op("pong").opt_str("request_id", rid).finish());
+                Ok(())
+            }
+            (Some(_), Request::Join { room, history }) => {
+                let task = self.gw.requests.join(
+                    &self.gw.store,
+                    &self.asker(),
+                    self.reply(rid),
+                    room,
+                    history,
+                );
+                self.spawn(task)
+            }
+            (Some(_), Request::Leave { room }) => {
+                self.gw
+                    .requests
+                    .leave(&self.asker(), self.reply(rid), &room);
+                Ok(())
+            }
+            (Some(_), Request::Publish { room, text }) => {
+                let task = self.gw.requests.publish(
+                    &self.gw.store,
+                    &self.asker(),
+                    self.reply(rid),
+                    room,
+                    text,
+                );
+                self.spawn(task)
+            }
+            (Some(_), Request::React { message_id, emoji }) => {
+                let task = self.gw.requests.react(
+                    &self.gw.store,
+                    &self.asker(),
+                    self.reply(rid),
+                    message_id,
+                    emoji,
+                );
+                self.spawn(task)
+            }
+            (Some(_), Request::ListTools) => {
+                self.send(self.gw.llm.list_tools(rid));
+                Ok(())
+            }
+            (Some(_), Request::CallTool { name, call }) => {
+                let task =
+                    self.tools
+                        .call(&self.gw.llm, self.reply(rid), &self.in_flight, &name, call);
+                self.spawn(task)
+            }
+            (Some(_), Request::Cancel) => {
+                self.tools.cancel(self.reply(rid));
+                Ok(())
+            }
+            (
+                Some(_),
+                Request::History {
+                    room,
+                    before_seq,
+                    after_seq,
+                    limit,
+                },
+            ) => {
+                let range = match (before_seq, after_seq) {
+                    (Some(b), _) => Range::Before(b.min(i64::MAX as u64) as i64),
+                    (None, Some(a)) => Range::After(a.min(i64::MAX as u64) as i64),
+                    (None, None) => Range::Latest,
+                };
+                let task = self.gw.requests.history(
+                    &self.gw.store,
+                    &self.asker(),
+                    self.reply(rid),
+                    room,
+                    range,
+                    limit,
+                );
+                self.spawn(task)
+            }
+        }
+    }
+
+    /// Answers `RATE_LIMITED`; the connection stays open unless the client
+    /// keeps hammering past the abuse threshold.
+    fn rate_limited(
+        &mut self,
+        rid: Option<&str>,
+        refused: Refused,
+        now: Instant,
+    ) -> Result<(), Close> {
+        self.gw.meters.borrow_mut().refusals.record(now);
+        let message = format!("too many requests ({} limit)", refused.level.label());
+        self.send(protocol::error_frame(
+            rid,
+            ErrorCode::RateLimited,
+            &message,
+            Some(refused.retry_after_ms()),
+        ));
+        self.refusals.record(now);
+        if self.refusals.count(now, 10) > self.gw.cfg.limits.abuse_threshold {
+            inc(&self.gw.metrics.abuse_closes);
+            return Err(Close(close::POLICY));
+        }
+        Ok(())
+    }
+
+    fn invalid_request(&mut self, rid: Option<&str>, message: &str) -> Result<(), Close> {
+        inc(&self.gw.metrics.invalid_requests);
+        self.send(protocol::error_frame(
+            rid,
+            ErrorCode::InvalidRequest,
+            message,
+            None,
+        ));
+        self.invalid
+            .record(Instant::now(), 60)
+            .then_some(Close(close::INVALID_JSON))
+            .map_or(Ok(()), Err)
+    }
+
+    fn hello(
+        &mut self,
+        rid: Option<&str>,
+        token: Option<&str>,
+        client: Option<&str>,
+    ) -> Result<(), Close> {
+        let gw = self.gw.clone();
+        let user: Option<Rc<str>> = match token {
+            Some(t) => gw.auth.user_for(t).map(Rc::from),
+            None => match (&self.preauth, gw.cfg.auth.mode) {
+                (Some(u), _) => Some(u.clone()),
+                (None, AuthMode::Open) => Some(Rc::from(format!("guest-{}", self.slot.id))),
+                (None, AuthMode::Token) => None,
+            },
+        };
+        let Some(user) = user else {
+            gw.log.info(
+                "hello refused",
+                &[("conn", &self.slot.id), ("reason", &"bad or missing token")],
+            );
+            self.send(
+                JsonOut::op("hello_ack")
+                    .opt_str("request_id", rid)
+                    .bool("ok", false)
+                    .str("error", "unauthorized")
+                    .finish(),
+            );
+            return Err(Close(close::UNAUTHORIZED));
+        };
+        let session_id = format!("{:016x}{:x}", crate::resilience::random_u64(), self.slot.id);
+        let user_bucket = gw.cfg.limits.user;
+        let limits = JsonOut::new()
+            .num("max_message_bytes", gw.cfg.server.max_message_bytes as u64)
+            .float("rate_per_s", user_bucket.refill_per_s)
+            .float("burst", user_bucket.capacity)
+            .finish();
+        self.send(
+            JsonOut::op("hello_ack")
+                .opt_str("request_id", rid)
+                .bool("ok", true)
+                .str("session_id", &session_id)
+                .str("user", &user)
+                .str("server", concat!("hivegate/", env!("CARGO_PKG_VERSION")))
+                .raw("limits", &limits)
+                .finish(),
+        );
+        gw.log.info(
+            "hello",
+            &[
+                ("conn", &self.slot.id),
+                ("user", &user),
+                ("client", &client.unwrap_or("-")),
+            ],
+        );
+        self.session = Some(Session { user });
+        Ok(())
+    }
+
+    fn user(&self) -> Rc<str> {
+        self.session
+            .as_ref()
+            .map_or_else(|| Rc::from("-"), |s| s.user.clone())
+    }
+
+    /// Where the answers to a request of this connection go.
+    fn reply(&self, rid: Option<&str>) -> Reply {
+        Reply::new(self.gw.table.clone(), self.slot.key, self.slot.id, rid)
+    }
+
+    /// This connection as the chat sees it.
+    fn asker(&self) -> Asker {
+        Asker {
+            key: self.slot.key,
+            conn: self.slot.id,
+            user: self.user(),
+            in_flight: self.in_flight.clone(),
+        }
+    }
+
+    /// Runs a request's remaining work on the event loop.
+    fn spawn(&self, task: Option<Task>) -> Result<(), Close> {
+        if let Some(task) = task {
+            self.gw.spawn(task);
+        }
+        Ok(())
+    }
+}

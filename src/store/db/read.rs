@@ -1,0 +1,172 @@
+//! Reads: a room's history, and the rows not yet shipped to the remote.
+
+use rusqlite::{params, Connection};
+
+/// The schema this build writes. Older databases are migrated on start;
+/// a newer one is refused (it was written by a newer hivegate).
+/// A stored message with its reaction counts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredMessage {
+    pub id: String,
+    pub room: String,
+    pub seq: i64,
+    pub user: String,
+    pub text: String,
+    pub ts: i64,
+    pub reactions: Vec<(String, i64)>,
+}
+
+/// Which messages of a room to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Range {
+    /// The newest `limit`.
+    Latest,
+    /// The `limit` just before this seq.
+    Before(i64),
+    /// The `limit` just after this seq (what a reconnecting client missed).
+    After(i64),
+}
+
+/// Up to `limit` messages of `room`, oldest first.
+pub fn history(
+    conn: &Connection,
+    room: &str,
+    range: Range,
+    limit: i64,
+) -> rusqlite::Result<Vec<StoredMessage>> {
+    let (sql, bound) = match range {
+        Range::Latest => (
+            "SELECT id, room, seq, user, text, ts FROM messages WHERE room = ?1 AND seq < ?2 ORDER BY seq DESC LIMIT ?3",
+            i64::MAX,
+        ),
+        Range::Before(seq) => (
+            "SELECT id, room, seq, user, text, ts FROM messages WHERE room = ?1 AND seq < ?2 ORDER BY seq DESC LIMIT ?3",
+            seq,
+        ),
+        Range::After(seq) => (
+            "SELECT id, room, seq, user, text, ts FROM messages WHERE room = ?1 AND seq > ?2 ORDER BY seq ASC LIMIT ?3",
+            seq,
+        ),
+    };
+    let mut msgs: Vec<StoredMessage> = conn
+        .prepare_cached(sql)?
+        .query_map(params![room, bound, limit], |r| {
+            Ok(StoredMessage {
+                id: r.get(0)?,
+                room: r.get(1)?,
+                seq: r.get(2)?,
+                user: r.get(3)?,
+                text: r.get(4)?,
+                ts: r.get(5)?,
+                reactions: Vec::new(),
+            })
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    msgs.sort_by_key(|m| m.seq);
+    if let (Some(first), Some(last)) = (msgs.first(), msgs.last()) {
+        let (lo, hi) = (first.seq, last.seq);
+        let mut stmt = conn.prepare_cached(
+            "SELECT r.message_id, r.emoji, COUNT(*) FROM reactions r JOIN messages m ON m.id = r.message_id
+             WHERE m.room = ?1 AND m.seq BETWEEN ?2 AND ?3 AND r.removed = 0 GROUP BY r.message_id, r.emoji ORDER BY MIN(r.ts), r.emoji",
+        )?;
+        let rows = stmt.query_map(params![room, lo, hi], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        })?;
+        for row in rows {
+            let (id, emoji, n) = row?;
+            if let Some(m) = msgs.iter_mut().find(|m| m.id == id) {
+                m.reactions.push((emoji, n));
+            }
+        }
+    }
+    Ok(msgs)
+}
+
+/// A message waiting to be shipped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutMessage {
+    pub id: String,
+    pub room: String,
+    pub seq: i64,
+    pub user: String,
+    pub text: String,
+    pub ts: i64,
+}
+
+/// A reaction change waiting to be shipped, at the version read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutReaction {
+    pub message_id: String,
+    pub emoji: String,
+    pub user: String,
+    pub removed: bool,
+    pub ts: i64,
+    pub version: i64,
+}
+
+/// The oldest unsynced rows, and the size and age of the whole backlog.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Unsynced {
+    pub messages: Vec<OutMessage>,
+    pub reactions: Vec<OutReaction>,
+    pub backlog: i64,
+    pub oldest_ts: Option<i64>,
+}
+
+/// Up to `limit` unsynced messages in the order they were stored, then up
+/// to `limit` unsynced reaction changes (a reaction's message is shipped
+/// before it, or in the same round).
+pub fn outbox(conn: &Connection, limit: i64) -> rusqlite::Result<Unsynced> {
+    let messages = conn
+        .prepare_cached(
+            "SELECT id, room, seq, user, text, ts FROM messages WHERE synced = 0 ORDER BY rowid LIMIT ?1",
+        )?
+        .query_map(params![limit], |r| {
+            Ok(OutMessage {
+                id: r.get(0)?,
+                room: r.get(1)?,
+                seq: r.get(2)?,
+                user: r.get(3)?,
+                text: r.get(4)?,
+                ts: r.get(5)?,
+            })
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let reactions = conn
+        .prepare_cached(
+            "SELECT message_id, emoji, user, removed, ts, version FROM reactions WHERE synced = 0 ORDER BY ts LIMIT ?1",
+        )?
+        .query_map(params![limit], |r| {
+            Ok(OutReaction {
+                message_id: r.get(0)?,
+                emoji: r.get(1)?,
+                user: r.get(2)?,
+                removed: r.get::<_, i64>(3)? != 0,
+                ts: r.get(4)?,
+                version: r.get(5)?,
+            })
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let pending = |table: &str| -> rusqlite::Result<(i64, Option<i64>)> {
+        conn.prepare_cached(&format!(
+            "SELECT COUNT(*), MIN(ts) FROM {table} WHERE synced = 0"
+        ))?
+        .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
+    };
+    let (m_count, m_oldest) = pending("messages")?;
+    let (r_count, r_oldest) = pending("reactions")?;
+    let oldest_ts = match (m_oldest, r_oldest) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    Ok(Unsynced {
+        messages,
+        reactions,
+        backlog: m_count + r_count,
+        oldest_ts,
+    })
+}
