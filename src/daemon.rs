@@ -14,13 +14,12 @@ use crate::ops::systemd::Notifier;
 use crate::pool::Pool;
 use crate::protocol::close;
 use crate::server::{accept_loop, Gateway};
-use crate::store::{Store, WriteOk, WriteOp};
+use crate::store::Store;
 use async_io::{Async, Timer};
 use futures_lite::{FutureExt, StreamExt};
 use smol::LocalExecutor;
 use std::net::TcpListener;
 use std::rc::Rc;
-use std::time::Duration;
 use std::time::Instant;
 
 /// Exit code after a second signal cut the drain short.
@@ -101,9 +100,16 @@ pub fn run(cfg: Config, log: Logger) -> Result<i32, String> {
         let fan = gw.clone();
         ex.spawn(async move { fan.chat.run_fanout(&fan.table, &fan.metrics).await })
             .detach();
-        ex.spawn(retention_loop(gw.clone())).detach();
-        ex.spawn(storage_loop(gw.clone())).detach();
-        ex.spawn(memory_loop(gw.clone())).detach();
+        // With a remote, a message is deleted only once shipped.
+        let synced_only = gw.remote.is_some();
+        let g = gw.clone();
+        ex.spawn(async move { g.store.retention(&g.cfg.store, synced_only, g.log).await })
+            .detach();
+        let g = gw.clone();
+        ex.spawn(async move { g.store.keep_size(&g.cfg.store, synced_only, g.log).await })
+            .detach();
+        let g = gw.clone();
+        ex.spawn(async move { g.memory.run().await }).detach();
         if gw.remote.is_some() {
             let sync = gw.clone();
             ex.spawn(async move {
@@ -181,47 +187,6 @@ async fn presence_loop(gw: Rc<Gateway>) {
     }
 }
 
-/// Deletes expired and surplus messages, a small batch at a time, so a
-/// publish never waits behind more than one batch.
-async fn retention_loop(gw: Rc<Gateway>) {
-    const BATCH: i64 = 500;
-    let mut pause = Duration::from_secs(5);
-    loop {
-        Timer::after(pause).await;
-        pause = Duration::from_secs(60);
-        loop {
-            let now_ms = crate::clock::unix_ms();
-            let cfg = &gw.cfg.store;
-            let op = WriteOp::Prune {
-                older_than_ts: now_ms - cfg.retention.as_millis() as i64,
-                max_per_room: cfg.max_messages_per_room,
-                batch: BATCH,
-                // With a remote, a message is deleted only once shipped.
-                synced_only: gw.cfg.remote.is_some(),
-            };
-            let deleted = match gw.store.write(op) {
-                Ok(done) => match done.await {
-                    Ok(WriteOk::Pruned { deleted }) => deleted,
-                    Ok(_) => 0,
-                    Err(e) => {
-                        gw.log
-                            .warn("retention failed", &[("error", &format!("{e:?}"))]);
-                        0
-                    }
-                },
-                // The write queue is full: publishes go first.
-                Err(_) => 0,
-            };
-            if deleted > 0 {
-                gw.log.info("retention", &[("deleted", &deleted)]);
-            }
-            if deleted < BATCH {
-                break;
-            }
-        }
-    }
-}
-
 /// Keeps glibc from handing freed memory back to the kernel after every
 /// burst. Each pool thread has a heap of its own, and glibc trims it with
 /// `madvise` whenever a little is free at its top: every trim is a TLB
@@ -240,122 +205,17 @@ fn tune_malloc() {
     }
 }
 
-/// Keeps the database under `store.max_db_bytes`: from 90% of it the
-/// oldest messages are deleted (only shipped ones when there is a remote:
-/// an unshipped message is never deleted to make room), and at 100%
-/// publishes are refused until space returns.
-async fn storage_loop(gw: Rc<Gateway>) {
-    let max = gw.cfg.store.max_db_bytes;
-    let synced_only = gw.cfg.remote.is_some();
-    loop {
-        Timer::after(gw.cfg.store.check_interval).await;
-        let Some(mut bytes) = used_bytes(&gw).await else {
-            continue;
-        };
-        while bytes >= max / 10 * 9 {
-            let Ok(done) = gw.store.write(WriteOp::MakeRoom {
-                batch: 500,
-                synced_only,
-            }) else {
-                break;
-            };
-            match done.await {
-                Ok(WriteOk::Pruned { deleted }) if deleted > 0 => {
-                    gw.log.info(
-                        "storage: deleted the oldest messages to make room",
-                        &[("deleted", &deleted)],
-                    );
-                }
-                _ => break,
-            }
-            match used_bytes(&gw).await {
-                Some(b) => bytes = b,
-                None => break,
-            }
-        }
-        let full = bytes >= max;
-        if gw.storage_full.replace(full) != full {
-            if full {
-                gw.log.warn(
-                    "storage full: publishes are refused until space returns",
-                    &[("used_bytes", &bytes), ("max_db_bytes", &max)],
-                );
-            } else {
-                gw.log.info(
-                    "storage: space again; publishes are accepted",
-                    &[("used_bytes", &bytes)],
-                );
-            }
-        }
-    }
-}
-
-/// The memory sentinel: twice a second, compares resident memory with the
-/// limit. Over it, new connections are refused and `/readyz` is 503 (open
-/// connections are still served); below 90% of it, all is normal again. Each change is logged once.
-async fn memory_loop(gw: Rc<Gateway>) {
-    loop {
-        Timer::after(Duration::from_millis(500)).await;
-        if let Some(rss) = crate::ops::memory::rss_bytes() {
-            gw.rss.set(rss);
-            if let Some(limit) = gw.memory_limit {
-                let shedding = gw.shedding.get();
-                let now = if shedding {
-                    rss >= limit / 10 * 9
-                } else {
-                    rss > limit
-                };
-                if now != shedding {
-                    gw.shedding.set(now);
-                    if now {
-                        gw.log.warn(
-                            "shedding load: memory is over its limit; new connections are refused",
-                            &[("rss", &rss), ("limit", &limit)],
-                        );
-                    } else {
-                        gw.log.info(
-                            "memory back under its limit; new connections are accepted",
-                            &[("rss", &rss)],
-                        );
-                    }
-                }
-            }
-        }
-    }
-}
-
-async fn used_bytes(gw: &Gateway) -> Option<i64> {
-    gw.store.used_bytes().ok()?.await.ok()
-}
-
-/// Raises the soft limit on open files to the hard limit: each connection
-/// is a descriptor, and the usual soft limit of 1024 is below the default
-/// table size plus the database and listener.
+/// Raises the open-file limit, and says so when it is still below what
+/// the connection table may need.
 fn raise_fd_limit(log: &Logger, max_connections: usize) {
-    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
-    unsafe {
-        let mut lim = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-            return;
-        }
-        if lim.rlim_cur < lim.rlim_max {
-            let raised = libc::rlimit {
-                rlim_cur: lim.rlim_max,
-                rlim_max: lim.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-                lim.rlim_cur = lim.rlim_max;
-            }
-        }
-        let needed = max_connections as u64 + 64;
-        if lim.rlim_cur < needed {
-            log.warn(
-                "the open-file limit is below server.max_connections; raise LimitNOFILE",
-                &[("limit", &lim.rlim_cur), ("needed", &needed)],
-            );
-        }
+    let Some(limit) = crate::ops::fd::raise_open_files_limit() else {
+        return;
+    };
+    let needed = max_connections as u64 + 64;
+    if limit < needed {
+        log.warn(
+            "the open-file limit is below server.max_connections; raise LimitNOFILE",
+            &[("limit", &limit), ("needed", &needed)],
+        );
     }
 }

@@ -20,6 +20,8 @@ pub mod remote;
 pub mod resilience;
 pub mod server;
 pub mod store;
+#[doc(hidden)]
+pub mod testkit;
 
 /// The version and the git commit it was built from.
 pub const VERSION: &str = concat!(

@@ -38,15 +38,7 @@ Usage: hivegate-bench idle [N]          memory per idle authenticated connection
 ";
 
 /// The tests' fake OpenAI-compatible server, shared rather than copied.
-#[allow(dead_code)]
-#[path = "../../tests/common/fake_openai.rs"]
-mod fake_openai;
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures")
-        .join(name)
-}
+use hivegate::testkit::fake_openai;
 
 /// Lifts every rate limit: the benchmarks measure the gateway, not its
 /// protection.
@@ -148,20 +140,6 @@ fn rss_kib(pid: u32) -> Result<u64, String> {
         .ok_or_else(|| "no VmRSS".to_string())
 }
 
-fn raise_fd_limit() {
-    // SAFETY: reads and writes the struct passed, nothing else.
-    unsafe {
-        let mut lim = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
-}
-
 /// Upgrades, says hello with `token`, waits for the ack.
 fn session(addr: SocketAddr, token: &str) -> Result<WebSocket<TcpStream>, String> {
     let mut s = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
@@ -199,7 +177,7 @@ fn session(addr: SocketAddr, token: &str) -> Result<WebSocket<TcpStream>, String
 }
 
 fn idle(n: usize) -> Result<(), String> {
-    raise_fd_limit();
+    hivegate::ops::fd::raise_open_files_limit();
     let warmup = 200;
     let cap = n + warmup + 16;
     let gw = start_gateway(&format!(
@@ -430,7 +408,7 @@ fn fanout(members: usize, seconds: usize) -> Result<(), String> {
     use futures_lite::AsyncWriteExt;
     use std::cell::Cell;
     use std::rc::Rc;
-    raise_fd_limit();
+    hivegate::ops::fd::raise_open_files_limit();
     let publishers = 4;
     let window = 32;
     let cap = members + publishers + 16;
@@ -515,7 +493,7 @@ fn publish(publishers: usize, seconds: usize) -> Result<(), String> {
     use futures_lite::AsyncWriteExt;
     use std::cell::{Cell, RefCell};
     use std::rc::Rc;
-    raise_fd_limit();
+    hivegate::ops::fd::raise_open_files_limit();
     let cap = publishers + 16;
     let gw = start_gateway(&format!(
         "max_connections = {cap}\nmax_connections_per_ip = {cap}\nmax_handshakes = 1024\nmax_handshakes_per_ip = 1024\n[store]\nsynchronous = \"full\"\n{NO_RATE_LIMITS}"

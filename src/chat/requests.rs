@@ -30,8 +30,6 @@ pub struct ChatRequests {
     pub limits: ChatLimits,
     /// The most bytes a direct answer may take: half the outbox.
     pub answer_budget: usize,
-    /// Set while the database is at its size limit: publishes are refused.
-    pub storage_full: Rc<Cell<bool>>,
     pub log: Logger,
 }
 
@@ -144,7 +142,7 @@ impl ChatRequests {
             reply.error(ErrorCode::Unauthorized, msg, None);
             return None;
         }
-        if self.storage_full.get() {
+        if store.is_full() {
             let msg = "storage full: the database is at store.max_db_bytes";
             reply.error(ErrorCode::OverCapacity, msg, Some(5000));
             return None;
@@ -429,7 +427,6 @@ mod tests {
                 max_text_bytes: 100,
             },
             answer_budget,
-            storage_full: Rc::default(),
             log: Logger::new(Default::default(), Default::default()),
         };
         Harness {
@@ -526,9 +523,9 @@ mod tests {
             code(h.publish(&a, "r", &"x".repeat(101))),
             "INVALID_REQUEST"
         );
-        h.requests.storage_full.set(true);
+        h.store.mark_full(true);
         assert_eq!(code(h.publish(&a, "r", "hi")), "OVER_CAPACITY");
-        h.requests.storage_full.set(false);
+        h.store.mark_full(false);
         a.in_flight.set(crate::hub::MAX_IN_FLIGHT);
         assert_eq!(code(h.publish(&a, "r", "hi")), "OVER_CAPACITY");
     }

@@ -1,5 +1,102 @@
-//! The memory sentinel's readings: the process's resident memory, and the
-//! limit systemd set on its cgroup (`MemoryMax=`), if any.
+//! The memory sentinel: twice a second it compares the process's resident
+//! memory with the limit (the configured one, or 90% of systemd's
+//! `MemoryMax=`). Over it, new connections are refused and `/readyz` is 503
+//! (open connections are still served); below 90% of it, all is normal
+//! again. Each change is logged once.
+
+use super::log::Logger;
+use std::cell::Cell;
+use std::time::Duration;
+
+pub struct MemorySentinel {
+    limit: Option<u64>,
+    rss: Cell<u64>,
+    shedding: Cell<bool>,
+    log: Logger,
+}
+
+impl MemorySentinel {
+    /// `configured`: `server.memory_limit_bytes` (0: from the cgroup).
+    pub fn new(configured: u64, log: Logger) -> MemorySentinel {
+        MemorySentinel {
+            limit: effective_limit(configured),
+            rss: Cell::new(0),
+            shedding: Cell::new(false),
+            log,
+        }
+    }
+
+    /// Whether new connections are refused for memory.
+    pub fn shedding(&self) -> bool {
+        self.shedding.get()
+    }
+
+    /// The last reading of resident memory, in bytes.
+    pub fn rss(&self) -> u64 {
+        self.rss.get()
+    }
+
+    /// Runs for the life of the gateway.
+    pub async fn run(&self) {
+        loop {
+            async_io::Timer::after(Duration::from_millis(500)).await;
+            if let Some(rss) = rss_bytes() {
+                self.note(rss);
+            }
+        }
+    }
+
+    /// One reading.
+    fn note(&self, rss: u64) {
+        self.rss.set(rss);
+        let Some(limit) = self.limit else {
+            return;
+        };
+        let shedding = self.shedding.get();
+        let now = if shedding {
+            rss >= limit / 10 * 9
+        } else {
+            rss > limit
+        };
+        if now == shedding {
+            return;
+        }
+        self.shedding.set(now);
+        if now {
+            self.log.warn(
+                "shedding load: memory is over its limit; new connections are refused",
+                &[("rss", &rss), ("limit", &limit)],
+            );
+        } else {
+            self.log.info(
+                "memory back under its limit; new connections are accepted",
+                &[("rss", &rss)],
+            );
+        }
+    }
+
+    pub fn render(&self, out: &mut String) {
+        use super::metrics::gauge;
+        gauge(
+            out,
+            "hivegate_memory_rss_bytes",
+            "Resident memory at the last check.",
+            self.rss(),
+        );
+        gauge(
+            out,
+            "hivegate_memory_limit_bytes",
+            "Memory limit in force (0: none).",
+            self.limit.unwrap_or(0),
+        );
+        gauge(
+            out,
+            "hivegate_shedding",
+            "1 while new connections are refused for memory.",
+            u64::from(self.shedding()),
+        );
+    }
+}
 
 /// Resident set size in bytes, from `/proc/self/statm`.
 pub fn rss_bytes() -> Option<u64> {
@@ -41,6 +138,20 @@ mod tests {
     fn reads_this_process() {
         let rss = rss_bytes().unwrap();
         assert!(rss > 100 * 1024, "{rss}");
+    }
+
+    #[test]
+    fn sheds_over_the_limit_and_recovers_below_ninety_percent() {
+        let m = MemorySentinel::new(1000, Logger::new(Default::default(), Default::default()));
+        m.note(1000);
+        assert!(!m.shedding());
+        m.note(1001);
+        assert!(m.shedding());
+        m.note(950);
+        assert!(m.shedding(), "no flapping between 90% and 100%");
+        m.note(899);
+        assert!(!m.shedding());
+        assert_eq!(m.rss(), 899);
     }
 
     #[test]

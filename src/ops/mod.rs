@@ -1,5 +1,6 @@
 //! Operating the gateway: metrics, logs, systemd integration.
 
+pub mod fd;
 pub mod log;
 pub mod memory;
 pub mod metrics;

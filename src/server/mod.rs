@@ -59,14 +59,8 @@ pub struct Gateway {
     pub llm: Rc<crate::llm::Llm>,
     /// `None` in local-only mode.
     pub remote: Option<crate::remote::Remote>,
-    /// The database reached `store.max_db_bytes`: publishes are refused.
-    pub storage_full: Rc<Cell<bool>>,
-    /// Resident memory is over the limit: new connections are refused.
-    pub shedding: Cell<bool>,
-    /// The last resident memory reading, in bytes.
-    pub rss: Cell<u64>,
-    /// The memory limit in force, if any.
-    pub memory_limit: Option<u64>,
+    /// Resident memory and its limit: over it, new connections are refused.
+    pub memory: crate::ops::memory::MemorySentinel,
     ex: Rc<LocalExecutor<'static>>,
 }
 
@@ -96,12 +90,10 @@ impl Gateway {
             .max_write_buffer_size(s.outbox_bytes.saturating_mul(2).max(1 << 20))
             .max_message_size(Some(s.max_message_bytes))
             .max_frame_size(Some(s.max_message_bytes));
-        let storage_full = Rc::new(Cell::new(false));
         let requests = crate::chat::ChatRequests {
             chat: chat.clone(),
             limits: cfg.chat,
             answer_budget: s.outbox_bytes / 2,
-            storage_full: storage_full.clone(),
             log,
         };
         Gateway {
@@ -124,10 +116,7 @@ impl Gateway {
             requests,
             llm: Rc::new(llm),
             remote: None,
-            storage_full,
-            shedding: Cell::new(false),
-            rss: Cell::new(0),
-            memory_limit: crate::ops::memory::effective_limit(cfg.server.memory_limit_bytes),
+            memory: crate::ops::memory::MemorySentinel::new(cfg.server.memory_limit_bytes, log),
             ex,
             cfg,
             log,
@@ -355,25 +344,7 @@ async fn pre_upgrade(gw: &Rc<Gateway>, stream: &mut Async<TcpStream>, ip: IpAddr
                 r.render(&mut body);
             }
             crate::resilience::render_breakers(&mut body, &all_breakers(gw), Instant::now());
-            use crate::ops::metrics::gauge;
-            gauge(
-                &mut body,
-                "hivegate_memory_rss_bytes",
-                "Resident memory at the last check.",
-                gw.rss.get(),
-            );
-            gauge(
-                &mut body,
-                "hivegate_memory_limit_bytes",
-                "Memory limit in force (0: none).",
-                gw.memory_limit.unwrap_or(0),
-            );
-            gauge(
-                &mut body,
-                "hivegate_shedding",
-                "1 while new connections are refused for memory.",
-                u64::from(gw.shedding.get()),
-            );
+            gw.memory.render(&mut body);
             crate::ops::metrics::gauge(
                 &mut body,
                 "hivegate_store_write_queue",
@@ -397,7 +368,7 @@ fn readyz(gw: &Gateway) -> Response {
     let g = gw.gauges();
     let status = if g.draining {
         "draining"
-    } else if gw.shedding.get() {
+    } else if gw.memory.shedding() {
         "shedding"
     } else {
         "ready"
@@ -412,10 +383,10 @@ fn readyz(gw: &Gateway) -> Response {
                 "online"
             },
         )
-        .str("storage", if gw.storage_full.get() { "full" } else { "ok" })
+        .str("storage", if gw.store.is_full() { "full" } else { "ok" })
         .num("connections", g.connections_open as u64)
         .num("capacity", g.table_capacity as u64)
-        .num("rss_bytes", gw.rss.get())
+        .num("rss_bytes", gw.memory.rss())
         .raw("breakers", &breakers_json(gw))
         .raw("rates", &gw.meters.borrow_mut().json(Instant::now()))
         .finish();
@@ -492,7 +463,7 @@ fn admit(
             Response::text(503, "shutting down\n").header("Retry-After", retry()),
         ));
     }
-    if gw.shedding.get() {
+    if gw.memory.shedding() {
         return Err(refuse(
             gw,
             Refusal::Memory,

@@ -9,6 +9,7 @@
 
 pub mod db;
 mod ulid;
+mod upkeep;
 
 use crate::pool::{Pool, PoolError};
 pub use db::{Range, StoredMessage, Synchronous, Unsynced, WriteErr, WriteOk, WriteOp};
@@ -85,6 +86,8 @@ pub struct Store {
     readers: Arc<Mutex<Vec<Connection>>>,
     path: PathBuf,
     ids: RefCell<ulid::UlidGen>,
+    /// At `store.max_db_bytes` (kept by `keep_size`).
+    full: std::cell::Cell<bool>,
 }
 
 /// The file name of the database inside `server.data_dir`.
@@ -111,6 +114,7 @@ impl Store {
             readers: Arc::new(Mutex::new(Vec::new())),
             path,
             ids: RefCell::new(ulid::UlidGen::new(seed)),
+            full: std::cell::Cell::new(false),
         };
         Ok((
             store,

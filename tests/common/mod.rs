@@ -34,16 +34,7 @@ pub struct Gateway {
 /// Raises this test process's open-file limit so a test can hold many
 /// sockets.
 pub fn raise_fd_limit() {
-    unsafe {
-        let mut lim = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
+    hivegate::ops::fd::raise_open_files_limit();
 }
 
 impl Gateway {
@@ -384,7 +375,8 @@ pub fn fixture(name: &str) -> PathBuf {
         .join("fixtures")
         .join(name)
 }
-pub mod fake_openai;
+#[allow(unused_imports)]
+pub use hivegate::testkit::fake_openai;
 pub mod fake_postgrest;
 
 /// A masked client frame with the FIN bit as given (for fragments).

@@ -113,7 +113,10 @@ impl Drop for FakeOpenAi {
 
 /// The transcript in `fixtures/sse/NAME`.
 pub fn transcript(name: &str) -> String {
-    std::fs::read_to_string(super::fixture(&format!("sse/{name}"))).expect("fixture")
+    let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/sse")
+        .join(name);
+    std::fs::read_to_string(path).expect("fixture")
 }
 
 /// A transcript of `n` chunks "c0 ", "c1 ", ...
