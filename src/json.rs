@@ -25,6 +25,14 @@ pub struct JsonError {
     pub malformed: bool,
 }
 
+impl std::fmt::Display for JsonError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for JsonError {}
+
 /// Reads one JSON object of at most [`MAX_DEPTH`] levels into `T`. Never
 /// panics; the time it takes is linear in the length of `text`.
 pub fn from_json<'a, T: Deserialize<'a>>(text: &'a str) -> Result<T, JsonError> {

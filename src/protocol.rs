@@ -171,6 +171,14 @@ pub struct ParseError {
     pub malformed: bool,
 }
 
+impl std::fmt::Display for ParseError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ParseError {}
+
 /// The flat shape serde fills; every field is optional and checked after.
 /// Unknown fields are ignored (clients may send more than this version
 /// reads).

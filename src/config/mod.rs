@@ -136,6 +136,9 @@ impl fmt::Display for ConfigErrors {
     }
 }
 
+impl std::error::Error for ConfigError {}
+impl std::error::Error for ConfigErrors {}
+
 impl Config {
     /// What removes every configured upstream key from upstream text.
     /// (Client tokens are not among them: only their digests are kept.)

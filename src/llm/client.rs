@@ -102,6 +102,8 @@ impl std::fmt::Display for CallError {
     }
 }
 
+impl std::error::Error for CallError {}
+
 /// What a call needs, owned so it can move to a pool thread.
 pub struct Request {
     pub agent: ureq::Agent,

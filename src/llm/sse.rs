@@ -23,6 +23,17 @@ pub enum SseError {
     NotUtf8,
 }
 
+impl std::fmt::Display for SseError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SseError::LineTooLong => "an event line is longer than 1 MiB",
+            SseError::NotUtf8 => "an event is not UTF-8",
+        })
+    }
+}
+
+impl std::error::Error for SseError {}
+
 impl SseParser {
     /// Feeds bytes; complete events' data are appended to `out`.
     pub fn feed(&mut self, bytes: &[u8], out: &mut Vec<String>) -> Result<(), SseError> {

@@ -35,6 +35,18 @@ pub enum HeadError {
     TooLarge,
 }
 
+impl std::fmt::Display for HeadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            HeadError::Closed => "the client closed before its request head was complete",
+            HeadError::Malformed => "malformed request head",
+            HeadError::TooLarge => "request head too large",
+        })
+    }
+}
+
+impl std::error::Error for HeadError {}
+
 /// Reads until the blank line ending the head. Returns the head and any
 /// bytes that arrived after it (a client may send its first WebSocket frame
 /// right behind the upgrade request).

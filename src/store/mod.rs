@@ -51,6 +51,22 @@ pub enum StoreError {
     Storage(String),
 }
 
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreError::Busy { retry_after_ms } => {
+                write!(f, "the store is busy; retry in {retry_after_ms} ms")
+            }
+            StoreError::Timeout => f.write_str("the store did not answer in time"),
+            StoreError::NotFound => f.write_str("not found"),
+            StoreError::LimitExceeded(m) => f.write_str(m),
+            StoreError::Storage(m) => write!(f, "database: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {}
+
 impl From<WriteErr> for StoreError {
     fn from(e: WriteErr) -> Self {
         match e {

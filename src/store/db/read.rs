@@ -2,9 +2,8 @@
 
 use rusqlite::{params, Connection};
 
-/// The schema this build writes. Older databases are migrated on start;
-/// a newer one is refused (it was written by a newer hivegate).
-/// A stored message with its reaction counts.
+/// A stored message with its reaction counts: the one message row type,
+/// read for history (with reactions) and for shipping (without).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredMessage {
     pub id: String,
@@ -14,6 +13,22 @@ pub struct StoredMessage {
     pub text: String,
     pub ts: i64,
     pub reactions: Vec<(String, i64)>,
+}
+
+/// The columns of a message, in the order [`message_row`] reads them.
+const MESSAGE_COLUMNS: &str = "id, room, seq, user, text, ts";
+
+/// A message read with [`MESSAGE_COLUMNS`], without its reactions.
+fn message_row(r: &rusqlite::Row) -> rusqlite::Result<StoredMessage> {
+    Ok(StoredMessage {
+        id: r.get(0)?,
+        room: r.get(1)?,
+        seq: r.get(2)?,
+        user: r.get(3)?,
+        text: r.get(4)?,
+        ts: r.get(5)?,
+        reactions: Vec::new(),
+    })
 }
 
 /// Which messages of a room to read.
@@ -34,33 +49,16 @@ pub fn history(
     range: Range,
     limit: i64,
 ) -> rusqlite::Result<Vec<StoredMessage>> {
-    let (sql, bound) = match range {
-        Range::Latest => (
-            "SELECT id, room, seq, user, text, ts FROM messages WHERE room = ?1 AND seq < ?2 ORDER BY seq DESC LIMIT ?3",
-            i64::MAX,
-        ),
-        Range::Before(seq) => (
-            "SELECT id, room, seq, user, text, ts FROM messages WHERE room = ?1 AND seq < ?2 ORDER BY seq DESC LIMIT ?3",
-            seq,
-        ),
-        Range::After(seq) => (
-            "SELECT id, room, seq, user, text, ts FROM messages WHERE room = ?1 AND seq > ?2 ORDER BY seq ASC LIMIT ?3",
-            seq,
-        ),
+    let (filter, bound) = match range {
+        Range::Latest => ("seq < ?2 ORDER BY seq DESC", i64::MAX),
+        Range::Before(seq) => ("seq < ?2 ORDER BY seq DESC", seq),
+        Range::After(seq) => ("seq > ?2 ORDER BY seq ASC", seq),
     };
+    let sql =
+        format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE room = ?1 AND {filter} LIMIT ?3");
     let mut msgs: Vec<StoredMessage> = conn
-        .prepare_cached(sql)?
-        .query_map(params![room, bound, limit], |r| {
-            Ok(StoredMessage {
-                id: r.get(0)?,
-                room: r.get(1)?,
-                seq: r.get(2)?,
-                user: r.get(3)?,
-                text: r.get(4)?,
-                ts: r.get(5)?,
-                reactions: Vec::new(),
-            })
-        })?
+        .prepare_cached(&sql)?
+        .query_map(params![room, bound, limit], message_row)?
         .collect::<rusqlite::Result<_>>()?;
     msgs.sort_by_key(|m| m.seq);
     if let (Some(first), Some(last)) = (msgs.first(), msgs.last()) {
@@ -86,17 +84,6 @@ pub fn history(
     Ok(msgs)
 }
 
-/// A message waiting to be shipped.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OutMessage {
-    pub id: String,
-    pub room: String,
-    pub seq: i64,
-    pub user: String,
-    pub text: String,
-    pub ts: i64,
-}
-
 /// A reaction change waiting to be shipped, at the version read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutReaction {
@@ -111,7 +98,7 @@ pub struct OutReaction {
 /// The oldest unsynced rows, and the size and age of the whole backlog.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Unsynced {
-    pub messages: Vec<OutMessage>,
+    pub messages: Vec<StoredMessage>,
     pub reactions: Vec<OutReaction>,
     pub backlog: i64,
     pub oldest_ts: Option<i64>,
@@ -121,20 +108,11 @@ pub struct Unsynced {
 /// to `limit` unsynced reaction changes (a reaction's message is shipped
 /// before it, or in the same round).
 pub fn outbox(conn: &Connection, limit: i64) -> rusqlite::Result<Unsynced> {
+    let sql =
+        format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE synced = 0 ORDER BY rowid LIMIT ?1");
     let messages = conn
-        .prepare_cached(
-            "SELECT id, room, seq, user, text, ts FROM messages WHERE synced = 0 ORDER BY rowid LIMIT ?1",
-        )?
-        .query_map(params![limit], |r| {
-            Ok(OutMessage {
-                id: r.get(0)?,
-                room: r.get(1)?,
-                seq: r.get(2)?,
-                user: r.get(3)?,
-                text: r.get(4)?,
-                ts: r.get(5)?,
-            })
-        })?
+        .prepare_cached(&sql)?
+        .query_map(params![limit], message_row)?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     let reactions = conn
         .prepare_cached(

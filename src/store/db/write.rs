@@ -9,8 +9,6 @@ pub const MAX_EMOJI_PER_MESSAGE: i64 = 50;
 /// Most users behind one emoji on one message.
 pub const MAX_USERS_PER_EMOJI: i64 = 100;
 
-/// The schema this build writes. Older databases are migrated on start;
-/// a newer one is refused (it was written by a newer hivegate).
 /// One change in a write batch.
 #[derive(Debug, Clone)]
 pub enum WriteOp {
@@ -91,6 +89,18 @@ pub enum WriteErr {
     /// The database failed; the message says how.
     Storage(String),
 }
+
+impl std::fmt::Display for WriteErr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WriteErr::NotFound => f.write_str("not found"),
+            WriteErr::LimitExceeded(m) => f.write_str(m),
+            WriteErr::Storage(m) => write!(f, "database: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for WriteErr {}
 
 /// Applies a batch in one transaction (the group commit). A failing op
 /// must not take the others with it, and a savepoint around every op would
