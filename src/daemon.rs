@@ -12,8 +12,7 @@ use crate::config::Config;
 use crate::ops::log::Logger;
 use crate::ops::systemd::Notifier;
 use crate::pool::Pool;
-use crate::protocol::close;
-use crate::server::{accept_loop, Gateway};
+use crate::server::{accept_loop, Gateway, Services};
 use crate::store::Store;
 use async_io::{Async, Timer};
 use futures_lite::{FutureExt, StreamExt};
@@ -73,9 +72,14 @@ pub fn run(cfg: Config, log: Logger) -> Result<i32, String> {
         ),
         None => None,
     };
-    let mut gateway = Gateway::new(cfg, log, ex.clone(), pool, store, chat, llm);
-    gateway.remote = remote;
-    let gw = Rc::new(gateway);
+    let services = Services {
+        pool,
+        store,
+        chat,
+        llm,
+        remote,
+    };
+    let gw = Rc::new(Gateway::new(cfg, log, ex.clone(), services));
     let notifier = Notifier::from_env();
 
     if gw.cfg.auth.implicit_open {
@@ -96,29 +100,7 @@ pub fn run(cfg: Config, log: Logger) -> Result<i32, String> {
 
     let main = async {
         ex.spawn(writer).detach();
-        ex.spawn(presence_loop(gw.clone())).detach();
-        let fan = gw.clone();
-        ex.spawn(async move { fan.chat.run_fanout(&fan.table, &fan.metrics).await })
-            .detach();
-        // With a remote, a message is deleted only once shipped.
-        let synced_only = gw.remote.is_some();
-        let g = gw.clone();
-        ex.spawn(async move { g.store.retention(&g.cfg.store, synced_only, g.log).await })
-            .detach();
-        let g = gw.clone();
-        ex.spawn(async move { g.store.keep_size(&g.cfg.store, synced_only, g.log).await })
-            .detach();
-        let g = gw.clone();
-        ex.spawn(async move { g.memory.run().await }).detach();
-        if gw.remote.is_some() {
-            let sync = gw.clone();
-            ex.spawn(async move {
-                if let Some(r) = &sync.remote {
-                    r.run(&sync.store).await;
-                }
-            })
-            .detach();
-        }
+        gw.start();
         ex.spawn(accept_loop(gw.clone(), ex.clone(), listener))
             .detach();
         if let Some(period) = Notifier::watchdog_period() {
@@ -139,28 +121,19 @@ pub fn run(cfg: Config, log: Logger) -> Result<i32, String> {
         };
         log.info(
             "shutting down",
-            &[("signal", &signal), ("open", &gw.table.borrow().len())],
+            &[("signal", &signal), ("open", &gw.open_connections())],
         );
         notifier.notify("STOPPING=1");
-        gw.draining.set(true);
-        gw.table.borrow_mut().request_close_all(close::GOING_AWAY);
+        gw.begin_drain();
 
         let deadline = Instant::now() + gw.cfg.server.drain_timeout;
         let drained = async {
-            loop {
-                let listener = gw.emptied.listen();
-                if gw.table.borrow().is_empty() {
-                    return 0;
-                }
-                listener.await;
-            }
+            gw.drained().await;
+            0
         };
         let timed_out = async {
             Timer::at(deadline).await;
-            log.warn(
-                "drain timeout reached",
-                &[("open", &gw.table.borrow().len())],
-            );
+            log.warn("drain timeout reached", &[("open", &gw.open_connections())]);
             0
         };
         let second = async {
@@ -173,18 +146,6 @@ pub fn run(cfg: Config, log: Logger) -> Result<i32, String> {
         code
     };
     Ok(smol::block_on(ex.run(main)))
-}
-
-/// Sends coalesced presence: at most one frame per room per interval.
-async fn presence_loop(gw: Rc<Gateway>) {
-    loop {
-        let due = gw.chat.presence_due.listen();
-        if !gw.chat.has_pending_presence() {
-            due.await;
-        }
-        Timer::after(crate::chat::PRESENCE_INTERVAL).await;
-        gw.chat.flush_presence();
-    }
 }
 
 /// Keeps glibc from handing freed memory back to the kernel after every

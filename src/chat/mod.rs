@@ -294,6 +294,19 @@ impl Chat {
         self.rooms.borrow().len()
     }
 
+    /// Sends coalesced presence, at most one frame per room per
+    /// [`PRESENCE_INTERVAL`], for the life of the gateway.
+    pub async fn run_presence(&self) {
+        loop {
+            let due = self.presence_due.listen();
+            if !self.has_pending_presence() {
+                due.await;
+            }
+            async_io::Timer::after(PRESENCE_INTERVAL).await;
+            self.flush_presence();
+        }
+    }
+
     /// The chat's gauges and counters, for `/metrics`.
     pub fn render(&self, out: &mut String) {
         crate::ops::metrics::gauge(

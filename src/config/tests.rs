@@ -129,13 +129,22 @@ fn token_errors_never_echo_the_secret() {
 }
 
 #[test]
-fn the_readme_documents_every_key() {
+fn the_readme_documents_every_key_with_its_default() {
     let readme = include_str!("../../README.md");
-    for key in KEYS.iter().map(|k| k.name) {
-        assert!(
-            readme.contains(&format!("| `{key}` |")),
-            "README lacks {key}"
-        );
+    for key in KEYS {
+        let row = format!("| `{}` | ", key.name);
+        let Some(at) = readme.find(&row) else {
+            panic!("README lacks {}", key.name);
+        };
+        let cell = readme[at + row.len()..].split('|').next().unwrap_or("");
+        if !key.default.is_empty() {
+            assert!(
+                cell.contains(&format!("`{}`", key.default)),
+                "README shows {}'s default as {cell:?}, the key table as {}",
+                key.name,
+                key.default
+            );
+        }
     }
 }
 

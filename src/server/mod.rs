@@ -39,29 +39,40 @@ const RETRY_AFTER_S: u32 = 5;
 pub struct Gateway {
     pub cfg: Config,
     pub log: Logger,
-    pub metrics: Metrics,
-    pub table: Rc<RefCell<Table>>,
-    pub auth: Authenticator,
-    pub limits: RefCell<Limits>,
-    pub meters: RefCell<Meters>,
-    pub draining: Cell<bool>,
+    metrics: Metrics,
+    table: Rc<RefCell<Table>>,
+    auth: Authenticator,
+    limits: RefCell<Limits>,
+    meters: RefCell<Meters>,
+    draining: Cell<bool>,
     /// Sockets between accept and upgrade (or their HTTP answer).
-    pub handshakes: RefCell<handshakes::Handshakes>,
+    handshakes: RefCell<handshakes::Handshakes>,
     next_conn_id: Cell<u64>,
     ws_config: WebSocketConfig,
     /// Notified when the last connection leaves, for the drain.
-    pub emptied: event_listener::Event,
+    emptied: event_listener::Event,
+    pool: Rc<Pool>,
+    store: Store,
+    chat: Rc<Chat>,
+    /// The chat requests of every session.
+    requests: crate::chat::ChatRequests,
+    llm: Rc<crate::llm::Llm>,
+    /// `None` in local-only mode.
+    remote: Option<crate::remote::Remote>,
+    /// Resident memory and its limit: over it, new connections are refused.
+    memory: crate::ops::memory::MemorySentinel,
+    ex: Rc<LocalExecutor<'static>>,
+}
+
+/// What the daemon builds, each module from its own settings, and hands
+/// to the gateway.
+pub struct Services {
     pub pool: Rc<Pool>,
     pub store: Store,
     pub chat: Rc<Chat>,
-    /// The chat requests of every session.
-    pub requests: crate::chat::ChatRequests,
-    pub llm: Rc<crate::llm::Llm>,
+    pub llm: crate::llm::Llm,
     /// `None` in local-only mode.
     pub remote: Option<crate::remote::Remote>,
-    /// Resident memory and its limit: over it, new connections are refused.
-    pub memory: crate::ops::memory::MemorySentinel,
-    ex: Rc<LocalExecutor<'static>>,
 }
 
 impl Gateway {
@@ -69,11 +80,15 @@ impl Gateway {
         cfg: Config,
         log: Logger,
         ex: Rc<LocalExecutor<'static>>,
-        pool: Rc<Pool>,
-        store: Store,
-        chat: Rc<Chat>,
-        llm: crate::llm::Llm,
+        services: Services,
     ) -> Gateway {
+        let Services {
+            pool,
+            store,
+            chat,
+            llm,
+            remote,
+        } = services;
         let s = &cfg.server;
         let table = Table::new(
             s.max_connections,
@@ -115,11 +130,60 @@ impl Gateway {
             chat,
             requests,
             llm: Rc::new(llm),
-            remote: None,
+            remote,
             memory: crate::ops::memory::MemorySentinel::new(cfg.server.memory_limit_bytes, log),
             ex,
             cfg,
             log,
+        }
+    }
+
+    /// Spawns the gateway's own loops: fan-out, presence, the store's
+    /// retention and size bound, the memory sentinel and the remote sync.
+    pub fn start(self: &Rc<Self>) {
+        let g = self.clone();
+        self.spawn(async move { g.chat.run_fanout(&g.table, &g.metrics).await });
+        let g = self.clone();
+        self.spawn(async move { g.chat.run_presence().await });
+        // With a remote, a message is deleted only once shipped.
+        let synced_only = self.remote.is_some();
+        let g = self.clone();
+        self.spawn(async move { g.store.retention(&g.cfg.store, synced_only, g.log).await });
+        let g = self.clone();
+        self.spawn(async move { g.store.keep_size(&g.cfg.store, synced_only, g.log).await });
+        let g = self.clone();
+        self.spawn(async move { g.memory.run().await });
+        if self.remote.is_some() {
+            let g = self.clone();
+            self.spawn(async move {
+                if let Some(r) = &g.remote {
+                    r.run(&g.store).await;
+                }
+            });
+        }
+    }
+
+    pub fn open_connections(&self) -> usize {
+        self.table.borrow().len()
+    }
+
+    /// Starts the drain: `/readyz` turns 503, new upgrades are refused, and
+    /// every connection is asked to close with 1001.
+    pub fn begin_drain(&self) {
+        self.draining.set(true);
+        self.table
+            .borrow_mut()
+            .request_close_all(crate::protocol::close::GOING_AWAY);
+    }
+
+    /// Resolves when the last connection has gone.
+    pub async fn drained(&self) {
+        loop {
+            let listener = self.emptied.listen();
+            if self.table.borrow().is_empty() {
+                return;
+            }
+            listener.await;
         }
     }
 
