@@ -120,6 +120,10 @@ pub enum Request {
     Hello {
         token: Option<String>,
         client: Option<String>,
+        /// A stable id the client keeps (an addition to PROTOCOL.md): in
+        /// open mode the guest name is derived from it, so a reconnecting
+        /// page keeps its name.
+        client_id: Option<String>,
     },
     Ping,
     Join {
@@ -189,6 +193,7 @@ struct Raw {
     request_id: Option<String>,
     token: Option<String>,
     client: Option<String>,
+    client_id: Option<String>,
     room: Option<String>,
     history: Option<u64>,
     text: Option<String>,
@@ -251,9 +256,18 @@ pub fn parse(text: &str) -> Result<Envelope, ParseError> {
                     "client is longer than {MAX_CLIENT_NAME} bytes"
                 )));
             }
+            if raw.client_id.as_ref().is_some_and(|c| {
+                !(8..=64).contains(&c.len())
+                    || !c
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            }) {
+                return Err(fail("client_id must be 8-64 of [A-Za-z0-9_-]".into()));
+            }
             Request::Hello {
                 token: raw.token,
                 client: raw.client,
+                client_id: raw.client_id,
             }
         }
         "ping" => Request::Ping,
@@ -427,7 +441,8 @@ mod tests {
             e.request,
             Request::Hello {
                 token: Some("t".into()),
-                client: Some("kiosk/1.0".into())
+                client: Some("kiosk/1.0".into()),
+                client_id: None,
             }
         );
         let e = parse(r#" {"op":"ping","extra":[1,{"a":null}],"n":-1.5e3} "#).unwrap();

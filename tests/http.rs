@@ -164,3 +164,28 @@ fn no_tokens_on_a_public_address_refuses_to_start() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("auth.mode = \"open\""));
 }
+
+#[test]
+fn the_page_has_a_strict_policy_and_an_icon() {
+    let gw = Gateway::start("", &[]);
+    let page = gw.get("/");
+    let csp = page.header("content-security-policy").expect("a policy");
+    assert!(csp.starts_with("default-src 'none'") && csp.contains("connect-src 'self'"));
+    assert!(csp.contains("script-src 'sha256-") && !csp.contains("unsafe"));
+    assert_eq!(
+        page.header("x-content-type-options").as_deref(),
+        Some("nosniff")
+    );
+    let icon = gw.get("/favicon.ico");
+    assert_eq!(icon.status, 200);
+    assert!(icon
+        .header("content-type")
+        .unwrap()
+        .starts_with("image/svg+xml"));
+    assert_eq!(
+        gw.get("/healthz")
+            .header("x-content-type-options")
+            .as_deref(),
+        Some("nosniff")
+    );
+}

@@ -10,6 +10,7 @@ pub mod echo;
 pub mod handshakes;
 pub mod http;
 pub mod intake;
+pub mod web;
 
 use crate::auth::Authenticator;
 use crate::chat::Chat;
@@ -62,6 +63,7 @@ pub struct Gateway {
     /// Resident memory and its limit: over it, new connections are refused.
     memory: crate::ops::memory::MemorySentinel,
     ex: Rc<LocalExecutor<'static>>,
+    web: web::Web,
 }
 
 /// What the daemon builds, each module from its own settings, and hands
@@ -133,6 +135,7 @@ impl Gateway {
             remote,
             memory: crate::ops::memory::MemorySentinel::new(cfg.server.memory_limit_bytes, log),
             ex,
+            web: web::Web::new(),
             cfg,
             log,
         }
@@ -391,11 +394,8 @@ async fn pre_upgrade(gw: &Rc<Gateway>, stream: &mut Async<TcpStream>, ip: IpAddr
         },
         "/healthz" if get => Response::text(200, "ok\n"),
         // The embedded web chat: a plain client of the wire protocol.
-        "/" if get => Response::new(
-            200,
-            "text/html; charset=utf-8",
-            include_str!("../web/index.html"),
-        ),
+        "/" if get => gw.web.page(),
+        "/favicon.ico" if get => gw.web.icon(),
         "/readyz" if get => readyz(gw),
         "/metrics" if get => {
             let mut body = String::with_capacity(4096);

@@ -49,9 +49,19 @@ impl Conn {
         };
         let rid = envelope.request_id.as_deref();
         match (&self.session, envelope.request) {
-            (None, Request::Hello { token, client }) => {
-                self.hello(rid, token.as_deref(), client.as_deref())
-            }
+            (
+                None,
+                Request::Hello {
+                    token,
+                    client,
+                    client_id,
+                },
+            ) => self.hello(
+                rid,
+                token.as_deref(),
+                client.as_deref(),
+                client_id.as_deref(),
+            ),
             (None, _) => Err(Close(close::UNKNOWN_PROTOCOL)),
             (Some(_), Request::Hello { .. }) => {
                 self.invalid_request(rid, "hello was already accepted on this connection")
@@ -180,13 +190,14 @@ impl Conn {
         rid: Option<&str>,
         token: Option<&str>,
         client: Option<&str>,
+        client_id: Option<&str>,
     ) -> Result<(), Close> {
         let gw = self.gw.clone();
         let user: Option<Rc<str>> = match token {
             Some(t) => gw.auth.user_for(t).map(Rc::from),
             None => match (&self.preauth, gw.cfg.auth.mode) {
                 (Some(u), _) => Some(u.clone()),
-                (None, AuthMode::Open) => Some(Rc::from(format!("guest-{}", self.slot.id))),
+                (None, AuthMode::Open) => Some(Rc::from(guest_name(self.slot.id, client_id))),
                 (None, AuthMode::Token) => None,
             },
         };
@@ -260,5 +271,18 @@ impl Conn {
             self.gw.spawn(task);
         }
         Ok(())
+    }
+}
+
+/// An open-mode name: from the client's stable id when it sends one (the
+/// same page keeps its name across reconnects), else from the connection.
+fn guest_name(conn: u64, client_id: Option<&str>) -> String {
+    match client_id {
+        Some(id) => {
+            let digest = crate::auth::sha256(id.as_bytes());
+            let hex: String = digest[..4].iter().map(|b| format!("{b:02x}")).collect();
+            format!("guest-{hex}")
+        }
+        None => format!("guest-{conn}"),
     }
 }

@@ -1,0 +1,97 @@
+//! The embedded web chat (`src/web/index.html`, one file compiled in) and
+//! its icon, served with a Content-Security-Policy that allows the page's
+//! own inline script and style (by their SHA-256, computed once at start)
+//! and connections to its own origin only: a message that got past the
+//! page's escaping still could not run or load anything.
+
+use super::http::Response;
+
+const PAGE: &str = include_str!("../web/index.html");
+const ICON: &str = "<svg xmlns=\"http://www.w3.org/2000/svg\" viewBox=\"0 0 16 16\">\
+<path d=\"M8 1l6 3.5v7L8 15l-6-3.5v-7z\" fill=\"#2563eb\"/></svg>";
+
+pub struct Web {
+    csp: String,
+}
+
+impl Default for Web {
+    fn default() -> Web {
+        Web::new()
+    }
+}
+
+impl Web {
+    pub fn new() -> Web {
+        let hash = |open: &str, close: &str| {
+            let body = PAGE
+                .split_once(open)
+                .and_then(|(_, rest)| rest.split_once(close))
+                .map_or("", |(body, _)| body);
+            format!("'sha256-{}'", base64(&crate::auth::sha256(body.as_bytes())))
+        };
+        Web {
+            csp: format!(
+                "default-src 'none'; script-src {}; style-src {}; connect-src 'self'; \
+                 img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+                hash("<script>", "</script>"),
+                hash("<style>", "</style>"),
+            ),
+        }
+    }
+
+    pub fn page(&self) -> Response {
+        Response::new(200, "text/html; charset=utf-8", PAGE)
+            .header("Content-Security-Policy", self.csp.clone())
+            .header("Referrer-Policy", "no-referrer")
+    }
+
+    pub fn icon(&self) -> Response {
+        Response::new(200, "image/svg+xml", ICON)
+    }
+}
+
+/// Standard base64, with padding.
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = u32::from(b[0]) << 16 | u32::from(b[1]) << 8 | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_is_standard() {
+        assert_eq!(base64(b""), "");
+        assert_eq!(base64(b"f"), "Zg==");
+        assert_eq!(base64(b"fo"), "Zm8=");
+        assert_eq!(base64(b"foo"), "Zm9v");
+        assert_eq!(base64(b"foobar"), "Zm9vYmFy");
+    }
+
+    #[test]
+    fn the_page_is_small_and_its_policy_names_its_script() {
+        assert!(PAGE.len() < 50 * 1024, "{} bytes", PAGE.len());
+        let web = Web::new();
+        assert!(web.csp.contains("script-src 'sha256-"));
+        assert!(!web.csp.contains("unsafe"));
+        // No inline handlers: the policy would block them.
+        assert!(!PAGE.contains(" onclick=") && !PAGE.contains(" style=\""));
+    }
+}

@@ -1,0 +1,171 @@
+// The web chat in headless Chromium, as people use it. Started by
+// tests/web.rs, which owns the gateway: when this script prints "OUTAGE" the
+// test kills and restarts the gateway and sends 120 messages, then writes
+// "SENT" to our stdin. Exits 0 when every check passed.
+import { chromium } from "playwright-core";
+import { createInterface } from "node:readline";
+import { mkdirSync } from "node:fs";
+
+const BASE = process.env.BASE_URL;
+const SHOTS = process.env.SHOT_DIR;
+mkdirSync(SHOTS, { recursive: true });
+const lines = createInterface({ input: process.stdin });
+// The test that started us is gone: so are we.
+lines.on("close", () => process.exit(2));
+const waitLine = (want) => new Promise((ok) => lines.on("line", (l) => { if (l.trim() === want) ok(); }));
+
+function check(ok, what) {
+  if (!ok) throw new Error("failed: " + what);
+  console.log("ok - " + what);
+}
+
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM,
+  args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+});
+const errors = [];
+async function open(name, viewport) {
+  const context = await browser.newContext({ viewport: viewport || { width: 1200, height: 800 } });
+  const page = await context.newPage();
+  page.sockets = 0;
+  page.on("websocket", () => { page.sockets += 1; });
+  page.on("console", (m) => { if (m.type() === "error") errors.push(`${name}: ${m.text()}`); });
+  page.on("pageerror", (e) => errors.push(`${name}: ${e.message}`));
+  const response = await page.goto(BASE + "/");
+  page.headersSeen = response.headers();
+  await page.waitForFunction(() => document.getElementById("conn").textContent.startsWith("connected"));
+  page.user = (await page.textContent("#me")).replace("you are ", "");
+  return page;
+}
+const texts = (page) => page.$$eval("#timeline .msg:not(.pending) .text", (ns) => ns.map((n) => n.innerText));
+const waitText = (page, text) => page.waitForFunction((t) =>
+  [...document.querySelectorAll("#timeline .msg .text")].some((n) => n.innerText === t), text, { timeout: 10000 });
+async function say(page, text) {
+  await page.click("#text");
+  const parts = text.split("\n");
+  for (let i = 0; i < parts.length; i++) {
+    if (i > 0) await page.keyboard.press("Shift+Enter");
+    await page.keyboard.type(parts[i]);
+  }
+  await page.keyboard.press("Enter");
+}
+
+try {
+  const a = await open("A");
+  const b = await open("B");
+  check(a.user !== b.user && a.user.startsWith("guest-"), `two pages, two guests (${a.user}, ${b.user})`);
+  const csp = a.headersSeen["content-security-policy"] || "";
+  check(csp.includes("script-src 'sha256-") && !csp.includes("unsafe"), "the page has a strict Content-Security-Policy");
+  check(a.headersSeen["x-content-type-options"] === "nosniff", "X-Content-Type-Options: nosniff");
+  const icon = await a.request.get(BASE + "/favicon.ico");
+  check(icon.status() === 200, "/favicon.ico is served");
+
+  // Two pages chat; a new line with Shift+Enter; HTML is text.
+  await say(a, "hello from A");
+  await waitText(b, "hello from A");
+  check(true, "B sees A's message");
+  await say(b, "line one\nline two");
+  await waitText(a, "line one\nline two");
+  check(true, "Shift+Enter makes a new line, shown as one");
+  const evil = '<img src=x id=evil><b>bold</b>';
+  await say(b, evil);
+  await waitText(a, evil);
+  check(await a.$("#timeline #evil") === null && await a.$("#timeline b") === null, "HTML in a message is shown as text");
+  await say(a, "see https://example.org/page?x=1 now");
+  await waitText(b, "see https://example.org/page?x=1 now");
+  check(await b.$eval("#timeline a[href='https://example.org/page?x=1']", (n) => n.textContent) === "https://example.org/page?x=1", "links are clickable, as text");
+
+  // Presence: each page lists the other.
+  await a.waitForFunction((u) => document.getElementById("members").textContent.includes(u), b.user);
+  check(true, "A's member list shows B");
+
+  // Reactions: chips with counts on both pages, the user's own marked.
+  await say(b, "react to me");
+  await waitText(a, "react to me");
+  const lastOfB = `#timeline .msg:has(.text:text-is("react to me"))`;
+  await a.click(`${lastOfB} .add`);
+  await a.click(`${lastOfB} .picker.open .chip:text("👍")`);
+  await b.waitForFunction(() => [...document.querySelectorAll("#timeline .chip")].some((c) => c.textContent === "👍 1"));
+  await a.waitForSelector(`${lastOfB} .chip.mine`);
+  check(true, "a reaction shows as a chip on both pages, marked as A's own on A");
+  await a.click(`${lastOfB} .chip.mine`);
+  await b.waitForFunction(() => ![...document.querySelectorAll("#timeline .chip")].some((c) => c.textContent.startsWith("👍 ")));
+  check(true, "clicking the chip again takes the reaction back, on both pages");
+
+  // Rooms: join a second room, switch back and forth on the same socket.
+  await a.fill("#newroom", "second");
+  await a.click("#join button");
+  await a.waitForFunction(() => document.getElementById("title").textContent === "#second");
+  await say(a, "in the second room");
+  await waitText(a, "in the second room");
+  await a.click("#rooms .room:text('#general')");
+  await a.waitForFunction(() => document.getElementById("title").textContent === "#general");
+  check(a.sockets === 1, `switching rooms opens no new socket (${a.sockets} opened)`);
+
+  // The assistant streams from the fake provider; Cancel stops it.
+  await a.fill("#prompt", "count for me");
+  await a.click("#ask");
+  await a.waitForFunction(() => document.getElementById("answer").textContent.length > 6);
+  await a.click("#cancel");
+  await a.waitForFunction(() => document.getElementById("aistatus").textContent === "cancelled");
+  const stopped = (await a.textContent("#answer")).length;
+  await a.waitForTimeout(800);
+  check((await a.textContent("#answer")).length === stopped && stopped > 0, `the answer streamed in (${stopped} chars) and stopped at Cancel`);
+
+  // An outage: the gateway is killed and restarted while another client
+  // sends 120 messages; the page shows all of them, in order, and where the
+  // outage was.
+  const before = (await texts(a)).length;
+  const nameBefore = a.user;
+  console.log("OUTAGE");
+  await a.waitForFunction(() => /reconnecting in \d+ s/.test(document.getElementById("conn").textContent), null, { timeout: 10000 });
+  check(true, "the page says it is reconnecting, and when");
+  await waitLine("SENT");
+  await a.waitForFunction(() => document.getElementById("conn").textContent.startsWith("connected"), null, { timeout: 30000 });
+  await a.waitForFunction((n) => document.querySelectorAll("#timeline .msg:not(.pending) .text").length >= n, before + 120, { timeout: 30000 });
+  const after = await texts(a);
+  const missed = after.filter((t) => /^m\d{3}$/.test(t));
+  const expected = Array.from({ length: 120 }, (_, i) => "m" + String(i).padStart(3, "0"));
+  check(JSON.stringify(missed) === JSON.stringify(expected), `all 120 messages sent during the outage are shown, in order (${missed.length})`);
+  check(await a.$("#timeline .outage") !== null, "the timeline marks where the outage was");
+  check(a.sockets === 2, `one reconnect after the outage (${a.sockets} sockets in all)`);
+  check((await a.textContent("#me")) === "you are " + nameBefore, "the guest name is the same after the reconnect");
+  await a.screenshot({ path: SHOTS + "/desktop.png" });
+
+  // A phone.
+  const phone = await open("phone", { width: 390, height: 844 });
+  await phone.screenshot({ path: SHOTS + "/phone.png" });
+  const box = await phone.$eval("#text", (n) => { const r = n.getBoundingClientRect(); return { bottom: r.bottom, font: parseFloat(getComputedStyle(n).fontSize) }; });
+  check(box.bottom <= 844 && box.font >= 16, `on a phone the composer is visible and its font is ${box.font}px`);
+  const small = await phone.$$eval("button", (bs) => bs.filter((b) => b.offsetParent && b.getBoundingClientRect().height < 40).length);
+  check(small === 0, "tap targets are large enough");
+
+  // Token mode: the page asks, explains a wrong token, and signs in.
+  if (process.env.TOKEN_URL) {
+    const t = await (await browser.newContext()).newPage();
+    t.on("console", (m) => { if (m.type() === "error" && !m.text().includes("WebSocket")) errors.push("token: " + m.text()); });
+    await t.goto(process.env.TOKEN_URL + "/");
+    await t.waitForSelector("#login.open");
+    check((await t.textContent("#loginwhy")).includes("needs an access token"), "a token server asks for a token");
+    await t.fill("#token", "wrong-token");
+    await t.click("#login button");
+    await t.waitForFunction(() => document.getElementById("loginwhy").textContent.includes("not accepted"));
+    check(true, "a wrong token is explained");
+    await t.fill("#token", process.env.TOKEN);
+    await t.click("#login button");
+    await t.waitForFunction(() => document.getElementById("me").textContent === "you are alice");
+    check(await t.evaluate(() => sessionStorage.getItem("hivegate.token") !== null && localStorage.getItem("hivegate.token") === null),
+      "signed in as alice; the token is kept for the session only");
+  }
+
+  check(errors.length === 0, "no console errors under the policy" + (errors.length ? ": " + errors.join("; ") : ""));
+  await browser.close();
+  console.log("DONE");
+  process.exit(0);
+} catch (e) {
+  console.log("not ok - " + e.message);
+  if (errors.length) console.log("console errors: " + errors.join("; "));
+  await browser.close();
+  process.exit(1);
+}
