@@ -78,7 +78,8 @@ try {
 
   // Presence: each page lists the other.
   await a.waitForFunction((u) => document.getElementById("members").textContent.includes(u), b.user);
-  check(true, "A's member list shows B");
+  await b.waitForFunction((u) => document.getElementById("members").textContent.includes(u), a.user);
+  check(true, "each page's member list shows the other");
 
   // Reactions: chips with counts on both pages, the user's own marked.
   await say(b, "react to me");
@@ -141,6 +142,19 @@ try {
   const small = await phone.$$eval("button", (bs) => bs.filter((b) => b.offsetParent && b.getBoundingClientRect().height < 40).length);
   check(small === 0, "tap targets are large enough");
 
+  // Reading older messages: they load on scroll up, and a new message
+  // does not pull the reader down but shows a marker.
+  const shown = (await texts(phone)).length;
+  check(shown === 50, `a join shows the newest 50 (${shown})`);
+  await phone.$eval("#timeline", (t) => { t.scrollTop = 0; });
+  await phone.waitForFunction((n) => document.querySelectorAll("#timeline .msg .text").length > n, shown, { timeout: 10000 });
+  check(true, "scrolling up loads older messages");
+  await phone.$eval("#timeline", (t) => { t.scrollTop = 0; });
+  const top = await phone.$eval("#timeline", (t) => t.scrollTop);
+  await say(b, "while you read");
+  await phone.waitForSelector("#newer.show");
+  check(await phone.$eval("#timeline", (t) => t.scrollTop) === top, "a new message shows a marker instead of a jump");
+
   // Token mode: the page asks, explains a wrong token, and signs in.
   if (process.env.TOKEN_URL) {
     const t = await (await browser.newContext()).newPage();
@@ -157,6 +171,22 @@ try {
     await t.waitForFunction(() => document.getElementById("me").textContent === "you are alice");
     check(await t.evaluate(() => sessionStorage.getItem("hivegate.token") !== null && localStorage.getItem("hivegate.token") === null),
       "signed in as alice; the token is kept for the session only");
+    // Errors in words, next to what failed: this server has rate limits
+    // and no assistant.
+    await t.waitForFunction(() => document.getElementById("title").textContent === "#general");
+    await t.evaluate(() => {
+      for (let i = 0; i < 80; i++) {
+        document.getElementById("text").value = "flood " + i;
+        document.getElementById("composer").requestSubmit();
+      }
+    });
+    await t.waitForSelector(".state.failed button:text('Retry')");
+    const why = await t.textContent(".state.failed");
+    check(/(Too many messages at once|The server is busy)\. Try again in \d+ s\./.test(why), `a refused message says why and offers Retry: "${why.replace("Retry", "").trim()}"`);
+    await t.fill("#prompt", "hello?");
+    await t.click("#ask");
+    await t.waitForFunction(() => document.getElementById("aistatus").textContent.startsWith("No assistant is available"));
+    check(true, "the assistant's PROVIDER_UNAVAILABLE is said in words");
   }
 
   check(errors.length === 0, "no console errors under the policy" + (errors.length ? ": " + errors.join("; ") : ""));
