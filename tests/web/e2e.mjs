@@ -100,6 +100,9 @@ try {
   await a.waitForFunction(() => document.getElementById("title").textContent === "#second");
   await say(a, "in the second room");
   await waitText(a, "in the second room");
+  await say(b, "while A is away");
+  await a.waitForFunction(() => [...document.querySelectorAll("#rooms li")].some((li) => li.textContent.includes("#general") && li.querySelector(".unread")?.textContent === "1"));
+  check(true, "a message in another room shows as an unread count");
   await a.click("#rooms .room:text('#general')");
   await a.waitForFunction(() => document.getElementById("title").textContent === "#general");
   check(a.sockets === 1, `switching rooms opens no new socket (${a.sockets} opened)`);
@@ -130,7 +133,8 @@ try {
   const expected = Array.from({ length: 120 }, (_, i) => "m" + String(i).padStart(3, "0"));
   check(JSON.stringify(missed) === JSON.stringify(expected), `all 120 messages sent during the outage are shown, in order (${missed.length})`);
   check(await a.$("#timeline .outage") !== null, "the timeline marks where the outage was");
-  check(a.sockets === 2, `one reconnect after the outage (${a.sockets} sockets in all)`);
+  // Backoff: a few attempts while the gateway restarts, no storm.
+  check(a.sockets >= 2 && a.sockets <= 4, `a reconnect after the outage, with backoff (${a.sockets} sockets in all)`);
   check((await a.textContent("#me")) === "you are " + nameBefore, "the guest name is the same after the reconnect");
   await a.screenshot({ path: SHOTS + "/desktop.png" });
 
@@ -150,10 +154,10 @@ try {
   await phone.waitForFunction((n) => document.querySelectorAll("#timeline .msg .text").length > n, shown, { timeout: 10000 });
   check(true, "scrolling up loads older messages");
   await phone.$eval("#timeline", (t) => { t.scrollTop = 0; });
-  const top = await phone.$eval("#timeline", (t) => t.scrollTop);
   await say(b, "while you read");
   await phone.waitForSelector("#newer.show");
-  check(await phone.$eval("#timeline", (t) => t.scrollTop) === top, "a new message shows a marker instead of a jump");
+  const below = await phone.$eval("#timeline", (t) => t.scrollHeight - t.scrollTop - t.clientHeight);
+  check(below > 200, `a new message shows a marker instead of a jump (${below} px still below)`);
 
   // Token mode: the page asks, explains a wrong token, and signs in.
   if (process.env.TOKEN_URL) {
@@ -174,6 +178,10 @@ try {
     // Errors in words, next to what failed: this server has rate limits
     // and no assistant.
     await t.waitForFunction(() => document.getElementById("title").textContent === "#general");
+    await t.fill("#prompt", "hello?");
+    await t.click("#ask");
+    await t.waitForFunction(() => document.getElementById("aistatus").textContent.startsWith("No assistant is available"));
+    check(true, "the assistant's PROVIDER_UNAVAILABLE is said in words");
     await t.evaluate(() => {
       for (let i = 0; i < 80; i++) {
         document.getElementById("text").value = "flood " + i;
@@ -183,10 +191,6 @@ try {
     await t.waitForSelector(".state.failed button:text('Retry')");
     const why = await t.textContent(".state.failed");
     check(/(Too many messages at once|The server is busy)\. Try again in \d+ s\./.test(why), `a refused message says why and offers Retry: "${why.replace("Retry", "").trim()}"`);
-    await t.fill("#prompt", "hello?");
-    await t.click("#ask");
-    await t.waitForFunction(() => document.getElementById("aistatus").textContent.startsWith("No assistant is available"));
-    check(true, "the assistant's PROVIDER_UNAVAILABLE is said in words");
   }
 
   check(errors.length === 0, "no console errors under the policy" + (errors.length ? ": " + errors.join("; ") : ""));
