@@ -57,7 +57,13 @@ fn the_web_chat_works_in_a_real_browser() {
         ),
         &[],
     );
-    let tokens = Gateway::start("[auth]\ntokens = [\"alice:browser-token-1\"]\n", &[]);
+    // A server with tokens, rate limits, no assistant, and a remote that
+    // is down (fallback mode).
+    let tokens = Gateway::start(
+        "[auth]\ntokens = [\"alice:browser-token-1\"]\n[remote]\nurl = \"http://127.0.0.1:9\"\n\
+         interval_ms = 50\nfail_max = 1\nconnect_timeout_ms = 200\ntimeout_ms = 500\n",
+        &[],
+    );
     let shots = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/web-screenshots");
     let mut node = Node(
         Command::new("node")
@@ -82,6 +88,9 @@ fn the_web_chat_works_in_a_real_browser() {
         if line == "OUTAGE" {
             outage(&mut gw);
             writeln!(stdin, "SENT").unwrap();
+        }
+        if line == "DRAIN" {
+            tokens.signal(libc::SIGTERM);
         }
         report.push(line);
     }

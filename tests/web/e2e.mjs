@@ -191,6 +191,14 @@ try {
     await t.waitForSelector(".state.failed button:text('Retry')");
     const why = await t.textContent(".state.failed");
     check(/(Too many messages at once|The server is busy)\. Try again in \d+ s\./.test(why), `a refused message says why and offers Retry: "${why.replace("Retry", "").trim()}"`);
+
+    // The connection in words: fallback mode (its remote is down), then
+    // shutting down.
+    await t.waitForFunction(() => document.getElementById("conn").textContent.includes("fallback mode"), null, { timeout: 20000 });
+    check(true, "fallback mode is shown, from /readyz");
+    console.log("DRAIN");
+    await t.waitForFunction(() => document.getElementById("conn").textContent.includes("shutting down"), null, { timeout: 10000 });
+    check(true, "a draining server is said to be shutting down");
   }
 
   check(errors.length === 0, "no console errors under the policy" + (errors.length ? ": " + errors.join("; ") : ""));
