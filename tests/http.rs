@@ -189,3 +189,19 @@ fn the_page_has_a_strict_policy_and_an_icon() {
         Some("nosniff")
     );
 }
+
+#[test]
+fn head_gets_the_head_without_the_body() {
+    let gw = Gateway::start("", &[]);
+    for path in ["/healthz", "/readyz", "/metrics", "/"] {
+        let r = http_request(gw.addr, &format!("HEAD {path} HTTP/1.1\r\nHost: x\r\n\r\n"));
+        assert_eq!(r.status, 200, "{path}");
+        assert!(r.body.is_empty(), "{path}: {:?}", r.body);
+        let get = gw.get(path);
+        let len: usize = r.header("content-length").unwrap().parse().unwrap();
+        // /metrics and /readyz change between two requests; the page does not.
+        if path == "/" || path == "/healthz" {
+            assert_eq!(len, get.body.len(), "{path}");
+        }
+    }
+}

@@ -157,6 +157,8 @@ pub struct Response {
     pub content_type: &'static str,
     pub body: String,
     pub extra: Vec<(&'static str, String)>,
+    /// An answer to `HEAD`: the head as for `GET`, no body.
+    pub head_only: bool,
 }
 
 impl Response {
@@ -166,6 +168,7 @@ impl Response {
             content_type,
             body: body.into(),
             extra: Vec::new(),
+            head_only: false,
         }
     }
 
@@ -193,7 +196,9 @@ impl Response {
             out.push_str("\r\n");
         }
         out.push_str("\r\n");
-        out.push_str(&self.body);
+        if !self.head_only {
+            out.push_str(&self.body);
+        }
         out.into_bytes()
     }
 

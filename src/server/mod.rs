@@ -366,7 +366,8 @@ async fn pre_upgrade(gw: &Rc<Gateway>, stream: &mut Async<TcpStream>, ip: IpAddr
             return Outcome::Done;
         }
     };
-    let get = head.method == "GET";
+    // HEAD is answered like GET, without the body.
+    let get = head.method == "GET" || head.method == "HEAD";
     // `/ws-echo`, when enabled, is `/ws` with an echo instead of the chat.
     let echo = gw.cfg.server.echo_endpoint && head.route() == "/ws-echo";
     let route = if echo { "/ws" } else { head.route() };
@@ -419,11 +420,15 @@ async fn pre_upgrade(gw: &Rc<Gateway>, stream: &mut Async<TcpStream>, ip: IpAddr
             Response::new(200, "text/plain; version=0.0.4; charset=utf-8", body)
         }
         "/" | "/ws" | "/healthz" | "/readyz" | "/metrics" => {
-            Response::text(405, "method not allowed\n").header("Allow", "GET")
+            Response::text(405, "method not allowed\n").header("Allow", "GET, HEAD")
         }
         _ => Response::text(404, "not found\n"),
     };
     inc(&gw.metrics.http_requests);
+    let response = Response {
+        head_only: head.method == "HEAD",
+        ..response
+    };
     response.send(stream).await;
     Outcome::Done
 }
