@@ -222,6 +222,7 @@ impl Config {
                             key: &entry.key,
                             value: &entry.value,
                             from_env: false,
+                            env,
                         };
                         track(&entry.key, &origin, &mut token_origin, &mut mode_set);
                         if let Err(message) = cfg.apply(&setting) {
@@ -249,6 +250,7 @@ impl Config {
                 key: &key,
                 value: &value,
                 from_env: true,
+                env,
             };
             if let Err(message) = cfg.apply(&setting) {
                 errors.push(ConfigError { origin, message });
@@ -490,6 +492,7 @@ fn apply_defaults<T>(
                         key: key.name,
                         value: &e.value,
                         from_env: false,
+                        env: &[],
                     },
                 );
             }

@@ -14,6 +14,8 @@ pub struct Setting<'a> {
     pub value: &'a Value,
     /// Environment values are always strings and are parsed by kind.
     pub from_env: bool,
+    /// The process environment, for the directories systemd names.
+    pub env: &'a [(String, String)],
 }
 
 impl Setting<'_> {
@@ -141,11 +143,33 @@ impl Setting<'_> {
         })
     }
 
-    /// A path that is not empty.
+    /// A path that is not empty. `$CREDENTIALS_DIRECTORY` and
+    /// `$STATE_DIRECTORY` (or `${...}`) are replaced by the directories
+    /// systemd names in them (the first, when it names several).
     pub fn path(&self) -> Result<PathBuf, String> {
-        let text = self.string()?;
+        let mut text = self.string()?;
         if text.is_empty() {
             return Err(format!("{}: must not be empty", self.key));
+        }
+        for var in ["CREDENTIALS_DIRECTORY", "STATE_DIRECTORY"] {
+            for form in [format!("${{{var}}}"), format!("${var}")] {
+                if !text.contains(&form) {
+                    continue;
+                }
+                let dir = self
+                    .env
+                    .iter()
+                    .find(|(k, _)| k == var)
+                    .and_then(|(_, v)| v.split(':').next().filter(|d| !d.is_empty()))
+                    .ok_or_else(|| {
+                        format!(
+                            "{}: {text:?} names ${var}, which is not set (systemd sets it for a unit with {})",
+                            self.key,
+                            if var == "STATE_DIRECTORY" { "StateDirectory=" } else { "LoadCredential=" }
+                        )
+                    })?;
+                text = text.replace(&form, dir);
+            }
         }
         Ok(PathBuf::from(text))
     }

@@ -239,6 +239,7 @@ fn every_default_reads_and_the_embedded_default_is_what_the_table_says() {
             key: key.name,
             value: &entries[0].value,
             from_env: false,
+            env: &[],
         };
         let applied = match &key.set {
             Set::C(f) => f(&mut Config::default(), &setting),
@@ -272,4 +273,25 @@ fn every_default_reads_and_the_embedded_default_is_what_the_table_says() {
     let p = &cfg.llm.providers[0];
     assert_eq!((p.max_in_flight, p.fail_max, p.rpm), (4, 4, 0));
     assert_eq!(p.total_timeout, std::time::Duration::from_secs(300));
+}
+
+#[test]
+fn systemd_directories_expand_in_paths() {
+    let p = write(
+        "[server]\ndata_dir = \"$STATE_DIRECTORY/db\"\n[provider.k]\nbase_url = \"http://x\"\nmodel = \"m\"\napi_key_file = \"${CREDENTIALS_DIRECTORY}/kimi.key\"\n",
+    );
+    let creds = tempfile::tempdir().unwrap();
+    std::fs::write(creds.path().join("kimi.key"), "sk-cred\n").unwrap();
+    let e = env(&[
+        ("STATE_DIRECTORY", "/var/lib/hivegate:/other"),
+        ("CREDENTIALS_DIRECTORY", creds.path().to_str().unwrap()),
+    ]);
+    let (cfg, _) = Config::load(Some(&p), &e).unwrap();
+    assert_eq!(cfg.server.data_dir, PathBuf::from("/var/lib/hivegate/db"));
+    assert_eq!(
+        cfg.llm.providers[0].api_key.as_ref().unwrap().expose(),
+        "sk-cred"
+    );
+    let err = Config::load(Some(&p), &[]).unwrap_err().to_string();
+    assert!(err.contains("$STATE_DIRECTORY, which is not set"), "{err}");
 }
