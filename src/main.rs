@@ -12,7 +12,9 @@ hivegate: a small WebSocket gateway for chat and LLM traffic on edge devices
 
 Usage:
   hivegate serve [--config FILE]    run the gateway (no FILE: embedded defaults)
-  hivegate check-config FILE        validate a configuration file and exit
+  hivegate check-config [--config] FILE
+                                    validate a configuration file and exit
+  hivegate genconfig                print a complete, commented configuration
   hivegate backup --out FILE [--config FILE]
                                     copy the live database, consistently
   hivegate --version                print the version and git commit
@@ -36,11 +38,20 @@ Options:
 ";
 
 const CHECK_USAGE: &str = "\
-Usage: hivegate check-config FILE
+Usage: hivegate check-config [--config] FILE
 
 Reads FILE and the HIVEGATE_* environment as `serve` would, and reports
-every problem with its line. Exits 0 when the configuration is valid, 1
-otherwise.
+every problem with its line. A HIVEGATE_* variable that names no key is an
+error here (`serve` only warns: the environment is shared). Exits 0 when
+the configuration is valid, 1 otherwise.
+";
+
+const GENCONFIG_USAGE: &str = "\
+Usage: hivegate genconfig
+
+Prints a complete configuration file: every key with its meaning and its
+default, the optional [remote] and [provider.NAME] sections commented out.
+`hivegate genconfig > /etc/hivegate/hivegate.toml` is a good start.
 ";
 
 const BACKUP_USAGE: &str = "\
@@ -65,7 +76,14 @@ fn main() -> ExitCode {
 }
 
 fn run(args: &[String], env: &[(String, String)]) -> Result<i32, String> {
-    let words: Vec<&str> = args.iter().map(String::as_str).collect();
+    // `--config=FILE` is `--config FILE`.
+    let words: Vec<&str> = args
+        .iter()
+        .flat_map(|a| match a.split_once('=') {
+            Some((flag, value)) if flag.starts_with("--") => vec![flag, value],
+            _ => vec![a.as_str()],
+        })
+        .collect();
     match words.as_slice() {
         [] | ["help"] | ["-h"] | ["--help"] => {
             print!("{USAGE}");
@@ -75,11 +93,19 @@ fn run(args: &[String], env: &[(String, String)]) -> Result<i32, String> {
             println!("hivegate {VERSION}");
             Ok(0)
         }
-        ["help", "serve"] | ["serve", "-h" | "--help", ..] => {
+        ["help" | "-h" | "--help", "genconfig"] | ["genconfig", "-h" | "--help", ..] => {
+            print!("{GENCONFIG_USAGE}");
+            Ok(0)
+        }
+        ["genconfig"] => {
+            print!("{}", hivegate::config::generate());
+            Ok(0)
+        }
+        ["help" | "-h" | "--help", "serve"] | ["serve", "-h" | "--help", ..] => {
             print!("{SERVE_USAGE}");
             Ok(0)
         }
-        ["help", "check-config"] | ["check-config", "-h" | "--help", ..] => {
+        ["help" | "-h" | "--help", "check-config"] | ["check-config", "-h" | "--help", ..] => {
             print!("{CHECK_USAGE}");
             Ok(0)
         }
@@ -102,21 +128,27 @@ fn run(args: &[String], env: &[(String, String)]) -> Result<i32, String> {
             }
             daemon::run(cfg, log)
         }
-        ["check-config", file] => match Config::load(Some(&PathBuf::from(file)), env) {
-            Ok((_, warnings)) => {
-                for w in warnings {
-                    eprintln!("warning: {w}");
+        ["check-config", file] | ["check-config", "-c" | "--config", file] => {
+            match Config::load(Some(&PathBuf::from(file)), env) {
+                // Here a variable that names no key is an error.
+                Ok((_, warnings)) if !warnings.is_empty() => {
+                    for w in warnings {
+                        eprintln!("{w}");
+                    }
+                    Ok(1)
                 }
-                println!("{file}: ok");
-                Ok(0)
+                Ok(_) => {
+                    println!("{file}: ok");
+                    Ok(0)
+                }
+                Err(errors) => {
+                    eprintln!("{errors}");
+                    Ok(1)
+                }
             }
-            Err(errors) => {
-                eprintln!("{errors}");
-                Ok(1)
-            }
-        },
+        }
         ["check-config"] => Err(format!("check-config needs a FILE\n\n{CHECK_USAGE}")),
-        ["help", "backup"] | ["backup", "-h" | "--help", ..] => {
+        ["help" | "-h" | "--help", "backup"] | ["backup", "-h" | "--help", ..] => {
             print!("{BACKUP_USAGE}");
             Ok(0)
         }
@@ -155,6 +187,9 @@ fn run(args: &[String], env: &[(String, String)]) -> Result<i32, String> {
             println!("backed up {} to {}", db.display(), out.display());
             Ok(0)
         }
+        ["help" | "-h" | "--help", other, ..] => Err(format!(
+            "no help for {other:?}: the commands are serve, check-config, genconfig and backup\n\n{USAGE}"
+        )),
         [other, ..] => Err(format!("unknown command {other:?}\n\n{USAGE}")),
     }
 }

@@ -7,8 +7,8 @@
 //! explains.
 //!
 //! wstest comes from `.ci/autobahn-setup` (a Python 2.7 virtualenv in
-//! target/autobahn) or `$HIVEGATE_WSTEST`. Without it the test says so and
-//! passes, unless `HIVEGATE_REQUIRE_AUTOBAHN=1` (as `.ci/run` sets).
+//! target/autobahn) or `$WSTEST`. Without it the test says so and
+//! passes, unless `REQUIRE_AUTOBAHN=1` (as `.ci/run` sets).
 
 mod common;
 use common::*;
@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 const NON_STRICT_EXPLAINED: &[&str] = &["6.4.3", "6.4.4"];
 
 fn wstest() -> Option<PathBuf> {
-    let path = std::env::var_os("HIVEGATE_WSTEST")
+    let path = std::env::var_os("WSTEST")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
             PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/autobahn/bin/wstest")
@@ -33,8 +33,8 @@ fn wstest() -> Option<PathBuf> {
 fn autobahn_fuzzingclient_finds_no_failure() {
     let Some(wstest) = wstest() else {
         assert!(
-            std::env::var("HIVEGATE_REQUIRE_AUTOBAHN").as_deref() != Ok("1"),
-            "wstest not found: run .ci/autobahn-setup (or set HIVEGATE_WSTEST)"
+            std::env::var("REQUIRE_AUTOBAHN").as_deref() != Ok("1"),
+            "wstest not found: run .ci/autobahn-setup (or set WSTEST)"
         );
         eprintln!("autobahn: wstest not found, not run; .ci/autobahn-setup installs it");
         return;

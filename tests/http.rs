@@ -205,3 +205,53 @@ fn head_gets_the_head_without_the_body() {
         }
     }
 }
+
+#[test]
+fn the_command_line_names_the_right_word_and_generates_a_config() {
+    let bin = env!("CARGO_BIN_EXE_hivegate");
+    let run = |args: &[&str], env: &[(&str, &str)]| {
+        let mut cmd = Command::new(bin);
+        cmd.args(args);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    };
+    let out = run(&["help", "foo"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no help for \"foo\""));
+    let out = run(&["--help", "serve"], &[]);
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("hivegate serve")
+    );
+    let full = fixture("config/full.toml");
+    let out = run(
+        &["check-config", &format!("--config={}", full.display())],
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run(
+        &["check-config", "--config", full.to_str().unwrap()],
+        &[("HIVEGATE_SERVR_LISTEN", "x")],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "an unknown HIVEGATE_ variable fails check-config"
+    );
+    let generated = run(&["genconfig"], &[]);
+    assert!(generated.status.success());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("generated.toml");
+    std::fs::write(&path, &generated.stdout).unwrap();
+    let out = run(&["check-config", path.to_str().unwrap()], &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -5,7 +5,7 @@
 //! to target/web-screenshots/.
 //!
 //! Without Chromium or playwright-core the test says so and passes, unless
-//! `HIVEGATE_REQUIRE_BROWSER=1` (as `.ci/run` sets).
+//! `REQUIRE_BROWSER=1` (as `.ci/run` sets).
 
 mod common;
 use common::fake_openai::{counting_transcript, Behaviour, FakeOpenAi};
@@ -29,7 +29,7 @@ fn the_web_chat_works_in_a_real_browser() {
     let ready = dir.join("node_modules/playwright-core").exists() && chromium().is_some();
     if !ready {
         assert!(
-            std::env::var("HIVEGATE_REQUIRE_BROWSER").as_deref() != Ok("1"),
+            std::env::var("REQUIRE_BROWSER").as_deref() != Ok("1"),
             "chromium or playwright-core missing: run .ci/web-setup"
         );
         eprintln!("web: chromium or playwright-core missing, not run; .ci/web-setup installs them");

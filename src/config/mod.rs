@@ -511,6 +511,16 @@ fn track(key: &str, origin: &Origin, token_origin: &mut Origin, mode_set: &mut b
 }
 
 fn unknown_key(key: &str) -> String {
+    let nearest = KEYS
+        .iter()
+        .map(|k| k.name)
+        .filter(|k| !k.starts_with("provider."))
+        .map(|k| (edit_distance(k, key), k))
+        .min()
+        .filter(|(d, _)| *d <= 3);
+    if let Some((_, k)) = nearest {
+        return format!("unknown key {key}: did you mean {k}?");
+    }
     let section = key.split('.').next().unwrap_or(key);
     let close: Vec<&str> = KEYS
         .iter()
@@ -525,6 +535,72 @@ fn unknown_key(key: &str) -> String {
             close.join(", ")
         )
     }
+}
+
+/// Levenshtein distance, for "did you mean".
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
+/// A complete configuration file, commented, from [`KEYS`]: every key with
+/// its meaning and default, the optional sections commented out.
+pub fn generate() -> String {
+    let mut out = String::from(
+        "# hivegate configuration (hivegate genconfig). Every key is shown with its\n\
+         # default; each may also be set as HIVEGATE_<SECTION>_<KEY> in the environment.\n",
+    );
+    let mut section = "";
+    for key in KEYS {
+        let (sec, name) = key.name.rsplit_once('.').unwrap_or(("", key.name));
+        let optional = sec == "remote" || sec.starts_with("provider.");
+        if sec != section {
+            section = sec;
+            let header = sec.replace("NAME", "kimi");
+            if optional {
+                let why = if sec == "remote" {
+                    "sync to a Supabase/PostgREST store (without it: local only)"
+                } else {
+                    "an OpenAI-compatible provider; one section per provider"
+                };
+                out.push_str(&format!("\n# {why}\n# [{header}]\n"));
+            } else {
+                out.push_str(&format!("\n[{header}]\n"));
+            }
+        }
+        out.push_str(&format!(
+            "# {} (default: {})\n",
+            key.meaning,
+            key.shown_default()
+        ));
+        let line = format!(
+            "{name} = {}",
+            if key.default.is_empty() {
+                "\"\""
+            } else {
+                key.default
+            }
+        );
+        // A default that depends on the environment (the data directory
+        // under systemd, the memory limit from the cgroup) stays implicit.
+        if optional || key.default.is_empty() || !key.note.is_empty() {
+            out.push_str(&format!("# {line}\n"));
+        } else {
+            out.push_str(&line);
+            out.push('\n');
+        }
+    }
+    out
 }
 
 /// `SERVER_MAX_CONNECTIONS` → `server.max_connections`.

@@ -295,3 +295,36 @@ fn systemd_directories_expand_in_paths() {
     let err = Config::load(Some(&p), &[]).unwrap_err().to_string();
     assert!(err.contains("$STATE_DIRECTORY, which is not set"), "{err}");
 }
+
+#[test]
+fn a_misspelt_key_gets_the_nearest() {
+    let p = write("[server]\nmax_conections = 5\n[store]\nretention_dayz = 3\n");
+    let text = Config::load(Some(&p), &[]).unwrap_err().to_string();
+    assert!(
+        text.contains("did you mean server.max_connections?"),
+        "{text}"
+    );
+    assert!(
+        text.contains("did you mean store.retention_days?"),
+        "{text}"
+    );
+}
+
+#[test]
+fn the_generated_config_is_complete_and_valid() {
+    let text = generate();
+    for key in KEYS {
+        let name = key.name.rsplit('.').next().unwrap();
+        assert!(text.contains(&format!("{name} = ")), "{} missing", key.name);
+    }
+    let path = Path::new("generated.toml");
+    let (cfg, _) = Config::from_text(Some((path, &text)), &[]).unwrap();
+    let default = Config::default_with_env(&[]);
+    assert_eq!(cfg.server.max_connections, default.server.max_connections);
+    assert!(cfg.remote.is_none() && cfg.llm.providers.is_empty());
+    // Uncommenting the optional sections gives a configuration too.
+    let all = text
+        .replace("# [", "[")
+        .replace("# url = \"\"", "url = \"http://x\"");
+    assert!(toml::parse(&all).is_ok());
+}

@@ -49,6 +49,14 @@ pub struct SyntaxError {
 }
 
 pub fn parse(text: &str) -> Result<Vec<Entry>, SyntaxError> {
+    if text.starts_with('\u{feff}') {
+        return Err(SyntaxError {
+            line: 1,
+            message:
+                "the file starts with a byte-order mark (U+FEFF): save it as UTF-8 without one"
+                    .into(),
+        });
+    }
     let mut entries: Vec<Entry> = Vec::new();
     let mut section = String::new();
     let lines: Vec<&str> = text.lines().collect();
@@ -342,6 +350,21 @@ impl Cursor {
                 }
             }
         }
+        let unsigned = digits.strip_prefix(['-', '+']).unwrap_or(&digits);
+        if ["0x", "0o", "0b", "0X", "0O", "0B"]
+            .iter()
+            .any(|p| unsigned.starts_with(p))
+        {
+            return Err(format!(
+                "{word:?}: hexadecimal, octal and binary numbers are not supported; write the number in decimal"
+            ));
+        }
+        if !unsigned.is_empty() && unsigned.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(format!(
+                "{word} is too large for an integer (at most {})",
+                i64::MAX
+            ));
+        }
         Err(format!(
             "cannot read {word:?} as a value: strings need quotes, e.g. key = \"{word}\""
         ))
@@ -406,5 +429,16 @@ mod tests {
         assert!(parse("a.b = 1").is_err());
         assert!(parse("k = 1 2").is_err());
         assert!(parse("[bad name]").is_err());
+    }
+
+    #[test]
+    fn numbers_and_marks_get_hints() {
+        let e = parse("[s]\nk = 0x10\n").unwrap_err();
+        assert!(e.message.contains("write the number in decimal"), "{e:?}");
+        let e = parse("[s]\nk = 99999999999999999999\n").unwrap_err();
+        assert!(e.message.contains("too large for an integer"), "{e:?}");
+        let e = parse("\u{feff}[s]\nk = 1\n").unwrap_err();
+        assert_eq!(e.line, 1);
+        assert!(e.message.contains("byte-order mark"), "{e:?}");
     }
 }
