@@ -1,0 +1,78 @@
+//! The systemd unit in packaging/ is the one operators install: it has the
+//! settings the gateway relies on, and `systemd-analyze verify` accepts it
+//! (where the tool exists: `.ci/run` installs it).
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn unit() -> String {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("packaging/hivegate.service");
+    std::fs::read_to_string(path).unwrap()
+}
+
+#[test]
+fn the_unit_has_what_the_gateway_relies_on() {
+    let text = unit();
+    for line in [
+        "Type=notify",
+        "WatchdogSec=",
+        "Restart=on-failure",
+        "DynamicUser=yes",
+        "StateDirectory=hivegate",
+        "LoadCredential=",
+        "MemoryMax=",
+        "ProtectSystem=strict",
+        "ProtectHome=yes",
+        "NoNewPrivileges=yes",
+        "PrivateTmp=yes",
+        "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX",
+        "SystemCallFilter=@system-service",
+        "CapabilityBoundingSet=",
+    ] {
+        assert!(
+            text.lines().any(|l| l.starts_with(line)),
+            "the unit lacks {line}"
+        );
+    }
+}
+
+#[test]
+fn systemd_analyze_verifies_the_unit() {
+    let Ok(out) = Command::new("systemd-analyze").arg("--version").output() else {
+        assert!(
+            std::env::var("REQUIRE_SYSTEMD").as_deref() != Ok("1"),
+            "systemd-analyze is missing"
+        );
+        eprintln!("packaging: systemd-analyze not found, the unit is not verified");
+        return;
+    };
+    assert!(out.status.success());
+    // The unit as installed, but with this build's binary and a
+    // configuration that exists.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("hivegate.toml");
+    std::fs::write(&config, "").unwrap();
+    let text = unit().replace(
+        "/usr/bin/hivegate serve --config /etc/hivegate/hivegate.toml",
+        &format!(
+            "{} serve --config {}",
+            env!("CARGO_BIN_EXE_hivegate"),
+            config.display()
+        ),
+    );
+    let path = dir.path().join("hivegate.service");
+    std::fs::write(&path, text).unwrap();
+    let out = Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    // Lines about the machine rather than the unit (no running systemd
+    // here, no network-online.target) are not the unit's fault.
+    let about_unit: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("hivegate.service") && !l.contains("network-online"))
+        .collect();
+    assert!(about_unit.is_empty(), "systemd-analyze verify:\n{err}");
+}
