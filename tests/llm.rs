@@ -92,7 +92,7 @@ fn streamed_chunks_arrive_in_order_and_join_to_the_final_text() {
     let body: Value = serde_json::from_str(&req.body).unwrap();
     assert_eq!(
         body,
-        json!({"model":"fake-model","stream":true,"messages":[{"role":"user","content":"hi"}]})
+        json!({"model":"fake-model","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"hi"}]})
     );
     // Without stream, only the result.
     call(&mut ws, "t2", json!({"stream": false}));

@@ -381,7 +381,8 @@ pub fn request_body(model: &str, messages: &[(String, String)]) -> String {
     let mut out = String::with_capacity(128);
     out.push_str("{\"model\":");
     escape_into(&mut out, model);
-    out.push_str(",\"stream\":true,\"messages\":[");
+    // OpenAI and vLLM report token counts in a stream only when asked.
+    out.push_str(",\"stream\":true,\"stream_options\":{\"include_usage\":true},\"messages\":[");
     for (i, (role, content)) in messages.iter().enumerate() {
         if i > 0 {
             out.push(',');
@@ -468,7 +469,7 @@ mod tests {
         let body = request_body("m\"1", &[("user".into(), "hi\n".into())]);
         assert_eq!(
             body,
-            r#"{"model":"m\"1","stream":true,"messages":[{"role":"user","content":"hi\n"}]}"#
+            r#"{"model":"m\"1","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"hi\n"}]}"#
         );
         assert!(serde_json::from_str::<serde_json::Value>(&body).is_ok());
     }
