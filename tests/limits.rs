@@ -120,3 +120,28 @@ fn rates_are_exported_in_metrics_and_readyz() {
         }
     }
 }
+
+#[test]
+fn failed_hellos_put_an_address_on_a_cool_down() {
+    let gw = Gateway::start("[auth]\ntokens = [\"alice:good-token-1\"]\n", &[]);
+    let bad: std::net::IpAddr = "127.0.0.7".parse().unwrap();
+    for _ in 0..5 {
+        let mut ws = gw.ws_from(Some(bad), &[]).expect("upgrade");
+        send_json(&mut ws, &serde_json::json!({"op":"hello","token":"wrong"}));
+        assert_eq!(recv_json(&mut ws)["ok"], false);
+        assert_eq!(expect_close(&mut ws), Some(4003));
+    }
+    let Err(refused) = gw.ws_from(Some(bad), &[]) else {
+        panic!("the sixth upgrade was accepted");
+    };
+    assert_eq!(refused.status, 429);
+    assert!(refused.header("retry-after").is_some());
+    // Another address is not affected, and the tries were counted.
+    let (_, ack) = gw.session(Some("good-token-1"));
+    assert_eq!(ack["ok"], true);
+    assert_eq!(gw.metric("hivegate_hello_failures_total"), 5.0);
+    assert_eq!(
+        gw.metric("hivegate_connections_refused_total{reason=\"hello_cooldown\"}"),
+        1.0
+    );
+}

@@ -406,6 +406,13 @@ pub const KEYS: &[Key] = &[
         set: Set::C(|c, s| s.int(1, 1_000_000).map(|v| c.limits.abuse_threshold = v as u64)),
     },
     Key {
+        name: "limits.failed_hellos_per_minute",
+        default: "5",
+        note: "",
+        meaning: "refused hellos (bad or missing token) one IP may have in a minute; past it its upgrades get 429 until the minute has passed",
+        set: Set::C(|c, s| s.float(1.0, 1e6).map(|v| c.limits.failed_hellos_per_minute = v)),
+    },
+    Key {
         name: "limits.table_entries",
         default: "4096",
         note: "",

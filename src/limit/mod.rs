@@ -16,7 +16,7 @@ pub use bucket::{BucketParams, TokenBucket};
 pub use meter::{RateMeter, Strikes};
 pub use table::KeyedBuckets;
 
-use crate::ops::metrics::{counter_with, gauge_with};
+use crate::ops::metrics::{counter, counter_with, gauge_with};
 use std::cell::Cell;
 use std::net::IpAddr;
 use std::rc::Rc;
@@ -88,6 +88,9 @@ pub struct LimitParams {
     pub table_entries: usize,
     /// Refusals within 10 s that close a connection with 1008.
     pub abuse_threshold: u64,
+    /// Refused `hello`s one IP may have in a minute before its upgrades
+    /// are refused (429) until the minute has passed.
+    pub failed_hellos_per_minute: f64,
 }
 
 pub struct Limits {
@@ -96,8 +99,11 @@ pub struct Limits {
     ip: KeyedBuckets<IpAddr>,
     user: KeyedBuckets<Rc<str>>,
     connect: KeyedBuckets<IpAddr>,
+    /// Refused hellos per IP.
+    failed_hellos: KeyedBuckets<IpAddr>,
     refused: [u64; 3],
     connects_refused: u64,
+    hellos_failed: u64,
 }
 
 impl Limits {
@@ -108,8 +114,16 @@ impl Limits {
             ip: KeyedBuckets::new(p.ip, p.table_entries),
             user: KeyedBuckets::new(p.user, p.table_entries),
             connect: KeyedBuckets::new(p.ip_connect, p.table_entries),
+            failed_hellos: KeyedBuckets::new(
+                BucketParams {
+                    capacity: p.failed_hellos_per_minute,
+                    refill_per_s: p.failed_hellos_per_minute / 60.0,
+                },
+                p.table_entries,
+            ),
             refused: [0; 3],
             connects_refused: 0,
+            hellos_failed: 0,
         }
     }
 
@@ -145,12 +159,31 @@ impl Limits {
         })
     }
 
+    /// Counts a refused `hello` against its IP.
+    pub fn note_failed_hello(&mut self, now: Instant, ip: IpAddr) {
+        self.hellos_failed += 1;
+        let _ = self.failed_hellos.take(&ip, now);
+    }
+
+    /// Whether `ip` may try to sign in again, or how long until it may.
+    pub fn check_failed_hellos(&mut self, now: Instant, ip: IpAddr) -> Result<(), Duration> {
+        self.failed_hellos.take(&ip, now)?;
+        self.failed_hellos.refund(&ip);
+        Ok(())
+    }
+
     pub fn render(&self, out: &mut String) {
         let by_level: Vec<(&str, u64)> = Level::ALL
             .iter()
             .zip(self.refused)
             .map(|(l, n)| (l.label(), n))
             .collect();
+        counter(
+            out,
+            "hivegate_hello_failures_total",
+            "hello refused for a bad or missing token.",
+            self.hellos_failed,
+        );
         counter_with(
             out,
             "hivegate_rate_limited_total",
@@ -275,6 +308,7 @@ mod tests {
             },
             table_entries: 4096,
             abuse_threshold: 50,
+            failed_hellos_per_minute: 5.0,
         }
     }
 

@@ -21,10 +21,11 @@ pub enum Refusal {
     Origin,
     Draining,
     Memory,
+    HelloCooldown,
 }
 
 impl Refusal {
-    const ALL: [Refusal; 11] = [
+    const ALL: [Refusal; 12] = [
         Refusal::GlobalCap,
         Refusal::IpCap,
         Refusal::IpRate,
@@ -36,6 +37,7 @@ impl Refusal {
         Refusal::Origin,
         Refusal::Draining,
         Refusal::Memory,
+        Refusal::HelloCooldown,
     ];
 
     pub fn label(self) -> &'static str {
@@ -51,6 +53,7 @@ impl Refusal {
             Refusal::Origin => "origin",
             Refusal::Draining => "draining",
             Refusal::Memory => "memory",
+            Refusal::HelloCooldown => "hello_cooldown",
         }
     }
 }

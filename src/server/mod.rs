@@ -563,6 +563,21 @@ fn admit(
             ),
         ));
     }
+    let failed = gw
+        .limits
+        .borrow_mut()
+        .check_failed_hellos(Instant::now(), ip);
+    if let Err(wait) = failed {
+        return Err(refuse(
+            gw,
+            Refusal::HelloCooldown,
+            ip,
+            Response::text(429, "too many failed sign-ins from your address\n").header(
+                "Retry-After",
+                wait.as_secs_f64().ceil().max(1.0).to_string(),
+            ),
+        ));
+    }
     match gw.table.borrow().check(ip) {
         Ok(()) => {}
         Err(Full::Global) => {

@@ -202,6 +202,9 @@ impl Conn {
             },
         };
         let Some(user) = user else {
+            gw.limits
+                .borrow_mut()
+                .note_failed_hello(Instant::now(), self.slot.ip);
             gw.log.info(
                 "hello refused",
                 &[("conn", &self.slot.id), ("reason", &"bad or missing token")],
