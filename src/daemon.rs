@@ -105,15 +105,18 @@ pub fn run(cfg: Config, log: Logger) -> Result<i32, String> {
             .detach();
         if let Some(period) = Notifier::watchdog_period() {
             let n = Notifier::from_env();
+            let g = gw.clone();
             ex.spawn(async move {
                 loop {
                     n.notify("WATCHDOG=1");
+                    n.notify(&format!("STATUS={}", g.status()));
                     Timer::after(period).await;
                 }
             })
             .detach();
         }
         notifier.notify("READY=1");
+        notifier.notify(&format!("STATUS={}", gw.status()));
 
         let signal = match signals.next().await {
             Some(Ok(async_signal::Signal::Int)) => "SIGINT",

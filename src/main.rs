@@ -122,7 +122,8 @@ fn run(args: &[String], env: &[(String, String)]) -> Result<i32, String> {
             };
             let (cfg, warnings) = Config::load(path.as_deref(), env)
                 .map_err(|e| format!("invalid configuration:\n{e}"))?;
-            let log = ops::log::Logger::new(cfg.log.level, cfg.log.format);
+            let journal = env.iter().any(|(k, _)| k == "JOURNAL_STREAM");
+            let log = ops::log::Logger::new(cfg.log.level, cfg.log.format).for_journal(journal);
             for w in &warnings {
                 log.warn(w, &[]);
             }

@@ -255,3 +255,18 @@ fn the_command_line_names_the_right_word_and_generates_a_config() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn metrics_name_the_build() {
+    let gw = Gateway::start("", &[]);
+    let body = gw.get("/metrics").body;
+    let line = body
+        .lines()
+        .find(|l| l.starts_with("hivegate_build_info{"))
+        .expect("build info");
+    assert!(
+        line.starts_with("hivegate_build_info{version=\"0.1.0\",commit=\""),
+        "{line}"
+    );
+    assert!(line.ends_with("} 1"), "{line}");
+}

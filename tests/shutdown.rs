@@ -67,6 +67,12 @@ fn systemd_hears_ready_watchdog_and_stopping() {
     while !heard.iter().any(|h| h == "READY=1") || !heard.iter().any(|h| h == "WATCHDOG=1") {
         next(&mut heard);
     }
+    while !heard
+        .iter()
+        .any(|h| h.starts_with("STATUS=") && h.contains("connections, online"))
+    {
+        next(&mut heard);
+    }
     gw.signal(libc::SIGTERM);
     while !heard.iter().any(|h| h == "STOPPING=1") {
         next(&mut heard);

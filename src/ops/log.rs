@@ -35,11 +35,25 @@ pub struct LogConfig {
 pub struct Logger {
     level: LogLevel,
     format: LogFormat,
+    /// stderr goes to the journal: text lines start with `<N>`, the
+    /// syslog priority, which journald reads.
+    journald: bool,
 }
 
 impl Logger {
     pub fn new(level: LogLevel, format: LogFormat) -> Logger {
-        Logger { level, format }
+        Logger {
+            level,
+            format,
+            journald: false,
+        }
+    }
+
+    /// Marks text lines with their priority when stderr is the journal
+    /// (systemd sets `$JOURNAL_STREAM` for a service's stderr).
+    pub fn for_journal(mut self, journald: bool) -> Logger {
+        self.journald = journald;
+        self
     }
 
     pub fn enabled(&self, level: LogLevel) -> bool {
@@ -84,6 +98,15 @@ impl Logger {
         let mut line = String::with_capacity(128);
         match self.format {
             LogFormat::Text => {
+                if self.journald {
+                    let priority = match level {
+                        LogLevel::Error => 3,
+                        LogLevel::Warn => 4,
+                        LogLevel::Info => 6,
+                        LogLevel::Debug => 7,
+                    };
+                    let _ = write!(line, "<{priority}>");
+                }
                 let _ = write!(line, "{ts} {name:<5} {msg}");
                 for (k, v) in fields {
                     let v = v.to_string();
@@ -172,6 +195,10 @@ mod tests {
             text,
             "1970-01-01T00:00:00.000Z warn  closed conn=7 reason=\"hello timeout\"\n"
         );
+        let journal = Logger::new(LogLevel::Info, LogFormat::Text)
+            .for_journal(true)
+            .format_line(t, LogLevel::Warn, "closed", &[("conn", &7)]);
+        assert_eq!(journal, "<4>1970-01-01T00:00:00.000Z warn  closed conn=7\n");
         let hostile = Logger::new(LogLevel::Info, LogFormat::Text).format_line(
             t,
             LogLevel::Info,

@@ -166,6 +166,23 @@ impl Gateway {
         }
     }
 
+    /// One line for `systemctl status`: connections, mode, trouble.
+    pub fn status(&self) -> String {
+        let mode = if self.remote.as_ref().is_some_and(|r| r.in_fallback()) {
+            "fallback mode (remote down)"
+        } else {
+            "online"
+        };
+        let mut s = format!("{} connections, {mode}", self.open_connections());
+        if self.memory.shedding() {
+            s.push_str(", shedding load (memory)");
+        }
+        if self.store.is_full() {
+            s.push_str(", storage full");
+        }
+        s
+    }
+
     pub fn open_connections(&self) -> usize {
         self.table.borrow().len()
     }
@@ -410,6 +427,12 @@ async fn pre_upgrade(gw: &Rc<Gateway>, stream: &mut Async<TcpStream>, ip: IpAddr
             }
             crate::resilience::render_breakers(&mut body, &all_breakers(gw), Instant::now());
             gw.memory.render(&mut body);
+            body.push_str(&format!(
+                "# HELP hivegate_build_info The running build.\n# TYPE hivegate_build_info gauge\n\
+                 hivegate_build_info{{version=\"{}\",commit=\"{}\"}} 1\n",
+                env!("CARGO_PKG_VERSION"),
+                env!("BUILD_GIT_COMMIT")
+            ));
             crate::ops::metrics::gauge(
                 &mut body,
                 "hivegate_store_write_queue",
