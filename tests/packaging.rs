@@ -76,3 +76,29 @@ fn systemd_analyze_verifies_the_unit() {
         .collect();
     assert!(about_unit.is_empty(), "systemd-analyze verify:\n{err}");
 }
+
+#[test]
+fn the_packaged_config_is_genconfig_and_valid() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let packaged = std::fs::read_to_string(root.join("packaging/hivegate.toml")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_hivegate"))
+        .arg("genconfig")
+        .output()
+        .unwrap();
+    assert!(
+        packaged == String::from_utf8(out.stdout).unwrap(),
+        "packaging/hivegate.toml is not `hivegate genconfig`'s output: regenerate it"
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_hivegate"))
+        .args([
+            "check-config",
+            root.join("packaging/hivegate.toml").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
