@@ -103,11 +103,22 @@ pub mod close {
     ];
 }
 
+/// One message of a `chat` tool call's conversation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Turn {
+    pub role: String,
+    pub content: String,
+    /// On a `tool` message: the call it answers (OpenAI's `tool_call_id`).
+    pub tool_call_id: Option<String>,
+}
+
+/// Longest `tool_call_id`, in bytes.
+pub const MAX_TOOL_CALL_ID: usize = 128;
+
 /// A `chat` tool call, as the client asked for it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ToolCall {
-    /// (role, content) pairs.
-    pub messages: Vec<(String, String)>,
+    pub messages: Vec<Turn>,
     /// `None` for `auto` (the chain).
     pub provider: Option<String>,
     pub model: Option<String>,
@@ -220,6 +231,7 @@ struct ToolArguments {
 struct ChatMessage {
     role: Option<String>,
     content: Option<String>,
+    tool_call_id: Option<String>,
 }
 
 pub fn parse(text: &str) -> Result<Envelope, ParseError> {
@@ -320,8 +332,15 @@ pub fn parse(text: &str) -> Result<Envelope, ParseError> {
                 .messages
                 .ok_or_else(|| fail("missing \"arguments.messages\"".into()))?
                 .into_iter()
-                .map(|m| match (m.role, m.content) {
-                    (Some(r), Some(c)) => Ok((r, c)),
+                .map(|m| match (m.role, m.content, m.tool_call_id) {
+                    (_, _, Some(id)) if id.is_empty() || id.len() > MAX_TOOL_CALL_ID => Err(fail(
+                        format!("tool_call_id must be 1-{MAX_TOOL_CALL_ID} bytes"),
+                    )),
+                    (Some(role), Some(content), tool_call_id) => Ok(Turn {
+                        role,
+                        content,
+                        tool_call_id,
+                    }),
                     _ => Err(fail(
                         "each message needs a role and a string content".into(),
                     )),
@@ -501,7 +520,14 @@ mod tests {
         match e.request {
             Request::CallTool { name, call } => {
                 assert_eq!(name, "chat");
-                assert_eq!(call.messages, [("user".to_string(), "hi".to_string())]);
+                assert_eq!(
+                    call.messages,
+                    [Turn {
+                        role: "user".into(),
+                        content: "hi".into(),
+                        tool_call_id: None
+                    }]
+                );
                 assert_eq!((call.provider, call.model, call.stream), (None, None, true));
             }
             other => panic!("{other:?}"),

@@ -538,3 +538,39 @@ fn the_per_connection_cap_and_the_provider_quota_refuse() {
     );
     assert_eq!(fake.requests().len(), 2);
 }
+
+#[test]
+fn reasoning_is_relayed_and_tool_call_ids_reach_the_provider() {
+    let transcript =
+        "data: {\"choices\":[{\"delta\":{\"reasoning_content\":\"let me think\"}}]}\n\n\
+                      data: {\"choices\":[{\"delta\":{\"content\":\"42\"}}]}\n\n\
+                      data: [DONE]\n\n"
+            .to_string();
+    let fake = FakeOpenAi::start(ok_stream(transcript));
+    let gw = gateway(&[("kimi", &fake)], "");
+    let (mut ws, _) = gw.session(None);
+    call(
+        &mut ws,
+        "r1",
+        json!({"messages":[
+            {"role":"user","content":"what is 6x7?"},
+            {"role":"tool","content":"42","tool_call_id":"call_7"}
+        ]}),
+    );
+    let frames = frames_until_end(&mut ws, "r1");
+    let chunks: Vec<&Value> = frames
+        .iter()
+        .filter(|f| f["op"] == "stream_chunk")
+        .collect();
+    assert_eq!(chunks[0]["reasoning"], "let me think");
+    assert!(chunks[0].get("chunk").is_none());
+    assert_eq!(chunks[1]["chunk"], "42");
+    assert_eq!(
+        last(&frames)["outputs"][0]["text"],
+        "42",
+        "reasoning is not the answer"
+    );
+    let body: Value = serde_json::from_str(&fake.requests()[0].body).unwrap();
+    assert_eq!(body["messages"][1]["tool_call_id"], "call_7");
+    assert_eq!(body["stream_options"]["include_usage"], true);
+}

@@ -28,6 +28,9 @@ pub struct Usage {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     Delta(String),
+    /// Reasoning text a model streams before its answer
+    /// (`delta.reasoning_content`, as DeepSeek, Kimi and vLLM send it).
+    Reasoning(String),
     Done {
         model: Option<String>,
         usage: Option<Usage>,
@@ -255,6 +258,11 @@ fn call(
             let chunk = parse_chunk(&data)?;
             model = chunk.model.or(model);
             usage = chunk.usage.or(usage);
+            if let Some(text) = chunk.reasoning.filter(|t| !t.is_empty()) {
+                if events.send_blocking(Event::Reasoning(text)).is_err() {
+                    return Ok(None);
+                }
+            }
             if let Some(text) = chunk.delta.filter(|t| !t.is_empty()) {
                 if events.send_blocking(Event::Delta(text)).is_err() {
                     return Ok(None);
@@ -296,6 +304,7 @@ mod wire {
     #[serde(default)]
     pub struct Content {
         pub content: Option<String>,
+        pub reasoning_content: Option<String>,
     }
 
     #[derive(Deserialize, Default, Clone, Copy)]
@@ -314,6 +323,7 @@ mod wire {
 
 pub struct Chunk {
     pub delta: Option<String>,
+    pub reasoning: Option<String>,
     pub model: Option<String>,
     pub usage: Option<Usage>,
 }
@@ -341,16 +351,18 @@ pub fn parse_chunk(data: &str) -> Result<Chunk, CallError> {
             e.message.as_deref().unwrap_or("(no message)")
         )));
     }
-    let delta = a
+    let content = a
         .choices
         .as_ref()
         .and_then(|c| c.first())
-        .and_then(|c| c.delta.as_ref().or(c.message.as_ref()))
-        .and_then(|d| d.content.clone());
+        .and_then(|c| c.delta.as_ref().or(c.message.as_ref()));
+    let delta = content.and_then(|d| d.content.clone());
+    let reasoning = content.and_then(|d| d.reasoning_content.clone());
     Ok(Chunk {
         usage: usage_of(&a),
         model: a.model,
         delta,
+        reasoning,
     })
 }
 
@@ -376,21 +388,25 @@ fn error_message(body: &str) -> String {
 }
 
 /// The request body: the model, the messages, `stream: true`.
-pub fn request_body(model: &str, messages: &[(String, String)]) -> String {
+pub fn request_body(model: &str, messages: &[crate::protocol::Turn]) -> String {
     use crate::json::escape_into;
     let mut out = String::with_capacity(128);
     out.push_str("{\"model\":");
     escape_into(&mut out, model);
     // OpenAI and vLLM report token counts in a stream only when asked.
     out.push_str(",\"stream\":true,\"stream_options\":{\"include_usage\":true},\"messages\":[");
-    for (i, (role, content)) in messages.iter().enumerate() {
+    for (i, turn) in messages.iter().enumerate() {
         if i > 0 {
             out.push(',');
         }
         out.push_str("{\"role\":");
-        escape_into(&mut out, role);
+        escape_into(&mut out, &turn.role);
         out.push_str(",\"content\":");
-        escape_into(&mut out, content);
+        escape_into(&mut out, &turn.content);
+        if let Some(id) = &turn.tool_call_id {
+            out.push_str(",\"tool_call_id\":");
+            escape_into(&mut out, id);
+        }
         out.push('}');
     }
     out.push_str("]}");
@@ -424,6 +440,15 @@ mod tests {
                 completion_tokens: 2
             })
         );
+    }
+
+    #[test]
+    fn reads_reasoning_deltas() {
+        let c = parse_chunk(
+            r#"{"choices":[{"delta":{"reasoning_content":"thinking","content":null}}]}"#,
+        )
+        .unwrap();
+        assert_eq!((c.reasoning.as_deref(), c.delta), (Some("thinking"), None));
     }
 
     #[test]
@@ -466,12 +491,22 @@ mod tests {
 
     #[test]
     fn writes_the_request_body() {
-        let body = request_body("m\"1", &[("user".into(), "hi\n".into())]);
+        let turn = |role: &str, content: &str, id: Option<&str>| crate::protocol::Turn {
+            role: role.into(),
+            content: content.into(),
+            tool_call_id: id.map(String::from),
+        };
+        let body = request_body("m\"1", &[turn("user", "hi\n", None)]);
         assert_eq!(
             body,
             r#"{"model":"m\"1","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"hi\n"}]}"#
         );
         assert!(serde_json::from_str::<serde_json::Value>(&body).is_ok());
+        let body = request_body("m", &[turn("tool", "42", Some("call_1"))]);
+        assert!(
+            body.ends_with(r#"[{"role":"tool","content":"42","tool_call_id":"call_1"}]}"#),
+            "{body}"
+        );
     }
 
     #[test]

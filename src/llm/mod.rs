@@ -161,7 +161,7 @@ impl Llm {
         }
         names.push(']');
         let schema = format!(
-            r#"{{"type":"object","required":["messages"],"properties":{{"messages":{{"type":"array","minItems":1,"items":{{"type":"object","required":["role","content"],"properties":{{"role":{{"enum":["system","user","assistant","tool"]}},"content":{{"type":"string"}}}}}}}},"provider":{{"enum":{names}}},"model":{{"type":["string","null"]}},"stream":{{"type":"boolean"}}}}}}"#
+            r#"{{"type":"object","required":["messages"],"properties":{{"messages":{{"type":"array","minItems":1,"items":{{"type":"object","required":["role","content"],"properties":{{"role":{{"enum":["system","user","assistant","tool"]}},"content":{{"type":"string"}},"tool_call_id":{{"type":"string"}}}}}}}},"provider":{{"enum":{names}}},"model":{{"type":["string","null"]}},"stream":{{"type":"boolean"}}}}}}"#
         );
         let tool = JsonOut::new()
             .str("name", "chat")
@@ -185,18 +185,18 @@ impl Llm {
                 "messages must not be empty".into(),
             ));
         }
-        if let Some((role, _)) = call
+        if let Some(turn) = call
             .messages
             .iter()
-            .find(|(r, _)| !ROLES.contains(&r.as_str()))
+            .find(|t| !ROLES.contains(&t.role.as_str()))
         {
-            let role: String = role.chars().take(32).collect();
+            let role: String = turn.role.chars().take(32).collect();
             return Err((
                 ErrorCode::InvalidRequest,
                 format!("unknown role {role:?}: use {}", ROLES.join(", ")),
             ));
         }
-        let total: usize = call.messages.iter().map(|(_, c)| c.len()).sum();
+        let total: usize = call.messages.iter().map(|t| t.content.len()).sum();
         if total > self.cfg.max_prompt_bytes {
             return Err((
                 ErrorCode::InvalidRequest,
@@ -446,6 +446,7 @@ impl Llm {
         let _slot = InFlight::take(&p.in_flight);
         let deadline = Instant::now() + p.cfg.total_timeout;
         let (mut text, mut chunks) = (String::new(), 0u64);
+        let mut thought = 0usize;
         enum Step {
             Event(Option<Event>),
             Silence,
@@ -492,7 +493,7 @@ impl Llm {
                     if out.cancelled() {
                         return Attempt::Cancelled;
                     }
-                    if text.len() + t.len() > self.cfg.max_response_bytes {
+                    if text.len() + thought + t.len() > self.cfg.max_response_bytes {
                         flag.store(true, Ordering::Relaxed);
                         let error = CallError::Malformed(format!(
                             "the answer is longer than llm.max_response_bytes ({})",
@@ -511,6 +512,35 @@ impl Llm {
                             JsonOut::op("stream_chunk")
                                 .opt_str("request_id", out.rid())
                                 .str("chunk", &t)
+                                .finish(),
+                        );
+                    }
+                }
+                Step::Event(Some(Event::Reasoning(r))) => {
+                    if out.cancelled() {
+                        return Attempt::Cancelled;
+                    }
+                    // Reasoning counts against the answer's size bound,
+                    // and is relayed, not part of the result.
+                    thought += r.len();
+                    if text.len() + thought > self.cfg.max_response_bytes {
+                        flag.store(true, Ordering::Relaxed);
+                        let error = CallError::Malformed(format!(
+                            "the answer is longer than llm.max_response_bytes ({})",
+                            self.cfg.max_response_bytes
+                        ));
+                        return Attempt::Failed {
+                            error,
+                            chunks,
+                            bytes: text.len(),
+                        };
+                    }
+                    chunks += 1;
+                    if call.stream {
+                        out.send(
+                            JsonOut::op("stream_chunk")
+                                .opt_str("request_id", out.rid())
+                                .str("reasoning", &r)
                                 .finish(),
                         );
                     }

@@ -260,7 +260,11 @@ mod tests {
 
         fn call(&self, llm: &Rc<Llm>, rid: &str, name: &str, content: &str) -> Option<Task> {
             let call = Call {
-                messages: vec![("user".into(), content.into())],
+                messages: vec![crate::protocol::Turn {
+                    role: "user".into(),
+                    content: content.into(),
+                    tool_call_id: None,
+                }],
                 provider: None,
                 model: None,
                 stream: true,
