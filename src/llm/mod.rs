@@ -468,7 +468,7 @@ impl Llm {
                     Step::Deadline
                 })
                 .await;
-            match step {
+            let (field, piece) = match step {
                 Step::Cancelled => return Attempt::Cancelled,
                 Step::Silence => {
                     // The client has heard nothing for a while: say why.
@@ -479,6 +479,7 @@ impl Llm {
                             .str("message", &msg)
                             .finish(),
                     );
+                    continue;
                 }
                 Step::Deadline => {
                     flag.store(true, Ordering::Relaxed);
@@ -489,62 +490,10 @@ impl Llm {
                         bytes: text.len(),
                     };
                 }
-                Step::Event(Some(Event::Delta(t))) => {
-                    if out.cancelled() {
-                        return Attempt::Cancelled;
-                    }
-                    if text.len() + thought + t.len() > self.cfg.max_response_bytes {
-                        flag.store(true, Ordering::Relaxed);
-                        let error = CallError::Malformed(format!(
-                            "the answer is longer than llm.max_response_bytes ({})",
-                            self.cfg.max_response_bytes
-                        ));
-                        return Attempt::Failed {
-                            error,
-                            chunks,
-                            bytes: text.len(),
-                        };
-                    }
-                    chunks += 1;
-                    text.push_str(&t);
-                    if call.stream {
-                        out.send(
-                            JsonOut::op("stream_chunk")
-                                .opt_str("request_id", out.rid())
-                                .str("chunk", &t)
-                                .finish(),
-                        );
-                    }
-                }
-                Step::Event(Some(Event::Reasoning(r))) => {
-                    if out.cancelled() {
-                        return Attempt::Cancelled;
-                    }
-                    // Reasoning counts against the answer's size bound,
-                    // and is relayed, not part of the result.
-                    thought += r.len();
-                    if text.len() + thought > self.cfg.max_response_bytes {
-                        flag.store(true, Ordering::Relaxed);
-                        let error = CallError::Malformed(format!(
-                            "the answer is longer than llm.max_response_bytes ({})",
-                            self.cfg.max_response_bytes
-                        ));
-                        return Attempt::Failed {
-                            error,
-                            chunks,
-                            bytes: text.len(),
-                        };
-                    }
-                    chunks += 1;
-                    if call.stream {
-                        out.send(
-                            JsonOut::op("stream_chunk")
-                                .opt_str("request_id", out.rid())
-                                .str("reasoning", &r)
-                                .finish(),
-                        );
-                    }
-                }
+                Step::Event(Some(Event::Delta(t))) => ("chunk", t),
+                // Reasoning is relayed and counts against the size bound,
+                // but is not part of the result.
+                Step::Event(Some(Event::Reasoning(t))) => ("reasoning", t),
                 Step::Event(Some(Event::Done { model, usage })) => {
                     return Attempt::Done { text, model, usage }
                 }
@@ -573,6 +522,35 @@ impl Llm {
                         bytes: text.len(),
                     };
                 }
+            };
+            if out.cancelled() {
+                return Attempt::Cancelled;
+            }
+            if text.len() + thought + piece.len() > self.cfg.max_response_bytes {
+                flag.store(true, Ordering::Relaxed);
+                let error = CallError::Malformed(format!(
+                    "the answer is longer than llm.max_response_bytes ({})",
+                    self.cfg.max_response_bytes
+                ));
+                return Attempt::Failed {
+                    error,
+                    chunks,
+                    bytes: text.len(),
+                };
+            }
+            chunks += 1;
+            if field == "chunk" {
+                text.push_str(&piece);
+            } else {
+                thought += piece.len();
+            }
+            if call.stream {
+                out.send(
+                    JsonOut::op("stream_chunk")
+                        .opt_str("request_id", out.rid())
+                        .str(field, &piece)
+                        .finish(),
+                );
             }
         }
     }

@@ -509,6 +509,11 @@ fn all_breakers(gw: &Gateway) -> Vec<(String, crate::resilience::Breaker)> {
     breakers
 }
 
+/// A wait as `Retry-After` seconds: rounded up, at least one.
+fn retry_after(wait: Duration) -> String {
+    wait.as_secs_f64().ceil().max(1.0).to_string()
+}
+
 /// Decides whether an upgrade request gets a connection, in the order the
 /// checks are cheapest and most telling: shape, drain, origin, capacity,
 /// token. On success the slot is taken.
@@ -580,10 +585,8 @@ fn admit(
             gw,
             Refusal::IpRate,
             ip,
-            Response::text(429, "too many new connections from your address\n").header(
-                "Retry-After",
-                wait.as_secs_f64().ceil().max(1.0).to_string(),
-            ),
+            Response::text(429, "too many new connections from your address\n")
+                .header("Retry-After", retry_after(wait)),
         ));
     }
     let failed = gw
@@ -595,10 +598,8 @@ fn admit(
             gw,
             Refusal::HelloCooldown,
             ip,
-            Response::text(429, "too many failed sign-ins from your address\n").header(
-                "Retry-After",
-                wait.as_secs_f64().ceil().max(1.0).to_string(),
-            ),
+            Response::text(429, "too many failed sign-ins from your address\n")
+                .header("Retry-After", retry_after(wait)),
         ));
     }
     match gw.table.borrow().check(ip) {
