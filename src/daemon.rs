@@ -24,7 +24,14 @@ use std::time::Instant;
 /// Exit code after a second signal cut the drain short.
 pub const EXIT_INTERRUPTED: i32 = 130;
 
-pub fn run(cfg: Config, log: Logger) -> Result<i32, String> {
+/// Where the configuration came from, to read it again on SIGHUP.
+pub struct ConfigSource {
+    pub path: Option<std::path::PathBuf>,
+    /// The environment at start (a reload cannot see a new one).
+    pub env: Vec<(String, String)>,
+}
+
+pub fn run(cfg: Config, log: Logger, source: ConfigSource) -> Result<i32, String> {
     tune_malloc();
     raise_fd_limit(&log, cfg.server.max_connections);
     std::fs::create_dir_all(&cfg.server.data_dir).map_err(|e| {
@@ -44,6 +51,8 @@ pub fn run(cfg: Config, log: Logger) -> Result<i32, String> {
     let mut signals =
         async_signal::Signals::new([async_signal::Signal::Term, async_signal::Signal::Int])
             .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    let hangups = async_signal::Signals::new([async_signal::Signal::Hup])
+        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
 
     let pool = Rc::new(
         Pool::new(cfg.pool.threads, cfg.pool.queue)
@@ -72,6 +81,7 @@ pub fn run(cfg: Config, log: Logger) -> Result<i32, String> {
         ),
         None => None,
     };
+    let reload_pool = pool.clone();
     let services = Services {
         pool,
         store,
@@ -94,7 +104,7 @@ pub fn run(cfg: Config, log: Logger) -> Result<i32, String> {
             ("addr", &local),
             ("version", &crate::VERSION),
             ("max_connections", &gw.cfg.server.max_connections),
-            ("data_dir", &gw.cfg.server.data_dir.display()),
+            ("data_dir", &gw.cfg.server.data_dir.display().to_string()),
         ],
     );
 
@@ -117,6 +127,14 @@ pub fn run(cfg: Config, log: Logger) -> Result<i32, String> {
         }
         notifier.notify("READY=1");
         notifier.notify(&format!("STATUS={}", gw.status()));
+        let g = gw.clone();
+        ex.spawn(async move {
+            let mut hangups = hangups;
+            while hangups.next().await.is_some() {
+                reload(&g, &reload_pool, &source).await;
+            }
+        })
+        .detach();
 
         let signal = match signals.next().await {
             Some(Ok(async_signal::Signal::Int)) => "SIGINT",
@@ -150,6 +168,68 @@ pub fn run(cfg: Config, log: Logger) -> Result<i32, String> {
     };
     Ok(smol::block_on(ex.run(main)))
 }
+
+/// SIGHUP: read the configuration again (on the pool: files and key files
+/// are read from disk) and apply what can change while running. An
+/// invalid configuration is logged, error by error, and the old one stays.
+async fn reload(gw: &Gateway, pool: &Pool, source: &ConfigSource) {
+    let notifier = Notifier::from_env();
+    notifier.notify(&format!(
+        "RELOADING=1\nMONOTONIC_USEC={}",
+        crate::clock::monotonic_usec()
+    ));
+    let log = gw.log;
+    let (path, env) = (source.path.clone(), source.env.clone());
+    let job = pool.submit(RELOAD_READ_TIMEOUT, move || {
+        Config::load(path.as_deref(), &env)
+    });
+    let loaded = match job {
+        Ok(job) => job.await.map_err(|e| format!("{e:?}")),
+        Err(e) => Err(format!("{e:?}")),
+    };
+    match loaded {
+        Ok(Ok((cfg, warnings))) => {
+            for w in &warnings {
+                log.warn(w, &[]);
+            }
+            let fixed = gw.reload(&cfg);
+            if !fixed.is_empty() {
+                log.warn(
+                    "reload: these sections changed in settings only a restart applies; they keep their old values",
+                    &[("sections", &fixed.join(","))],
+                );
+            }
+            log.info(
+                "configuration reloaded",
+                &[
+                    ("tokens", &cfg.auth.tokens.len()),
+                    ("origins", &cfg.server.allowed_origins.len()),
+                ],
+            );
+        }
+        Ok(Err(errors)) => {
+            gw.reload_failed();
+            for e in &errors.0 {
+                log.error(
+                    "reload refused: the configuration is invalid; the running one stays",
+                    &[("error", e)],
+                );
+            }
+        }
+        Err(e) => {
+            gw.reload_failed();
+            log.error(
+                "reload failed: could not read the configuration (pool busy); send SIGHUP again",
+                &[("error", &e)],
+            );
+        }
+    }
+    notifier.notify("READY=1");
+    notifier.notify(&format!("STATUS={}", gw.status()));
+}
+
+/// Time allowed to read the configuration and key files on a reload.
+const RELOAD_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Keeps glibc from handing freed memory back to the kernel after every
 /// burst. Each pool thread has a heap of its own, and glibc trims it with

@@ -22,6 +22,7 @@ pub mod server;
 pub mod store;
 #[doc(hidden)]
 pub mod testkit;
+pub mod upstream_key;
 
 /// The version and the git commit it was built from.
 pub const VERSION: &str = concat!(

@@ -127,7 +127,12 @@ fn run(args: &[String], env: &[(String, String)]) -> Result<i32, String> {
             for w in &warnings {
                 log.warn(w, &[]);
             }
-            daemon::run(cfg, log)
+            ops::log::route_libraries(log);
+            let source = daemon::ConfigSource {
+                path,
+                env: env.to_vec(),
+            };
+            daemon::run(cfg, log, source)
         }
         ["check-config", file] | ["check-config", "-c" | "--config", file] => {
             match Config::load(Some(&PathBuf::from(file)), env) {

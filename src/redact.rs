@@ -15,6 +15,9 @@ const REDACTED: &str = "[redacted]";
 /// Secrets shorter than this are not searched for: a three-letter "key"
 /// would blank out ordinary words, and no real key is that short.
 const MIN_SECRET: usize = 6;
+/// Secrets kept across reloads, so rotating keys every hour for years
+/// does not grow the list (or the time every upstream error takes).
+const MAX_SECRETS: usize = 64;
 
 /// The secrets to remove, shared with the pool threads.
 #[derive(Clone, Default)]
@@ -36,11 +39,25 @@ impl Redactor {
             .map(String::from)
             .collect();
         // The longest first: a key that contains another is removed whole.
-        secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        secrets.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
         secrets.dedup();
         Redactor {
             secrets: Arc::new(secrets),
         }
+    }
+
+    /// This redactor's secrets and `newer`'s: after a key rotation the old
+    /// key may still come back in an upstream's words. At most
+    /// [`MAX_SECRETS`], the newest kept.
+    pub fn merged(&self, newer: &Redactor) -> Redactor {
+        let all: Vec<&str> = newer
+            .secrets
+            .iter()
+            .chain(self.secrets.iter())
+            .map(String::as_str)
+            .take(MAX_SECRETS)
+            .collect();
+        Redactor::new(all)
     }
 
     /// `text` without secrets or control characters, trimmed, and at most
@@ -81,5 +98,10 @@ mod tests {
         assert_eq!(long.chars().count(), MAX_UPSTREAM_TEXT + 1);
         assert!(long.ends_with('…'));
         assert_eq!(format!("{r:?}"), "Redactor(2 secrets)");
+        let both = r.merged(&Redactor::new(["sk-rotated-999"]));
+        assert_eq!(
+            both.clean("sk-rotated-999 sk-live-123456"),
+            "[redacted] [redacted]"
+        );
     }
 }

@@ -66,8 +66,11 @@ pub struct Remote {
     dead_letters_pruned: Cell<u64>,
     jitter: RefCell<Jitter>,
     log: Logger,
-    /// Cleans the remote's words before they are logged or stored.
-    redact: crate::redact::Redactor,
+    /// Cleans the remote's words before they are logged or stored;
+    /// replaced by a reload (it must know the new key).
+    redact: RefCell<crate::redact::Redactor>,
+    /// The API key; `cfg.api_key` is only where it came from at start.
+    key: crate::upstream_key::UpstreamKey,
 }
 
 impl Remote {
@@ -99,9 +102,15 @@ impl Remote {
             dead_letters: Cell::new(0),
             dead_letters_pruned: Cell::new(0),
             jitter: RefCell::new(Jitter::new(crate::resilience::random_u64())),
+            key: crate::upstream_key::UpstreamKey::new(
+                "remote",
+                cfg.api_key.clone(),
+                &crate::upstream_key::source(&cfg.api_key_env, &cfg.api_key_file),
+                log,
+            ),
             cfg: cfg.clone(),
             log,
-            redact,
+            redact: RefCell::new(redact),
         })
     }
 
@@ -115,7 +124,7 @@ impl Remote {
             if on {
                 self.log.warn(
                     "fallback mode: the remote is unreachable; chat goes on locally",
-                    &[("why", &why)],
+                    &[("why", &why.to_string())],
                 );
             } else {
                 self.log.info(
@@ -370,8 +379,8 @@ impl Remote {
     async fn post(&self, table: &str, conflict: &str, body: String) -> Posted {
         let url = format!("{}/rest/v1/{table}?on_conflict={conflict}", self.cfg.url);
         let agent = self.agent.clone();
-        let key: Option<Secret> = self.cfg.api_key.clone();
-        let redact = self.redact.clone();
+        let key: Option<Secret> = self.key.for_call();
+        let redact = self.redact.borrow().clone();
         let job = self.pool.submit(self.cfg.timeout * 2, move || {
             let mut r = agent
                 .post(&url)
@@ -407,6 +416,18 @@ impl Remote {
             Ok(f) => f.await.unwrap_or_else(|e| Posted::Failed(format!("{e:?}"))),
             Err(e) => Posted::Failed(format!("{e:?}")),
         }
+    }
+
+    /// Key rotation: the key read for the remote now is used from the
+    /// next batch on.
+    pub fn reload_key(&self, cfg: &RemoteConfig, redact: crate::redact::Redactor) {
+        *self.redact.borrow_mut() = redact;
+        let source = crate::upstream_key::source(&cfg.api_key_env, &cfg.api_key_file);
+        self.key.replace(cfg.api_key.clone(), &source);
+    }
+
+    pub fn render_keys(&self, out: &mut String) {
+        self.key.render_lines(out);
     }
 
     pub fn render(&self, out: &mut String) {

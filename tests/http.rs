@@ -269,4 +269,17 @@ fn metrics_name_the_build() {
         "{line}"
     );
     assert!(line.ends_with("} 1"), "{line}");
+    // The standard process metrics, with plausible values.
+    let rss = gw.metric("process_resident_memory_bytes");
+    assert!(rss > 1e6 && rss < 1e9, "{rss}");
+    assert!(gw.metric("process_open_fds") >= 3.0);
+    assert!(gw.metric("process_max_fds") >= gw.metric("process_open_fds"));
+    assert!(gw.metric("process_threads") >= 2.0);
+    let start = gw.metric("process_start_time_seconds");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!((now - start).abs() < 120.0, "{start} vs {now}");
+    assert!(gw.metric("process_cpu_seconds_total") >= 0.0);
 }

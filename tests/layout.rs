@@ -14,7 +14,14 @@ const LAYERS: &[&[&str]] = &[
     &["chat", "llm", "remote"],
     &["hub", "store"],
     &["limit", "pool"],
-    &["ops", "resilience", "auth", "clock", "redact"],
+    &[
+        "ops",
+        "resilience",
+        "auth",
+        "clock",
+        "redact",
+        "upstream_key",
+    ],
     &["protocol"],
     &["json"],
 ];

@@ -493,6 +493,12 @@ fn the_api_key_never_appears_in_any_output() {
         "the upstream's error was relayed"
     );
     assert!(!seen.contains(KEY), "the key leaked");
+    // At debug, the HTTP client's own records reach the log too.
+    assert!(
+        gw.log_text().contains("library target=ureq"),
+        "{}",
+        gw.log_text()
+    );
     assert!(!seen.contains("7f3a9c"), "part of the key leaked");
     // It did go upstream, where it belongs.
     assert!(fake.requests()[0].head.contains(KEY));

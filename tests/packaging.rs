@@ -16,6 +16,7 @@ fn the_unit_has_what_the_gateway_relies_on() {
     for line in [
         "Type=notify",
         "WatchdogSec=",
+        "ExecReload=/bin/kill -HUP $MAINPID",
         "Restart=on-failure",
         "DynamicUser=yes",
         "StateDirectory=hivegate",

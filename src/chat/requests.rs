@@ -360,7 +360,11 @@ fn store_error(log: Logger, reply: &Reply, e: &StoreError) {
         StoreError::Storage(m) => {
             log.warn(
                 "store failed",
-                &[("conn", &reply.conn), ("request_id", &rid), ("error", m)],
+                &[
+                    ("conn", &reply.conn),
+                    ("request_id", &rid.to_string()),
+                    ("error", &m.to_string()),
+                ],
             );
             let msg = format!("internal error (conn {}, request {rid})", reply.conn);
             reply.error(ErrorCode::InternalError, &msg, None);

@@ -93,7 +93,15 @@ pub struct LimitParams {
     pub failed_hellos_per_minute: f64,
 }
 
+fn failed_hello_params(p: &LimitParams) -> BucketParams {
+    BucketParams {
+        capacity: p.failed_hellos_per_minute,
+        refill_per_s: p.failed_hellos_per_minute / 60.0,
+    }
+}
+
 pub struct Limits {
+    params: LimitParams,
     global_params: BucketParams,
     global: TokenBucket,
     ip: KeyedBuckets<IpAddr>,
@@ -109,22 +117,37 @@ pub struct Limits {
 impl Limits {
     pub fn new(p: &LimitParams, now: Instant) -> Limits {
         Limits {
+            params: *p,
             global_params: p.global,
             global: TokenBucket::new(&p.global, now),
             ip: KeyedBuckets::new(p.ip, p.table_entries),
             user: KeyedBuckets::new(p.user, p.table_entries),
             connect: KeyedBuckets::new(p.ip_connect, p.table_entries),
-            failed_hellos: KeyedBuckets::new(
-                BucketParams {
-                    capacity: p.failed_hellos_per_minute,
-                    refill_per_s: p.failed_hellos_per_minute / 60.0,
-                },
-                p.table_entries,
-            ),
+            failed_hellos: KeyedBuckets::new(failed_hello_params(p), p.table_entries),
             refused: [0; 3],
             connects_refused: 0,
             hellos_failed: 0,
         }
+    }
+
+    /// The limits in force (a reload may have changed them).
+    pub fn params(&self) -> &LimitParams {
+        &self.params
+    }
+
+    /// A reload: new rates from now on, every bucket keeping what it holds
+    /// (a client mid-burst is not handed a fresh allowance). The size of
+    /// the per-key tables is fixed at start.
+    pub fn retune(&mut self, p: &LimitParams) {
+        self.params = LimitParams {
+            table_entries: self.params.table_entries,
+            ..*p
+        };
+        self.global_params = p.global;
+        self.ip.set_params(p.ip);
+        self.user.set_params(p.user);
+        self.connect.set_params(p.ip_connect);
+        self.failed_hellos.set_params(failed_hello_params(p));
     }
 
     /// Admits one request frame, or says which level refused and when to

@@ -48,6 +48,12 @@ impl<K: Hash + Eq + Clone> KeyedBuckets<K> {
         }
     }
 
+    /// New rates for every key from now on; each bucket keeps what it
+    /// holds (a lower capacity takes effect at its next refill).
+    pub fn set_params(&mut self, params: BucketParams) {
+        self.params = params;
+    }
+
     pub fn len(&self) -> usize {
         self.nodes.len()
     }

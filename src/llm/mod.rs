@@ -58,6 +58,8 @@ pub use crate::protocol::ToolCall as Call;
 
 struct Provider {
     cfg: ProviderConfig,
+    /// The API key; `cfg.api_key` is only where it came from at start.
+    key: crate::upstream_key::UpstreamKey,
     url: String,
     agent: ureq::Agent,
     breaker: RefCell<Breaker>,
@@ -78,7 +80,8 @@ pub struct Llm {
     in_flight: std::rc::Rc<Cell<u32>>,
     jitter: RefCell<Jitter>,
     log: Logger,
-    redact: crate::redact::Redactor,
+    /// Replaced by a reload (it must know the new keys).
+    redact: RefCell<crate::redact::Redactor>,
 }
 
 /// How one attempt at one provider ended.
@@ -110,6 +113,12 @@ impl Llm {
             .iter()
             .map(|p| Provider {
                 url: format!("{}/chat/completions", p.base_url),
+                key: crate::upstream_key::UpstreamKey::new(
+                    &format!("provider.{}", p.name),
+                    p.api_key.clone(),
+                    &crate::upstream_key::source(&p.api_key_env, &p.api_key_file),
+                    log,
+                ),
                 agent: client::agent(p),
                 breaker: RefCell::new(Breaker::new(p.fail_max, p.reset_timeout, now)),
                 in_flight: std::rc::Rc::default(),
@@ -147,7 +156,7 @@ impl Llm {
             in_flight: std::rc::Rc::default(),
             jitter: RefCell::new(Jitter::new(seed)),
             log,
-            redact,
+            redact: RefCell::new(redact),
         })
     }
 
@@ -433,9 +442,9 @@ impl Llm {
         let req = client::Request {
             agent: p.agent.clone(),
             url: p.url.clone(),
-            api_key: p.cfg.api_key.clone(),
+            api_key: p.key.for_call(),
             body: client::request_body(model, &call.messages),
-            redact: self.redact.clone(),
+            redact: self.redact.borrow().clone(),
         };
         let job_flag = flag.clone();
         let Ok(job) = pool.submit(p.cfg.total_timeout, move || {
@@ -561,6 +570,26 @@ impl Llm {
             .iter()
             .map(|p| (p.cfg.name.clone(), p.breaker.borrow().clone()))
             .collect()
+    }
+
+    /// Key rotation: each provider named in `cfg` uses the key read for
+    /// it now. Providers added or removed need a restart (the caller says
+    /// so); everything else about a provider stays as it started.
+    pub fn reload_keys(&self, cfg: &LlmConfig, redact: crate::redact::Redactor) {
+        *self.redact.borrow_mut() = redact;
+        for new in &cfg.providers {
+            if let Some(p) = self.providers.iter().find(|p| p.cfg.name == new.name) {
+                let source = crate::upstream_key::source(&new.api_key_env, &new.api_key_file);
+                p.key.replace(new.api_key.clone(), &source);
+            }
+        }
+    }
+
+    /// The per-key call counts, one line per provider and key id.
+    pub fn render_keys(&self, out: &mut String) {
+        for p in &self.providers {
+            p.key.render_lines(out);
+        }
     }
 
     pub fn render(&self, out: &mut String) {

@@ -8,6 +8,41 @@ use std::fmt::{Display, Write as _};
 use std::io::Write as _;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+/// A field's value: anything printable, and in JSON lines numbers and
+/// booleans keep their type (`"conn":7`, not `"conn":"7"`), found by
+/// their Rust type, never by what the text looks like (a user named
+/// `123` stays a string).
+pub trait Field: Display {
+    fn as_any(&self) -> &dyn std::any::Any;
+}
+
+impl<T: Display + 'static> Field for T {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+/// The JSON form of a number or boolean field, if it is one.
+fn typed(v: &dyn Field) -> Option<String> {
+    let a = v.as_any();
+    macro_rules! ints {
+        ($($t:ty),*) => {
+            $(if let Some(n) = a.downcast_ref::<$t>() {
+                return Some(n.to_string());
+            })*
+        };
+    }
+    ints!(u8, u16, u32, u64, usize, i8, i16, i32, i64, isize);
+    if let Some(b) = a.downcast_ref::<bool>() {
+        return Some(b.to_string());
+    }
+    if let Some(f) = a.downcast_ref::<f64>() {
+        // JSON has no NaN or infinity: those stay strings.
+        return f.is_finite().then(|| f.to_string());
+    }
+    None
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
 pub enum LogLevel {
     Error,
@@ -60,19 +95,23 @@ impl Logger {
         level <= self.level
     }
 
-    pub fn warn(&self, msg: &str, fields: &[(&str, &dyn Display)]) {
+    pub fn error(&self, msg: &str, fields: &[(&str, &dyn Field)]) {
+        self.log(LogLevel::Error, msg, fields)
+    }
+
+    pub fn warn(&self, msg: &str, fields: &[(&str, &dyn Field)]) {
         self.log(LogLevel::Warn, msg, fields)
     }
 
-    pub fn info(&self, msg: &str, fields: &[(&str, &dyn Display)]) {
+    pub fn info(&self, msg: &str, fields: &[(&str, &dyn Field)]) {
         self.log(LogLevel::Info, msg, fields)
     }
 
-    pub fn debug(&self, msg: &str, fields: &[(&str, &dyn Display)]) {
+    pub fn debug(&self, msg: &str, fields: &[(&str, &dyn Field)]) {
         self.log(LogLevel::Debug, msg, fields)
     }
 
-    pub fn log(&self, level: LogLevel, msg: &str, fields: &[(&str, &dyn Display)]) {
+    pub fn log(&self, level: LogLevel, msg: &str, fields: &[(&str, &dyn Field)]) {
         if !self.enabled(level) {
             return;
         }
@@ -86,7 +125,7 @@ impl Logger {
         at: SystemTime,
         level: LogLevel,
         msg: &str,
-        fields: &[(&str, &dyn Display)],
+        fields: &[(&str, &dyn Field)],
     ) -> String {
         let ts = rfc3339(at);
         let name = match level {
@@ -132,7 +171,10 @@ impl Logger {
                     line.push(',');
                     crate::json::escape_into(&mut line, k);
                     line.push(':');
-                    crate::json::escape_into(&mut line, &v.to_string());
+                    match typed(*v) {
+                        Some(n) => line.push_str(&n),
+                        None => crate::json::escape_into(&mut line, &v.to_string()),
+                    }
                 }
                 line.push('}');
             }
@@ -142,6 +184,60 @@ impl Logger {
         line.push('\n');
         line
     }
+}
+
+/// Sends the `log` records of the libraries (ureq, rustls, tungstenite)
+/// to `logger`, at its level: a TLS handshake failure or a dropped pooled
+/// connection upstream shows up where the operator looks. Trace records
+/// are never taken (ureq writes raw request headers, API keys included,
+/// only at trace). The record's text is a field, so it is quoted and
+/// escaped like any other outside text.
+///
+/// The `log` crate's logger is process-wide by its design; this is the
+/// one place that sets it, once, at start.
+pub fn route_libraries(logger: Logger) {
+    let max = match logger.level {
+        LogLevel::Error => log::LevelFilter::Error,
+        LogLevel::Warn => log::LevelFilter::Warn,
+        LogLevel::Info => log::LevelFilter::Info,
+        LogLevel::Debug => log::LevelFilter::Debug,
+    };
+    if log::set_boxed_logger(Box::new(Libraries(logger))).is_ok() {
+        log::set_max_level(max);
+    }
+}
+
+struct Libraries(Logger);
+
+fn level_of(l: log::Level) -> Option<LogLevel> {
+    match l {
+        log::Level::Error => Some(LogLevel::Error),
+        log::Level::Warn => Some(LogLevel::Warn),
+        log::Level::Info => Some(LogLevel::Info),
+        log::Level::Debug => Some(LogLevel::Debug),
+        log::Level::Trace => None,
+    }
+}
+
+impl log::Log for Libraries {
+    fn enabled(&self, m: &log::Metadata) -> bool {
+        level_of(m.level()).is_some_and(|l| self.0.enabled(l))
+    }
+
+    fn log(&self, r: &log::Record) {
+        if let Some(level) = level_of(r.level()) {
+            self.0.log(
+                level,
+                "library",
+                &[
+                    ("target", &r.target().to_string()),
+                    ("text", &r.args().to_string()),
+                ],
+            );
+        }
+    }
+
+    fn flush(&self) {}
 }
 
 /// `2026-11-22T02:22:12.123Z`, without a date crate.
@@ -213,11 +309,17 @@ mod tests {
             t,
             LogLevel::Info,
             "a\nb",
-            &[("conn", &7)],
+            &[
+                ("conn", &7u64),
+                ("ok", &true),
+                ("user", &"123"),
+                ("rate", &0.5f64),
+                ("nan", &f64::NAN),
+            ],
         );
         assert_eq!(
             json,
-            "{\"ts\":\"1970-01-01T00:00:00.000Z\",\"level\":\"info\",\"msg\":\"a\\nb\",\"conn\":\"7\"}\n"
+            "{\"ts\":\"1970-01-01T00:00:00.000Z\",\"level\":\"info\",\"msg\":\"a\\nb\",\"conn\":7,\"ok\":true,\"user\":\"123\",\"rate\":0.5,\"nan\":\"NaN\"}\n"
         );
     }
 }

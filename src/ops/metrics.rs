@@ -73,6 +73,9 @@ pub struct Metrics {
     pub deliveries: Cell<u64>,
     pub fanout_slow: Cell<u64>,
     pub http_requests: Cell<u64>,
+    /// SIGHUP reloads applied, and refused (the old settings kept).
+    pub reloads: Cell<u64>,
+    pub reloads_failed: Cell<u64>,
 }
 
 pub fn inc(c: &Cell<u64>) {
@@ -231,6 +234,16 @@ impl Metrics {
             "Plain HTTP requests answered.",
             self.http_requests.get(),
         );
+        counter_with(
+            out,
+            "hivegate_config_reloads_total",
+            "SIGHUP reloads: applied, or failed (the configuration was invalid and the old one stays).",
+            "result",
+            &[
+                ("applied", self.reloads.get()),
+                ("failed", self.reloads_failed.get()),
+            ],
+        );
     }
 }
 
@@ -240,6 +253,16 @@ fn header(out: &mut String, name: &str, help: &str, kind: &str) {
 
 pub fn counter(out: &mut String, name: &str, help: &str, v: u64) {
     header(out, name, help, "counter");
+    let _ = writeln!(out, "{name} {v}");
+}
+
+pub fn counter_f(out: &mut String, name: &str, help: &str, v: f64) {
+    header(out, name, help, "counter");
+    let _ = writeln!(out, "{name} {v}");
+}
+
+pub fn gauge_f(out: &mut String, name: &str, help: &str, v: f64) {
+    header(out, name, help, "gauge");
     let _ = writeln!(out, "{name} {v}");
 }
 

@@ -4,4 +4,5 @@ pub mod fd;
 pub mod log;
 pub mod memory;
 pub mod metrics;
+pub mod process;
 pub mod systemd;

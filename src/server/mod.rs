@@ -10,9 +10,9 @@ pub mod echo;
 pub mod handshakes;
 pub mod http;
 pub mod intake;
+pub mod reload;
 pub mod web;
 
-use crate::auth::Authenticator;
 use crate::chat::Chat;
 use crate::config::Config;
 use crate::hub::{Full, Table};
@@ -42,7 +42,8 @@ pub struct Gateway {
     pub log: Logger,
     metrics: Metrics,
     table: Rc<RefCell<Table>>,
-    auth: Authenticator,
+    /// What a SIGHUP may change: tokens, origins, the redactor.
+    live: RefCell<reload::Live>,
     limits: RefCell<Limits>,
     meters: RefCell<Meters>,
     draining: Cell<bool>,
@@ -114,7 +115,7 @@ impl Gateway {
             log,
         };
         Gateway {
-            auth: Authenticator::new(cfg.auth.tokens.clone()),
+            live: RefCell::new(reload::Live::new(&cfg)),
             limits: RefCell::new(Limits::new(&cfg.limits, Instant::now())),
             meters: RefCell::new(Meters::new(Instant::now())),
             table: Rc::new(RefCell::new(table)),
@@ -415,33 +416,11 @@ async fn pre_upgrade(gw: &Rc<Gateway>, stream: &mut Async<TcpStream>, ip: IpAddr
         "/" if get => gw.web.page(),
         "/favicon.ico" if get => gw.web.icon(),
         "/readyz" if get => readyz(gw),
-        "/metrics" if get => {
-            let mut body = String::with_capacity(4096);
-            gw.metrics.render(&gw.gauges(), &mut body);
-            gw.limits.borrow().render(&mut body);
-            gw.meters.borrow_mut().render(Instant::now(), &mut body);
-            gw.pool.render(&mut body);
-            gw.llm.render(&mut body);
-            if let Some(r) = &gw.remote {
-                r.render(&mut body);
-            }
-            crate::resilience::render_breakers(&mut body, &all_breakers(gw), Instant::now());
-            gw.memory.render(&mut body);
-            body.push_str(&format!(
-                "# HELP hivegate_build_info The running build.\n# TYPE hivegate_build_info gauge\n\
-                 hivegate_build_info{{version=\"{}\",commit=\"{}\"}} 1\n",
-                env!("CARGO_PKG_VERSION"),
-                env!("BUILD_GIT_COMMIT")
-            ));
-            crate::ops::metrics::gauge(
-                &mut body,
-                "hivegate_store_write_queue",
-                "Writes waiting for the next group commit.",
-                gw.store.queued() as u64,
-            );
-            gw.chat.render(&mut body);
-            Response::new(200, "text/plain; version=0.0.4; charset=utf-8", body)
-        }
+        "/metrics" if get => Response::new(
+            200,
+            "text/plain; version=0.0.4; charset=utf-8",
+            metrics_page(gw),
+        ),
         "/" | "/ws" | "/healthz" | "/readyz" | "/metrics" => {
             Response::text(405, "method not allowed\n").header("Allow", "GET, HEAD")
         }
@@ -454,6 +433,41 @@ async fn pre_upgrade(gw: &Rc<Gateway>, stream: &mut Async<TcpStream>, ip: IpAddr
     };
     response.send(stream).await;
     Outcome::Done
+}
+
+/// Every module's counters and gauges, in the Prometheus text format.
+fn metrics_page(gw: &Gateway) -> String {
+    let mut body = String::with_capacity(8192);
+    gw.metrics.render(&gw.gauges(), &mut body);
+    gw.limits.borrow().render(&mut body);
+    gw.meters.borrow_mut().render(Instant::now(), &mut body);
+    gw.pool.render(&mut body);
+    gw.llm.render(&mut body);
+    if let Some(r) = &gw.remote {
+        r.render(&mut body);
+    }
+    crate::upstream_key::render_header(&mut body);
+    gw.llm.render_keys(&mut body);
+    if let Some(r) = &gw.remote {
+        r.render_keys(&mut body);
+    }
+    crate::resilience::render_breakers(&mut body, &all_breakers(gw), Instant::now());
+    gw.memory.render(&mut body);
+    body.push_str(&format!(
+        "# HELP hivegate_build_info The running build.\n# TYPE hivegate_build_info gauge\n\
+         hivegate_build_info{{version=\"{}\",commit=\"{}\"}} 1\n",
+        env!("CARGO_PKG_VERSION"),
+        env!("BUILD_GIT_COMMIT")
+    ));
+    crate::ops::metrics::gauge(
+        &mut body,
+        "hivegate_store_write_queue",
+        "Writes waiting for the next group commit.",
+        gw.store.queued() as u64,
+    );
+    gw.chat.render(&mut body);
+    crate::ops::process::render(&mut body);
+    body
 }
 
 fn readyz(gw: &Gateway) -> Response {
@@ -569,8 +583,8 @@ fn admit(
                 .header("Retry-After", retry()),
         ));
     }
-    let origins = &gw.cfg.server.allowed_origins;
     if let Some(origin) = &head.origin {
+        let origins = &gw.live.borrow().origins;
         if !origins.is_empty() && !origins.iter().any(|o| o == origin) {
             return Err(refuse(
                 gw,
@@ -623,8 +637,8 @@ fn admit(
         }
     }
     let user = match &head.bearer {
-        Some(token) => match gw.auth.user_for(token) {
-            Some(u) => Some(Rc::from(u)),
+        Some(token) => match gw.live.borrow().auth.user_for(token).map(Rc::from) {
+            Some(u) => Some(u),
             None => {
                 return Err(refuse(
                     gw,

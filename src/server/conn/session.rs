@@ -164,7 +164,7 @@ impl Conn {
             Some(refused.retry_after_ms()),
         ));
         self.refusals.record(now);
-        if self.refusals.count(now, 10) > self.gw.cfg.limits.abuse_threshold {
+        if self.refusals.count(now, 10) > self.gw.limits.borrow().params().abuse_threshold {
             inc(&self.gw.metrics.abuse_closes);
             return Err(Close(close::POLICY));
         }
@@ -194,8 +194,8 @@ impl Conn {
     ) -> Result<(), Close> {
         let gw = self.gw.clone();
         let user: Option<Rc<str>> = match token {
-            Some(t) => gw.auth.user_for(t).map(Rc::from),
-            None => match (&self.preauth, gw.cfg.auth.mode) {
+            Some(t) => gw.live.borrow().auth.user_for(t).map(Rc::from),
+            None => match (&self.preauth, gw.live.borrow().mode) {
                 (Some(u), _) => Some(u.clone()),
                 (None, AuthMode::Open) => Some(Rc::from(guest_name(self.slot.id, client_id))),
                 (None, AuthMode::Token) => None,
@@ -219,7 +219,7 @@ impl Conn {
             return Err(Close(close::UNAUTHORIZED));
         };
         let session_id = format!("{:016x}{:x}", crate::resilience::random_u64(), self.slot.id);
-        let user_bucket = gw.cfg.limits.user;
+        let user_bucket = gw.limits.borrow().params().user;
         let limits = JsonOut::new()
             .num("max_message_bytes", gw.cfg.server.max_message_bytes as u64)
             .float("rate_per_s", user_bucket.refill_per_s)
@@ -240,7 +240,7 @@ impl Conn {
             &[
                 ("conn", &self.slot.id),
                 ("user", &user),
-                ("client", &client.unwrap_or("-")),
+                ("client", &client.unwrap_or("-").to_string()),
             ],
         );
         self.session = Some(Session { user });
