@@ -72,14 +72,27 @@ pub fn run(cfg: Config, log: Logger, source: ConfigSource) -> Result<i32, String
     )?;
     let ex = Rc::new(LocalExecutor::new());
     let redact = cfg.redactor();
-    let llm = crate::llm::Llm::new(&cfg.llm, log, redact.clone())
+    let https = cfg.llm.providers.iter().map(|p| p.base_url.as_str());
+    let https = https
+        .chain(cfg.remote.iter().map(|r| r.url.as_str()))
+        .any(|u| u.starts_with("https://"));
+    let upstream_tls = if https {
+        crate::ca::load(&cfg.server.upstream_ca_file)?
+    } else {
+        crate::ca::no_roots()
+    };
+    let llm = crate::llm::Llm::new(&cfg.llm, log, redact.clone(), &upstream_tls)
         .map_err(|e| format!("cannot start the upstream pool: {e}"))?;
     let remote = match &cfg.remote {
         Some(r) => Some(
-            crate::remote::Remote::new(r, log, redact)
+            crate::remote::Remote::new(r, log, redact, &upstream_tls)
                 .map_err(|e| format!("cannot start the sync thread: {e}"))?,
         ),
         None => None,
+    };
+    let tls = match (&cfg.server.tls_cert_file, &cfg.server.tls_key_file) {
+        (Some(cert), Some(key)) => Some(crate::server::tls::load(cert, key)?),
+        _ => None,
     };
     let reload_pool = pool.clone();
     let services = Services {
@@ -88,6 +101,7 @@ pub fn run(cfg: Config, log: Logger, source: ConfigSource) -> Result<i32, String
         chat,
         llm,
         remote,
+        tls,
     };
     let gw = Rc::new(Gateway::new(cfg, log, ex.clone(), services));
     let notifier = Notifier::from_env();
@@ -181,18 +195,20 @@ async fn reload(gw: &Gateway, pool: &Pool, source: &ConfigSource) {
     let log = gw.log;
     let (path, env) = (source.path.clone(), source.env.clone());
     let job = pool.submit(RELOAD_READ_TIMEOUT, move || {
-        Config::load(path.as_deref(), &env)
+        read_config(path.as_deref(), &env)
     });
     let loaded = match job {
-        Ok(job) => job.await.map_err(|e| format!("{e:?}")),
-        Err(e) => Err(format!("{e:?}")),
+        Ok(job) => job.await.map_err(|e| vec![format!("{e:?}")]),
+        Err(e) => Err(vec![format!(
+            "could not read the configuration ({e:?}: the pool is busy); send SIGHUP again"
+        )]),
     };
-    match loaded {
-        Ok(Ok((cfg, warnings))) => {
+    match loaded.and_then(|r| r) {
+        Ok((cfg, warnings, tls)) => {
             for w in &warnings {
                 log.warn(w, &[]);
             }
-            let fixed = gw.reload(&cfg);
+            let fixed = gw.reload(&cfg, tls);
             if !fixed.is_empty() {
                 log.warn(
                     "reload: these sections changed in settings only a restart applies; they keep their old values",
@@ -207,25 +223,39 @@ async fn reload(gw: &Gateway, pool: &Pool, source: &ConfigSource) {
                 ],
             );
         }
-        Ok(Err(errors)) => {
+        Err(errors) => {
             gw.reload_failed();
-            for e in &errors.0 {
+            for e in &errors {
                 log.error(
                     "reload refused: the configuration is invalid; the running one stays",
                     &[("error", e)],
                 );
             }
         }
-        Err(e) => {
-            gw.reload_failed();
-            log.error(
-                "reload failed: could not read the configuration (pool busy); send SIGHUP again",
-                &[("error", &e)],
-            );
-        }
     }
     notifier.notify("READY=1");
     notifier.notify(&format!("STATUS={}", gw.status()));
+}
+
+/// The configuration file, the keys it names and the TLS certificate, as
+/// a reload reads them (on a pool thread); every error as a line.
+type Loaded = (
+    Config,
+    Vec<String>,
+    Option<std::sync::Arc<rustls::ServerConfig>>,
+);
+
+fn read_config(
+    path: Option<&std::path::Path>,
+    env: &[(String, String)],
+) -> Result<Loaded, Vec<String>> {
+    let (cfg, warnings) = Config::load(path, env)
+        .map_err(|e| e.0.iter().map(|e| e.to_string()).collect::<Vec<_>>())?;
+    let tls = match (&cfg.server.tls_cert_file, &cfg.server.tls_key_file) {
+        (Some(cert), Some(key)) => Some(crate::server::tls::load(cert, key).map_err(|e| vec![e])?),
+        _ => None,
+    };
+    Ok((cfg, warnings, tls))
 }
 
 /// Time allowed to read the configuration and key files on a reload.

@@ -3,6 +3,7 @@
 //! parsers through it.
 
 pub mod auth;
+pub mod ca;
 pub mod chat;
 pub mod clock;
 pub mod config;

@@ -78,8 +78,10 @@ impl Remote {
         cfg: &RemoteConfig,
         log: Logger,
         redact: crate::redact::Redactor,
+        tls: &ureq::tls::TlsConfig,
     ) -> std::io::Result<Remote> {
         let agent = ureq::Agent::config_builder()
+            .tls_config(tls.clone())
             .http_status_as_error(false)
             .timeout_connect(Some(cfg.connect_timeout))
             .timeout_global(Some(cfg.timeout))

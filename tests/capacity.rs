@@ -160,11 +160,14 @@ fn a_client_that_never_reads_is_closed_4008_while_others_are_served() {
 
 #[test]
 fn over_the_memory_limit_new_connections_are_shed_and_open_ones_served() {
-    // A limit the gateway is over from the start (its RSS is several MiB);
-    // the sentinel's first check comes half a second after start, so this
-    // connection is made before shedding begins.
-    let gw = Gateway::start("[server]\nmemory_limit_bytes = 1048576\n", &[]);
+    // A connection is opened under a generous limit; then a reload sets
+    // one the gateway is over (its RSS is several MiB).
+    let gw = Gateway::start("[server]\nmemory_limit_bytes = 1073741824\n", &[]);
     let (mut open, _) = gw.session(None);
+    let path = gw.dir.path().join("hivegate.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, text.replace("1073741824", "1048576")).unwrap();
+    gw.signal(libc::SIGHUP);
     let end = Instant::now() + Duration::from_secs(5);
     while gw.metric("hivegate_shedding") == 0.0 && Instant::now() < end {
         std::thread::sleep(Duration::from_millis(50));

@@ -18,6 +18,7 @@ const LAYERS: &[&[&str]] = &[
         "ops",
         "resilience",
         "auth",
+        "ca",
         "clock",
         "redact",
         "upstream_key",

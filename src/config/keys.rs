@@ -168,6 +168,27 @@ pub const KEYS: &[Key] = &[
         set: Set::C(|c, s| s.strings().map(|v| c.server.allowed_origins = v)),
     },
     Key {
+        name: "server.tls_cert_file",
+        default: "\"\"",
+        note: "plain TCP",
+        meaning: "PEM certificate chain: serve HTTPS and `wss://` on the listen port (with `tls_key_file`; both re-read on SIGHUP)",
+        set: Set::C(|c, s| s.opt_path().map(|v| c.server.tls_cert_file = v)),
+    },
+    Key {
+        name: "server.tls_key_file",
+        default: "\"\"",
+        note: "plain TCP",
+        meaning: "PEM private key of `tls_cert_file`",
+        set: Set::C(|c, s| s.opt_path().map(|v| c.server.tls_key_file = v)),
+    },
+    Key {
+        name: "server.upstream_ca_file",
+        default: "\"/etc/ssl/certs/ca-certificates.crt\"",
+        note: "Debian's `ca-certificates`",
+        meaning: "PEM bundle of the CAs trusted for `https://` providers and remote; read at start, only when an upstream is `https://`",
+        set: Set::C(|c, s| s.path().map(|v| c.server.upstream_ca_file = v)),
+    },
+    Key {
         name: "auth.mode",
         default: "\"token\"",
         note: "",

@@ -64,6 +64,11 @@ pub struct Server {
     pub memory_limit_bytes: u64,
     /// Serve `/ws-echo` (conformance tests only).
     pub echo_endpoint: bool,
+    /// Both or neither: TLS on the listen port.
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    /// CAs for https:// upstreams.
+    pub upstream_ca_file: PathBuf,
 }
 
 /// A blank to be filled from [`KEYS`] (`Config::default_with_env`); these
@@ -88,6 +93,9 @@ impl Default for Server {
             allowed_origins: Vec::new(),
             memory_limit_bytes: 0,
             echo_endpoint: false,
+            tls_cert_file: None,
+            tls_key_file: None,
+            upstream_ca_file: PathBuf::new(),
         }
     }
 }
@@ -381,6 +389,12 @@ impl Config {
 
     /// Rules that involve more than one key.
     fn check_whole(&mut self, mode_set: bool) -> Result<(), String> {
+        if self.server.tls_cert_file.is_some() != self.server.tls_key_file.is_some() {
+            return Err(
+                "server.tls_cert_file and server.tls_key_file go together: set both to serve TLS, or neither for plain TCP"
+                    .to_string(),
+            );
+        }
         let largest = crate::chat::largest_message_frame(self.chat.max_text_bytes);
         if largest > self.server.outbox_bytes / 2 {
             return Err(format!(

@@ -146,6 +146,14 @@ impl Setting<'_> {
     /// A path that is not empty. `$CREDENTIALS_DIRECTORY` and
     /// `$STATE_DIRECTORY` (or `${...}`) are replaced by the directories
     /// systemd names in them (the first, when it names several).
+    /// A path, or `None` for an empty string (the setting is off).
+    pub fn opt_path(&self) -> Result<Option<PathBuf>, String> {
+        if self.string()?.is_empty() {
+            return Ok(None);
+        }
+        self.path().map(Some)
+    }
+
     pub fn path(&self) -> Result<PathBuf, String> {
         let mut text = self.string()?;
         if text.is_empty() {

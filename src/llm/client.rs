@@ -119,8 +119,9 @@ pub struct Request {
 
 /// An agent with the provider's timeouts. `http_status_as_error` is off so
 /// that a 429's `Retry-After` and an error body can be read.
-pub fn agent(cfg: &super::ProviderConfig) -> ureq::Agent {
+pub fn agent(cfg: &super::ProviderConfig, tls: &ureq::tls::TlsConfig) -> ureq::Agent {
     ureq::Agent::config_builder()
+        .tls_config(tls.clone())
         .http_status_as_error(false)
         .timeout_connect(Some(cfg.connect_timeout))
         .timeout_recv_response(Some(cfg.first_byte_timeout))

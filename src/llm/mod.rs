@@ -106,6 +106,7 @@ impl Llm {
         cfg: &LlmConfig,
         log: Logger,
         redact: crate::redact::Redactor,
+        tls: &ureq::tls::TlsConfig,
     ) -> std::io::Result<Llm> {
         let now = Instant::now();
         let providers: Vec<Provider> = cfg
@@ -119,7 +120,7 @@ impl Llm {
                     &crate::upstream_key::source(&p.api_key_env, &p.api_key_file),
                     log,
                 ),
-                agent: client::agent(p),
+                agent: client::agent(p, tls),
                 breaker: RefCell::new(Breaker::new(p.fail_max, p.reset_timeout, now)),
                 in_flight: std::rc::Rc::default(),
                 quota: (p.rpm > 0).then(|| {

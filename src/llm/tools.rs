@@ -231,7 +231,7 @@ mod tests {
             ..LlmConfig::default()
         };
         let log = Logger::new(Default::default(), Default::default());
-        Rc::new(Llm::new(&cfg, log, Default::default()).unwrap())
+        Rc::new(Llm::new(&cfg, log, Default::default(), &crate::ca::no_roots()).unwrap())
     }
 
     struct Conn {

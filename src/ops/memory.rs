@@ -1,16 +1,28 @@
-//! The memory sentinel: twice a second it compares the process's resident
-//! memory with the limit (the configured one, or 90% of systemd's
-//! `MemoryMax=`). Over it, new connections are refused and `/readyz` is 503
-//! (open connections are still served); below 90% of it, all is normal
-//! again. Each change is logged once.
+//! The memory sentinel: it compares the process's resident memory with the
+//! limit (the configured one, or 90% of systemd's `MemoryMax=`). Over it,
+//! new connections are refused and `/readyz` is 503 (open connections are
+//! still served); below 90% of it, all is normal again. Each change is
+//! logged once.
+//!
+//! What it decides matters only when a client knocks, so it reads at
+//! admission (and `/readyz`) whenever its last reading is older than
+//! [`FRESH`], and on its own only every [`FRESH`] while connections are
+//! open, every [`IDLE_PERIOD`] otherwise: an idle box is not woken twice
+//! a second for nothing.
 
 use super::log::Logger;
 use std::cell::Cell;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// A reading older than this is taken again before it is used.
+pub const FRESH: Duration = Duration::from_millis(500);
+/// The period of the readings (for `/metrics`) with no connection open.
+pub const IDLE_PERIOD: Duration = Duration::from_secs(30);
 
 pub struct MemorySentinel {
-    limit: Option<u64>,
+    limit: Cell<Option<u64>>,
     rss: Cell<u64>,
+    read_at: Cell<Option<Instant>>,
     shedding: Cell<bool>,
     log: Logger,
 }
@@ -19,8 +31,9 @@ impl MemorySentinel {
     /// `configured`: `server.memory_limit_bytes` (0: from the cgroup).
     pub fn new(configured: u64, log: Logger) -> MemorySentinel {
         MemorySentinel {
-            limit: effective_limit(configured),
+            limit: Cell::new(effective_limit(configured)),
             rss: Cell::new(0),
+            read_at: Cell::new(None),
             shedding: Cell::new(false),
             log,
         }
@@ -36,20 +49,46 @@ impl MemorySentinel {
         self.rss.get()
     }
 
-    /// Runs for the life of the gateway.
-    pub async fn run(&self) {
+    /// A reload's new `server.memory_limit_bytes`; the next admission
+    /// reads memory afresh against it.
+    pub fn set_limit(&self, configured: u64) {
+        self.limit.set(effective_limit(configured));
+        self.read_at.set(None);
+    }
+
+    /// Whether to refuse a new connection now, from a fresh reading.
+    pub fn shedding_now(&self, now: Instant) -> bool {
+        let stale = self
+            .read_at
+            .get()
+            .is_none_or(|at| now.saturating_duration_since(at) >= FRESH);
+        if stale {
+            self.read(now);
+        }
+        self.shedding.get()
+    }
+
+    fn read(&self, now: Instant) {
+        self.read_at.set(Some(now));
+        if let Some(rss) = rss_bytes() {
+            self.note(rss);
+        }
+    }
+
+    /// Runs for the life of the gateway; `busy` says whether connections
+    /// are open.
+    pub async fn run(&self, busy: impl Fn() -> bool) {
         loop {
-            async_io::Timer::after(Duration::from_millis(500)).await;
-            if let Some(rss) = rss_bytes() {
-                self.note(rss);
-            }
+            let period = if busy() { FRESH } else { IDLE_PERIOD };
+            async_io::Timer::after(period).await;
+            self.read(Instant::now());
         }
     }
 
     /// One reading.
     fn note(&self, rss: u64) {
         self.rss.set(rss);
-        let Some(limit) = self.limit else {
+        let Some(limit) = self.limit.get() else {
             return;
         };
         let shedding = self.shedding.get();
@@ -87,7 +126,7 @@ impl MemorySentinel {
             out,
             "hivegate_memory_limit_bytes",
             "Memory limit in force (0: none).",
-            self.limit.unwrap_or(0),
+            self.limit.get().unwrap_or(0),
         );
         gauge(
             out,

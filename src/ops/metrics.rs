@@ -22,10 +22,11 @@ pub enum Refusal {
     Draining,
     Memory,
     HelloCooldown,
+    TlsHandshake,
 }
 
 impl Refusal {
-    const ALL: [Refusal; 12] = [
+    const ALL: [Refusal; 13] = [
         Refusal::GlobalCap,
         Refusal::IpCap,
         Refusal::IpRate,
@@ -38,6 +39,7 @@ impl Refusal {
         Refusal::Draining,
         Refusal::Memory,
         Refusal::HelloCooldown,
+        Refusal::TlsHandshake,
     ];
 
     pub fn label(self) -> &'static str {
@@ -54,6 +56,7 @@ impl Refusal {
             Refusal::Draining => "draining",
             Refusal::Memory => "memory",
             Refusal::HelloCooldown => "hello_cooldown",
+            Refusal::TlsHandshake => "tls_handshake",
         }
     }
 }

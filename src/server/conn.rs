@@ -13,7 +13,7 @@ use crate::limit::{RateMeter, Strikes};
 use crate::llm::ToolCalls;
 use crate::ops::metrics::{add, inc};
 use crate::protocol::{close, Close};
-use async_io::{Async, Timer};
+use async_io::Timer;
 use async_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use async_tungstenite::tungstenite::protocol::CloseFrame;
 use async_tungstenite::tungstenite::{Error as WsError, Message};
@@ -21,7 +21,6 @@ use async_tungstenite::WebSocketStream;
 use futures_lite::{future, FutureExt, Stream};
 use futures_sink::Sink;
 use std::cell::Cell;
-use std::net::TcpStream;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll};
@@ -29,7 +28,7 @@ use std::time::{Duration, Instant};
 
 mod session;
 
-pub type WsStream = WebSocketStream<super::intake::Intake<Async<TcpStream>>>;
+pub type WsStream = WebSocketStream<super::intake::Intake<super::tls::Socket>>;
 
 /// Messages handled in one turn of the event loop before the task yields
 /// (the intake bounds the bytes; this bounds the work).
@@ -426,7 +425,7 @@ impl Conn {
                 .ws
                 .get_ref()
                 .get_ref()
-                .get_ref()
+                .tcp()
                 .shutdown(std::net::Shutdown::Write);
             drain_input(&mut self.ws).await;
         };

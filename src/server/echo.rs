@@ -46,7 +46,7 @@ pub async fn run(gw: &Gateway, ws: &mut WsStream) {
         let _ = ws
             .get_ref()
             .get_ref()
-            .get_ref()
+            .tcp()
             .shutdown(std::net::Shutdown::Write);
         drain_input(ws).await;
     }

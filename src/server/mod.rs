@@ -10,13 +10,14 @@ pub mod echo;
 pub mod handshakes;
 pub mod http;
 pub mod intake;
+mod probes;
 pub mod reload;
+pub mod tls;
 pub mod web;
 
 use crate::chat::Chat;
 use crate::config::Config;
 use crate::hub::{Full, Table};
-use crate::json::JsonOut;
 use crate::limit::{Limits, Meters};
 use crate::ops::log::Logger;
 use crate::ops::metrics::{inc, Gauges, Metrics, Refusal};
@@ -65,6 +66,8 @@ pub struct Gateway {
     memory: crate::ops::memory::MemorySentinel,
     ex: Rc<LocalExecutor<'static>>,
     web: web::Web,
+    /// `None`: plain TCP.
+    tls: Option<tls::Tls>,
 }
 
 /// What the daemon builds, each module from its own settings, and hands
@@ -76,6 +79,8 @@ pub struct Services {
     pub llm: crate::llm::Llm,
     /// `None` in local-only mode.
     pub remote: Option<crate::remote::Remote>,
+    /// The certificate to serve, when TLS is on.
+    pub tls: Option<std::sync::Arc<rustls::ServerConfig>>,
 }
 
 impl Gateway {
@@ -91,6 +96,7 @@ impl Gateway {
             chat,
             llm,
             remote,
+            tls,
         } = services;
         let s = &cfg.server;
         let table = Table::new(
@@ -137,6 +143,7 @@ impl Gateway {
             memory: crate::ops::memory::MemorySentinel::new(cfg.server.memory_limit_bytes, log),
             ex,
             web: web::Web::new(),
+            tls: tls.map(tls::Tls::new),
             cfg,
             log,
         }
@@ -156,7 +163,7 @@ impl Gateway {
         let g = self.clone();
         self.spawn(async move { g.store.keep_size(&g.cfg.store, synced_only, g.log).await });
         let g = self.clone();
-        self.spawn(async move { g.memory.run().await });
+        self.spawn(async move { g.memory.run(|| g.open_connections() > 0).await });
         if self.remote.is_some() {
             let g = self.clone();
             self.spawn(async move {
@@ -305,7 +312,7 @@ enum Outcome {
 #[allow(clippy::manual_async_fn)]
 fn handle_socket(
     gw: Rc<Gateway>,
-    mut stream: Async<TcpStream>,
+    stream: Async<TcpStream>,
     peer: SocketAddr,
     guard: HandshakeGuard,
 ) -> impl std::future::Future<Output = ()> {
@@ -315,20 +322,43 @@ fn handle_socket(
         // The handshake phase is boxed (and the box bound to a name, so no
         // temporary outlives it): the task then keeps, for the life of the
         // connection, only the state of the connection itself.
-        let handshake = Box::pin(pre_upgrade(&gw, &mut stream, ip).or(async {
-            Timer::after(timeout).await;
-            gw.metrics.refused(Refusal::HandshakeTimeout);
-            gw.log.debug("handshake timed out", &[("ip", &ip)]);
-            Outcome::Done
-        }));
-        let outcome = handshake.await;
+        let handshake = Box::pin(
+            async {
+                let mut socket = match &gw.tls {
+                    None => tls::Socket::Plain(stream),
+                    Some(t) => match t.accept(stream).await {
+                        Ok(s) => s,
+                        Err(e) => {
+                            gw.metrics.refused(Refusal::TlsHandshake);
+                            gw.log.debug(
+                                "TLS handshake failed",
+                                &[("ip", &ip), ("error", &e.to_string())],
+                            );
+                            return (Outcome::Done, None);
+                        }
+                    },
+                };
+                let outcome = pre_upgrade(&gw, &mut socket, ip).await;
+                (outcome, Some(socket))
+            }
+            .or(async {
+                Timer::after(timeout).await;
+                gw.metrics.refused(Refusal::HandshakeTimeout);
+                gw.log.debug("handshake timed out", &[("ip", &ip)]);
+                (Outcome::Done, None)
+            }),
+        );
+        let (outcome, socket) = handshake.await;
         drop(guard);
-        let Outcome::Upgrade {
-            slot,
-            leftover,
-            user,
-            echo,
-        } = outcome
+        let (
+            Outcome::Upgrade {
+                slot,
+                leftover,
+                user,
+                echo,
+            },
+            Some(stream),
+        ) = (outcome, socket)
         else {
             return;
         };
@@ -359,7 +389,7 @@ fn refuse(gw: &Gateway, why: Refusal, ip: IpAddr, resp: Response) -> Response {
     resp
 }
 
-async fn pre_upgrade(gw: &Rc<Gateway>, stream: &mut Async<TcpStream>, ip: IpAddr) -> Outcome {
+async fn pre_upgrade(gw: &Rc<Gateway>, stream: &mut tls::Socket, ip: IpAddr) -> Outcome {
     let (head, leftover) = match http::read_head(stream).await {
         Ok(h) => h,
         Err(HeadError::Closed) => return Outcome::Done,
@@ -415,11 +445,11 @@ async fn pre_upgrade(gw: &Rc<Gateway>, stream: &mut Async<TcpStream>, ip: IpAddr
         // The embedded web chat: a plain client of the wire protocol.
         "/" if get => gw.web.page(),
         "/favicon.ico" if get => gw.web.icon(),
-        "/readyz" if get => readyz(gw),
+        "/readyz" if get => probes::readyz(gw),
         "/metrics" if get => Response::new(
             200,
             "text/plain; version=0.0.4; charset=utf-8",
-            metrics_page(gw),
+            probes::metrics_page(gw),
         ),
         "/" | "/ws" | "/healthz" | "/readyz" | "/metrics" => {
             Response::text(405, "method not allowed\n").header("Allow", "GET, HEAD")
@@ -433,94 +463,6 @@ async fn pre_upgrade(gw: &Rc<Gateway>, stream: &mut Async<TcpStream>, ip: IpAddr
     };
     response.send(stream).await;
     Outcome::Done
-}
-
-/// Every module's counters and gauges, in the Prometheus text format.
-fn metrics_page(gw: &Gateway) -> String {
-    let mut body = String::with_capacity(8192);
-    gw.metrics.render(&gw.gauges(), &mut body);
-    gw.limits.borrow().render(&mut body);
-    gw.meters.borrow_mut().render(Instant::now(), &mut body);
-    gw.pool.render(&mut body);
-    gw.llm.render(&mut body);
-    if let Some(r) = &gw.remote {
-        r.render(&mut body);
-    }
-    crate::upstream_key::render_header(&mut body);
-    gw.llm.render_keys(&mut body);
-    if let Some(r) = &gw.remote {
-        r.render_keys(&mut body);
-    }
-    crate::resilience::render_breakers(&mut body, &all_breakers(gw), Instant::now());
-    gw.memory.render(&mut body);
-    body.push_str(&format!(
-        "# HELP hivegate_build_info The running build.\n# TYPE hivegate_build_info gauge\n\
-         hivegate_build_info{{version=\"{}\",commit=\"{}\"}} 1\n",
-        env!("CARGO_PKG_VERSION"),
-        env!("BUILD_GIT_COMMIT")
-    ));
-    crate::ops::metrics::gauge(
-        &mut body,
-        "hivegate_store_write_queue",
-        "Writes waiting for the next group commit.",
-        gw.store.queued() as u64,
-    );
-    gw.chat.render(&mut body);
-    crate::ops::process::render(&mut body);
-    body
-}
-
-fn readyz(gw: &Gateway) -> Response {
-    let g = gw.gauges();
-    let status = if g.draining {
-        "draining"
-    } else if gw.memory.shedding() {
-        "shedding"
-    } else {
-        "ready"
-    };
-    let body = JsonOut::new()
-        .str("status", status)
-        .str(
-            "mode",
-            if gw.remote.as_ref().is_some_and(|r| r.in_fallback()) {
-                "fallback"
-            } else {
-                "online"
-            },
-        )
-        .str("storage", if gw.store.is_full() { "full" } else { "ok" })
-        .num("connections", g.connections_open as u64)
-        .num("capacity", g.table_capacity as u64)
-        .num("rss_bytes", gw.memory.rss())
-        .raw("breakers", &breakers_json(gw))
-        .raw("rates", &gw.meters.borrow_mut().json(Instant::now()))
-        .finish();
-    Response::new(
-        if status == "ready" { 200 } else { 503 },
-        "application/json",
-        body + "\n",
-    )
-}
-
-/// Every breaker's state, by service, for `/readyz`.
-fn breakers_json(gw: &Gateway) -> String {
-    let now = Instant::now();
-    all_breakers(gw)
-        .iter()
-        .fold(JsonOut::new(), |out, (service, b)| {
-            out.str(service, b.state(now).label())
-        })
-        .finish()
-}
-
-/// Every circuit breaker, by service: the providers', then the remote's.
-fn all_breakers(gw: &Gateway) -> Vec<(String, crate::resilience::Breaker)> {
-    let mut breakers = gw.llm.breakers();
-    if let Some(r) = &gw.remote {
-        breakers.push(("remote".to_string(), r.breaker.borrow().clone()));
-    }
-    breakers
 }
 
 /// A wait as `Retry-After` seconds: rounded up, at least one.
@@ -574,7 +516,7 @@ fn admit(
             Response::text(503, "shutting down\n").header("Retry-After", retry()),
         ));
     }
-    if gw.memory.shedding() {
+    if gw.memory.shedding_now(Instant::now()) {
         return Err(refuse(
             gw,
             Refusal::Memory,

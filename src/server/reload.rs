@@ -1,6 +1,6 @@
 //! What a SIGHUP changes while every connection stays open: tokens, auth
-//! mode, allowed origins, rate limits and upstream API keys (rotation
-//! without a restart). Sessions already signed in keep their user; a
+//! mode, allowed origins, rate limits, the memory limit, upstream API keys (rotation
+//! without a restart) and the TLS certificate. Sessions already signed in keep their user; a
 //! removed token only stops new sign-ins.
 //!
 //! Everything else is fixed at start (sizes of tables and buffers, the
@@ -36,16 +36,26 @@ impl Live {
 impl Gateway {
     /// Applies `new`'s reloadable settings; returns the sections that
     /// differ in what only a restart applies.
-    pub fn reload(&self, new: &Config) -> Vec<&'static str> {
+    pub fn reload(
+        &self,
+        new: &Config,
+        tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+    ) -> Vec<&'static str> {
         let redact = self.live.borrow().redact.merged(&new.redactor());
         *self.live.borrow_mut() = Live {
             redact: redact.clone(),
             ..Live::new(new)
         };
         self.limits.borrow_mut().retune(&new.limits);
+        self.memory.set_limit(new.server.memory_limit_bytes);
         self.llm.reload_keys(&new.llm, redact.clone());
         if let (Some(r), Some(cfg)) = (&self.remote, &new.remote) {
             r.reload_key(cfg, redact);
+        }
+        // A certificate renewed in place, or moved: the next handshake
+        // uses it. Turning TLS on or off needs a restart.
+        if let (Some(t), Some(config)) = (&self.tls, tls) {
+            t.replace(config);
         }
         inc(&self.metrics.reloads);
         needs_restart(&self.cfg, new)
@@ -65,6 +75,15 @@ pub fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
     let fixed = |c: &Config| {
         let mut c = c.clone();
         c.server.allowed_origins.clear();
+        c.server.memory_limit_bytes = 0;
+        // Only whether TLS is on is fixed; the files are re-read.
+        let on = c
+            .server
+            .tls_cert_file
+            .is_some()
+            .then(std::path::PathBuf::new);
+        c.server.tls_cert_file = on.clone();
+        c.server.tls_key_file = on;
         c.auth = Default::default();
         c.limits = crate::limit::LimitParams {
             table_entries: c.limits.table_entries,

@@ -104,6 +104,10 @@ pub struct Store {
     ids: RefCell<ulid::UlidGen>,
     /// At `store.max_db_bytes` (kept by `keep_size`).
     full: std::cell::Cell<bool>,
+    /// Writes queued since start, and a signal for each: the size check
+    /// sleeps while nothing is written (no wake-ups on an idle box).
+    writes: std::cell::Cell<u64>,
+    wrote: event_listener::Event,
 }
 
 /// The file name of the database inside `server.data_dir`.
@@ -131,6 +135,8 @@ impl Store {
             path,
             ids: RefCell::new(ulid::UlidGen::new(seed)),
             full: std::cell::Cell::new(false),
+            writes: std::cell::Cell::new(0),
+            wrote: event_listener::Event::new(),
         };
         Ok((
             store,
@@ -158,6 +164,8 @@ impl Store {
         self.queue
             .try_send(Pending { op, reply })
             .map_err(|_| StoreError::Busy { retry_after_ms: 50 })?;
+        self.writes.set(self.writes.get().wrapping_add(1));
+        self.wrote.notify(usize::MAX);
         Ok(async move {
             rx.recv()
                 .await

@@ -63,8 +63,21 @@ impl Store {
     /// The size bound, for the life of the gateway.
     pub async fn keep_size(&self, cfg: &StoreConfig, synced_only: bool, log: Logger) {
         let max = cfg.max_db_bytes;
+        // The first check always runs: the file may be over the bound
+        // from before a restart.
+        let mut seen = None;
         loop {
             Timer::after(cfg.check_interval).await;
+            // Nothing written since the last check: the size cannot have
+            // grown, so sleep until something is.
+            if seen == Some(self.writes.get()) {
+                let next = self.wrote.listen();
+                if seen == Some(self.writes.get()) {
+                    next.await;
+                }
+                continue;
+            }
+            seen = Some(self.writes.get());
             let Some(mut bytes) = self.size().await else {
                 continue;
             };

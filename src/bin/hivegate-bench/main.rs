@@ -20,6 +20,10 @@
 //! `relay N`: the LLM relay's overhead. The fake OpenAI-compatible server
 //! of the tests streams a short answer; N calls go to it directly and N
 //! through the gateway, one at a time, timing the first chunk of each.
+//!
+//! `start`, `quiet S`, `soak S`: edge fitness (see `fitness.rs`).
+
+mod fitness;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -35,6 +39,9 @@ Usage: hivegate-bench idle [N]          memory per idle authenticated connection
        hivegate-bench fanout [M] [S]    deliveries per second to one room of M members (1000, 5 s)
        hivegate-bench publish [N] [S]   durable acks per second from N publishers (100, 5 s)
        hivegate-bench relay [N]         LLM relay overhead to the first chunk over N calls (1000)
+       hivegate-bench start             resident memory right after start, embedded defaults
+       hivegate-bench quiet [S]         wake-ups per second of an idle gateway over S seconds (60)
+       hivegate-bench soak [S]          memory over S seconds of client churn (600)
 ";
 
 /// The tests' fake OpenAI-compatible server, shared rather than copied.
@@ -55,6 +62,9 @@ fn main() {
         ["fanout", rest @ ..] => numbers(rest, [1000, 5]).and_then(|[m, s]| fanout(m, s)),
         ["publish", rest @ ..] => numbers(rest, [100, 5]).and_then(|[n, s]| publish(n, s)),
         ["relay", rest @ ..] => numbers(rest, [1000]).and_then(|[n]| relay(n)),
+        ["start"] => fitness::start_rss(),
+        ["quiet", rest @ ..] => fitness::quiet(rest),
+        ["soak", rest @ ..] => fitness::soak(rest),
         _ => {
             print!("{USAGE}");
             return;

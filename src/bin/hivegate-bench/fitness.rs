@@ -1,0 +1,207 @@
+//! Edge fitness: what the gateway costs a small device when nobody is
+//! talking to it, and whether a long churn of clients leaves memory behind.
+//!
+//! `start`: resident memory right after start, on the embedded default
+//! configuration (no file, no keys, local SQLite), over five starts.
+//!
+//! `quiet S`: wake-ups of an idle gateway (no clients) over S seconds: the
+//! context switches of every thread, from `/proc/PID/task/*/status`.
+//!
+//! `soak S`: S seconds of churn (each round: 50 clients connect, say
+//! hello, join one of 10 rooms, publish, leave, close), sampling resident
+//! memory every 10 s. Memory is flat when the last samples are where the
+//! first ones after warm-up were.
+
+use super::{number, rss_kib, session, start_gateway, NO_RATE_LIMITS};
+use async_tungstenite::tungstenite::Message;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The gateway on its embedded defaults, in an empty directory (its data
+/// goes to ./hivegate-data there); only the port is chosen free.
+struct Default {
+    child: Child,
+    dir: std::path::PathBuf,
+}
+
+impl Drop for Default {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn start_default(n: usize) -> Result<Default, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let bin = exe.with_file_name("hivegate");
+    let dir = std::env::temp_dir().join(format!("hivegate-fit-{}-{n}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let mut child = Command::new(&bin)
+        .arg("serve")
+        .current_dir(&dir)
+        .env("HIVEGATE_SERVER_LISTEN", "127.0.0.1:0")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| {
+            format!(
+                "cannot start {}: {e} (cargo build --release)",
+                bin.display()
+            )
+        })?;
+    let stderr = child.stderr.take().ok_or("no stderr")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains(" listening ") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    let started = Default { child, dir };
+    rx.recv_timeout(Duration::from_secs(20))
+        .map_err(|_| "the gateway did not start")?;
+    Ok(started)
+}
+
+pub fn start_rss() -> Result<(), String> {
+    let mut samples = Vec::new();
+    for n in 0..5 {
+        let gw = start_default(n)?;
+        // Right after start: once it listens and has settled for a second.
+        std::thread::sleep(Duration::from_secs(1));
+        samples.push(rss_kib(gw.child.id())?);
+    }
+    samples.sort_unstable();
+    println!("resident memory after start (embedded defaults), 5 starts: {samples:?} KiB");
+    println!(
+        "median {} KiB ({:.2} MiB), max {} KiB",
+        samples[2],
+        samples[2] as f64 / 1024.0,
+        samples[4]
+    );
+    Ok(())
+}
+
+/// Voluntary plus involuntary context switches per thread name.
+fn switches(pid: u32) -> Vec<(String, u64)> {
+    let mut out: Vec<(String, u64)> = Vec::new();
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"));
+    for task in tasks.into_iter().flatten().flatten() {
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        let field = |name: &str| -> u64 {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        let name = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Name:"))
+            .unwrap_or("?")
+            .trim()
+            .to_string();
+        let n = field("voluntary_ctxt_switches:") + field("nonvoluntary_ctxt_switches:");
+        match out.iter_mut().find(|(t, _)| *t == name) {
+            Some((_, c)) => *c += n,
+            None => out.push((name, n)),
+        }
+    }
+    out
+}
+
+pub fn quiet(args: &[&str]) -> Result<(), String> {
+    let seconds = args.first().map_or(Ok(60), |s| number(s))?;
+    let gw = start_default(0)?;
+    let pid = gw.child.id();
+    // Start-up work (schema check, first timers) is not idling.
+    std::thread::sleep(Duration::from_secs(3));
+    let before = switches(pid);
+    std::thread::sleep(Duration::from_secs(seconds as u64));
+    let after = switches(pid);
+    let mut total = 0;
+    println!("idle gateway, no clients, {seconds} s:");
+    for (name, n) in &after {
+        let was = before
+            .iter()
+            .find(|(t, _)| t == name)
+            .map_or(0, |(_, c)| *c);
+        let woke = n.saturating_sub(was);
+        total += woke;
+        println!(
+            "  {name:<16} {woke:>6} wake-ups ({:.2}/s)",
+            woke as f64 / seconds as f64
+        );
+    }
+    println!(
+        "all threads: {total} wake-ups, {:.2} per second",
+        total as f64 / seconds as f64
+    );
+    Ok(())
+}
+
+pub fn soak(args: &[&str]) -> Result<(), String> {
+    let seconds = args.first().map_or(Ok(600), |s| number(s))?;
+    hivegate::ops::fd::raise_open_files_limit();
+    let gw = start_gateway(&format!(
+        "max_handshakes_per_ip = 1024\n{NO_RATE_LIMITS}[auth]\ntokens = [\"soak:soak-token\"]\n"
+    ))?;
+    let pid = gw.child.id();
+    let end = Instant::now() + Duration::from_secs(seconds as u64);
+    let mut next_sample = Instant::now();
+    let (mut samples, mut rounds, mut published) = (Vec::new(), 0u64, 0u64);
+    while Instant::now() < end {
+        if Instant::now() >= next_sample {
+            samples.push(rss_kib(pid)?);
+            next_sample += Duration::from_secs(10);
+        }
+        let mut clients = Vec::with_capacity(50);
+        for i in 0..50 {
+            let mut ws = session(gw.addr, "soak-token")?;
+            let room = format!("soak-{}", (rounds as usize + i) % 10);
+            let join = format!("{{\"op\":\"join\",\"request_id\":\"j\",\"room\":\"{room}\"}}");
+            ws.send(Message::text(join)).map_err(|e| e.to_string())?;
+            let publish = format!(
+                "{{\"op\":\"publish\",\"request_id\":\"p\",\"room\":\"{room}\",\"text\":\"round {rounds} client {i}\"}}"
+            );
+            ws.send(Message::text(publish)).map_err(|e| e.to_string())?;
+            clients.push((ws, room));
+        }
+        for (ws, room) in &mut clients {
+            // Wait for this client's publish ack, then leave.
+            loop {
+                match ws.read().map_err(|e| e.to_string())? {
+                    Message::Text(t) if t.contains("\"publish_ack\"") => break,
+                    Message::Text(t) if t.contains("\"op\":\"error\"") => {
+                        return Err(format!("refused during the soak: {t}"))
+                    }
+                    _ => {}
+                }
+            }
+            published += 1;
+            let leave = format!("{{\"op\":\"leave\",\"request_id\":\"l\",\"room\":\"{room}\"}}");
+            ws.send(Message::text(leave)).map_err(|e| e.to_string())?;
+        }
+        for (mut ws, _) in clients {
+            let _ = ws.close(None);
+            let _ = ws.flush();
+        }
+        rounds += 1;
+    }
+    samples.push(rss_kib(pid)?);
+    let warm = samples.get(6).copied().unwrap_or(samples[0]);
+    let last = *samples.last().unwrap_or(&0);
+    let max = samples.iter().copied().max().unwrap_or(0);
+    println!(
+        "soak: {seconds} s, {rounds} rounds of 50 clients, {published} messages published and acknowledged"
+    );
+    println!("RSS every 10 s (KiB): {samples:?}");
+    println!(
+        "after 1 minute {warm} KiB, at the end {last} KiB ({:+} KiB), peak {max} KiB",
+        last as i64 - warm as i64
+    );
+    Ok(())
+}

@@ -1,0 +1,94 @@
+//! The probes: `/readyz` (can this box take clients now, and why not)
+//! and `/metrics` (every module's counters, in the Prometheus text format).
+
+use super::{Gateway, Response};
+use crate::json::JsonOut;
+use std::time::Instant;
+
+/// Every module's counters and gauges, in the Prometheus text format.
+pub fn metrics_page(gw: &Gateway) -> String {
+    let mut body = String::with_capacity(8192);
+    gw.metrics.render(&gw.gauges(), &mut body);
+    gw.limits.borrow().render(&mut body);
+    gw.meters.borrow_mut().render(Instant::now(), &mut body);
+    gw.pool.render(&mut body);
+    gw.llm.render(&mut body);
+    if let Some(r) = &gw.remote {
+        r.render(&mut body);
+    }
+    crate::upstream_key::render_header(&mut body);
+    gw.llm.render_keys(&mut body);
+    if let Some(r) = &gw.remote {
+        r.render_keys(&mut body);
+    }
+    crate::resilience::render_breakers(&mut body, &all_breakers(gw), Instant::now());
+    gw.memory.render(&mut body);
+    body.push_str(&format!(
+        "# HELP hivegate_build_info The running build.\n# TYPE hivegate_build_info gauge\n\
+         hivegate_build_info{{version=\"{}\",commit=\"{}\"}} 1\n",
+        env!("CARGO_PKG_VERSION"),
+        env!("BUILD_GIT_COMMIT")
+    ));
+    crate::ops::metrics::gauge(
+        &mut body,
+        "hivegate_store_write_queue",
+        "Writes waiting for the next group commit.",
+        gw.store.queued() as u64,
+    );
+    gw.chat.render(&mut body);
+    crate::ops::process::render(&mut body);
+    body
+}
+
+pub fn readyz(gw: &Gateway) -> Response {
+    let g = gw.gauges();
+    let status = if g.draining {
+        "draining"
+    } else if gw.memory.shedding_now(Instant::now()) {
+        "shedding"
+    } else {
+        "ready"
+    };
+    let body = JsonOut::new()
+        .str("status", status)
+        .str(
+            "mode",
+            if gw.remote.as_ref().is_some_and(|r| r.in_fallback()) {
+                "fallback"
+            } else {
+                "online"
+            },
+        )
+        .str("storage", if gw.store.is_full() { "full" } else { "ok" })
+        .num("connections", g.connections_open as u64)
+        .num("capacity", g.table_capacity as u64)
+        .num("rss_bytes", gw.memory.rss())
+        .raw("breakers", &breakers_json(gw))
+        .raw("rates", &gw.meters.borrow_mut().json(Instant::now()))
+        .finish();
+    Response::new(
+        if status == "ready" { 200 } else { 503 },
+        "application/json",
+        body + "\n",
+    )
+}
+
+/// Every breaker's state, by service, for `/readyz`.
+fn breakers_json(gw: &Gateway) -> String {
+    let now = Instant::now();
+    all_breakers(gw)
+        .iter()
+        .fold(JsonOut::new(), |out, (service, b)| {
+            out.str(service, b.state(now).label())
+        })
+        .finish()
+}
+
+/// Every circuit breaker, by service: the providers', then the remote's.
+fn all_breakers(gw: &Gateway) -> Vec<(String, crate::resilience::Breaker)> {
+    let mut breakers = gw.llm.breakers();
+    if let Some(r) = &gw.remote {
+        breakers.push(("remote".to_string(), r.breaker.borrow().clone()));
+    }
+    breakers
+}

@@ -1,0 +1,141 @@
+//! Optional TLS on the listen port: HTTPS and `wss://` with rustls, for a
+//! box that faces clients with no reverse proxy in front. Plain TCP stays
+//! the default (a proxy, or loopback-only use).
+//!
+//! The certificate and key are PEM files, read at start and again on
+//! SIGHUP (a renewed certificate is used by the next handshake; open
+//! connections keep theirs). The handshake runs inside the same deadline
+//! and handshake caps as the HTTP request head, so a client that stalls
+//! it costs what a slow head costs. TLS state lives in a box, so plain
+//! connections do not grow by it.
+
+use async_io::Async;
+use futures_lite::{AsyncRead, AsyncWrite};
+use futures_rustls::server::TlsStream;
+use futures_rustls::TlsAcceptor;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::ServerConfig;
+use std::cell::RefCell;
+use std::io;
+use std::net::TcpStream;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+/// Reads and checks a certificate chain and its key. Blocking (file
+/// reads): run it on the pool once the loop is serving.
+pub fn load(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, String> {
+    let certs = CertificateDer::pem_file_iter(cert)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| {
+            format!(
+                "server.tls_cert_file {}: cannot read a PEM certificate chain: {e}",
+                cert.display()
+            )
+        })?;
+    if certs.is_empty() {
+        return Err(format!(
+            "server.tls_cert_file {}: no CERTIFICATE block in it",
+            cert.display()
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| {
+        format!(
+            "server.tls_key_file {}: cannot read a PEM private key: {e}",
+            key.display()
+        )
+    })?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS setup: {e}"))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| {
+            format!("server.tls_cert_file and server.tls_key_file do not make a usable pair: {e}")
+        })?;
+    // HTTP/1.1 only: the upgrade to WebSocket needs it.
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The acceptor in use, replaced by a reload.
+pub struct Tls {
+    acceptor: RefCell<TlsAcceptor>,
+}
+
+impl Tls {
+    pub fn new(config: Arc<ServerConfig>) -> Tls {
+        Tls {
+            acceptor: RefCell::new(TlsAcceptor::from(config)),
+        }
+    }
+
+    pub fn replace(&self, config: Arc<ServerConfig>) {
+        *self.acceptor.borrow_mut() = TlsAcceptor::from(config);
+    }
+
+    /// Runs the server side of a handshake.
+    pub async fn accept(&self, stream: Async<TcpStream>) -> io::Result<Socket> {
+        let accept = self.acceptor.borrow().accept(stream);
+        Ok(Socket::Tls(Box::new(accept.await?)))
+    }
+}
+
+/// A client's byte stream: plain TCP, or TLS over it.
+pub enum Socket {
+    Plain(Async<TcpStream>),
+    Tls(Box<TlsStream<Async<TcpStream>>>),
+}
+
+impl Socket {
+    /// The TCP socket under it (for the half-close after a close frame).
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            Socket::Plain(s) => s.get_ref(),
+            Socket::Tls(s) => s.get_ref().0.get_ref(),
+        }
+    }
+}
+
+impl AsyncRead for Socket {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Socket::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Socket::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Socket {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Socket::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Socket::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Socket::Plain(s) => Pin::new(s).poll_flush(cx),
+            Socket::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Socket::Plain(s) => Pin::new(s).poll_close(cx),
+            Socket::Tls(s) => Pin::new(s.as_mut()).poll_close(cx),
+        }
+    }
+}
