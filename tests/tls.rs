@@ -139,46 +139,41 @@ fn https_and_wss_on_the_listen_port_with_a_certificate_renewed_on_sighup() {
     assert_eq!(served_cert(&connect(&gw)), cert_der("server2.pem"));
 }
 
-#[test]
-fn a_certificate_without_its_key_is_a_clear_error() {
+/// Runs `hivegate COMMAND FILE` on a configuration of `text` (in which
+/// `DATA` names a private data directory); its exit code and stderr.
+fn hivegate_on(command: &[&str], text: &str) -> (Option<i32>, String) {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("h.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[server]\ntls_cert_file = {:?}\n",
-            fixture_tls("server1.pem")
-        ),
-    )
-    .unwrap();
+    let data = format!("{:?}", dir.path().join("data"));
+    std::fs::write(&cfg, text.replace("DATA", &data)).unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_hivegate"))
-        .args(["check-config", cfg.to_str().unwrap()])
+        .args(command)
+        .arg(&cfg)
         .output()
         .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out.status.code(), err)
+}
+
+#[test]
+fn a_certificate_without_its_key_is_a_clear_error() {
+    let cert = fixture_tls("server1.pem");
+    let (code, err) = hivegate_on(
+        &["check-config"],
+        &format!("[server]\ntls_cert_file = {cert:?}\n"),
+    );
+    assert_eq!(code, Some(1));
     assert!(
         err.contains("tls_cert_file and server.tls_key_file go together"),
         "{err}"
     );
-
     // A key that is not the certificate's: serve refuses to start.
-    std::fs::write(
-        &cfg,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = {:?}\ntls_cert_file = {:?}\ntls_key_file = {:?}\n",
-            dir.path().join("data"),
-            fixture_tls("server1.pem"),
-            fixture_tls("server2.key")
-        ),
-    )
-    .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hivegate"))
-        .args(["serve", "--config", cfg.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_ne!(out.status.code(), Some(0));
+    let key = fixture_tls("server2.key");
+    let (code, err) = hivegate_on(
+        &["serve", "--config"],
+        &format!("[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = DATA\ntls_cert_file = {cert:?}\ntls_key_file = {key:?}\n"),
+    );
+    assert_ne!(code, Some(0));
     assert!(err.contains("do not make a usable pair"), "{err}");
 }
 
@@ -275,21 +270,11 @@ fn an_https_provider_is_verified_against_the_configured_ca_bundle() {
 
 #[test]
 fn an_https_upstream_without_a_ca_bundle_stops_the_start_with_the_fix() {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("h.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = {:?}\nupstream_ca_file = \"/nonexistent/ca.pem\"\n[provider.p]\nbase_url = \"https://127.0.0.1:9/v1\"\nmodel = \"m\"\n",
-            dir.path().join("data")
-        ),
-    )
-    .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hivegate"))
-        .args(["serve", "--config", cfg.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_ne!(out.status.code(), Some(0));
+    let (code, err) = hivegate_on(
+        &["serve", "--config"],
+        "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = DATA\nupstream_ca_file = \"/nonexistent/ca.pem\"\n\
+         [provider.p]\nbase_url = \"https://127.0.0.1:9/v1\"\nmodel = \"m\"\n",
+    );
+    assert_ne!(code, Some(0));
     assert!(err.contains("install the ca-certificates package"), "{err}");
 }

@@ -147,7 +147,7 @@ pub fn soak(args: &[&str]) -> Result<(), String> {
     let seconds = args.first().map_or(Ok(600), |s| number(s))?;
     hivegate::ops::fd::raise_open_files_limit();
     let gw = start_gateway(&format!(
-        "max_handshakes_per_ip = 1024\n{NO_RATE_LIMITS}[auth]\ntokens = [\"soak:soak-token\"]\n"
+        "max_connections_per_ip = 1000\nmax_handshakes_per_ip = 1024\n{NO_RATE_LIMITS}[auth]\ntokens = [\"soak:soak-token\"]\n"
     ))?;
     let pid = gw.child.id();
     let end = Instant::now() + Duration::from_secs(seconds as u64);
@@ -174,7 +174,7 @@ pub fn soak(args: &[&str]) -> Result<(), String> {
             // Wait for this client's publish ack, then leave.
             loop {
                 match ws.read().map_err(|e| e.to_string())? {
-                    Message::Text(t) if t.contains("\"publish_ack\"") => break,
+                    Message::Text(t) if t.contains("\"op\":\"ack\"") => break,
                     Message::Text(t) if t.contains("\"op\":\"error\"") => {
                         return Err(format!("refused during the soak: {t}"))
                     }
