@@ -13,6 +13,7 @@ pub mod hub;
 pub mod json;
 pub mod limit;
 pub mod llm;
+pub mod mcp;
 pub mod ops;
 pub mod pool;
 pub mod protocol;

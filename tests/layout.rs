@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[&[&str]] = &[
     &["server"],
     &["config"],
-    &["chat", "llm", "remote"],
+    &["chat", "llm", "mcp", "remote"],
     &["hub", "store"],
     &["limit", "pool"],
     &[

@@ -17,7 +17,7 @@
 pub mod client;
 mod config;
 mod tools;
-pub use tools::ToolCalls;
+pub use tools::{Cancel, ToolCalls};
 pub mod sse;
 
 use crate::json::JsonOut;

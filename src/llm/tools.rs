@@ -21,15 +21,43 @@ pub const MAX_FOLLOWERS: u32 = 8;
 /// reads the upstream) and how many more askers share its answer.
 #[derive(Default)]
 struct CallState {
-    cancelled: Arc<AtomicBool>,
-    wake: event_listener::Event,
+    switch: Cancel,
     followers: Cell<u32>,
 }
 
 impl CallState {
     fn cancel(&self) {
-        self.cancelled.store(true, Ordering::Relaxed);
+        self.switch.cancel();
+    }
+}
+
+/// A tool call's cancel switch: the flag the pool thread reading the
+/// upstream checks, and a wake-up for the relay waiting on it.
+#[derive(Default)]
+pub struct Cancel {
+    pub flag: Arc<AtomicBool>,
+    wake: event_listener::Event,
+}
+
+impl Cancel {
+    pub fn cancel(&self) {
+        self.flag.store(true, Ordering::Relaxed);
         self.wake.notify(usize::MAX);
+    }
+
+    pub fn cancelled(&self) -> bool {
+        self.flag.load(Ordering::Relaxed)
+    }
+
+    /// Resolves once cancelled (for [`Output::until_cancelled`]).
+    pub async fn until(&self) {
+        loop {
+            let listener = self.wake.listen();
+            if self.cancelled() {
+                return;
+            }
+            listener.await;
+        }
     }
 }
 
@@ -68,23 +96,15 @@ impl Output for CallOutput {
     }
 
     fn cancelled(&self) -> bool {
-        self.state.cancelled.load(Ordering::Relaxed)
+        self.state.switch.cancelled()
     }
 
     fn cancel_flag(&self) -> Arc<AtomicBool> {
-        self.state.cancelled.clone()
+        self.state.switch.flag.clone()
     }
 
     fn until_cancelled(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + '_>> {
-        Box::pin(async move {
-            loop {
-                let listener = self.state.wake.listen();
-                if self.cancelled() {
-                    return;
-                }
-                listener.await;
-            }
-        })
+        Box::pin(self.state.switch.until())
     }
 }
 

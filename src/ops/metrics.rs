@@ -79,6 +79,10 @@ pub struct Metrics {
     /// SIGHUP reloads applied, and refused (the old settings kept).
     pub reloads: Cell<u64>,
     pub reloads_failed: Cell<u64>,
+    /// Requests on MCP's HTTP transport.
+    pub mcp_requests: Cell<u64>,
+    /// Messages of MCP WebSocket sessions.
+    pub mcp_requests_ws: Cell<u64>,
 }
 
 pub fn inc(c: &Cell<u64>) {

@@ -26,6 +26,7 @@ use std::rc::Rc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+mod mcp;
 mod session;
 
 pub type WsStream = WebSocketStream<super::intake::Intake<super::tls::Socket>>;
@@ -43,6 +44,9 @@ const MAX_INVALID_PER_MINUTE: usize = 10;
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// Most bytes read and thrown away while waiting for the client to hang up.
 const CLOSE_DRAIN_BYTES: usize = 256 * 1024;
+
+/// The user of an open-mode MCP connection without a token.
+const MCP_GUEST: &str = "mcp-guest";
 
 /// What a session knows after `hello`.
 struct Session {
@@ -85,10 +89,20 @@ pub struct Conn {
     in_flight: Rc<Cell<u32>>,
     /// Tool calls in flight.
     tools: ToolCalls,
+    /// `Some` when the client chose the `mcp` subprotocol: its calls.
+    mcp: Option<mcp::Calls>,
 }
 
 impl Conn {
-    pub fn new(gw: Rc<Gateway>, slot: Slot, ws: WsStream, preauth: Option<Rc<str>>) -> Conn {
+    /// `mcp`: the client chose the `mcp` subprotocol; the upgrade's user
+    /// (or open mode's guest) is the session, with no `hello`.
+    pub fn new(
+        gw: Rc<Gateway>,
+        slot: Slot,
+        ws: WsStream,
+        preauth: Option<Rc<str>>,
+        mcp: bool,
+    ) -> Conn {
         let now = Instant::now();
         let cfg = &gw.cfg.server;
         let hello_deadline = now + cfg.hello_timeout;
@@ -108,7 +122,10 @@ impl Conn {
             peer_closed: None,
             in_flight: Rc::new(Cell::new(0)),
             tools: ToolCalls::default(),
-            session: None,
+            session: mcp.then(|| Session {
+                user: preauth.clone().unwrap_or_else(|| Rc::from(MCP_GUEST)),
+            }),
+            mcp: mcp.then(mcp::Calls::default),
             preauth,
             gw,
             slot,
@@ -124,6 +141,11 @@ impl Conn {
         // is left to read a tool call's answer.
         self.gw.chat.leave_all(self.slot.key);
         self.tools.cancel_all();
+        if let Some(calls) = &self.mcp {
+            for (_, call) in calls.borrow_mut().drain() {
+                call.cancel();
+            }
+        }
         if code == close::GOING_AWAY {
             // Shutting down: requests already started get to finish (the
             // daemon bounds the whole drain).

@@ -23,6 +23,15 @@ pub struct Head {
     pub ws_version: Option<String>,
     pub origin: Option<String>,
     pub bearer: Option<String>,
+    /// For `POST /mcp`: the body's length, what the client accepts, its
+    /// MCP session and protocol version.
+    pub content_length: Option<usize>,
+    pub chunked: bool,
+    pub accept: String,
+    pub mcp_session: Option<String>,
+    pub mcp_version: Option<String>,
+    /// The upgrade offers the `mcp` WebSocket subprotocol.
+    pub ws_mcp: bool,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -120,6 +129,18 @@ fn parse_head(b: &[u8]) -> Result<Head, HeadError> {
             head.ws_version = Some(value.to_string());
         } else if name.eq_ignore_ascii_case("origin") {
             head.origin = Some(value.to_string());
+        } else if name.eq_ignore_ascii_case("sec-websocket-protocol") {
+            head.ws_mcp |= value.split(',').any(|p| p.trim() == "mcp");
+        } else if name.eq_ignore_ascii_case("content-length") {
+            head.content_length = Some(value.parse().map_err(|_| HeadError::Malformed)?);
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            head.chunked = true;
+        } else if name.eq_ignore_ascii_case("accept") {
+            head.accept = value.chars().take(256).collect();
+        } else if name.eq_ignore_ascii_case("mcp-session-id") {
+            head.mcp_session = Some(value.chars().take(64).collect());
+        } else if name.eq_ignore_ascii_case("mcp-protocol-version") {
+            head.mcp_version = Some(value.chars().take(32).collect());
         } else if name.eq_ignore_ascii_case("authorization") {
             let (scheme, token) = value.split_once(' ').unwrap_or((value, ""));
             if scheme.eq_ignore_ascii_case("bearer") {
@@ -213,11 +234,16 @@ fn reason(status: u16) -> &'static str {
     match status {
         101 => "Switching Protocols",
         200 => "OK",
+        202 => "Accepted",
         400 => "Bad Request",
         401 => "Unauthorized",
         403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        406 => "Not Acceptable",
+        411 => "Length Required",
+        413 => "Content Too Large",
+        415 => "Unsupported Media Type",
         426 => "Upgrade Required",
         429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
@@ -227,10 +253,16 @@ fn reason(status: u16) -> &'static str {
 }
 
 /// The `101 Switching Protocols` answer to a valid upgrade request.
-pub fn switching_protocols(ws_key: &str) -> Vec<u8> {
+/// With `mcp`, the `mcp` subprotocol is chosen.
+pub fn switching_protocols(ws_key: &str, mcp: bool) -> Vec<u8> {
     let accept = async_tungstenite::tungstenite::handshake::derive_accept_key(ws_key.as_bytes());
+    let protocol = if mcp {
+        "Sec-WebSocket-Protocol: mcp\r\n"
+    } else {
+        ""
+    };
     format!(
-        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n{protocol}\r\n"
     )
     .into_bytes()
 }
@@ -301,7 +333,10 @@ mod tests {
 
     #[test]
     fn accept_key_matches_rfc_6455() {
-        let r = String::from_utf8(switching_protocols("dGhlIHNhbXBsZSBub25jZQ==")).unwrap();
+        let r = String::from_utf8(switching_protocols("dGhlIHNhbXBsZSBub25jZQ==", false)).unwrap();
         assert!(r.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"));
+        assert!(!r.contains("Sec-WebSocket-Protocol"));
+        let mcp = String::from_utf8(switching_protocols("dGhlIHNhbXBsZSBub25jZQ==", true)).unwrap();
+        assert!(mcp.ends_with("Sec-WebSocket-Protocol: mcp\r\n\r\n"));
     }
 }

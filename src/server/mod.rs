@@ -10,6 +10,7 @@ pub mod echo;
 pub mod handshakes;
 pub mod http;
 pub mod intake;
+pub mod mcp_http;
 mod probes;
 pub mod reload;
 pub mod tls;
@@ -68,6 +69,8 @@ pub struct Gateway {
     web: web::Web,
     /// `None`: plain TCP.
     tls: Option<tls::Tls>,
+    /// MCP sessions of the HTTP transport.
+    mcp: RefCell<crate::mcp::Sessions>,
 }
 
 /// What the daemon builds, each module from its own settings, and hands
@@ -144,6 +147,10 @@ impl Gateway {
             ex,
             web: web::Web::new(),
             tls: tls.map(tls::Tls::new),
+            mcp: RefCell::new(crate::mcp::Sessions::new(
+                mcp_http::MAX_SESSIONS,
+                mcp_http::SESSION_IDLE,
+            )),
             cfg,
             log,
         }
@@ -303,7 +310,11 @@ enum Outcome {
         user: Option<Rc<str>>,
         /// `/ws-echo`: echo instead of the chat protocol.
         echo: bool,
+        /// The `mcp` subprotocol: JSON-RPC instead of the `op` protocol.
+        mcp: bool,
     },
+    /// A request for MCP's HTTP transport, read and admitted.
+    Mcp(mcp_http::Admitted),
 }
 
 /// Serves one socket from accept to close. A plain fn returning an `async
@@ -350,15 +361,21 @@ fn handle_socket(
         );
         let (outcome, socket) = handshake.await;
         drop(guard);
-        let (
-            Outcome::Upgrade {
-                slot,
-                leftover,
-                user,
-                echo,
-            },
-            Some(stream),
-        ) = (outcome, socket)
+        let (outcome, stream) = match (outcome, socket) {
+            (Outcome::Mcp(admitted), Some(stream)) => {
+                mcp_http::serve(&gw, admitted, stream, ip).await;
+                return;
+            }
+            (o, Some(stream)) => (o, stream),
+            _ => return,
+        };
+        let Outcome::Upgrade {
+            slot,
+            leftover,
+            user,
+            echo,
+            mcp,
+        } = outcome
         else {
             return;
         };
@@ -377,7 +394,7 @@ fn handle_socket(
             drop(slot);
             return;
         }
-        let mut conn = conn::Conn::new(gw.clone(), slot, ws, user);
+        let mut conn = conn::Conn::new(gw.clone(), slot, ws, user, mcp);
         conn.run().await;
     }
 }
@@ -419,12 +436,22 @@ async fn pre_upgrade(gw: &Rc<Gateway>, stream: &mut tls::Socket, ip: IpAddr) -> 
     // `/ws-echo`, when enabled, is `/ws` with an echo instead of the chat.
     let echo = gw.cfg.server.echo_endpoint && head.route() == "/ws-echo";
     let route = if echo { "/ws" } else { head.route() };
+    if route == "/mcp" {
+        return match mcp_http::admit(gw, head, leftover, stream).await {
+            Ok(admitted) => Outcome::Mcp(admitted),
+            Err(r) => {
+                r.send(stream).await;
+                Outcome::Done
+            }
+        };
+    }
     let response = match route {
         "/ws" if get => match admit(gw, &head, ip) {
             Ok((slot, user)) => {
                 if stream
                     .write_all(&http::switching_protocols(
                         head.ws_key.as_deref().unwrap_or(""),
+                        head.ws_mcp && !echo,
                     ))
                     .await
                     .is_err()
@@ -437,6 +464,7 @@ async fn pre_upgrade(gw: &Rc<Gateway>, stream: &mut tls::Socket, ip: IpAddr) -> 
                     leftover,
                     user,
                     echo,
+                    mcp: head.ws_mcp && !echo,
                 };
             }
             Err(resp) => resp,
@@ -592,6 +620,19 @@ fn admit(
         },
         None => None,
     };
+    // An MCP client has no `hello`: its token comes with the upgrade.
+    if head.ws_mcp && user.is_none() && gw.live.borrow().mode == crate::auth::AuthMode::Token {
+        return Err(refuse(
+            gw,
+            Refusal::Unauthorized,
+            ip,
+            Response::text(
+                401,
+                "the mcp subprotocol needs Authorization: Bearer TOKEN\n",
+            )
+            .header("WWW-Authenticate", "Bearer"),
+        ));
+    }
     let id = gw.next_conn_id.get();
     let key = gw
         .table

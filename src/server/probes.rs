@@ -36,6 +36,29 @@ pub fn metrics_page(gw: &Gateway) -> String {
         gw.store.queued() as u64,
     );
     gw.chat.render(&mut body);
+    crate::ops::metrics::counter_with(
+        &mut body,
+        "hivegate_mcp_requests_total",
+        "MCP requests, by transport.",
+        "transport",
+        &[
+            ("http", gw.metrics.mcp_requests.get()),
+            ("ws", gw.metrics.mcp_requests_ws.get()),
+        ],
+    );
+    let sessions = gw.mcp.borrow();
+    crate::ops::metrics::gauge(
+        &mut body,
+        "hivegate_mcp_sessions",
+        "Open MCP sessions.",
+        sessions.len() as u64,
+    );
+    crate::ops::metrics::counter(
+        &mut body,
+        "hivegate_mcp_sessions_evicted_total",
+        "MCP sessions closed because the table was full (the one idle longest).",
+        sessions.evicted,
+    );
     crate::ops::process::render(&mut body);
     body
 }

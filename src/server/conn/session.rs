@@ -18,6 +18,9 @@ use std::time::Instant;
 
 impl Conn {
     pub(super) fn on_text(&mut self, text: &str, now: Instant) -> Result<(), Close> {
+        if let Some(calls) = self.mcp.clone() {
+            return self.on_mcp(calls, text, now);
+        }
         let parsed = protocol::parse(text);
         // Every request of a session passes the rate limits before it costs
         // anything more than its parse (which is what finds the request_id

@@ -1,0 +1,159 @@
+//! MCP over the WebSocket: a client that upgrades `/ws` with the `mcp`
+//! subprotocol speaks JSON-RPC instead of the `op` protocol. The
+//! connection is the session (no `hello`: the user comes from the upgrade's
+//! `Authorization: Bearer`, or open mode); messages pass the same rate
+//! limits, and tool calls take the same slots, as on the other transports.
+
+use super::Conn;
+use crate::hub::{Reply, MAX_IN_FLIGHT};
+use crate::limit::InFlight;
+use crate::mcp::{self, code, Cancel, Message, Translator};
+use crate::ops::metrics::inc;
+use crate::protocol::{close, Close};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::time::Instant;
+
+/// A connection's MCP calls in flight, by request id.
+pub type Calls = Rc<RefCell<HashMap<String, Rc<Cancel>>>>;
+
+impl Conn {
+    pub(super) fn on_mcp(&mut self, calls: Calls, text: &str, now: Instant) -> Result<(), Close> {
+        inc(&self.gw.metrics.mcp_requests_ws);
+        let Some(user) = self.session.as_ref().map(|s| s.user.clone()) else {
+            return Err(Close(close::UNAUTHORIZED));
+        };
+        let limited = self
+            .gw
+            .limits
+            .borrow_mut()
+            .check(now, self.slot.ip, &user)
+            .err();
+        let message = match mcp::parse(text) {
+            Ok(m) => m,
+            Err(e) => {
+                inc(&self.gw.metrics.invalid_requests);
+                self.send(mcp::error(e.id.as_deref(), e.code, &e.message, None));
+                return self.strike();
+            }
+        };
+        if let Some(r) = &limited {
+            self.gw.meters.borrow_mut().refusals.record(now);
+            self.refusals.record(now);
+            if self.refusals.count(now, 10) > self.gw.limits.borrow().params().abuse_threshold {
+                inc(&self.gw.metrics.abuse_closes);
+                return Err(Close(close::POLICY));
+            }
+            if let Message::Request { id, method, .. } = &message {
+                let ms = r.retry_after_ms();
+                self.send(if method == "tools/call" {
+                    let msg = format!("too many requests ({} limit)", r.level.label());
+                    mcp::result(id, &mcp::tool_error("RATE_LIMITED", &msg, Some(ms)))
+                } else {
+                    let data = format!("{{\"code\":\"RATE_LIMITED\",\"retry_after_ms\":{ms}}}");
+                    mcp::error(Some(id), code::LIMITED, "too many requests", Some(&data))
+                });
+            }
+            return Ok(());
+        }
+        let (id, method, params) = match message {
+            Message::Response => return Ok(()),
+            Message::Notification { method, params } => {
+                if method == "notifications/cancelled" {
+                    let rid = params
+                        .get("requestId")
+                        .map(|v| v.to_string())
+                        .unwrap_or_default();
+                    if let Some(call) = calls.borrow_mut().remove(&rid) {
+                        call.cancel();
+                    }
+                }
+                return Ok(());
+            }
+            Message::Request { id, method, params } => (id, method, params),
+        };
+        let answer = match method.as_str() {
+            "initialize" => mcp::result(&id, &mcp::initialize(&params).0),
+            "ping" => mcp::result(&id, "{}"),
+            "tools/list" => mcp::result(&id, &mcp::tools_list()),
+            "tools/call" => match self.mcp_call(calls, &id, &params) {
+                Some(answer) => answer,
+                None => return Ok(()),
+            },
+            _ => {
+                let m: String = method.chars().take(64).collect();
+                let msg = format!("no method {m:?}: this server offers initialize, ping, tools/list and tools/call");
+                mcp::error(Some(&id), code::METHOD_NOT_FOUND, &msg, None)
+            }
+        };
+        self.send(answer);
+        Ok(())
+    }
+
+    /// Starts a `tools/call`; returns the answer when it is refused at once.
+    fn mcp_call(&mut self, calls: Calls, id: &str, params: &serde_json::Value) -> Option<String> {
+        let refuse = |code: &str, msg: &str, retry: Option<u64>| {
+            Some(mcp::result(id, &mcp::tool_error(code, msg, retry)))
+        };
+        let (name, call, token) = match mcp::tool_call(params) {
+            Ok(c) => c,
+            Err(msg) => return Some(mcp::error(Some(id), code::INVALID_PARAMS, &msg, None)),
+        };
+        if name != "chat" {
+            let n: String = name.chars().take(32).collect();
+            let msg = format!("no tool {n:?}: tools/list names them");
+            return Some(mcp::error(Some(id), code::INVALID_PARAMS, &msg, None));
+        }
+        let llm = self.gw.llm.clone();
+        if let Err((code, msg)) = llm.check(&call) {
+            return refuse(code.as_str(), &msg, None);
+        }
+        let per_session = llm.max_in_flight_per_session() as usize;
+        if calls.borrow().contains_key(id) {
+            let msg = "a call with this id is in flight";
+            return Some(mcp::error(Some(id), code::INVALID_REQUEST, msg, None));
+        }
+        if calls.borrow().len() >= per_session {
+            let msg = format!("at most {per_session} tool calls in flight per connection");
+            return refuse("OVER_CAPACITY", &msg, Some(1000));
+        }
+        let Some(slot) = llm.try_start() else {
+            return refuse(
+                "OVER_CAPACITY",
+                "the gateway is at its limit of tool calls",
+                Some(1000),
+            );
+        };
+        let Some(held) = InFlight::try_take(&self.in_flight, MAX_IN_FLIGHT) else {
+            return refuse(
+                "OVER_CAPACITY",
+                "too many requests in flight on this connection",
+                Some(1000),
+            );
+        };
+        let cancel = Rc::new(Cancel::default());
+        calls.borrow_mut().insert(id.to_string(), cancel.clone());
+        let reply = Reply::new(self.gw.table.clone(), self.slot.key, self.slot.id, None);
+        let translator = Translator::new(id.to_string(), token);
+        let sink = mcp::Sink::new(translator, cancel.clone(), move |m, _| reply.send(m));
+        let id = id.to_string();
+        self.gw.spawn(Box::pin(async move {
+            let (_slot, _held) = (slot, held);
+            llm.run(call, &sink).await;
+            let mut calls = calls.borrow_mut();
+            if calls.get(&id).is_some_and(|c| Rc::ptr_eq(c, &cancel)) {
+                calls.remove(&id);
+            }
+        }));
+        None
+    }
+
+    /// An invalid message: counted, and too many close the connection.
+    fn strike(&mut self) -> Result<(), Close> {
+        self.invalid
+            .record(Instant::now(), 60)
+            .then_some(Close(close::INVALID_JSON))
+            .map_or(Ok(()), Err)
+    }
+}

@@ -1,0 +1,481 @@
+//! MCP's Streamable HTTP transport at `/mcp`: one JSON-RPC message per
+//! `POST`, answered with JSON, or for `tools/call` with an SSE stream
+//! (progress notifications, then the result) when the client accepts one.
+//! `DELETE` ends a session. `GET` opens the session's server-to-client
+//! stream (one per session); hivegate sends nothing unasked today, so it
+//! stays open and silent until the session ends or the client leaves.
+//!
+//! Admission is the WebSocket's: the request is read under the handshake
+//! deadline and caps, the `Origin` is checked against the allowed ones
+//! (the spec's DNS-rebinding defence), the token comes as `Authorization:
+//! Bearer` (open mode as for `/ws`), every message passes the three rate
+//! limits, and a tool call takes the same in-flight slots. Each response
+//! closes its connection: no idle keep-alive sockets to bound.
+
+use super::http::{Head, Response};
+use super::tls::Socket;
+use super::Gateway;
+use crate::mcp::{self, code, Cancel, Message, Translator};
+use crate::ops::metrics::{inc, Refusal};
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::net::IpAddr;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+/// Most sessions; past it the one idle longest is closed.
+pub const MAX_SESSIONS: usize = 256;
+/// A session unused this long is gone.
+pub const SESSION_IDLE: Duration = Duration::from_secs(30 * 60);
+/// Progress notifications waiting for a slow reader; past it the oldest
+/// ones are dropped (the result never is).
+const MAX_QUEUED: usize = 256;
+/// The user of open-mode requests without a token.
+const GUEST: &str = "mcp-guest";
+
+/// A request that passed admission, with its body.
+pub struct Admitted {
+    head: Head,
+    body: String,
+    user: Rc<str>,
+}
+
+fn json(status: u16, body: String) -> Response {
+    Response::new(status, "application/json", body)
+}
+
+/// In the handshake phase: method, drain, origin, token, body.
+pub async fn admit(
+    gw: &Gateway,
+    head: Head,
+    leftover: Vec<u8>,
+    stream: &mut Socket,
+) -> Result<Admitted, Response> {
+    let refuse = |why: Refusal, r: Response| {
+        gw.metrics.refused(why);
+        r
+    };
+    if !matches!(head.method.as_str(), "POST" | "DELETE" | "GET") {
+        return Err(Response::text(
+            405,
+            "MCP: POST a JSON-RPC message, GET the session's stream, or DELETE a session\n",
+        )
+        .header("Allow", "GET, POST, DELETE"));
+    }
+    if gw.draining.get() {
+        return Err(refuse(
+            Refusal::Draining,
+            Response::text(503, "shutting down\n"),
+        ));
+    }
+    if let Some(origin) = &head.origin {
+        let live = gw.live.borrow();
+        if !live.origins.is_empty() && !live.origins.iter().any(|o| o == origin) {
+            return Err(refuse(
+                Refusal::Origin,
+                Response::text(403, "origin not allowed\n"),
+            ));
+        }
+    }
+    let user: Rc<str> = match &head.bearer {
+        Some(t) => match gw.live.borrow().auth.user_for(t) {
+            Some(u) => Rc::from(u),
+            None => {
+                return Err(refuse(
+                    Refusal::Unauthorized,
+                    Response::text(401, "bad token\n").header("WWW-Authenticate", "Bearer"),
+                ))
+            }
+        },
+        None if gw.live.borrow().mode == crate::auth::AuthMode::Open => Rc::from(GUEST),
+        None => {
+            return Err(refuse(
+                Refusal::Unauthorized,
+                Response::text(401, "send Authorization: Bearer TOKEN\n")
+                    .header("WWW-Authenticate", "Bearer"),
+            ))
+        }
+    };
+    if head.method != "POST" {
+        return Ok(Admitted {
+            head,
+            body: String::new(),
+            user,
+        });
+    }
+    if head.chunked {
+        return Err(Response::text(411, "send the body with a Content-Length\n"));
+    }
+    let Some(len) = head.content_length else {
+        return Err(Response::text(411, "send the body with a Content-Length\n"));
+    };
+    if len > gw.cfg.server.max_message_bytes {
+        return Err(Response::text(
+            413,
+            format!(
+                "a message may have at most {} bytes\n",
+                gw.cfg.server.max_message_bytes
+            ),
+        ));
+    }
+    let mut body = leftover;
+    body.truncate(len);
+    if body.len() < len {
+        let have = body.len();
+        body.resize(len, 0);
+        if stream.read_exact(&mut body[have..]).await.is_err() {
+            return Err(Response::text(400, "the body ended early\n"));
+        }
+    }
+    let body = String::from_utf8(body).map_err(|_| {
+        refuse(
+            Refusal::BadRequest,
+            Response::text(400, "the body is not UTF-8\n"),
+        )
+    })?;
+    Ok(Admitted { head, body, user })
+}
+
+/// Answers an admitted request; for a streamed tool call, for as long as
+/// the call runs.
+pub async fn serve(gw: &Rc<Gateway>, a: Admitted, mut stream: Socket, ip: IpAddr) {
+    inc(&gw.metrics.mcp_requests);
+    let response = answer(gw, &a, &mut stream, ip).await;
+    if let Some(r) = response {
+        r.send(&mut stream).await;
+    }
+    let _ = stream.close().await;
+}
+
+async fn answer(
+    gw: &Rc<Gateway>,
+    a: &Admitted,
+    stream: &mut Socket,
+    ip: IpAddr,
+) -> Option<Response> {
+    let now = Instant::now();
+    let session_id = a.head.mcp_session.as_deref();
+    if a.head.method == "DELETE" {
+        let Some(id) = session_id else {
+            return Some(Response::text(400, "DELETE needs an Mcp-Session-Id\n"));
+        };
+        let mut sessions = gw.mcp.borrow_mut();
+        let mine = sessions.touch(id, &a.user, now).is_some();
+        return Some(if mine && sessions.close(id) {
+            Response::text(200, "session ended\n")
+        } else {
+            Response::text(404, "no such session\n")
+        });
+    }
+    if a.head.method == "GET" {
+        return stream_for(gw, a, stream, now).await;
+    }
+    if let Some(v) = &a.head.mcp_version {
+        if !mcp::VERSIONS.contains(&v.as_str()) {
+            let msg = format!(
+                "unsupported MCP-Protocol-Version {v:?}; this server speaks {}",
+                mcp::VERSIONS.join(", ")
+            );
+            return Some(json(
+                400,
+                mcp::error(None, code::INVALID_REQUEST, &msg, None),
+            ));
+        }
+    }
+    let message = match mcp::parse(&a.body) {
+        Ok(m) => m,
+        Err(e) => {
+            inc(&gw.metrics.invalid_requests);
+            return Some(json(
+                400,
+                mcp::error(e.id.as_deref(), e.code, &e.message, None),
+            ));
+        }
+    };
+    // Every message passes the rate limits, as a frame on /ws does.
+    let limited = gw.limits.borrow_mut().check(now, ip, &a.user).err();
+    if limited.is_some() {
+        gw.meters.borrow_mut().refusals.record(now);
+    }
+    let (id, method, params) = match message {
+        Message::Response => return Some(Response::text(202, "")),
+        Message::Notification { method, params } => {
+            if limited.is_none() && method == "notifications/cancelled" {
+                if let Some(sid) = session_id {
+                    let mut sessions = gw.mcp.borrow_mut();
+                    if let Some(s) = sessions.touch(sid, &a.user, now) {
+                        let rid = params
+                            .get("requestId")
+                            .map(|v| v.to_string())
+                            .unwrap_or_default();
+                        if let Some(call) = s.calls.remove(&rid) {
+                            call.cancel();
+                        }
+                    }
+                }
+            }
+            return Some(Response::text(202, ""));
+        }
+        Message::Request { id, method, params } => (id, method, params),
+    };
+    if method == "initialize" {
+        if let Some(r) = limited {
+            return Some(json(200, limited_error(&id, r.retry_after_ms())));
+        }
+        let (body, version) = mcp::initialize(&params);
+        let sid = gw.mcp.borrow_mut().open(a.user.clone(), version, now);
+        gw.log.info(
+            "mcp session opened",
+            &[("ip", &ip), ("user", &a.user.to_string())],
+        );
+        return Some(json(200, mcp::result(&id, &body)).header("Mcp-Session-Id", sid));
+    }
+    let Some(sid) = session_id else {
+        let msg = "send the Mcp-Session-Id that initialize returned";
+        return Some(json(
+            400,
+            mcp::error(Some(&id), code::INVALID_REQUEST, msg, None),
+        ));
+    };
+    if gw.mcp.borrow_mut().touch(sid, &a.user, now).is_none() {
+        let msg = "no such session (it ended or expired): initialize again";
+        return Some(json(
+            404,
+            mcp::error(Some(&id), code::INVALID_REQUEST, msg, None),
+        ));
+    }
+    if let Some(r) = limited {
+        let body = if method == "tools/call" {
+            let msg = format!("too many requests ({} limit)", r.level.label());
+            mcp::result(
+                &id,
+                &mcp::tool_error("RATE_LIMITED", &msg, Some(r.retry_after_ms())),
+            )
+        } else {
+            limited_error(&id, r.retry_after_ms())
+        };
+        return Some(json(200, body));
+    }
+    match method.as_str() {
+        "ping" => Some(json(200, mcp::result(&id, "{}"))),
+        "tools/list" => Some(json(200, mcp::result(&id, &mcp::tools_list()))),
+        "tools/call" => call_tool(gw, sid, &a.head, id, &params, stream).await,
+        _ => {
+            let m: String = method.chars().take(64).collect();
+            let msg = format!(
+                "no method {m:?}: this server offers initialize, ping, tools/list and tools/call"
+            );
+            Some(json(
+                200,
+                mcp::error(Some(&id), code::METHOD_NOT_FOUND, &msg, None),
+            ))
+        }
+    }
+}
+
+/// `GET`: the session's server-to-client stream, held open (and silent)
+/// until the session ends or the client hangs up.
+async fn stream_for(
+    gw: &Gateway,
+    a: &Admitted,
+    stream: &mut Socket,
+    now: Instant,
+) -> Option<Response> {
+    if !a.head.accept.contains("text/event-stream") {
+        return Some(Response::text(
+            406,
+            "GET /mcp is an event stream: accept text/event-stream\n",
+        ));
+    }
+    let Some(sid) = a.head.mcp_session.as_deref() else {
+        return Some(Response::text(400, "GET /mcp needs an Mcp-Session-Id\n"));
+    };
+    let ended = {
+        let mut sessions = gw.mcp.borrow_mut();
+        let Some(s) = sessions.touch(sid, &a.user, now) else {
+            return Some(Response::text(404, "no such session\n"));
+        };
+        if s.streaming {
+            return Some(Response::text(
+                409,
+                "this session's stream is open already\n",
+            ));
+        }
+        s.streaming = true;
+        s.ended.clone()
+    };
+    let head = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-store\r\nConnection: close\r\nX-Content-Type-Options: nosniff\r\nMcp-Session-Id: {sid}\r\n\r\n"
+    );
+    if stream.write_all(head.as_bytes()).await.is_ok() && stream.flush().await.is_ok() {
+        let listener = ended.listen();
+        // Whatever the client sends is read and dropped; its end ends this.
+        let hung_up = async {
+            let mut buf = [0u8; 256];
+            while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
+        };
+        futures_lite::future::or(listener, hung_up).await;
+    }
+    if let Some(s) = gw.mcp.borrow_mut().get_mut(sid) {
+        s.streaming = false;
+    }
+    None
+}
+
+fn limited_error(id: &str, retry_after_ms: u64) -> String {
+    let data = format!("{{\"code\":\"RATE_LIMITED\",\"retry_after_ms\":{retry_after_ms}}}");
+    mcp::error(Some(id), code::LIMITED, "too many requests", Some(&data))
+}
+
+/// `tools/call`: checked as a `call_tool` frame is, then relayed; the
+/// answer streams as SSE when the client accepts it.
+async fn call_tool(
+    gw: &Rc<Gateway>,
+    sid: &str,
+    head: &Head,
+    id: String,
+    params: &serde_json::Value,
+    stream: &mut Socket,
+) -> Option<Response> {
+    let tool_error = |code: &str, msg: &str, retry: Option<u64>| {
+        Some(json(
+            200,
+            mcp::result(&id, &mcp::tool_error(code, msg, retry)),
+        ))
+    };
+    let (name, call, token) = match mcp::tool_call(params) {
+        Ok(c) => c,
+        Err(msg) => {
+            return Some(json(
+                200,
+                mcp::error(Some(&id), code::INVALID_PARAMS, &msg, None),
+            ))
+        }
+    };
+    if name != "chat" {
+        let n: String = name.chars().take(32).collect();
+        let msg = format!("no tool {n:?}: tools/list names them");
+        return Some(json(
+            200,
+            mcp::error(Some(&id), code::INVALID_PARAMS, &msg, None),
+        ));
+    }
+    if let Err((code, msg)) = gw.llm.check(&call) {
+        return tool_error(code.as_str(), &msg, None);
+    }
+    let cancel = Rc::new(Cancel::default());
+    {
+        let mut sessions = gw.mcp.borrow_mut();
+        let per_session = gw.llm.max_in_flight_per_session() as usize;
+        let Some(session) = sessions.get_mut(sid) else {
+            return tool_error("NOT_FOUND", "the session ended", None);
+        };
+        if session.calls.contains_key(&id) {
+            return Some(json(
+                200,
+                mcp::error(
+                    Some(&id),
+                    code::INVALID_REQUEST,
+                    "a call with this id is in flight",
+                    None,
+                ),
+            ));
+        }
+        if session.calls.len() >= per_session {
+            let msg = format!("at most {per_session} tool calls in flight per session");
+            return tool_error("OVER_CAPACITY", &msg, Some(1000));
+        }
+        session.calls.insert(id.clone(), cancel.clone());
+    }
+    let Some(slot) = gw.llm.try_start() else {
+        forget(gw, sid, &id);
+        return tool_error(
+            "OVER_CAPACITY",
+            "the gateway is at its limit of tool calls",
+            Some(1000),
+        );
+    };
+    let streamed = head.accept.contains("text/event-stream");
+    let queue = Rc::new(Queue::default());
+    let translator = Translator::new(id.clone(), token.filter(|_| streamed));
+    let to_queue = queue.clone();
+    let sink = mcp::Sink::new(translator, cancel.clone(), move |m, is_result| {
+        to_queue.push(m, is_result)
+    });
+    let relay = async {
+        let _slot = slot;
+        gw.llm.run(call, &sink).await;
+        queue.end();
+    };
+    let response = if streamed {
+        let head = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-store\r\nConnection: close\r\nX-Content-Type-Options: nosniff\r\nMcp-Session-Id: {sid}\r\n\r\n"
+        );
+        let ok = stream.write_all(head.as_bytes()).await.is_ok();
+        let writer = async {
+            if !ok {
+                cancel.cancel();
+                return;
+            }
+            loop {
+                let ready = queue.ready.listen();
+                loop {
+                    let next = queue.messages.borrow_mut().pop_front();
+                    let Some(m) = next else { break };
+                    let event = format!("event: message\ndata: {m}\n\n");
+                    if stream.write_all(event.as_bytes()).await.is_err()
+                        || stream.flush().await.is_err()
+                    {
+                        // The client went away: nobody reads the answer.
+                        cancel.cancel();
+                        return;
+                    }
+                }
+                if queue.done.get() || cancel.cancelled() {
+                    return;
+                }
+                ready.await;
+            }
+        };
+        futures_lite::future::zip(relay, writer).await;
+        None
+    } else {
+        relay.await;
+        let last = queue.messages.borrow_mut().pop_back();
+        last.map(|m| json(200, m))
+    };
+    forget(gw, sid, &id);
+    response
+}
+
+fn forget(gw: &Gateway, sid: &str, id: &str) {
+    if let Some(s) = gw.mcp.borrow_mut().get_mut(sid) {
+        s.calls.remove(id);
+    }
+}
+
+/// A streamed call's messages, waiting for the writer.
+#[derive(Default)]
+struct Queue {
+    messages: RefCell<VecDeque<String>>,
+    done: Cell<bool>,
+    ready: event_listener::Event,
+}
+
+impl Queue {
+    fn push(&self, m: String, is_result: bool) {
+        let mut q = self.messages.borrow_mut();
+        if !is_result && q.len() >= MAX_QUEUED {
+            q.pop_front();
+        }
+        q.push_back(m);
+        drop(q);
+        self.ready.notify(usize::MAX);
+    }
+
+    fn end(&self) {
+        self.done.set(true);
+        self.ready.notify(usize::MAX);
+    }
+}
