@@ -14,9 +14,9 @@ use crate::ops::systemd::Notifier;
 use crate::pool::Pool;
 use crate::server::{accept_loop, Gateway, Services};
 use crate::store::Store;
+use async_executor::LocalExecutor;
 use async_io::{Async, Timer};
 use futures_lite::{FutureExt, StreamExt};
-use smol::LocalExecutor;
 use std::net::TcpListener;
 use std::rc::Rc;
 use std::time::Instant;
@@ -180,7 +180,7 @@ pub fn run(cfg: Config, log: Logger, source: ConfigSource) -> Result<i32, String
         log.info("stopped", &[("exit", &code)]);
         code
     };
-    Ok(smol::block_on(ex.run(main)))
+    Ok(async_io::block_on(ex.run(main)))
 }
 
 /// SIGHUP: read the configuration again (on the pool: files and key files

@@ -11,8 +11,10 @@
 
 use crate::json::JsonOut;
 pub use crate::llm::Cancel;
-use crate::protocol::{Request, ToolCall};
-use serde_json::Value;
+use crate::llm::{Answer, Said};
+use crate::protocol::{ErrorCode, Request, ToolCall};
+use serde::Deserialize;
+use serde_json::value::RawValue;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -32,18 +34,20 @@ pub mod code {
     pub const LIMITED: i64 = -32000;
 }
 
-/// One JSON-RPC message from a client.
+/// One JSON-RPC message from a client. Ids and parameters are kept as
+/// the JSON text they came as: an id is echoed exactly, and parameters
+/// are read into the small typed shapes below only by the method that
+/// takes them (no generic JSON tree: it costs binary size for nothing).
 #[derive(Debug, PartialEq)]
 pub enum Message {
-    /// `id` is kept as JSON text (a string or a number), to be echoed.
     Request {
         id: String,
         method: String,
-        params: Value,
+        params: String,
     },
     Notification {
         method: String,
-        params: Value,
+        params: String,
     },
     /// A response to something the server asked; hivegate asks nothing.
     Response,
@@ -58,6 +62,29 @@ pub struct Invalid {
     pub message: String,
 }
 
+#[derive(Deserialize)]
+struct Wire<'a> {
+    jsonrpc: Option<String>,
+    #[serde(borrow)]
+    id: Option<&'a RawValue>,
+    method: Option<String>,
+    #[serde(borrow)]
+    params: Option<&'a RawValue>,
+    #[serde(borrow)]
+    result: Option<&'a RawValue>,
+    #[serde(borrow)]
+    error: Option<&'a RawValue>,
+}
+
+/// A JSON-RPC id or progress token: a string or a number, at most 128
+/// characters of JSON.
+fn scalar(raw: &RawValue) -> Option<String> {
+    let text = raw.get();
+    let first = text.bytes().next()?;
+    (text.len() <= 128 && (first == b'"' || first == b'-' || first.is_ascii_digit()))
+        .then(|| text.to_string())
+}
+
 /// Reads one JSON-RPC message (batches are not accepted: the 2025-06-18
 /// revision dropped them).
 pub fn parse(text: &str) -> Result<Message, Invalid> {
@@ -68,7 +95,7 @@ pub fn parse(text: &str) -> Result<Message, Invalid> {
             message: "batches are not accepted: send one message per request".into(),
         });
     }
-    let value: Value = crate::json::from_json(text).map_err(|e| Invalid {
+    let wire: Wire = crate::json::from_json(text).map_err(|e| Invalid {
         id: None,
         code: if e.malformed {
             code::PARSE
@@ -82,34 +109,25 @@ pub fn parse(text: &str) -> Result<Message, Invalid> {
         code: code::INVALID_REQUEST,
         message: message.to_string(),
     };
-    let Value::Object(mut obj) = value else {
-        return Err(invalid(
-            None,
-            "a JSON-RPC message is an object (batches are not accepted)",
-        ));
-    };
-    let id = match obj.remove("id") {
+    let id = match wire.id {
         None => None,
-        Some(v @ (Value::String(_) | Value::Number(_))) if v.to_string().len() <= 128 => {
-            Some(v.to_string())
-        }
-        Some(_) => {
-            return Err(invalid(
+        Some(raw) => Some(scalar(raw).ok_or_else(|| {
+            invalid(
                 None,
                 "id must be a string or a number of at most 128 characters",
-            ))
-        }
+            )
+        })?),
     };
-    if obj.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
+    if wire.jsonrpc.as_deref() != Some("2.0") {
         return Err(invalid(id, "jsonrpc must be \"2.0\""));
     }
-    if obj.contains_key("result") || obj.contains_key("error") {
+    if wire.result.is_some() || wire.error.is_some() {
         return Ok(Message::Response);
     }
-    let Some(Value::String(method)) = obj.remove("method") else {
+    let Some(method) = wire.method else {
         return Err(invalid(id, "missing \"method\""));
     };
-    let params = obj.remove("params").unwrap_or(Value::Null);
+    let params = wire.params.map_or("null", RawValue::get).to_string();
     Ok(match id {
         Some(id) => Message::Request { id, method, params },
         None => Message::Notification { method, params },
@@ -136,12 +154,21 @@ pub fn error(id: Option<&str>, code: i64, message: &str, data: Option<&str>) -> 
     )
 }
 
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct InitParams {
+    #[serde(rename = "protocolVersion")]
+    protocol_version: Option<String>,
+}
+
 /// The `initialize` result, with the version negotiated from `params`.
-pub fn initialize(params: &Value) -> (String, &'static str) {
-    let asked = params.get("protocolVersion").and_then(Value::as_str);
+pub fn initialize(params: &str) -> (String, &'static str) {
+    let asked = crate::json::from_json::<InitParams>(params)
+        .ok()
+        .and_then(|p| p.protocol_version);
     let version = VERSIONS
         .iter()
-        .find(|v| Some(**v) == asked)
+        .find(|v| Some(**v) == asked.as_deref())
         .copied()
         .unwrap_or(VERSIONS[0]);
     let info = JsonOut::new()
@@ -177,24 +204,33 @@ pub fn tools_list() -> String {
     .to_string()
 }
 
+#[derive(Deserialize)]
+struct CallParams<'a> {
+    name: String,
+    #[serde(borrow)]
+    arguments: Option<&'a RawValue>,
+    #[serde(rename = "_meta", borrow)]
+    meta: Option<Meta<'a>>,
+}
+
+#[derive(Deserialize)]
+struct Meta<'a> {
+    #[serde(rename = "progressToken", borrow)]
+    progress_token: Option<&'a RawValue>,
+}
+
 /// A `tools/call`'s tool name, call and progress token, checked as the
 /// gateway's own `call_tool` is (the same rules, the same messages).
-pub fn tool_call(params: &Value) -> Result<(String, ToolCall, Option<String>), String> {
-    let name = params
-        .get("name")
-        .and_then(Value::as_str)
-        .ok_or("params.name must be a string")?;
-    let args = params.get("arguments").cloned().unwrap_or(Value::Null);
-    let token = params
-        .get("_meta")
-        .and_then(|m| m.get("progressToken"))
-        .filter(|t| t.is_string() || t.is_number())
-        .map(Value::to_string)
-        .filter(|t| t.len() <= 128);
-    let frame = serde_json::json!({
-        "op": "call_tool", "request_id": "mcp", "name": name, "arguments": args,
-    });
-    match crate::protocol::parse(&frame.to_string()) {
+pub fn tool_call(params: &str) -> Result<(String, ToolCall, Option<String>), String> {
+    let p: CallParams = crate::json::from_json(params)
+        .map_err(|e| format!("params must be an object with a string name: {e}"))?;
+    let token = p.meta.and_then(|m| m.progress_token).and_then(scalar);
+    let mut frame = String::from("{\"op\":\"call_tool\",\"request_id\":\"mcp\",\"name\":");
+    crate::json::escape_into(&mut frame, &p.name);
+    frame.push_str(",\"arguments\":");
+    frame.push_str(p.arguments.map_or("null", RawValue::get));
+    frame.push('}');
+    match crate::protocol::parse(&frame) {
         Ok(env) => match env.request {
             Request::CallTool { name, call } => Ok((name, call, token)),
             _ => Err("not a tool call".into()),
@@ -203,18 +239,19 @@ pub fn tool_call(params: &Value) -> Result<(String, ToolCall, Option<String>), S
     }
 }
 
-/// What a relay frame becomes in MCP.
-#[derive(Debug, PartialEq)]
-pub enum Out {
-    /// A notification to send now (progress).
-    Notify(String),
-    /// The call's result (a tool error is a result with `isError`).
-    Done(String),
-    /// Nothing (streamed text without a progress token).
-    Nothing,
+#[derive(Deserialize)]
+struct CancelParams<'a> {
+    #[serde(rename = "requestId", borrow)]
+    request_id: Option<&'a RawValue>,
 }
 
-/// Turns one call's relay frames into MCP messages.
+/// The id of the request a `notifications/cancelled` names.
+pub fn cancelled_id(params: &str) -> Option<String> {
+    let p: CancelParams = crate::json::from_json(params).ok()?;
+    p.request_id.and_then(scalar)
+}
+
+/// Turns one call's relay events into MCP messages.
 pub struct Translator {
     pub id: String,
     pub token: Option<String>,
@@ -230,71 +267,55 @@ impl Translator {
         }
     }
 
-    pub fn translate(&mut self, frame: &str) -> Out {
-        // The relay's own output: well-formed, bounded.
-        let Ok(v) = serde_json::from_str::<Value>(frame) else {
-            return Out::Nothing;
+    /// A `notifications/progress` for a streamed piece or a wait, when
+    /// the call has a progress token.
+    pub fn progress(&mut self, what: &Said) -> Option<String> {
+        let token = self.token.as_ref()?;
+        self.progress += 1;
+        let message = match what {
+            Said::Piece { text, .. } => text,
+            Said::Waiting(why) => why,
         };
-        let text = |k: &str| v.get(k).and_then(Value::as_str);
-        match text("op") {
-            Some("stream_chunk") | Some("progress") => {
-                let Some(token) = &self.token else {
-                    return Out::Nothing;
-                };
-                self.progress += 1;
-                let message = text("delta")
-                    .or(text("chunk"))
-                    .or(text("reasoning"))
-                    .or(text("message"))
-                    .unwrap_or("");
-                let params = JsonOut::new()
-                    .raw("progressToken", token)
-                    .num("progress", self.progress)
-                    .str("message", message)
-                    .finish();
-                Out::Notify(format!(
-                    "{{\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\",\"params\":{params}}}"
-                ))
-            }
-            Some("call_tool_res") => {
-                let answer: String = v["outputs"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|o| o.get("text").and_then(Value::as_str))
-                    .collect();
-                let content = JsonOut::new()
-                    .str("type", "text")
-                    .str("text", &answer)
-                    .finish();
-                let structured = JsonOut::new()
-                    .str("text", &answer)
-                    .str("provider", text("provider").unwrap_or(""))
-                    .str("model", text("model").unwrap_or(""))
-                    .raw(
-                        "usage",
-                        &v.get("usage").map_or("{}".into(), Value::to_string),
-                    )
-                    .finish();
-                let body = JsonOut::new()
-                    .raw("content", &format!("[{content}]"))
-                    .raw("structuredContent", &structured)
-                    .bool("isError", false)
-                    .finish();
-                Out::Done(result(&self.id, &body))
-            }
-            Some("error") => {
-                let e = &v["error"];
-                let code = e
-                    .get("code")
-                    .and_then(Value::as_str)
-                    .unwrap_or("INTERNAL_ERROR");
-                let message = e.get("message").and_then(Value::as_str).unwrap_or("");
-                let retry = e.get("retry_after_ms").and_then(Value::as_u64);
-                Out::Done(result(&self.id, &tool_error(code, message, retry)))
-            }
-            _ => Out::Nothing,
-        }
+        let params = JsonOut::new()
+            .raw("progressToken", token)
+            .num("progress", self.progress)
+            .str("message", message)
+            .finish();
+        Some(format!(
+            "{{\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\",\"params\":{params}}}"
+        ))
+    }
+
+    /// The call's result.
+    pub fn answer(&self, a: &Answer) -> String {
+        let content = JsonOut::new()
+            .str("type", "text")
+            .str("text", a.text)
+            .finish();
+        let usage = JsonOut::new()
+            .num("prompt_tokens", a.usage.prompt_tokens)
+            .num("completion_tokens", a.usage.completion_tokens)
+            .finish();
+        let structured = JsonOut::new()
+            .str("text", a.text)
+            .str("provider", a.provider)
+            .str("model", a.model)
+            .raw("usage", &usage)
+            .finish();
+        let body = JsonOut::new()
+            .raw("content", &format!("[{content}]"))
+            .raw("structuredContent", &structured)
+            .bool("isError", false)
+            .finish();
+        result(&self.id, &body)
+    }
+
+    /// The call's end without an answer: a tool error.
+    pub fn fail(&self, code: ErrorCode, message: &str, retry_after_ms: Option<u64>) -> String {
+        result(
+            &self.id,
+            &tool_error(code.as_str(), message, retry_after_ms),
+        )
     }
 }
 
@@ -343,21 +364,28 @@ impl<D: Fn(String, bool)> crate::llm::Output for Sink<D> {
         Some("mcp")
     }
 
-    fn send(&self, frame: String) {
+    fn say(&self, what: Said) {
         if self.cancelled() {
             return;
         }
-        if let Out::Notify(n) = self.translator.borrow_mut().translate(&frame) {
+        let notification = self.translator.borrow_mut().progress(&what);
+        if let Some(n) = notification {
             (self.deliver)(n, false);
         }
     }
 
-    fn finish(&self, frame: String) {
-        if self.cancelled() {
-            return;
+    fn answer(&self, answer: &Answer) {
+        if !self.cancelled() {
+            (self.deliver)(self.translator.borrow().answer(answer), true);
         }
-        if let Out::Done(d) = self.translator.borrow_mut().translate(&frame) {
-            (self.deliver)(d, true);
+    }
+
+    fn fail(&self, code: ErrorCode, message: &str, retry_after_ms: Option<u64>) {
+        if !self.cancelled() {
+            (self.deliver)(
+                self.translator.borrow().fail(code, message, retry_after_ms),
+                true,
+            );
         }
     }
 
@@ -416,8 +444,16 @@ impl Sessions {
 
     /// A new session; returns its id.
     pub fn open(&mut self, user: Rc<str>, version: &'static str, now: Instant) -> String {
-        self.by_id
-            .retain(|_, s| now.saturating_duration_since(s.last_used) < self.idle_timeout);
+        let expired: Vec<String> = self
+            .by_id
+            .iter()
+            .filter(|(_, s)| now.saturating_duration_since(s.last_used) >= self.idle_timeout)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in expired {
+            // Through close: its calls are cancelled, its stream told.
+            self.close(&id);
+        }
         if self.by_id.len() >= self.max {
             let oldest = self
                 .by_id
@@ -495,7 +531,7 @@ mod tests {
             Message::Request {
                 id: "7".into(),
                 method: "ping".into(),
-                params: Value::Null
+                params: "null".into()
             }
         );
         assert!(matches!(
@@ -510,9 +546,10 @@ mod tests {
             (Some("\"a\""), code::INVALID_REQUEST)
         );
         assert!(parse(r#"{"jsonrpc":"2.0","id":{},"method":"x"}"#).is_err());
-        // Ids are echoed as they came, escaped by serde_json.
-        let Message::Request { id, .. } =
-            parse(r#"{"jsonrpc":"2.0","id":"a\"b","method":"x"}"#).unwrap()
+        assert!(parse(r#"{"jsonrpc":"2.0","id":true,"method":"x"}"#).is_err());
+        // Ids are echoed exactly as they came (valid JSON, escapes kept).
+        let Message::Request { id, params, .. } =
+            parse(r#"{"jsonrpc":"2.0","id":"a\"b","method":"x","params":{"k":1}}"#).unwrap()
         else {
             panic!()
         };
@@ -520,59 +557,67 @@ mod tests {
             result(&id, "{}"),
             r#"{"jsonrpc":"2.0","id":"a\"b","result":{}}"#
         );
+        assert_eq!(params, r#"{"k":1}"#);
+        assert_eq!(
+            cancelled_id(r#"{"requestId":3,"reason":"x"}"#).as_deref(),
+            Some("3")
+        );
+        assert_eq!(cancelled_id("null"), None);
     }
 
     #[test]
     fn negotiates_the_version_and_checks_tool_calls() {
-        let (body, v) = initialize(&serde_json::json!({"protocolVersion":"2025-03-26"}));
+        let (body, v) = initialize(r#"{"protocolVersion":"2025-03-26"}"#);
         assert_eq!(v, "2025-03-26");
         assert!(body.contains("\"tools\""));
-        assert_eq!(
-            initialize(&serde_json::json!({"protocolVersion":"1999"})).1,
-            VERSIONS[0]
-        );
-        let ok = tool_call(&serde_json::json!({"name":"chat","arguments":{"messages":[{"role":"user","content":"hi"}]},"_meta":{"progressToken":5}})).unwrap();
+        assert_eq!(initialize(r#"{"protocolVersion":"1999"}"#).1, VERSIONS[0]);
+        assert_eq!(initialize("null").1, VERSIONS[0]);
+        let ok = tool_call(r#"{"name":"chat","arguments":{"messages":[{"role":"user","content":"hi"}]},"_meta":{"progressToken":5}}"#).unwrap();
         assert_eq!((ok.0.as_str(), ok.2.as_deref()), ("chat", Some("5")));
-        assert!(
-            tool_call(&serde_json::json!({"name":"chat","arguments":{}}))
-                .unwrap_err()
-                .contains("messages")
-        );
-        serde_json::from_str::<Value>(&tools_list()).unwrap();
+        assert!(tool_call(r#"{"name":"chat","arguments":{}}"#)
+            .unwrap_err()
+            .contains("messages"));
+        assert!(tool_call(r#"{"name":7}"#).is_err());
+        // A hostile name stays a string.
+        let quoted = tool_call(r#"{"name":"x\",\"op\":\"hello","arguments":{"messages":[{"role":"user","content":"hi"}]}}"#).unwrap();
+        assert_eq!(quoted.0, "x\",\"op\":\"hello");
+        serde_json::from_str::<serde::de::IgnoredAny>(&tools_list()).unwrap();
     }
 
     #[test]
-    fn relay_frames_become_progress_and_results() {
+    fn relay_events_become_progress_and_results() {
         let mut t = Translator::new("3".into(), Some("\"tok\"".into()));
-        let Out::Notify(n) = t.translate(r#"{"op":"stream_chunk","request_id":"x","delta":"Hel"}"#)
-        else {
-            panic!()
-        };
+        let n = t
+            .progress(&Said::Piece {
+                field: "chunk",
+                text: "Hel",
+            })
+            .unwrap();
         assert!(
             n.contains(r#""progressToken":"tok","progress":1,"message":"Hel""#),
             "{n}"
         );
-        let Out::Done(d) = t.translate(r#"{"op":"call_tool_res","outputs":[{"type":"text","text":"Hello"}],"provider":"p","model":"m","usage":{}}"#) else {
-            panic!()
-        };
+        let d = t.answer(&Answer {
+            text: "Hello",
+            provider: "p",
+            model: "m",
+            usage: Default::default(),
+        });
         assert!(
             d.starts_with(
                 r#"{"jsonrpc":"2.0","id":3,"result":{"content":[{"type":"text","text":"Hello"}]"#
             ),
             "{d}"
         );
-        let Out::Done(e) = t.translate(r#"{"op":"error","error":{"code":"RATE_LIMITED","message":"slow down","retry_after_ms":250}}"#) else {
-            panic!()
-        };
+        let e = t.fail(ErrorCode::RateLimited, "slow down", Some(250));
         assert!(
-            e.contains(r#""isError":true"#) && e.contains(r#""retry_after_ms":250"#),
+            e.contains(r#""isError":true"#)
+                && e.contains(r#""retry_after_ms":250"#)
+                && e.contains("RATE_LIMITED"),
             "{e}"
         );
         let mut silent = Translator::new("4".into(), None);
-        assert_eq!(
-            silent.translate(r#"{"op":"stream_chunk","delta":"x"}"#),
-            Out::Nothing
-        );
+        assert_eq!(silent.progress(&Said::Waiting("x")), None);
     }
 
     #[test]

@@ -290,6 +290,31 @@ fn the_sdk_speaks_mcp_over_the_websocket_subprotocol() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(gw.metric("hivegate_mcp_requests_total{transport=\"ws\"}") >= 5.0);
+
+    // A rate limit and an open breaker are tool errors here too.
+    let gw3 = gateway(
+        &fake,
+        "[limits]\nuser_capacity = 5\nuser_refill_per_s = 0.01\n",
+    );
+    let r = sdk_at(&py, &gw3, &format!("ws://{}/ws", gw3.addr), "-", "limited");
+    let last = r["calls"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["structured"]["code"], "RATE_LIMITED", "{r}");
+    assert!(last["structured"]["retry_after_ms"].as_u64().unwrap() > 0);
+    let down = FakeOpenAi::start(Behaviour::Status {
+        status: 500,
+        retry_after: None,
+        body: "{}".into(),
+    });
+    let gw4 = gateway(&down, "[llm]\nmax_retries = 0\n");
+    let r = sdk_at(&py, &gw4, &format!("ws://{}/ws", gw4.addr), "-", "breaker");
+    let calls = r["calls"].as_array().unwrap();
+    assert_eq!(down.requests().len(), 2, "{r}");
+    let last = calls.last().unwrap();
+    assert_eq!(last["structured"]["code"], "PROVIDER_UNAVAILABLE", "{r}");
+    assert!(
+        last["text"].as_str().unwrap().contains("circuit open"),
+        "{r}"
+    );
 }
 
 #[test]

@@ -397,7 +397,7 @@ mod tests {
     /// A chat on a real store, no sockets: frames are read from the hub.
     struct Harness {
         _dir: tempfile::TempDir,
-        ex: smol::LocalExecutor<'static>,
+        ex: async_executor::LocalExecutor<'static>,
         store: Store,
         table: Rc<RefCell<Table>>,
         requests: ChatRequests,
@@ -417,7 +417,7 @@ mod tests {
             Box::new(|| None),
         )
         .unwrap();
-        let ex = smol::LocalExecutor::new();
+        let ex = async_executor::LocalExecutor::new();
         ex.spawn(writer).detach();
         let table = Rc::new(RefCell::new(Table::new(8, 8, 64, 1 << 20)));
         let (c, t) = (chat.clone(), table.clone());

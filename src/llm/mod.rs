@@ -25,7 +25,7 @@ use crate::limit::{BucketParams, InFlight, TokenBucket};
 use crate::ops::log::Logger;
 use crate::ops::metrics::{counter_with, gauge_with};
 use crate::pool::Pool;
-use crate::protocol::{error_frame, ErrorCode};
+use crate::protocol::ErrorCode;
 use crate::resilience::{backoff, Breaker, Jitter, Transition};
 use async_io::Timer;
 use client::{CallError, Event, Usage};
@@ -39,18 +39,70 @@ use std::time::{Duration, Instant};
 /// Roles a message may have.
 pub const ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
 
-/// Where a call's frames go. The connection implements it; a cancelled
-/// call sends nothing more.
+/// What a call says while it runs.
+pub enum Said<'a> {
+    /// A streamed piece: `field` is `chunk` (the answer) or `reasoning`.
+    Piece { field: &'static str, text: &'a str },
+    /// Nothing heard from the provider for a while, and why.
+    Waiting(&'a str),
+}
+
+/// How a call ended well.
+pub struct Answer<'a> {
+    pub text: &'a str,
+    pub provider: &'a str,
+    pub model: &'a str,
+    pub usage: Usage,
+}
+
+/// Where a call's events go: a connection renders them as `op` frames
+/// ([`said_frame`], [`answer_frame`]), MCP as JSON-RPC. A cancelled call
+/// says nothing more.
 pub trait Output {
     fn rid(&self) -> Option<&str>;
-    fn send(&self, frame: String);
-    /// The last frame of the call (to every asker, for a shared call).
-    fn finish(&self, frame: String);
+    fn say(&self, what: Said);
+    /// The call's result (to every asker, for a shared call).
+    fn answer(&self, answer: &Answer);
+    /// The call's end without a result.
+    fn fail(&self, code: ErrorCode, message: &str, retry_after_ms: Option<u64>);
     fn cancelled(&self) -> bool;
     /// Shared with the pool thread, which stops reading when it is set.
     fn cancel_flag(&self) -> Arc<AtomicBool>;
     /// Resolves when the call is cancelled.
     fn until_cancelled(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + '_>>;
+}
+
+/// `stream_chunk` or `progress`, for the `op` protocol.
+pub fn said_frame(rid: Option<&str>, what: &Said) -> String {
+    match what {
+        Said::Piece { field, text } => JsonOut::op("stream_chunk")
+            .opt_str("request_id", rid)
+            .str(field, text)
+            .finish(),
+        Said::Waiting(why) => JsonOut::op("progress")
+            .opt_str("request_id", rid)
+            .str("message", why)
+            .finish(),
+    }
+}
+
+/// `call_tool_res`, for the `op` protocol.
+pub fn answer_frame(rid: Option<&str>, a: &Answer) -> String {
+    let usage = JsonOut::new()
+        .num("prompt_tokens", a.usage.prompt_tokens)
+        .num("completion_tokens", a.usage.completion_tokens)
+        .finish();
+    let output = JsonOut::new()
+        .str("type", "text")
+        .str("text", a.text)
+        .finish();
+    JsonOut::op("call_tool_res")
+        .opt_str("request_id", rid)
+        .raw("outputs", &format!("[{output}]"))
+        .str("provider", a.provider)
+        .str("model", a.model)
+        .raw("usage", &usage)
+        .finish()
 }
 
 /// A `chat` call, as the client asked for it (the wire form is the call).
@@ -310,26 +362,15 @@ impl Llm {
                             .set(p.prompt_tokens.get() + usage.prompt_tokens);
                         p.completion_tokens
                             .set(p.completion_tokens.get() + usage.completion_tokens);
-                        let usage_json = JsonOut::new()
-                            .num("prompt_tokens", usage.prompt_tokens)
-                            .num("completion_tokens", usage.completion_tokens)
-                            .finish();
-                        let output = JsonOut::new()
-                            .str("type", "text")
-                            .str("text", &text)
-                            .finish();
                         let model = model
                             .or_else(|| call.model.clone())
                             .unwrap_or_else(|| p.cfg.model.clone());
-                        out.finish(
-                            JsonOut::op("call_tool_res")
-                                .opt_str("request_id", out.rid())
-                                .raw("outputs", &format!("[{output}]"))
-                                .str("provider", &p.cfg.name)
-                                .str("model", &model)
-                                .raw("usage", &usage_json)
-                                .finish(),
-                        );
+                        out.answer(&Answer {
+                            text: &text,
+                            provider: &p.cfg.name,
+                            model: &model,
+                            usage,
+                        });
                         return;
                     }
                     Attempt::Cancelled => {
@@ -375,7 +416,7 @@ impl Llm {
                                 "{} failed after {chunks} chunks ({bytes} bytes) had been delivered: {error}",
                                 p.cfg.name
                             );
-                            out.finish(error_frame(out.rid(), code, &msg, None));
+                            out.fail(code, &msg, None);
                             return;
                         }
                         last = format!("{}: {error}", p.cfg.name);
@@ -424,12 +465,7 @@ impl Llm {
             at.saturating_duration_since(now).as_millis().max(1) as u64
         });
         let msg = format!("no provider could answer; last: {last}");
-        out.finish(error_frame(
-            out.rid(),
-            ErrorCode::ProviderUnavailable,
-            &msg,
-            Some(retry_ms),
-        ));
+        out.fail(ErrorCode::ProviderUnavailable, &msg, Some(retry_ms));
     }
 
     /// One call to one provider, relayed until it ends.
@@ -483,12 +519,7 @@ impl Llm {
                 Step::Silence => {
                     // The client has heard nothing for a while: say why.
                     let msg = format!("waiting for {}", p.cfg.name);
-                    out.send(
-                        JsonOut::op("progress")
-                            .opt_str("request_id", out.rid())
-                            .str("message", &msg)
-                            .finish(),
-                    );
+                    out.say(Said::Waiting(&msg));
                     continue;
                 }
                 Step::Deadline => {
@@ -555,12 +586,10 @@ impl Llm {
                 thought += piece.len();
             }
             if call.stream {
-                out.send(
-                    JsonOut::op("stream_chunk")
-                        .opt_str("request_id", out.rid())
-                        .str(field, &piece)
-                        .finish(),
-                );
+                out.say(Said::Piece {
+                    field,
+                    text: &piece,
+                });
             }
         }
     }

@@ -3,7 +3,7 @@
 //! `request_id` in flight shares its answer; `cancel`, or the connection's
 //! end, stops it and nothing more is sent for it.
 
-use super::{Call, Llm, Output};
+use super::{answer_frame, said_frame, Answer, Call, Llm, Output, Said};
 use crate::hub::{Reply, Task, MAX_IN_FLIGHT};
 use crate::json::JsonOut;
 use crate::protocol::ErrorCode;
@@ -72,18 +72,19 @@ impl Output for CallOutput {
         self.reply.rid()
     }
 
-    fn send(&self, frame: String) {
+    fn say(&self, what: Said) {
         if !self.cancelled() {
-            self.reply.send(frame);
+            self.reply.send(said_frame(self.reply.rid(), &what));
         }
     }
 
-    fn finish(&self, frame: String) {
+    fn answer(&self, answer: &Answer) {
         if self.cancelled() {
             return;
         }
         // Every asker of a shared call gets the answer; the later ones
         // are told it was shared.
+        let frame = answer_frame(self.reply.rid(), answer);
         for _ in 0..self.state.followers.get() {
             let shared = frame.replacen(
                 "{\"op\":\"call_tool_res\",",
@@ -93,6 +94,16 @@ impl Output for CallOutput {
             self.reply.send(shared);
         }
         self.reply.send(frame);
+    }
+
+    fn fail(&self, code: ErrorCode, message: &str, retry_after_ms: Option<u64>) {
+        if self.cancelled() {
+            return;
+        }
+        let frame = crate::protocol::error_frame(self.reply.rid(), code, message, retry_after_ms);
+        for _ in 0..=self.state.followers.get() {
+            self.reply.send(frame.clone());
+        }
     }
 
     fn cancelled(&self) -> bool {

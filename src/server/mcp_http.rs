@@ -205,10 +205,7 @@ async fn answer(
                 if let Some(sid) = session_id {
                     let mut sessions = gw.mcp.borrow_mut();
                     if let Some(s) = sessions.touch(sid, &a.user, now) {
-                        let rid = params
-                            .get("requestId")
-                            .map(|v| v.to_string())
-                            .unwrap_or_default();
+                        let rid = mcp::cancelled_id(&params).unwrap_or_default();
                         if let Some(call) = s.calls.remove(&rid) {
                             call.cancel();
                         }
@@ -335,7 +332,7 @@ async fn call_tool(
     sid: &str,
     head: &Head,
     id: String,
-    params: &serde_json::Value,
+    params: &str,
     stream: &mut Socket,
 ) -> Option<Response> {
     let tool_error = |code: &str, msg: &str, retry: Option<u64>| {

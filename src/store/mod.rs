@@ -307,7 +307,7 @@ mod tests {
             Box::new(|| None),
         )
         .unwrap();
-        let ex = smol::LocalExecutor::new();
+        let ex = async_executor::LocalExecutor::new();
         ex.spawn(writer).detach();
         let futs: Vec<_> = (0..200)
             .map(|i| {

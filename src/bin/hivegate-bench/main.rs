@@ -426,10 +426,10 @@ fn fanout(members: usize, seconds: usize) -> Result<(), String> {
         "max_connections = {cap}\nmax_connections_per_ip = {cap}\nmax_handshakes = 1024\nmax_handshakes_per_ip = 1024\n{NO_RATE_LIMITS}"
     ))?;
     let (addr, pid) = (gw.addr, gw.child.id());
-    let ex = Rc::new(smol::LocalExecutor::new());
+    let ex = Rc::new(async_executor::LocalExecutor::new());
     let received = Rc::new(Cell::new(0u64));
     let stop = Rc::new(Cell::new(false));
-    let result = smol::block_on(ex.run(async {
+    let result = async_io::block_on(ex.run(async {
         let mut readers = Vec::new();
         for _ in 0..members {
             let (mut s, mut r) = raw_member(addr, "bench").await?;
@@ -509,12 +509,12 @@ fn publish(publishers: usize, seconds: usize) -> Result<(), String> {
         "max_connections = {cap}\nmax_connections_per_ip = {cap}\nmax_handshakes = 1024\nmax_handshakes_per_ip = 1024\n[store]\nsynchronous = \"full\"\n{NO_RATE_LIMITS}"
     ))?;
     let (addr, pid) = (gw.addr, gw.child.id());
-    let ex = Rc::new(smol::LocalExecutor::new());
+    let ex = Rc::new(async_executor::LocalExecutor::new());
     let acks = Rc::new(Cell::new(0u64));
     let latencies = Rc::new(RefCell::new(Vec::<Duration>::new()));
     let measuring = Rc::new(Cell::new(false));
     let stop = Rc::new(Cell::new(false));
-    smol::block_on(ex.run(async {
+    async_io::block_on(ex.run(async {
         let mut conns = Vec::new();
         for i in 0..publishers {
             conns.push(raw_member(addr, &format!("p{i}")).await?);

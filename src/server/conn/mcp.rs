@@ -61,10 +61,7 @@ impl Conn {
             Message::Response => return Ok(()),
             Message::Notification { method, params } => {
                 if method == "notifications/cancelled" {
-                    let rid = params
-                        .get("requestId")
-                        .map(|v| v.to_string())
-                        .unwrap_or_default();
+                    let rid = mcp::cancelled_id(&params).unwrap_or_default();
                     if let Some(call) = calls.borrow_mut().remove(&rid) {
                         call.cancel();
                     }
@@ -92,7 +89,7 @@ impl Conn {
     }
 
     /// Starts a `tools/call`; returns the answer when it is refused at once.
-    fn mcp_call(&mut self, calls: Calls, id: &str, params: &serde_json::Value) -> Option<String> {
+    fn mcp_call(&mut self, calls: Calls, id: &str, params: &str) -> Option<String> {
         let refuse = |code: &str, msg: &str, retry: Option<u64>| {
             Some(mcp::result(id, &mcp::tool_error(code, msg, retry)))
         };
