@@ -17,6 +17,7 @@ fn main() {
     // configuration reads that prefix.
     println!("cargo:rustc-env=BUILD_GIT_COMMIT={commit}");
     pack_relocations();
+    drop_unwind_tables();
     println!("cargo:rerun-if-changed=.git/HEAD");
     println!("cargo:rerun-if-changed=.git/refs/heads");
 }
@@ -34,11 +35,23 @@ fn pack_relocations() {
     if os == "linux" && env == "gnu" && !off {
         println!("cargo:rustc-link-arg-bins=-Wl,-z,pack-relative-relocs");
     }
+}
+
+fn drop_unwind_tables() {
+    let os = std::env::var("CARGO_CFG_TARGET_OS").unwrap_or_default();
     // Release builds abort on panic: nothing unwinds, and the stripped
-    // binary has no names for a backtrace anyway. The lookup table that
-    // only speeds up unwinding (`.eh_frame_hdr`, about 38 KB) is left out.
-    // Debug and test builds unwind, and keep it.
+    // binary has no names for a backtrace anyway. The unwind tables
+    // (`.eh_frame`, about 250 KB) and their lookup table (`.eh_frame_hdr`,
+    // 38 KB) are left out, by a linker script that only adds a discard to
+    // the default layout. Debug and test builds unwind, and keep both.
     if std::env::var("PROFILE").as_deref() == Ok("release") && os == "linux" {
         println!("cargo:rustc-link-arg-bins=-Wl,--no-eh-frame-hdr");
+        if let Ok(out) = std::env::var("OUT_DIR") {
+            let script = std::path::Path::new(&out).join("no-unwind-tables.ld");
+            let text = "SECTIONS { /DISCARD/ : { *(.eh_frame) } } INSERT AFTER .text;\n";
+            if std::fs::write(&script, text).is_ok() {
+                println!("cargo:rustc-link-arg-bins=-Wl,-T,{}", script.display());
+            }
+        }
     }
 }

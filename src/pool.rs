@@ -1,5 +1,6 @@
-//! The bounded blocking pool: a few std threads and a bounded job queue,
-//! the only threads in the process.
+//! The bounded blocking pool: a few std threads, started as work comes,
+//! and a bounded job queue; with async-io's reactor thread, the only
+//! threads in the process.
 //!
 //! SQLite and HTTP calls block; they run here so the event loop never does.
 //! A full queue is an answer, not a wait: [`Pool::submit`] returns
@@ -54,27 +55,49 @@ pub struct PoolStats {
 }
 
 pub struct Pool {
+    /// Unbounded as a channel, bounded by `queue` in `submit` (every job
+    /// is submitted from the event loop): a bounded channel allocates and
+    /// touches every slot at start, resident memory for an empty queue.
     tx: async_channel::Sender<Queued>,
+    queue: usize,
     pub stats: Arc<PoolStats>,
     threads: usize,
+    /// Threads are started as work comes, up to `threads`: an idle
+    /// gateway (or one with no LLM provider called yet) keeps none of
+    /// their stacks and heaps resident.
+    rx: async_channel::Receiver<Queued>,
+    started: std::cell::Cell<usize>,
 }
 
 impl Pool {
     pub fn new(threads: usize, queue: usize) -> std::io::Result<Pool> {
-        let (tx, rx) = async_channel::bounded::<Queued>(queue.max(1));
-        let stats = Arc::new(PoolStats::default());
-        for i in 0..threads.max(1) {
-            let rx = rx.clone();
-            let stats = stats.clone();
-            std::thread::Builder::new()
-                .name(format!("hivegate-pool-{i}"))
-                .spawn(move || worker(rx, stats))?;
-        }
+        let (tx, rx) = async_channel::unbounded::<Queued>();
         Ok(Pool {
             tx,
-            stats,
+            queue: queue.max(1),
+            stats: Arc::new(PoolStats::default()),
             threads: threads.max(1),
+            rx,
+            started: std::cell::Cell::new(0),
         })
+    }
+
+    /// Before a job is queued: starts the first thread, or one more when
+    /// jobs are already waiting (every thread is busy), up to the pool's
+    /// size. False when no thread runs and none could be started.
+    fn grow(&self) -> bool {
+        let started = self.started.get();
+        let waiting = !self.tx.is_empty();
+        if started < self.threads && (started == 0 || waiting) {
+            let (rx, stats) = (self.rx.clone(), self.stats.clone());
+            let spawned = std::thread::Builder::new()
+                .name(format!("hivegate-pool-{started}"))
+                .spawn(move || worker(rx, stats));
+            if spawned.is_ok() {
+                self.started.set(started + 1);
+            }
+        }
+        self.started.get() > 0
     }
 
     /// Jobs waiting to run.
@@ -83,7 +106,7 @@ impl Pool {
     }
 
     pub fn capacity(&self) -> usize {
-        self.tx.capacity().unwrap_or(0)
+        self.queue
     }
 
     /// Queues `f` to run on a pool thread within `deadline`. Returns at
@@ -114,7 +137,9 @@ impl Pool {
             queued_at: now,
             deadline: now + deadline,
         };
-        if self.tx.try_send(queued).is_err() {
+        // A thread to run it first (a job queued with none would run
+        // later for a caller told it was refused).
+        if self.tx.len() >= self.queue || !self.grow() || self.tx.try_send(queued).is_err() {
             self.stats.rejected.fetch_add(1, Relaxed);
             return Err(PoolError::Full);
         }

@@ -39,8 +39,10 @@ impl<K: Hash + Eq + Clone> KeyedBuckets<K> {
         let max = max.max(1);
         KeyedBuckets {
             params,
-            nodes: Slab::with_capacity(max),
-            index: HashMap::with_capacity(max),
+            // Grown as keys arrive, up to `max`: an idle gateway does not
+            // hold (and touch) a full table per limit.
+            nodes: Slab::new(),
+            index: HashMap::new(),
             max,
             newest: NIL,
             oldest: NIL,
@@ -92,6 +94,13 @@ impl<K: Hash + Eq + Clone> KeyedBuckets<K> {
             return at;
         }
         self.make_room(now);
+        if self.nodes.len() == self.nodes.capacity() {
+            // Grow geometrically, but never past the bound: the table
+            // holds at most `max` nodes' worth of memory.
+            let room = self.max.saturating_sub(self.nodes.capacity());
+            let more = self.nodes.capacity().max(16).min(room);
+            self.nodes.reserve_exact(more.max(1));
+        }
         let at = self.nodes.insert(Node {
             key: key.clone(),
             bucket: TokenBucket::new(&self.params, now),

@@ -98,7 +98,10 @@ struct Pending {
 
 pub struct Store {
     pool: Rc<Pool>,
+    /// Unbounded as a channel, bounded by `max_queued` in `write` (as the
+    /// pool's queue: an empty queue holds no memory).
     queue: async_channel::Sender<Pending>,
+    max_queued: usize,
     readers: Arc<Mutex<Vec<Connection>>>,
     path: PathBuf,
     ids: RefCell<ulid::UlidGen>,
@@ -126,11 +129,12 @@ impl Store {
     ) -> Result<(Store, impl Future<Output = ()>), String> {
         let path = data_dir.join(DB_FILE);
         let writer = Arc::new(Mutex::new(db::open_writer(&path, sync)?));
-        let (tx, rx) = async_channel::bounded(write_queue.max(1));
+        let (tx, rx) = async_channel::unbounded();
         let seed = crate::resilience::random_u64();
         let store = Store {
             pool: pool.clone(),
             queue: tx,
+            max_queued: write_queue.max(1),
             readers: Arc::new(Mutex::new(Vec::new())),
             path,
             ids: RefCell::new(ulid::UlidGen::new(seed)),
@@ -161,6 +165,9 @@ impl Store {
         op: WriteOp,
     ) -> Result<impl Future<Output = Result<WriteOk, StoreError>>, StoreError> {
         let (reply, rx) = async_channel::bounded(1);
+        if self.queue.len() >= self.max_queued {
+            return Err(StoreError::Busy { retry_after_ms: 50 });
+        }
         self.queue
             .try_send(Pending { op, reply })
             .map_err(|_| StoreError::Busy { retry_after_ms: 50 })?;
