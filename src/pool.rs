@@ -45,6 +45,8 @@ pub const LATENCY_BUCKETS: [f64; 7] = [0.001, 0.005, 0.025, 0.1, 0.5, 2.5, 10.0]
 /// Counters shared with the worker threads.
 #[derive(Default)]
 pub struct PoolStats {
+    /// Threads running a job now (for starting another when all are).
+    pub busy: AtomicU64,
     pub run: AtomicU64,
     pub rejected: AtomicU64,
     pub timed_out: AtomicU64,
@@ -83,12 +85,12 @@ impl Pool {
     }
 
     /// Before a job is queued: starts the first thread, or one more when
-    /// jobs are already waiting (every thread is busy), up to the pool's
-    /// size. False when no thread runs and none could be started.
+    /// every started thread is busy, up to the pool's size. False when no
+    /// thread runs and none could be started.
     fn grow(&self) -> bool {
         let started = self.started.get();
-        let waiting = !self.tx.is_empty();
-        if started < self.threads && (started == 0 || waiting) {
+        let all_busy = self.stats.busy.load(Relaxed) as usize + self.tx.len() >= started;
+        if started < self.threads && all_busy {
             let (rx, stats) = (self.rx.clone(), self.stats.clone());
             let spawned = std::thread::Builder::new()
                 .name(format!("hivegate-pool-{started}"))
@@ -169,7 +171,9 @@ fn worker(rx: async_channel::Receiver<Queued>, stats: Arc<PoolStats>) {
         // capacity) with it; its caller sees `Gone`. (Release builds abort
         // on panic instead, and systemd restarts the service: a panic is a
         // bug, never a reaction to input.)
+        stats.busy.fetch_add(1, Relaxed);
         let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (q.job)(false)));
+        stats.busy.fetch_sub(1, Relaxed);
         let latency = q.queued_at.elapsed();
         stats.run.fetch_add(1, Relaxed);
         stats
@@ -279,6 +283,26 @@ mod tests {
         assert_eq!(block_on(a), Ok(4));
         wait_for_run_count(&pool, 1);
         assert_eq!(pool.stats.run.load(Relaxed), 1);
+    }
+
+    #[test]
+    fn threads_start_as_work_comes_and_a_busy_one_gets_a_sibling() {
+        let pool = Pool::new(2, 4).unwrap();
+        assert_eq!(pool.started.get(), 0, "no thread before any work");
+        // A long job holds the first thread; the next still runs at once,
+        // on a second thread, rather than waiting behind it.
+        let (busy, release_tx) = occupy(&pool);
+        assert_eq!(pool.started.get(), 1);
+        let quick = pool.submit(Duration::from_secs(5), || 7).unwrap();
+        assert_eq!(block_on(quick), Ok(7));
+        assert_eq!(pool.started.get(), 2);
+        release_tx.send(()).unwrap();
+        let _ = block_on(busy);
+        // Never more than the pool's size.
+        for _ in 0..3 {
+            let _ = block_on(pool.submit(Duration::from_secs(5), || 0).unwrap());
+        }
+        assert_eq!(pool.started.get(), 2);
     }
 
     #[test]
