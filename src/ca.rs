@@ -28,23 +28,36 @@ pub fn no_roots() -> TlsConfig {
     tls_config(Vec::new())
 }
 
-/// Reads a PEM bundle of CA certificates.
-pub fn load(path: &Path) -> Result<TlsConfig, String> {
+/// The certificates of a PEM file, at least one; errors name `setting`.
+pub fn pem_certificates(
+    path: &Path,
+    setting: &str,
+) -> Result<Vec<CertificateDer<'static>>, String> {
     let certs = CertificateDer::pem_file_iter(path)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
         .map_err(|e| {
             format!(
-                "server.upstream_ca_file {}: cannot read the CA bundle for https:// upstreams: {e} \
-                 (install the ca-certificates package, or point server.upstream_ca_file at a PEM bundle)",
+                "{setting} {}: cannot read PEM certificates: {e}",
                 path.display()
             )
         })?;
     if certs.is_empty() {
         return Err(format!(
-            "server.upstream_ca_file {}: no CERTIFICATE in it",
+            "{setting} {}: no CERTIFICATE block in it",
             path.display()
         ));
     }
+    Ok(certs)
+}
+
+/// Reads a PEM bundle of CA certificates.
+pub fn load(path: &Path) -> Result<TlsConfig, String> {
+    let certs = pem_certificates(path, "server.upstream_ca_file").map_err(|e| {
+        format!(
+            "{e} (the CA bundle for https:// upstreams: install the ca-certificates package, \
+             or point server.upstream_ca_file at a PEM bundle)"
+        )
+    })?;
     Ok(tls_config(
         certs
             .iter()

@@ -90,10 +90,7 @@ pub fn run(cfg: Config, log: Logger, source: ConfigSource) -> Result<i32, String
         ),
         None => None,
     };
-    let tls = match (&cfg.server.tls_cert_file, &cfg.server.tls_key_file) {
-        (Some(cert), Some(key)) => Some(crate::server::tls::load(cert, key)?),
-        _ => None,
-    };
+    let tls = crate::server::tls::from_config(&cfg)?;
     let reload_pool = pool.clone();
     let services = Services {
         pool,
@@ -251,10 +248,7 @@ fn read_config(
 ) -> Result<Loaded, Vec<String>> {
     let (cfg, warnings) = Config::load(path, env)
         .map_err(|e| e.0.iter().map(|e| e.to_string()).collect::<Vec<_>>())?;
-    let tls = match (&cfg.server.tls_cert_file, &cfg.server.tls_key_file) {
-        (Some(cert), Some(key)) => Some(crate::server::tls::load(cert, key).map_err(|e| vec![e])?),
-        _ => None,
-    };
+    let tls = crate::server::tls::from_config(&cfg).map_err(|e| vec![e])?;
     Ok((cfg, warnings, tls))
 }
 

@@ -15,7 +15,7 @@
 use super::http::{Head, Response};
 use super::tls::Socket;
 use super::Gateway;
-use crate::mcp::{self, code, Cancel, Message, Translator};
+use crate::mcp::{self, code, Message, Translator};
 use crate::ops::metrics::{inc, Refusal};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use std::cell::{Cell, RefCell};
@@ -69,14 +69,11 @@ pub async fn admit(
             Response::text(503, "shutting down\n"),
         ));
     }
-    if let Some(origin) = &head.origin {
-        let live = gw.live.borrow();
-        if !live.origins.is_empty() && !live.origins.iter().any(|o| o == origin) {
-            return Err(refuse(
-                Refusal::Origin,
-                Response::text(403, "origin not allowed\n"),
-            ));
-        }
+    if !gw.live.borrow().origin_allowed(head.origin.as_deref()) {
+        return Err(refuse(
+            Refusal::Origin,
+            Response::text(403, "origin not allowed\n"),
+        ));
     }
     let user: Rc<str> = match &head.bearer {
         Some(t) => match gw.live.borrow().auth.user_for(t) {
@@ -218,7 +215,7 @@ async fn answer(
     };
     if method == "initialize" {
         if let Some(r) = limited {
-            return Some(json(200, limited_error(&id, r.retry_after_ms())));
+            return Some(json(200, mcp::rate_limited(&id, &method, &r)));
         }
         let (body, version) = mcp::initialize(&params);
         let sid = gw.mcp.borrow_mut().open(a.user.clone(), version, now);
@@ -243,31 +240,13 @@ async fn answer(
         ));
     }
     if let Some(r) = limited {
-        let body = if method == "tools/call" {
-            let msg = format!("too many requests ({} limit)", r.level.label());
-            mcp::result(
-                &id,
-                &mcp::tool_error("RATE_LIMITED", &msg, Some(r.retry_after_ms())),
-            )
-        } else {
-            limited_error(&id, r.retry_after_ms())
-        };
-        return Some(json(200, body));
+        return Some(json(200, mcp::rate_limited(&id, &method, &r)));
     }
     match method.as_str() {
         "ping" => Some(json(200, mcp::result(&id, "{}"))),
         "tools/list" => Some(json(200, mcp::result(&id, &mcp::tools_list()))),
         "tools/call" => call_tool(gw, sid, &a.head, id, &params, stream).await,
-        _ => {
-            let m: String = method.chars().take(64).collect();
-            let msg = format!(
-                "no method {m:?}: this server offers initialize, ping, tools/list and tools/call"
-            );
-            Some(json(
-                200,
-                mcp::error(Some(&id), code::METHOD_NOT_FOUND, &msg, None),
-            ))
-        }
+        _ => Some(json(200, mcp::no_method(&id, &method))),
     }
 }
 
@@ -302,10 +281,7 @@ async fn stream_for(
         s.streaming = true;
         s.ended.clone()
     };
-    let head = format!(
-        "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-store\r\nConnection: close\r\nX-Content-Type-Options: nosniff\r\nMcp-Session-Id: {sid}\r\n\r\n"
-    );
-    if stream.write_all(head.as_bytes()).await.is_ok() && stream.flush().await.is_ok() {
+    if stream.write_all(sse_head(sid).as_bytes()).await.is_ok() && stream.flush().await.is_ok() {
         let listener = ended.listen();
         // Whatever the client sends is read and dropped; its end ends this.
         let hung_up = async {
@@ -320,9 +296,11 @@ async fn stream_for(
     None
 }
 
-fn limited_error(id: &str, retry_after_ms: u64) -> String {
-    let data = format!("{{\"code\":\"RATE_LIMITED\",\"retry_after_ms\":{retry_after_ms}}}");
-    mcp::error(Some(id), code::LIMITED, "too many requests", Some(&data))
+/// The head of an event-stream answer for session `sid`.
+fn sse_head(sid: &str) -> String {
+    format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-store\r\nConnection: close\r\nX-Content-Type-Options: nosniff\r\nMcp-Session-Id: {sid}\r\n\r\n"
+    )
 }
 
 /// `tools/call`: checked as a `call_tool` frame is, then relayed; the
@@ -335,63 +313,25 @@ async fn call_tool(
     params: &str,
     stream: &mut Socket,
 ) -> Option<Response> {
-    let tool_error = |code: &str, msg: &str, retry: Option<u64>| {
-        Some(json(
-            200,
-            mcp::result(&id, &mcp::tool_error(code, msg, retry)),
-        ))
-    };
-    let (name, call, token) = match mcp::tool_call(params) {
-        Ok(c) => c,
-        Err(msg) => {
-            return Some(json(
-                200,
-                mcp::error(Some(&id), code::INVALID_PARAMS, &msg, None),
-            ))
-        }
-    };
-    if name != "chat" {
-        let n: String = name.chars().take(32).collect();
-        let msg = format!("no tool {n:?}: tools/list names them");
-        return Some(json(
-            200,
-            mcp::error(Some(&id), code::INVALID_PARAMS, &msg, None),
-        ));
-    }
-    if let Err((code, msg)) = gw.llm.check(&call) {
-        return tool_error(code.as_str(), &msg, None);
-    }
-    let cancel = Rc::new(Cancel::default());
-    {
+    let started = {
         let mut sessions = gw.mcp.borrow_mut();
-        let per_session = gw.llm.max_in_flight_per_session() as usize;
         let Some(session) = sessions.get_mut(sid) else {
-            return tool_error("NOT_FOUND", "the session ended", None);
-        };
-        if session.calls.contains_key(&id) {
+            let msg = "the session ended";
             return Some(json(
                 200,
-                mcp::error(
-                    Some(&id),
-                    code::INVALID_REQUEST,
-                    "a call with this id is in flight",
-                    None,
-                ),
+                mcp::result(&id, &mcp::tool_error("NOT_FOUND", msg, None)),
             ));
-        }
-        if session.calls.len() >= per_session {
-            let msg = format!("at most {per_session} tool calls in flight per session");
-            return tool_error("OVER_CAPACITY", &msg, Some(1000));
-        }
-        session.calls.insert(id.clone(), cancel.clone());
-    }
-    let Some(slot) = gw.llm.try_start() else {
-        forget(gw, sid, &id);
-        return tool_error(
-            "OVER_CAPACITY",
-            "the gateway is at its limit of tool calls",
-            Some(1000),
-        );
+        };
+        mcp::start_call(&gw.llm, &mut session.calls, &id, params)
+    };
+    let mcp::Started {
+        call,
+        token,
+        slot,
+        cancel,
+    } = match started {
+        Ok(s) => s,
+        Err(answer) => return Some(json(200, answer)),
     };
     let streamed = head.accept.contains("text/event-stream");
     let queue = Rc::new(Queue::default());
@@ -406,10 +346,7 @@ async fn call_tool(
         queue.end();
     };
     let response = if streamed {
-        let head = format!(
-            "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-store\r\nConnection: close\r\nX-Content-Type-Options: nosniff\r\nMcp-Session-Id: {sid}\r\n\r\n"
-        );
-        let ok = stream.write_all(head.as_bytes()).await.is_ok();
+        let ok = stream.write_all(sse_head(sid).as_bytes()).await.is_ok();
         let writer = async {
             if !ok {
                 cancel.cancel();

@@ -553,16 +553,13 @@ fn admit(
                 .header("Retry-After", retry()),
         ));
     }
-    if let Some(origin) = &head.origin {
-        let origins = &gw.live.borrow().origins;
-        if !origins.is_empty() && !origins.iter().any(|o| o == origin) {
-            return Err(refuse(
-                gw,
-                Refusal::Origin,
-                ip,
-                Response::text(403, "origin not allowed\n"),
-            ));
-        }
+    if !gw.live.borrow().origin_allowed(head.origin.as_deref()) {
+        return Err(refuse(
+            gw,
+            Refusal::Origin,
+            ip,
+            Response::text(403, "origin not allowed\n"),
+        ));
     }
     if let Err(wait) = gw.limits.borrow_mut().check_connect(Instant::now(), ip) {
         return Err(refuse(

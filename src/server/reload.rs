@@ -23,6 +23,12 @@ pub struct Live {
 }
 
 impl Live {
+    /// Whether a browser's `Origin` may connect (no `Origin`, or no list:
+    /// yes).
+    pub fn origin_allowed(&self, origin: Option<&str>) -> bool {
+        origin.is_none_or(|o| self.origins.is_empty() || self.origins.iter().any(|a| a == o))
+    }
+
     pub fn new(cfg: &Config) -> Live {
         Live {
             auth: Authenticator::new(cfg.auth.tokens.clone()),

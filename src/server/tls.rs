@@ -14,7 +14,7 @@ use futures_lite::{AsyncRead, AsyncWrite};
 use futures_rustls::server::TlsStream;
 use futures_rustls::TlsAcceptor;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::PrivateKeyDer;
 use rustls::ServerConfig;
 use std::cell::RefCell;
 use std::io;
@@ -27,20 +27,7 @@ use std::task::{Context, Poll};
 /// Reads and checks a certificate chain and its key. Blocking (file
 /// reads): run it on the pool once the loop is serving.
 pub fn load(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, String> {
-    let certs = CertificateDer::pem_file_iter(cert)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| {
-            format!(
-                "server.tls_cert_file {}: cannot read a PEM certificate chain: {e}",
-                cert.display()
-            )
-        })?;
-    if certs.is_empty() {
-        return Err(format!(
-            "server.tls_cert_file {}: no CERTIFICATE block in it",
-            cert.display()
-        ));
-    }
+    let certs = crate::ca::pem_certificates(cert, "server.tls_cert_file")?;
     let key = PrivateKeyDer::from_pem_file(key).map_err(|e| {
         format!(
             "server.tls_key_file {}: cannot read a PEM private key: {e}",
@@ -59,6 +46,15 @@ pub fn load(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, String> {
     // HTTP/1.1 only: the upgrade to WebSocket needs it.
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// The server's TLS settings from `server.tls_cert_file` and
+/// `tls_key_file`, or `None` for plain TCP (at start and on reload).
+pub fn from_config(cfg: &crate::config::Config) -> Result<Option<Arc<ServerConfig>>, String> {
+    match (&cfg.server.tls_cert_file, &cfg.server.tls_key_file) {
+        (Some(cert), Some(key)) => load(cert, key).map(Some),
+        _ => Ok(None),
+    }
 }
 
 /// The acceptor in use, replaced by a reload.

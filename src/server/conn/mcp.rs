@@ -7,7 +7,7 @@
 use super::Conn;
 use crate::hub::{Reply, MAX_IN_FLIGHT};
 use crate::limit::InFlight;
-use crate::mcp::{self, code, Cancel, Message, Translator};
+use crate::mcp::{self, Cancel, Message, Translator};
 use crate::ops::metrics::inc;
 use crate::protocol::{close, Close};
 use std::cell::RefCell;
@@ -46,14 +46,7 @@ impl Conn {
                 return Err(Close(close::POLICY));
             }
             if let Message::Request { id, method, .. } = &message {
-                let ms = r.retry_after_ms();
-                self.send(if method == "tools/call" {
-                    let msg = format!("too many requests ({} limit)", r.level.label());
-                    mcp::result(id, &mcp::tool_error("RATE_LIMITED", &msg, Some(ms)))
-                } else {
-                    let data = format!("{{\"code\":\"RATE_LIMITED\",\"retry_after_ms\":{ms}}}");
-                    mcp::error(Some(id), code::LIMITED, "too many requests", Some(&data))
-                });
+                self.send(mcp::rate_limited(id, method, r));
             }
             return Ok(());
         }
@@ -78,11 +71,7 @@ impl Conn {
                 Some(answer) => answer,
                 None => return Ok(()),
             },
-            _ => {
-                let m: String = method.chars().take(64).collect();
-                let msg = format!("no method {m:?}: this server offers initialize, ping, tools/list and tools/call");
-                mcp::error(Some(&id), code::METHOD_NOT_FOUND, &msg, None)
-            }
+            _ => mcp::no_method(&id, &method),
         };
         self.send(answer);
         Ok(())
@@ -90,51 +79,24 @@ impl Conn {
 
     /// Starts a `tools/call`; returns the answer when it is refused at once.
     fn mcp_call(&mut self, calls: Calls, id: &str, params: &str) -> Option<String> {
-        let refuse = |code: &str, msg: &str, retry: Option<u64>| {
-            Some(mcp::result(id, &mcp::tool_error(code, msg, retry)))
-        };
-        let (name, call, token) = match mcp::tool_call(params) {
-            Ok(c) => c,
-            Err(msg) => return Some(mcp::error(Some(id), code::INVALID_PARAMS, &msg, None)),
-        };
-        if name != "chat" {
-            let n: String = name.chars().take(32).collect();
-            let msg = format!("no tool {n:?}: tools/list names them");
-            return Some(mcp::error(Some(id), code::INVALID_PARAMS, &msg, None));
-        }
-        let llm = self.gw.llm.clone();
-        if let Err((code, msg)) = llm.check(&call) {
-            return refuse(code.as_str(), &msg, None);
-        }
-        let per_session = llm.max_in_flight_per_session() as usize;
-        if calls.borrow().contains_key(id) {
-            let msg = "a call with this id is in flight";
-            return Some(mcp::error(Some(id), code::INVALID_REQUEST, msg, None));
-        }
-        if calls.borrow().len() >= per_session {
-            let msg = format!("at most {per_session} tool calls in flight per connection");
-            return refuse("OVER_CAPACITY", &msg, Some(1000));
-        }
-        let Some(slot) = llm.try_start() else {
-            return refuse(
-                "OVER_CAPACITY",
-                "the gateway is at its limit of tool calls",
-                Some(1000),
-            );
-        };
         let Some(held) = InFlight::try_take(&self.in_flight, MAX_IN_FLIGHT) else {
-            return refuse(
-                "OVER_CAPACITY",
-                "too many requests in flight on this connection",
-                Some(1000),
-            );
+            let msg = "too many requests in flight on this connection";
+            return Some(mcp::result(
+                id,
+                &mcp::tool_error("OVER_CAPACITY", msg, Some(1000)),
+            ));
         };
-        let cancel = Rc::new(Cancel::default());
-        calls.borrow_mut().insert(id.to_string(), cancel.clone());
+        let llm = self.gw.llm.clone();
+        let started = match mcp::start_call(&llm, &mut calls.borrow_mut(), id, params) {
+            Ok(s) => s,
+            Err(answer) => return Some(answer),
+        };
         let reply = Reply::new(self.gw.table.clone(), self.slot.key, self.slot.id, None);
-        let translator = Translator::new(id.to_string(), token);
+        let translator = Translator::new(id.to_string(), started.token);
+        let cancel = started.cancel;
         let sink = mcp::Sink::new(translator, cancel.clone(), move |m, _| reply.send(m));
         let id = id.to_string();
+        let (call, slot) = (started.call, started.slot);
         self.gw.spawn(Box::pin(async move {
             let (_slot, _held) = (slot, held);
             llm.run(call, &sink).await;
@@ -144,13 +106,5 @@ impl Conn {
             }
         }));
         None
-    }
-
-    /// An invalid message: counted, and too many close the connection.
-    fn strike(&mut self) -> Result<(), Close> {
-        self.invalid
-            .record(Instant::now(), 60)
-            .then_some(Close(close::INVALID_JSON))
-            .map_or(Ok(()), Err)
     }
 }

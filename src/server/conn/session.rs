@@ -182,6 +182,12 @@ impl Conn {
             message,
             None,
         ));
+        self.strike()
+    }
+
+    /// An invalid message, on either protocol: counted, and too many in a
+    /// minute close the connection.
+    pub(super) fn strike(&mut self) -> Result<(), Close> {
         self.invalid
             .record(Instant::now(), 60)
             .then_some(Close(close::INVALID_JSON))

@@ -11,6 +11,9 @@
 
 use crate::json::JsonOut;
 pub use crate::llm::Cancel;
+mod sessions;
+pub use sessions::{Session, Sessions};
+
 use crate::llm::{Answer, Said};
 use crate::protocol::{ErrorCode, Request, ToolCall};
 use serde::Deserialize;
@@ -18,7 +21,6 @@ use serde_json::value::RawValue;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
-use std::time::{Duration, Instant};
 
 /// Protocol versions spoken, newest first. A client asking for another
 /// one is answered with the newest (the spec's negotiation).
@@ -251,6 +253,80 @@ pub fn cancelled_id(params: &str) -> Option<String> {
     p.request_id.and_then(scalar)
 }
 
+/// The answer to a request a rate limit refused: a tool error for
+/// `tools/call` (the model reading it can wait), `-32000` otherwise.
+pub fn rate_limited(id: &str, method: &str, refused: &crate::limit::Refused) -> String {
+    let ms = refused.retry_after_ms();
+    if method == "tools/call" {
+        let msg = format!("too many requests ({} limit)", refused.level.label());
+        result(id, &tool_error("RATE_LIMITED", &msg, Some(ms)))
+    } else {
+        let data = format!("{{\"code\":\"RATE_LIMITED\",\"retry_after_ms\":{ms}}}");
+        error(Some(id), code::LIMITED, "too many requests", Some(&data))
+    }
+}
+
+/// The answer to a method this server does not offer.
+pub fn no_method(id: &str, method: &str) -> String {
+    let m: String = method.chars().take(64).collect();
+    let msg =
+        format!("no method {m:?}: this server offers initialize, ping, tools/list and tools/call");
+    error(Some(id), code::METHOD_NOT_FOUND, &msg, None)
+}
+
+/// A `tools/call` that passed its checks and holds its slots.
+pub struct Started {
+    pub call: ToolCall,
+    pub token: Option<String>,
+    /// One of `llm.max_in_flight`, for as long as the call runs.
+    pub slot: crate::limit::InFlight,
+    pub cancel: Rc<Cancel>,
+}
+
+/// Checks a `tools/call` on either transport (its parameters, the tool,
+/// the call itself, the session's and the gateway's caps) and registers
+/// it in the session's `calls`; or returns the answer that refuses it.
+pub fn start_call(
+    llm: &crate::llm::Llm,
+    calls: &mut HashMap<String, Rc<Cancel>>,
+    id: &str,
+    params: &str,
+) -> Result<Started, String> {
+    let refuse =
+        |code: &str, msg: &str, retry: Option<u64>| result(id, &tool_error(code, msg, retry));
+    let (name, call, token) =
+        tool_call(params).map_err(|msg| error(Some(id), code::INVALID_PARAMS, &msg, None))?;
+    if name != "chat" {
+        let n: String = name.chars().take(32).collect();
+        let msg = format!("no tool {n:?}: tools/list names them");
+        return Err(error(Some(id), code::INVALID_PARAMS, &msg, None));
+    }
+    if let Err((code, msg)) = llm.check(&call) {
+        return Err(refuse(code.as_str(), &msg, None));
+    }
+    if calls.contains_key(id) {
+        let msg = "a call with this id is in flight";
+        return Err(error(Some(id), code::INVALID_REQUEST, msg, None));
+    }
+    let per_session = llm.max_in_flight_per_session() as usize;
+    if calls.len() >= per_session {
+        let msg = format!("at most {per_session} tool calls in flight per session");
+        return Err(refuse("OVER_CAPACITY", &msg, Some(1000)));
+    }
+    let Some(slot) = llm.try_start() else {
+        let msg = "the gateway is at its limit of tool calls";
+        return Err(refuse("OVER_CAPACITY", msg, Some(1000)));
+    };
+    let cancel = Rc::new(Cancel::default());
+    calls.insert(id.to_string(), cancel.clone());
+    Ok(Started {
+        call,
+        token,
+        slot,
+        cancel,
+    })
+}
+
 /// Turns one call's relay events into MCP messages.
 pub struct Translator {
     pub id: String,
@@ -402,124 +478,6 @@ impl<D: Fn(String, bool)> crate::llm::Output for Sink<D> {
     }
 }
 
-/// One MCP session (`Mcp-Session-Id`).
-pub struct Session {
-    pub user: Rc<str>,
-    pub version: &'static str,
-    last_used: Instant,
-    /// Tool calls in flight, by request id.
-    pub calls: HashMap<String, Rc<Cancel>>,
-    /// Whether a `GET` stream is open (at most one per session).
-    pub streaming: bool,
-    /// Notified when the session ends, for its `GET` stream.
-    pub ended: Rc<event_listener::Event>,
-}
-
-/// The sessions, bounded: past `max`, the one idle longest goes; one idle
-/// past `idle_timeout` is gone when next looked up. No timer runs.
-pub struct Sessions {
-    by_id: HashMap<String, Session>,
-    max: usize,
-    idle_timeout: Duration,
-    pub evicted: u64,
-}
-
-impl Sessions {
-    pub fn new(max: usize, idle_timeout: Duration) -> Sessions {
-        Sessions {
-            by_id: HashMap::new(),
-            max: max.max(1),
-            idle_timeout,
-            evicted: 0,
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        self.by_id.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.by_id.is_empty()
-    }
-
-    /// A new session; returns its id.
-    pub fn open(&mut self, user: Rc<str>, version: &'static str, now: Instant) -> String {
-        let expired: Vec<String> = self
-            .by_id
-            .iter()
-            .filter(|(_, s)| now.saturating_duration_since(s.last_used) >= self.idle_timeout)
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in expired {
-            // Through close: its calls are cancelled, its stream told.
-            self.close(&id);
-        }
-        if self.by_id.len() >= self.max {
-            let oldest = self
-                .by_id
-                .iter()
-                .min_by_key(|(_, s)| s.last_used)
-                .map(|(id, _)| id.clone());
-            if let Some(id) = oldest {
-                self.close(&id);
-                self.evicted += 1;
-            }
-        }
-        let id = format!(
-            "{:016x}{:016x}",
-            crate::resilience::random_u64(),
-            crate::resilience::random_u64()
-        );
-        self.by_id.insert(
-            id.clone(),
-            Session {
-                user,
-                version,
-                last_used: now,
-                calls: HashMap::new(),
-                streaming: false,
-                ended: Rc::new(event_listener::Event::new()),
-            },
-        );
-        id
-    }
-
-    /// The session `id` for a request by `user`, if it is live.
-    pub fn touch(&mut self, id: &str, user: &str, now: Instant) -> Option<&mut Session> {
-        let live = self.by_id.get(id).is_some_and(|s| {
-            now.saturating_duration_since(s.last_used) < self.idle_timeout && &*s.user == user
-        });
-        if !live {
-            if self.by_id.get(id).is_some_and(|s| &*s.user == user) {
-                self.close(id);
-            }
-            return None;
-        }
-        let s = self.by_id.get_mut(id)?;
-        s.last_used = now;
-        Some(s)
-    }
-
-    /// A live session, whoever asks (the caller checked the user).
-    pub fn get_mut(&mut self, id: &str) -> Option<&mut Session> {
-        self.by_id.get_mut(id)
-    }
-
-    /// Ends a session and cancels its calls.
-    pub fn close(&mut self, id: &str) -> bool {
-        match self.by_id.remove(id) {
-            Some(s) => {
-                for call in s.calls.values() {
-                    call.cancel();
-                }
-                s.ended.notify(usize::MAX);
-                true
-            }
-            None => false,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -618,27 +576,5 @@ mod tests {
         );
         let mut silent = Translator::new("4".into(), None);
         assert_eq!(silent.progress(&Said::Waiting("x")), None);
-    }
-
-    #[test]
-    fn sessions_are_bounded_and_expire_without_a_timer() {
-        let t0 = Instant::now();
-        let mut s = Sessions::new(2, Duration::from_secs(60));
-        let a = s.open(Rc::from("u"), VERSIONS[0], t0);
-        let b = s.open(Rc::from("u"), VERSIONS[0], t0 + Duration::from_secs(1));
-        assert!(s.touch(&a, "u", t0 + Duration::from_secs(2)).is_some());
-        // Full: b, idle longest, goes.
-        let c = s.open(Rc::from("u"), VERSIONS[0], t0 + Duration::from_secs(3));
-        assert!(s.touch(&b, "u", t0 + Duration::from_secs(3)).is_none());
-        assert_eq!(s.evicted, 1);
-        // Another user's token cannot use a session.
-        assert!(s
-            .touch(&c, "mallory", t0 + Duration::from_secs(4))
-            .is_none());
-        assert!(s.touch(&c, "u", t0 + Duration::from_secs(4)).is_some());
-        // Idle past the timeout: gone.
-        assert!(s.touch(&a, "u", t0 + Duration::from_secs(100)).is_none());
-        assert!(s.close(&c));
-        assert!(s.is_empty());
     }
 }
