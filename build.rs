@@ -18,6 +18,8 @@ fn main() {
     println!("cargo:rustc-env=BUILD_GIT_COMMIT={commit}");
     pack_relocations();
     drop_unwind_tables();
+    strip_symbols();
+    order_text();
     println!("cargo:rerun-if-changed=.git/HEAD");
     println!("cargo:rerun-if-changed=.git/refs/heads");
 }
@@ -38,13 +40,12 @@ fn pack_relocations() {
 }
 
 fn drop_unwind_tables() {
-    let os = std::env::var("CARGO_CFG_TARGET_OS").unwrap_or_default();
     // Release builds abort on panic: nothing unwinds, and the stripped
     // binary has no names for a backtrace anyway. The unwind tables
     // (`.eh_frame`, about 250 KB) and their lookup table (`.eh_frame_hdr`,
     // 38 KB) are left out, by a linker script that only adds a discard to
     // the default layout. Debug and test builds unwind, and keep both.
-    if std::env::var("PROFILE").as_deref() == Ok("release") && os == "linux" {
+    if is_release_linux() {
         println!("cargo:rustc-link-arg-bins=-Wl,--no-eh-frame-hdr");
         if let Ok(out) = std::env::var("OUT_DIR") {
             let script = std::path::Path::new(&out).join("no-unwind-tables.ld");
@@ -53,5 +54,49 @@ fn drop_unwind_tables() {
                 println!("cargo:rustc-link-arg-bins=-Wl,-T,{}", script.display());
             }
         }
+    }
+}
+
+fn is_release_linux() -> bool {
+    let os = std::env::var("CARGO_CFG_TARGET_OS").unwrap_or_default();
+    std::env::var("PROFILE").as_deref() == Ok("release") && os == "linux"
+}
+
+/// Release binaries carry no symbol table (about 500 KB). The linker drops
+/// it here rather than `strip = true` in the profile, because the profile
+/// is part of every crate's symbol hashes: `.ci/text-order` needs a build
+/// with symbols whose names match the shipped one's, and gets it with
+/// `BUILD_KEEP_SYMBOLS=1`.
+fn strip_symbols() {
+    println!("cargo:rerun-if-env-changed=BUILD_KEEP_SYMBOLS");
+    let keep = std::env::var("BUILD_KEEP_SYMBOLS").is_ok_and(|v| v == "1");
+    if is_release_linux() && !keep {
+        println!("cargo:rustc-link-arg-bins=-Wl,--strip-all");
+    }
+}
+
+/// The kernel maps a program's code in 64 KiB windows around each page it
+/// touches, so code that start-up and a session run, scattered over the
+/// whole binary, made nearly all 2 MB of it resident. `packaging/text-order.txt`
+/// (written by `.ci/text-order`) lists those functions; the linker puts
+/// them first, together, and the rest stays on disk until something calls
+/// it. Names missing from the list cost nothing but their place.
+///
+/// `--symbol-ordering-file` is an LLD option: it is used where Rust links
+/// with its own LLD (x86_64 Linux, the default since Rust 1.90).
+/// `BUILD_NO_TEXT_ORDER=1` turns it off, e.g. with another linker.
+fn order_text() {
+    println!("cargo:rerun-if-env-changed=BUILD_NO_TEXT_ORDER");
+    println!("cargo:rerun-if-changed=packaging/text-order.txt");
+    let off = std::env::var("BUILD_NO_TEXT_ORDER").is_ok_and(|v| v == "1");
+    let target = std::env::var("TARGET").unwrap_or_default();
+    let dir = std::env::var("CARGO_MANIFEST_DIR").unwrap_or_default();
+    let list = std::path::Path::new(&dir).join("packaging/text-order.txt");
+    if is_release_linux() && target == "x86_64-unknown-linux-gnu" && !off && list.exists() {
+        println!(
+            "cargo:rustc-link-arg-bins=-Wl,--symbol-ordering-file={}",
+            list.display()
+        );
+        println!("cargo:rustc-link-arg-bins=-Wl,--no-warn-symbol-ordering");
     }
 }

@@ -11,10 +11,16 @@
 //! hello, join one of 10 rooms, publish, leave, close), sampling resident
 //! memory every 10 s. Memory is flat when the last samples are where the
 //! first ones after warm-up were.
+//!
+//! `exercise ADDR`: against a gateway already running in open mode, what a
+//! device's day is made of: the probes, the metrics, the web page, and one
+//! session that joins, publishes, reacts, reads history, lists tools and
+//! leaves. `.ci/text-order` records the code this runs, to lay it out
+//! together in the binary.
 
 use super::{number, rss_kib, session, start_gateway, NO_RATE_LIMITS};
 use async_tungstenite::tungstenite::Message;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -205,3 +211,71 @@ pub fn soak(args: &[&str]) -> Result<(), String> {
     );
     Ok(())
 }
+
+pub fn exercise(addr: &str) -> Result<(), String> {
+    let addr: std::net::SocketAddr = addr
+        .parse()
+        .map_err(|e| format!("{addr}: {e} (an address such as 127.0.0.1:8080)"))?;
+    for path in ["/healthz", "/readyz", "/metrics", "/"] {
+        let mut s = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
+        let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
+        let mut body = Vec::new();
+        s.read_to_end(&mut body).map_err(|e| e.to_string())?;
+    }
+    let mut ws = session(addr, "")?;
+    send(
+        &mut ws,
+        r#"{"op":"join","room":"general","history":50}"#.into(),
+    )?;
+    for i in 0..20 {
+        let publish = format!(
+            r#"{{"op":"publish","request_id":"p{i}","room":"general","text":"hello {i}"}}"#
+        );
+        send(&mut ws, publish)?;
+    }
+    let mut first = None;
+    let mut acks = 0;
+    while acks < 20 {
+        if let Message::Text(t) = ws.read().map_err(|e| e.to_string())? {
+            if t.contains(r#""op":"ack""#) {
+                acks += 1;
+                first = first.or_else(|| field(&t, "id"));
+            }
+        }
+    }
+    let id = first.ok_or("no message id in the acks")?;
+    let then = [
+        format!(r#"{{"op":"react","request_id":"r","message_id":"{id}","emoji":"👍"}}"#),
+        r#"{"op":"history","request_id":"h","room":"general","limit":10}"#.into(),
+        r#"{"op":"list_tools","request_id":"t"}"#.into(),
+        r#"{"op":"leave","room":"general"}"#.into(),
+    ];
+    for text in then {
+        send(&mut ws, text)?;
+    }
+    loop {
+        match ws.read().map_err(|e| e.to_string())? {
+            Message::Text(t) if t.contains(r#""op":"left""#) => break,
+            Message::Text(t) if t.contains(r#""op":"error""#) => return Err(t.to_string()),
+            _ => {}
+        }
+    }
+    let _ = ws.close(None);
+    let _ = ws.flush();
+    println!("exercised {addr}: probes, metrics, web page, one session");
+    Ok(())
+}
+
+fn send(ws: &mut WebSocket, text: String) -> Result<(), String> {
+    ws.send(Message::text(text)).map_err(|e| e.to_string())
+}
+
+/// A string field of a flat JSON frame, enough for the gateway's acks.
+fn field(frame: &str, name: &str) -> Option<String> {
+    let start = frame.find(&format!("\"{name}\":\""))? + name.len() + 4;
+    let len = frame[start..].find('"')?;
+    Some(frame[start..start + len].to_string())
+}
+
+type WebSocket = async_tungstenite::tungstenite::WebSocket<std::net::TcpStream>;

@@ -21,7 +21,9 @@
 //! of the tests streams a short answer; N calls go to it directly and N
 //! through the gateway, one at a time, timing the first chunk of each.
 //!
-//! `start`, `quiet S`, `soak S`: edge fitness (see `fitness.rs`).
+//! `start`, `quiet S`, `soak S`: edge fitness (see `fitness.rs`), and
+//! `exercise ADDR`, which `.ci/text-order` runs while it records the code
+//! a session runs.
 
 mod fitness;
 
@@ -42,6 +44,7 @@ Usage: hivegate-bench idle [N]          memory per idle authenticated connection
        hivegate-bench start             resident memory right after start, embedded defaults
        hivegate-bench quiet [S]         wake-ups per second of an idle gateway over S seconds (60)
        hivegate-bench soak [S]          memory over S seconds of client churn (600)
+       hivegate-bench exercise ADDR     one open-mode session and each HTTP route (.ci/text-order)
 ";
 
 /// The tests' fake OpenAI-compatible server, shared rather than copied.
@@ -65,6 +68,7 @@ fn main() {
         ["start"] => fitness::start_rss(),
         ["quiet", rest @ ..] => fitness::quiet(rest),
         ["soak", rest @ ..] => fitness::soak(rest),
+        ["exercise", addr] => fitness::exercise(addr),
         _ => {
             print!("{USAGE}");
             return;
@@ -150,7 +154,8 @@ fn rss_kib(pid: u32) -> Result<u64, String> {
         .ok_or_else(|| "no VmRSS".to_string())
 }
 
-/// Upgrades, says hello with `token`, waits for the ack.
+/// Upgrades, says hello with `token` (none when empty, for open mode),
+/// waits for the ack.
 fn session(addr: SocketAddr, token: &str) -> Result<WebSocket<TcpStream>, String> {
     let mut s = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))
@@ -175,7 +180,10 @@ fn session(addr: SocketAddr, token: &str) -> Result<WebSocket<TcpStream>, String
         ));
     }
     let mut ws = WebSocket::from_raw_socket(s, Role::Client, None);
-    let hello = format!("{{\"op\":\"hello\",\"token\":\"{token}\",\"client\":\"bench/1\"}}");
+    let hello = match token {
+        "" => "{\"op\":\"hello\",\"client\":\"bench/1\"}".to_string(),
+        _ => format!("{{\"op\":\"hello\",\"token\":\"{token}\",\"client\":\"bench/1\"}}"),
+    };
     ws.send(Message::text(hello)).map_err(|e| e.to_string())?;
     loop {
         match ws.read().map_err(|e| e.to_string())? {
