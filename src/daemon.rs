@@ -62,14 +62,29 @@ pub fn run(cfg: Config, log: Logger, source: ConfigSource) -> Result<i32, String
     // waits, and publishers meet a full write queue (OVER_CAPACITY).
     let chat = Rc::new(Chat::new(cfg.store.batch_max * 2));
     let downstream = chat.clone();
-    let (store, writer) = Store::open(
+    let writer_config = crate::store::WriterConfig {
+        batch_max: cfg.store.batch_max,
+        node: cfg.cluster.as_ref().map(|k| k.node_id.clone()),
+    };
+    let (store, writer) = Store::open_as(
         &cfg.server.data_dir,
         cfg.store.synchronous,
         pool.clone(),
         cfg.store.write_queue,
-        cfg.store.batch_max,
+        writer_config,
         Box::new(move || downstream.wait_for_room()),
     )?;
+    let store = Rc::new(store);
+    let cluster = cfg.cluster.clone().map(|k| {
+        Rc::new(crate::cluster::Cluster::new(
+            k,
+            store.clone(),
+            chat.clone(),
+            pool.clone(),
+            log,
+            cfg.chat.members_per_room,
+        ))
+    });
     let ex = Rc::new(LocalExecutor::new());
     let redact = cfg.redactor();
     let https = cfg.llm.providers.iter().map(|p| p.base_url.as_str());
@@ -98,6 +113,7 @@ pub fn run(cfg: Config, log: Logger, source: ConfigSource) -> Result<i32, String
         chat,
         llm,
         remote,
+        cluster,
         tls,
     };
     let gw = Rc::new(Gateway::new(cfg, log, ex.clone(), services));

@@ -6,6 +6,7 @@ pub mod auth;
 pub mod ca;
 pub mod chat;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod daemon;
 pub mod fuzz;

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[&[&str]] = &[
     &["server"],
     &["config"],
-    &["chat", "llm", "mcp", "remote"],
+    &["chat", "cluster", "llm", "mcp", "remote"],
     &["hub", "store"],
     &["limit", "pool"],
     &[

@@ -21,7 +21,9 @@ use crate::json::{escape_into, JsonOut};
 use crate::ops::metrics::{add, inc};
 use crate::store::StoredMessage;
 
+mod peers;
 mod requests;
+pub use peers::MAX_PEERS_PER_ROOM;
 pub use requests::{Asker, ChatRequests};
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
@@ -70,6 +72,8 @@ struct Room {
     users: HashMap<Rc<str>, u32>,
     joined: Vec<Rc<str>>,
     left: Vec<Rc<str>>,
+    /// Members on other boxes of a cluster, by box (see `peers`).
+    remote: HashMap<Rc<str>, peers::Remote>,
 }
 
 pub struct Chat {
@@ -87,6 +91,9 @@ pub struct Chat {
     queued: event_listener::Event,
     drained: event_listener::Event,
     backlog_limit: usize,
+    /// On a box of a cluster: rooms whose local members changed, for the
+    /// bus (see `peers`). Empty and never filled otherwise.
+    bus: peers::BusNews,
 }
 
 /// Delivery counters, kept by the caller's metrics.
@@ -109,6 +116,7 @@ impl Chat {
             queued: event_listener::Event::new(),
             drained: event_listener::Event::new(),
             backlog_limit: backlog_limit.max(1),
+            bus: peers::BusNews::default(),
         }
     }
 
@@ -200,6 +208,7 @@ impl Chat {
     ) -> Result<Vec<Rc<str>>, JoinError> {
         let mut rooms = self.rooms.borrow_mut();
         let r = rooms.entry(room.clone()).or_default();
+        let new_room = r.members.is_empty();
         if !r.members.contains_key(&key) {
             if r.members.len() >= limits.members_per_room {
                 if r.members.is_empty() {
@@ -222,13 +231,17 @@ impl Chat {
             let n = r.users.entry(user.clone()).or_insert(0);
             *n += 1;
             if *n == 1 {
-                note(&mut r.left, &mut r.joined, user);
-                self.mark_dirty(room);
+                self.bus.changed(room);
+                if !r.is_remote_member(user) {
+                    note(&mut r.left, &mut r.joined, user);
+                    self.mark_dirty(room);
+                }
             }
         }
-        let mut names: Vec<Rc<str>> = r.users.keys().cloned().collect();
-        names.sort();
-        Ok(names)
+        if new_room {
+            self.bus.changed(room);
+        }
+        Ok(r.member_names())
     }
 
     /// Removes a connection from a room; the room goes when it is empty.
@@ -251,11 +264,15 @@ impl Chat {
             *n -= 1;
             if *n == 0 {
                 r.users.remove(&m.user);
-                note(&mut r.joined, &mut r.left, &m.user);
-                self.mark_dirty(room);
+                self.bus.changed(room);
+                if !r.is_remote_member(&m.user) {
+                    note(&mut r.joined, &mut r.left, &m.user);
+                    self.mark_dirty(room);
+                }
             }
         }
         if r.members.is_empty() {
+            self.bus.changed(room);
             // Nobody is left to tell; the room goes with its last member.
             rooms.remove(room);
         }
@@ -402,6 +419,25 @@ fn note(opposite: &mut Vec<Rc<str>>, this: &mut Vec<Rc<str>>, user: &Rc<str>) {
     } else if !this.contains(user) {
         this.push(user.clone());
     }
+}
+
+/// A `reaction` frame: what a change did to an emoji's count on a message.
+pub fn reaction_json(
+    room: &str,
+    message_id: &str,
+    emoji: &str,
+    count: i64,
+    by: &str,
+    added: bool,
+) -> String {
+    JsonOut::op("reaction")
+        .str("room", room)
+        .str("message_id", message_id)
+        .str("emoji", emoji)
+        .num("count", count.max(0) as u64)
+        .str("by", by)
+        .bool("added", added)
+        .finish()
 }
 
 pub fn names_json(names: &[Rc<str>]) -> String {

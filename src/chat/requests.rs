@@ -6,7 +6,7 @@
 //! store does. Nothing here knows about sockets: the tests below run the
 //! requests against a real store and read the frames from the hub.
 
-use super::{message_json, names_json, Chat, ChatLimits, JoinError};
+use super::{message_json, names_json, reaction_json, Chat, ChatLimits, JoinError};
 use crate::hub::{frame, Reply, Task, MAX_IN_FLIGHT};
 use crate::json::JsonOut;
 use crate::ops::log::Logger;
@@ -235,14 +235,7 @@ impl ChatRequests {
                             .opt_str("request_id", reply.rid())
                             .finish(),
                     );
-                    let event = JsonOut::op("reaction")
-                        .str("room", &room)
-                        .str("message_id", &message_id)
-                        .str("emoji", &emoji)
-                        .num("count", count as u64)
-                        .str("by", &user)
-                        .bool("added", added)
-                        .finish();
+                    let event = reaction_json(&room, &message_id, &emoji, count, &user, added);
                     chat.enqueue(Rc::from(room), frame(event));
                 }
                 Ok(other) => unexpected(log, &reply, &other),

@@ -6,7 +6,8 @@
 
 use super::setting::Setting;
 use super::Config;
-use crate::auth::{AuthMode, TokenEntry, TokenParseError};
+use crate::auth::AuthMode;
+use crate::cluster::ClusterConfig;
 use crate::hub::MAX_OUTBOX_FRAMES;
 use crate::llm::ProviderConfig;
 use crate::ops::log::{LogFormat, LogLevel};
@@ -16,12 +17,14 @@ use std::time::Duration;
 
 type Apply<T> = fn(&mut T, &Setting) -> Result<(), String>;
 
-/// Where a key's value goes: the config itself, the `[remote]` section
-/// (created by its first key), or one `[provider.NAME]` section.
+/// Where a key's value goes: the config itself, the `[remote]` or
+/// `[cluster]` section (created by its first key), or one
+/// `[provider.NAME]` section.
 pub enum Set {
     C(Apply<Config>),
     R(Apply<RemoteConfig>),
     P(Apply<ProviderConfig>),
+    K(Apply<ClusterConfig>),
 }
 
 pub struct Key {
@@ -200,7 +203,7 @@ pub const KEYS: &[Key] = &[
         default: "[]",
         note: "",
         meaning: "`\"user:token\"` or `\"user:sha256:HEX\"` entries",
-        set: Set::C(|c, s| tokens(s).map(|v| c.auth.tokens = v)),
+        set: Set::C(|c, s| s.tokens().map(|v| c.auth.tokens = v)),
     },
     Key {
         name: "pool.threads",
@@ -341,6 +344,76 @@ pub const KEYS: &[Key] = &[
         note: "",
         meaning: "open breaker's wait before a trial batch",
         set: Set::R(|r, s| s.millis(10, 86_400_000).map(|v| r.reset_timeout = v)),
+    },
+    Key {
+        name: "cluster.nats_url",
+        default: "",
+        note: "one box alone",
+        meaning: "NATS servers (`nats://host:port`), tried in turn; setting it makes this box part of a cluster",
+        set: Set::K(|k, s| s.strings().map(|v| k.nats_urls = v)),
+    },
+    Key {
+        name: "cluster.node_id",
+        default: "",
+        note: "the host name",
+        meaning: "this box's name on the bus, unique in the cluster: 1-64 of `[A-Za-z0-9_-]`",
+        set: Set::K(|k, s| s.string().map(|v| k.node_id = v)),
+    },
+    Key {
+        name: "cluster.subject_prefix",
+        default: "\"hivegate\"",
+        note: "",
+        meaning: "first tokens of every subject; boxes with the same prefix share rooms",
+        set: Set::K(|k, s| s.string().map(|v| k.subject_prefix = v)),
+    },
+    Key {
+        name: "cluster.credentials_file",
+        default: "",
+        note: "no login",
+        meaning: "file holding `user:password` or a token for the NATS server",
+        set: Set::K(|k, s| s.path().map(|v| k.credentials_file = Some(v))),
+    },
+    Key {
+        name: "cluster.connect_timeout_ms",
+        default: "2000",
+        note: "",
+        meaning: "to connect and log in to a NATS server",
+        set: Set::K(|k, s| s.millis(10, 600_000).map(|v| k.connect_timeout = v)),
+    },
+    Key {
+        name: "cluster.heartbeat_ms",
+        default: "5000",
+        note: "",
+        meaning: "beats to peers and pings to the server; a peer silent for three is dropped from presence",
+        set: Set::K(|k, s| s.millis(100, 600_000).map(|v| k.heartbeat = v)),
+    },
+    Key {
+        name: "cluster.outbox_max_rows",
+        default: "100000",
+        note: "",
+        meaning: "events kept in the bus log for the outbox and for peers' replays",
+        set: Set::K(|k, s| s.int(100, 100_000_000).map(|v| k.outbox_max_rows = v)),
+    },
+    Key {
+        name: "cluster.outbox_max_age_s",
+        default: "604800",
+        note: "7 days",
+        meaning: "oldest event kept in the bus log; older ones go even if never published (still stored here)",
+        set: Set::K(|k, s| s.int(60, 315_360_000).map(|v| k.outbox_max_age = Duration::from_secs(v as u64))),
+    },
+    Key {
+        name: "cluster.max_inbound",
+        default: "4096",
+        note: "",
+        meaning: "events from the bus waiting to be stored; past it they are dropped and fetched again",
+        set: Set::K(|k, s| s.usize(16, 1_000_000).map(|v| k.max_inbound = v)),
+    },
+    Key {
+        name: "cluster.max_pending_bytes",
+        default: "4194304",
+        note: "",
+        meaning: "bytes waiting for the bus socket; past it publishing waits (the outbox keeps the events)",
+        set: Set::K(|k, s| s.usize(65_536, 1 << 30).map(|v| k.max_pending_bytes = v)),
     },
     Key {
         name: "chat.rooms_per_session",
@@ -601,28 +674,3 @@ pub const KEYS: &[Key] = &[
         meaning: "`text` or `json` (one object per line)",
         set: Set::C(|c, s| s.choice(&[("text", LogFormat::Text), ("json", LogFormat::Json)]).map(|v| c.log.format = v)),
     },];
-
-/// `auth.tokens`: `"user:token"` or `"user:sha256:HEX"` entries. A message
-/// never repeats an entry: it holds a secret.
-fn tokens(s: &Setting) -> Result<Vec<TokenEntry>, String> {
-    let mut tokens: Vec<TokenEntry> = Vec::new();
-    for (i, spec) in s.strings()?.iter().enumerate() {
-        let entry = TokenEntry::parse(spec).map_err(|e| {
-            let why = match e {
-                TokenParseError::Shape => "is not \"user:token\" or \"user:sha256:HEX\"",
-                TokenParseError::User => "has a user name that is not 1-32 of [A-Za-z0-9_.-]",
-                TokenParseError::Hex => "has a sha256 digest that is not 64 hex digits",
-                TokenParseError::Empty => "has an empty token",
-            };
-            format!("auth.tokens: entry {} {why}", i + 1)
-        })?;
-        if tokens.iter().any(|t| t.digest == entry.digest) {
-            return Err(format!(
-                "auth.tokens: entry {} repeats the token of an earlier entry",
-                i + 1
-            ));
-        }
-        tokens.push(entry);
-    }
-    Ok(tokens)
-}

@@ -40,6 +40,8 @@ pub struct Config {
     pub llm: LlmConfig,
     /// `None`: local only, no sync at all.
     pub remote: Option<RemoteConfig>,
+    /// `None`: one box alone.
+    pub cluster: Option<crate::cluster::ClusterConfig>,
     pub log: LogConfig,
 }
 
@@ -278,6 +280,12 @@ impl Config {
                     message,
                 });
             }
+            if let Err(message) = cfg.check_cluster() {
+                errors.push(ConfigError {
+                    origin: Origin::Whole,
+                    message,
+                });
+            }
             if let Err(message) = cfg.check_llm(env) {
                 errors.push(ConfigError {
                     origin: Origin::Whole,
@@ -320,6 +328,17 @@ impl Config {
                 });
                 f(remote, s)
             }
+            (Set::K(f), _) => {
+                let cluster = self.cluster.get_or_insert_with(|| {
+                    let mut k = crate::cluster::ClusterConfig::default();
+                    apply_defaults(&mut k, |set| match set {
+                        Set::K(f) => Some(*f),
+                        _ => None,
+                    });
+                    k
+                });
+                f(cluster, s)
+            }
             (Set::P(f), Some(name)) => f(self.provider(name), s),
             (Set::P(_), None) => Err(unknown_key(s.key)),
         }
@@ -344,6 +363,11 @@ impl Config {
             }
         };
         &mut providers[i]
+    }
+
+    /// The cluster, complete (see `ClusterConfig::complete`).
+    fn check_cluster(&mut self) -> Result<(), String> {
+        self.cluster.as_mut().map_or(Ok(()), |k| k.complete())
     }
 
     /// The remote, complete, with its key read.
@@ -577,13 +601,15 @@ pub fn generate() -> String {
     let mut section = "";
     for key in KEYS {
         let (sec, name) = key.name.rsplit_once('.').unwrap_or(("", key.name));
-        let optional = sec == "remote" || sec.starts_with("provider.");
+        let optional = sec == "remote" || sec == "cluster" || sec.starts_with("provider.");
         if sec != section {
             section = sec;
             let header = sec.replace("NAME", "kimi");
             if optional {
                 let why = if sec == "remote" {
                     "sync to a Supabase/PostgREST store (without it: local only)"
+                } else if sec == "cluster" {
+                    "rooms shared with other boxes over NATS (without it: one box alone)"
                 } else {
                     "an OpenAI-compatible provider; one section per provider"
                 };

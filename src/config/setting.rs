@@ -3,6 +3,7 @@
 //! which names the key when it refuses a value.
 
 use super::toml::Value;
+use crate::auth::{TokenEntry, TokenParseError};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -201,5 +202,30 @@ impl Setting<'_> {
             return Err(format!("{}: {name:?} is not a plain table name", self.key));
         }
         Ok(name)
+    }
+
+    /// `auth.tokens`: `"user:token"` or `"user:sha256:HEX"` entries. A message
+    /// never repeats an entry: it holds a secret.
+    pub fn tokens(&self) -> Result<Vec<TokenEntry>, String> {
+        let mut tokens: Vec<TokenEntry> = Vec::new();
+        for (i, spec) in self.strings()?.iter().enumerate() {
+            let entry = TokenEntry::parse(spec).map_err(|e| {
+                let why = match e {
+                    TokenParseError::Shape => "is not \"user:token\" or \"user:sha256:HEX\"",
+                    TokenParseError::User => "has a user name that is not 1-32 of [A-Za-z0-9_.-]",
+                    TokenParseError::Hex => "has a sha256 digest that is not 64 hex digits",
+                    TokenParseError::Empty => "has an empty token",
+                };
+                format!("auth.tokens: entry {} {why}", i + 1)
+            })?;
+            if tokens.iter().any(|t| t.digest == entry.digest) {
+                return Err(format!(
+                    "auth.tokens: entry {} repeats the token of an earlier entry",
+                    i + 1
+                ));
+            }
+            tokens.push(entry);
+        }
+        Ok(tokens)
     }
 }

@@ -245,6 +245,7 @@ fn every_default_reads_and_the_embedded_default_is_what_the_table_says() {
             Set::C(f) => f(&mut Config::default(), &setting),
             Set::R(f) => f(&mut RemoteConfig::default(), &setting),
             Set::P(f) => f(&mut ProviderConfig::default(), &setting),
+            Set::K(f) => f(&mut crate::cluster::ClusterConfig::default(), &setting),
         };
         assert_eq!(applied, Ok(()), "{}", key.name);
     }
@@ -327,4 +328,42 @@ fn the_generated_config_is_complete_and_valid() {
         .replace("# [", "[")
         .replace("# url = \"\"", "url = \"http://x\"");
     assert!(toml::parse(&all).is_ok());
+}
+
+#[test]
+fn a_cluster_section_needs_servers_and_checks_its_names() {
+    let read = |text: &str| Config::from_text(Some((std::path::Path::new("t.toml"), text)), &[]);
+    let (cfg, _) =
+        read("[cluster]\nnats_url = [\"nats://127.0.0.1:4222\"]\nnode_id = \"box-a\"\n").unwrap();
+    let k = cfg.cluster.unwrap();
+    assert_eq!(
+        (k.node_id.as_str(), k.subject_prefix.as_str()),
+        ("box-a", "hivegate")
+    );
+    assert_eq!(k.heartbeat, std::time::Duration::from_secs(5));
+    let (cfg, _) = read("[cluster]\nnats_url = [\"nats://127.0.0.1:4222\"]\n").unwrap();
+    assert!(
+        crate::cluster::valid_node(&cfg.cluster.unwrap().node_id),
+        "the host name, made valid"
+    );
+    for (text, says) in [
+        ("[cluster]\nnode_id = \"a\"\n", "needs nats_url"),
+        ("[cluster]\nnats_url = [\"nats://h:x\"]\n", "bad port"),
+        (
+            "[cluster]\nnats_url = [\"h\"]\nnode_id = \"a.b\"\n",
+            "node_id",
+        ),
+        (
+            "[cluster]\nnats_url = [\"h\"]\nsubject_prefix = \"a.>\"\n",
+            "subject_prefix",
+        ),
+        (
+            "[cluster]\nnats_url = [\"h\"]\ncredentials_file = \"/nonexistent/creds\"\n",
+            "credentials_file",
+        ),
+    ] {
+        let e = read(text).unwrap_err().to_string();
+        assert!(e.contains(says), "{text}: {e}");
+    }
+    assert!(Config::default_with_env(&[]).cluster.is_none());
 }

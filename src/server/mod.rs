@@ -56,13 +56,15 @@ pub struct Gateway {
     /// Notified when the last connection leaves, for the drain.
     emptied: event_listener::Event,
     pool: Rc<Pool>,
-    store: Store,
+    store: Rc<Store>,
     chat: Rc<Chat>,
     /// The chat requests of every session.
     requests: crate::chat::ChatRequests,
     llm: Rc<crate::llm::Llm>,
     /// `None` in local-only mode.
     remote: Option<crate::remote::Remote>,
+    /// `None`: one box alone.
+    cluster: Option<Rc<crate::cluster::Cluster>>,
     /// Resident memory and its limit: over it, new connections are refused.
     memory: crate::ops::memory::MemorySentinel,
     ex: Rc<LocalExecutor<'static>>,
@@ -77,11 +79,13 @@ pub struct Gateway {
 /// to the gateway.
 pub struct Services {
     pub pool: Rc<Pool>,
-    pub store: Store,
+    pub store: Rc<Store>,
     pub chat: Rc<Chat>,
     pub llm: crate::llm::Llm,
     /// `None` in local-only mode.
     pub remote: Option<crate::remote::Remote>,
+    /// `None`: one box alone.
+    pub cluster: Option<Rc<crate::cluster::Cluster>>,
     /// The certificate to serve, when TLS is on.
     pub tls: Option<std::sync::Arc<rustls::ServerConfig>>,
 }
@@ -99,6 +103,7 @@ impl Gateway {
             chat,
             llm,
             remote,
+            cluster,
             tls,
         } = services;
         let s = &cfg.server;
@@ -143,6 +148,7 @@ impl Gateway {
             requests,
             llm: Rc::new(llm),
             remote,
+            cluster,
             memory: crate::ops::memory::MemorySentinel::new(cfg.server.memory_limit_bytes, log),
             ex,
             web: web::Web::new(),
@@ -179,14 +185,31 @@ impl Gateway {
                 }
             });
         }
+        if let Some(c) = &self.cluster {
+            for task in c.tasks() {
+                self.spawn(task);
+            }
+        }
+    }
+
+    /// `isolated` while a cluster's box is off the bus, `fallback` while
+    /// the remote store is down, else `online`.
+    pub fn mode(&self) -> &'static str {
+        if self.cluster.as_ref().is_some_and(|c| !c.connected()) {
+            "isolated"
+        } else if self.remote.as_ref().is_some_and(|r| r.in_fallback()) {
+            "fallback"
+        } else {
+            "online"
+        }
     }
 
     /// One line for `systemctl status`: connections, mode, trouble.
     pub fn status(&self) -> String {
-        let mode = if self.remote.as_ref().is_some_and(|r| r.in_fallback()) {
-            "fallback mode (remote down)"
-        } else {
-            "online"
+        let mode = match self.mode() {
+            "isolated" => "isolated (off the bus, serving alone)",
+            "fallback" => "fallback mode (remote down)",
+            other => other,
         };
         let mut s = format!("{} connections, {mode}", self.open_connections());
         if self.memory.shedding() {

@@ -16,6 +16,9 @@ pub fn metrics_page(gw: &Gateway) -> String {
     if let Some(r) = &gw.remote {
         r.render(&mut body);
     }
+    if let Some(c) = &gw.cluster {
+        c.render(&mut body);
+    }
     crate::upstream_key::render_header(&mut body);
     gw.llm.render_keys(&mut body);
     if let Some(r) = &gw.remote {
@@ -74,14 +77,7 @@ pub fn readyz(gw: &Gateway) -> Response {
     };
     let body = JsonOut::new()
         .str("status", status)
-        .str(
-            "mode",
-            if gw.remote.as_ref().is_some_and(|r| r.in_fallback()) {
-                "fallback"
-            } else {
-                "online"
-            },
-        )
+        .str("mode", gw.mode())
         .str("storage", if gw.store.is_full() { "full" } else { "ok" })
         .num("connections", g.connections_open as u64)
         .num("capacity", g.table_capacity as u64)
@@ -112,6 +108,9 @@ fn all_breakers(gw: &Gateway) -> Vec<(String, crate::resilience::Breaker)> {
     let mut breakers = gw.llm.breakers();
     if let Some(r) = &gw.remote {
         breakers.push(("remote".to_string(), r.breaker.borrow().clone()));
+    }
+    if let Some(c) = &gw.cluster {
+        breakers.push(("bus".to_string(), c.breaker.borrow().clone()));
     }
     breakers
 }

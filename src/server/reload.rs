@@ -129,6 +129,11 @@ pub fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
         format!("{:?}", a.remote),
         format!("{:?}", b.remote),
     );
+    differ(
+        "cluster",
+        format!("{:?}", a.cluster),
+        format!("{:?}", b.cluster),
+    );
     differ("log", format!("{:?}", a.log), format!("{:?}", b.log));
     out
 }

@@ -111,6 +111,8 @@ pub struct Store {
     /// sleeps while nothing is written (no wake-ups on an idle box).
     writes: std::cell::Cell<u64>,
     wrote: event_listener::Event,
+    /// Fires after a commit that added to the bus log (a cluster's box).
+    logged: Rc<event_listener::Event>,
 }
 
 /// The file name of the database inside `server.data_dir`.
@@ -127,6 +129,23 @@ impl Store {
         batch_max: usize,
         downstream: Downstream,
     ) -> Result<(Store, impl Future<Output = ()>), String> {
+        let config = WriterConfig {
+            batch_max,
+            node: None,
+        };
+        Store::open_as(data_dir, sync, pool, write_queue, config, downstream)
+    }
+
+    /// [`Store::open`], for a box of a cluster when `config.node` is set:
+    /// its messages and reaction changes also go into the bus log.
+    pub fn open_as(
+        data_dir: &Path,
+        sync: Synchronous,
+        pool: Rc<Pool>,
+        write_queue: usize,
+        config: WriterConfig,
+        downstream: Downstream,
+    ) -> Result<(Store, impl Future<Output = ()>), String> {
         let path = data_dir.join(DB_FILE);
         let writer = Arc::new(Mutex::new(db::open_writer(&path, sync)?));
         let (tx, rx) = async_channel::unbounded();
@@ -141,10 +160,12 @@ impl Store {
             full: std::cell::Cell::new(false),
             writes: std::cell::Cell::new(0),
             wrote: event_listener::Event::new(),
+            logged: Rc::new(event_listener::Event::new()),
         };
+        let logged = store.logged.clone();
         Ok((
             store,
-            writer_loop(rx, writer, pool, batch_max.max(1), downstream),
+            writer_loop(rx, writer, pool, config, downstream, logged),
         ))
     }
 
@@ -198,6 +219,47 @@ impl Store {
         self.read(move |c| db::outbox(c, limit))
     }
 
+    /// A listener that fires after the next commit that adds to the bus
+    /// log.
+    pub fn bus_logged(&self) -> event_listener::EventListener {
+        self.logged.listen()
+    }
+
+    /// The bus outbox after `after`: up to `limit` rows, and the backlog.
+    pub fn bus_unpublished(
+        &self,
+        after: i64,
+        limit: i64,
+    ) -> Result<impl Future<Output = Result<(Vec<db::bus::LogRow>, i64), StoreError>>, StoreError>
+    {
+        self.read(move |c| db::bus::unpublished(c, after, limit))
+    }
+
+    /// This box's events in `room` after `after_oseq`, for a peer.
+    pub fn bus_replay(
+        &self,
+        room: String,
+        after_oseq: i64,
+        limit: i64,
+    ) -> Result<impl Future<Output = Result<db::bus::Replay, StoreError>>, StoreError> {
+        self.read(move |c| db::bus::replay(c, &room, after_oseq, limit))
+    }
+
+    /// Per room: this box's last `oseq`, and the last applied from others.
+    pub fn bus_heads(
+        &self,
+        rooms: Vec<String>,
+    ) -> Result<impl Future<Output = Result<Vec<db::bus::Heads>, StoreError>>, StoreError> {
+        self.read(move |c| db::bus::heads(c, &rooms))
+    }
+
+    /// The last outbox row the bus confirmed.
+    pub fn bus_published_mark(
+        &self,
+    ) -> Result<impl Future<Output = Result<i64, StoreError>>, StoreError> {
+        self.read(db::bus::published_mark)
+    }
+
     /// Bytes of the database in use.
     pub fn used_bytes(&self) -> Result<impl Future<Output = Result<i64, StoreError>>, StoreError> {
         self.read(db::used_bytes)
@@ -238,15 +300,26 @@ impl Store {
     }
 }
 
+/// How the writer batches, and for whom.
+#[derive(Debug, Clone, Default)]
+pub struct WriterConfig {
+    pub batch_max: usize,
+    /// This box's name in a cluster; `None`: no bus log.
+    pub node: Option<String>,
+}
+
 /// Takes everything queued into one batch, commits it on the pool, answers
 /// each write, and goes round again. Ends when the store is dropped.
 async fn writer_loop(
     rx: async_channel::Receiver<Pending>,
     conn: Arc<Mutex<Connection>>,
     pool: Rc<Pool>,
-    batch_max: usize,
+    config: WriterConfig,
     downstream: Downstream,
+    logged: Rc<event_listener::Event>,
 ) {
+    let batch_max = config.batch_max.max(1);
+    let node: Option<Arc<str>> = config.node.map(Arc::from);
     loop {
         // Backpressure: no new batch while the fan-out is behind.
         while let Some(behind) = downstream() {
@@ -262,11 +335,15 @@ async fn writer_loop(
         }
         let (ops, replies): (Vec<WriteOp>, Vec<_>) =
             batch.into_iter().map(|p| (p.op, p.reply)).unzip();
+        let logs = node.is_some()
+            && ops
+                .iter()
+                .any(|op| matches!(op, WriteOp::Publish { .. } | WriteOp::React { .. }));
         let ops = Arc::new(ops);
         let results = loop {
-            let (conn, ops) = (conn.clone(), ops.clone());
+            let (conn, ops, node) = (conn.clone(), ops.clone(), node.clone());
             let job = pool.submit(WRITE_DEADLINE, move || match conn.lock() {
-                Ok(mut c) => db::write_batch(&mut c, &ops),
+                Ok(mut c) => db::write_batch_as(&mut c, &ops, node.as_deref()),
                 Err(_) => ops
                     .iter()
                     .map(|_| Err(WriteErr::Storage("writer lock poisoned".into())))
@@ -284,6 +361,9 @@ async fn writer_loop(
             Ok(results) => {
                 for (reply, r) in replies.into_iter().zip(results) {
                     let _ = reply.try_send(r.map_err(StoreError::from));
+                }
+                if logs {
+                    logged.notify(usize::MAX);
                 }
             }
             Err(e) => {

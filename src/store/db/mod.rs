@@ -2,6 +2,7 @@
 //! write batch (one transaction per group commit), history reads, retention.
 //! Everything here blocks and runs on the pool.
 
+pub mod bus;
 mod read;
 mod schema;
 mod write;

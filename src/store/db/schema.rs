@@ -6,7 +6,7 @@ use std::path::Path;
 
 /// The schema this build writes. Older databases are migrated on start;
 /// a newer one is refused (it was written by a newer hivegate).
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE rooms (
@@ -52,6 +52,36 @@ CREATE TABLE dead_letters (
     error TEXT NOT NULL,
     ts INTEGER NOT NULL
 );
+";
+
+/// Version 3: rooms across gateways (see the `cluster` module). `bus_log`
+/// holds every event this box originated, in commit order, with its
+/// per-room origin sequence `oseq`: it is the bus outbox (rows past the
+/// `published` mark in `bus_state`) and what peers replay from.
+/// `bus_peers` is, per origin box and room, the last `oseq` applied here:
+/// events are applied in order, each once. Messages keep their origin box
+/// (`''`: this one).
+const SCHEMA_V3: &str = "
+ALTER TABLE rooms ADD COLUMN oseq INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE messages ADD COLUMN origin TEXT NOT NULL DEFAULT '';
+CREATE TABLE bus_log (
+    id INTEGER PRIMARY KEY,
+    room TEXT NOT NULL,
+    oseq INTEGER NOT NULL,
+    body TEXT NOT NULL,
+    ts INTEGER NOT NULL,
+    UNIQUE (room, oseq)
+);
+CREATE TABLE bus_state (
+    key TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE bus_peers (
+    origin TEXT NOT NULL,
+    room TEXT NOT NULL,
+    oseq INTEGER NOT NULL,
+    PRIMARY KEY (origin, room)
+) WITHOUT ROWID;
 ";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -124,6 +154,11 @@ fn migrate(conn: &Connection, from: i64) -> rusqlite::Result<()> {
     if from < 2 {
         conn.execute_batch(&format!(
             "BEGIN; {SCHEMA_V2} PRAGMA user_version = 2; COMMIT;"
+        ))?;
+    }
+    if from < 3 {
+        conn.execute_batch(&format!(
+            "BEGIN; {SCHEMA_V3} PRAGMA user_version = 3; COMMIT;"
         ))?;
     }
     Ok(())

@@ -360,3 +360,174 @@ fn backup_copies_a_consistent_database() {
     let copy = open_reader(&out).unwrap();
     assert_eq!(history(&copy, "x", Range::Latest, 5).unwrap().len(), 2);
 }
+
+mod bus_log {
+    use super::*;
+    use crate::store::db::bus::{self, Applied, BusEvent, BusKind};
+
+    fn event(origin: &str, oseq: i64, id: &str) -> WriteOp {
+        WriteOp::Bus(BusEvent {
+            origin: origin.into(),
+            room: "x".into(),
+            oseq,
+            kind: BusKind::Message {
+                id: id.into(),
+                user: "bob".into(),
+                text: format!("from {origin}"),
+                ts: 7,
+            },
+        })
+    }
+
+    #[test]
+    fn a_cluster_box_logs_what_it_commits_with_an_origin_sequence_per_room() {
+        let (_d, mut c) = db();
+        let ops = [
+            publish("a", "x", "1", 1),
+            publish("b", "y", "2", 2),
+            publish("c", "x", "3", 3),
+            react("a", "👍", "bob"),
+        ];
+        let r = write_batch_as(&mut c, &ops, Some("box-a"));
+        assert!(r.iter().all(Result::is_ok), "{r:?}");
+        let (rows, backlog) = bus::unpublished(&c, 0, 10).unwrap();
+        assert_eq!(backlog, 4);
+        let seen: Vec<(&str, i64)> = rows.iter().map(|r| (r.room.as_str(), r.oseq)).collect();
+        assert_eq!(seen, [("x", 1), ("y", 1), ("x", 2), ("x", 3)]);
+        let first = bus::parse_event(&rows[0].body).unwrap();
+        assert_eq!(first.origin, "box-a");
+        assert!(matches!(first.kind, BusKind::Message { ref text, .. } if text == "1"));
+        let reaction = bus::parse_event(&rows[3].body).unwrap();
+        assert!(
+            matches!(reaction.kind, BusKind::Reaction { added: true, ref emoji, .. } if emoji == "👍")
+        );
+        // The published mark only moves forward; the backlog follows it.
+        write_batch(&mut c, &[WriteOp::BusPublished { upto: rows[2].id }]);
+        write_batch(&mut c, &[WriteOp::BusPublished { upto: rows[0].id }]);
+        assert_eq!(bus::published_mark(&c).unwrap(), rows[2].id);
+        assert_eq!(bus::unpublished(&c, rows[2].id, 10).unwrap().1, 1);
+        // Without a node nothing is logged.
+        write_batch(&mut c, &[publish("d", "x", "4", 4)]);
+        assert_eq!(bus::unpublished(&c, 0, 10).unwrap().1, 4);
+    }
+
+    #[test]
+    fn events_from_another_box_apply_once_and_in_order() {
+        let (_d, mut c) = db();
+        let r = write_batch(
+            &mut c,
+            &[
+                event("b", 1, "m1"),
+                event("b", 1, "m1"),
+                event("b", 3, "m3"),
+            ],
+        );
+        assert_eq!(
+            r,
+            vec![
+                Ok(WriteOk::Bus(Applied::Message { seq: 1 })),
+                Ok(WriteOk::Bus(Applied::Duplicate)),
+                Ok(WriteOk::Bus(Applied::Gap { have: 1 })),
+            ]
+        );
+        let r = write_batch(
+            &mut c,
+            &[
+                event("b", 2, "m2"),
+                event("b", 3, "m3"),
+                event("c", 1, "n1"),
+            ],
+        );
+        assert_eq!(
+            r,
+            vec![
+                Ok(WriteOk::Bus(Applied::Message { seq: 2 })),
+                Ok(WriteOk::Bus(Applied::Message { seq: 3 })),
+                Ok(WriteOk::Bus(Applied::Message { seq: 4 })),
+            ]
+        );
+        // A reaction from the bus sets the state it carries (no toggle).
+        let reaction = |added| {
+            WriteOp::Bus(BusEvent {
+                origin: "c".into(),
+                room: "x".into(),
+                oseq: if added { 2 } else { 3 },
+                kind: BusKind::Reaction {
+                    message_id: "m1".into(),
+                    emoji: "👍".into(),
+                    user: "carol".into(),
+                    added,
+                    ts: 9,
+                },
+            })
+        };
+        let r = write_batch(&mut c, &[reaction(true), reaction(false)]);
+        assert_eq!(
+            r,
+            vec![
+                Ok(WriteOk::Bus(Applied::Reaction {
+                    room: "x".into(),
+                    count: 1
+                })),
+                Ok(WriteOk::Bus(Applied::Reaction {
+                    room: "x".into(),
+                    count: 0
+                })),
+            ]
+        );
+        let h = history(&c, "x", Range::Latest, 10).unwrap();
+        let ids: Vec<&str> = h.iter().map(|m| m.id.as_str()).collect();
+        assert_eq!(ids, ["m1", "m2", "m3", "n1"]);
+        // Received rows are not shipped to a remote by this box.
+        assert_eq!(outbox(&c, 10).unwrap().backlog, 0);
+        // A skip moves past what the origin pruned.
+        let skip = WriteOp::Bus(BusEvent {
+            origin: "b".into(),
+            room: "x".into(),
+            oseq: 10,
+            kind: BusKind::Skip,
+        });
+        write_batch(&mut c, &[skip]);
+        assert_eq!(
+            write_batch(&mut c, &[event("b", 11, "m11")])[0],
+            Ok(WriteOk::Bus(Applied::Message { seq: 5 }))
+        );
+    }
+
+    #[test]
+    fn replay_serves_a_peer_from_where_it_is_and_says_what_was_pruned() {
+        let (_d, mut c) = db();
+        let ops: Vec<WriteOp> = (0..10)
+            .map(|i| publish(&format!("m{i}"), "x", "t", i))
+            .collect();
+        write_batch_as(&mut c, &ops, Some("a"));
+        let bus::Replay { skip, rows } = bus::replay(&c, "x", 7, 100).unwrap();
+        assert_eq!(skip, None);
+        assert_eq!(rows.iter().map(|r| r.oseq).collect::<Vec<_>>(), [8, 9, 10]);
+        // Keep 4 rows: 6 go, none published yet: counted as lost.
+        let lost = bus::prune_log(&c, 4, 0, 100).unwrap();
+        assert_eq!(lost, 6);
+        let bus::Replay { skip, rows } = bus::replay(&c, "x", 2, 100).unwrap();
+        assert_eq!(skip, Some(6));
+        assert_eq!(rows.first().map(|r| r.oseq), Some(7));
+        assert!(bus::parse_event(&bus::skip_body("a", "x", 6)).is_ok());
+        // Past the head there is nothing, and nothing to skip.
+        assert_eq!(
+            bus::replay(&c, "x", 10, 100).unwrap(),
+            bus::Replay::default()
+        );
+    }
+
+    #[test]
+    fn malformed_events_are_refused_with_a_reason() {
+        for bad in [
+            "{}",
+            r#"{"t":"msg","node":"a","room":"x","oseq":1}"#,
+            r#"{"t":"drop","node":"a","room":"x","oseq":1}"#,
+            r#"{"t":"skip","node":"a","room":"x","oseq":0}"#,
+            "not json",
+        ] {
+            assert!(bus::parse_event(bad).is_err(), "{bad}");
+        }
+    }
+}

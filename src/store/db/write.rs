@@ -2,6 +2,7 @@
 //! group commit, with refusals that do not take the batch down; and the
 //! deletes of retention and of a full disk.
 
+use super::bus;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 /// Most distinct emoji on one message.
@@ -46,6 +47,16 @@ pub enum WriteOp {
         messages: Vec<String>,
         reactions: Vec<(String, String, String, i64)>,
     },
+    /// An event from another box (see `bus`).
+    Bus(super::bus::BusEvent),
+    /// The bus has this box's outbox up to this `bus_log` id.
+    BusPublished { upto: i64 },
+    /// Keeps this box's bus log within its bounds.
+    BusPrune {
+        max_rows: i64,
+        older_than_ts: i64,
+        batch: i64,
+    },
     /// The remote refused this row: park it and say why.
     DeadLetter {
         kind: &'static str,
@@ -70,6 +81,7 @@ pub enum WriteOk {
         deleted: i64,
     },
     Marked,
+    Bus(super::bus::Applied),
     /// A refused row was parked; `pruned` older dead letters were dropped
     /// to keep the table within [`MAX_DEAD_LETTERS`].
     Parked {
@@ -110,10 +122,21 @@ impl std::error::Error for WriteErr {}
 /// batch run again with a savepoint per op. If the commit fails, every op
 /// fails.
 pub fn write_batch(conn: &mut Connection, ops: &[WriteOp]) -> Vec<Result<WriteOk, WriteErr>> {
-    match try_batch(conn, ops, false) {
+    write_batch_as(conn, ops, None)
+}
+
+/// [`write_batch`] on a box of a cluster called `node`: each message and
+/// reaction change made here also goes into the bus log, in the same
+/// transaction.
+pub fn write_batch_as(
+    conn: &mut Connection,
+    ops: &[WriteOp],
+    node: Option<&str>,
+) -> Vec<Result<WriteOk, WriteErr>> {
+    match try_batch(conn, ops, false, node) {
         Ok(results) => results,
         Err(Retry::WithSavepoints) => {
-            try_batch(conn, ops, true).unwrap_or_else(|e| all_fail(ops, &e))
+            try_batch(conn, ops, true, node).unwrap_or_else(|e| all_fail(ops, &e))
         }
         Err(e) => all_fail(ops, &e),
     }
@@ -139,6 +162,7 @@ fn try_batch(
     conn: &mut Connection,
     ops: &[WriteOp],
     isolate: bool,
+    node: Option<&str>,
 ) -> Result<Vec<Result<WriteOk, WriteErr>>, Retry> {
     let failed = |e: rusqlite::Error| Retry::Failed(e.to_string());
     // Dropping the transaction without commit rolls it back.
@@ -150,14 +174,14 @@ fn try_batch(
         let result = if isolate {
             // A savepoint rolls back on drop: a failed op leaves no trace.
             match tx.savepoint() {
-                Ok(sp) => apply(&sp, op).and_then(|ok| {
+                Ok(sp) => apply_as(&sp, op, node).and_then(|ok| {
                     sp.commit().map_err(|e| WriteErr::Storage(e.to_string()))?;
                     Ok(ok)
                 }),
                 Err(e) => Err(WriteErr::Storage(e.to_string())),
             }
         } else {
-            match apply(&tx, op) {
+            match apply_as(&tx, op, node) {
                 Err(WriteErr::Storage(_)) => return Err(Retry::WithSavepoints),
                 other => other,
             }
@@ -166,6 +190,54 @@ fn try_batch(
     }
     tx.commit().map_err(failed)?;
     Ok(results)
+}
+
+/// Applies one op; on a cluster's box, logs what it changed for the bus.
+fn apply_as(conn: &Connection, op: &WriteOp, node: Option<&str>) -> Result<WriteOk, WriteErr> {
+    let ok = apply(conn, op)?;
+    let Some(node) = node else { return Ok(ok) };
+    let storage = |e: rusqlite::Error| WriteErr::Storage(e.to_string());
+    match (op, &ok) {
+        (
+            WriteOp::Publish {
+                id,
+                room,
+                user,
+                text,
+                ts,
+            },
+            WriteOk::Published { .. },
+        ) => {
+            bus::log_event(conn, room, *ts, |oseq| {
+                bus::message_body(node, room, oseq, id, user, text, *ts)
+            })
+            .map_err(storage)?;
+        }
+        (
+            WriteOp::React {
+                message_id,
+                emoji,
+                user,
+                ts,
+                ..
+            },
+            WriteOk::Reacted { room, added, .. },
+        ) => {
+            let change = bus::Change {
+                message_id,
+                emoji,
+                user,
+                added: *added,
+                ts: *ts,
+            };
+            bus::log_event(conn, room, *ts, |oseq| {
+                bus::reaction_body(node, room, oseq, &change)
+            })
+            .map_err(storage)?;
+        }
+        _ => {}
+    }
+    Ok(ok)
 }
 
 fn apply(conn: &Connection, op: &WriteOp) -> Result<WriteOk, WriteErr> {
@@ -289,6 +361,17 @@ fn apply(conn: &Connection, op: &WriteOp) -> Result<WriteOk, WriteErr> {
             Ok(WriteOk::Marked)
         })()
         .map_err(storage),
+        WriteOp::Bus(ev) => bus::apply_event(conn, ev).map(WriteOk::Bus).map_err(storage),
+        WriteOp::BusPublished { upto } => bus::set_published_mark(conn, *upto)
+            .map(|_| WriteOk::Marked)
+            .map_err(storage),
+        WriteOp::BusPrune {
+            max_rows,
+            older_than_ts,
+            batch,
+        } => bus::prune_log(conn, *max_rows, *older_than_ts, *batch)
+            .map(|deleted| WriteOk::Pruned { deleted })
+            .map_err(storage),
         WriteOp::DeadLetter {
             kind,
             key,

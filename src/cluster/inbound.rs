@@ -1,0 +1,300 @@
+//! What this box hears on the bus: events applied in arrival order and
+//! told to members, beats merged into presence, and catching up: sync
+//! requests for what is missing, replays for peers that lack this box's
+//! events.
+
+use super::{bump, wire, Cluster, Item, BATCH, MAX_QUEUED, SYNC_SPACING};
+use crate::chat::{message_json, reaction_json};
+use crate::hub::frame;
+use crate::store::db::bus::{parse_event, Applied, BusEvent, BusKind};
+use crate::store::{StoreError, StoredMessage, WriteOk, WriteOp};
+use async_io::Timer;
+use std::rc::Rc;
+use std::time::Instant;
+
+impl Cluster {
+    /// One message from the bus: events go to the store in arrival order,
+    /// beats to presence, requests to their queue.
+    pub(super) fn on_msg(&self, _subject: &str, payload: &[u8]) {
+        bump(&self.stats.received);
+        let Ok(text) = std::str::from_utf8(payload) else {
+            bump(&self.stats.malformed);
+            return;
+        };
+        let env: wire::Envelope = match crate::json::from_json(text) {
+            Ok(e) => e,
+            Err(_) => {
+                bump(&self.stats.malformed);
+                return;
+            }
+        };
+        if env.node == self.cfg.node_id {
+            return;
+        }
+        if !wire::valid_node(&env.node) || !crate::protocol::valid_room(&env.room) {
+            bump(&self.stats.malformed);
+            return;
+        }
+        let room: Rc<str> = Rc::from(env.room.as_str());
+        match env.t.as_str() {
+            "msg" | "react" | "skip" => {
+                let ev = match parse_event(text) {
+                    Ok(ev) => ev,
+                    Err(_) => {
+                        bump(&self.stats.malformed);
+                        return;
+                    }
+                };
+                if self.inbound.borrow().len() >= self.cfg.max_inbound {
+                    bump(&self.stats.dropped_inbound);
+                    self.want_sync(&room);
+                    return;
+                }
+                match self.store.write(WriteOp::Bus(ev.clone())) {
+                    Ok(f) => self.queue_inbound(Item::Apply(ev, Box::pin(f))),
+                    Err(_) => {
+                        bump(&self.stats.dropped_inbound);
+                        self.want_sync(&room);
+                    }
+                }
+            }
+            "beat" | "head" => {
+                if env.t == "beat" {
+                    let users = env
+                        .members
+                        .iter()
+                        .filter(|u| u.len() <= 64)
+                        .map(|u| Rc::from(u.as_str()))
+                        .collect();
+                    let new = self.chat.set_remote_members(
+                        &room,
+                        &env.node,
+                        users,
+                        self.members_per_room,
+                        Instant::now(),
+                    );
+                    if new {
+                        // A box new in the room hears at once who is here.
+                        self.beat_now(&room);
+                    }
+                }
+                if env.head > 0 && self.inbound.borrow().len() < self.cfg.max_inbound {
+                    self.queue_inbound(Item::Head(Rc::from(env.node.as_str()), room, env.head));
+                }
+            }
+            "sync" => {
+                let after = env.have.get(&self.cfg.node_id).copied().unwrap_or(0);
+                let mut q = self.replays.borrow_mut();
+                if q.len() >= MAX_QUEUED
+                    || q.iter().any(|(n, r, _)| *n == env.node && *r == env.room)
+                {
+                    bump(&self.stats.dropped_replays);
+                    return;
+                }
+                q.push_back((env.node, env.room, after));
+                self.replays_ready.notify(1);
+            }
+            _ => bump(&self.stats.malformed),
+        }
+    }
+
+    pub(super) fn queue_inbound(&self, item: Item) {
+        self.inbound.borrow_mut().push_back(item);
+        self.inbound_ready.notify(1);
+    }
+
+    /// Takes each event's result in arrival order (the writer commits in
+    /// that order) and tells members what changed.
+    pub(super) async fn run_inbound(&self) {
+        loop {
+            let l = self.inbound_ready.listen();
+            let Some(item) = self.inbound.borrow_mut().pop_front() else {
+                l.await;
+                continue;
+            };
+            match item {
+                Item::Apply(ev, pending) => {
+                    let result = pending.await;
+                    self.applied_one(ev, result);
+                }
+                Item::Head(origin, room, head) => {
+                    let have = self.applied.borrow().get(&(origin, room.clone())).copied();
+                    if have.is_none_or(|h| h < head) {
+                        self.want_sync(&room);
+                    }
+                }
+            }
+        }
+    }
+
+    pub(super) fn applied_one(&self, ev: BusEvent, result: Result<WriteOk, StoreError>) {
+        let room: Rc<str> = Rc::from(ev.room.as_str());
+        let key = (Rc::from(ev.origin.as_str()), room.clone());
+        let note = |oseq: i64| {
+            if self.chat.local_users(&room).is_empty() {
+                return;
+            }
+            let mut applied = self.applied.borrow_mut();
+            let e = applied.entry(key.clone()).or_insert(0);
+            *e = (*e).max(oseq);
+        };
+        match result {
+            Ok(WriteOk::Bus(Applied::Message { seq })) => {
+                note(ev.oseq);
+                bump(&self.stats.applied);
+                if let BusKind::Message { id, user, text, ts } = ev.kind {
+                    let m = StoredMessage {
+                        id,
+                        room: ev.room,
+                        seq,
+                        user,
+                        text,
+                        ts,
+                        reactions: Vec::new(),
+                    };
+                    self.chat.enqueue(room, frame(message_json(&m)));
+                }
+            }
+            Ok(WriteOk::Bus(Applied::Reaction { room: r, count })) => {
+                note(ev.oseq);
+                bump(&self.stats.applied);
+                if let BusKind::Reaction {
+                    message_id,
+                    emoji,
+                    user,
+                    added,
+                    ..
+                } = ev.kind
+                {
+                    let f = reaction_json(&r, &message_id, &emoji, count, &user, added);
+                    self.chat.enqueue(Rc::from(r.as_str()), frame(f));
+                }
+            }
+            Ok(WriteOk::Bus(Applied::Quiet)) => note(ev.oseq),
+            Ok(WriteOk::Bus(Applied::Duplicate)) => {
+                note(ev.oseq);
+                bump(&self.stats.duplicates);
+            }
+            Ok(WriteOk::Bus(Applied::Gap { have })) => {
+                note(have);
+                bump(&self.stats.gaps);
+                self.want_sync(&room);
+            }
+            Ok(_) | Err(_) => {
+                bump(&self.stats.dropped_inbound);
+                self.want_sync(&room);
+            }
+        }
+    }
+
+    pub(super) fn want_sync(&self, room: &Rc<str>) {
+        let mut wanted = self.wanted.borrow_mut();
+        if !wanted.contains(room) && wanted.len() < MAX_QUEUED {
+            wanted.push(room.clone());
+            self.wanted_ready.notify(1);
+        }
+    }
+
+    /// Sends the sync requests wanted, at most one per room per
+    /// [`SYNC_SPACING`], each with what this box holds of every origin.
+    pub(super) async fn run_syncs(&self) {
+        loop {
+            let l = self.wanted_ready.listen();
+            if self.wanted.borrow().is_empty() {
+                l.await;
+                continue;
+            }
+            let link = self.linked().await;
+            let now = Instant::now();
+            let due: Vec<Rc<str>> = {
+                let asked = self.asked.borrow();
+                let mut wanted = self.wanted.borrow_mut();
+                let ready = |r: &Rc<str>| {
+                    asked
+                        .get(r)
+                        .is_none_or(|t| now.duration_since(*t) >= SYNC_SPACING)
+                };
+                let due: Vec<Rc<str>> = wanted.iter().filter(|r| ready(r)).cloned().collect();
+                wanted.retain(|r| !due.contains(r));
+                due
+            };
+            if due.is_empty() {
+                Timer::after(SYNC_SPACING).await;
+                continue;
+            }
+            let rooms: Vec<String> = due.iter().map(|r| r.to_string()).collect();
+            let heads = match self.store.bus_heads(rooms) {
+                Ok(f) => f.await.unwrap_or_default(),
+                Err(_) => Vec::new(),
+            };
+            for h in heads {
+                let (room, have) = (Rc::<str>::from(h.room.as_str()), h.applied);
+                // Not for a room that went meanwhile.
+                if self.chat.local_users(&room).is_empty() {
+                    continue;
+                }
+                for (origin, oseq) in &have {
+                    let mut applied = self.applied.borrow_mut();
+                    let e = applied
+                        .entry((Rc::from(origin.as_str()), room.clone()))
+                        .or_insert(0);
+                    *e = (*e).max(*oseq);
+                }
+                let body = wire::sync(&self.cfg.node_id, &room, &have);
+                if link.publish(
+                    &wire::sync_subject(&self.cfg.subject_prefix),
+                    body.as_bytes(),
+                ) {
+                    bump(&self.stats.syncs_sent);
+                    self.asked.borrow_mut().insert(room, Instant::now());
+                }
+            }
+        }
+    }
+
+    /// Answers sync requests from this box's log: what the asker lacks of
+    /// this box's events in the room (a skip first if the log was pruned
+    /// past it), then this box's head.
+    pub(super) async fn run_replays(&self) {
+        loop {
+            let l = self.replays_ready.listen();
+            let Some((asker, room, after)) = self.replays.borrow_mut().pop_front() else {
+                l.await;
+                continue;
+            };
+            let link = self.linked().await;
+            let crate::store::db::bus::Replay { skip, rows } =
+                match self.store.bus_replay(room.clone(), after, BATCH) {
+                    Ok(f) => f.await.unwrap_or_default(),
+                    Err(_) => continue,
+                };
+            let inbox = wire::inbox_subject(&self.cfg.subject_prefix, &asker);
+            if let Some(to) = skip {
+                let body = crate::store::db::bus::skip_body(&self.cfg.node_id, &room, to);
+                link.publish(&inbox, body.as_bytes());
+            }
+            let mut last = after;
+            for row in &rows {
+                if !link.publish(&inbox, row.body.as_bytes()) {
+                    break;
+                }
+                last = row.oseq;
+                bump(&self.stats.replayed);
+            }
+            if last > after || skip.is_some() {
+                // The asker compares it with what it applied: behind (a
+                // batch was not all), it asks again.
+                let heads = match self.store.bus_heads(vec![room.clone()]) {
+                    Ok(f) => f.await.unwrap_or_default(),
+                    Err(_) => Vec::new(),
+                };
+                if let Some(h) = heads.first() {
+                    link.publish(
+                        &inbox,
+                        wire::head(&self.cfg.node_id, &room, h.own).as_bytes(),
+                    );
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,344 @@
+//! Rooms across gateways: a real `nats-server` (Debian's package, started
+//! here on a free loopback port and stopped by its PID) and two or three
+//! gateways sharing rooms through it. Without the server the tests say so
+//! and pass, unless `REQUIRE_NATS=1` (CI) makes that a failure.
+
+mod common;
+
+use common::{recv_json, send_json, Gateway, Ws, NO_RATE_LIMITS};
+use serde_json::{json, Value};
+use std::collections::{HashMap, HashSet};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A NATS server on a loopback port, killed by its PID when dropped.
+struct Nats {
+    child: Option<Child>,
+    port: u16,
+}
+
+impl Nats {
+    /// `None` (with the reason printed) where nats-server is not installed.
+    fn start() -> Option<Nats> {
+        let found = Command::new("nats-server")
+            .arg("--version")
+            .output()
+            .is_ok();
+        if !found {
+            assert!(
+                std::env::var("REQUIRE_NATS").as_deref() != Ok("1"),
+                "REQUIRE_NATS=1 but nats-server is not installed (apt install nats-server)"
+            );
+            eprintln!("skipped: nats-server is not installed (apt install nats-server)");
+            return None;
+        }
+        let port = TcpListener::bind("127.0.0.1:0")
+            .ok()?
+            .local_addr()
+            .ok()?
+            .port();
+        let mut n = Nats { child: None, port };
+        n.up();
+        Some(n)
+    }
+
+    fn up(&mut self) {
+        let child = Command::new("nats-server")
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nats-server");
+        self.child = Some(child);
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+        let end = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(addr).is_err() {
+            assert!(Instant::now() < end, "nats-server did not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn down(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        self.down();
+    }
+}
+
+const TOKENS: &str = "[auth]\ntokens = [\"alice:tok-alice\", \"bob:tok-bob\", \"carol:tok-carol\", \"dave:tok-dave\"]\n";
+
+fn start_box(nats: &Nats, node: &str) -> Gateway {
+    Gateway::start(
+        &format!(
+            "{TOKENS}{NO_RATE_LIMITS}[cluster]\nnats_url = [\"{}\"]\nnode_id = \"{node}\"\nheartbeat_ms = 300\n",
+            nats.url()
+        ),
+        &[],
+    )
+}
+
+fn wait_for(what: &str, within: Duration, mut ok: impl FnMut() -> bool) {
+    let end = Instant::now() + within;
+    while !ok() {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn on_bus(gw: &Gateway) -> bool {
+    gw.metric("hivegate_cluster_connected") == 1.0
+}
+
+fn member(gw: &Gateway, token: &str, room: &str) -> Ws {
+    let (mut ws, ack) = gw.session(Some(token));
+    assert_eq!(ack["ok"], true, "{ack}");
+    send_json(&mut ws, &json!({"op":"join","room":room}));
+    loop {
+        let f = recv_json(&mut ws);
+        if f["op"] == "joined" {
+            return ws;
+        }
+    }
+}
+
+/// Frames until `done` says enough (or the read times out: a failure).
+fn collect(ws: &mut Ws, mut done: impl FnMut(&[Value]) -> bool) -> Vec<Value> {
+    let mut seen = Vec::new();
+    while !done(&seen) {
+        seen.push(recv_json(ws));
+    }
+    seen
+}
+
+/// Whether a `presence` frame among `frames` has `user` in `list`.
+fn presence(frames: &[Value], list: &str, user: &str) -> bool {
+    frames.iter().any(|x| {
+        x["op"] == "presence" && x[list].as_array().is_some_and(|l| l.contains(&json!(user)))
+    })
+}
+
+fn texts(frames: &[Value]) -> Vec<String> {
+    frames
+        .iter()
+        .filter(|f| f["op"] == "message")
+        .map(|f| f["text"].as_str().unwrap_or("").to_string())
+        .collect()
+}
+
+/// Publishes in windows of 10 (within a session's requests in flight),
+/// each acknowledged; returns the ids.
+fn publish_acked(ws: &mut Ws, room: &str, texts: &[String]) -> Vec<String> {
+    let mut ids = Vec::new();
+    for window in texts.chunks(10) {
+        for t in window {
+            send_json(
+                ws,
+                &json!({"op":"publish","request_id":"p","room":room,"text":t}),
+            );
+        }
+        let frames = collect(ws, |f| {
+            assert!(f.iter().all(|x| x["op"] != "error"), "{f:?}");
+            f.iter().filter(|x| x["op"] == "ack").count() == window.len()
+        });
+        let acks = frames.iter().filter(|x| x["op"] == "ack");
+        ids.extend(acks.map(|x| x["id"].as_str().unwrap_or("").to_string()));
+    }
+    ids
+}
+
+/// Every message of `room` on `gw`, oldest first, through `history`.
+fn history(gw: &Gateway, room: &str) -> Vec<Value> {
+    let mut ws = member(gw, "tok-dave", room);
+    let mut all: Vec<Value> = Vec::new();
+    let mut before: Option<i64> = None;
+    loop {
+        let mut req = json!({"op":"history","request_id":"h","room":room,"limit":200});
+        if let Some(b) = before {
+            req["before_seq"] = json!(b);
+        }
+        send_json(&mut ws, &req);
+        let res = collect(&mut ws, |f| {
+            f.last().is_some_and(|x| x["op"] == "history_res")
+        });
+        let page = res
+            .last()
+            .and_then(|r| r["messages"].as_array().cloned())
+            .unwrap_or_default();
+        if page.is_empty() {
+            break;
+        }
+        before = page.first().and_then(|m| m["seq"].as_i64());
+        let mut page = page;
+        page.extend(all);
+        all = page;
+        if before.is_none_or(|b| b <= 1) {
+            break;
+        }
+    }
+    all
+}
+
+#[test]
+fn a_message_on_one_box_reaches_the_others_in_order_with_reactions_and_presence() {
+    let Some(nats) = Nats::start() else { return };
+    let (a, b, c) = (
+        start_box(&nats, "box-a"),
+        start_box(&nats, "box-b"),
+        start_box(&nats, "box-c"),
+    );
+    for gw in [&a, &b, &c] {
+        wait_for("the bus", Duration::from_secs(10), || on_bus(gw));
+        assert_eq!(gw.get("/readyz").json()["mode"], "online");
+    }
+    let mut alice = member(&a, "tok-alice", "general");
+    let mut bob = member(&b, "tok-bob", "general");
+    // Presence is merged: alice on box A sees bob join on box B.
+    collect(&mut alice, |f| presence(f, "joined", "bob"));
+    let mut carol = member(&c, "tok-carol", "general");
+    collect(&mut alice, |f| presence(f, "joined", "carol"));
+    // A joiner on C sees members of every box (once their beats came).
+    wait_for("members of every box", Duration::from_secs(5), || {
+        let mut ws = c.session(Some("tok-dave")).0;
+        send_json(&mut ws, &json!({"op":"join","room":"general"}));
+        let joined = collect(&mut ws, |f| f.iter().any(|x| x["op"] == "joined"));
+        let members = &joined.iter().find(|x| x["op"] == "joined").unwrap()["members"];
+        *members == json!(["alice", "bob", "carol", "dave"])
+    });
+
+    let sent: Vec<String> = (0..50).map(|i| format!("a{i}")).collect();
+    let ids = publish_acked(&mut alice, "general", &sent);
+    for ws in [&mut bob, &mut carol] {
+        let got = collect(ws, |f| texts(f).len() == 50);
+        assert_eq!(texts(&got), sent, "in the order box A committed them");
+        let seqs: Vec<i64> = got
+            .iter()
+            .filter(|f| f["op"] == "message")
+            .map(|f| f["seq"].as_i64().unwrap())
+            .collect();
+        assert!(
+            seqs.windows(2).all(|w| w[1] > w[0]),
+            "each box's own seq, increasing: {seqs:?}"
+        );
+    }
+    // A reaction on B reaches A and C.
+    send_json(
+        &mut bob,
+        &json!({"op":"react","request_id":"r","message_id":ids[3],"emoji":"👍"}),
+    );
+    for ws in [&mut alice, &mut carol] {
+        let got = collect(ws, |f| f.iter().any(|x| x["op"] == "reaction"));
+        let r = got.iter().find(|x| x["op"] == "reaction").unwrap();
+        assert_eq!(
+            (
+                r["message_id"].as_str(),
+                r["by"].as_str(),
+                r["count"].as_i64()
+            ),
+            (Some(ids[3].as_str()), Some("bob"), Some(1))
+        );
+    }
+    // History on B holds A's messages, with the reaction.
+    let h = history(&b, "general");
+    let on_b: Vec<&str> = h.iter().map(|m| m["text"].as_str().unwrap()).collect();
+    assert_eq!(on_b, sent.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(h[3]["reactions"]["👍"], 1);
+    // Carol's box goes: after three silent heartbeats she leaves A's presence.
+    drop(carol);
+    drop(c);
+    collect(&mut alice, |f| presence(f, "left", "carol"));
+    assert!(a.metric("hivegate_cluster_events_total{direction=\"out\"}") >= 50.0);
+    assert!(b.metric("hivegate_cluster_events_total{direction=\"applied\"}") >= 50.0);
+}
+
+#[test]
+fn boxes_serve_alone_without_the_bus_and_lose_nothing_when_it_returns() {
+    let Some(mut nats) = Nats::start() else {
+        return;
+    };
+    let (mut a, b) = (start_box(&nats, "box-a"), start_box(&nats, "box-b"));
+    for gw in [&a, &b] {
+        wait_for("the bus", Duration::from_secs(10), || on_bus(gw));
+    }
+    let mut alice = member(&a, "tok-alice", "ops");
+    let mut bob = member(&b, "tok-bob", "ops");
+    collect(&mut alice, |f| presence(f, "joined", "bob"));
+    let before: Vec<String> = (0..5).map(|i| format!("before {i}")).collect();
+    publish_acked(&mut alice, "ops", &before);
+    collect(&mut bob, |f| texts(f).len() == 5);
+
+    // The bus goes down: each box keeps accepting, storing and acking.
+    nats.down();
+    for gw in [&a, &b] {
+        wait_for("isolated mode", Duration::from_secs(10), || {
+            gw.get("/readyz").json()["mode"] == "isolated"
+        });
+        assert_eq!(gw.get("/readyz").status, 200, "isolated is still ready");
+    }
+    let from_a: Vec<String> = (0..20).map(|i| format!("a while down {i}")).collect();
+    let from_b: Vec<String> = (0..20).map(|i| format!("b while down {i}")).collect();
+    publish_acked(&mut alice, "ops", &from_a[..10]);
+    publish_acked(&mut bob, "ops", &from_b);
+    // Box A is killed with acknowledged messages not yet on the bus, and
+    // comes back on the same data; its member reconnects there.
+    a.signal(9);
+    a.restart();
+    let mut alice = member(&a, "tok-alice", "ops");
+    publish_acked(&mut alice, "ops", &from_a[10..]);
+    assert!(a.metric("hivegate_cluster_outbox") >= 0.0);
+
+    // The bus returns: every acknowledged message reaches every box once.
+    nats.up();
+    let mut want: Vec<String> = before.clone();
+    want.extend(from_a.iter().cloned());
+    want.extend(from_b.iter().cloned());
+    let want: HashSet<String> = want.into_iter().collect();
+    for gw in [&a, &b] {
+        wait_for(
+            "every message on every box",
+            Duration::from_secs(30),
+            || {
+                let h = history(gw, "ops");
+                let got: HashSet<String> = h
+                    .iter()
+                    .map(|m| m["text"].as_str().unwrap_or("").to_string())
+                    .collect();
+                got == want
+            },
+        );
+        let h = history(gw, "ops");
+        assert_eq!(h.len(), want.len(), "each message once");
+        let ids: HashSet<&str> = h.iter().map(|m| m["id"].as_str().unwrap()).collect();
+        assert_eq!(ids.len(), h.len());
+        // Per origin, in commit order.
+        let order = |prefix: &str| -> Vec<String> {
+            h.iter()
+                .map(|m| m["text"].as_str().unwrap().to_string())
+                .filter(|t| t.starts_with(prefix))
+                .collect()
+        };
+        assert_eq!(order("a while"), from_a);
+        assert_eq!(order("b while"), from_b);
+    }
+    // Live members got the other box's messages, each once.
+    let to_bob = collect(&mut bob, |f| {
+        texts(f).iter().filter(|t| t.starts_with("a while")).count() >= 20
+    });
+    let mut counts: HashMap<String, u32> = HashMap::new();
+    for t in texts(&to_bob) {
+        *counts.entry(t).or_default() += 1;
+    }
+    assert!(counts.values().all(|n| *n == 1), "{counts:?}");
+    assert!(b.metric("hivegate_cluster_connects_total") >= 2.0);
+}
