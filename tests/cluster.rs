@@ -16,11 +16,16 @@ use std::time::{Duration, Instant};
 struct Nats {
     child: Option<Child>,
     port: u16,
+    args: Vec<String>,
 }
 
 impl Nats {
     /// `None` (with the reason printed) where nats-server is not installed.
     fn start() -> Option<Nats> {
+        Nats::start_with(&[])
+    }
+
+    fn start_with(args: &[&str]) -> Option<Nats> {
         let found = Command::new("nats-server")
             .arg("--version")
             .output()
@@ -38,7 +43,12 @@ impl Nats {
             .local_addr()
             .ok()?
             .port();
-        let mut n = Nats { child: None, port };
+        let args = args.iter().map(|a| a.to_string()).collect();
+        let mut n = Nats {
+            child: None,
+            port,
+            args,
+        };
         n.up();
         Some(n)
     }
@@ -46,6 +56,7 @@ impl Nats {
     fn up(&mut self) {
         let child = Command::new("nats-server")
             .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(&self.args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -80,9 +91,13 @@ impl Drop for Nats {
 const TOKENS: &str = "[auth]\ntokens = [\"alice:tok-alice\", \"bob:tok-bob\", \"carol:tok-carol\", \"dave:tok-dave\"]\n";
 
 fn start_box(nats: &Nats, node: &str) -> Gateway {
+    start_box_with(nats, node, "")
+}
+
+fn start_box_with(nats: &Nats, node: &str, more: &str) -> Gateway {
     Gateway::start(
         &format!(
-            "{TOKENS}{NO_RATE_LIMITS}[cluster]\nnats_url = [\"{}\"]\nnode_id = \"{node}\"\nheartbeat_ms = 300\n",
+            "{TOKENS}{NO_RATE_LIMITS}[cluster]\nnats_url = [\"{}\"]\nnode_id = \"{node}\"\nheartbeat_ms = 300\n{more}",
             nats.url()
         ),
         &[],
@@ -341,4 +356,128 @@ fn boxes_serve_alone_without_the_bus_and_lose_nothing_when_it_returns() {
     }
     assert!(counts.values().all(|n| *n == 1), "{counts:?}");
     assert!(b.metric("hivegate_cluster_connects_total") >= 2.0);
+}
+
+#[test]
+fn a_box_that_joins_a_room_later_fetches_what_it_missed_and_drops_what_is_not_an_event() {
+    let Some(nats) = Nats::start() else { return };
+    let (a, b) = (start_box(&nats, "box-a"), start_box(&nats, "box-b"));
+    for gw in [&a, &b] {
+        wait_for("the bus", Duration::from_secs(10), || on_bus(gw));
+    }
+    // 1,100 messages (more than one replay batch) while B has nobody there.
+    let mut alice = member(&a, "tok-alice", "late");
+    let sent: Vec<String> = (0..1100).map(|i| format!("m{i}")).collect();
+    publish_acked(&mut alice, "late", &sent);
+    wait_for("A's outbox to empty", Duration::from_secs(10), || {
+        a.metric("hivegate_cluster_outbox") == 0.0
+            && a.metric("hivegate_cluster_events_total{direction=\"out\"}") >= 1100.0
+    });
+    let _bob = member(&b, "tok-bob", "late");
+    wait_for(
+        "B to catch up from A's log",
+        Duration::from_secs(20),
+        || history(&b, "late").len() == sent.len(),
+    );
+    let got: Vec<String> = history(&b, "late")
+        .iter()
+        .map(|m| m["text"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(got, sent, "in A's order");
+    assert!(a.metric("hivegate_cluster_replayed_total") >= 1100.0);
+    assert!(b.metric("hivegate_cluster_sync_requests_total") >= 2.0);
+
+    // Whatever else turns up on the room's subject is counted and dropped.
+    let before = b.metric("hivegate_cluster_dropped_total{reason=\"malformed\"}");
+    let mut raw = TcpStream::connect(("127.0.0.1", nats.port)).unwrap();
+    let junk = [
+        "not json".to_string(),
+        r#"{"t":"msg","node":"evil box","room":"late","oseq":1,"id":"x","from":"m","text":"t"}"#
+            .into(),
+        r#"{"t":"msg","node":"mallory","room":"late","oseq":1}"#.into(),
+        r#"{"t":"msg","node":"mallory","room":"../x","oseq":1,"id":"x","from":"m","text":"t"}"#
+            .into(),
+        format!(
+            r#"{{"t":"beat","node":"mallory","room":"late","members":[{}]}}"#,
+            "[".repeat(100)
+        ),
+    ];
+    let mut wire = String::from("CONNECT {\"verbose\":false}\r\n");
+    for j in &junk {
+        wire.push_str(&format!("PUB hivegate.room.late {}\r\n{j}\r\n", j.len()));
+    }
+    wire.push_str("PING\r\n");
+    std::io::Write::write_all(&mut raw, wire.as_bytes()).unwrap();
+    let dropped = b.wait_metric(
+        "hivegate_cluster_dropped_total{reason=\"malformed\"}",
+        before + junk.len() as f64,
+        Duration::from_secs(5),
+    );
+    assert_eq!(dropped, before + junk.len() as f64);
+    // Still serving, still on the bus.
+    publish_acked(&mut alice, "late", &["after".to_string()]);
+    wait_for("the next message", Duration::from_secs(5), || {
+        history(&b, "late").len() == 1101
+    });
+}
+
+#[test]
+fn the_bus_login_comes_from_a_credentials_file_and_a_wrong_one_leaves_the_box_alone() {
+    let Some(nats) = Nats::start_with(&["--user", "hg", "--pass", "s3cret-bus"]) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (good, bad) = (dir.path().join("good"), dir.path().join("bad"));
+    std::fs::write(&good, "hg:s3cret-bus\n").unwrap();
+    std::fs::write(&bad, "hg:wrong-pass\n").unwrap();
+    let a = start_box_with(&nats, "box-a", &format!("credentials_file = {good:?}\n"));
+    let b = start_box_with(&nats, "box-b", &format!("credentials_file = {bad:?}\n"));
+    wait_for("the bus", Duration::from_secs(10), || on_bus(&a));
+    b.wait_metric(
+        "hivegate_cluster_connect_failures_total",
+        2.0,
+        Duration::from_secs(10),
+    );
+    assert_eq!(b.get("/readyz").json()["mode"], "isolated");
+    assert!(
+        b.log_text().contains("Authorization Violation"),
+        "{}",
+        b.log_text()
+    );
+    // Alone, B still serves.
+    let mut bob = member(&b, "tok-bob", "r");
+    publish_acked(&mut bob, "r", &["alone".to_string()]);
+    for gw in [&a, &b] {
+        assert!(!gw.log_text().contains("s3cret-bus") && !gw.log_text().contains("wrong-pass"));
+        assert!(!gw.get("/metrics").body.contains("s3cret-bus"));
+    }
+}
+
+#[test]
+fn a_burst_waits_at_the_bus_rather_than_being_dropped() {
+    let Some(nats) = Nats::start() else { return };
+    let a = start_box(&nats, "box-a");
+    // B holds at most 16 events at a time: the rest waits in the socket
+    // and at the server.
+    let b = start_box_with(&nats, "box-b", "max_inbound = 16\n");
+    for gw in [&a, &b] {
+        wait_for("the bus", Duration::from_secs(10), || on_bus(gw));
+    }
+    let _bob = member(&b, "tok-bob", "burst");
+    let mut alice = member(&a, "tok-alice", "burst");
+    let sent: Vec<String> = (0..600).map(|i| format!("b{i}")).collect();
+    publish_acked(&mut alice, "burst", &sent);
+    wait_for("the burst on B", Duration::from_secs(20), || {
+        history(&b, "burst").len() == sent.len()
+    });
+    let got: Vec<String> = history(&b, "burst")
+        .iter()
+        .map(|m| m["text"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(got, sent);
+    assert_eq!(
+        b.metric("hivegate_cluster_dropped_total{reason=\"inbound_full\"}"),
+        0.0
+    );
+    assert_eq!(b.metric("hivegate_cluster_gaps_total"), 0.0);
 }

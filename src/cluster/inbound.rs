@@ -45,18 +45,14 @@ impl Cluster {
                         return;
                     }
                 };
-                if self.inbound.borrow().len() >= self.cfg.max_inbound {
+                // At the bound the link waits before handing over the
+                // next message (see `inbound_full`): this only guards it.
+                if self.inbound_len() > self.cfg.max_inbound {
                     bump(&self.stats.dropped_inbound);
                     self.want_sync(&room);
                     return;
                 }
-                match self.store.write(WriteOp::Bus(ev.clone())) {
-                    Ok(f) => self.queue_inbound(Item::Apply(ev, Box::pin(f))),
-                    Err(_) => {
-                        bump(&self.stats.dropped_inbound);
-                        self.want_sync(&room);
-                    }
-                }
+                self.queue_inbound(Item::Event(ev));
             }
             "beat" | "head" => {
                 if env.t == "beat" {
@@ -78,7 +74,7 @@ impl Cluster {
                         self.beat_now(&room);
                     }
                 }
-                if env.head > 0 && self.inbound.borrow().len() < self.cfg.max_inbound {
+                if env.head > 0 && self.inbound_len() < self.cfg.max_inbound {
                     self.queue_inbound(Item::Head(Rc::from(env.node.as_str()), room, env.head));
                 }
             }
@@ -103,27 +99,76 @@ impl Cluster {
         self.inbound_ready.notify(1);
     }
 
-    /// Takes each event's result in arrival order (the writer commits in
-    /// that order) and tells members what changed.
+    /// Events received and not yet applied (queued, or in the store's
+    /// queue).
+    pub(super) fn inbound_len(&self) -> usize {
+        self.inbound.borrow().len() + self.in_flight.borrow().len()
+    }
+
+    /// While as many events wait as `cluster.max_inbound`: a listener that
+    /// fires when one has been applied. The link stops reading meanwhile,
+    /// so a burst waits in the server's buffer (TCP, then NATS), not here.
+    pub(super) fn inbound_full(&self) -> Option<event_listener::EventListener> {
+        let l = self.inbound_drained.listen();
+        (self.inbound_len() >= self.cfg.max_inbound).then_some(l)
+    }
+
+    /// Hands received events to the store as fast as it takes them, then
+    /// takes each result in arrival order (the writer commits in that
+    /// order) and tells members what changed.
     pub(super) async fn run_inbound(&self) {
         loop {
             let l = self.inbound_ready.listen();
-            let Some(item) = self.inbound.borrow_mut().pop_front() else {
-                l.await;
-                continue;
-            };
-            match item {
-                Item::Apply(ev, pending) => {
+            let store_full = self.submit();
+            let next = self.in_flight.borrow_mut().pop_front();
+            match next {
+                Some(Item::Applying(ev, pending)) => {
                     let result = pending.await;
                     self.applied_one(ev, result);
                 }
-                Item::Head(origin, room, head) => {
+                Some(Item::Head(origin, room, head)) => {
                     let have = self.applied.borrow().get(&(origin, room.clone())).copied();
                     if have.is_none_or(|h| h < head) {
                         self.want_sync(&room);
                     }
                 }
+                Some(Item::Event(_)) => {}
+                // The store's queue is full of other writes: try again soon.
+                None if store_full => {
+                    Timer::after(std::time::Duration::from_millis(2)).await;
+                }
+                None => {
+                    l.await;
+                    continue;
+                }
             }
+            self.inbound_drained.notify(usize::MAX);
+        }
+    }
+
+    /// Moves received items to the in-flight queue, each event with its
+    /// store write; `true` if the store refused one for now (busy).
+    fn submit(&self) -> bool {
+        loop {
+            let Some(item) = self.inbound.borrow_mut().pop_front() else {
+                return false;
+            };
+            let item = match item {
+                Item::Event(ev) => match self.store.write(WriteOp::Bus(ev.clone())) {
+                    Ok(f) => Item::Applying(ev, Box::pin(f)),
+                    Err(StoreError::Busy { .. }) => {
+                        self.inbound.borrow_mut().push_front(Item::Event(ev));
+                        return true;
+                    }
+                    Err(_) => {
+                        bump(&self.stats.dropped_inbound);
+                        self.want_sync(&Rc::from(ev.room.as_str()));
+                        continue;
+                    }
+                },
+                other => other,
+            };
+            self.in_flight.borrow_mut().push_back(item);
         }
     }
 

@@ -55,9 +55,9 @@ use std::time::{Duration, Instant};
 /// asks again).
 pub const MAX_QUEUED: usize = 64;
 /// Events per replay answer, and per outbox round.
-const BATCH: i64 = 256;
+const BATCH: i64 = 1000;
 /// The least time between two sync requests for one room.
-const SYNC_SPACING: Duration = Duration::from_millis(200);
+const SYNC_SPACING: Duration = Duration::from_millis(100);
 
 /// `[cluster]`.
 #[derive(Debug, Clone, Default)]
@@ -119,7 +119,10 @@ type Pending = Pin<Box<dyn Future<Output = Result<WriteOk, StoreError>>>>;
 
 /// In the order events arrived: each applied, then told to members.
 enum Item {
-    Apply(BusEvent, Pending),
+    /// Received, not yet handed to the store.
+    Event(BusEvent),
+    /// In the store's queue.
+    Applying(BusEvent, Pending),
     /// `origin` is at `head` in `room`: ask for the rest if behind.
     Head(Rc<str>, Rc<str>, i64),
 }
@@ -160,7 +163,9 @@ pub struct Cluster {
     subs: RefCell<HashMap<Rc<str>, u64>>,
     next_sid: Cell<u64>,
     inbound: RefCell<VecDeque<Item>>,
+    in_flight: RefCell<VecDeque<Item>>,
     inbound_ready: event_listener::Event,
+    inbound_drained: event_listener::Event,
     /// Rooms to send a sync request for, and when each last was.
     wanted: RefCell<Vec<Rc<str>>>,
     asked: RefCell<HashMap<Rc<str>, Instant>>,
@@ -198,7 +203,9 @@ impl Cluster {
             subs: RefCell::default(),
             next_sid: Cell::new(10),
             inbound: RefCell::default(),
+            in_flight: RefCell::default(),
             inbound_ready: event_listener::Event::new(),
+            inbound_drained: event_listener::Event::new(),
             wanted: RefCell::default(),
             asked: RefCell::default(),
             wanted_ready: event_listener::Event::new(),
@@ -331,7 +338,10 @@ impl Cluster {
         }
         self.link_changed.notify(usize::MAX);
         self.log.info("on the bus", &[("node", &self.cfg.node_id)]);
-        let read = link.read_loop(|subject, payload| self.on_msg(&subject, &payload));
+        let read = link.read_loop(
+            |subject, payload| self.on_msg(&subject, &payload),
+            || self.inbound_full(),
+        );
         let write = async { link.write_loop().await.err().unwrap_or_default() };
         let ping = self.keepalive(&link);
         let reason = read.or(write).or(ping).await;

@@ -278,14 +278,25 @@ impl Link {
     }
 
     /// Reads and hands each MSG to `on_msg`, answers the server's PINGs,
-    /// counts PONGs. Returns the reason the connection ended.
-    pub async fn read_loop(&self, mut on_msg: impl FnMut(String, Vec<u8>)) -> String {
+    /// counts PONGs. While `full` gives a listener, the next MSG waits for
+    /// it (and nothing more is read). Returns the reason the connection
+    /// ended.
+    pub async fn read_loop(
+        &self,
+        mut on_msg: impl FnMut(String, Vec<u8>),
+        full: impl Fn() -> Option<event_listener::EventListener>,
+    ) -> String {
         let mut buf: Vec<u8> = Vec::with_capacity(4096);
         let mut chunk = vec![0u8; 16 * 1024];
         loop {
             loop {
                 match parse(&buf, self.max_payload) {
                     Ok(Some((m, used))) => {
+                        if matches!(m, Inbound::Msg { .. }) {
+                            while let Some(wait) = full() {
+                                wait.await;
+                            }
+                        }
                         buf.drain(..used);
                         match m {
                             Inbound::Msg {

@@ -21,10 +21,13 @@
 //! of the tests streams a short answer; N calls go to it directly and N
 //! through the gateway, one at a time, timing the first chunk of each.
 //!
+//! `cluster M S`: two boxes sharing a room through NATS (see `cluster.rs`).
+//!
 //! `start`, `quiet S`, `soak S`: edge fitness (see `fitness.rs`), and
 //! `exercise ADDR`, which `.ci/text-order` runs while it records the code
 //! a session runs.
 
+mod cluster;
 mod fitness;
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -44,6 +47,7 @@ Usage: hivegate-bench idle [N]          memory per idle authenticated connection
        hivegate-bench start             resident memory right after start, embedded defaults
        hivegate-bench quiet [S]         wake-ups per second of an idle gateway over S seconds (60)
        hivegate-bench soak [S]          memory over S seconds of client churn (600)
+       hivegate-bench cluster [M] [S]   two boxes on NATS: cross-box latency, deliveries per second (100, 5 s)
        hivegate-bench exercise ADDR     one open-mode session and each HTTP route (.ci/text-order)
 ";
 
@@ -69,6 +73,7 @@ fn main() {
         ["quiet", rest @ ..] => fitness::quiet(rest),
         ["soak", rest @ ..] => fitness::soak(rest),
         ["exercise", addr] => fitness::exercise(addr),
+        ["cluster", rest @ ..] => cluster::run(rest),
         _ => {
             print!("{USAGE}");
             return;
@@ -104,7 +109,10 @@ fn start_gateway(config: &str) -> Result<Gateway, String> {
             bin.display()
         ));
     }
-    let dir = std::env::temp_dir().join(format!("hivegate-bench-{}", std::process::id()));
+    // One directory per gateway: a benchmark may start several.
+    static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("hivegate-bench-{}-{n}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let path = dir.join("bench.toml");
     let text = format!(

@@ -1,0 +1,220 @@
+//! `cluster [M] [S]`: two boxes on one NATS server, all on loopback.
+//! Starts `nats-server` (from PATH) on a free port and two gateways in a
+//! cluster through it.
+//!
+//! Latency: a publisher on box A and a member on box B; 1,000 messages one
+//! at a time, each timed from the publish on A to its arrival on B
+//! (through A's commit, the bus, B's commit and B's fan-out).
+//!
+//! Throughput: M members of one room on box B (raw sockets that only count
+//! frames) and 4 publishers on box A keeping 32 publishes each in flight;
+//! counts the message frames B's members receive over S seconds.
+
+use super::{raw_member, session, start_gateway, text_frame, NO_RATE_LIMITS};
+use async_tungstenite::tungstenite::Message;
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The NATS server of the benchmark, killed by its PID when dropped.
+struct Nats(Child);
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_nats() -> Result<(Nats, u16), String> {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| e.to_string())?
+        .port();
+    let child = Command::new("nats-server")
+        .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start nats-server: {e} (apt install nats-server)"))?;
+    let nats = Nats(child);
+    let end = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > end {
+            return Err("nats-server did not listen".into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok((nats, port))
+}
+
+pub fn run(args: &[&str]) -> Result<(), String> {
+    let members = args.first().map_or(Ok(100), |s| super::number(s))?;
+    let seconds = args.get(1).map_or(Ok(5), |s| super::number(s))?;
+    hivegate::ops::fd::raise_open_files_limit();
+    let (_nats, port) = start_nats()?;
+    let cap = members + 32;
+    let box_config = |node: &str| {
+        format!(
+            "max_connections = {cap}\nmax_connections_per_ip = {cap}\nmax_handshakes = 1024\nmax_handshakes_per_ip = 1024\n\
+             {NO_RATE_LIMITS}[cluster]\nnats_url = [\"nats://127.0.0.1:{port}\"]\nnode_id = \"{node}\"\n"
+        )
+    };
+    let a = start_gateway(&box_config("bench-a"))?;
+    let b = start_gateway(&box_config("bench-b"))?;
+    std::thread::sleep(Duration::from_millis(500));
+    latency(a.addr, b.addr)?;
+    throughput(a.addr, b.addr, members, seconds)?;
+    for (name, gw) in [("A", &a), ("B", &b)] {
+        let m = |n: &str| super::metric(gw.addr, n);
+        println!(
+            "box {name}: events out {}, applied {}, duplicates {}, gaps {}, sync requests {}, replayed {}, dropped inbound {}",
+            m("hivegate_cluster_events_total{direction=\"out\"}"),
+            m("hivegate_cluster_events_total{direction=\"applied\"}"),
+            m("hivegate_cluster_duplicates_total"),
+            m("hivegate_cluster_gaps_total"),
+            m("hivegate_cluster_sync_requests_total"),
+            m("hivegate_cluster_replayed_total"),
+            m("hivegate_cluster_dropped_total{reason=\"inbound_full\"}"),
+        );
+    }
+    Ok(())
+}
+
+fn join(
+    ws: &mut async_tungstenite::tungstenite::WebSocket<std::net::TcpStream>,
+    room: &str,
+) -> Result<(), String> {
+    let join = format!(r#"{{"op":"join","room":"{room}","history":0}}"#);
+    ws.send(Message::text(join)).map_err(|e| e.to_string())?;
+    loop {
+        if let Message::Text(t) = ws.read().map_err(|e| e.to_string())? {
+            if t.contains(r#""op":"joined""#) {
+                return Ok(());
+            }
+        }
+    }
+}
+
+fn latency(a: std::net::SocketAddr, b: std::net::SocketAddr) -> Result<(), String> {
+    let mut member = session(b, "")?;
+    join(&mut member, "latency")?;
+    let mut publisher = session(a, "")?;
+    join(&mut publisher, "latency")?;
+    // B subscribed when its member joined; give the bus a moment.
+    std::thread::sleep(Duration::from_millis(500));
+    let mut took = Vec::with_capacity(1000);
+    for i in 0..1000 {
+        let text = format!("lat-{i}");
+        let publish = format!(r#"{{"op":"publish","room":"latency","text":"{text}"}}"#);
+        let t0 = Instant::now();
+        publisher
+            .send(Message::text(publish))
+            .map_err(|e| e.to_string())?;
+        let needle = format!(r#""text":"{text}""#);
+        loop {
+            if let Message::Text(t) = member.read().map_err(|e| e.to_string())? {
+                if t.contains(&needle) {
+                    break;
+                }
+            }
+        }
+        took.push(t0.elapsed());
+        // The publisher's ack, then its own copy.
+        loop {
+            if let Message::Text(t) = publisher.read().map_err(|e| e.to_string())? {
+                if t.contains(&needle) {
+                    break;
+                }
+            }
+        }
+    }
+    took.sort_unstable();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    println!(
+        "cross-box latency, publish on A to delivery on B, 1000 messages one at a time: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        ms(took[499]),
+        ms(took[989]),
+        ms(took[999])
+    );
+    Ok(())
+}
+
+fn throughput(
+    a: std::net::SocketAddr,
+    b: std::net::SocketAddr,
+    members: usize,
+    seconds: usize,
+) -> Result<(), String> {
+    use futures_lite::AsyncWriteExt;
+    use std::cell::Cell;
+    use std::rc::Rc;
+    let (publishers, window) = (4, 32);
+    let ex = Rc::new(async_executor::LocalExecutor::new());
+    let received = Rc::new(Cell::new(0u64));
+    let stop = Rc::new(Cell::new(false));
+    async_io::block_on(ex.run(async {
+        let mut readers = Vec::new();
+        for _ in 0..members {
+            let (mut s, mut r) = raw_member(b, "through").await?;
+            let (received, stop) = (received.clone(), stop.clone());
+            readers.push(ex.spawn(async move {
+                while !stop.get() {
+                    while let Some((op, range)) = r.next() {
+                        if op == 1 && r.buf[range].starts_with(b"{\"op\":\"message\"") {
+                            received.set(received.get() + 1);
+                        }
+                    }
+                    if r.fill(&mut s).await.map_or(true, |n| n == 0) {
+                        return;
+                    }
+                }
+            }));
+        }
+        async_io::Timer::after(Duration::from_secs(1)).await;
+        for p in 0..publishers {
+            let (mut s, mut r) = raw_member(a, "through").await?;
+            let stop = stop.clone();
+            ex.spawn(async move {
+                let mut in_flight = 0;
+                let mut n = 0u64;
+                while !stop.get() {
+                    let mut out = Vec::new();
+                    while in_flight < window {
+                        out.extend(text_frame(&format!(
+                            r#"{{"op":"publish","room":"through","text":"cross-box {p}-{n}","request_id":"{p}-{n}"}}"#
+                        )));
+                        n += 1;
+                        in_flight += 1;
+                    }
+                    if !out.is_empty() && s.write_all(&out).await.is_err() {
+                        return;
+                    }
+                    if r.fill(&mut s).await.map_or(true, |n| n == 0) {
+                        return;
+                    }
+                    while let Some((_, range)) = r.next() {
+                        let f = &r.buf[range];
+                        if f.starts_with(b"{\"op\":\"ack\"") || f.starts_with(b"{\"op\":\"error\"") {
+                            in_flight -= 1;
+                        }
+                    }
+                }
+            })
+            .detach();
+        }
+        async_io::Timer::after(Duration::from_secs(1)).await;
+        let (r0, t0) = (received.get(), Instant::now());
+        async_io::Timer::after(Duration::from_secs(seconds as u64)).await;
+        let (r1, elapsed) = (received.get(), t0.elapsed().as_secs_f64());
+        stop.set(true);
+        let per_s = (r1 - r0) as f64 / elapsed;
+        println!(
+            "through two boxes: {publishers} publishers on A ({window} in flight each), {members} members on B"
+        );
+        println!("deliveries on B: {} in {elapsed:.2} s = {per_s:.0} per second", r1 - r0);
+        println!("messages across the bus per second: {:.0}", per_s / members.max(1) as f64);
+        drop(readers);
+        Ok::<(), String>(())
+    }))
+}
