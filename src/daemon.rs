@@ -82,7 +82,7 @@ pub fn run(cfg: Config, log: Logger, source: ConfigSource) -> Result<i32, String
             chat.clone(),
             pool.clone(),
             log,
-            cfg.chat.members_per_room,
+            cfg.chat,
         ))
     });
     let ex = Rc::new(LocalExecutor::new());

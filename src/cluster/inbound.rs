@@ -39,8 +39,8 @@ impl Cluster {
         match env.t.as_str() {
             "msg" | "react" | "skip" => {
                 let ev = match parse_event(text) {
-                    Ok(ev) => ev,
-                    Err(_) => {
+                    Ok(ev) if self.within_limits(&ev) => ev,
+                    _ => {
                         bump(&self.stats.malformed);
                         return;
                     }
@@ -59,14 +59,14 @@ impl Cluster {
                     let users = env
                         .members
                         .iter()
-                        .filter(|u| u.len() <= 64)
+                        .filter(|u| crate::auth::valid_user(u))
                         .map(|u| Rc::from(u.as_str()))
                         .collect();
                     let new = self.chat.set_remote_members(
                         &room,
                         &env.node,
                         users,
-                        self.members_per_room,
+                        self.limits.members_per_room,
                         Instant::now(),
                     );
                     if new {
@@ -91,6 +91,33 @@ impl Cluster {
                 self.replays_ready.notify(1);
             }
             _ => bump(&self.stats.malformed),
+        }
+    }
+
+    /// A peer's event holds to what a local client may send: text, names,
+    /// ids and emoji within their bounds (a frame for members is then
+    /// within what their outboxes take).
+    fn within_limits(&self, ev: &BusEvent) -> bool {
+        let id_ok = |id: &str| !id.is_empty() && id.len() <= crate::protocol::MAX_MESSAGE_ID;
+        match &ev.kind {
+            BusKind::Message { id, user, text, .. } => {
+                id_ok(id)
+                    && crate::auth::valid_user(user)
+                    && !text.is_empty()
+                    && text.len() <= self.limits.max_text_bytes
+            }
+            BusKind::Reaction {
+                message_id,
+                emoji,
+                user,
+                ..
+            } => {
+                id_ok(message_id)
+                    && crate::auth::valid_user(user)
+                    && !emoji.is_empty()
+                    && emoji.len() <= crate::protocol::MAX_EMOJI
+            }
+            BusKind::Skip => true,
         }
     }
 

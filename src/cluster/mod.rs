@@ -156,7 +156,8 @@ pub struct Cluster {
     chat: Rc<Chat>,
     pool: Rc<crate::pool::Pool>,
     log: Logger,
-    members_per_room: usize,
+    /// What a local client may send: a peer's events are held to it too.
+    limits: crate::chat::ChatLimits,
     link: RefCell<Option<Rc<Link>>>,
     link_changed: event_listener::Event,
     /// Room subscriptions on the current link: room → sid.
@@ -187,7 +188,7 @@ impl Cluster {
         chat: Rc<Chat>,
         pool: Rc<crate::pool::Pool>,
         log: Logger,
-        members_per_room: usize,
+        limits: crate::chat::ChatLimits,
     ) -> Cluster {
         chat.report_to_bus();
         Cluster {
@@ -197,7 +198,7 @@ impl Cluster {
             chat,
             pool,
             log,
-            members_per_room,
+            limits,
             link: RefCell::new(None),
             link_changed: event_listener::Event::new(),
             subs: RefCell::default(),
