@@ -394,24 +394,32 @@ impl Cluster {
     pub fn render(&self, out: &mut String) {
         use crate::ops::metrics::{counter, counter_with, gauge};
         let s = &self.stats;
-        gauge(
-            out,
-            "hivegate_cluster_connected",
-            "1 while on the bus, 0 while isolated.",
-            self.connected() as u64,
-        );
-        gauge(
-            out,
-            "hivegate_cluster_outbox",
-            "Events committed here and not yet confirmed by the bus.",
-            s.backlog.get(),
-        );
-        gauge(
-            out,
-            "hivegate_cluster_peers",
-            "Other boxes with members in this box's rooms.",
-            self.chat.remote_boxes() as u64,
-        );
+        let pending = self.current().map_or(0, |l| l.pending()) as u64;
+        let gauges = [
+            (
+                "connected",
+                "1 while on the bus, 0 while isolated.",
+                self.connected() as u64,
+            ),
+            (
+                "outbox",
+                "Events committed here and not yet confirmed by the bus.",
+                s.backlog.get(),
+            ),
+            (
+                "peers",
+                "Other boxes with members in this box's rooms.",
+                self.chat.remote_boxes() as u64,
+            ),
+            (
+                "pending_bytes",
+                "Bytes waiting for the bus socket.",
+                pending,
+            ),
+        ];
+        for (name, help, v) in gauges {
+            gauge(out, &format!("hivegate_cluster_{name}"), help, v);
+        }
         counter_with(
             out,
             "hivegate_cluster_events_total",
@@ -422,30 +430,6 @@ impl Cluster {
                 ("in", s.received.get()),
                 ("applied", s.applied.get()),
             ],
-        );
-        counter(
-            out,
-            "hivegate_cluster_duplicates_total",
-            "Events dropped as already applied.",
-            s.duplicates.get(),
-        );
-        counter(
-            out,
-            "hivegate_cluster_gaps_total",
-            "Events that came before the ones they follow (each leads to a sync).",
-            s.gaps.get(),
-        );
-        counter(
-            out,
-            "hivegate_cluster_sync_requests_total",
-            "Sync requests sent.",
-            s.syncs_sent.get(),
-        );
-        counter(
-            out,
-            "hivegate_cluster_replayed_total",
-            "Events replayed to peers that lacked them.",
-            s.replayed.get(),
         );
         counter_with(
             out,
@@ -459,30 +443,42 @@ impl Cluster {
                 ("outbox_pruned", s.outbox_pruned.get()),
             ],
         );
-        counter(
-            out,
-            "hivegate_cluster_connects_total",
-            "Connections made to the bus.",
-            s.connects.get(),
-        );
-        counter(
-            out,
-            "hivegate_cluster_connect_failures_total",
-            "Failed attempts to connect to the bus.",
-            s.connect_failures.get(),
-        );
-        counter(
-            out,
-            "hivegate_cluster_peers_expired_total",
-            "Boxes dropped from presence after three silent heartbeats.",
-            s.peers_expired.get(),
-        );
-        let pending = self.current().map_or(0, |l| l.pending());
-        gauge(
-            out,
-            "hivegate_cluster_pending_bytes",
-            "Bytes waiting for the bus socket.",
-            pending as u64,
-        );
+        let counters = [
+            (
+                "duplicates",
+                "Events dropped as already applied.",
+                &s.duplicates,
+            ),
+            (
+                "gaps",
+                "Events that came before the ones they follow (each leads to a sync).",
+                &s.gaps,
+            ),
+            ("sync_requests", "Sync requests sent.", &s.syncs_sent),
+            (
+                "replayed",
+                "Events replayed to peers that lacked them.",
+                &s.replayed,
+            ),
+            ("connects", "Connections made to the bus.", &s.connects),
+            (
+                "connect_failures",
+                "Failed attempts to connect to the bus.",
+                &s.connect_failures,
+            ),
+            (
+                "peers_expired",
+                "Boxes dropped from presence after three silent heartbeats.",
+                &s.peers_expired,
+            ),
+        ];
+        for (name, help, v) in counters {
+            counter(
+                out,
+                &format!("hivegate_cluster_{name}_total"),
+                help,
+                v.get(),
+            );
+        }
     }
 }

@@ -10,7 +10,7 @@
 //! frames) and 4 publishers on box A keeping 32 publishes each in flight;
 //! counts the message frames B's members receive over S seconds.
 
-use super::{raw_member, session, start_gateway, text_frame, NO_RATE_LIMITS};
+use super::{counting_member, pipelined_publisher, session, start_gateway, NO_RATE_LIMITS};
 use async_tungstenite::tungstenite::Message;
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
@@ -146,7 +146,6 @@ fn throughput(
     members: usize,
     seconds: usize,
 ) -> Result<(), String> {
-    use futures_lite::AsyncWriteExt;
     use std::cell::Cell;
     use std::rc::Rc;
     let (publishers, window) = (4, 32);
@@ -156,52 +155,13 @@ fn throughput(
     async_io::block_on(ex.run(async {
         let mut readers = Vec::new();
         for _ in 0..members {
-            let (mut s, mut r) = raw_member(b, "through").await?;
-            let (received, stop) = (received.clone(), stop.clone());
-            readers.push(ex.spawn(async move {
-                while !stop.get() {
-                    while let Some((op, range)) = r.next() {
-                        if op == 1 && r.buf[range].starts_with(b"{\"op\":\"message\"") {
-                            received.set(received.get() + 1);
-                        }
-                    }
-                    if r.fill(&mut s).await.map_or(true, |n| n == 0) {
-                        return;
-                    }
-                }
-            }));
+            let counting = counting_member(b, "through", b"{\"op\":\"message\"", received.clone(), stop.clone());
+            readers.push(ex.spawn(counting.await?));
         }
         async_io::Timer::after(Duration::from_secs(1)).await;
         for p in 0..publishers {
-            let (mut s, mut r) = raw_member(a, "through").await?;
-            let stop = stop.clone();
-            ex.spawn(async move {
-                let mut in_flight = 0;
-                let mut n = 0u64;
-                while !stop.get() {
-                    let mut out = Vec::new();
-                    while in_flight < window {
-                        out.extend(text_frame(&format!(
-                            r#"{{"op":"publish","room":"through","text":"cross-box {p}-{n}","request_id":"{p}-{n}"}}"#
-                        )));
-                        n += 1;
-                        in_flight += 1;
-                    }
-                    if !out.is_empty() && s.write_all(&out).await.is_err() {
-                        return;
-                    }
-                    if r.fill(&mut s).await.map_or(true, |n| n == 0) {
-                        return;
-                    }
-                    while let Some((_, range)) = r.next() {
-                        let f = &r.buf[range];
-                        if f.starts_with(b"{\"op\":\"ack\"") || f.starts_with(b"{\"op\":\"error\"") {
-                            in_flight -= 1;
-                        }
-                    }
-                }
-            })
-            .detach();
+            let publishing = pipelined_publisher(a, "through", p, window, stop.clone());
+            ex.spawn(publishing.await?).detach();
         }
         async_io::Timer::after(Duration::from_secs(1)).await;
         let (r0, t0) = (received.get(), Instant::now());

@@ -29,6 +29,9 @@
 
 mod cluster;
 mod fitness;
+mod raw;
+
+use raw::{counting_member, pipelined_publisher, raw_member, text_frame};
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -36,7 +39,6 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use async_io::Async;
 use async_tungstenite::tungstenite::{protocol::Role, Message, WebSocket};
 
 const USAGE: &str = "\
@@ -314,124 +316,7 @@ fn metric(addr: SocketAddr, name: &str) -> f64 {
         .unwrap_or(-1.0)
 }
 
-/// A masked client text frame.
-fn text_frame(payload: &str) -> Vec<u8> {
-    let p = payload.as_bytes();
-    let mut f = vec![0x81];
-    match p.len() {
-        n if n < 126 => f.push(0x80 | n as u8),
-        n => {
-            f.push(0x80 | 126);
-            f.extend((n as u16).to_be_bytes());
-        }
-    }
-    let mask = [0x11u8, 0x22, 0x33, 0x44];
-    f.extend(mask);
-    f.extend(p.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    f
-}
-
-/// Reads server frames (unmasked) from a raw socket, cheaply.
-struct FrameReader {
-    buf: Vec<u8>,
-    start: usize,
-    end: usize,
-}
-
-impl FrameReader {
-    fn new() -> FrameReader {
-        FrameReader {
-            buf: vec![0; 64 * 1024],
-            start: 0,
-            end: 0,
-        }
-    }
-
-    /// The next whole frame in the buffer: (opcode, payload range).
-    fn next(&mut self) -> Option<(u8, std::ops::Range<usize>)> {
-        let b = &self.buf[self.start..self.end];
-        if b.len() < 2 {
-            return None;
-        }
-        let (len, header) = match b[1] & 0x7f {
-            126 if b.len() >= 4 => (u16::from_be_bytes([b[2], b[3]]) as usize, 4),
-            127 if b.len() >= 10 => (u64::from_be_bytes(b[2..10].try_into().ok()?) as usize, 10),
-            126 | 127 => return None,
-            n => (n as usize, 2),
-        };
-        if b.len() < header + len {
-            return None;
-        }
-        let op = b[0] & 0x0f;
-        let range = self.start + header..self.start + header + len;
-        self.start += header + len;
-        Some((op, range))
-    }
-
-    async fn fill(&mut self, s: &mut Async<TcpStream>) -> std::io::Result<usize> {
-        use futures_lite::AsyncReadExt;
-        if self.start > 0 {
-            self.buf.copy_within(self.start..self.end, 0);
-            self.end -= self.start;
-            self.start = 0;
-        }
-        if self.end == self.buf.len() {
-            let n = self.buf.len() * 2;
-            self.buf.resize(n, 0);
-        }
-        let n = s.read(&mut self.buf[self.end..]).await?;
-        self.end += n;
-        Ok(n)
-    }
-}
-
-/// Upgrades a raw socket, says hello and joins `room`; waits for `joined`.
-async fn raw_member(
-    addr: SocketAddr,
-    room: &str,
-) -> Result<(Async<TcpStream>, FrameReader), String> {
-    use futures_lite::{AsyncReadExt, AsyncWriteExt};
-    let mut s = Async::<TcpStream>::connect(addr)
-        .await
-        .map_err(|e| e.to_string())?;
-    let req = format!(
-        "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    );
-    s.write_all(req.as_bytes())
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        if s.read(&mut byte).await.map_err(|e| e.to_string())? == 0 {
-            return Err("closed during the handshake".into());
-        }
-        head.push(byte[0]);
-    }
-    if !head.starts_with(b"HTTP/1.1 101") {
-        return Err(format!("refused: {}", String::from_utf8_lossy(&head)));
-    }
-    let mut out = text_frame(r#"{"op":"hello","client":"bench/1"}"#);
-    out.extend(text_frame(&format!(
-        r#"{{"op":"join","room":"{room}","history":0}}"#
-    )));
-    s.write_all(&out).await.map_err(|e| e.to_string())?;
-    let mut r = FrameReader::new();
-    loop {
-        while let Some((_, range)) = r.next() {
-            if r.buf[range].starts_with(b"{\"op\":\"joined\"") {
-                return Ok((s, r));
-            }
-        }
-        if r.fill(&mut s).await.map_err(|e| e.to_string())? == 0 {
-            return Err("closed before joined".into());
-        }
-    }
-}
-
 fn fanout(members: usize, seconds: usize) -> Result<(), String> {
-    use futures_lite::AsyncWriteExt;
     use std::cell::Cell;
     use std::rc::Rc;
     hivegate::ops::fd::raise_open_files_limit();
@@ -448,52 +333,14 @@ fn fanout(members: usize, seconds: usize) -> Result<(), String> {
     let result = async_io::block_on(ex.run(async {
         let mut readers = Vec::new();
         for _ in 0..members {
-            let (mut s, mut r) = raw_member(addr, "bench").await?;
-            let (received, stop) = (received.clone(), stop.clone());
-            readers.push(ex.spawn(async move {
-                while !stop.get() {
-                    while let Some((op, _)) = r.next() {
-                        if op == 1 {
-                            received.set(received.get() + 1);
-                        }
-                    }
-                    if r.fill(&mut s).await.map_or(true, |n| n == 0) {
-                        return;
-                    }
-                }
-            }));
+            let counting = counting_member(addr, "bench", b"", received.clone(), stop.clone());
+            readers.push(ex.spawn(counting.await?));
         }
         // Presence of all those joins goes out within a few 100 ms.
         async_io::Timer::after(Duration::from_secs(1)).await;
-        let text = "hello from the fan-out benchmark";
         for p in 0..publishers {
-            let (mut s, mut r) = raw_member(addr, "bench").await?;
-            let stop = stop.clone();
-            ex.spawn(async move {
-                let mut in_flight = 0;
-                let mut n = 0u64;
-                while !stop.get() {
-                    let mut out = Vec::new();
-                    while in_flight < window {
-                        out.extend(text_frame(&format!(r#"{{"op":"publish","room":"bench","text":"{text}","request_id":"{p}-{n}"}}"#)));
-                        n += 1;
-                        in_flight += 1;
-                    }
-                    if !out.is_empty() && s.write_all(&out).await.is_err() {
-                        return;
-                    }
-                    if r.fill(&mut s).await.map_or(true, |n| n == 0) {
-                        return;
-                    }
-                    while let Some((_, range)) = r.next() {
-                        let f = &r.buf[range];
-                        if f.starts_with(b"{\"op\":\"ack\"") || f.starts_with(b"{\"op\":\"error\"") {
-                            in_flight -= 1;
-                        }
-                    }
-                }
-            })
-            .detach();
+            let publishing = pipelined_publisher(addr, "bench", p, window, stop.clone());
+            ex.spawn(publishing.await?).detach();
         }
         async_io::Timer::after(Duration::from_secs(1)).await;
         let (r0, c0, t0) = (received.get(), cpu_seconds(pid), Instant::now());

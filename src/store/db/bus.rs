@@ -65,6 +65,15 @@ pub struct LogRow {
     pub body: String,
 }
 
+fn log_row(r: &rusqlite::Row) -> rusqlite::Result<LogRow> {
+    Ok(LogRow {
+        id: r.get(0)?,
+        room: r.get(1)?,
+        oseq: r.get(2)?,
+        body: r.get(3)?,
+    })
+}
+
 /// Appends this box's event for `room`, its body written by `body` from
 /// the room's next `oseq`.
 pub fn log_event(
@@ -225,13 +234,7 @@ pub fn apply_event(conn: &Connection, ev: &BusEvent) -> rusqlite::Result<Applied
             if known.is_some() {
                 return Ok(Applied::Duplicate);
             }
-            let seq: i64 = conn
-                .prepare_cached(
-                    "INSERT INTO rooms (name, last_seq) VALUES (?1, 1)
-                     ON CONFLICT (name) DO UPDATE SET last_seq = last_seq + 1
-                     RETURNING last_seq",
-                )?
-                .query_row(params![ev.room], |r| r.get(0))?;
+            let seq = super::write::next_seq(conn, &ev.room)?;
             // Shipped to a remote store by its origin, not by every box.
             conn.prepare_cached(
                 "INSERT INTO messages (id, room, seq, user, text, ts, synced, origin)
@@ -283,14 +286,7 @@ pub fn unpublished(
         .prepare_cached(
             "SELECT id, room, oseq, body FROM bus_log WHERE id > ?1 ORDER BY id LIMIT ?2",
         )?
-        .query_map(params![after, limit], |r| {
-            Ok(LogRow {
-                id: r.get(0)?,
-                room: r.get(1)?,
-                oseq: r.get(2)?,
-                body: r.get(3)?,
-            })
-        })?
+        .query_map(params![after, limit], log_row)?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     let backlog: i64 = conn
         .prepare_cached("SELECT COUNT(*) FROM bus_log WHERE id > ?1")?
@@ -319,14 +315,7 @@ pub fn replay(
         .prepare_cached(
             "SELECT id, room, oseq, body FROM bus_log WHERE room = ?1 AND oseq > ?2 ORDER BY oseq LIMIT ?3",
         )?
-        .query_map(params![room, after_oseq, limit], |r| {
-            Ok(LogRow {
-                id: r.get(0)?,
-                room: r.get(1)?,
-                oseq: r.get(2)?,
-                body: r.get(3)?,
-            })
-        })?
+        .query_map(params![room, after_oseq, limit], log_row)?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     let head: i64 = conn
         .prepare_cached("SELECT oseq FROM rooms WHERE name = ?1")?

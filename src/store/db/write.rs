@@ -250,12 +250,7 @@ fn apply(conn: &Connection, op: &WriteOp) -> Result<WriteOk, WriteErr> {
             text,
             ts,
         } => {
-            conn.prepare_cached(
-                "INSERT INTO rooms (name, last_seq) VALUES (?1, 1)
-                 ON CONFLICT (name) DO UPDATE SET last_seq = last_seq + 1
-                 RETURNING last_seq",
-            )
-            .and_then(|mut s| s.query_row(params![room], |r| r.get::<_, i64>(0)))
+            next_seq(conn, room)
             .and_then(|seq| {
                 conn.prepare_cached(
                     "INSERT INTO messages (id, room, seq, user, text, ts) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -403,6 +398,17 @@ fn apply(conn: &Connection, op: &WriteOp) -> Result<WriteOk, WriteErr> {
         })()
         .map_err(storage),
     }
+}
+
+/// The room's next `seq` (creating the room): every message stored here,
+/// from a client or from another box, takes one.
+pub(super) fn next_seq(conn: &Connection, room: &str) -> rusqlite::Result<i64> {
+    conn.prepare_cached(
+        "INSERT INTO rooms (name, last_seq) VALUES (?1, 1)
+         ON CONFLICT (name) DO UPDATE SET last_seq = last_seq + 1
+         RETURNING last_seq",
+    )?
+    .query_row(params![room], |r| r.get(0))
 }
 
 /// Deletes messages (and their reactions) by id. A message whose
