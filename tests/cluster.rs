@@ -346,6 +346,16 @@ fn boxes_serve_alone_without_the_bus_and_lose_nothing_when_it_returns() {
         assert_eq!(order("a while"), from_a);
         assert_eq!(order("b while"), from_b);
     }
+    // Presence came back with the bus: a joiner on A sees bob on B again.
+    wait_for("bob in A's member list", Duration::from_secs(10), || {
+        let mut ws = a.session(Some("tok-dave")).0;
+        send_json(&mut ws, &json!({"op":"join","room":"ops"}));
+        let joined = collect(&mut ws, |f| f.iter().any(|x| x["op"] == "joined"));
+        let members = &joined.iter().find(|x| x["op"] == "joined").unwrap()["members"];
+        members
+            .as_array()
+            .is_some_and(|m| m.contains(&json!("bob")))
+    });
     // Live members got the other box's messages, each once.
     let to_bob = collect(&mut bob, |f| {
         texts(f).iter().filter(|t| t.starts_with("a while")).count() >= 20

@@ -335,6 +335,8 @@ impl Cluster {
         *self.link.borrow_mut() = Some(link.clone());
         for room in self.chat.local_rooms() {
             self.subscribe(&link, &room);
+            // Peers hear at once who is here, and answer with theirs.
+            self.beat_now(&room);
             self.want_sync(&room);
         }
         self.link_changed.notify(usize::MAX);
