@@ -23,7 +23,6 @@ use crate::store::StoredMessage;
 
 mod peers;
 mod requests;
-pub use peers::MAX_PEERS_PER_ROOM;
 pub use requests::{Asker, ChatRequests};
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
@@ -208,7 +207,6 @@ impl Chat {
     ) -> Result<Vec<Rc<str>>, JoinError> {
         let mut rooms = self.rooms.borrow_mut();
         let r = rooms.entry(room.clone()).or_default();
-        let new_room = r.members.is_empty();
         if !r.members.contains_key(&key) {
             if r.members.len() >= limits.members_per_room {
                 if r.members.is_empty() {
@@ -237,9 +235,6 @@ impl Chat {
                     self.mark_dirty(room);
                 }
             }
-        }
-        if new_room {
-            self.bus.changed(room);
         }
         Ok(r.member_names())
     }
@@ -272,7 +267,6 @@ impl Chat {
             }
         }
         if r.members.is_empty() {
-            self.bus.changed(room);
             // Nobody is left to tell; the room goes with its last member.
             rooms.remove(room);
         }

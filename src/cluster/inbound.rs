@@ -3,9 +3,10 @@
 //! requests for what is missing, replays for peers that lack this box's
 //! events.
 
-use super::{bump, wire, Cluster, Item, BATCH, MAX_QUEUED, SYNC_SPACING};
+use super::{wire, Cluster, Item, BATCH, MAX_QUEUED, SYNC_SPACING};
 use crate::chat::{message_json, reaction_json};
 use crate::hub::frame;
+use crate::ops::metrics::inc;
 use crate::store::db::bus::{parse_event, Applied, BusEvent, BusKind};
 use crate::store::{StoreError, StoredMessage, WriteOk, WriteOp};
 use async_io::Timer;
@@ -16,44 +17,53 @@ impl Cluster {
     /// One message from the bus: events go to the store in arrival order,
     /// beats to presence, requests to their queue.
     pub(super) fn on_msg(&self, _subject: &str, payload: &[u8]) {
-        bump(&self.stats.received);
+        inc(&self.stats.received);
         let Ok(text) = std::str::from_utf8(payload) else {
-            bump(&self.stats.malformed);
+            inc(&self.stats.malformed);
             return;
         };
-        let env: wire::Envelope = match crate::json::from_json(text) {
-            Ok(e) => e,
-            Err(_) => {
-                bump(&self.stats.malformed);
-                return;
-            }
+        // Events, nearly all the traffic, are read once; the rest (and
+        // events that are not whole) as an envelope.
+        match parse_event(text) {
+            Ok(ev) => self.on_event(ev),
+            Err(_) => self.on_other(text),
+        }
+    }
+
+    fn on_event(&self, ev: BusEvent) {
+        if ev.origin == self.cfg.node_id {
+            return;
+        }
+        let valid = wire::valid_node(&ev.origin) && crate::protocol::valid_room(&ev.room);
+        if !valid || !self.within_limits(&ev) {
+            inc(&self.stats.malformed);
+            return;
+        }
+        // At the bound the link waits before handing over the next message
+        // (see `inbound_full`): this only guards it.
+        if self.inbound_len() > self.cfg.max_inbound {
+            inc(&self.stats.dropped_inbound);
+            self.want_sync(&Rc::from(ev.room.as_str()));
+            return;
+        }
+        self.queue_inbound(Item::Event(ev));
+    }
+
+    /// Beats, heads and sync requests; anything else is malformed.
+    fn on_other(&self, text: &str) {
+        let Ok(env) = crate::json::from_json::<wire::Envelope>(text) else {
+            inc(&self.stats.malformed);
+            return;
         };
         if env.node == self.cfg.node_id {
             return;
         }
         if !wire::valid_node(&env.node) || !crate::protocol::valid_room(&env.room) {
-            bump(&self.stats.malformed);
+            inc(&self.stats.malformed);
             return;
         }
         let room: Rc<str> = Rc::from(env.room.as_str());
         match env.t.as_str() {
-            "msg" | "react" | "skip" => {
-                let ev = match parse_event(text) {
-                    Ok(ev) if self.within_limits(&ev) => ev,
-                    _ => {
-                        bump(&self.stats.malformed);
-                        return;
-                    }
-                };
-                // At the bound the link waits before handing over the
-                // next message (see `inbound_full`): this only guards it.
-                if self.inbound_len() > self.cfg.max_inbound {
-                    bump(&self.stats.dropped_inbound);
-                    self.want_sync(&room);
-                    return;
-                }
-                self.queue_inbound(Item::Event(ev));
-            }
             "beat" | "head" => {
                 if env.t == "beat" {
                     let users = env
@@ -84,13 +94,13 @@ impl Cluster {
                 if q.len() >= MAX_QUEUED
                     || q.iter().any(|(n, r, _)| *n == env.node && *r == env.room)
                 {
-                    bump(&self.stats.dropped_replays);
+                    inc(&self.stats.dropped_replays);
                     return;
                 }
                 q.push_back((env.node, env.room, after));
                 self.replays_ready.notify(1);
             }
-            _ => bump(&self.stats.malformed),
+            _ => inc(&self.stats.malformed),
         }
     }
 
@@ -188,7 +198,7 @@ impl Cluster {
                         return true;
                     }
                     Err(_) => {
-                        bump(&self.stats.dropped_inbound);
+                        inc(&self.stats.dropped_inbound);
                         self.want_sync(&Rc::from(ev.room.as_str()));
                         continue;
                     }
@@ -201,19 +211,16 @@ impl Cluster {
 
     pub(super) fn applied_one(&self, ev: BusEvent, result: Result<WriteOk, StoreError>) {
         let room: Rc<str> = Rc::from(ev.room.as_str());
-        let key = (Rc::from(ev.origin.as_str()), room.clone());
         let note = |oseq: i64| {
-            if self.chat.local_users(&room).is_empty() {
-                return;
+            // Marks are kept for local rooms only (they go with the room).
+            if !self.chat.local_users(&room).is_empty() {
+                self.raise_mark(&ev.origin, &room, oseq);
             }
-            let mut applied = self.applied.borrow_mut();
-            let e = applied.entry(key.clone()).or_insert(0);
-            *e = (*e).max(oseq);
         };
         match result {
             Ok(WriteOk::Bus(Applied::Message { seq })) => {
                 note(ev.oseq);
-                bump(&self.stats.applied);
+                inc(&self.stats.applied);
                 if let BusKind::Message { id, user, text, ts } = ev.kind {
                     let m = StoredMessage {
                         id,
@@ -229,7 +236,7 @@ impl Cluster {
             }
             Ok(WriteOk::Bus(Applied::Reaction { room: r, count })) => {
                 note(ev.oseq);
-                bump(&self.stats.applied);
+                inc(&self.stats.applied);
                 if let BusKind::Reaction {
                     message_id,
                     emoji,
@@ -245,18 +252,25 @@ impl Cluster {
             Ok(WriteOk::Bus(Applied::Quiet)) => note(ev.oseq),
             Ok(WriteOk::Bus(Applied::Duplicate)) => {
                 note(ev.oseq);
-                bump(&self.stats.duplicates);
+                inc(&self.stats.duplicates);
             }
             Ok(WriteOk::Bus(Applied::Gap { have })) => {
                 note(have);
-                bump(&self.stats.gaps);
+                inc(&self.stats.gaps);
                 self.want_sync(&room);
             }
             Ok(_) | Err(_) => {
-                bump(&self.stats.dropped_inbound);
+                inc(&self.stats.dropped_inbound);
                 self.want_sync(&room);
             }
         }
+    }
+
+    /// Events of `origin` in `room` are applied here up to `oseq`.
+    fn raise_mark(&self, origin: &str, room: &Rc<str>, oseq: i64) {
+        let mut applied = self.applied.borrow_mut();
+        let mark = applied.entry((Rc::from(origin), room.clone())).or_insert(0);
+        *mark = (*mark).max(oseq);
     }
 
     pub(super) fn want_sync(&self, room: &Rc<str>) {
@@ -306,18 +320,14 @@ impl Cluster {
                     continue;
                 }
                 for (origin, oseq) in &have {
-                    let mut applied = self.applied.borrow_mut();
-                    let e = applied
-                        .entry((Rc::from(origin.as_str()), room.clone()))
-                        .or_insert(0);
-                    *e = (*e).max(*oseq);
+                    self.raise_mark(origin, &room, *oseq);
                 }
                 let body = wire::sync(&self.cfg.node_id, &room, &have);
                 if link.publish(
                     &wire::sync_subject(&self.cfg.subject_prefix),
                     body.as_bytes(),
                 ) {
-                    bump(&self.stats.syncs_sent);
+                    inc(&self.stats.syncs_sent);
                     self.asked.borrow_mut().insert(room, Instant::now());
                 }
             }
@@ -335,7 +345,7 @@ impl Cluster {
                 continue;
             };
             let link = self.linked().await;
-            let crate::store::db::bus::Replay { skip, rows } =
+            let crate::store::db::bus::Replay { skip, rows, head } =
                 match self.store.bus_replay(room.clone(), after, BATCH) {
                     Ok(f) => f.await.unwrap_or_default(),
                     Err(_) => continue,
@@ -351,21 +361,15 @@ impl Cluster {
                     break;
                 }
                 last = row.oseq;
-                bump(&self.stats.replayed);
+                inc(&self.stats.replayed);
             }
             if last > after || skip.is_some() {
                 // The asker compares it with what it applied: behind (a
                 // batch was not all), it asks again.
-                let heads = match self.store.bus_heads(vec![room.clone()]) {
-                    Ok(f) => f.await.unwrap_or_default(),
-                    Err(_) => Vec::new(),
-                };
-                if let Some(h) = heads.first() {
-                    link.publish(
-                        &inbox,
-                        wire::head(&self.cfg.node_id, &room, h.own).as_bytes(),
-                    );
-                }
+                link.publish(
+                    &inbox,
+                    wire::head(&self.cfg.node_id, &room, head).as_bytes(),
+                );
             }
         }
     }

@@ -37,6 +37,7 @@ pub use wire::{default_node_id, valid_node, valid_prefix};
 
 use crate::chat::Chat;
 use crate::ops::log::Logger;
+use crate::ops::metrics::inc;
 use crate::resilience::{backoff, Breaker, Jitter};
 use crate::store::db::bus::BusEvent;
 use crate::store::{Store, StoreError, WriteOk};
@@ -146,10 +147,6 @@ struct Stats {
     peers_expired: Cell<u64>,
 }
 
-fn bump(c: &Cell<u64>) {
-    c.set(c.get() + 1);
-}
-
 pub struct Cluster {
     cfg: ClusterConfig,
     store: Rc<Store>,
@@ -218,10 +215,6 @@ impl Cluster {
         }
     }
 
-    pub fn node(&self) -> &str {
-        &self.cfg.node_id
-    }
-
     /// On the bus now; `false`: isolated (serving alone).
     pub fn connected(&self) -> bool {
         self.link.borrow().is_some()
@@ -230,24 +223,20 @@ impl Cluster {
     /// The cluster's loops, for the caller to spawn; they run for the life
     /// of the gateway.
     pub fn tasks(self: &Rc<Self>) -> Vec<Pin<Box<dyn Future<Output = ()>>>> {
-        let c = |c: &Rc<Self>| c.clone();
-        let (a, b, d, e, f, g, h) = (
-            c(self),
-            c(self),
-            c(self),
-            c(self),
-            c(self),
-            c(self),
-            c(self),
-        );
+        fn task<F: Future<Output = ()> + 'static>(
+            c: &Rc<Cluster>,
+            run: impl FnOnce(Rc<Cluster>) -> F,
+        ) -> Pin<Box<dyn Future<Output = ()>>> {
+            Box::pin(run(c.clone()))
+        }
         vec![
-            Box::pin(async move { a.run_link().await }),
-            Box::pin(async move { b.run_outbox().await }),
-            Box::pin(async move { d.run_news().await }),
-            Box::pin(async move { e.run_heartbeat().await }),
-            Box::pin(async move { f.run_inbound().await }),
-            Box::pin(async move { g.run_syncs().await }),
-            Box::pin(async move { h.run_replays().await }),
+            task(self, |c| async move { c.run_link().await }),
+            task(self, |c| async move { c.run_outbox().await }),
+            task(self, |c| async move { c.run_news().await }),
+            task(self, |c| async move { c.run_heartbeat().await }),
+            task(self, |c| async move { c.run_inbound().await }),
+            task(self, |c| async move { c.run_syncs().await }),
+            task(self, |c| async move { c.run_replays().await }),
         ]
     }
 
@@ -275,7 +264,7 @@ impl Cluster {
                     );
                 }
                 Err(e) => {
-                    bump(&self.stats.connect_failures);
+                    inc(&self.stats.connect_failures);
                     self.breaker.borrow_mut().failure(Instant::now());
                     if attempt == 0 {
                         self.log
@@ -326,7 +315,7 @@ impl Cluster {
     /// Subscribes, announces this box and asks for what it lacks, then
     /// reads, writes and pings until the link fails.
     async fn serve(&self, link: Rc<Link>) -> String {
-        bump(&self.stats.connects);
+        inc(&self.stats.connects);
         let prefix = &self.cfg.subject_prefix;
         link.send(format!("SUB {} 1\r\n", wire::sync_subject(prefix)).as_bytes());
         let inbox = wire::inbox_subject(prefix, &self.cfg.node_id);

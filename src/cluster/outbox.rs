@@ -2,7 +2,8 @@
 //! confirmed; a beat when a room's local members change and every
 //! heartbeat; and the log kept within its bounds.
 
-use super::{wire, Cluster, BATCH};
+use super::{wire, Cluster, Link, BATCH};
+use crate::ops::metrics::add;
 use crate::store::{WriteOk, WriteOp};
 use async_io::Timer;
 use futures_lite::FutureExt;
@@ -47,9 +48,7 @@ impl Cluster {
             }
             if sent > 0 && link.confirm(self.cfg.heartbeat * 2).await {
                 mark = rows[sent - 1].id;
-                self.stats
-                    .published
-                    .set(self.stats.published.get() + sent as u64);
+                add(&self.stats.published, sent as u64);
                 self.stats
                     .backlog
                     .set((backlog - sent as i64).max(0) as u64);
@@ -80,11 +79,8 @@ impl Cluster {
             for room in self.chat.take_bus_news() {
                 let users = self.chat.local_users(&room);
                 if users.is_empty() {
-                    let body = wire::beat(&self.cfg.node_id, &room, &[], 0);
-                    link.publish(
-                        &wire::room_subject(&self.cfg.subject_prefix, &room),
-                        body.as_bytes(),
-                    );
+                    // An empty beat: peers drop this box from the room.
+                    self.beat(&link, &room, &users, 0);
                     if let Some(sid) = self.subs.borrow_mut().remove(&room) {
                         link.send(format!("UNSUB {sid}\r\n").as_bytes());
                     }
@@ -93,11 +89,7 @@ impl Cluster {
                 } else {
                     let new = !self.subs.borrow().contains_key(&room);
                     self.subscribe(&link, &room);
-                    let body = wire::beat(&self.cfg.node_id, &room, &users, 0);
-                    link.publish(
-                        &wire::room_subject(&self.cfg.subject_prefix, &room),
-                        body.as_bytes(),
-                    );
+                    self.beat(&link, &room, &users, 0);
                     if new {
                         self.want_sync(&room);
                     }
@@ -114,9 +106,7 @@ impl Cluster {
             Timer::after(self.cfg.heartbeat).await;
             let now = Instant::now();
             let gone = self.chat.expire_remote(now, self.cfg.heartbeat * 3);
-            self.stats
-                .peers_expired
-                .set(self.stats.peers_expired.get() + gone as u64);
+            add(&self.stats.peers_expired, gone as u64);
             if now.duration_since(last_prune) >= Duration::from_secs(60) {
                 last_prune = now;
                 self.prune().await;
@@ -136,13 +126,7 @@ impl Cluster {
                 Err(_) => continue,
             };
             for h in heads {
-                let room = h.room;
-                let users = self.chat.local_users(&room);
-                let body = wire::beat(&self.cfg.node_id, &room, &users, h.own);
-                link.publish(
-                    &wire::room_subject(&self.cfg.subject_prefix, &room),
-                    body.as_bytes(),
-                );
+                self.beat(&link, &h.room, &self.chat.local_users(&h.room), h.own);
             }
         }
     }
@@ -157,9 +141,7 @@ impl Cluster {
         if let Ok(f) = self.store.write(op) {
             if let Ok(WriteOk::Pruned { deleted }) = f.await {
                 if deleted > 0 {
-                    self.stats
-                        .outbox_pruned
-                        .set(self.stats.outbox_pruned.get() + deleted as u64);
+                    add(&self.stats.outbox_pruned, deleted as u64);
                     self.log.warn(
                         "bus outbox over its bound: events never published were dropped (still stored here)",
                         &[("events", &deleted)],
@@ -169,14 +151,22 @@ impl Cluster {
         }
     }
 
+    /// A beat for `room` now, if this box is on the bus and has members
+    /// there.
     pub(super) fn beat_now(&self, room: &Rc<str>) {
         let users = self.chat.local_users(room);
         if let (Some(link), false) = (self.current(), users.is_empty()) {
-            let body = wire::beat(&self.cfg.node_id, room, &users, 0);
-            link.publish(
-                &wire::room_subject(&self.cfg.subject_prefix, room),
-                body.as_bytes(),
-            );
+            self.beat(&link, room, &users, 0);
         }
+    }
+
+    /// Tells peers who of `room` is on this box, and this box's head there
+    /// (0: not said).
+    fn beat(&self, link: &Link, room: &str, users: &[Rc<str>], head: i64) {
+        let body = wire::beat(&self.cfg.node_id, room, users, head);
+        link.publish(
+            &wire::room_subject(&self.cfg.subject_prefix, room),
+            body.as_bytes(),
+        );
     }
 }

@@ -301,6 +301,9 @@ pub struct Replay {
     /// `oseq` pruned away (the peer skips to it).
     pub skip: Option<i64>,
     pub rows: Vec<LogRow>,
+    /// This box's last `oseq` in the room: the asker compares it with what
+    /// it then holds.
+    pub head: i64,
 }
 
 /// This box's events in `room` after `after_oseq`, for a peer that lacks
@@ -317,14 +320,19 @@ pub fn replay(
         )?
         .query_map(params![room, after_oseq, limit], log_row)?
         .collect::<rusqlite::Result<Vec<_>>>()?;
-    let head: i64 = conn
+    let head = own_head(conn, room)?;
+    let first = rows.first().map_or(head + 1, |r| r.oseq);
+    let skip = (first > after_oseq + 1).then_some(first - 1);
+    Ok(Replay { skip, rows, head })
+}
+
+/// This box's last `oseq` in `room` (0: none yet).
+fn own_head(conn: &Connection, room: &str) -> rusqlite::Result<i64> {
+    Ok(conn
         .prepare_cached("SELECT oseq FROM rooms WHERE name = ?1")?
         .query_row(params![room], |r| r.get(0))
         .optional()?
-        .unwrap_or(0);
-    let first = rows.first().map_or(head + 1, |r| r.oseq);
-    let skip = (first > after_oseq + 1).then_some(first - 1);
-    Ok(Replay { skip, rows })
+        .unwrap_or(0))
 }
 
 /// Where a room stands on this box.
@@ -341,11 +349,7 @@ pub struct Heads {
 pub fn heads(conn: &Connection, rooms: &[String]) -> rusqlite::Result<Vec<Heads>> {
     let mut out = Vec::with_capacity(rooms.len());
     for room in rooms {
-        let own: i64 = conn
-            .prepare_cached("SELECT oseq FROM rooms WHERE name = ?1")?
-            .query_row(params![room], |r| r.get(0))
-            .optional()?
-            .unwrap_or(0);
+        let own = own_head(conn, room)?;
         let peers = conn
             .prepare_cached("SELECT origin, oseq FROM bus_peers WHERE room = ?1 LIMIT 64")?
             .query_map(params![room], |r| Ok((r.get(0)?, r.get(1)?)))?
