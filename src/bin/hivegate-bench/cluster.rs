@@ -10,7 +10,8 @@
 //! frames) and 4 publishers on box A keeping 32 publishes each in flight;
 //! counts the message frames B's members receive over S seconds.
 
-use super::{counting_member, pipelined_publisher, session, start_gateway, NO_RATE_LIMITS};
+use super::raw::{count_deliveries, WINDOW};
+use super::{session, start_gateway, NO_RATE_LIMITS};
 use async_tungstenite::tungstenite::Message;
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
@@ -146,35 +147,27 @@ fn throughput(
     members: usize,
     seconds: usize,
 ) -> Result<(), String> {
-    use std::cell::Cell;
-    use std::rc::Rc;
-    let (publishers, window) = (4, 32);
-    let ex = Rc::new(async_executor::LocalExecutor::new());
-    let received = Rc::new(Cell::new(0u64));
-    let stop = Rc::new(Cell::new(false));
-    async_io::block_on(ex.run(async {
-        let mut readers = Vec::new();
-        for _ in 0..members {
-            let counting = counting_member(b, "through", b"{\"op\":\"message\"", received.clone(), stop.clone());
-            readers.push(ex.spawn(counting.await?));
-        }
-        async_io::Timer::after(Duration::from_secs(1)).await;
-        for p in 0..publishers {
-            let publishing = pipelined_publisher(a, "through", p, window, stop.clone());
-            ex.spawn(publishing.await?).detach();
-        }
-        async_io::Timer::after(Duration::from_secs(1)).await;
-        let (r0, t0) = (received.get(), Instant::now());
-        async_io::Timer::after(Duration::from_secs(seconds as u64)).await;
-        let (r1, elapsed) = (received.get(), t0.elapsed().as_secs_f64());
-        stop.set(true);
-        let per_s = (r1 - r0) as f64 / elapsed;
-        println!(
-            "through two boxes: {publishers} publishers on A ({window} in flight each), {members} members on B"
-        );
-        println!("deliveries on B: {} in {elapsed:.2} s = {per_s:.0} per second", r1 - r0);
-        println!("messages across the bus per second: {:.0}", per_s / members.max(1) as f64);
-        drop(readers);
-        Ok::<(), String>(())
-    }))
+    let publishers = 4;
+    let only = b"{\"op\":\"message\"";
+    let c = count_deliveries(
+        (a, b),
+        "through",
+        only,
+        (members, publishers),
+        seconds,
+        || 0.0,
+    )?;
+    let per_s = c.delivered as f64 / c.seconds;
+    println!(
+        "through two boxes: {publishers} publishers on A ({WINDOW} in flight each), {members} members on B"
+    );
+    println!(
+        "deliveries on B: {} in {:.2} s = {per_s:.0} per second",
+        c.delivered, c.seconds
+    );
+    println!(
+        "messages across the bus per second: {:.0}",
+        per_s / members.max(1) as f64
+    );
+    Ok(())
 }

@@ -31,7 +31,7 @@ mod cluster;
 mod fitness;
 mod raw;
 
-use raw::{counting_member, pipelined_publisher, raw_member, text_frame};
+use raw::{count_deliveries, raw_member, text_frame, WINDOW};
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -317,49 +317,39 @@ fn metric(addr: SocketAddr, name: &str) -> f64 {
 }
 
 fn fanout(members: usize, seconds: usize) -> Result<(), String> {
-    use std::cell::Cell;
-    use std::rc::Rc;
     hivegate::ops::fd::raise_open_files_limit();
     let publishers = 4;
-    let window = 32;
     let cap = members + publishers + 16;
     let gw = start_gateway(&format!(
         "max_connections = {cap}\nmax_connections_per_ip = {cap}\nmax_handshakes = 1024\nmax_handshakes_per_ip = 1024\n{NO_RATE_LIMITS}"
     ))?;
     let (addr, pid) = (gw.addr, gw.child.id());
-    let ex = Rc::new(async_executor::LocalExecutor::new());
-    let received = Rc::new(Cell::new(0u64));
-    let stop = Rc::new(Cell::new(false));
-    let result = async_io::block_on(ex.run(async {
-        let mut readers = Vec::new();
-        for _ in 0..members {
-            let counting = counting_member(addr, "bench", b"", received.clone(), stop.clone());
-            readers.push(ex.spawn(counting.await?));
-        }
-        // Presence of all those joins goes out within a few 100 ms.
-        async_io::Timer::after(Duration::from_secs(1)).await;
-        for p in 0..publishers {
-            let publishing = pipelined_publisher(addr, "bench", p, window, stop.clone());
-            ex.spawn(publishing.await?).detach();
-        }
-        async_io::Timer::after(Duration::from_secs(1)).await;
-        let (r0, c0, t0) = (received.get(), cpu_seconds(pid), Instant::now());
-        async_io::Timer::after(Duration::from_secs(seconds as u64)).await;
-        let (r1, c1, elapsed) = (received.get(), cpu_seconds(pid), t0.elapsed().as_secs_f64());
-        stop.set(true);
-        let per_s = (r1 - r0) as f64 / elapsed;
-        println!("room of {members} members, {publishers} publishers with {window} publishes in flight each");
-        println!("deliveries: {} in {elapsed:.2} s = {:.0} per second", r1 - r0, per_s);
-        println!("gateway CPU: {:.0}% of one core", (c1 - c0) / elapsed * 100.0);
-        println!("messages per second: {:.0}", per_s / members as f64);
-        println!(
-            "slow-consumer closes: {}",
-            metric(addr, "hivegate_slow_consumer_closes_total")
-        );
-        drop(readers);
-        Ok::<(), String>(())
-    }));
-    result
+    let c = count_deliveries(
+        (addr, addr),
+        "bench",
+        b"",
+        (members, publishers),
+        seconds,
+        || cpu_seconds(pid),
+    )?;
+    let per_s = c.delivered as f64 / c.seconds;
+    println!(
+        "room of {members} members, {publishers} publishers with {WINDOW} publishes in flight each"
+    );
+    println!(
+        "deliveries: {} in {:.2} s = {per_s:.0} per second",
+        c.delivered, c.seconds
+    );
+    println!(
+        "gateway CPU: {:.0}% of one core",
+        c.probed / c.seconds * 100.0
+    );
+    println!("messages per second: {:.0}", per_s / members as f64);
+    println!(
+        "slow-consumer closes: {}",
+        metric(addr, "hivegate_slow_consumer_closes_total")
+    );
+    Ok(())
 }
 
 fn publish(publishers: usize, seconds: usize) -> Result<(), String> {

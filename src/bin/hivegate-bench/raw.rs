@@ -122,7 +122,7 @@ pub async fn raw_member(
 
 /// A member of `room` that counts the text frames it receives (those
 /// starting with `only`) until `stop`.
-pub async fn counting_member(
+async fn counting_member(
     addr: SocketAddr,
     room: &str,
     only: &'static [u8],
@@ -145,7 +145,7 @@ pub async fn counting_member(
 }
 
 /// A member of `room` that keeps `window` publishes in flight until `stop`.
-pub async fn pipelined_publisher(
+async fn pipelined_publisher(
     addr: SocketAddr,
     room: &str,
     tag: usize,
@@ -181,4 +181,60 @@ pub async fn pipelined_publisher(
             }
         }
     })
+}
+
+/// What [`count_deliveries`] counted.
+pub struct Counted {
+    pub delivered: u64,
+    pub seconds: f64,
+    /// `probe` at the end less `probe` at the start of the count.
+    pub probed: f64,
+}
+
+/// Publishers keeping this many publishes in flight each.
+pub const WINDOW: usize = 32;
+
+/// `members` members of `room` at `to` count the frames they get that
+/// start with `only`; `publishers` publishers at `from` keep [`WINDOW`]
+/// publishes in flight each. After a second of warm-up, counts over
+/// `seconds`; `probe` (the gateway's CPU time, say) is read at the start
+/// and the end of the count.
+pub fn count_deliveries(
+    (from, to): (SocketAddr, SocketAddr),
+    room: &str,
+    only: &'static [u8],
+    (members, publishers): (usize, usize),
+    seconds: usize,
+    probe: impl Fn() -> f64,
+) -> Result<Counted, String> {
+    use std::cell::Cell;
+    use std::rc::Rc;
+    use std::time::{Duration, Instant};
+    let ex = Rc::new(async_executor::LocalExecutor::new());
+    let received = Rc::new(Cell::new(0u64));
+    let stop = Rc::new(Cell::new(false));
+    async_io::block_on(ex.run(async {
+        let mut readers = Vec::new();
+        for _ in 0..members {
+            let counting = counting_member(to, room, only, received.clone(), stop.clone());
+            readers.push(ex.spawn(counting.await?));
+        }
+        // Presence of all those joins goes out within a few 100 ms.
+        async_io::Timer::after(Duration::from_secs(1)).await;
+        for p in 0..publishers {
+            let publishing = pipelined_publisher(from, room, p, WINDOW, stop.clone());
+            ex.spawn(publishing.await?).detach();
+        }
+        async_io::Timer::after(Duration::from_secs(1)).await;
+        let (r0, p0, t0) = (received.get(), probe(), Instant::now());
+        async_io::Timer::after(Duration::from_secs(seconds as u64)).await;
+        let (r1, p1, elapsed) = (received.get(), probe(), t0.elapsed().as_secs_f64());
+        stop.set(true);
+        drop(readers);
+        Ok(Counted {
+            delivered: r1 - r0,
+            seconds: elapsed,
+            probed: p1 - p0,
+        })
+    }))
 }
