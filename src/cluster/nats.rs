@@ -227,6 +227,14 @@ impl Link {
         true
     }
 
+    /// Queues a PING or PONG even past `max_pending`: a few bytes that
+    /// keep the connection alive (a server that hears no PONG drops us,
+    /// and a PING refused for a full buffer would read as a dead server).
+    fn control(&self, bytes: &'static [u8]) {
+        self.out.borrow_mut().extend_from_slice(bytes);
+        self.out_ready.notify(1);
+    }
+
     /// Publishes `payload` on `subject`; `false` if it was not queued.
     pub fn publish(&self, subject: &str, payload: &[u8]) -> bool {
         payload.len() <= self.max_payload && self.send(&pub_frame(subject, payload))
@@ -240,9 +248,7 @@ impl Link {
     /// Sends a PING and waits for its PONG: every publish queued before it
     /// has then reached the server. `false` after `timeout`.
     pub async fn confirm(&self, timeout: Duration) -> bool {
-        if !self.send(b"PING\r\n") {
-            return false;
-        }
+        self.control(b"PING\r\n");
         self.pings.set(self.pings.get() + 1);
         let want = self.pings.get();
         let wait = async {
@@ -302,12 +308,7 @@ impl Link {
                             Inbound::Msg {
                                 subject, payload, ..
                             } => on_msg(subject, payload),
-                            Inbound::Ping => {
-                                // Not refused when the buffer is full: a
-                                // server that hears no PONG drops us.
-                                self.out.borrow_mut().extend_from_slice(b"PONG\r\n");
-                                self.out_ready.notify(1);
-                            }
+                            Inbound::Ping => self.control(b"PONG\r\n"),
                             Inbound::Pong => {
                                 self.pongs.set(self.pongs.get() + 1);
                                 self.ponged.notify(usize::MAX);
