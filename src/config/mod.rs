@@ -162,8 +162,7 @@ impl Config {
     /// key's default from [`KEYS`], read as a file would be, and the data
     /// directory systemd names in `$STATE_DIRECTORY`.
     pub fn default_with_env(env: &[(String, String)]) -> Config {
-        let mut cfg = Config::default();
-        apply_defaults(&mut cfg, |set| match set {
+        let mut cfg: Config = with_defaults(|set| match set {
             Set::C(f) => Some(*f),
             _ => None,
         });
@@ -319,23 +318,19 @@ impl Config {
             (Set::C(f), _) => f(self, s),
             (Set::R(f), _) => {
                 let remote = self.remote.get_or_insert_with(|| {
-                    let mut r = RemoteConfig::default();
-                    apply_defaults(&mut r, |set| match set {
+                    with_defaults(|set| match set {
                         Set::R(f) => Some(*f),
                         _ => None,
-                    });
-                    r
+                    })
                 });
                 f(remote, s)
             }
             (Set::K(f), _) => {
                 let cluster = self.cluster.get_or_insert_with(|| {
-                    let mut k = crate::cluster::ClusterConfig::default();
-                    apply_defaults(&mut k, |set| match set {
+                    with_defaults(|set| match set {
                         Set::K(f) => Some(*f),
                         _ => None,
-                    });
-                    k
+                    })
                 });
                 f(cluster, s)
             }
@@ -350,14 +345,11 @@ impl Config {
         let i = match providers.iter().position(|p| p.name == name) {
             Some(i) => i,
             None => {
-                let mut p = ProviderConfig {
-                    name: name.to_string(),
-                    ..ProviderConfig::default()
-                };
-                apply_defaults(&mut p, |set| match set {
+                let mut p: ProviderConfig = with_defaults(|set| match set {
                     Set::P(f) => Some(*f),
                     _ => None,
                 });
+                p.name = name.to_string();
                 providers.push(p);
                 providers.len() - 1
             }
@@ -512,12 +504,12 @@ fn provider_key<'a>(key: &str, rest: &'a str) -> Result<(&'a str, &'a str), Stri
     Ok((name, field))
 }
 
-/// Applies to `target` the default of every key that `pick` says is its
+/// A blank `T` with the default of every key that `pick` says is its
 /// own. The defaults are constants, each checked by a test.
-fn apply_defaults<T>(
-    target: &mut T,
+fn with_defaults<T: Default>(
     pick: impl Fn(&Set) -> Option<fn(&mut T, &Setting) -> Result<(), String>>,
-) {
+) -> T {
+    let mut target = T::default();
     for key in KEYS.iter().filter(|k| !k.default.is_empty()) {
         let Some(set) = pick(&key.set) else {
             continue;
@@ -525,7 +517,7 @@ fn apply_defaults<T>(
         if let Ok(entries) = toml::parse(&format!("x = {}", key.default)) {
             for e in entries {
                 let _ = set(
-                    target,
+                    &mut target,
                     &Setting {
                         key: key.name,
                         value: &e.value,
@@ -536,6 +528,7 @@ fn apply_defaults<T>(
             }
         }
     }
+    target
 }
 
 /// Remembers where the auth settings came from, for the whole-config error.
