@@ -1,4 +1,5 @@
-//! Who a session is: tokens from the configuration mapped to user names.
+//! Who a session is: tokens from the configuration (or signed JWTs, see
+//! [`crate::jwt`]) mapped to a user name and its roles.
 //!
 //! Only SHA-256 digests of tokens are kept in memory, and a presented token
 //! is compared against every configured digest without an early exit, so
@@ -11,6 +12,17 @@ pub enum AuthMode {
     #[default]
     Token,
     Open,
+    Jwt,
+}
+
+impl AuthMode {
+    pub fn label(self) -> &'static str {
+        match self {
+            AuthMode::Token => "token",
+            AuthMode::Open => "open",
+            AuthMode::Jwt => "jwt",
+        }
+    }
 }
 
 /// `[auth]`.
@@ -19,16 +31,68 @@ pub struct AuthConfig {
     /// The mode in force after validation: `Open` also when no tokens are
     /// configured and the listen address is loopback.
     pub mode: AuthMode,
-    /// True when open mode was chosen because no tokens were configured,
-    /// which deserves a warning at start-up.
+    /// True when `auth.mode` was not written and the mode was inferred
+    /// (token, or open for no tokens on loopback): worth a warning at
+    /// start, and a reload may not change such a mode (see
+    /// `server::reload`).
     pub implicit_open: bool,
+    pub mode_explicit: bool,
     pub tokens: Vec<TokenEntry>,
+    /// `auth.mode = "jwt"`: how tokens are verified.
+    pub jwt: crate::jwt::JwtConfig,
 }
+
+/// The role of a token entry that names none.
+pub const DEFAULT_ROLE: &str = "user";
+/// The role of an open-mode session without a token.
+pub const GUEST_ROLE: &str = "guest";
 
 #[derive(Clone)]
 pub struct TokenEntry {
     pub user: String,
     pub digest: [u8; 32],
+    /// Never empty: [`DEFAULT_ROLE`] when the entry names none.
+    pub roles: Vec<String>,
+}
+
+/// Who a signed-in session is: a user name and its roles. Shared by the
+/// session and its table entry (a reload re-checks the rooms of every
+/// session against the new rules).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub user: std::rc::Rc<str>,
+    pub roles: Vec<Box<str>>,
+}
+
+impl Identity {
+    pub fn new(user: &str, roles: &[impl AsRef<str>]) -> Identity {
+        Identity {
+            user: std::rc::Rc::from(user),
+            roles: roles.iter().map(|r| Box::from(r.as_ref())).collect(),
+        }
+    }
+
+    /// A guest of open mode: a name no other session has, on this box or
+    /// another (random, or from the client's own stable id, so a page
+    /// keeps its name across reconnects).
+    pub fn guest(client_id: Option<&str>) -> Identity {
+        let bytes: [u8; 6] = match client_id {
+            Some(id) => {
+                let d = sha256(id.as_bytes());
+                [d[0], d[1], d[2], d[3], d[4], d[5]]
+            }
+            None => {
+                let r = crate::resilience::random_u64().to_le_bytes();
+                [r[0], r[1], r[2], r[3], r[4], r[5]]
+            }
+        };
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        Identity::new(&format!("guest-{hex}"), &[GUEST_ROLE])
+    }
+
+    pub fn has_role(&self, role: &str) -> bool {
+        self.roles.iter().any(|r| &**r == role)
+    }
 }
 
 impl std::fmt::Debug for TokenEntry {
@@ -37,6 +101,7 @@ impl std::fmt::Debug for TokenEntry {
         // against a misconfigured peer, and logs travel far.
         f.debug_struct("TokenEntry")
             .field("user", &self.user)
+            .field("roles", &self.roles)
             .finish()
     }
 }
@@ -47,30 +112,63 @@ pub enum TokenParseError {
     User,
     Hex,
     Empty,
+    Roles,
 }
 
 impl TokenEntry {
-    /// `user:token` or `user:sha256:HEX`.
+    /// `user:token[:roles]` or `user:sha256:HEX[:roles]`, roles separated
+    /// by commas. A token holding `:` must be written in the `sha256:`
+    /// form (what follows a second colon is read as roles).
     pub fn parse(spec: &str) -> Result<TokenEntry, TokenParseError> {
         let (user, rest) = spec.split_once(':').ok_or(TokenParseError::Shape)?;
         if !valid_user(user) {
             return Err(TokenParseError::User);
         }
-        let digest = match rest.strip_prefix("sha256:") {
-            Some(hex) => parse_hex32(hex).ok_or(TokenParseError::Hex)?,
-            None if rest.is_empty() => return Err(TokenParseError::Empty),
-            None => sha256(rest.as_bytes()),
+        let (digest, roles) = match rest.strip_prefix("sha256:") {
+            Some(rest) => {
+                let (hex, roles) = rest.split_once(':').unwrap_or((rest, ""));
+                (parse_hex32(hex).ok_or(TokenParseError::Hex)?, roles)
+            }
+            None => {
+                let (token, roles) = rest.split_once(':').unwrap_or((rest, ""));
+                if token.is_empty() {
+                    return Err(TokenParseError::Empty);
+                }
+                (sha256(token.as_bytes()), roles)
+            }
         };
         Ok(TokenEntry {
             user: user.to_string(),
             digest,
+            roles: parse_roles(roles)?,
         })
     }
 }
 
-/// User names travel in every chat frame; keep them short and plain.
+/// `staff,ops` → the roles; empty → [`DEFAULT_ROLE`].
+fn parse_roles(list: &str) -> Result<Vec<String>, TokenParseError> {
+    if list.is_empty() {
+        return Ok(vec![DEFAULT_ROLE.to_string()]);
+    }
+    list.split(',')
+        .map(|r| {
+            let r = r.trim();
+            valid_role(r)
+                .then(|| r.to_string())
+                .ok_or(TokenParseError::Roles)
+        })
+        .collect()
+}
+
+/// Role names: short and plain, like user names.
+pub fn valid_role(role: &str) -> bool {
+    valid_user(role)
+}
+
+/// User names travel in every chat frame; keep them short and plain
+/// (64 holds a UUID, the `sub` of a Supabase token).
 pub fn valid_user(user: &str) -> bool {
-    (1..=32).contains(&user.len())
+    (1..=64).contains(&user.len())
         && user
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-')
@@ -109,16 +207,27 @@ impl Authenticator {
         Authenticator { entries }
     }
 
-    /// The user a token belongs to, if any. Every entry is compared.
-    pub fn user_for(&self, token: &str) -> Option<&str> {
+    /// The entry a token belongs to, if any. Every entry is compared.
+    pub fn entry_for(&self, token: &str) -> Option<&TokenEntry> {
         let digest = sha256(token.as_bytes());
         let mut found = None;
         for e in &self.entries {
             if ct_eq(&e.digest, &digest) && found.is_none() {
-                found = Some(e.user.as_str());
+                found = Some(e);
             }
         }
         found
+    }
+
+    /// The user a token belongs to, if any.
+    pub fn user_for(&self, token: &str) -> Option<&str> {
+        self.entry_for(token).map(|e| e.user.as_str())
+    }
+
+    /// Who a token signs in as, if anyone.
+    pub fn identify(&self, token: &str) -> Option<Identity> {
+        self.entry_for(token)
+            .map(|e| Identity::new(&e.user, &e.roles))
     }
 }
 
@@ -140,9 +249,45 @@ mod tests {
     }
 
     #[test]
-    fn a_token_may_contain_colons() {
-        let e = TokenEntry::parse("carol:a:b:c").unwrap();
-        assert_eq!(e.digest, sha256(b"a:b:c"));
+    fn roles_follow_the_token() {
+        let e = TokenEntry::parse("alice:tok:staff,ops").unwrap();
+        assert_eq!(e.digest, sha256(b"tok"));
+        assert_eq!(e.roles, ["staff", "ops"]);
+        assert_eq!(TokenEntry::parse("bob:tok").unwrap().roles, ["user"]);
+        let hex: String = sha256(b"t").iter().map(|b| format!("{b:02x}")).collect();
+        let d = TokenEntry::parse(&format!("carol:sha256:{hex}:ops")).unwrap();
+        assert_eq!((d.digest, d.roles), (sha256(b"t"), vec!["ops".to_string()]));
+        // A token holding colons goes in the sha256 form; written plain,
+        // what follows its first colon is not a role list.
+        assert_eq!(
+            TokenEntry::parse("carol:a:b:c").unwrap_err(),
+            TokenParseError::Roles
+        );
+        assert_eq!(
+            TokenEntry::parse("carol:a:staff,").unwrap_err(),
+            TokenParseError::Roles
+        );
+        let auth = Authenticator::new(vec![e]);
+        assert_eq!(
+            auth.identify("tok"),
+            Some(Identity::new("alice", &["staff", "ops"]))
+        );
+    }
+
+    #[test]
+    fn guests_are_distinct_unless_they_bring_their_id() {
+        let (a, b) = (Identity::guest(None), Identity::guest(None));
+        assert_ne!(a.user, b.user);
+        assert!(a.has_role("guest") && a.user.starts_with("guest-"));
+        assert!(valid_user(&a.user));
+        assert_eq!(
+            Identity::guest(Some("page-1")),
+            Identity::guest(Some("page-1"))
+        );
+        assert_ne!(
+            Identity::guest(Some("page-1")),
+            Identity::guest(Some("page-2"))
+        );
     }
 
     #[test]
@@ -169,7 +314,10 @@ mod tests {
     #[test]
     fn debug_output_hides_the_digest() {
         let e = TokenEntry::parse("alice:tok1").unwrap();
-        assert_eq!(format!("{e:?}"), "TokenEntry { user: \"alice\" }");
+        assert_eq!(
+            format!("{e:?}"),
+            "TokenEntry { user: \"alice\", roles: [\"user\"] }"
+        );
     }
 }
 

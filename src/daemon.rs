@@ -48,6 +48,22 @@ pub fn run(cfg: Config, log: Logger, source: ConfigSource) -> Result<i32, String
     })?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     let listener = Async::new(listener).map_err(|e| e.to_string())?;
+    let admin = match cfg.server.admin_listen {
+        Some(addr) => {
+            let l = TcpListener::bind(addr).map_err(|e| {
+                format!(
+                    "cannot listen on {addr} for the operator endpoints: {e} (is another process \
+                     using the port? set server.admin_listen, or \"\" to turn them off)"
+                )
+            })?;
+            let local = l.local_addr().map_err(|e| e.to_string())?;
+            Some((Async::new(l).map_err(|e| e.to_string())?, local))
+        }
+        None => None,
+    };
+    let admin_addr = admin
+        .as_ref()
+        .map_or_else(|| "off".to_string(), |(_, a)| a.to_string());
     let mut signals =
         async_signal::Signals::new([async_signal::Signal::Term, async_signal::Signal::Int])
             .map_err(|e| format!("cannot install signal handlers: {e}"))?;
@@ -126,9 +142,36 @@ pub fn run(cfg: Config, log: Logger, source: ConfigSource) -> Result<i32, String
         );
     }
     log.info(
+        "sign-in",
+        &[
+            ("mode", &gw.cfg.auth.mode.label()),
+            ("inferred", &!gw.cfg.auth.mode_explicit),
+            ("tokens", &gw.cfg.auth.tokens.len()),
+            ("access_rules", &gw.cfg.access.len()),
+        ],
+    );
+    if gw
+        .cfg
+        .server
+        .admin_listen
+        .is_some_and(|a| !a.ip().is_loopback())
+    {
+        log.warn(
+            "server.admin_listen is not a loopback address: anyone who reaches it reads the metrics and the upstream key ids",
+            &[("admin", &admin_addr)],
+        );
+    }
+    if gw.cfg.access.is_empty() && gw.cfg.auth.mode != crate::auth::AuthMode::Open {
+        log.warn(
+            "no [[access]] rules: every signed-in user may join, read and publish in every room and call every provider",
+            &[],
+        );
+    }
+    log.info(
         "listening",
         &[
             ("addr", &local),
+            ("admin", &admin_addr),
             ("version", &crate::VERSION),
             ("max_connections", &gw.cfg.server.max_connections),
             ("data_dir", &gw.cfg.server.data_dir.display().to_string()),
@@ -140,6 +183,10 @@ pub fn run(cfg: Config, log: Logger, source: ConfigSource) -> Result<i32, String
         gw.start();
         ex.spawn(accept_loop(gw.clone(), ex.clone(), listener))
             .detach();
+        if let Some((l, _)) = admin {
+            ex.spawn(crate::server::admin::accept_loop(gw.clone(), l))
+                .detach();
+        }
         if let Some(period) = Notifier::watchdog_period() {
             let n = Notifier::from_env();
             let g = gw.clone();
@@ -221,7 +268,18 @@ async fn reload(gw: &Gateway, pool: &Pool, source: &ConfigSource) {
             for w in &warnings {
                 log.warn(w, &[]);
             }
-            let fixed = gw.reload(&cfg, tls);
+            let fixed = match gw.reload(&cfg, tls) {
+                Ok(fixed) => fixed,
+                Err(why) => {
+                    gw.reload_failed();
+                    log.error(
+                        "reload refused; the running configuration stays",
+                        &[("error", &why)],
+                    );
+                    notifier.notify("READY=1");
+                    return;
+                }
+            };
             if !fixed.is_empty() {
                 log.warn(
                     "reload: these sections changed in settings only a restart applies; they keep their old values",

@@ -84,6 +84,9 @@ pub struct Entry {
     pub close_request: Option<u16>,
     /// Messages received from this client, per second.
     pub messages: RateMeter<10>,
+    /// Who signed in on it (after `hello`): a reload re-checks its rooms
+    /// against the new access rules.
+    pub who: Option<Rc<crate::auth::Identity>>,
 }
 
 pub struct Table {
@@ -152,6 +155,7 @@ impl Table {
             waker: None,
             close_request: None,
             messages: RateMeter::new(now),
+            who: None,
         }))
     }
 
@@ -170,6 +174,10 @@ impl Table {
 
     pub fn get_mut(&mut self, key: usize) -> Option<&mut Entry> {
         self.slab.get_mut(key)
+    }
+
+    pub fn get(&self, key: usize) -> Option<&Entry> {
+        self.slab.get(key)
     }
 
     /// Queues a frame for a connection and wakes its task. A full queue

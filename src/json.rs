@@ -146,6 +146,13 @@ impl JsonOut {
         self
     }
 
+    pub fn opt_num(self, key: &str, value: Option<u64>) -> JsonOut {
+        match value {
+            Some(v) => self.num(key, v),
+            None => self,
+        }
+    }
+
     /// A number that may have a fraction, with at most three decimals.
     pub fn float(mut self, key: &str, value: f64) -> JsonOut {
         self.key(key);

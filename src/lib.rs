@@ -2,6 +2,7 @@
 //! together (`main.rs`), and the fuzz targets and benchmarks reach the
 //! parsers through it.
 
+pub mod access;
 pub mod auth;
 pub mod ca;
 pub mod chat;
@@ -12,6 +13,7 @@ pub mod daemon;
 pub mod fuzz;
 pub mod hub;
 pub mod json;
+pub mod jwt;
 pub mod limit;
 pub mod llm;
 pub mod mcp;

@@ -32,6 +32,10 @@ pub const MAX_EMOJI: usize = 32;
 pub enum ErrorCode {
     InvalidRequest,
     Unauthorized,
+    /// Signed in, but the access rules do not allow it.
+    Forbidden,
+    /// The user's daily LLM token budget is spent.
+    BudgetExceeded,
     RateLimited,
     OverCapacity,
     LimitExceeded,
@@ -46,6 +50,8 @@ impl ErrorCode {
         match self {
             ErrorCode::InvalidRequest => "INVALID_REQUEST",
             ErrorCode::Unauthorized => "UNAUTHORIZED",
+            ErrorCode::Forbidden => "FORBIDDEN",
+            ErrorCode::BudgetExceeded => "BUDGET_EXCEEDED",
             ErrorCode::RateLimited => "RATE_LIMITED",
             ErrorCode::OverCapacity => "OVER_CAPACITY",
             ErrorCode::LimitExceeded => "LIMIT_EXCEEDED",

@@ -278,6 +278,15 @@ impl Chat {
         self.by_conn.borrow().get(&key).cloned().unwrap_or_default()
     }
 
+    /// Every (room, connection key) membership.
+    pub fn memberships(&self) -> Vec<(Rc<str>, usize)> {
+        self.by_conn
+            .borrow()
+            .iter()
+            .flat_map(|(key, rooms)| rooms.iter().map(move |r| (r.clone(), *key)))
+            .collect()
+    }
+
     /// How many rooms a connection is in.
     pub fn room_count_of(&self, key: usize) -> usize {
         self.by_conn.borrow().get(&key).map_or(0, Vec::len)

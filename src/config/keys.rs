@@ -6,6 +6,7 @@
 
 use super::setting::Setting;
 use super::Config;
+use crate::access::{Can, Rule};
 use crate::auth::AuthMode;
 use crate::cluster::ClusterConfig;
 use crate::hub::MAX_OUTBOX_FRAMES;
@@ -18,13 +19,14 @@ use std::time::Duration;
 type Apply<T> = fn(&mut T, &Setting) -> Result<(), String>;
 
 /// Where a key's value goes: the config itself, the `[remote]` or
-/// `[cluster]` section (created by its first key), or one
-/// `[provider.NAME]` section.
+/// `[cluster]` section (created by its first key), one
+/// `[provider.NAME]` section, or one `[[access]]` rule.
 pub enum Set {
     C(Apply<Config>),
     R(Apply<RemoteConfig>),
     P(Apply<ProviderConfig>),
     K(Apply<ClusterConfig>),
+    A(Apply<Rule>),
 }
 
 pub struct Key {
@@ -57,6 +59,20 @@ pub const KEYS: &[Key] = &[
         note: "",
         meaning: "address and port for HTTP and WebSocket",
         set: Set::C(|c, s| s.socket_addr().map(|v| c.server.listen = v)),
+    },
+    Key {
+        name: "server.admin_listen",
+        default: "\"127.0.0.1:8081\"",
+        note: "",
+        meaning: "address and port of the operator endpoints (`/metrics`, the detailed `/readyz`), plain HTTP; keep it on loopback; `\"\"` turns them off",
+        set: Set::C(|c, s| s.opt_socket_addr().map(|v| c.server.admin_listen = v)),
+    },
+    Key {
+        name: "server.hostnames",
+        default: "[]",
+        note: "IP addresses and `localhost` only",
+        meaning: "host names this box is served under (`Host` header; with no `allowed_origins`, also the browser origins accepted); any other name gets 421, against DNS rebinding",
+        set: Set::C(|c, s| s.hostnames().map(|v| c.server.hostnames = v)),
     },
     Key {
         name: "server.data_dir",
@@ -166,8 +182,8 @@ pub const KEYS: &[Key] = &[
     Key {
         name: "server.allowed_origins",
         default: "[]",
-        note: "no check",
-        meaning: "exact browser `Origin` values allowed to upgrade",
+        note: "this box's own names",
+        meaning: "exact browser `Origin` values allowed to upgrade and call `/mcp`; when empty, origins whose host is an IP address, `localhost` or one of `server.hostnames`",
         set: Set::C(|c, s| s.strings().map(|v| c.server.allowed_origins = v)),
     },
     Key {
@@ -194,16 +210,65 @@ pub const KEYS: &[Key] = &[
     Key {
         name: "auth.mode",
         default: "\"token\"",
-        note: "",
-        meaning: "`token`, or `open` (anyone may connect; generated names)",
-        set: Set::C(|c, s| s.choice(&[("token", AuthMode::Token), ("open", AuthMode::Open)]).map(|v| c.auth.mode = v)),
+        note: "`open` when no tokens are set and the listen address is loopback",
+        meaning: "`token` (tokens from `auth.tokens`), `jwt` (signed tokens, see `auth.jwt_*`), or `open` (anyone may connect as a guest); write it out: a reload never changes an inferred mode",
+        set: Set::C(|c, s| s.choice(&[("token", AuthMode::Token), ("open", AuthMode::Open), ("jwt", AuthMode::Jwt)]).map(|v| c.auth.mode = v)),
     },
     Key {
         name: "auth.tokens",
         default: "[]",
         note: "",
-        meaning: "`\"user:token\"` or `\"user:sha256:HEX\"` entries",
+        meaning: "`\"user:token\"` or `\"user:sha256:HEX\"` entries, each with optional roles after a colon (`\"alice:TOKEN:staff,ops\"`; role `user` when none)",
         set: Set::C(|c, s| s.tokens().map(|v| c.auth.tokens = v)),
+    },
+    Key {
+        name: "auth.jwt_secret_file",
+        default: "",
+        note: "no HS256",
+        meaning: "file holding the HS256 secret (Supabase's legacy JWT secret), at least 32 bytes; re-read on SIGHUP",
+        set: Set::C(|c, s| s.path().map(|v| c.auth.jwt.secret_file = Some(v))),
+    },
+    Key {
+        name: "auth.jwks_file",
+        default: "",
+        note: "no RS256, ES256, EdDSA",
+        meaning: "file holding a JSON Web Key Set (Supabase's `/auth/v1/.well-known/jwks.json`); tokens name their key by `kid`; re-read on SIGHUP",
+        set: Set::C(|c, s| s.path().map(|v| c.auth.jwt.jwks_file = Some(v))),
+    },
+    Key {
+        name: "auth.jwt_issuer",
+        default: "",
+        note: "not checked",
+        meaning: "the `iss` a token must carry (Supabase: `https://PROJECT.supabase.co/auth/v1`)",
+        set: Set::C(|c, s| s.string().map(|v| c.auth.jwt.issuer = Some(v).filter(|v| !v.is_empty()))),
+    },
+    Key {
+        name: "auth.jwt_audience",
+        default: "[]",
+        note: "not checked",
+        meaning: "`aud` values accepted (Supabase: `[\"authenticated\"]`)",
+        set: Set::C(|c, s| s.strings().map(|v| c.auth.jwt.audience = v)),
+    },
+    Key {
+        name: "auth.jwt_user_claim",
+        default: "\"sub\"",
+        note: "",
+        meaning: "the claim holding the user name (1-64 of `[A-Za-z0-9_.-]`)",
+        set: Set::C(|c, s| s.string().map(|v| c.auth.jwt.user_claim = v)),
+    },
+    Key {
+        name: "auth.jwt_roles_claim",
+        default: "\"role\"",
+        note: "",
+        meaning: "the claim holding the roles, a string or a list (role `user` when absent)",
+        set: Set::C(|c, s| s.string().map(|v| c.auth.jwt.roles_claim = v)),
+    },
+    Key {
+        name: "auth.jwt_leeway_s",
+        default: "30",
+        note: "",
+        meaning: "clock skew allowed when checking `exp` and `nbf`",
+        set: Set::C(|c, s| s.int(0, 600).map(|v| c.auth.jwt.leeway_s = v as u64)),
     },
     Key {
         name: "pool.threads",
@@ -659,6 +724,48 @@ pub const KEYS: &[Key] = &[
         note: "",
         meaning: "open breaker's wait before one trial call",
         set: Set::P(|p, s| s.millis(10, 86_400_000).map(|v| p.reset_timeout = v)),
+    },
+    Key {
+        name: "access.N.roles",
+        default: "",
+        note: "",
+        meaning: "the roles a rule is for (`\"*\"`: everyone)",
+        set: Set::A(|r, s| s.names().map(|v| r.roles = v)),
+    },
+    Key {
+        name: "access.N.users",
+        default: "",
+        note: "",
+        meaning: "the users a rule is for, besides its roles",
+        set: Set::A(|r, s| s.names().map(|v| r.users = v)),
+    },
+    Key {
+        name: "access.N.rooms",
+        default: "",
+        note: "",
+        meaning: "room patterns: `*` any run, `?` one character, `{user}` the user's name (`\"dm-{user}-*\"`)",
+        set: Set::A(|r, s| s.strings().map(|v| r.rooms = v)),
+    },
+    Key {
+        name: "access.N.can",
+        default: "",
+        note: "",
+        meaning: "what may be done in those rooms: `join` (and read), `read` (history only), `publish`, `react`",
+        set: Set::A(|r, s| s.strings().and_then(|v| Can::parse(&v).map_err(|e| format!("{}: {e}", s.key))).map(|v| r.can = v)),
+    },
+    Key {
+        name: "access.N.providers",
+        default: "",
+        note: "",
+        meaning: "the providers the `chat` tool may call for them (`\"*\"`: all)",
+        set: Set::A(|r, s| s.strings().map(|v| r.providers = Some(v))),
+    },
+    Key {
+        name: "access.N.llm_tokens_per_day",
+        default: "",
+        note: "no budget",
+        meaning: "LLM tokens (prompt and completion) each of their users may spend per UTC day",
+        set: Set::A(|r, s| s.int(0, 1 << 50).map(|v| r.llm_tokens_per_day = Some(v as u64))),
     },
     Key {
         name: "log.level",

@@ -42,12 +42,18 @@ pub struct Config {
     pub remote: Option<RemoteConfig>,
     /// `None`: one box alone.
     pub cluster: Option<crate::cluster::ClusterConfig>,
+    /// The `[[access]]` rules, in file order.
+    pub access: Vec<crate::access::Rule>,
     pub log: LogConfig,
 }
 
 #[derive(Debug, Clone)]
 pub struct Server {
     pub listen: SocketAddr,
+    /// The operator endpoints' own listener; `None`: off.
+    pub admin_listen: Option<SocketAddr>,
+    /// Names this box answers to, besides IP addresses and `localhost`.
+    pub hostnames: Vec<String>,
     pub data_dir: PathBuf,
     pub max_connections: usize,
     pub max_connections_per_ip: u32,
@@ -79,6 +85,8 @@ impl Default for Server {
     fn default() -> Self {
         Server {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            admin_listen: None,
+            hostnames: Vec::new(),
             data_dir: PathBuf::new(),
             max_connections: 0,
             max_connections_per_ip: 0,
@@ -291,6 +299,12 @@ impl Config {
                     message,
                 });
             }
+            if let Err(message) = cfg.check_access() {
+                errors.push(ConfigError {
+                    origin: Origin::Whole,
+                    message,
+                });
+            }
         }
         if errors.is_empty() {
             Ok((cfg, warnings))
@@ -303,12 +317,19 @@ impl Config {
     /// `[provider.NAME]` section comes into being, with its defaults, at
     /// its first key.
     fn apply(&mut self, s: &Setting) -> Result<(), String> {
+        let mut rule = None;
         let (pattern, provider) = match s.key.strip_prefix("provider.") {
             Some(rest) => {
                 let (name, field) = provider_key(s.key, rest)?;
                 (format!("provider.NAME.{field}"), Some(name))
             }
-            None => (s.key.to_string(), None),
+            None => match access_key(s.key) {
+                Some((n, field)) if !s.from_env => {
+                    rule = Some(n);
+                    (format!("access.N.{field}"), None)
+                }
+                _ => (s.key.to_string(), None),
+            },
         };
         let key = KEYS
             .iter()
@@ -336,7 +357,27 @@ impl Config {
             }
             (Set::P(f), Some(name)) => f(self.provider(name), s),
             (Set::P(_), None) => Err(unknown_key(s.key)),
+            (Set::A(f), _) => {
+                // The TOML reader numbers `[[access]]` tables 1, 2, ...
+                let Some(n) = rule.filter(|n| *n >= 1 && *n <= self.access.len() + 1) else {
+                    return Err(unknown_key(s.key));
+                };
+                if n > self.access.len() {
+                    self.access.push(crate::access::Rule::default());
+                }
+                f(&mut self.access[n - 1], s)
+            }
         }
+    }
+
+    /// The `[[access]]` rules, each checked against the providers.
+    fn check_access(&self) -> Result<(), String> {
+        let names: Vec<String> = self.llm.providers.iter().map(|p| p.name.clone()).collect();
+        for (i, r) in self.access.iter().enumerate() {
+            r.check(&names)
+                .map_err(|e| format!("[[access]] rule {} {e}", i + 1))?;
+        }
+        Ok(())
     }
 
     /// The provider called `name`, created with its defaults if new.
@@ -422,6 +463,18 @@ impl Config {
                 largest * 2
             ));
         }
+        if let Some(admin) = self.server.admin_listen {
+            if admin.port() != 0 && admin == self.server.listen {
+                return Err(format!(
+                    "server.admin_listen ({admin}) is server.listen: give the operator endpoints \
+                     a port of their own, or admin_listen = \"\" to turn them off"
+                ));
+            }
+        }
+        self.auth.mode_explicit = mode_set;
+        if self.auth.mode == AuthMode::Jwt {
+            self.auth.jwt.read_keys()?;
+        }
         if self.auth.mode == AuthMode::Token && self.auth.tokens.is_empty() {
             if !self.server.listen.ip().is_loopback() {
                 return Err(format!(
@@ -472,6 +525,12 @@ fn read_key(
         // A server that needs no key (a local one).
         (None, None) => Ok(None),
     }
+}
+
+/// `access.3.rooms` → (3, "rooms").
+fn access_key(key: &str) -> Option<(usize, &str)> {
+    let (n, field) = key.strip_prefix("access.")?.split_once('.')?;
+    Some((n.parse().ok()?, field))
 }
 
 /// The fields of a `[provider.NAME]` section.
@@ -545,7 +604,7 @@ fn unknown_key(key: &str) -> String {
     let nearest = KEYS
         .iter()
         .map(|k| k.name)
-        .filter(|k| !k.starts_with("provider."))
+        .filter(|k| !k.starts_with("provider.") && !k.starts_with("access."))
         .map(|k| (edit_distance(k, key), k))
         .min()
         .filter(|(d, _)| *d <= 3);
@@ -594,15 +653,26 @@ pub fn generate() -> String {
     let mut section = "";
     for key in KEYS {
         let (sec, name) = key.name.rsplit_once('.').unwrap_or(("", key.name));
-        let optional = sec == "remote" || sec == "cluster" || sec.starts_with("provider.");
+        let optional = sec == "remote"
+            || sec == "cluster"
+            || sec.starts_with("provider.")
+            || sec.starts_with("access.");
         if sec != section {
             section = sec;
-            let header = sec.replace("NAME", "kimi");
+            let header = if sec.starts_with("access.") {
+                "[access]".to_string()
+            } else {
+                sec.replace("NAME", "kimi")
+            };
             if optional {
                 let why = if sec == "remote" {
                     "sync to a Supabase/PostgREST store (without it: local only)"
                 } else if sec == "cluster" {
                     "rooms shared with other boxes over NATS (without it: one box alone)"
+                } else if sec.starts_with("access.") {
+                    "who may do what, where: one [[access]] table per rule, checked in order; \
+                     the first that matches decides, and with any rule, what none allows is \
+                     denied (README: Access)"
                 } else {
                     "an OpenAI-compatible provider; one section per provider"
                 };
@@ -648,9 +718,11 @@ fn key_for_env(rest: &str) -> Option<String> {
             (!name.is_empty()).then(|| format!("provider.{}.{field}", name.to_ascii_lowercase()))
         });
     }
+    // `[[access]]` rules are the file's alone: a list of tables has no
+    // one name in the environment.
     KEYS.iter()
         .map(|k| k.name)
-        .filter(|k| !k.starts_with("provider."))
+        .filter(|k| !k.starts_with("provider.") && !k.starts_with("access."))
         .find(|k| env_name(k).strip_prefix("HIVEGATE_") == Some(rest))
         .map(String::from)
 }

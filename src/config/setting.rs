@@ -144,6 +144,32 @@ impl Setting<'_> {
         })
     }
 
+    /// An address and port, or `None` for an empty string (off).
+    pub fn opt_socket_addr(&self) -> Result<Option<SocketAddr>, String> {
+        if self.string()?.is_empty() {
+            return Ok(None);
+        }
+        self.socket_addr().map(Some)
+    }
+
+    /// Host names (no port, no scheme), lower-cased.
+    pub fn hostnames(&self) -> Result<Vec<String>, String> {
+        let names = self.strings()?;
+        for n in &names {
+            let ok = !n.is_empty()
+                && n.len() <= 253
+                && n.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+            if !ok {
+                return Err(format!(
+                    "{}: {n:?} is not a host name such as \"chat.example.org\" (no scheme, no port)",
+                    self.key
+                ));
+            }
+        }
+        Ok(names.iter().map(|n| n.to_ascii_lowercase()).collect())
+    }
+
     /// A path that is not empty. `$CREDENTIALS_DIRECTORY` and
     /// `$STATE_DIRECTORY` (or `${...}`) are replaced by the directories
     /// systemd names in them (the first, when it names several).
@@ -204,6 +230,21 @@ impl Setting<'_> {
         Ok(name)
     }
 
+    /// A list of user or role names (or `"*"`).
+    pub fn names(&self) -> Result<Vec<String>, String> {
+        let names = self.strings()?;
+        if let Some(bad) = names
+            .iter()
+            .find(|n| *n != "*" && !crate::auth::valid_user(n))
+        {
+            return Err(format!(
+                "{}: {bad:?} is not a name (1-64 of [A-Za-z0-9_.-]) or \"*\"",
+                self.key
+            ));
+        }
+        Ok(names)
+    }
+
     /// `auth.tokens`: `"user:token"` or `"user:sha256:HEX"` entries. A message
     /// never repeats an entry: it holds a secret.
     pub fn tokens(&self) -> Result<Vec<TokenEntry>, String> {
@@ -211,8 +252,9 @@ impl Setting<'_> {
         for (i, spec) in self.strings()?.iter().enumerate() {
             let entry = TokenEntry::parse(spec).map_err(|e| {
                 let why = match e {
-                    TokenParseError::Shape => "is not \"user:token\" or \"user:sha256:HEX\"",
-                    TokenParseError::User => "has a user name that is not 1-32 of [A-Za-z0-9_.-]",
+                    TokenParseError::Shape => "is not \"user:token[:roles]\" or \"user:sha256:HEX[:roles]\"",
+                    TokenParseError::User => "has a user name that is not 1-64 of [A-Za-z0-9_.-]",
+                    TokenParseError::Roles => "has roles that are not a comma-separated list of names of [A-Za-z0-9_.-] (a token holding ':' must be given as sha256:HEX)",
                     TokenParseError::Hex => "has a sha256 digest that is not 64 hex digits",
                     TokenParseError::Empty => "has an empty token",
                 };

@@ -157,7 +157,9 @@ fn the_full_fixture_sets_every_key() {
         .map(|e| e.key)
         .collect();
     for key in KEYS.iter().map(|k| k.name) {
-        let key = &key.replace("provider.NAME.", "provider.kimi.");
+        let key = &key
+            .replace("provider.NAME.", "provider.kimi.")
+            .replace("access.N.", "access.1.");
         // The two key sources are alternatives: one of them is set.
         let key = &key.replace("api_key_env", "api_key_file");
         assert!(
@@ -219,7 +221,9 @@ fn every_key_maps_to_an_env_variable_and_back() {
     for key in KEYS
         .iter()
         .map(|k| k.name)
-        .filter(|k| !k.starts_with("provider."))
+        // Provider keys are checked below; `[[access]]` rules are the
+        // file's alone.
+        .filter(|k| !k.starts_with("provider.") && !k.starts_with("access."))
     {
         let var = env_name(key);
         assert_eq!(key_for_env(&var["HIVEGATE_".len()..]).as_deref(), Some(key));
@@ -246,6 +250,7 @@ fn every_default_reads_and_the_embedded_default_is_what_the_table_says() {
             Set::R(f) => f(&mut RemoteConfig::default(), &setting),
             Set::P(f) => f(&mut ProviderConfig::default(), &setting),
             Set::K(f) => f(&mut crate::cluster::ClusterConfig::default(), &setting),
+            Set::A(f) => f(&mut crate::access::Rule::default(), &setting),
         };
         assert_eq!(applied, Ok(()), "{}", key.name);
     }

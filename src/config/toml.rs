@@ -1,11 +1,11 @@
 //! The subset of TOML hivegate reads: `[section]` headers and `key = value`
 //! lines, with strings, integers, floats, booleans and (possibly multi-line)
-//! arrays.
+//! arrays, and the one array table `[[access]]`.
 //!
 //! Why not a TOML crate: every error must name its line, and the parsers
 //! small enough for this device either flatten keys without positions
 //! (nanoserde) or are larger than this file. Anything outside the subset
-//! (array tables, inline tables, dotted keys, multi-line strings, dates) is
+//! (other array tables, inline tables, dotted keys, multi-line strings, dates) is
 //! an error that says so, never silently misread.
 
 use std::fmt;
@@ -59,6 +59,7 @@ pub fn parse(text: &str) -> Result<Vec<Entry>, SyntaxError> {
     }
     let mut entries: Vec<Entry> = Vec::new();
     let mut section = String::new();
+    let mut tables = 0;
     let lines: Vec<&str> = text.lines().collect();
     let mut i = 0;
     while i < lines.len() {
@@ -72,10 +73,21 @@ pub fn parse(text: &str) -> Result<Vec<Entry>, SyntaxError> {
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        if line.starts_with("[[") {
-            return Err(err(
-                "array tables ([[...]]) are not supported; use [section] headers".into(),
-            ));
+        if let Some(rest) = line.strip_prefix("[[") {
+            // The one array table: `[[access]]`, each entry's keys read
+            // as `access.N.key` (N from 1, in file order).
+            let name = strip_comment(rest)
+                .trim_end()
+                .strip_suffix("]]")
+                .map(str::trim);
+            if name != Some("access") {
+                return Err(err(
+                    "the only array table is [[access]]; use [section] headers for the rest".into(),
+                ));
+            }
+            tables += 1;
+            section = format!("access.{tables}");
+            continue;
         }
         if let Some(rest) = line.strip_prefix('[') {
             let rest = strip_comment(rest);

@@ -93,6 +93,19 @@ pub struct LimitParams {
     pub failed_hellos_per_minute: f64,
 }
 
+/// The address a per-address bound counts: IPv4 as it is, IPv6 by its
+/// /64 (one subscriber's whole prefix is one address: otherwise a single
+/// host with 2^64 addresses would have as many shares).
+pub fn ip_group(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            IpAddr::from([s[0], s[1], s[2], s[3], 0, 0, 0, 0])
+        }
+        v4 => v4,
+    }
+}
+
 fn failed_hello_params(p: &LimitParams) -> BucketParams {
     BucketParams {
         capacity: p.failed_hellos_per_minute,
@@ -153,6 +166,7 @@ impl Limits {
     /// Admits one request frame, or says which level refused and when to
     /// retry. A refusal leaves every bucket as it was.
     pub fn check(&mut self, now: Instant, ip: IpAddr, user: &Rc<str>) -> Result<(), Refused> {
+        let ip = ip_group(ip);
         let gp = self.global_params;
         let level = if self.global.take(&gp, now).is_err() {
             Level::Global
@@ -177,6 +191,7 @@ impl Limits {
 
     /// Admits one new connection attempt from `ip`, or says when to retry.
     pub fn check_connect(&mut self, now: Instant, ip: IpAddr) -> Result<(), Duration> {
+        let ip = ip_group(ip);
         self.connect.take(&ip, now).inspect_err(|_| {
             self.connects_refused += 1;
         })
@@ -184,12 +199,14 @@ impl Limits {
 
     /// Counts a refused `hello` against its IP.
     pub fn note_failed_hello(&mut self, now: Instant, ip: IpAddr) {
+        let ip = ip_group(ip);
         self.hellos_failed += 1;
         let _ = self.failed_hellos.take(&ip, now);
     }
 
     /// Whether `ip` may try to sign in again, or how long until it may.
     pub fn check_failed_hellos(&mut self, now: Instant, ip: IpAddr) -> Result<(), Duration> {
+        let ip = ip_group(ip);
         self.failed_hellos.take(&ip, now)?;
         self.failed_hellos.refund(&ip);
         Ok(())

@@ -14,9 +14,11 @@
 //! streamed answer holds its thread for as long as it streams, and must
 //! not starve the store's pool.
 
+mod budget;
 pub mod client;
 mod config;
 mod tools;
+pub use budget::{day_of, Caller, Ledger, Refused};
 pub use tools::{Cancel, ToolCalls};
 pub mod sse;
 
@@ -134,6 +136,8 @@ pub struct Llm {
     log: Logger,
     /// Replaced by a reload (it must know the new keys).
     redact: RefCell<crate::redact::Redactor>,
+    /// Today's spending per user, for the access rules' budgets.
+    pub ledger: Ledger,
 }
 
 /// How one attempt at one provider ended.
@@ -210,6 +214,7 @@ impl Llm {
             jitter: RefCell::new(Jitter::new(seed)),
             log,
             redact: RefCell::new(redact),
+            ledger: Ledger::default(),
         })
     }
 
@@ -239,8 +244,53 @@ impl Llm {
             .finish()
     }
 
-    /// Checks a call before it costs anything.
-    pub fn check(&self, call: &Call) -> Result<(), (ErrorCode, String)> {
+    /// Checks a call before it costs anything: its shape, then what the
+    /// access rules let `caller` use and spend.
+    pub fn check(&self, call: &Call, caller: &Caller) -> Result<(), Refused> {
+        self.check_shape(call)
+            .map_err(|(code, message)| Refused::new(code, message))?;
+        let denied = match &caller.grant {
+            Err(d) => Some((*d, "the chat tool".to_string())),
+            Ok(g) => match &call.provider {
+                Some(name) if !g.allows(name) => Some((
+                    crate::access::Denied::ByRule(g.rule),
+                    format!("provider {name}"),
+                )),
+                None if !self
+                    .chain
+                    .iter()
+                    .any(|i| g.allows(&self.providers[*i].cfg.name)) =>
+                {
+                    Some((
+                        crate::access::Denied::ByRule(g.rule),
+                        "any provider of the chain".into(),
+                    ))
+                }
+                _ => None,
+            },
+        };
+        if let Some((d, what)) = denied {
+            let ledger = &self.ledger;
+            ledger.denied_provider.set(ledger.denied_provider.get() + 1);
+            if caller.first_refusal(d) {
+                self.log.info(
+                    "access denied",
+                    &[
+                        ("user", &caller.user),
+                        ("asked", &what),
+                        ("why", &d.describe()),
+                    ],
+                );
+            }
+            return Err(Refused::new(
+                ErrorCode::Forbidden,
+                format!("you may not use {what}: {}", d.describe()),
+            ));
+        }
+        self.ledger.admit(caller, crate::clock::unix_ms())
+    }
+
+    fn check_shape(&self, call: &Call) -> Result<(), (ErrorCode, String)> {
         if call.messages.is_empty() {
             return Err((
                 ErrorCode::InvalidRequest,
@@ -308,8 +358,8 @@ impl Llm {
     }
 
     /// Runs a checked call to its end, sending every frame to `out`.
-    pub async fn run(&self, call: Call, out: &dyn Output) {
-        let candidates: Vec<usize> = match &call.provider {
+    pub async fn run(&self, call: Call, caller: &Caller, out: &dyn Output) {
+        let mut candidates: Vec<usize> = match &call.provider {
             Some(name) => self
                 .providers
                 .iter()
@@ -318,6 +368,7 @@ impl Llm {
                 .collect(),
             None => self.chain.clone(),
         };
+        candidates.retain(|i| caller.may_use(&self.providers[*i].cfg.name));
         let mut soonest: Option<Instant> = None;
         let mut later = |at: Instant| soonest = Some(soonest.map_or(at, |s: Instant| s.min(at)));
         let mut last = String::from("no provider could be tried");
@@ -357,6 +408,16 @@ impl Llm {
                     Attempt::Done { text, model, usage } => {
                         let t = p.breaker.borrow_mut().success();
                         self.note(p, t);
+                        // Spent as reported, or about a token per 4 bytes.
+                        let spent = usage.map_or_else(
+                            || {
+                                let asked: usize =
+                                    call.messages.iter().map(|t| t.content.len()).sum();
+                                (asked + text.len()).div_ceil(4) as u64
+                            },
+                            |u| u.prompt_tokens + u.completion_tokens,
+                        );
+                        self.ledger.spend(caller, spent, crate::clock::unix_ms());
                         let usage = usage.unwrap_or_default();
                         p.prompt_tokens
                             .set(p.prompt_tokens.get() + usage.prompt_tokens);

@@ -3,7 +3,7 @@
 //! `request_id` in flight shares its answer; `cancel`, or the connection's
 //! end, stops it and nothing more is sent for it.
 
-use super::{answer_frame, said_frame, Answer, Call, Llm, Output, Said};
+use super::{answer_frame, said_frame, Answer, Call, Caller, Llm, Output, Said};
 use crate::hub::{Reply, Task, MAX_IN_FLIGHT};
 use crate::json::JsonOut;
 use crate::protocol::ErrorCode;
@@ -136,6 +136,7 @@ impl ToolCalls {
         in_flight: &Rc<Cell<u32>>,
         name: &str,
         call: Call,
+        caller: Caller,
     ) -> Option<Task> {
         let rid = reply.rid().unwrap_or_default().to_string();
         if name != "chat" {
@@ -160,8 +161,8 @@ impl ToolCalls {
             );
             return None;
         }
-        if let Err((code, msg)) = llm.check(&call) {
-            reply.error(code, &msg, None);
+        if let Err(r) = llm.check(&call, &caller) {
+            reply.error(r.code, &r.message, r.retry_after_ms);
             return None;
         }
         let per_session = llm.max_in_flight_per_session();
@@ -192,7 +193,7 @@ impl ToolCalls {
                 reply,
                 state: state.clone(),
             };
-            llm.run(call, &out).await;
+            llm.run(call, &caller, &out).await;
             let mut calls = calls.borrow_mut();
             if calls.get(&rid).is_some_and(|s| Rc::ptr_eq(s, &state)) {
                 calls.remove(&rid);
@@ -300,8 +301,9 @@ mod tests {
                 model: None,
                 stream: true,
             };
+            let caller = crate::llm::Caller::unrestricted("alice");
             self.tools
-                .call(llm, self.reply(rid), &self.in_flight, name, call)
+                .call(llm, self.reply(rid), &self.in_flight, name, call, caller)
         }
 
         fn frames(&self) -> Vec<Value> {

@@ -34,6 +34,9 @@ pub mod code {
     pub const INVALID_PARAMS: i64 = -32602;
     /// Refused by a rate limit or a cap: `data` says which and when.
     pub const LIMITED: i64 = -32000;
+    /// Refused by the access rules (`FORBIDDEN`) or a spent budget
+    /// (`BUDGET_EXCEEDED`): `data` says which, and when to retry.
+    pub const DENIED: i64 = -32003;
 }
 
 /// One JSON-RPC message from a client. Ids and parameters are kept as
@@ -281,6 +284,7 @@ pub struct Started {
     /// One of `llm.max_in_flight`, for as long as the call runs.
     pub slot: crate::limit::InFlight,
     pub cancel: Rc<Cancel>,
+    pub caller: crate::llm::Caller,
 }
 
 /// Checks a `tools/call` on either transport (its parameters, the tool,
@@ -291,6 +295,7 @@ pub fn start_call(
     calls: &mut HashMap<String, Rc<Cancel>>,
     id: &str,
     params: &str,
+    caller: crate::llm::Caller,
 ) -> Result<Started, String> {
     let refuse =
         |code: &str, msg: &str, retry: Option<u64>| result(id, &tool_error(code, msg, retry));
@@ -301,8 +306,17 @@ pub fn start_call(
         let msg = format!("no tool {n:?}: tools/list names them");
         return Err(error(Some(id), code::INVALID_PARAMS, &msg, None));
     }
-    if let Err((code, msg)) = llm.check(&call) {
-        return Err(refuse(code.as_str(), &msg, None));
+    if let Err(r) = llm.check(&call, &caller) {
+        if matches!(r.code, ErrorCode::Forbidden | ErrorCode::BudgetExceeded) {
+            // Not the tool's failure, which the model might work around:
+            // the caller may not, and a JSON-RPC error says so.
+            let data = JsonOut::new()
+                .str("code", r.code.as_str())
+                .opt_num("retry_after_ms", r.retry_after_ms)
+                .finish();
+            return Err(error(Some(id), code::DENIED, &r.message, Some(&data)));
+        }
+        return Err(refuse(r.code.as_str(), &r.message, r.retry_after_ms));
     }
     if calls.contains_key(id) {
         let msg = "a call with this id is in flight";
@@ -324,6 +338,7 @@ pub fn start_call(
         token,
         slot,
         cancel,
+        caller,
     })
 }
 

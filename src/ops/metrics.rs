@@ -23,10 +23,12 @@ pub enum Refusal {
     Memory,
     HelloCooldown,
     TlsHandshake,
+    /// A `Host` this box does not answer to (DNS rebinding).
+    Host,
 }
 
 impl Refusal {
-    const ALL: [Refusal; 13] = [
+    const ALL: [Refusal; 14] = [
         Refusal::GlobalCap,
         Refusal::IpCap,
         Refusal::IpRate,
@@ -40,6 +42,7 @@ impl Refusal {
         Refusal::Memory,
         Refusal::HelloCooldown,
         Refusal::TlsHandshake,
+        Refusal::Host,
     ];
 
     pub fn label(self) -> &'static str {
@@ -57,12 +60,63 @@ impl Refusal {
             Refusal::Memory => "memory",
             Refusal::HelloCooldown => "hello_cooldown",
             Refusal::TlsHandshake => "tls_handshake",
+            Refusal::Host => "host",
+        }
+    }
+}
+
+/// Why the access rules refused a signed-in session something.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Denial {
+    Join,
+    Read,
+    Publish,
+    React,
+    /// A provider (or any provider) of the `chat` tool.
+    Provider,
+    /// The daily LLM token budget is spent.
+    Budget,
+    /// A reload took a session out of a room it may no longer be in.
+    Revoked,
+}
+
+impl Denial {
+    const ALL: [Denial; 7] = [
+        Denial::Join,
+        Denial::Read,
+        Denial::Publish,
+        Denial::React,
+        Denial::Provider,
+        Denial::Budget,
+        Denial::Revoked,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Denial::Join => "join",
+            Denial::Read => "read",
+            Denial::Publish => "publish",
+            Denial::React => "react",
+            Denial::Provider => "provider",
+            Denial::Budget => "budget",
+            Denial::Revoked => "revoked",
+        }
+    }
+
+    pub fn of(a: crate::access::Action) -> Denial {
+        use crate::access::Action;
+        match a {
+            Action::Join => Denial::Join,
+            Action::Read => Denial::Read,
+            Action::Publish => Denial::Publish,
+            Action::React => Denial::React,
         }
     }
 }
 
 #[derive(Debug, Default)]
 pub struct Metrics {
+    denied: [Cell<u64>; Denial::ALL.len()],
     pub accepted: Cell<u64>,
     refused: [Cell<u64>; Refusal::ALL.len()],
     closed: [Cell<u64>; close::ALL.len()],
@@ -99,12 +153,21 @@ pub struct Gauges {
     pub table_capacity: usize,
     pub handshakes_pending: usize,
     pub draining: bool,
+    /// The relay's access refusals (it counts its own).
+    pub denied_provider: u64,
+    pub denied_budget: u64,
 }
 
 impl Metrics {
     pub fn refused(&self, why: Refusal) {
         if let Some(i) = Refusal::ALL.iter().position(|r| *r == why) {
             inc(&self.refused[i]);
+        }
+    }
+
+    pub fn denied(&self, why: Denial) {
+        if let Some(i) = Denial::ALL.iter().position(|d| *d == why) {
+            inc(&self.denied[i]);
         }
     }
 
@@ -241,6 +304,25 @@ impl Metrics {
             "Plain HTTP requests answered.",
             self.http_requests.get(),
         );
+        let denied: Vec<(&str, u64)> = Denial::ALL
+            .iter()
+            .zip(&self.denied)
+            .map(|(d, c)| {
+                let relay = match d {
+                    Denial::Provider => g.denied_provider,
+                    Denial::Budget => g.denied_budget,
+                    _ => 0,
+                };
+                (d.label(), c.get() + relay)
+            })
+            .collect();
+        counter_with(
+            out,
+            "hivegate_access_denied_total",
+            "Requests of signed-in sessions the access rules refused, by what was asked (revoked: taken out of a room by a reload).",
+            "reason",
+            &denied,
+        );
         counter_with(
             out,
             "hivegate_config_reloads_total",
@@ -330,6 +412,8 @@ mod tests {
                 table_capacity: 10,
                 handshakes_pending: 0,
                 draining: false,
+                denied_provider: 0,
+                denied_budget: 0,
             },
             &mut out,
         );

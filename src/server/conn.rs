@@ -8,6 +8,7 @@
 //! closed as a slow consumer, and nobody else notices.
 
 use super::{Gateway, Slot};
+use crate::auth::Identity;
 use crate::hub::{frame, Frame};
 use crate::limit::{RateMeter, Strikes};
 use crate::llm::ToolCalls;
@@ -45,12 +46,22 @@ const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// Most bytes read and thrown away while waiting for the client to hang up.
 const CLOSE_DRAIN_BYTES: usize = 256 * 1024;
 
-/// The user of an open-mode MCP connection without a token.
-const MCP_GUEST: &str = "mcp-guest";
-
 /// What a session knows after `hello`.
 struct Session {
-    user: Rc<str>,
+    who: Rc<Identity>,
+    /// Access refusals already logged, one bit per rule (bit 0: no rule
+    /// matched): one log line per session and rule, however often a
+    /// client retries. Shared with the LLM relay's refusals.
+    denials_logged: Rc<Cell<u64>>,
+}
+
+impl Session {
+    fn new(who: Rc<Identity>) -> Session {
+        Session {
+            who,
+            denials_logged: Rc::default(),
+        }
+    }
 }
 
 enum Event {
@@ -66,8 +77,9 @@ pub struct Conn {
     gw: Rc<Gateway>,
     slot: Slot,
     ws: WsStream,
-    /// A user fixed at upgrade time by an `Authorization: Bearer` header.
-    preauth: Option<Rc<str>>,
+    /// Who signed in at upgrade time (`Authorization: Bearer`, or a
+    /// `bearer.TOKEN` subprotocol entry).
+    preauth: Option<Rc<Identity>>,
     session: Option<Session>,
     hello_deadline: Instant,
     next_ping: Instant,
@@ -100,7 +112,7 @@ impl Conn {
         gw: Rc<Gateway>,
         slot: Slot,
         ws: WsStream,
-        preauth: Option<Rc<str>>,
+        preauth: Option<Rc<Identity>>,
         mcp: bool,
     ) -> Conn {
         let now = Instant::now();
@@ -122,8 +134,14 @@ impl Conn {
             peer_closed: None,
             in_flight: Rc::new(Cell::new(0)),
             tools: ToolCalls::default(),
-            session: mcp.then(|| Session {
-                user: preauth.clone().unwrap_or_else(|| Rc::from(MCP_GUEST)),
+            // An MCP client without a token in open mode is a guest of its
+            // own (admission refused it in the other modes).
+            session: mcp.then(|| {
+                Session::new(
+                    preauth
+                        .clone()
+                        .unwrap_or_else(|| Rc::new(Identity::guest(None))),
+                )
             }),
             mcp: mcp.then(mcp::Calls::default),
             preauth,
@@ -390,7 +408,11 @@ impl Conn {
     async fn close(&mut self, code: u16, reason: &'static str) {
         let gw = self.gw.clone();
         inc_close(&gw, code);
-        let user = self.session.as_ref().map_or("-", |s| &*s.user).to_string();
+        let user = self
+            .session
+            .as_ref()
+            .map_or("-", |s| &*s.who.user)
+            .to_string();
         let recent = gw
             .table
             .borrow_mut()

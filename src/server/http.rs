@@ -32,6 +32,15 @@ pub struct Head {
     pub mcp_version: Option<String>,
     /// The upgrade offers the `mcp` WebSocket subprotocol.
     pub ws_mcp: bool,
+    /// The upgrade offers the `hivegate` subprotocol (the op protocol,
+    /// named so that a `bearer.TOKEN` entry has one to stand beside).
+    pub ws_op: bool,
+    /// A `bearer.TOKEN` entry of `Sec-WebSocket-Protocol`: the token of
+    /// a browser or SDK that cannot set `Authorization` on a WebSocket.
+    pub ws_bearer: Option<String>,
+    /// The `Host` header, if any (and whether it came more than once).
+    pub host: Option<String>,
+    pub hosts: u8,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -77,11 +86,11 @@ pub async fn read_head<S: futures_lite::AsyncRead + Unpin>(
         let searched_from = len.saturating_sub(3);
         len += n;
         // A head with bare LF line ends would never show CRLF CRLF: say
-        // so at once rather than at the timeout.
-        if buf[searched_from.saturating_sub(1)..len]
-            .windows(2)
-            .any(|w| w == b"\n\n")
-        {
+        // so at once rather than at the timeout (also `\n\r\n`, an LF
+        // line followed by a CRLF blank line).
+        let window = &buf[searched_from.saturating_sub(2)..len];
+        let lf_end = window.windows(3).any(|w| w == b"\n\r\n") && find_head_end(window).is_none();
+        if lf_end || window.windows(2).any(|w| w == b"\n\n") {
             return Err(HeadError::Malformed);
         }
         if let Some(end) = find_head_end(&buf[searched_from..len]) {
@@ -130,9 +139,31 @@ fn parse_head(b: &[u8]) -> Result<Head, HeadError> {
         } else if name.eq_ignore_ascii_case("origin") {
             head.origin = Some(value.to_string());
         } else if name.eq_ignore_ascii_case("sec-websocket-protocol") {
-            head.ws_mcp |= value.split(',').any(|p| p.trim() == "mcp");
+            for p in value.split(',').map(str::trim) {
+                match p {
+                    "mcp" => head.ws_mcp = true,
+                    "hivegate" => head.ws_op = true,
+                    _ => {
+                        if let Some(t) = p.strip_prefix("bearer.").filter(|t| !t.is_empty()) {
+                            head.ws_bearer = Some(t.to_string());
+                        }
+                    }
+                }
+            }
+        } else if name.eq_ignore_ascii_case("host") {
+            head.hosts = head.hosts.saturating_add(1);
+            head.host = Some(value.to_string());
         } else if name.eq_ignore_ascii_case("content-length") {
-            head.content_length = Some(value.parse().map_err(|_| HeadError::Malformed)?);
+            // Digits only ("+40" and " 40 " are not lengths), and a
+            // second, different length is a smuggling attempt.
+            if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(HeadError::Malformed);
+            }
+            let len: usize = value.parse().map_err(|_| HeadError::Malformed)?;
+            if head.content_length.is_some_and(|l| l != len) {
+                return Err(HeadError::Malformed);
+            }
+            head.content_length = Some(len);
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
             head.chunked = true;
         } else if name.eq_ignore_ascii_case("accept") {
@@ -244,6 +275,7 @@ fn reason(status: u16) -> &'static str {
         411 => "Length Required",
         413 => "Content Too Large",
         415 => "Unsupported Media Type",
+        421 => "Misdirected Request",
         426 => "Upgrade Required",
         429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
@@ -252,14 +284,14 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
-/// The `101 Switching Protocols` answer to a valid upgrade request.
-/// With `mcp`, the `mcp` subprotocol is chosen.
-pub fn switching_protocols(ws_key: &str, mcp: bool) -> Vec<u8> {
+/// The `101 Switching Protocols` answer to a valid upgrade request, with
+/// the subprotocol chosen (`mcp` or `hivegate`), if the client offered one.
+/// A `bearer.TOKEN` entry is never chosen: the token is not echoed.
+pub fn switching_protocols(ws_key: &str, protocol: Option<&str>) -> Vec<u8> {
     let accept = async_tungstenite::tungstenite::handshake::derive_accept_key(ws_key.as_bytes());
-    let protocol = if mcp {
-        "Sec-WebSocket-Protocol: mcp\r\n"
-    } else {
-        ""
+    let protocol = match protocol {
+        Some(p) => format!("Sec-WebSocket-Protocol: {p}\r\n"),
+        None => String::new(),
     };
     format!(
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n{protocol}\r\n"
@@ -308,6 +340,34 @@ mod tests {
     }
 
     #[test]
+    fn leftover_head_shapes_are_refused() {
+        // An LF line, then a CRLF blank line: refused at once.
+        assert_eq!(
+            read(b"GET / HTTP/1.1\nHost: a\n\r\n").unwrap_err(),
+            HeadError::Malformed
+        );
+        for bad in ["+40", "-1", " ", "4 0", "0x10"] {
+            let req = format!("POST /mcp HTTP/1.1\r\nContent-Length: {bad}\r\n\r\n");
+            assert_eq!(
+                read(req.as_bytes()).unwrap_err(),
+                HeadError::Malformed,
+                "{bad}"
+            );
+        }
+        let two = b"POST /mcp HTTP/1.1\r\nContent-Length: 4\r\nContent-Length: 40\r\n\r\n";
+        assert_eq!(read(two).unwrap_err(), HeadError::Malformed);
+        let same = b"POST /mcp HTTP/1.1\r\nContent-Length: 4\r\nContent-Length: 4\r\n\r\n";
+        assert_eq!(read(same).unwrap().0.content_length, Some(4));
+        let (h, _) = read(
+            b"GET /ws HTTP/1.1\r\nHost: h:1\r\nSec-WebSocket-Protocol: hivegate, bearer.abc.def\r\n\r\n",
+        )
+        .unwrap();
+        assert!(h.ws_op && !h.ws_mcp);
+        assert_eq!(h.ws_bearer.as_deref(), Some("abc.def"));
+        assert_eq!((h.host.as_deref(), h.hosts), (Some("h:1"), 1));
+    }
+
+    #[test]
     fn bare_lf_heads_and_bad_keys_are_refused() {
         assert_eq!(
             read(b"GET / HTTP/1.1\nHost: a\n\n").unwrap_err(),
@@ -333,10 +393,11 @@ mod tests {
 
     #[test]
     fn accept_key_matches_rfc_6455() {
-        let r = String::from_utf8(switching_protocols("dGhlIHNhbXBsZSBub25jZQ==", false)).unwrap();
+        let r = String::from_utf8(switching_protocols("dGhlIHNhbXBsZSBub25jZQ==", None)).unwrap();
         assert!(r.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"));
         assert!(!r.contains("Sec-WebSocket-Protocol"));
-        let mcp = String::from_utf8(switching_protocols("dGhlIHNhbXBsZSBub25jZQ==", true)).unwrap();
+        let mcp = String::from_utf8(switching_protocols("dGhlIHNhbXBsZSBub25jZQ==", Some("mcp")))
+            .unwrap();
         assert!(mcp.ends_with("Sec-WebSocket-Protocol: mcp\r\n\r\n"));
     }
 }

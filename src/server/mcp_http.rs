@@ -15,6 +15,7 @@
 use super::http::{Head, Response};
 use super::tls::Socket;
 use super::Gateway;
+use crate::auth::Identity;
 use crate::mcp::{self, code, Message, Translator};
 use crate::ops::metrics::{inc, Refusal};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
@@ -31,14 +32,16 @@ pub const SESSION_IDLE: Duration = Duration::from_secs(30 * 60);
 /// Progress notifications waiting for a slow reader; past it the oldest
 /// ones are dropped (the result never is).
 const MAX_QUEUED: usize = 256;
-/// The user of open-mode requests without a token.
-const GUEST: &str = "mcp-guest";
+/// Sessions one user (in open mode, one address) may hold; past it its
+/// own oldest goes.
+pub const MAX_SESSIONS_PER_OWNER: usize = 8;
 
 /// A request that passed admission, with its body.
 pub struct Admitted {
     head: Head,
     body: String,
-    user: Rc<str>,
+    /// `None`: open mode without a token (a guest, per session).
+    who: Option<Rc<Identity>>,
 }
 
 fn json(status: u16, body: String) -> Response {
@@ -51,6 +54,7 @@ pub async fn admit(
     head: Head,
     leftover: Vec<u8>,
     stream: &mut Socket,
+    ip: IpAddr,
 ) -> Result<Admitted, Response> {
     let refuse = |why: Refusal, r: Response| {
         gw.metrics.refused(why);
@@ -75,30 +79,46 @@ pub async fn admit(
             Response::text(403, "origin not allowed\n"),
         ));
     }
-    let user: Rc<str> = match &head.bearer {
-        Some(t) => match gw.live.borrow().auth.user_for(t) {
-            Some(u) => Rc::from(u),
-            None => {
-                return Err(refuse(
-                    Refusal::Unauthorized,
-                    Response::text(401, "bad token\n").header("WWW-Authenticate", "Bearer"),
-                ))
+    if let Err(wait) = gw
+        .limits
+        .borrow_mut()
+        .check_failed_hellos(Instant::now(), ip)
+    {
+        return Err(refuse(
+            Refusal::HelloCooldown,
+            Response::text(429, "too many failed sign-ins from your address\n")
+                .header("Retry-After", super::retry_after(wait)),
+        ));
+    }
+    let who = match &head.bearer {
+        Some(t) => {
+            let signed = gw.live.borrow().sign_in(t);
+            match signed {
+                Ok(who) => Some(Rc::new(who)),
+                Err(reason) => {
+                    gw.failed_sign_in(ip, reason);
+                    return Err(refuse(
+                        Refusal::Unauthorized,
+                        Response::text(401, "bad token\n").header("WWW-Authenticate", "Bearer"),
+                    ));
+                }
             }
-        },
-        None if gw.live.borrow().mode == crate::auth::AuthMode::Open => Rc::from(GUEST),
+        }
+        None if gw.live.borrow().mode == crate::auth::AuthMode::Open => None,
         None => {
+            gw.failed_sign_in(ip, "missing token");
             return Err(refuse(
                 Refusal::Unauthorized,
                 Response::text(401, "send Authorization: Bearer TOKEN\n")
                     .header("WWW-Authenticate", "Bearer"),
-            ))
+            ));
         }
     };
     if head.method != "POST" {
         return Ok(Admitted {
             head,
             body: String::new(),
-            user,
+            who,
         });
     }
     if head.chunked {
@@ -131,7 +151,7 @@ pub async fn admit(
             Response::text(400, "the body is not UTF-8\n"),
         )
     })?;
-    Ok(Admitted { head, body, user })
+    Ok(Admitted { head, body, who })
 }
 
 /// Answers an admitted request; for a streamed tool call, for as long as
@@ -153,12 +173,21 @@ async fn answer(
 ) -> Option<Response> {
     let now = Instant::now();
     let session_id = a.head.mcp_session.as_deref();
+    // Without a token (open mode) the session's own guest, or for a new
+    // session a new one: no two guests share a name or a rate bucket.
+    let who: Rc<Identity> = match &a.who {
+        Some(w) => w.clone(),
+        None => session_id
+            .and_then(|sid| gw.mcp.borrow().anonymous_guest(sid))
+            .unwrap_or_else(|| Rc::new(Identity::guest(None))),
+    };
+    let user = who.user.clone();
     if a.head.method == "DELETE" {
         let Some(id) = session_id else {
             return Some(Response::text(400, "DELETE needs an Mcp-Session-Id\n"));
         };
         let mut sessions = gw.mcp.borrow_mut();
-        let mine = sessions.touch(id, &a.user, now).is_some();
+        let mine = sessions.touch(id, &user, now).is_some();
         return Some(if mine && sessions.close(id) {
             Response::text(200, "session ended\n")
         } else {
@@ -166,7 +195,7 @@ async fn answer(
         });
     }
     if a.head.method == "GET" {
-        return stream_for(gw, a, stream, now).await;
+        return stream_for(gw, a, &user, stream, now).await;
     }
     if let Some(v) = &a.head.mcp_version {
         if !mcp::VERSIONS.contains(&v.as_str()) {
@@ -191,7 +220,7 @@ async fn answer(
         }
     };
     // Every message passes the rate limits, as a frame on /ws does.
-    let limited = gw.limits.borrow_mut().check(now, ip, &a.user).err();
+    let limited = gw.limits.borrow_mut().check(now, ip, &user).err();
     if limited.is_some() {
         gw.meters.borrow_mut().refusals.record(now);
     }
@@ -201,7 +230,7 @@ async fn answer(
             if limited.is_none() && method == "notifications/cancelled" {
                 if let Some(sid) = session_id {
                     let mut sessions = gw.mcp.borrow_mut();
-                    if let Some(s) = sessions.touch(sid, &a.user, now) {
+                    if let Some(s) = sessions.touch(sid, &user, now) {
                         let rid = mcp::cancelled_id(&params).unwrap_or_default();
                         if let Some(call) = s.calls.remove(&rid) {
                             call.cancel();
@@ -218,10 +247,18 @@ async fn answer(
             return Some(json(200, mcp::rate_limited(&id, &method, &r)));
         }
         let (body, version) = mcp::initialize(&params);
-        let sid = gw.mcp.borrow_mut().open(a.user.clone(), version, now);
+        // A user's quota is theirs; guests share their address's.
+        let owner: Rc<str> = match &a.who {
+            Some(w) => w.user.clone(),
+            None => Rc::from(format!("ip:{}", crate::limit::ip_group(ip))),
+        };
+        let sid = gw
+            .mcp
+            .borrow_mut()
+            .open(who.clone(), a.who.is_none(), owner, version, now);
         gw.log.info(
             "mcp session opened",
-            &[("ip", &ip), ("user", &a.user.to_string())],
+            &[("ip", &ip), ("user", &user.to_string())],
         );
         return Some(json(200, mcp::result(&id, &body)).header("Mcp-Session-Id", sid));
     }
@@ -232,7 +269,7 @@ async fn answer(
             mcp::error(Some(&id), code::INVALID_REQUEST, msg, None),
         ));
     };
-    if gw.mcp.borrow_mut().touch(sid, &a.user, now).is_none() {
+    if gw.mcp.borrow_mut().touch(sid, &user, now).is_none() {
         let msg = "no such session (it ended or expired): initialize again";
         return Some(json(
             404,
@@ -245,7 +282,7 @@ async fn answer(
     match method.as_str() {
         "ping" => Some(json(200, mcp::result(&id, "{}"))),
         "tools/list" => Some(json(200, mcp::result(&id, &mcp::tools_list()))),
-        "tools/call" => call_tool(gw, sid, &a.head, id, &params, stream).await,
+        "tools/call" => call_tool(gw, sid, &who, &a.head, id, &params, stream).await,
         _ => Some(json(200, mcp::no_method(&id, &method))),
     }
 }
@@ -255,6 +292,7 @@ async fn answer(
 async fn stream_for(
     gw: &Gateway,
     a: &Admitted,
+    user: &str,
     stream: &mut Socket,
     now: Instant,
 ) -> Option<Response> {
@@ -269,7 +307,7 @@ async fn stream_for(
     };
     let ended = {
         let mut sessions = gw.mcp.borrow_mut();
-        let Some(s) = sessions.touch(sid, &a.user, now) else {
+        let Some(s) = sessions.touch(sid, user, now) else {
             return Some(Response::text(404, "no such session\n"));
         };
         if s.streaming {
@@ -308,6 +346,7 @@ fn sse_head(sid: &str) -> String {
 async fn call_tool(
     gw: &Rc<Gateway>,
     sid: &str,
+    who: &Identity,
     head: &Head,
     id: String,
     params: &str,
@@ -322,13 +361,19 @@ async fn call_tool(
                 mcp::result(&id, &mcp::tool_error("NOT_FOUND", msg, None)),
             ));
         };
-        mcp::start_call(&gw.llm, &mut session.calls, &id, params)
+        let caller = crate::llm::Caller {
+            user: who.user.clone(),
+            grant: gw.live.borrow().rules.llm(who),
+            logged: Rc::default(),
+        };
+        mcp::start_call(&gw.llm, &mut session.calls, &id, params, caller)
     };
     let mcp::Started {
         call,
         token,
         slot,
         cancel,
+        caller,
     } = match started {
         Ok(s) => s,
         Err(answer) => return Some(json(200, answer)),
@@ -342,7 +387,7 @@ async fn call_tool(
     });
     let relay = async {
         let _slot = slot;
-        gw.llm.run(call, &sink).await;
+        gw.llm.run(call, &caller, &sink).await;
         queue.end();
     };
     let response = if streamed {

@@ -5,6 +5,7 @@
 //! Admission happens before anything is allocated for a client: a refused
 //! upgrade costs a short-lived head buffer and one response, never a slot.
 
+pub mod admin;
 pub mod conn;
 pub mod echo;
 pub mod handshakes;
@@ -155,6 +156,7 @@ impl Gateway {
             tls: tls.map(tls::Tls::new),
             mcp: RefCell::new(crate::mcp::Sessions::new(
                 mcp_http::MAX_SESSIONS,
+                mcp_http::MAX_SESSIONS_PER_OWNER,
                 mcp_http::SESSION_IDLE,
             )),
             cfg,
@@ -165,6 +167,7 @@ impl Gateway {
     /// Spawns the gateway's own loops: fan-out, presence, the store's
     /// retention and size bound, the memory sentinel and the remote sync.
     pub fn start(self: &Rc<Self>) {
+        self.start_budgets();
         let g = self.clone();
         self.spawn(async move { g.chat.run_fanout(&g.table, &g.metrics).await });
         let g = self.clone();
@@ -190,6 +193,43 @@ impl Gateway {
                 self.spawn(task);
             }
         }
+    }
+
+    /// The LLM budgets: spending is written through to the store, and
+    /// today's is read back (budgeted calls wait for it).
+    fn start_budgets(self: &Rc<Self>) {
+        let store = self.store.clone();
+        self.llm
+            .ledger
+            .persist_with(Box::new(move |user: &str, day: i64, tokens: u64| {
+                let op = crate::store::WriteOp::Spend {
+                    user: user.to_string(),
+                    day,
+                    tokens: tokens.min(i64::MAX as u64) as i64,
+                };
+                // The write is queued now; nobody waits for its answer.
+                let _ = store.write(op);
+            }));
+        let day = crate::llm::day_of(crate::clock::unix_ms());
+        let g = self.clone();
+        self.spawn(async move {
+            loop {
+                let read = match g.store.spent(day) {
+                    Ok(f) => f.await,
+                    Err(e) => Err(e),
+                };
+                match read {
+                    Ok(rows) => return g.llm.ledger.load(day, rows),
+                    Err(e) => {
+                        g.log.warn(
+                            "cannot read today's LLM spending; retrying",
+                            &[("error", &format!("{e:?}"))],
+                        );
+                        Timer::after(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        });
     }
 
     /// `isolated` while a cluster's box is off the bus, `fallback` while
@@ -258,6 +298,8 @@ impl Gateway {
             table_capacity: table.capacity(),
             handshakes_pending: self.handshakes.borrow().pending(),
             draining: self.draining.get(),
+            denied_provider: self.llm.ledger.denied_provider.get(),
+            denied_budget: self.llm.ledger.denied_budget.get(),
         }
     }
 }
@@ -330,14 +372,14 @@ enum Outcome {
     Upgrade {
         slot: Slot,
         leftover: Vec<u8>,
-        user: Option<Rc<str>>,
+        user: Option<Rc<crate::auth::Identity>>,
         /// `/ws-echo`: echo instead of the chat protocol.
         echo: bool,
         /// The `mcp` subprotocol: JSON-RPC instead of the `op` protocol.
         mcp: bool,
     },
     /// A request for MCP's HTTP transport, read and admitted.
-    Mcp(mcp_http::Admitted),
+    Mcp(Box<mcp_http::Admitted>),
 }
 
 /// Serves one socket from accept to close. A plain fn returning an `async
@@ -386,7 +428,7 @@ fn handle_socket(
         drop(guard);
         let (outcome, stream) = match (outcome, socket) {
             (Outcome::Mcp(admitted), Some(stream)) => {
-                mcp_http::serve(&gw, admitted, stream, ip).await;
+                mcp_http::serve(&gw, *admitted, stream, ip).await;
                 return;
             }
             (o, Some(stream)) => (o, stream),
@@ -422,6 +464,20 @@ fn handle_socket(
     }
 }
 
+impl Gateway {
+    /// A token that signed nobody in, on any surface: counted against
+    /// the address's failed sign-ins (past the limit its attempts get 429).
+    fn failed_sign_in(&self, ip: IpAddr, reason: &str) {
+        self.limits
+            .borrow_mut()
+            .note_failed_hello(Instant::now(), ip);
+        self.log.info(
+            "sign-in refused",
+            &[("ip", &ip), ("reason", &reason.to_string())],
+        );
+    }
+}
+
 fn refuse(gw: &Gateway, why: Refusal, ip: IpAddr, resp: Response) -> Response {
     gw.metrics.refused(why);
     gw.log
@@ -454,14 +510,27 @@ async fn pre_upgrade(gw: &Rc<Gateway>, stream: &mut tls::Socket, ip: IpAddr) -> 
             return Outcome::Done;
         }
     };
+    if head.hosts > 1 || !gw.live.borrow().host_allowed(head.host.as_deref()) {
+        let r = refuse(
+            gw,
+            Refusal::Host,
+            ip,
+            Response::text(
+                421,
+                "this box does not answer to that Host name (server.hostnames lists the names it is served under)\n",
+            ),
+        );
+        r.send(stream).await;
+        return Outcome::Done;
+    }
     // HEAD is answered like GET, without the body.
     let get = head.method == "GET" || head.method == "HEAD";
     // `/ws-echo`, when enabled, is `/ws` with an echo instead of the chat.
     let echo = gw.cfg.server.echo_endpoint && head.route() == "/ws-echo";
     let route = if echo { "/ws" } else { head.route() };
     if route == "/mcp" {
-        return match mcp_http::admit(gw, head, leftover, stream).await {
-            Ok(admitted) => Outcome::Mcp(admitted),
+        return match mcp_http::admit(gw, head, leftover, stream, ip).await {
+            Ok(admitted) => Outcome::Mcp(Box::new(admitted)),
             Err(r) => {
                 r.send(stream).await;
                 Outcome::Done
@@ -471,10 +540,15 @@ async fn pre_upgrade(gw: &Rc<Gateway>, stream: &mut tls::Socket, ip: IpAddr) -> 
     let response = match route {
         "/ws" if get => match admit(gw, &head, ip) {
             Ok((slot, user)) => {
+                let protocol = if head.ws_mcp && !echo {
+                    Some("mcp")
+                } else {
+                    head.ws_op.then_some("hivegate")
+                };
                 if stream
                     .write_all(&http::switching_protocols(
                         head.ws_key.as_deref().unwrap_or(""),
-                        head.ws_mcp && !echo,
+                        protocol,
                     ))
                     .await
                     .is_err()
@@ -496,11 +570,12 @@ async fn pre_upgrade(gw: &Rc<Gateway>, stream: &mut tls::Socket, ip: IpAddr) -> 
         // The embedded web chat: a plain client of the wire protocol.
         "/" if get => gw.web.page(),
         "/favicon.ico" if get => gw.web.icon(),
-        "/readyz" if get => probes::readyz(gw),
-        "/metrics" if get => Response::new(
-            200,
-            "text/plain; version=0.0.4; charset=utf-8",
-            probes::metrics_page(gw),
+        // Only what the web page needs: key ids, memory and breakers are
+        // for the operator, on server.admin_listen.
+        "/readyz" if get => probes::readyz(gw, false),
+        "/metrics" if get => Response::text(
+            404,
+            "not found: /metrics is served on server.admin_listen (127.0.0.1:8081 by default)\n",
         ),
         "/" | "/ws" | "/healthz" | "/readyz" | "/metrics" => {
             Response::text(405, "method not allowed\n").header("Allow", "GET, HEAD")
@@ -528,7 +603,7 @@ fn admit(
     gw: &Rc<Gateway>,
     head: &http::Head,
     ip: IpAddr,
-) -> Result<(Slot, Option<Rc<str>>), Response> {
+) -> Result<(Slot, Option<Rc<crate::auth::Identity>>), Response> {
     if !(head.upgrade_websocket && head.connection_upgrade && head.ws_key.is_some()) {
         return Err(refuse(
             gw,
@@ -626,29 +701,47 @@ fn admit(
             ))
         }
     }
-    let user = match &head.bearer {
-        Some(token) => match gw.live.borrow().auth.user_for(token).map(Rc::from) {
-            Some(u) => Some(u),
-            None => {
-                return Err(refuse(
-                    gw,
-                    Refusal::Unauthorized,
-                    ip,
-                    Response::text(401, "bad token\n").header("WWW-Authenticate", "Bearer"),
-                ))
+    if head.ws_bearer.is_some() && !(head.ws_mcp || head.ws_op) {
+        // The token must not be the protocol the server picks (it would
+        // be echoed back), and a browser fails an upgrade that picks none.
+        return Err(refuse(
+            gw,
+            Refusal::BadRequest,
+            ip,
+            Response::text(
+                400,
+                "offer a bearer.TOKEN subprotocol beside `hivegate` (the op protocol) or `mcp`\n",
+            ),
+        ));
+    }
+    let user = match head.bearer.as_ref().or(head.ws_bearer.as_ref()) {
+        Some(token) => {
+            let signed = gw.live.borrow().sign_in(token);
+            match signed {
+                Ok(who) => Some(Rc::new(who)),
+                Err(reason) => {
+                    gw.failed_sign_in(ip, reason);
+                    return Err(refuse(
+                        gw,
+                        Refusal::Unauthorized,
+                        ip,
+                        Response::text(401, "bad token\n").header("WWW-Authenticate", "Bearer"),
+                    ));
+                }
             }
-        },
+        }
         None => None,
     };
     // An MCP client has no `hello`: its token comes with the upgrade.
-    if head.ws_mcp && user.is_none() && gw.live.borrow().mode == crate::auth::AuthMode::Token {
+    if head.ws_mcp && user.is_none() && gw.live.borrow().mode != crate::auth::AuthMode::Open {
+        gw.failed_sign_in(ip, "missing token");
         return Err(refuse(
             gw,
             Refusal::Unauthorized,
             ip,
             Response::text(
                 401,
-                "the mcp subprotocol needs Authorization: Bearer TOKEN\n",
+                "the mcp subprotocol needs Authorization: Bearer TOKEN (or a bearer.TOKEN subprotocol)\n",
             )
             .header("WWW-Authenticate", "Bearer"),
         ));

@@ -66,7 +66,10 @@ pub fn metrics_page(gw: &Gateway) -> String {
     body
 }
 
-pub fn readyz(gw: &Gateway) -> Response {
+/// `/readyz`: the status and mode for everyone (the web page shows them);
+/// with `detail` (the admin listener), connections, memory, breakers and
+/// rates too.
+pub fn readyz(gw: &Gateway, detail: bool) -> Response {
     let g = gw.gauges();
     let status = if g.draining {
         "draining"
@@ -75,9 +78,15 @@ pub fn readyz(gw: &Gateway) -> Response {
     } else {
         "ready"
     };
-    let body = JsonOut::new()
-        .str("status", status)
-        .str("mode", gw.mode())
+    let public = JsonOut::new().str("status", status).str("mode", gw.mode());
+    if !detail {
+        return Response::new(
+            if status == "ready" { 200 } else { 503 },
+            "application/json",
+            public.finish() + "\n",
+        );
+    }
+    let body = public
         .str("storage", if gw.store.is_full() { "full" } else { "ok" })
         .num("connections", g.connections_open as u64)
         .num("capacity", g.table_capacity as u64)

@@ -8,45 +8,133 @@
 //! it names the section and says a restart applies it.
 
 use super::Gateway;
-use crate::auth::{AuthMode, Authenticator};
+use crate::access::{Action, Denied, Rules};
+use crate::auth::{AuthMode, Authenticator, Identity};
 use crate::config::Config;
+use crate::hub::frame;
+use crate::json::JsonOut;
+use crate::jwt::JwtConfig;
 use crate::ops::metrics::inc;
+use crate::ops::metrics::Denial;
+use crate::protocol::ErrorCode;
 use crate::redact::Redactor;
+use std::rc::Rc;
 
 /// The settings a reload replaces, read on every admission and `hello`.
 pub struct Live {
     pub auth: Authenticator,
     pub mode: AuthMode,
+    pub jwt: JwtConfig,
+    pub rules: Rules,
     pub origins: Vec<String>,
+    /// `server.hostnames`.
+    pub hostnames: Vec<String>,
     /// Every key configured since start (old keys stay redacted).
     pub redact: Redactor,
 }
 
+/// Why a presented token signs nobody in (for the log; the client is
+/// told only that it was refused).
+pub type SignInRefused = &'static str;
+
 impl Live {
-    /// Whether a browser's `Origin` may connect (no `Origin`, or no list:
-    /// yes).
+    /// Who `token` signs in as: a configured token (in every mode), or in
+    /// jwt mode a valid JWT.
+    pub fn sign_in(&self, token: &str) -> Result<Identity, SignInRefused> {
+        if let Some(who) = self.auth.identify(token) {
+            return Ok(who);
+        }
+        if self.mode != AuthMode::Jwt {
+            return Err("unknown token");
+        }
+        let now = crate::clock::unix_ms().max(0) as u64 / 1000;
+        crate::jwt::verify(&self.jwt, token, now).map_err(|r| r.label())
+    }
+
+    /// Who a session without a token is: a guest in open mode, nobody
+    /// otherwise.
+    pub fn anonymous(&self, client_id: Option<&str>) -> Option<Identity> {
+        (self.mode == AuthMode::Open).then(|| Identity::guest(client_id))
+    }
+
+    /// Whether a browser's `Origin` may connect: no `Origin` (not a
+    /// browser), one of `allowed_origins`, or with no list, one whose host
+    /// is this box's (see [`Live::host_allowed`]).
     pub fn origin_allowed(&self, origin: Option<&str>) -> bool {
-        origin.is_none_or(|o| self.origins.is_empty() || self.origins.iter().any(|a| a == o))
+        let Some(o) = origin else {
+            return true;
+        };
+        if !self.origins.is_empty() {
+            return self.origins.iter().any(|a| a == o);
+        }
+        let host = o
+            .strip_prefix("http://")
+            .or_else(|| o.strip_prefix("https://"));
+        host.is_some_and(|h| self.host_allowed(Some(h)))
+    }
+
+    /// Whether a `Host` header names this box: an IP address (a browser
+    /// never sends one for a name it resolved, so DNS rebinding cannot
+    /// produce it), `localhost`, or one of `server.hostnames`. A request
+    /// without `Host` is not from a browser and passes.
+    pub fn host_allowed(&self, host: Option<&str>) -> bool {
+        let Some(host) = host else {
+            return true;
+        };
+        let name = strip_port(host).to_ascii_lowercase();
+        let name = name.trim_end_matches('.');
+        name.parse::<std::net::IpAddr>().is_ok()
+            || name == "localhost"
+            || name.ends_with(".localhost")
+            || self.hostnames.iter().any(|h| h == name)
     }
 
     pub fn new(cfg: &Config) -> Live {
         Live {
             auth: Authenticator::new(cfg.auth.tokens.clone()),
             mode: cfg.auth.mode,
+            jwt: cfg.auth.jwt.clone(),
+            rules: Rules::new(cfg.access.clone()),
             origins: cfg.server.allowed_origins.clone(),
+            hostnames: cfg.server.hostnames.clone(),
             redact: cfg.redactor(),
         }
     }
 }
 
+/// `host:port`, `[v6]:port`, `[v6]` or `host` → the host.
+fn strip_port(host: &str) -> &str {
+    if let Some(rest) = host.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or("");
+    }
+    match host.rsplit_once(':') {
+        Some((h, port)) if !h.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    }
+}
+
 impl Gateway {
     /// Applies `new`'s reloadable settings; returns the sections that
-    /// differ in what only a restart applies.
+    /// differ in what only a restart applies. A configuration that would
+    /// change the sign-in mode without saying so (an empty file, or one
+    /// that lost its `[auth]`, read on a loopback address, infers open
+    /// mode) is refused as a whole: the error says what to write.
     pub fn reload(
         &self,
         new: &Config,
         tls: Option<std::sync::Arc<rustls::ServerConfig>>,
-    ) -> Vec<&'static str> {
+    ) -> Result<Vec<&'static str>, String> {
+        let running = self.live.borrow().mode;
+        if new.auth.mode != running && !new.auth.mode_explicit {
+            return Err(format!(
+                "the new configuration does not set auth.mode, and without it the mode would \
+                 change from {} to {}; write auth.mode = \"{}\" under [auth] to make that \
+                 change, or restore the [auth] settings",
+                running.label(),
+                new.auth.mode.label(),
+                new.auth.mode.label()
+            ));
+        }
         let redact = self.live.borrow().redact.merged(&new.redactor());
         *self.live.borrow_mut() = Live {
             redact: redact.clone(),
@@ -64,7 +152,50 @@ impl Gateway {
             t.replace(config);
         }
         inc(&self.metrics.reloads);
-        needs_restart(&self.cfg, new)
+        self.recheck_rooms();
+        Ok(needs_restart(&self.cfg, new))
+    }
+
+    /// After new rules: every session taken out of the rooms it may no
+    /// longer join, told with a `left` and a `FORBIDDEN` error. It stays
+    /// connected, in the rooms it may still be in.
+    fn recheck_rooms(&self) {
+        let live = self.live.borrow();
+        if live.rules.is_empty() {
+            return;
+        }
+        let revoked: Vec<(Rc<str>, usize, u64, Denied)> = {
+            let table = self.table.borrow();
+            self.chat
+                .memberships()
+                .into_iter()
+                .filter_map(|(room, key)| {
+                    let e = table.get(key)?;
+                    let who = e.who.as_ref()?;
+                    let denied = live.rules.room(who, &room, Action::Join).err()?;
+                    Some((room, key, e.id, denied))
+                })
+                .collect()
+        };
+        for (room, key, id, denied) in &revoked {
+            self.chat.leave(room, *key);
+            self.metrics.denied(Denial::Revoked);
+            let left = JsonOut::op("left")
+                .str("room", room)
+                .str("reason", "forbidden")
+                .finish();
+            let msg = format!("you may no longer be in room {room}: {}", denied.describe());
+            let error = crate::protocol::error_frame(None, ErrorCode::Forbidden, &msg, None);
+            let mut table = self.table.borrow_mut();
+            table.deliver_to(*key, *id, &frame(left));
+            table.deliver_to(*key, *id, &frame(error));
+        }
+        if !revoked.is_empty() {
+            self.log.info(
+                "reload: sessions taken out of rooms the new access rules do not allow",
+                &[("memberships", &revoked.len())],
+            );
+        }
     }
 
     /// A reload that found the new configuration invalid: counted; the
@@ -81,6 +212,7 @@ pub fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
     let fixed = |c: &Config| {
         let mut c = c.clone();
         c.server.allowed_origins.clear();
+        c.server.hostnames.clear();
         c.server.memory_limit_bytes = 0;
         // Only whether TLS is on is fixed; the files are re-read.
         let on = c
@@ -91,6 +223,7 @@ pub fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
         c.server.tls_cert_file = on.clone();
         c.server.tls_key_file = on;
         c.auth = Default::default();
+        c.access.clear();
         c.limits = crate::limit::LimitParams {
             table_entries: c.limits.table_entries,
             ..Default::default()
@@ -146,6 +279,40 @@ mod tests {
         Config::from_text(Some((std::path::Path::new("t.toml"), text)), &[])
             .unwrap()
             .0
+    }
+
+    #[test]
+    fn hosts_and_origins_must_name_this_box() {
+        let live = Live::new(&cfg("[server]\nhostnames = [\"chat.example.org\"]\n"));
+        for ok in [
+            None,
+            Some("127.0.0.1:8080"),
+            Some("[::1]:8080"),
+            Some("192.168.1.5"),
+            Some("localhost:8080"),
+            Some("Chat.Example.Org"),
+            Some("chat.example.org.:443"),
+        ] {
+            assert!(live.host_allowed(ok), "{ok:?}");
+        }
+        for bad in [
+            Some("evil.example"),
+            Some("evil.example:8080"),
+            Some("127.0.0.1.evil.example"),
+            Some(""),
+        ] {
+            assert!(!live.host_allowed(bad), "{bad:?}");
+        }
+        assert!(live.origin_allowed(None));
+        assert!(live.origin_allowed(Some("http://127.0.0.1:8080")));
+        assert!(live.origin_allowed(Some("https://chat.example.org")));
+        assert!(!live.origin_allowed(Some("http://evil.example")));
+        assert!(!live.origin_allowed(Some("null")));
+        let listed = Live::new(&cfg(
+            "[server]\nallowed_origins = [\"https://app.example\"]\n",
+        ));
+        assert!(listed.origin_allowed(Some("https://app.example")));
+        assert!(!listed.origin_allowed(Some("http://127.0.0.1:8080")));
     }
 
     #[test]

@@ -211,6 +211,14 @@ impl Store {
         self.read(move |c| db::history(c, &room, range, limit))
     }
 
+    /// The LLM tokens each user spent on `day`, for the budgets.
+    pub fn spent(
+        &self,
+        day: i64,
+    ) -> Result<impl Future<Output = Result<Vec<(String, u64)>, StoreError>>, StoreError> {
+        self.read(move |c| db::spent(c, day))
+    }
+
     /// The oldest unsynced rows and the backlog, for the sync job.
     pub fn outbox(
         &self,

@@ -27,6 +27,8 @@ pub struct Gateway {
     env: Vec<(String, String)>,
     pub child: Child,
     pub addr: SocketAddr,
+    /// The operator endpoints (`server.admin_listen`), where they are on.
+    pub admin: Option<SocketAddr>,
     pub log: Arc<Mutex<Vec<String>>>,
     pub dir: tempfile::TempDir,
 }
@@ -53,7 +55,7 @@ impl Gateway {
             )
         };
         std::fs::write(&path, text).expect("write config");
-        let (child, addr, log) = spawn(&path, env);
+        let (child, addr, admin, log) = spawn(&path, env);
         let env = env
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -62,6 +64,7 @@ impl Gateway {
             env,
             child,
             addr,
+            admin,
             log,
             dir,
         }
@@ -77,21 +80,44 @@ impl Gateway {
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
-        let (child, addr, log) = spawn(&self.dir.path().join("hivegate.toml"), &env);
+        let (child, addr, admin, log) = spawn(&self.dir.path().join("hivegate.toml"), &env);
         self.child = child;
         self.addr = addr;
+        self.admin = admin;
         self.log = log;
     }
 }
 
+/// The operator endpoints' address from the `listening` line (`None`:
+/// turned off).
+pub fn admin_addr(line: &str) -> Option<SocketAddr> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("admin="))
+        .and_then(|a| a.parse().ok())
+}
+
+/// Gateways started by tests run side by side: unless a test chose its
+/// own, each one's operator endpoints take a free port.
+pub const ADMIN_ANY_PORT: (&str, &str) = ("HIVEGATE_SERVER_ADMIN_LISTEN", "127.0.0.1:0");
+
 fn spawn(
     path: &std::path::Path,
     env: &[(&str, &str)],
-) -> (Child, SocketAddr, Arc<Mutex<Vec<String>>>) {
+) -> (
+    Child,
+    SocketAddr,
+    Option<SocketAddr>,
+    Arc<Mutex<Vec<String>>>,
+) {
     {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_hivegate"));
         cmd.arg("serve").arg("--config").arg(path);
         cmd.env_remove("NOTIFY_SOCKET").env_remove("WATCHDOG_USEC");
+        let chosen = std::fs::read_to_string(path).is_ok_and(|t| t.contains("admin_listen"))
+            || env.iter().any(|(k, _)| *k == ADMIN_ANY_PORT.0);
+        if !chosen {
+            cmd.env(ADMIN_ANY_PORT.0, ADMIN_ANY_PORT.1);
+        }
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -126,7 +152,7 @@ fn spawn(
             .find_map(|w| w.strip_prefix("addr="))
             .and_then(|a| a.parse().ok())
             .expect("listening line names the address");
-        (child, addr, log)
+        (child, addr, admin_addr(&line), log)
     }
 }
 
@@ -157,10 +183,25 @@ impl Gateway {
         self.log.lock().unwrap().join("\n")
     }
 
+    /// A GET: `/metrics` and `/readyz` from the operator endpoints (where
+    /// they are on), the rest from the client port.
     pub fn get(&self, path: &str) -> HttpResponse {
+        let admin = path.starts_with("/metrics") || path.starts_with("/readyz");
+        let addr = match self.admin {
+            Some(a) if admin => a,
+            _ => self.addr,
+        };
+        http_request(
+            addr,
+            &format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"),
+        )
+    }
+
+    /// A GET on the client port, whatever the path.
+    pub fn get_public(&self, path: &str) -> HttpResponse {
         http_request(
             self.addr,
-            &format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n"),
+            &format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"),
         )
     }
 

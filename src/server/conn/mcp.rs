@@ -21,7 +21,7 @@ pub type Calls = Rc<RefCell<HashMap<String, Rc<Cancel>>>>;
 impl Conn {
     pub(super) fn on_mcp(&mut self, calls: Calls, text: &str, now: Instant) -> Result<(), Close> {
         inc(&self.gw.metrics.mcp_requests_ws);
-        let Some(user) = self.session.as_ref().map(|s| s.user.clone()) else {
+        let Some(user) = self.session.as_ref().map(|s| s.who.user.clone()) else {
             return Err(Close(close::UNAUTHORIZED));
         };
         let limited = self
@@ -87,7 +87,8 @@ impl Conn {
             ));
         };
         let llm = self.gw.llm.clone();
-        let started = match mcp::start_call(&llm, &mut calls.borrow_mut(), id, params) {
+        let caller = self.caller();
+        let started = match mcp::start_call(&llm, &mut calls.borrow_mut(), id, params, caller) {
             Ok(s) => s,
             Err(answer) => return Some(answer),
         };
@@ -96,10 +97,10 @@ impl Conn {
         let cancel = started.cancel;
         let sink = mcp::Sink::new(translator, cancel.clone(), move |m, _| reply.send(m));
         let id = id.to_string();
-        let (call, slot) = (started.call, started.slot);
+        let (call, slot, caller) = (started.call, started.slot, started.caller);
         self.gw.spawn(Box::pin(async move {
             let (_slot, _held) = (slot, held);
-            llm.run(call, &sink).await;
+            llm.run(call, &caller, &sink).await;
             let mut calls = calls.borrow_mut();
             if calls.get(&id).is_some_and(|c| Rc::ptr_eq(c, &cancel)) {
                 calls.remove(&id);

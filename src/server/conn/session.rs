@@ -5,12 +5,13 @@
 //! returns `Err(Close(code))`.
 
 use super::{Conn, Session};
-use crate::auth::AuthMode;
+use crate::access::Action;
+use crate::auth::Identity;
 use crate::chat::Asker;
 use crate::hub::{Reply, Task};
 use crate::json::JsonOut;
 use crate::limit::Refused;
-use crate::ops::metrics::inc;
+use crate::ops::metrics::{inc, Denial};
 use crate::protocol::{self, close, Close, ErrorCode, Request};
 use crate::store::Range;
 use std::rc::Rc;
@@ -30,7 +31,7 @@ impl Conn {
                 .gw
                 .limits
                 .borrow_mut()
-                .check(now, self.slot.ip, &session.user);
+                .check(now, self.slot.ip, &session.who.user);
             if let Err(refused) = checked {
                 let rid = match &parsed {
                     Ok(e) => e.request_id.as_deref(),
@@ -74,6 +75,9 @@ impl Conn {
                 Ok(())
             }
             (Some(_), Request::Join { room, history }) => {
+                if !self.allowed(rid, &room, Action::Join) {
+                    return Ok(());
+                }
                 let task = self.gw.requests.join(
                     &self.gw.store,
                     &self.asker(),
@@ -90,6 +94,9 @@ impl Conn {
                 Ok(())
             }
             (Some(_), Request::Publish { room, text }) => {
+                if !self.allowed(rid, &room, Action::Publish) {
+                    return Ok(());
+                }
                 let task = self.gw.requests.publish(
                     &self.gw.store,
                     &self.asker(),
@@ -100,12 +107,24 @@ impl Conn {
                 self.spawn(task)
             }
             (Some(_), Request::React { message_id, emoji }) => {
+                let mine = self.gw.chat.rooms_of(self.slot.key);
+                let rooms: Vec<String> = mine
+                    .iter()
+                    .filter(|r| self.may(r, Action::React))
+                    .map(|r| r.to_string())
+                    .collect();
+                if rooms.is_empty() && !mine.is_empty() {
+                    // In rooms, none of which allows reacting.
+                    self.allowed(rid, &mine[0], Action::React);
+                    return Ok(());
+                }
                 let task = self.gw.requests.react(
                     &self.gw.store,
                     &self.asker(),
                     self.reply(rid),
                     message_id,
                     emoji,
+                    rooms,
                 );
                 self.spawn(task)
             }
@@ -114,9 +133,14 @@ impl Conn {
                 Ok(())
             }
             (Some(_), Request::CallTool { name, call }) => {
-                let task =
-                    self.tools
-                        .call(&self.gw.llm, self.reply(rid), &self.in_flight, &name, call);
+                let task = self.tools.call(
+                    &self.gw.llm,
+                    self.reply(rid),
+                    &self.in_flight,
+                    &name,
+                    call,
+                    self.caller(),
+                );
                 self.spawn(task)
             }
             (Some(_), Request::Cancel) => {
@@ -137,6 +161,18 @@ impl Conn {
                     (None, Some(a)) => Range::After(a.min(i64::MAX as u64) as i64),
                     (None, None) => Range::Latest,
                 };
+                // With rules, one who may read a room reads its history
+                // without joining; a member may (joining implies reading).
+                let member = self.gw.chat.is_member(&room, self.slot.key);
+                let rules = !self.gw.live.borrow().rules.is_empty();
+                if !member && !rules {
+                    let msg = "join the room before reading its history";
+                    self.reply(rid).error(ErrorCode::Unauthorized, msg, None);
+                    return Ok(());
+                }
+                if !member && !self.allowed(rid, &room, Action::Read) {
+                    return Ok(());
+                }
                 let task = self.gw.requests.history(
                     &self.gw.store,
                     &self.asker(),
@@ -202,31 +238,37 @@ impl Conn {
         client_id: Option<&str>,
     ) -> Result<(), Close> {
         let gw = self.gw.clone();
-        let user: Option<Rc<str>> = match token {
-            Some(t) => gw.live.borrow().auth.user_for(t).map(Rc::from),
-            None => match (&self.preauth, gw.live.borrow().mode) {
-                (Some(u), _) => Some(u.clone()),
-                (None, AuthMode::Open) => Some(Rc::from(guest_name(self.slot.id, client_id))),
-                (None, AuthMode::Token) => None,
-            },
+        let signed = match (token, &self.preauth) {
+            (Some(t), _) => gw.live.borrow().sign_in(t).map(Rc::new),
+            (None, Some(who)) => Ok(who.clone()),
+            (None, None) => gw
+                .live
+                .borrow()
+                .anonymous(client_id)
+                .map(Rc::new)
+                .ok_or("missing token"),
         };
-        let Some(user) = user else {
-            gw.limits
-                .borrow_mut()
-                .note_failed_hello(Instant::now(), self.slot.ip);
-            gw.log.info(
-                "hello refused",
-                &[("conn", &self.slot.id), ("reason", &"bad or missing token")],
-            );
-            self.send(
-                JsonOut::op("hello_ack")
-                    .opt_str("request_id", rid)
-                    .bool("ok", false)
-                    .str("error", "unauthorized")
-                    .finish(),
-            );
-            return Err(Close(close::UNAUTHORIZED));
+        let who: Rc<Identity> = match signed {
+            Ok(who) => who,
+            Err(reason) => {
+                gw.limits
+                    .borrow_mut()
+                    .note_failed_hello(Instant::now(), self.slot.ip);
+                gw.log.info(
+                    "hello refused",
+                    &[("conn", &self.slot.id), ("reason", &reason)],
+                );
+                self.send(
+                    JsonOut::op("hello_ack")
+                        .opt_str("request_id", rid)
+                        .bool("ok", false)
+                        .str("error", "unauthorized")
+                        .finish(),
+                );
+                return Err(Close(close::UNAUTHORIZED));
+            }
         };
+        let user = who.user.clone();
         let session_id = format!("{:016x}{:x}", crate::resilience::random_u64(), self.slot.id);
         let user_bucket = gw.limits.borrow().params().user;
         let limits = JsonOut::new()
@@ -252,14 +294,77 @@ impl Conn {
                 ("client", &client.unwrap_or("-").to_string()),
             ],
         );
-        self.session = Some(Session { user });
+        if let Some(e) = gw.table.borrow_mut().get_mut(self.slot.key) {
+            e.who = Some(who.clone());
+        }
+        self.session = Some(Session::new(who));
         Ok(())
     }
 
     fn user(&self) -> Rc<str> {
         self.session
             .as_ref()
-            .map_or_else(|| Rc::from("-"), |s| s.user.clone())
+            .map_or_else(|| Rc::from("-"), |s| s.who.user.clone())
+    }
+
+    /// Whether the access rules let this session do `action` in `room`.
+    fn may(&self, room: &str, action: Action) -> bool {
+        self.session.as_ref().is_some_and(|s| {
+            self.gw
+                .live
+                .borrow()
+                .rules
+                .room(&s.who, room, action)
+                .is_ok()
+        })
+    }
+
+    /// [`Conn::may`], answering `FORBIDDEN` when not: counted by action,
+    /// logged once per session and rule.
+    fn allowed(&mut self, rid: Option<&str>, room: &str, action: Action) -> bool {
+        let Some(s) = &self.session else {
+            return false;
+        };
+        let Err(denied) = self.gw.live.borrow().rules.room(&s.who, room, action) else {
+            return true;
+        };
+        self.gw.metrics.denied(Denial::of(action));
+        let bit = 1u64 << denied.slot();
+        if s.denials_logged.get() & bit == 0 {
+            s.denials_logged.set(s.denials_logged.get() | bit);
+            self.gw.log.info(
+                "access denied",
+                &[
+                    ("conn", &self.slot.id),
+                    ("user", &s.who.user),
+                    ("action", &action.label()),
+                    ("room", &room.to_string()),
+                    ("why", &denied.describe()),
+                ],
+            );
+        }
+        let msg = format!(
+            "you may not {} room {room}: {}",
+            action.label(),
+            denied.describe()
+        );
+        self.send(protocol::error_frame(rid, ErrorCode::Forbidden, &msg, None));
+        false
+    }
+
+    /// This session as the LLM relay sees it.
+    pub(super) fn caller(&self) -> crate::llm::Caller {
+        match &self.session {
+            Some(s) => crate::llm::Caller {
+                user: s.who.user.clone(),
+                grant: self.gw.live.borrow().rules.llm(&s.who),
+                logged: s.denials_logged.clone(),
+            },
+            None => crate::llm::Caller {
+                grant: Err(crate::access::Denied::NoRule),
+                ..crate::llm::Caller::unrestricted("-")
+            },
+        }
     }
 
     /// Where the answers to a request of this connection go.
@@ -283,18 +388,5 @@ impl Conn {
             self.gw.spawn(task);
         }
         Ok(())
-    }
-}
-
-/// An open-mode name: from the client's stable id when it sends one (the
-/// same page keeps its name across reconnects), else from the connection.
-fn guest_name(conn: u64, client_id: Option<&str>) -> String {
-    match client_id {
-        Some(id) => {
-            let digest = crate::auth::sha256(id.as_bytes());
-            let hex: String = digest[..4].iter().map(|b| format!("{b:02x}")).collect();
-            format!("guest-{hex}")
-        }
-        None => format!("guest-{conn}"),
     }
 }

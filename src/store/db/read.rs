@@ -148,3 +148,12 @@ pub fn outbox(conn: &Connection, limit: i64) -> rusqlite::Result<Unsynced> {
         oldest_ts,
     })
 }
+
+/// The LLM tokens each user spent on `day` (UTC days since the epoch).
+pub fn spent(conn: &Connection, day: i64) -> rusqlite::Result<Vec<(String, u64)>> {
+    let mut stmt = conn.prepare_cached("SELECT user, tokens FROM llm_usage WHERE day = ?1")?;
+    let rows = stmt.query_map([day], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?.max(0) as u64))
+    })?;
+    rows.collect()
+}

@@ -6,7 +6,7 @@ use std::path::Path;
 
 /// The schema this build writes. Older databases are migrated on start;
 /// a newer one is refused (it was written by a newer hivegate).
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE rooms (
@@ -81,6 +81,18 @@ CREATE TABLE bus_peers (
     room TEXT NOT NULL,
     oseq INTEGER NOT NULL,
     PRIMARY KEY (origin, room)
+) WITHOUT ROWID;
+";
+
+/// Version 4: LLM tokens spent, per user and UTC day (days since the
+/// epoch), for the access rules' daily budgets: a restart must not give
+/// everyone a fresh budget.
+const SCHEMA_V4: &str = "
+CREATE TABLE llm_usage (
+    user TEXT NOT NULL,
+    day INTEGER NOT NULL,
+    tokens INTEGER NOT NULL,
+    PRIMARY KEY (day, user)
 ) WITHOUT ROWID;
 ";
 
@@ -159,6 +171,11 @@ fn migrate(conn: &Connection, from: i64) -> rusqlite::Result<()> {
     if from < 3 {
         conn.execute_batch(&format!(
             "BEGIN; {SCHEMA_V3} PRAGMA user_version = 3; COMMIT;"
+        ))?;
+    }
+    if from < 4 {
+        conn.execute_batch(&format!(
+            "BEGIN; {SCHEMA_V4} PRAGMA user_version = 4; COMMIT;"
         ))?;
     }
     Ok(())

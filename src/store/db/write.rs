@@ -57,6 +57,9 @@ pub enum WriteOp {
         older_than_ts: i64,
         batch: i64,
     },
+    /// LLM tokens a user spent on a UTC day (added to what is there);
+    /// days more than a week old are forgotten.
+    Spend { user: String, day: i64, tokens: i64 },
     /// The remote refused this row: park it and say why.
     DeadLetter {
         kind: &'static str,
@@ -367,6 +370,17 @@ fn apply(conn: &Connection, op: &WriteOp) -> Result<WriteOk, WriteErr> {
         } => bus::prune_log(conn, *max_rows, *older_than_ts, *batch)
             .map(|deleted| WriteOk::Pruned { deleted })
             .map_err(storage),
+        WriteOp::Spend { user, day, tokens } => (|| {
+            conn.prepare_cached(
+                "INSERT INTO llm_usage (user, day, tokens) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (day, user) DO UPDATE SET tokens = tokens + excluded.tokens",
+            )?
+            .execute(params![user, day, tokens])?;
+            conn.prepare_cached("DELETE FROM llm_usage WHERE day < ?1 - 7")?
+                .execute(params![day])?;
+            Ok(WriteOk::Marked)
+        })()
+        .map_err(storage),
         WriteOp::DeadLetter {
             kind,
             key,

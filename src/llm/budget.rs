@@ -1,0 +1,246 @@
+//! Who is calling the `chat` tool, and what the access rules let them
+//! spend: which providers (a named one, or those of the chain), and how
+//! many tokens a UTC day.
+//!
+//! The tokens spent are counted from what the upstream reports (an
+//! estimate of a token per 4 bytes when it reports nothing), kept here per
+//! user for today and written through to SQLite, so a restart does not
+//! hand out fresh budgets. A call is refused once the budget is spent; a
+//! call already running may take it past (its cost is known only at its
+//! end).
+
+use crate::access::{Denied, LlmGrant};
+use crate::protocol::ErrorCode;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+
+/// Most users with spending tracked today; past it, a user new today with
+/// a budget is refused (`OVER_CAPACITY`) rather than let through uncounted.
+pub const MAX_USERS: usize = 65_536;
+
+const DAY_MS: i64 = 86_400_000;
+
+/// The UTC day (days since the epoch) of a Unix time in milliseconds.
+pub fn day_of(unix_ms: i64) -> i64 {
+    unix_ms.div_euclid(DAY_MS)
+}
+
+/// Milliseconds from `unix_ms` to the next UTC midnight (at least 1).
+pub fn ms_to_midnight(unix_ms: i64) -> u64 {
+    (DAY_MS - unix_ms.rem_euclid(DAY_MS)).max(1) as u64
+}
+
+/// One session as the relay sees it.
+#[derive(Clone)]
+pub struct Caller {
+    pub user: Rc<str>,
+    /// What the access rules grant, or which rule refuses the LLM.
+    pub grant: Result<LlmGrant, Denied>,
+    /// Refusals already logged for this session (see `access::Denied::slot`).
+    pub logged: Rc<Cell<u64>>,
+}
+
+impl Caller {
+    /// A caller the rules let call everything (no rules, or tests).
+    pub fn unrestricted(user: &str) -> Caller {
+        Caller {
+            user: Rc::from(user),
+            grant: Ok(LlmGrant {
+                providers: None,
+                tokens_per_day: None,
+                rule: 0,
+            }),
+            logged: Rc::default(),
+        }
+    }
+
+    pub fn may_use(&self, provider: &str) -> bool {
+        self.grant.as_ref().is_ok_and(|g| g.allows(provider))
+    }
+
+    /// True the first time this session is refused by `denied`'s rule.
+    pub fn first_refusal(&self, denied: Denied) -> bool {
+        let bit = 1u64 << denied.slot();
+        let first = self.logged.get() & bit == 0;
+        self.logged.set(self.logged.get() | bit);
+        first
+    }
+}
+
+/// Why a call may not start.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refused {
+    pub code: ErrorCode,
+    pub message: String,
+    pub retry_after_ms: Option<u64>,
+}
+
+impl Refused {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Refused {
+        Refused {
+            code,
+            message: message.into(),
+            retry_after_ms: None,
+        }
+    }
+}
+
+/// Writes a user's spending on a day through to the store.
+pub type Persist = Box<dyn Fn(&str, i64, u64)>;
+
+/// Today's spending per user.
+#[derive(Default)]
+pub struct Ledger {
+    day: Cell<i64>,
+    used: RefCell<HashMap<Rc<str>, u64>>,
+    /// False until today's spending was read back from the store.
+    loaded: Cell<bool>,
+    /// Writes a user's spending through to the store.
+    persist: RefCell<Option<Persist>>,
+    /// Calls refused for the provider, and for the budget.
+    pub denied_provider: Cell<u64>,
+    pub denied_budget: Cell<u64>,
+}
+
+impl Ledger {
+    /// Where spending is written (the store); until [`Ledger::load`] runs,
+    /// budgeted calls wait.
+    pub fn persist_with(&self, f: Persist) {
+        *self.persist.borrow_mut() = Some(f);
+    }
+
+    /// What the store holds for `day`.
+    pub fn load(&self, day: i64, rows: Vec<(String, u64)>) {
+        if day >= self.day.get() {
+            self.day.set(day);
+            let mut used = self.used.borrow_mut();
+            for (user, tokens) in rows.into_iter().take(MAX_USERS) {
+                *used.entry(Rc::from(user)).or_insert(0) += tokens;
+            }
+        }
+        self.loaded.set(true);
+    }
+
+    /// Without a store (tests, or no budgets at all): nothing to wait for.
+    pub fn mark_loaded(&self) {
+        self.loaded.set(true);
+    }
+
+    fn roll(&self, day: i64) {
+        if day > self.day.get() {
+            self.day.set(day);
+            self.used.borrow_mut().clear();
+        }
+    }
+
+    pub fn used(&self, user: &str, now_ms: i64) -> u64 {
+        self.roll(day_of(now_ms));
+        self.used.borrow().get(user).copied().unwrap_or(0)
+    }
+
+    /// May `caller` start a call now, as far as its budget goes?
+    pub fn admit(&self, caller: &Caller, now_ms: i64) -> Result<(), Refused> {
+        let Some(budget) = caller.grant.as_ref().ok().and_then(|g| g.tokens_per_day) else {
+            return Ok(());
+        };
+        if !self.loaded.get() {
+            let mut r = Refused::new(
+                ErrorCode::OverCapacity,
+                "the day's LLM spending is still being read; retry shortly",
+            );
+            r.retry_after_ms = Some(200);
+            return Err(r);
+        }
+        let used = self.used(&caller.user, now_ms);
+        if used >= budget {
+            self.denied_budget.set(self.denied_budget.get() + 1);
+            let mut r = Refused::new(
+                ErrorCode::BudgetExceeded,
+                format!("today's LLM budget of {budget} tokens is spent ({used} used); it renews at 00:00 UTC"),
+            );
+            r.retry_after_ms = Some(ms_to_midnight(now_ms));
+            return Err(r);
+        }
+        if used == 0 && self.used.borrow().len() >= MAX_USERS {
+            let mut r = Refused::new(
+                ErrorCode::OverCapacity,
+                "too many users with an LLM budget today",
+            );
+            r.retry_after_ms = Some(60_000);
+            return Err(r);
+        }
+        Ok(())
+    }
+
+    /// Counts `tokens` against `user` today (only for a budgeted caller:
+    /// nothing else needs the record).
+    pub fn spend(&self, caller: &Caller, tokens: u64, now_ms: i64) {
+        let budgeted = caller
+            .grant
+            .as_ref()
+            .is_ok_and(|g| g.tokens_per_day.is_some());
+        if !budgeted || tokens == 0 {
+            return;
+        }
+        let day = day_of(now_ms);
+        self.roll(day);
+        {
+            let mut used = self.used.borrow_mut();
+            if used.len() >= MAX_USERS && !used.contains_key(&*caller.user) {
+                return;
+            }
+            *used.entry(caller.user.clone()).or_insert(0) += tokens;
+        }
+        if let Some(f) = &*self.persist.borrow() {
+            f(&caller.user, day, tokens);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn budgeted(user: &str, tokens: u64) -> Caller {
+        Caller {
+            grant: Ok(LlmGrant {
+                providers: None,
+                tokens_per_day: Some(tokens),
+                rule: 1,
+            }),
+            ..Caller::unrestricted(user)
+        }
+    }
+
+    #[test]
+    fn a_budget_is_spent_then_renews_at_midnight() {
+        let l = Ledger::default();
+        let alice = budgeted("alice", 100);
+        let noon = 20_000 * DAY_MS + DAY_MS / 2;
+        assert_eq!(
+            l.admit(&alice, noon).unwrap_err().code,
+            ErrorCode::OverCapacity
+        );
+        let written = Rc::new(RefCell::new(Vec::new()));
+        let w = written.clone();
+        l.persist_with(Box::new(move |u, d, t| {
+            w.borrow_mut().push((u.to_string(), d, t))
+        }));
+        l.load(20_000, vec![("alice".into(), 60)]);
+        assert!(l.admit(&alice, noon).is_ok());
+        l.spend(&alice, 50, noon);
+        let r = l.admit(&alice, noon).unwrap_err();
+        assert_eq!(r.code, ErrorCode::BudgetExceeded);
+        assert_eq!(r.retry_after_ms, Some((DAY_MS / 2) as u64));
+        assert_eq!(*written.borrow(), [("alice".to_string(), 20_000, 50)]);
+        // Another user is untouched, an unbudgeted one never counted.
+        assert!(l.admit(&budgeted("bob", 100), noon).is_ok());
+        l.spend(&Caller::unrestricted("carol"), 1000, noon);
+        assert_eq!(l.used("carol", noon), 0);
+        // The next day.
+        assert!(l.admit(&alice, noon + DAY_MS).is_ok());
+        assert_eq!(ms_to_midnight(21_000 * DAY_MS - 1), 1);
+        assert_eq!(ms_to_midnight(21_000 * DAY_MS), DAY_MS as u64);
+    }
+}
