@@ -181,6 +181,7 @@ pub fn run(cfg: Config, log: Logger, source: ConfigSource) -> Result<i32, String
     let main = async {
         ex.spawn(writer).detach();
         gw.start();
+        gw.load_budgets().await;
         ex.spawn(accept_loop(gw.clone(), ex.clone(), listener))
             .detach();
         if let Some((l, _)) = admin {

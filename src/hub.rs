@@ -92,6 +92,9 @@ pub struct Entry {
 pub struct Table {
     slab: Slab<Entry>,
     capacity: usize,
+    /// Places held by long-lived requests that are not WebSocket
+    /// connections (MCP's HTTP streams): they count against both caps.
+    held: usize,
     per_ip: HashMap<IpAddr, u32>,
     max_per_ip: u32,
     outbox_frames: usize,
@@ -108,6 +111,7 @@ impl Table {
         Table {
             slab: Slab::with_capacity(capacity),
             capacity,
+            held: 0,
             per_ip: HashMap::new(),
             max_per_ip,
             outbox_frames: outbox_frames.min(MAX_OUTBOX_FRAMES),
@@ -133,7 +137,7 @@ impl Table {
 
     /// Whether a connection from `ip` would be admitted now.
     pub fn check(&self, ip: IpAddr) -> Result<(), Full> {
-        if self.slab.len() >= self.capacity {
+        if self.slab.len() + self.held >= self.capacity {
             Err(Full::Global)
         } else if self.ip_count(ip) >= self.max_per_ip {
             Err(Full::Ip)
@@ -157,6 +161,26 @@ impl Table {
             messages: RateMeter::new(now),
             who: None,
         }))
+    }
+
+    /// Takes a place for a long-lived request from `ip` that has no slot
+    /// (an MCP stream), under the same caps; give it back with
+    /// [`Table::release`].
+    pub fn hold(&mut self, ip: IpAddr) -> Result<(), Full> {
+        self.check(ip)?;
+        *self.per_ip.entry(ip).or_insert(0) += 1;
+        self.held += 1;
+        Ok(())
+    }
+
+    pub fn release(&mut self, ip: IpAddr) {
+        if let Some(n) = self.per_ip.get_mut(&ip) {
+            self.held -= 1;
+            *n -= 1;
+            if *n == 0 {
+                self.per_ip.remove(&ip);
+            }
+        }
     }
 
     /// Frees a slot and the IP's share. Idempotent.

@@ -17,7 +17,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use std::path::PathBuf;
 
 /// Longest token read; a longer one is refused before it is decoded.
-pub const MAX_TOKEN_BYTES: usize = 8192;
+pub const MAX_TOKEN_BYTES: usize = crate::protocol::MAX_TOKEN;
 
 /// `[auth]`'s JWT settings, with the key material read.
 #[derive(Debug, Clone)]

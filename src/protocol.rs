@@ -14,8 +14,8 @@ use serde::Deserialize;
 pub const MAX_REQUEST_ID: usize = 64;
 /// Longest `client` name in `hello`, in bytes.
 pub const MAX_CLIENT_NAME: usize = 128;
-/// Longest token in `hello`, in bytes.
-pub const MAX_TOKEN: usize = 512;
+/// Longest token in `hello`, in bytes: a JWT with its claims fits.
+pub const MAX_TOKEN: usize = 8192;
 /// Most messages in one `history` answer or `join`.
 pub const MAX_HISTORY: u64 = 200;
 /// History when `join` or `history` does not say how much.
@@ -32,9 +32,7 @@ pub const MAX_EMOJI: usize = 32;
 pub enum ErrorCode {
     InvalidRequest,
     Unauthorized,
-    /// Signed in, but the access rules do not allow it.
     Forbidden,
-    /// The user's daily LLM token budget is spent.
     BudgetExceeded,
     RateLimited,
     OverCapacity,

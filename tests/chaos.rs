@@ -399,7 +399,8 @@ fn a_good_client_is_served_through_a_combined_attack() {
             let held: Vec<std::net::TcpStream> = (0..500)
                 .filter_map(|_| {
                     let mut s = connect_from(addr, Some(loopback(3, 1, 1)));
-                    s.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\n").ok()?;
+                    s.write_all(b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+                        .ok()?;
                     Some(s)
                 })
                 .collect();

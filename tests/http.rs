@@ -60,7 +60,7 @@ fn malformed_and_oversized_heads_are_refused() {
 fn a_slowloris_client_is_dropped_after_the_handshake_deadline() {
     let gw = Gateway::start("[server]\nhandshake_timeout_ms = 300\n", &[]);
     let mut s = connect_from(gw.addr, None);
-    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
         .unwrap();
     let started = Instant::now();
     let mut buf = [0u8; 64];
@@ -194,7 +194,15 @@ fn the_page_has_a_strict_policy_and_an_icon() {
 fn head_gets_the_head_without_the_body() {
     let gw = Gateway::start("", &[]);
     for path in ["/healthz", "/readyz", "/metrics", "/"] {
-        let r = http_request(gw.addr, &format!("HEAD {path} HTTP/1.1\r\nHost: x\r\n\r\n"));
+        // The probes on the operator port, the rest on the client port.
+        let port = match path {
+            "/metrics" | "/readyz" => gw.admin.unwrap(),
+            _ => gw.addr,
+        };
+        let r = http_request(
+            port,
+            &format!("HEAD {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"),
+        );
         assert_eq!(r.status, 200, "{path}");
         assert!(r.body.is_empty(), "{path}: {:?}", r.body);
         let get = gw.get(path);

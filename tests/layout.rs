@@ -17,7 +17,9 @@ const LAYERS: &[&[&str]] = &[
     &[
         "ops",
         "resilience",
+        "access",
         "auth",
+        "jwt",
         "ca",
         "clock",
         "redact",

@@ -168,7 +168,7 @@ fn the_transport_refuses_what_it_should() {
         http_request(
             gw.addr,
             &format!(
-                "POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nAccept: application/json, text/event-stream\r\n{headers}Content-Length: {}\r\n\r\n{body}",
+                "POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nAccept: application/json, text/event-stream\r\n{headers}Content-Length: {}\r\n\r\n{body}",
                 body.len()
             ),
         )
@@ -220,7 +220,7 @@ fn the_transport_refuses_what_it_should() {
     let get = |headers: &str| {
         http_request(
             gw.addr,
-            &format!("GET /mcp HTTP/1.1\r\nHost: x\r\n{auth}{headers}\r\n"),
+            &format!("GET /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}{headers}\r\n"),
         )
         .status
     };
@@ -233,7 +233,7 @@ fn the_transport_refuses_what_it_should() {
     use std::io::{Read, Write};
     write!(
         events,
-        "GET /mcp HTTP/1.1\r\nHost: x\r\n{auth}Accept: text/event-stream\r\nMcp-Session-Id: {sid}\r\n\r\n"
+        "GET /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Accept: text/event-stream\r\nMcp-Session-Id: {sid}\r\n\r\n"
     )
     .unwrap();
     let mut head = [0u8; 15];
@@ -249,7 +249,9 @@ fn the_transport_refuses_what_it_should() {
     let delete = |sid: &str| {
         http_request(
             gw.addr,
-            &format!("DELETE /mcp HTTP/1.1\r\nHost: x\r\n{auth}Mcp-Session-Id: {sid}\r\n\r\n"),
+            &format!(
+                "DELETE /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Mcp-Session-Id: {sid}\r\n\r\n"
+            ),
         )
         .status
     };
@@ -327,7 +329,7 @@ fn the_mcp_subprotocol_needs_a_token_at_the_upgrade_in_token_mode() {
         use std::io::{Read, Write};
         write!(
             s,
-            "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+            "GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
              Sec-WebSocket-Protocol: mcp\r\n{auth}\r\n"
         )

@@ -174,6 +174,7 @@ fn a_damaged_database_stops_start_up_with_a_message_naming_it() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_hivegate"))
         .arg("serve")
         .env("HIVEGATE_SERVER_LISTEN", "127.0.0.1:0")
+        .env(ADMIN_ANY_PORT.0, ADMIN_ANY_PORT.1)
         .env("HIVEGATE_SERVER_DATA_DIR", &data)
         .output()
         .unwrap();

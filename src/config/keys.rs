@@ -6,7 +6,7 @@
 
 use super::setting::Setting;
 use super::Config;
-use crate::access::{Can, Rule};
+use crate::access::Rule;
 use crate::auth::AuthMode;
 use crate::cluster::ClusterConfig;
 use crate::hub::MAX_OUTBOX_FRAMES;
@@ -52,7 +52,14 @@ impl Key {
     }
 }
 
-pub const KEYS: &[Key] = &[
+/// Every key: the core sections, then the optional ones (`[remote]`,
+/// `[cluster]`, `[provider.NAME]`, `[[access]]`, in `sections`).
+pub fn keys() -> impl Iterator<Item = &'static Key> {
+    CORE.iter().chain(super::sections::SECTIONS.iter())
+}
+
+/// The keys of the sections every configuration has.
+const CORE: &[Key] = &[
     Key {
         name: "server.listen",
         default: "\"127.0.0.1:8080\"",
@@ -334,153 +341,6 @@ pub const KEYS: &[Key] = &[
         set: Set::C(|c, s| s.millis(10, 3_600_000).map(|v| c.store.check_interval = v)),
     },
     Key {
-        name: "remote.url",
-        default: "",
-        note: "local only",
-        meaning: "Supabase project URL; its PostgREST API is `{url}/rest/v1`",
-        set: Set::R(|r, s| s.url().map(|v| r.url = v)),
-    },
-    Key {
-        name: "remote.api_key_env",
-        default: "",
-        note: "",
-        meaning: "environment variable holding the service key",
-        set: Set::R(|r, s| s.string().map(|v| r.api_key_env = Some(v))),
-    },
-    Key {
-        name: "remote.api_key_file",
-        default: "",
-        note: "",
-        meaning: "file holding the service key",
-        set: Set::R(|r, s| s.path().map(|v| r.api_key_file = Some(v))),
-    },
-    Key {
-        name: "remote.messages_table",
-        default: "\"messages\"",
-        note: "",
-        meaning: "remote table for messages",
-        set: Set::R(|r, s| s.table_name().map(|v| r.messages_table = v)),
-    },
-    Key {
-        name: "remote.reactions_table",
-        default: "\"reactions\"",
-        note: "",
-        meaning: "remote table for reactions",
-        set: Set::R(|r, s| s.table_name().map(|v| r.reactions_table = v)),
-    },
-    Key {
-        name: "remote.batch_rows",
-        default: "500",
-        note: "",
-        meaning: "rows per upsert",
-        set: Set::R(|r, s| s.usize(1, 10_000).map(|v| r.batch_rows = v)),
-    },
-    Key {
-        name: "remote.interval_ms",
-        default: "1000",
-        note: "",
-        meaning: "pause between sync rounds when the backlog is empty",
-        set: Set::R(|r, s| s.millis(10, 3_600_000).map(|v| r.interval = v)),
-    },
-    Key {
-        name: "remote.connect_timeout_ms",
-        default: "5000",
-        note: "",
-        meaning: "to connect to the remote",
-        set: Set::R(|r, s| s.millis(10, 600_000).map(|v| r.connect_timeout = v)),
-    },
-    Key {
-        name: "remote.timeout_ms",
-        default: "10000",
-        note: "",
-        meaning: "a whole upsert",
-        set: Set::R(|r, s| s.millis(10, 3_600_000).map(|v| r.timeout = v)),
-    },
-    Key {
-        name: "remote.fail_max",
-        default: "3",
-        note: "",
-        meaning: "consecutive failures that open the remote's breaker (fallback mode)",
-        set: Set::R(|r, s| s.u32(1, 1000).map(|v| r.fail_max = v)),
-    },
-    Key {
-        name: "remote.reset_timeout_ms",
-        default: "30000",
-        note: "",
-        meaning: "open breaker's wait before a trial batch",
-        set: Set::R(|r, s| s.millis(10, 86_400_000).map(|v| r.reset_timeout = v)),
-    },
-    Key {
-        name: "cluster.nats_url",
-        default: "",
-        note: "one box alone",
-        meaning: "NATS servers (`nats://host:port`), tried in turn; setting it makes this box part of a cluster",
-        set: Set::K(|k, s| s.strings().map(|v| k.nats_urls = v)),
-    },
-    Key {
-        name: "cluster.node_id",
-        default: "",
-        note: "the host name",
-        meaning: "this box's name on the bus, unique in the cluster: 1-64 of `[A-Za-z0-9_-]`",
-        set: Set::K(|k, s| s.string().map(|v| k.node_id = v)),
-    },
-    Key {
-        name: "cluster.subject_prefix",
-        default: "\"hivegate\"",
-        note: "",
-        meaning: "first tokens of every subject; boxes with the same prefix share rooms",
-        set: Set::K(|k, s| s.string().map(|v| k.subject_prefix = v)),
-    },
-    Key {
-        name: "cluster.credentials_file",
-        default: "",
-        note: "no login",
-        meaning: "file holding `user:password` or a token for the NATS server",
-        set: Set::K(|k, s| s.path().map(|v| k.credentials_file = Some(v))),
-    },
-    Key {
-        name: "cluster.connect_timeout_ms",
-        default: "2000",
-        note: "",
-        meaning: "to connect and log in to a NATS server",
-        set: Set::K(|k, s| s.millis(10, 600_000).map(|v| k.connect_timeout = v)),
-    },
-    Key {
-        name: "cluster.heartbeat_ms",
-        default: "5000",
-        note: "",
-        meaning: "beats to peers and pings to the server; a peer silent for three is dropped from presence",
-        set: Set::K(|k, s| s.millis(100, 600_000).map(|v| k.heartbeat = v)),
-    },
-    Key {
-        name: "cluster.outbox_max_rows",
-        default: "100000",
-        note: "",
-        meaning: "events kept in the bus log for the outbox and for peers' replays",
-        set: Set::K(|k, s| s.int(100, 100_000_000).map(|v| k.outbox_max_rows = v)),
-    },
-    Key {
-        name: "cluster.outbox_max_age_s",
-        default: "604800",
-        note: "7 days",
-        meaning: "oldest event kept in the bus log; older ones go even if never published (still stored here)",
-        set: Set::K(|k, s| s.int(60, 315_360_000).map(|v| k.outbox_max_age = Duration::from_secs(v as u64))),
-    },
-    Key {
-        name: "cluster.max_inbound",
-        default: "4096",
-        note: "",
-        meaning: "events from the bus waiting to be stored; past it they are dropped and fetched again",
-        set: Set::K(|k, s| s.usize(16, 1_000_000).map(|v| k.max_inbound = v)),
-    },
-    Key {
-        name: "cluster.max_pending_bytes",
-        default: "4194304",
-        note: "",
-        meaning: "bytes waiting for the bus socket; past it publishing waits (the outbox keeps the events)",
-        set: Set::K(|k, s| s.usize(65_536, 1 << 30).map(|v| k.max_pending_bytes = v)),
-    },
-    Key {
         name: "chat.rooms_per_session",
         default: "32",
         note: "",
@@ -642,132 +502,6 @@ pub const KEYS: &[Key] = &[
         set: Set::C(|c, s| s.millis(10, 600_000).map(|v| c.llm.progress_interval = v)),
     },
     Key {
-        name: "provider.NAME.base_url",
-        default: "",
-        note: "",
-        meaning: "OpenAI-compatible base URL, e.g. `https://api.moonshot.ai/v1`",
-        set: Set::P(|p, s| s.url().map(|v| p.base_url = v)),
-    },
-    Key {
-        name: "provider.NAME.model",
-        default: "",
-        note: "",
-        meaning: "model name sent upstream",
-        set: Set::P(|p, s| s.string().map(|v| p.model = v)),
-    },
-    Key {
-        name: "provider.NAME.api_key_env",
-        default: "",
-        note: "",
-        meaning: "environment variable holding the API key",
-        set: Set::P(|p, s| s.string().map(|v| p.api_key_env = Some(v))),
-    },
-    Key {
-        name: "provider.NAME.api_key_file",
-        default: "",
-        note: "",
-        meaning: "file holding the API key (e.g. under `$CREDENTIALS_DIRECTORY`)",
-        set: Set::P(|p, s| s.path().map(|v| p.api_key_file = Some(v))),
-    },
-    Key {
-        name: "provider.NAME.max_in_flight",
-        default: "4",
-        note: "",
-        meaning: "calls at once to this provider",
-        set: Set::P(|p, s| s.u32(1, 1024).map(|v| p.max_in_flight = v)),
-    },
-    Key {
-        name: "provider.NAME.rpm",
-        default: "0",
-        note: "no quota",
-        meaning: "requests per minute allowed by the provider's quota",
-        set: Set::P(|p, s| s.u32(0, 1_000_000).map(|v| p.rpm = v)),
-    },
-    Key {
-        name: "provider.NAME.connect_timeout_ms",
-        default: "5000",
-        note: "",
-        meaning: "to connect (TCP and TLS)",
-        set: Set::P(|p, s| s.millis(10, 600_000).map(|v| p.connect_timeout = v)),
-    },
-    Key {
-        name: "provider.NAME.first_byte_timeout_ms",
-        default: "30000",
-        note: "",
-        meaning: "from the request to the response head",
-        set: Set::P(|p, s| s.millis(10, 3_600_000).map(|v| p.first_byte_timeout = v)),
-    },
-    Key {
-        name: "provider.NAME.idle_timeout_ms",
-        default: "30000",
-        note: "",
-        meaning: "between two reads of the stream",
-        set: Set::P(|p, s| s.millis(10, 3_600_000).map(|v| p.idle_timeout = v)),
-    },
-    Key {
-        name: "provider.NAME.total_timeout_ms",
-        default: "300000",
-        note: "",
-        meaning: "the whole call",
-        set: Set::P(|p, s| s.millis(10, 86_400_000).map(|v| p.total_timeout = v)),
-    },
-    Key {
-        name: "provider.NAME.fail_max",
-        default: "4",
-        note: "",
-        meaning: "consecutive counted failures that open the breaker",
-        set: Set::P(|p, s| s.u32(1, 1000).map(|v| p.fail_max = v)),
-    },
-    Key {
-        name: "provider.NAME.reset_timeout_ms",
-        default: "120000",
-        note: "",
-        meaning: "open breaker's wait before one trial call",
-        set: Set::P(|p, s| s.millis(10, 86_400_000).map(|v| p.reset_timeout = v)),
-    },
-    Key {
-        name: "access.N.roles",
-        default: "",
-        note: "",
-        meaning: "the roles a rule is for (`\"*\"`: everyone)",
-        set: Set::A(|r, s| s.names().map(|v| r.roles = v)),
-    },
-    Key {
-        name: "access.N.users",
-        default: "",
-        note: "",
-        meaning: "the users a rule is for, besides its roles",
-        set: Set::A(|r, s| s.names().map(|v| r.users = v)),
-    },
-    Key {
-        name: "access.N.rooms",
-        default: "",
-        note: "",
-        meaning: "room patterns: `*` any run, `?` one character, `{user}` the user's name (`\"dm-{user}-*\"`)",
-        set: Set::A(|r, s| s.strings().map(|v| r.rooms = v)),
-    },
-    Key {
-        name: "access.N.can",
-        default: "",
-        note: "",
-        meaning: "what may be done in those rooms: `join` (and read), `read` (history only), `publish`, `react`",
-        set: Set::A(|r, s| s.strings().and_then(|v| Can::parse(&v).map_err(|e| format!("{}: {e}", s.key))).map(|v| r.can = v)),
-    },
-    Key {
-        name: "access.N.providers",
-        default: "",
-        note: "",
-        meaning: "the providers the `chat` tool may call for them (`\"*\"`: all)",
-        set: Set::A(|r, s| s.strings().map(|v| r.providers = Some(v))),
-    },
-    Key {
-        name: "access.N.llm_tokens_per_day",
-        default: "",
-        note: "no budget",
-        meaning: "LLM tokens (prompt and completion) each of their users may spend per UTC day",
-        set: Set::A(|r, s| s.int(0, 1 << 50).map(|v| r.llm_tokens_per_day = Some(v as u64))),
-    },
-    Key {
         name: "log.level",
         default: "\"info\"",
         note: "",
@@ -780,4 +514,5 @@ pub const KEYS: &[Key] = &[
         note: "",
         meaning: "`text` or `json` (one object per line)",
         set: Set::C(|c, s| s.choice(&[("text", LogFormat::Text), ("json", LogFormat::Json)]).map(|v| c.log.format = v)),
-    },];
+    },
+];

@@ -8,12 +8,16 @@
 //! silently ignored or clamped.
 
 mod keys;
+mod sections;
 mod setting;
 mod toml;
+mod words;
 
 use keys::Set;
-pub use keys::{Key, KEYS};
+pub use keys::{keys, Key};
 use setting::Setting;
+pub use words::generate;
+use words::unknown_key;
 
 use crate::auth::{AuthConfig, AuthMode, Secret};
 use crate::chat::ChatLimits;
@@ -79,7 +83,7 @@ pub struct Server {
     pub upstream_ca_file: PathBuf,
 }
 
-/// A blank to be filled from [`KEYS`] (`Config::default_with_env`); these
+/// A blank to be filled from [`keys`] (`Config::default_with_env`); these
 /// are not the defaults.
 impl Default for Server {
     fn default() -> Self {
@@ -167,7 +171,7 @@ impl Config {
     }
 
     /// The embedded default (loopback, local data only, no keys): every
-    /// key's default from [`KEYS`], read as a file would be, and the data
+    /// key's default from [`keys`], read as a file would be, and the data
     /// directory systemd names in `$STATE_DIRECTORY`.
     pub fn default_with_env(env: &[(String, String)]) -> Config {
         let mut cfg: Config = with_defaults(|set| match set {
@@ -313,7 +317,7 @@ impl Config {
         }
     }
 
-    /// Stores one setting, through its key in [`KEYS`]. A `[remote]` or
+    /// Stores one setting, through its key in [`keys`]. A `[remote]` or
     /// `[provider.NAME]` section comes into being, with its defaults, at
     /// its first key.
     fn apply(&mut self, s: &Setting) -> Result<(), String> {
@@ -331,8 +335,7 @@ impl Config {
                 _ => (s.key.to_string(), None),
             },
         };
-        let key = KEYS
-            .iter()
+        let key = keys()
             .find(|k| k.name == pattern)
             .ok_or_else(|| unknown_key(s.key))?;
         match (&key.set, provider) {
@@ -535,8 +538,7 @@ fn access_key(key: &str) -> Option<(usize, &str)> {
 
 /// The fields of a `[provider.NAME]` section.
 fn provider_fields() -> impl Iterator<Item = &'static str> {
-    KEYS.iter()
-        .filter_map(|k| k.name.strip_prefix("provider.NAME."))
+    keys().filter_map(|k| k.name.strip_prefix("provider.NAME."))
 }
 
 /// `provider.NAME.FIELD` split and checked: (NAME, FIELD).
@@ -569,7 +571,7 @@ fn with_defaults<T: Default>(
     pick: impl Fn(&Set) -> Option<fn(&mut T, &Setting) -> Result<(), String>>,
 ) -> T {
     let mut target = T::default();
-    for key in KEYS.iter().filter(|k| !k.default.is_empty()) {
+    for key in keys().filter(|k| !k.default.is_empty()) {
         let Some(set) = pick(&key.set) else {
             continue;
         };
@@ -600,112 +602,6 @@ fn track(key: &str, origin: &Origin, token_origin: &mut Origin, mode_set: &mut b
     }
 }
 
-fn unknown_key(key: &str) -> String {
-    let nearest = KEYS
-        .iter()
-        .map(|k| k.name)
-        .filter(|k| !k.starts_with("provider.") && !k.starts_with("access."))
-        .map(|k| (edit_distance(k, key), k))
-        .min()
-        .filter(|(d, _)| *d <= 3);
-    if let Some((_, k)) = nearest {
-        return format!("unknown key {key}: did you mean {k}?");
-    }
-    let section = key.split('.').next().unwrap_or(key);
-    let close: Vec<&str> = KEYS
-        .iter()
-        .map(|k| k.name)
-        .filter(|k| k.starts_with(section) && k.contains('.'))
-        .collect();
-    if close.is_empty() {
-        format!("unknown key {key}: this build has no [{section}] section")
-    } else {
-        format!(
-            "unknown key {key}; keys of [{section}] are: {}",
-            close.join(", ")
-        )
-    }
-}
-
-/// Levenshtein distance, for "did you mean".
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut prev = row[0];
-        row[0] = i + 1;
-        for (j, cb) in b.iter().enumerate() {
-            let cur = row[j + 1];
-            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
-            prev = cur;
-        }
-    }
-    row[b.len()]
-}
-
-/// A complete configuration file, commented, from [`KEYS`]: every key with
-/// its meaning and default, the optional sections commented out.
-pub fn generate() -> String {
-    let mut out = String::from(
-        "# hivegate configuration (hivegate genconfig). Every key is shown with its\n\
-         # default; each may also be set as HIVEGATE_<SECTION>_<KEY> in the environment.\n",
-    );
-    let mut section = "";
-    for key in KEYS {
-        let (sec, name) = key.name.rsplit_once('.').unwrap_or(("", key.name));
-        let optional = sec == "remote"
-            || sec == "cluster"
-            || sec.starts_with("provider.")
-            || sec.starts_with("access.");
-        if sec != section {
-            section = sec;
-            let header = if sec.starts_with("access.") {
-                "[access]".to_string()
-            } else {
-                sec.replace("NAME", "kimi")
-            };
-            if optional {
-                let why = if sec == "remote" {
-                    "sync to a Supabase/PostgREST store (without it: local only)"
-                } else if sec == "cluster" {
-                    "rooms shared with other boxes over NATS (without it: one box alone)"
-                } else if sec.starts_with("access.") {
-                    "who may do what, where: one [[access]] table per rule, checked in order; \
-                     the first that matches decides, and with any rule, what none allows is \
-                     denied (README: Access)"
-                } else {
-                    "an OpenAI-compatible provider; one section per provider"
-                };
-                out.push_str(&format!("\n# {why}\n# [{header}]\n"));
-            } else {
-                out.push_str(&format!("\n[{header}]\n"));
-            }
-        }
-        out.push_str(&format!(
-            "# {} (default: {})\n",
-            key.meaning,
-            key.shown_default()
-        ));
-        let line = format!(
-            "{name} = {}",
-            if key.default.is_empty() {
-                "\"\""
-            } else {
-                key.default
-            }
-        );
-        // A default that depends on the environment (the data directory
-        // under systemd, the memory limit from the cgroup) stays implicit.
-        if optional || key.default.is_empty() || !key.note.is_empty() {
-            out.push_str(&format!("# {line}\n"));
-        } else {
-            out.push_str(&line);
-            out.push('\n');
-        }
-    }
-    out
-}
-
 /// `SERVER_MAX_CONNECTIONS` → `server.max_connections`.
 fn key_for_env(rest: &str) -> Option<String> {
     if let Some(provider) = rest.strip_prefix("PROVIDER_") {
@@ -720,7 +616,7 @@ fn key_for_env(rest: &str) -> Option<String> {
     }
     // `[[access]]` rules are the file's alone: a list of tables has no
     // one name in the environment.
-    KEYS.iter()
+    keys()
         .map(|k| k.name)
         .filter(|k| !k.starts_with("provider.") && !k.starts_with("access."))
         .find(|k| env_name(k).strip_prefix("HIVEGATE_") == Some(rest))

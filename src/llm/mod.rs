@@ -17,6 +17,8 @@
 mod budget;
 pub mod client;
 mod config;
+mod output;
+pub use output::{answer_frame, said_frame, Answer, Output, Said};
 mod tools;
 pub use budget::{day_of, Caller, Ledger, Refused};
 pub use tools::{Cancel, ToolCalls};
@@ -34,78 +36,11 @@ use client::{CallError, Event, Usage};
 pub use config::{LlmConfig, ProviderConfig};
 use futures_lite::FutureExt;
 use std::cell::{Cell, RefCell};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 /// Roles a message may have.
 pub const ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
-
-/// What a call says while it runs.
-pub enum Said<'a> {
-    /// A streamed piece: `field` is `chunk` (the answer) or `reasoning`.
-    Piece { field: &'static str, text: &'a str },
-    /// Nothing heard from the provider for a while, and why.
-    Waiting(&'a str),
-}
-
-/// How a call ended well.
-pub struct Answer<'a> {
-    pub text: &'a str,
-    pub provider: &'a str,
-    pub model: &'a str,
-    pub usage: Usage,
-}
-
-/// Where a call's events go: a connection renders them as `op` frames
-/// ([`said_frame`], [`answer_frame`]), MCP as JSON-RPC. A cancelled call
-/// says nothing more.
-pub trait Output {
-    fn rid(&self) -> Option<&str>;
-    fn say(&self, what: Said);
-    /// The call's result (to every asker, for a shared call).
-    fn answer(&self, answer: &Answer);
-    /// The call's end without a result.
-    fn fail(&self, code: ErrorCode, message: &str, retry_after_ms: Option<u64>);
-    fn cancelled(&self) -> bool;
-    /// Shared with the pool thread, which stops reading when it is set.
-    fn cancel_flag(&self) -> Arc<AtomicBool>;
-    /// Resolves when the call is cancelled.
-    fn until_cancelled(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + '_>>;
-}
-
-/// `stream_chunk` or `progress`, for the `op` protocol.
-pub fn said_frame(rid: Option<&str>, what: &Said) -> String {
-    match what {
-        Said::Piece { field, text } => JsonOut::op("stream_chunk")
-            .opt_str("request_id", rid)
-            .str(field, text)
-            .finish(),
-        Said::Waiting(why) => JsonOut::op("progress")
-            .opt_str("request_id", rid)
-            .str("message", why)
-            .finish(),
-    }
-}
-
-/// `call_tool_res`, for the `op` protocol.
-pub fn answer_frame(rid: Option<&str>, a: &Answer) -> String {
-    let usage = JsonOut::new()
-        .num("prompt_tokens", a.usage.prompt_tokens)
-        .num("completion_tokens", a.usage.completion_tokens)
-        .finish();
-    let output = JsonOut::new()
-        .str("type", "text")
-        .str("text", a.text)
-        .finish();
-    JsonOut::op("call_tool_res")
-        .opt_str("request_id", rid)
-        .raw("outputs", &format!("[{output}]"))
-        .str("provider", a.provider)
-        .str("model", a.model)
-        .raw("usage", &usage)
-        .finish()
-}
 
 /// A `chat` call, as the client asked for it (the wire form is the call).
 pub use crate::protocol::ToolCall as Call;

@@ -1,67 +1,133 @@
-//! Sockets still sending their request head, counted in all and per IP.
+//! Sockets still sending their request head, counted in all and per
+//! address (IPv6 by its /64).
 //!
 //! A slowloris client opens sockets and sends its head a byte at a time.
-//! One global cap alone would let a single address hold every handshake
-//! slot, and nobody else (not even a `/metrics` scrape) could connect. So
-//! each IP gets a share ([`Handshakes::max_per_ip`]), and the last eighth of
-//! the slots is a reserve that only an address holding no slot yet may
-//! take: when many addresses attack at once, a newcomer such as a health
-//! probe still finds a place.
+//! Each address gets a share ([`Handshakes::max_per_ip`]): past it, its
+//! newest socket is closed. When the whole table is full, the socket that
+//! has been sending its head the longest is dropped to make room for the
+//! new one. A real client sends its head in one packet and is gone from
+//! the table within a round trip, so it is never the oldest; an attack
+//! from many addresses only ever churns its own sockets, and a newcomer
+//! (a browser, a health probe) always gets a place.
 
+use crate::limit::ip_group;
 use crate::ops::metrics::Refusal;
-use std::collections::HashMap;
+use event_listener::Event;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
+use std::rc::Rc;
 
-#[derive(Debug)]
+/// A socket's place in the table; its task waits on `evicted` too.
+pub struct Ticket {
+    pub id: u64,
+    pub evicted: Rc<Eviction>,
+}
+
+/// Set once, when a handshake is dropped for a newer socket (perhaps
+/// before its task first ran: the flag keeps the news).
+#[derive(Default)]
+pub struct Eviction {
+    done: std::cell::Cell<bool>,
+    event: Event,
+}
+
+impl Eviction {
+    fn fire(&self) {
+        self.done.set(true);
+        self.event.notify(usize::MAX);
+    }
+
+    /// Resolves once evicted.
+    pub async fn wait(&self) {
+        loop {
+            let listener = self.event.listen();
+            if self.done.get() {
+                return;
+            }
+            listener.await;
+        }
+    }
+}
+
+struct Pending {
+    ip: IpAddr,
+    evicted: Rc<Eviction>,
+}
+
 pub struct Handshakes {
-    total: usize,
-    /// Never more entries than `total`: an entry exists while its IP holds
-    /// at least one slot.
+    /// By age: ids are handed out in order, so the first is the oldest.
+    pending: BTreeMap<u64, Pending>,
+    /// Never more entries than `pending`: an entry exists while its
+    /// address group holds at least one place.
     per_ip: HashMap<IpAddr, u32>,
+    next_id: u64,
     max: usize,
     max_per_ip: u32,
-    reserve: usize,
+    /// Handshakes dropped for a newer socket.
+    pub evicted: u64,
 }
 
 impl Handshakes {
     pub fn new(max: usize, max_per_ip: u32) -> Handshakes {
         Handshakes {
-            total: 0,
+            pending: BTreeMap::new(),
             per_ip: HashMap::new(),
-            max,
+            next_id: 0,
+            max: max.max(1),
             max_per_ip,
-            reserve: if max >= 8 { max / 8 } else { 0 },
+            evicted: 0,
         }
     }
 
-    /// Takes a slot for `ip`, or says why not.
-    pub fn try_enter(&mut self, ip: IpAddr) -> Result<(), Refusal> {
-        let held = self.per_ip.get(&ip).copied().unwrap_or(0);
-        if held >= self.max_per_ip {
+    /// Takes a place for `ip`, dropping the oldest pending handshake when
+    /// the table is full; or says why not (its address holds its share).
+    pub fn try_enter(&mut self, ip: IpAddr) -> Result<Ticket, Refusal> {
+        let ip = ip_group(ip);
+        if self.per_ip.get(&ip).copied().unwrap_or(0) >= self.max_per_ip {
             return Err(Refusal::HandshakeIpCap);
         }
-        let general = self.max - self.reserve;
-        if self.total >= self.max || (self.total >= general && held > 0) {
-            return Err(Refusal::HandshakeCap);
+        if self.pending.len() >= self.max {
+            if let Some((id, _)) = self.pending.first_key_value() {
+                let id = *id;
+                if let Some(p) = self.remove(id) {
+                    p.evicted.fire();
+                    self.evicted += 1;
+                }
+            }
         }
-        self.total += 1;
+        let id = self.next_id;
+        self.next_id += 1;
+        let evicted = Rc::new(Eviction::default());
+        self.pending.insert(
+            id,
+            Pending {
+                ip,
+                evicted: evicted.clone(),
+            },
+        );
         *self.per_ip.entry(ip).or_insert(0) += 1;
-        Ok(())
+        Ok(Ticket { id, evicted })
     }
 
-    /// Gives back a slot taken by [`Handshakes::try_enter`].
-    pub fn leave(&mut self, ip: IpAddr) {
-        if let Some(n) = self.per_ip.get_mut(&ip) {
+    /// Gives back a place taken by [`Handshakes::try_enter`] (a no-op for
+    /// one already evicted).
+    pub fn leave(&mut self, id: u64) {
+        self.remove(id);
+    }
+
+    fn remove(&mut self, id: u64) -> Option<Pending> {
+        let p = self.pending.remove(&id)?;
+        if let Some(n) = self.per_ip.get_mut(&p.ip) {
             *n -= 1;
             if *n == 0 {
-                self.per_ip.remove(&ip);
+                self.per_ip.remove(&p.ip);
             }
-            self.total -= 1;
         }
+        Some(p)
     }
 
     pub fn pending(&self) -> usize {
-        self.total
+        self.pending.len()
     }
 }
 
@@ -74,30 +140,36 @@ mod tests {
     }
 
     #[test]
-    fn one_address_gets_its_share_and_newcomers_the_reserve() {
-        let mut h = Handshakes::new(16, 4);
-        for _ in 0..4 {
-            h.try_enter(ip(1)).unwrap();
-        }
-        assert_eq!(h.try_enter(ip(1)), Err(Refusal::HandshakeIpCap));
-        // Ten more addresses fill the 14 general slots...
-        for i in 2..=11 {
-            h.try_enter(ip(i)).unwrap();
-        }
-        assert_eq!(h.pending(), 14);
-        // ...and an address that holds one may not take the reserve,
-        assert_eq!(h.try_enter(ip(2)), Err(Refusal::HandshakeCap));
-        // but newcomers may, until everything is taken.
-        h.try_enter(ip(20)).unwrap();
-        h.try_enter(ip(21)).unwrap();
-        assert_eq!(h.try_enter(ip(22)), Err(Refusal::HandshakeCap));
-        for _ in 0..4 {
-            h.leave(ip(1));
-        }
-        h.leave(ip(1));
-        assert_eq!(h.pending(), 12);
-        assert!(!h.per_ip.contains_key(&ip(1)));
-        assert_eq!(h.per_ip.len(), h.pending());
+    fn one_address_gets_its_share_and_a_full_table_drops_its_oldest() {
+        let mut h = Handshakes::new(4, 2);
+        let a1 = h.try_enter(ip(1)).unwrap();
         h.try_enter(ip(1)).unwrap();
+        assert_eq!(h.try_enter(ip(1)).err(), Some(Refusal::HandshakeIpCap));
+        h.try_enter(ip(2)).unwrap();
+        h.try_enter(ip(3)).unwrap();
+        assert_eq!(h.pending(), 4);
+        // Full: the newcomer gets the oldest one's place.
+        let new = h.try_enter(ip(4)).unwrap();
+        assert_eq!((h.pending(), h.evicted), (4, 1));
+        futures_lite::future::block_on(a1.evicted.wait());
+        // The evicted socket's task leaves later: nothing happens twice.
+        h.leave(a1.id);
+        assert_eq!(h.pending(), 4);
+        assert_eq!(h.per_ip.get(&ip(1)), Some(&1));
+        h.leave(new.id);
+        assert_eq!(h.per_ip.len(), 3);
+        assert!(h.try_enter(ip(1)).is_ok());
+    }
+
+    #[test]
+    fn ipv6_addresses_share_their_64() {
+        let mut h = Handshakes::new(16, 2);
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        h.try_enter(a).unwrap();
+        h.try_enter(b).unwrap();
+        assert_eq!(h.try_enter(a).err(), Some(Refusal::HandshakeIpCap));
+        assert!(h.try_enter(c).is_ok());
     }
 }

@@ -158,11 +158,31 @@ pub async fn admit(
 /// the call runs.
 pub async fn serve(gw: &Rc<Gateway>, a: Admitted, mut stream: Socket, ip: IpAddr) {
     inc(&gw.metrics.mcp_requests);
-    let response = answer(gw, &a, &mut stream, ip).await;
+    // A request (a stream above all) holds a place under the same caps as
+    // a WebSocket, for as long as it is served.
+    let held = gw.table.borrow_mut().hold(ip);
+    let response = match held {
+        Ok(()) => answer(gw, &a, &mut stream, ip).await,
+        Err(full) => Some(match full {
+            crate::hub::Full::Ip => {
+                gw.metrics.refused(Refusal::IpCap);
+                Response::text(429, "too many connections from your address\n")
+                    .header("Retry-After", super::RETRY_AFTER_S.to_string())
+            }
+            crate::hub::Full::Global => {
+                gw.metrics.refused(Refusal::GlobalCap);
+                Response::text(503, "gateway full\n")
+                    .header("Retry-After", super::RETRY_AFTER_S.to_string())
+            }
+        }),
+    };
     if let Some(r) = response {
         r.send(&mut stream).await;
     }
     let _ = stream.close().await;
+    if held.is_ok() {
+        gw.table.borrow_mut().release(ip);
+    }
 }
 
 async fn answer(

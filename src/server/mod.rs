@@ -6,6 +6,7 @@
 //! upgrade costs a short-lived head buffer and one response, never a slot.
 
 pub mod admin;
+mod admission;
 pub mod conn;
 pub mod echo;
 pub mod handshakes;
@@ -19,7 +20,7 @@ pub mod web;
 
 use crate::chat::Chat;
 use crate::config::Config;
-use crate::hub::{Full, Table};
+use crate::hub::Table;
 use crate::limit::{Limits, Meters};
 use crate::ops::log::Logger;
 use crate::ops::metrics::{inc, Gauges, Metrics, Refusal};
@@ -195,8 +196,7 @@ impl Gateway {
         }
     }
 
-    /// The LLM budgets: spending is written through to the store, and
-    /// today's is read back (budgeted calls wait for it).
+    /// The LLM budgets: spending is written through to the store.
     fn start_budgets(self: &Rc<Self>) {
         let store = self.store.clone();
         self.llm
@@ -210,26 +210,28 @@ impl Gateway {
                 // The write is queued now; nobody waits for its answer.
                 let _ = store.write(op);
             }));
+    }
+
+    /// Reads today's LLM spending back from the store: the daemon waits
+    /// for it before it accepts anyone, so no budget starts afresh.
+    pub async fn load_budgets(&self) {
         let day = crate::llm::day_of(crate::clock::unix_ms());
-        let g = self.clone();
-        self.spawn(async move {
-            loop {
-                let read = match g.store.spent(day) {
-                    Ok(f) => f.await,
-                    Err(e) => Err(e),
-                };
-                match read {
-                    Ok(rows) => return g.llm.ledger.load(day, rows),
-                    Err(e) => {
-                        g.log.warn(
-                            "cannot read today's LLM spending; retrying",
-                            &[("error", &format!("{e:?}"))],
-                        );
-                        Timer::after(Duration::from_secs(1)).await;
-                    }
+        loop {
+            let read = match self.store.spent(day) {
+                Ok(f) => f.await,
+                Err(e) => Err(e),
+            };
+            match read {
+                Ok(rows) => return self.llm.ledger.load(day, rows),
+                Err(e) => {
+                    self.log.warn(
+                        "cannot read today's LLM spending; retrying",
+                        &[("error", &format!("{e:?}"))],
+                    );
+                    Timer::after(Duration::from_secs(1)).await;
                 }
             }
-        });
+        }
     }
 
     /// `isolated` while a cluster's box is off the bus, `fallback` while
@@ -327,7 +329,7 @@ impl Drop for Slot {
 }
 
 /// Counts a socket as in its handshake for as long as it lives.
-struct HandshakeGuard(Rc<Gateway>, IpAddr);
+struct HandshakeGuard(Rc<Gateway>, u64);
 
 impl Drop for HandshakeGuard {
     fn drop(&mut self) {
@@ -353,14 +355,18 @@ pub async fn accept_loop(
             }
         };
         let ip = peer.ip().to_canonical();
-        if let Err(why) = gw.handshakes.borrow_mut().try_enter(ip) {
-            gw.metrics.refused(why);
-            drop(stream);
-            continue;
-        }
-        let guard = HandshakeGuard(gw.clone(), ip);
+        let ticket = match gw.handshakes.borrow_mut().try_enter(ip) {
+            Ok(t) => t,
+            Err(why) => {
+                gw.metrics.refused(why);
+                drop(stream);
+                continue;
+            }
+        };
+        let evicted = ticket.evicted.clone();
+        let guard = HandshakeGuard(gw.clone(), ticket.id);
         let _ = stream.get_ref().set_nodelay(true);
-        ex.spawn(handle_socket(gw.clone(), stream, peer, guard))
+        ex.spawn(handle_socket(gw.clone(), stream, peer, (guard, evicted)))
             .detach();
     }
 }
@@ -390,7 +396,7 @@ fn handle_socket(
     gw: Rc<Gateway>,
     stream: Async<TcpStream>,
     peer: SocketAddr,
-    guard: HandshakeGuard,
+    (guard, evicted): (HandshakeGuard, Rc<handshakes::Eviction>),
 ) -> impl std::future::Future<Output = ()> {
     async move {
         let ip = peer.ip().to_canonical();
@@ -421,6 +427,12 @@ fn handle_socket(
                 Timer::after(timeout).await;
                 gw.metrics.refused(Refusal::HandshakeTimeout);
                 gw.log.debug("handshake timed out", &[("ip", &ip)]);
+                (Outcome::Done, None)
+            })
+            .or(async {
+                // The table was full and this was its oldest handshake.
+                evicted.wait().await;
+                gw.metrics.refused(Refusal::HandshakeEvicted);
                 (Outcome::Done, None)
             }),
         );
@@ -538,7 +550,7 @@ async fn pre_upgrade(gw: &Rc<Gateway>, stream: &mut tls::Socket, ip: IpAddr) -> 
         };
     }
     let response = match route {
-        "/ws" if get => match admit(gw, &head, ip) {
+        "/ws" if get => match admission::admit(gw, &head, ip) {
             Ok((slot, user)) => {
                 let protocol = if head.ws_mcp && !echo {
                     Some("mcp")
@@ -594,176 +606,4 @@ async fn pre_upgrade(gw: &Rc<Gateway>, stream: &mut tls::Socket, ip: IpAddr) -> 
 /// A wait as `Retry-After` seconds: rounded up, at least one.
 fn retry_after(wait: Duration) -> String {
     wait.as_secs_f64().ceil().max(1.0).to_string()
-}
-
-/// Decides whether an upgrade request gets a connection, in the order the
-/// checks are cheapest and most telling: shape, drain, origin, capacity,
-/// token. On success the slot is taken.
-fn admit(
-    gw: &Rc<Gateway>,
-    head: &http::Head,
-    ip: IpAddr,
-) -> Result<(Slot, Option<Rc<crate::auth::Identity>>), Response> {
-    if !(head.upgrade_websocket && head.connection_upgrade && head.ws_key.is_some()) {
-        return Err(refuse(
-            gw,
-            Refusal::BadRequest,
-            ip,
-            Response::text(400, "expected a WebSocket upgrade (Upgrade: websocket, Connection: Upgrade, Sec-WebSocket-Key)\n"),
-        ));
-    }
-    if head.ws_version.as_deref() != Some("13") {
-        return Err(refuse(
-            gw,
-            Refusal::BadRequest,
-            ip,
-            Response::text(426, "only WebSocket version 13 is supported\n")
-                .header("Sec-WebSocket-Version", "13"),
-        ));
-    }
-    // RFC 6455 4.2.1: the key is the base64 of 16 bytes.
-    if !head.ws_key.as_deref().is_some_and(http::valid_ws_key) {
-        return Err(refuse(
-            gw,
-            Refusal::BadRequest,
-            ip,
-            Response::text(
-                400,
-                "Sec-WebSocket-Key must be the base64 encoding of 16 bytes\n",
-            ),
-        ));
-    }
-    let retry = || RETRY_AFTER_S.to_string();
-    if gw.draining.get() {
-        return Err(refuse(
-            gw,
-            Refusal::Draining,
-            ip,
-            Response::text(503, "shutting down\n").header("Retry-After", retry()),
-        ));
-    }
-    if gw.memory.shedding_now(Instant::now()) {
-        return Err(refuse(
-            gw,
-            Refusal::Memory,
-            ip,
-            Response::text(503, "shedding load: memory is over its limit\n")
-                .header("Retry-After", retry()),
-        ));
-    }
-    if !gw.live.borrow().origin_allowed(head.origin.as_deref()) {
-        return Err(refuse(
-            gw,
-            Refusal::Origin,
-            ip,
-            Response::text(403, "origin not allowed\n"),
-        ));
-    }
-    if let Err(wait) = gw.limits.borrow_mut().check_connect(Instant::now(), ip) {
-        return Err(refuse(
-            gw,
-            Refusal::IpRate,
-            ip,
-            Response::text(429, "too many new connections from your address\n")
-                .header("Retry-After", retry_after(wait)),
-        ));
-    }
-    let failed = gw
-        .limits
-        .borrow_mut()
-        .check_failed_hellos(Instant::now(), ip);
-    if let Err(wait) = failed {
-        return Err(refuse(
-            gw,
-            Refusal::HelloCooldown,
-            ip,
-            Response::text(429, "too many failed sign-ins from your address\n")
-                .header("Retry-After", retry_after(wait)),
-        ));
-    }
-    match gw.table.borrow().check(ip) {
-        Ok(()) => {}
-        Err(Full::Global) => {
-            return Err(refuse(
-                gw,
-                Refusal::GlobalCap,
-                ip,
-                Response::text(503, "gateway full\n").header("Retry-After", retry()),
-            ))
-        }
-        Err(Full::Ip) => {
-            return Err(refuse(
-                gw,
-                Refusal::IpCap,
-                ip,
-                Response::text(429, "too many connections from your address\n")
-                    .header("Retry-After", retry()),
-            ))
-        }
-    }
-    if head.ws_bearer.is_some() && !(head.ws_mcp || head.ws_op) {
-        // The token must not be the protocol the server picks (it would
-        // be echoed back), and a browser fails an upgrade that picks none.
-        return Err(refuse(
-            gw,
-            Refusal::BadRequest,
-            ip,
-            Response::text(
-                400,
-                "offer a bearer.TOKEN subprotocol beside `hivegate` (the op protocol) or `mcp`\n",
-            ),
-        ));
-    }
-    let user = match head.bearer.as_ref().or(head.ws_bearer.as_ref()) {
-        Some(token) => {
-            let signed = gw.live.borrow().sign_in(token);
-            match signed {
-                Ok(who) => Some(Rc::new(who)),
-                Err(reason) => {
-                    gw.failed_sign_in(ip, reason);
-                    return Err(refuse(
-                        gw,
-                        Refusal::Unauthorized,
-                        ip,
-                        Response::text(401, "bad token\n").header("WWW-Authenticate", "Bearer"),
-                    ));
-                }
-            }
-        }
-        None => None,
-    };
-    // An MCP client has no `hello`: its token comes with the upgrade.
-    if head.ws_mcp && user.is_none() && gw.live.borrow().mode != crate::auth::AuthMode::Open {
-        gw.failed_sign_in(ip, "missing token");
-        return Err(refuse(
-            gw,
-            Refusal::Unauthorized,
-            ip,
-            Response::text(
-                401,
-                "the mcp subprotocol needs Authorization: Bearer TOKEN (or a bearer.TOKEN subprotocol)\n",
-            )
-            .header("WWW-Authenticate", "Bearer"),
-        ));
-    }
-    let id = gw.next_conn_id.get();
-    let key = gw
-        .table
-        .borrow_mut()
-        .insert(ip, id, Instant::now())
-        .map_err(|_| {
-            // check() passed on this same thread a moment ago; keep a sane
-            // answer anyway.
-            Response::text(503, "gateway full\n").header("Retry-After", retry())
-        })?;
-    gw.next_conn_id.set(id + 1);
-    Ok((
-        Slot {
-            gw: gw.clone(),
-            key,
-            id,
-            ip,
-        },
-        user,
-    ))
 }

@@ -67,7 +67,7 @@ pub fn run(args: &[&str]) -> Result<(), String> {
     latency(a.addr, b.addr)?;
     throughput(a.addr, b.addr, members, seconds)?;
     for (name, gw) in [("A", &a), ("B", &b)] {
-        let m = |n: &str| super::metric(gw.addr, n);
+        let m = |n: &str| super::metric(gw.admin, n);
         println!(
             "box {name}: events out {}, applied {}, duplicates {}, gaps {}, sync requests {}, replayed {}, dropped inbound {}",
             m("hivegate_cluster_events_total{direction=\"out\"}"),

@@ -48,6 +48,7 @@ fn start_default(n: usize) -> Result<Default, String> {
         .arg("serve")
         .current_dir(&dir)
         .env("HIVEGATE_SERVER_LISTEN", "127.0.0.1:0")
+        .env("HIVEGATE_SERVER_ADMIN_LISTEN", "127.0.0.1:0")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()

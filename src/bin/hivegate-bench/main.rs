@@ -91,6 +91,8 @@ fn main() {
 struct Gateway {
     child: Child,
     addr: SocketAddr,
+    /// The operator endpoints (`/metrics`).
+    admin: SocketAddr,
     _dir: PathBuf,
 }
 
@@ -126,6 +128,7 @@ fn start_gateway(config: &str) -> Result<Gateway, String> {
         .args(["serve", "--config"])
         .arg(&path)
         .env("HIVEGATE_LOG_LEVEL", "info")
+        .env("HIVEGATE_SERVER_ADMIN_LISTEN", "127.0.0.1:0")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -147,9 +150,15 @@ fn start_gateway(config: &str) -> Result<Gateway, String> {
         .find_map(|w| w.strip_prefix("addr="))
         .and_then(|a| a.parse().ok())
         .ok_or("no address in the listening line")?;
+    let admin = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("admin="))
+        .and_then(|a| a.parse().ok())
+        .ok_or("no operator address in the listening line")?;
     Ok(Gateway {
         child,
         addr,
+        admin,
         _dir: dir,
     })
 }
@@ -307,7 +316,7 @@ fn metric(addr: SocketAddr, name: &str) -> f64 {
     let Ok(mut s) = TcpStream::connect(addr) else {
         return -1.0;
     };
-    let _ = s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n");
+    let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
     let mut body = String::new();
     let _ = s.read_to_string(&mut body);
     body.lines()
@@ -347,7 +356,7 @@ fn fanout(members: usize, seconds: usize) -> Result<(), String> {
     println!("messages per second: {:.0}", per_s / members as f64);
     println!(
         "slow-consumer closes: {}",
-        metric(addr, "hivegate_slow_consumer_closes_total")
+        metric(gw.admin, "hivegate_slow_consumer_closes_total")
     );
     Ok(())
 }
@@ -422,7 +431,7 @@ fn publish(publishers: usize, seconds: usize) -> Result<(), String> {
             })
             .collect();
         println!("gateway threads' CPU: {}", busy.join(", "));
-        let commits = metric(addr, "hivegate_pool_jobs_run_total");
+        let commits = metric(gw.admin, "hivegate_pool_jobs_run_total");
         println!("commits (pool jobs, warm-up included): {commits:.0}");
         Ok::<(), String>(())
     }))

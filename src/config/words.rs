@@ -1,0 +1,108 @@
+//! Configuration for people: the generated configuration file
+//! (`hivegate genconfig`) and the "did you mean" for a misspelt key.
+
+use super::keys;
+
+pub(super) fn unknown_key(key: &str) -> String {
+    let nearest = keys()
+        .map(|k| k.name)
+        .filter(|k| !k.starts_with("provider.") && !k.starts_with("access."))
+        .map(|k| (edit_distance(k, key), k))
+        .min()
+        .filter(|(d, _)| *d <= 3);
+    if let Some((_, k)) = nearest {
+        return format!("unknown key {key}: did you mean {k}?");
+    }
+    let section = key.split('.').next().unwrap_or(key);
+    let close: Vec<&str> = keys()
+        .map(|k| k.name)
+        .filter(|k| k.starts_with(section) && k.contains('.'))
+        .collect();
+    if close.is_empty() {
+        format!("unknown key {key}: this build has no [{section}] section")
+    } else {
+        format!(
+            "unknown key {key}; keys of [{section}] are: {}",
+            close.join(", ")
+        )
+    }
+}
+
+/// Levenshtein distance, for "did you mean".
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
+/// A complete configuration file, commented, from [`keys`]: every key with
+/// its meaning and default, the optional sections commented out.
+pub fn generate() -> String {
+    let mut out = String::from(
+        "# hivegate configuration (hivegate genconfig). Every key is shown with its\n\
+         # default; each may also be set as HIVEGATE_<SECTION>_<KEY> in the environment.\n",
+    );
+    let mut section = "";
+    for key in keys() {
+        let (sec, name) = key.name.rsplit_once('.').unwrap_or(("", key.name));
+        let optional = sec == "remote"
+            || sec == "cluster"
+            || sec.starts_with("provider.")
+            || sec.starts_with("access.");
+        if sec != section {
+            section = sec;
+            let header = if sec.starts_with("access.") {
+                "[access]".to_string()
+            } else {
+                sec.replace("NAME", "kimi")
+            };
+            if optional {
+                let why = if sec == "remote" {
+                    "sync to a Supabase/PostgREST store (without it: local only)"
+                } else if sec == "cluster" {
+                    "rooms shared with other boxes over NATS (without it: one box alone)"
+                } else if sec.starts_with("access.") {
+                    "who may do what, where: one [[access]] table per rule, checked in order; \
+                     the first that matches decides, and with any rule, what none allows is \
+                     denied (README: Access)"
+                } else {
+                    "an OpenAI-compatible provider; one section per provider"
+                };
+                out.push_str(&format!("\n# {why}\n# [{header}]\n"));
+            } else {
+                out.push_str(&format!("\n[{header}]\n"));
+            }
+        }
+        out.push_str(&format!(
+            "# {} (default: {})\n",
+            key.meaning,
+            key.shown_default()
+        ));
+        let line = format!(
+            "{name} = {}",
+            if key.default.is_empty() {
+                "\"\""
+            } else {
+                key.default
+            }
+        );
+        // A default that depends on the environment (the data directory
+        // under systemd, the memory limit from the cgroup) stays implicit.
+        if optional || key.default.is_empty() || !key.note.is_empty() {
+            out.push_str(&format!("# {line}\n"));
+        } else {
+            out.push_str(&line);
+            out.push('\n');
+        }
+    }
+    out
+}
