@@ -14,6 +14,7 @@
 use crate::auth::{valid_role, valid_user, Identity, Secret, DEFAULT_ROLE};
 use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde_json::value::RawValue;
 use std::path::PathBuf;
 
 /// Longest token read; a longer one is refused before it is decoded.
@@ -192,7 +193,10 @@ pub fn verify(cfg: &JwtConfig, token: &str, now: u64) -> Result<Identity, Refuse
         v.set_audience(&cfg.audience);
         v.required_spec_claims.insert("aud".into());
     }
-    let data = jsonwebtoken::decode::<serde_json::Value>(token, &key, &v).map_err(|e| {
+    // The claims as raw JSON by name: only the few read here are parsed
+    // (a generic JSON tree would cost binary size for nothing).
+    type Claims = std::collections::HashMap<String, Box<RawValue>>;
+    let data = jsonwebtoken::decode::<Claims>(token, &key, &v).map_err(|e| {
         use jsonwebtoken::errors::ErrorKind as K;
         match e.kind() {
             K::InvalidSignature => Refused::Signature,
@@ -209,39 +213,46 @@ pub fn verify(cfg: &JwtConfig, token: &str, now: u64) -> Result<Identity, Refuse
         }
     })?;
     let claims = &data.claims;
-    let leeway = cfg.leeway_s;
-    match claims.get("exp").and_then(serde_json::Value::as_f64) {
-        Some(exp) if exp + leeway as f64 >= now as f64 => {}
-        Some(_) => return Err(Refused::Expired),
-        // A token without an expiry would be good for ever.
-        None => return Err(Refused::Expired),
+    let claim = |name: &str| claims.get(name).map(|raw| raw.get());
+    let number = |name: &str| claim(name).and_then(|raw| serde_json::from_str::<f64>(raw).ok());
+    let leeway = cfg.leeway_s as f64;
+    // A token without an expiry would be good for ever.
+    match number("exp") {
+        Some(exp) if exp + leeway >= now as f64 => {}
+        _ => return Err(Refused::Expired),
     }
-    if let Some(nbf) = claims.get("nbf") {
-        match nbf.as_f64() {
-            Some(nbf) if nbf <= (now + leeway) as f64 => {}
+    if claim("nbf").is_some() {
+        match number("nbf") {
+            Some(nbf) if nbf <= now as f64 + leeway => {}
             _ => return Err(Refused::NotYetValid),
         }
     }
-    let user = claims
-        .get(&cfg.user_claim)
-        .and_then(serde_json::Value::as_str)
-        .filter(|u| valid_user(u))
+    let user: String = claim(&cfg.user_claim)
+        .and_then(|raw| serde_json::from_str(raw).ok())
+        .filter(|u: &String| valid_user(u))
         .ok_or(Refused::User)?;
-    let roles: Vec<&str> = match claims.get(&cfg.roles_claim) {
-        Some(serde_json::Value::String(r)) => vec![r.as_str()],
-        Some(serde_json::Value::Array(list)) => list
-            .iter()
-            .take(32)
-            .filter_map(serde_json::Value::as_str)
-            .collect(),
-        _ => Vec::new(),
+    let roles: Vec<String> = match claim(&cfg.roles_claim) {
+        None => Vec::new(),
+        Some(raw) => match serde_json::from_str::<String>(raw) {
+            Ok(one) => vec![one],
+            Err(_) => serde_json::from_str::<Vec<Box<RawValue>>>(raw)
+                .unwrap_or_default()
+                .iter()
+                .take(32)
+                .filter_map(|r| serde_json::from_str::<String>(r.get()).ok())
+                .collect(),
+        },
     };
     // Roles that could not be named in a rule are left out, not fatal.
-    let mut roles: Vec<&str> = roles.into_iter().filter(|r| valid_role(r)).collect();
+    let mut roles: Vec<&str> = roles
+        .iter()
+        .map(String::as_str)
+        .filter(|r| valid_role(r))
+        .collect();
     if roles.is_empty() {
         roles.push(DEFAULT_ROLE);
     }
-    Ok(Identity::new(user, &roles))
+    Ok(Identity::new(&user, &roles))
 }
 
 #[cfg(test)]

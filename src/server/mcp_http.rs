@@ -384,7 +384,7 @@ async fn call_tool(
         let caller = crate::llm::Caller {
             user: who.user.clone(),
             grant: gw.live.borrow().rules.llm(who),
-            logged: Rc::default(),
+            logged: session.denials_logged.clone(),
         };
         mcp::start_call(&gw.llm, &mut session.calls, &id, params, caller)
     };
