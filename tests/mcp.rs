@@ -2,7 +2,9 @@
 //! (`tests/mcp/client.py`, installed by `.ci/mcp-setup` into
 //! target/mcp-venv): initialize, tools/list, a streamed `chat` call with
 //! progress, cancellation reaching the provider, rate limits and an open
-//! breaker as tool errors, and the transport's refusals.
+//! breaker as tool errors, and the transport's refusals; and the official
+//! TypeScript SDK's WebSocket transport signing in with a `bearer.TOKEN`
+//! subprotocol (`tests/mcp/ws_client.mjs`, installed by the same script).
 
 mod common;
 use common::fake_openai::{ok_stream, transcript, Behaviour, FakeOpenAi};
@@ -345,4 +347,45 @@ fn the_mcp_subprotocol_needs_a_token_at_the_upgrade_in_token_mode() {
     let ok = upgrade("Authorization: Bearer tok-ada\r\n");
     assert!(ok.starts_with("HTTP/1.1 101"), "{ok}");
     assert!(ok.contains("Sec-WebSocket-Protocol: mcp\r\n"), "{ok}");
+}
+
+#[test]
+fn the_typescript_sdk_connects_over_the_websocket_with_a_token() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/mcp");
+    if !dir.join("node_modules/@modelcontextprotocol/sdk").exists() {
+        assert!(
+            std::env::var("REQUIRE_MCP").as_deref() != Ok("1"),
+            "tests/mcp/node_modules is missing: run .ci/mcp-setup"
+        );
+        eprintln!("mcp: the TypeScript SDK is missing (run .ci/mcp-setup); not run");
+        return;
+    }
+    let fake = FakeOpenAi::start(ok_stream(transcript("hello.txt")));
+    let gw = gateway(&fake, "[auth]\ntokens = [\"ada:tok-ada\"]\n");
+    let url = format!("ws://{}/ws", gw.addr);
+    let run = |token: &str| {
+        Command::new("node")
+            .arg("--experimental-websocket")
+            .arg(dir.join("ws_client.mjs"))
+            .args([url.as_str(), token])
+            .output()
+            .expect("run node")
+    };
+    let out = run("tok-ada");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "ws_client.mjs failed:\n{}\n{stdout}\ngateway log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        gw.log_text()
+    );
+    let r: Value = serde_json::from_str(stdout.trim()).expect("the client prints JSON");
+    assert_eq!(r["tools"], serde_json::json!(["chat"]));
+    assert_eq!(r["isError"], false);
+    assert!(
+        r["text"].as_str().unwrap_or("").starts_with("Hello, wörld"),
+        "{r}"
+    );
+    // A wrong token is refused at the upgrade.
+    assert!(!run("tok-wrong").status.success());
 }
