@@ -298,6 +298,31 @@ fn a_head_with_bare_line_feeds_gets_400_at_once() {
 }
 
 #[test]
+fn head_leftovers_get_400_at_once() {
+    // A handshake deadline far away: an answer comes from the head itself,
+    // or not before the test's own read timeout.
+    let gw = Gateway::start("[server]\nhandshake_timeout_ms = 600000\n", &[]);
+    for head in [
+        "GET /healthz HTTP/1.1\nHost: 127.0.0.1\n\r\n".to_string(),
+        "POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: +40\r\n\r\n".to_string(),
+        "POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2\r\nContent-Length: 40\r\n\r\n{}"
+            .to_string(),
+    ] {
+        let mut s = connect_from(gw.addr, None);
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s.write_all(head.as_bytes()).unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        let answer = String::from_utf8_lossy(&out);
+        assert!(answer.starts_with("HTTP/1.1 400"), "{head:?}: {answer:?}");
+    }
+    assert_eq!(
+        gw.metric("hivegate_connections_refused_total{reason=\"handshake_timeout\"}"),
+        0.0
+    );
+}
+
+#[test]
 fn an_empty_or_malformed_websocket_key_gets_400() {
     let gw = Gateway::start("", &[]);
     assert!(gw.ws_from(None, &[]).is_ok(), "a good key upgrades");
