@@ -47,28 +47,46 @@ pub const DEFAULT_ROLE: &str = "user";
 /// The role of an open-mode session without a token.
 pub const GUEST_ROLE: &str = "guest";
 
+/// A session's roles, shared (a token's roles are read once, and every
+/// session signed in with it holds the same list).
+pub type Roles = std::sync::Arc<[Box<str>]>;
+
 #[derive(Clone)]
 pub struct TokenEntry {
     pub user: String,
     pub digest: [u8; 32],
     /// Never empty: [`DEFAULT_ROLE`] when the entry names none.
-    pub roles: Vec<String>,
+    pub roles: Roles,
 }
 
-/// Who a signed-in session is: a user name and its roles. Shared by the
-/// session and its table entry (a reload re-checks the rooms of every
-/// session against the new rules).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Who a signed-in session is: a user name and its roles; and, since each
+/// sign-in makes its own, which of the session's refusals were logged
+/// already (one bit per access rule, bit 0 for "no rule"), so a client
+/// that retries is logged once per rule. Shared by the session and its
+/// table entry (a reload re-checks every session's rooms).
+#[derive(Debug, Clone)]
 pub struct Identity {
     pub user: std::rc::Rc<str>,
-    pub roles: Vec<Box<str>>,
+    pub roles: Roles,
+    pub denials_logged: std::cell::Cell<u64>,
+}
+
+impl PartialEq for Identity {
+    fn eq(&self, other: &Identity) -> bool {
+        self.user == other.user && self.roles == other.roles
+    }
 }
 
 impl Identity {
     pub fn new(user: &str, roles: &[impl AsRef<str>]) -> Identity {
+        Identity::with_roles(user, roles.iter().map(|r| Box::from(r.as_ref())).collect())
+    }
+
+    pub fn with_roles(user: &str, roles: Roles) -> Identity {
         Identity {
             user: std::rc::Rc::from(user),
-            roles: roles.iter().map(|r| Box::from(r.as_ref())).collect(),
+            roles,
+            denials_logged: std::cell::Cell::new(0),
         }
     }
 
@@ -76,6 +94,8 @@ impl Identity {
     /// another (random, or from the client's own stable id, so a page
     /// keeps its name across reconnects).
     pub fn guest(client_id: Option<&str>) -> Identity {
+        static GUEST: std::sync::LazyLock<Roles> =
+            std::sync::LazyLock::new(|| Roles::from([Box::from(GUEST_ROLE)]));
         let bytes: [u8; 6] = match client_id {
             Some(id) => {
                 let d = sha256(id.as_bytes());
@@ -87,11 +107,19 @@ impl Identity {
             }
         };
         let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-        Identity::new(&format!("guest-{hex}"), &[GUEST_ROLE])
+        Identity::with_roles(&format!("guest-{hex}"), GUEST.clone())
     }
 
     pub fn has_role(&self, role: &str) -> bool {
         self.roles.iter().any(|r| &**r == role)
+    }
+
+    /// True the first time this session is refused by rule `slot`.
+    pub fn first_refusal(&self, slot: u32) -> bool {
+        let bit = 1u64 << slot.min(63);
+        let first = self.denials_logged.get() & bit == 0;
+        self.denials_logged.set(self.denials_logged.get() | bit);
+        first
     }
 }
 
@@ -146,15 +174,15 @@ impl TokenEntry {
 }
 
 /// `staff,ops` → the roles; empty → [`DEFAULT_ROLE`].
-fn parse_roles(list: &str) -> Result<Vec<String>, TokenParseError> {
+fn parse_roles(list: &str) -> Result<Roles, TokenParseError> {
     if list.is_empty() {
-        return Ok(vec![DEFAULT_ROLE.to_string()]);
+        return Ok(Roles::from([Box::from(DEFAULT_ROLE)]));
     }
     list.split(',')
         .map(|r| {
             let r = r.trim();
             valid_role(r)
-                .then(|| r.to_string())
+                .then(|| Box::from(r))
                 .ok_or(TokenParseError::Roles)
         })
         .collect()
@@ -227,7 +255,7 @@ impl Authenticator {
     /// Who a token signs in as, if anyone.
     pub fn identify(&self, token: &str) -> Option<Identity> {
         self.entry_for(token)
-            .map(|e| Identity::new(&e.user, &e.roles))
+            .map(|e| Identity::with_roles(&e.user, e.roles.clone()))
     }
 }
 
@@ -252,11 +280,17 @@ mod tests {
     fn roles_follow_the_token() {
         let e = TokenEntry::parse("alice:tok:staff,ops").unwrap();
         assert_eq!(e.digest, sha256(b"tok"));
-        assert_eq!(e.roles, ["staff", "ops"]);
-        assert_eq!(TokenEntry::parse("bob:tok").unwrap().roles, ["user"]);
+        assert_eq!(&*e.roles, [Box::from("staff"), Box::from("ops")]);
+        assert_eq!(
+            &*TokenEntry::parse("bob:tok").unwrap().roles,
+            [Box::from("user")]
+        );
         let hex: String = sha256(b"t").iter().map(|b| format!("{b:02x}")).collect();
         let d = TokenEntry::parse(&format!("carol:sha256:{hex}:ops")).unwrap();
-        assert_eq!((d.digest, d.roles), (sha256(b"t"), vec!["ops".to_string()]));
+        assert_eq!(
+            (d.digest, &*d.roles),
+            (sha256(b"t"), &[Box::from("ops")][..])
+        );
         // A token holding colons goes in the sha256 form; written plain,
         // what follows its first colon is not a role list.
         assert_eq!(

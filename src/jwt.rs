@@ -494,8 +494,8 @@ mod tests {
             SECRET.as_bytes(),
         );
         assert_eq!(
-            verify(&cfg(), &t, NOW).unwrap().roles,
-            vec![Box::from("user")]
+            &*verify(&cfg(), &t, NOW).unwrap().roles,
+            [Box::from("user")]
         );
         let t = hs256(
             h,

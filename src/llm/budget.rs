@@ -10,6 +10,7 @@
 //! end).
 
 use crate::access::{Denied, LlmGrant};
+use crate::auth::Identity;
 use crate::protocol::ErrorCode;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -34,37 +35,26 @@ pub fn ms_to_midnight(unix_ms: i64) -> u64 {
 /// One session as the relay sees it.
 #[derive(Clone)]
 pub struct Caller {
-    pub user: Rc<str>,
+    pub who: Rc<Identity>,
     /// What the access rules grant, or which rule refuses the LLM.
     pub grant: Result<LlmGrant, Denied>,
-    /// Refusals already logged for this session (see `access::Denied::slot`).
-    pub logged: Rc<Cell<u64>>,
 }
 
 impl Caller {
     /// A caller the rules let call everything (no rules, or tests).
     pub fn unrestricted(user: &str) -> Caller {
         Caller {
-            user: Rc::from(user),
+            who: Rc::new(Identity::new(user, &[crate::auth::DEFAULT_ROLE])),
             grant: Ok(LlmGrant {
                 providers: None,
                 tokens_per_day: None,
                 rule: 0,
             }),
-            logged: Rc::default(),
         }
     }
 
     pub fn may_use(&self, provider: &str) -> bool {
         self.grant.as_ref().is_ok_and(|g| g.allows(provider))
-    }
-
-    /// True the first time this session is refused by `denied`'s rule.
-    pub fn first_refusal(&self, denied: Denied) -> bool {
-        let bit = 1u64 << denied.slot();
-        let first = self.logged.get() & bit == 0;
-        self.logged.set(self.logged.get() | bit);
-        first
     }
 }
 
@@ -152,7 +142,7 @@ impl Ledger {
             r.retry_after_ms = Some(200);
             return Err(r);
         }
-        let used = self.used(&caller.user, now_ms);
+        let used = self.used(&caller.who.user, now_ms);
         if used >= budget {
             self.denied_budget.set(self.denied_budget.get() + 1);
             let mut r = Refused::new(
@@ -187,13 +177,13 @@ impl Ledger {
         self.roll(day);
         {
             let mut used = self.used.borrow_mut();
-            if used.len() >= MAX_USERS && !used.contains_key(&*caller.user) {
+            if used.len() >= MAX_USERS && !used.contains_key(&*caller.who.user) {
                 return;
             }
-            *used.entry(caller.user.clone()).or_insert(0) += tokens;
+            *used.entry(caller.who.user.clone()).or_insert(0) += tokens;
         }
         if let Some(f) = &*self.persist.borrow() {
-            f(&caller.user, day, tokens);
+            f(&caller.who.user, day, tokens);
         }
     }
 }

@@ -207,11 +207,11 @@ impl Llm {
         if let Some((d, what)) = denied {
             let ledger = &self.ledger;
             ledger.denied_provider.set(ledger.denied_provider.get() + 1);
-            if caller.first_refusal(d) {
+            if caller.who.first_refusal(d.slot()) {
                 self.log.info(
                     "access denied",
                     &[
-                        ("user", &caller.user),
+                        ("user", &caller.who.user),
                         ("asked", &what),
                         ("why", &d.describe()),
                     ],

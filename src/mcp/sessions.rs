@@ -21,8 +21,6 @@ pub struct Session {
     pub anonymous: bool,
     /// Whose quota it counts against.
     owner: Rc<str>,
-    /// Access refusals already logged (one line per session and rule).
-    pub denials_logged: Rc<std::cell::Cell<u64>>,
     pub version: &'static str,
     last_used: Instant,
     /// Tool calls in flight, by request id.
@@ -113,7 +111,6 @@ impl Sessions {
                 who,
                 anonymous,
                 owner,
-                denials_logged: Rc::default(),
                 version,
                 last_used: now,
                 calls: HashMap::new(),

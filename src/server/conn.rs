@@ -49,18 +49,11 @@ const CLOSE_DRAIN_BYTES: usize = 256 * 1024;
 /// What a session knows after `hello`.
 struct Session {
     who: Rc<Identity>,
-    /// Access refusals already logged, one bit per rule (bit 0: no rule
-    /// matched): one log line per session and rule, however often a
-    /// client retries. Shared with the LLM relay's refusals.
-    denials_logged: Rc<Cell<u64>>,
 }
 
 impl Session {
     fn new(who: Rc<Identity>) -> Session {
-        Session {
-            who,
-            denials_logged: Rc::default(),
-        }
+        Session { who }
     }
 }
 

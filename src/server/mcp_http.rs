@@ -381,10 +381,10 @@ async fn call_tool(
                 mcp::result(&id, &mcp::tool_error("NOT_FOUND", msg, None)),
             ));
         };
+        // The session's own identity: its refusals are logged once.
         let caller = crate::llm::Caller {
-            user: who.user.clone(),
             grant: gw.live.borrow().rules.llm(who),
-            logged: session.denials_logged.clone(),
+            who: session.who.clone(),
         };
         mcp::start_call(&gw.llm, &mut session.calls, &id, params, caller)
     };

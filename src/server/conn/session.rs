@@ -329,9 +329,7 @@ impl Conn {
             return true;
         };
         self.gw.metrics.denied(Denial::of(action));
-        let bit = 1u64 << denied.slot();
-        if s.denials_logged.get() & bit == 0 {
-            s.denials_logged.set(s.denials_logged.get() | bit);
+        if s.who.first_refusal(denied.slot()) {
             self.gw.log.info(
                 "access denied",
                 &[
@@ -356,9 +354,8 @@ impl Conn {
     pub(super) fn caller(&self) -> crate::llm::Caller {
         match &self.session {
             Some(s) => crate::llm::Caller {
-                user: s.who.user.clone(),
+                who: s.who.clone(),
                 grant: self.gw.live.borrow().rules.llm(&s.who),
-                logged: s.denials_logged.clone(),
             },
             None => crate::llm::Caller {
                 grant: Err(crate::access::Denied::NoRule),
