@@ -112,16 +112,17 @@ fn rules_decide_who_may_join_read_publish_and_react() {
         gw.metric("hivegate_access_denied_total{reason=\"publish\"}"),
         5.0
     );
-    let denied = |gw: &Gateway| {
-        gw.log_text()
-            .lines()
-            .filter(|l| l.contains("access denied") && l.contains("kiosk1"))
-            .count()
-    };
-    assert_eq!(denied(&gw), 1, "{}", gw.log_text());
-
     // Anyone may read the announcements without joining, and no more.
     let (mut zed, _) = gw.session(Some("tok-zed"));
+    // Log lines come in order: once zed's hello is there, so are all the
+    // kiosk's refusals.
+    wait_log(&gw, "user=zed", 1);
+    let denied = gw
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("access denied") && l.contains("kiosk1"))
+        .count();
+    assert_eq!(denied, 1, "{}", gw.log_text());
     assert_eq!(code(&join(&mut zed, "lobby")), "FORBIDDEN");
     let h = ask(
         &mut zed,
@@ -210,12 +211,7 @@ fn a_reload_never_changes_an_inferred_sign_in_mode() {
     assert!(gw.log_text().contains("auth.mode"), "{}", gw.log_text());
     assert_eq!(gw.session(None).1["ok"], false);
     assert_eq!(gw.session(Some("tok-a")).1["ok"], true);
-    let r = http_request(
-        gw.addr,
-        "POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
-         Accept: application/json\r\nContent-Length: 2\r\n\r\n{}",
-    );
-    assert_eq!(r.status, 401);
+    assert_eq!(mcp_post(gw.addr, "", "{}").status, 401);
     assert_eq!(
         gw.metric("hivegate_config_reloads_total{result=\"failed\"}"),
         1.0
@@ -330,14 +326,13 @@ fn metrics_and_details_are_on_the_operator_port_only() {
 #[test]
 fn a_rebound_host_name_is_refused_everywhere() {
     let gw = Gateway::start(&format!("{NO_RATE_LIMITS}[auth]\nmode = \"open\"\n"), &[]);
-    let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18"}}"#;
     let post = |host: &str, origin: &str| {
         http_request(
             gw.addr,
             &format!(
                 "POST /mcp HTTP/1.1\r\nHost: {host}\r\n{origin}Content-Type: application/json\r\n\
-                 Accept: application/json\r\nContent-Length: {}\r\n\r\n{init}",
-                init.len()
+                 Accept: application/json\r\nContent-Length: {}\r\n\r\n{MCP_INIT}",
+                MCP_INIT.len()
             ),
         )
     };
@@ -368,15 +363,7 @@ fn failed_sign_ins_on_every_surface_lead_to_429() {
         &format!("{NO_RATE_LIMITS}[auth]\ntokens = [\"alice:tok-a\"]\n"),
         &[],
     );
-    let mcp = |token: &str| {
-        http_request(
-            gw.addr,
-            &format!(
-                "POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n\
-                 Content-Type: application/json\r\nAccept: application/json\r\nContent-Length: 2\r\n\r\n{{}}"
-            ),
-        )
-    };
+    let mcp = |token: &str| mcp_post(gw.addr, &format!("Authorization: Bearer {token}\r\n"), "{}");
     // Three wrong tokens on /mcp and two on the upgrade: the five a
     // minute allowed (limits.failed_hellos_per_minute) are spent.
     for i in 0..3 {
@@ -409,12 +396,7 @@ fn a_token_in_the_subprotocol_signs_in_without_being_echoed() {
              Sec-WebSocket-Protocol: {protocols}\r\n\r\n"
         )
         .unwrap();
-        let mut head = Vec::new();
-        let mut b = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") && s.read(&mut b).unwrap_or(0) == 1 {
-            head.push(b[0]);
-        }
-        String::from_utf8_lossy(&head).into_owned()
+        read_head(&mut s)
     };
     let ok = upgrade("hivegate, bearer.tok-a");
     assert!(ok.starts_with("HTTP/1.1 101"), "{ok}");
@@ -445,15 +427,11 @@ fn mcp_sessions_of_one_user_cannot_evict_another_users() {
         &format!("{NO_RATE_LIMITS}[auth]\ntokens = [\"alice:tok-a\", \"mallory:tok-m\"]\n"),
         &[],
     );
-    let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18"}}"#;
     let open = |token: &str| {
-        let r = http_request(
+        let r = mcp_post(
             gw.addr,
-            &format!(
-                "POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n\
-                 Content-Type: application/json\r\nAccept: application/json\r\nContent-Length: {}\r\n\r\n{init}",
-                init.len()
-            ),
+            &format!("Authorization: Bearer {token}\r\n"),
+            MCP_INIT,
         );
         assert_eq!(r.status, 200, "{}", r.body);
         r.header("Mcp-Session-Id").unwrap()
@@ -462,14 +440,10 @@ fn mcp_sessions_of_one_user_cannot_evict_another_users() {
     for _ in 0..300 {
         open("tok-m");
     }
-    let ping = r#"{"jsonrpc":"2.0","id":2,"method":"ping"}"#;
-    let r = http_request(
+    let r = mcp_post(
         gw.addr,
-        &format!(
-            "POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer tok-a\r\nMcp-Session-Id: {alice}\r\n\
-             Content-Type: application/json\r\nAccept: application/json\r\nContent-Length: {}\r\n\r\n{ping}",
-            ping.len()
-        ),
+        &format!("Authorization: Bearer tok-a\r\nMcp-Session-Id: {alice}\r\n"),
+        r#"{"jsonrpc":"2.0","id":2,"method":"ping"}"#,
     );
     assert_eq!(r.status, 200, "alice's session survives: {}", r.body);
     assert!(gw.metric("hivegate_mcp_sessions") <= 9.0);
@@ -483,17 +457,9 @@ fn mcp_streams_count_against_the_connection_caps() {
         ),
         &[],
     );
-    let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18"}}"#;
     let mut streams = Vec::new();
     for _ in 0..3 {
-        let r = http_request(
-            gw.addr,
-            &format!(
-                "POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer tok-a\r\n\
-                 Content-Type: application/json\r\nAccept: application/json\r\nContent-Length: {}\r\n\r\n{init}",
-                init.len()
-            ),
-        );
+        let r = mcp_post(gw.addr, "Authorization: Bearer tok-a\r\n", MCP_INIT);
         let sid = r.header("Mcp-Session-Id").unwrap();
         let mut s = connect_from(gw.addr, None);
         write!(

@@ -130,21 +130,7 @@ pub(super) fn admit(
         ));
     }
     let user = match head.bearer.as_ref().or(head.ws_bearer.as_ref()) {
-        Some(token) => {
-            let signed = gw.live.borrow().sign_in(token);
-            match signed {
-                Ok(who) => Some(Rc::new(who)),
-                Err(reason) => {
-                    gw.failed_sign_in(ip, reason);
-                    return Err(refuse(
-                        gw,
-                        Refusal::Unauthorized,
-                        ip,
-                        Response::text(401, "bad token\n").header("WWW-Authenticate", "Bearer"),
-                    ));
-                }
-            }
-        }
+        Some(token) => Some(gw.sign_in_or_401(ip, token)?),
         None => None,
     };
     // An MCP client has no `hello`: its token comes with the upgrade.

@@ -91,19 +91,7 @@ pub async fn admit(
         ));
     }
     let who = match &head.bearer {
-        Some(t) => {
-            let signed = gw.live.borrow().sign_in(t);
-            match signed {
-                Ok(who) => Some(Rc::new(who)),
-                Err(reason) => {
-                    gw.failed_sign_in(ip, reason);
-                    return Err(refuse(
-                        Refusal::Unauthorized,
-                        Response::text(401, "bad token\n").header("WWW-Authenticate", "Bearer"),
-                    ));
-                }
-            }
-        }
+        Some(t) => Some(gw.sign_in_or_401(ip, t)?),
         None if gw.live.borrow().mode == crate::auth::AuthMode::Open => None,
         None => {
             gw.failed_sign_in(ip, "missing token");

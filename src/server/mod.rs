@@ -477,6 +477,26 @@ fn handle_socket(
 }
 
 impl Gateway {
+    /// Who a token given with a request (`Authorization`, a `bearer.`
+    /// subprotocol entry) signs in; or the `401` that refuses it, counted
+    /// as a failed sign-in.
+    fn sign_in_or_401(
+        &self,
+        ip: IpAddr,
+        token: &str,
+    ) -> Result<Rc<crate::auth::Identity>, Response> {
+        let signed = self.live.borrow().sign_in(token);
+        signed.map(Rc::new).map_err(|reason| {
+            self.failed_sign_in(ip, reason);
+            refuse(
+                self,
+                Refusal::Unauthorized,
+                ip,
+                Response::text(401, "bad token\n").header("WWW-Authenticate", "Bearer"),
+            )
+        })
+    }
+
     /// A token that signed nobody in, on any surface: counted against
     /// the address's failed sign-ins (past the limit its attempts get 429).
     fn failed_sign_in(&self, ip: IpAddr, reason: &str) {

@@ -307,7 +307,8 @@ pub fn connect_from(addr: SocketAddr, source: Option<IpAddr>) -> TcpStream {
     stream
 }
 
-fn read_head(stream: &mut TcpStream) -> String {
+/// Reads a response head, up to its blank line.
+pub fn read_head(stream: &mut TcpStream) -> String {
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
@@ -361,6 +362,23 @@ pub fn http_request(addr: SocketAddr, raw: &str) -> HttpResponse {
     let mut out = Vec::new();
     let _ = s.read_to_end(&mut out);
     parse_response(&String::from_utf8_lossy(&out))
+}
+
+/// An MCP `initialize` request.
+pub const MCP_INIT: &str =
+    r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18"}}"#;
+
+/// POSTs one JSON-RPC message to `/mcp`, with extra header lines (each
+/// ending in CRLF), and reads the answer.
+pub fn mcp_post(addr: SocketAddr, headers: &str, body: &str) -> HttpResponse {
+    http_request(
+        addr,
+        &format!(
+            "POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\n{headers}Content-Type: application/json\r\n\
+             Accept: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+    )
 }
 
 pub fn send_json(ws: &mut Ws, v: &Value) {
