@@ -279,3 +279,36 @@ fn an_https_upstream_without_a_ca_bundle_stops_the_start_with_the_fix() {
     assert_ne!(code, Some(0));
     assert!(err.contains("install the ca-certificates package"), "{err}");
 }
+
+#[test]
+fn slow_tls_handshakes_from_many_addresses_never_lock_out_a_newcomer() {
+    raise_fd_limit();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::copy(fixture_tls("server1.pem"), &cert).unwrap();
+    std::fs::copy(fixture_tls("server1.key"), &key).unwrap();
+    let gw = Gateway::start(
+        &format!(
+            "[server]\ntls_cert_file = {cert:?}\ntls_key_file = {key:?}\n\
+             handshake_timeout_ms = 20000\nmax_handshakes = 64\n"
+        ),
+        &[],
+    );
+    // 300 sockets from 300 addresses that start no TLS handshake at all.
+    let held: Vec<TcpStream> = (0..300u32)
+        .map(|i| {
+            connect_from(
+                gw.addr,
+                Some([127, 3, (i / 250) as u8, (i % 250) as u8 + 1].into()),
+            )
+        })
+        .collect();
+    let evicted = "hivegate_connections_refused_total{reason=\"handshake_evicted\"}";
+    assert!(gw.wait_metric(evicted, 236.0, Duration::from_secs(10)) >= 236.0);
+    // Fresh clients still complete their handshakes, and are served.
+    for _ in 0..10 {
+        let page = https_get(&gw, "/healthz");
+        assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    }
+    drop(held);
+}
