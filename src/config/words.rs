@@ -89,10 +89,10 @@ pub fn generate() -> String {
         ));
         let line = format!(
             "{name} = {}",
-            if key.default.is_empty() {
-                "\"\""
-            } else {
-                key.default
+            match (key.default, example(key.name)) {
+                ("", Some(e)) => e,
+                ("", None) => "\"\"",
+                (d, _) => d,
             }
         );
         // A default that depends on the environment (the data directory
@@ -105,4 +105,18 @@ pub fn generate() -> String {
         }
     }
     out
+}
+
+/// What a key without a default looks like when set, where an empty
+/// string would mislead (a rule's lists).
+fn example(key: &str) -> Option<&'static str> {
+    Some(match key {
+        "access.N.roles" => "[\"staff\"]",
+        "access.N.users" => "[\"alice\"]",
+        "access.N.rooms" => "[\"lobby\", \"team-*\", \"dm-{user}-*\"]",
+        "access.N.can" => "[\"join\", \"publish\", \"react\"]",
+        "access.N.providers" => "[\"kimi\"]",
+        "access.N.llm_tokens_per_day" => "200000",
+        _ => return None,
+    })
 }
