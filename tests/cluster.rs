@@ -418,6 +418,11 @@ fn a_box_that_joins_a_room_later_fetches_what_it_missed_and_drops_what_is_not_an
         ),
         r#"{"t":"react","node":"mallory","room":"late","oseq":1,"message_id":"x","emoji":"","by":"m","added":true}"#
             .into(),
+        // Emoji a local client may not send: a quote, a control character.
+        r#"{"t":"react","node":"mallory","room":"late","oseq":1,"message_id":"x","emoji":"a\"b","by":"m","added":true}"#
+            .into(),
+        r#"{"t":"react","node":"mallory","room":"late","oseq":1,"message_id":"x","emoji":"\u0001","by":"m","added":true}"#
+            .into(),
     ];
     let mut wire = String::from("CONNECT {\"verbose\":false}\r\n");
     for j in &junk {
@@ -436,6 +441,31 @@ fn a_box_that_joins_a_room_later_fetches_what_it_missed_and_drops_what_is_not_an
     wait_for("the next message", Duration::from_secs(5), || {
         history(&b, "late").len() == 1101
     });
+
+    // 60 distinct emoji on one message from the bus, in order: the local
+    // bound of 50 holds on B, and the other 10 are counted.
+    let id = history(&b, "late").last().unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let before = b.metric("hivegate_cluster_dropped_total{reason=\"malformed\"}");
+    let mut wire = String::new();
+    for i in 1..=60 {
+        let ev = format!(
+            r#"{{"t":"react","node":"mallory","room":"late","oseq":{i},"message_id":"{id}","emoji":"e{i}","by":"m","added":true}}"#
+        );
+        wire.push_str(&format!("PUB hivegate.room.late {}\r\n{ev}\r\n", ev.len()));
+    }
+    wire.push_str("PING\r\n");
+    std::io::Write::write_all(&mut raw, wire.as_bytes()).unwrap();
+    let dropped = b.wait_metric(
+        "hivegate_cluster_dropped_total{reason=\"malformed\"}",
+        before + 10.0,
+        Duration::from_secs(5),
+    );
+    assert_eq!(dropped, before + 10.0);
+    let last = history(&b, "late").pop().unwrap();
+    assert_eq!(last["reactions"].as_object().unwrap().len(), 50, "{last}");
 }
 
 #[test]

@@ -124,8 +124,7 @@ impl Cluster {
             } => {
                 id_ok(message_id)
                     && crate::auth::valid_user(user)
-                    && !emoji.is_empty()
-                    && emoji.len() <= crate::protocol::MAX_EMOJI
+                    && crate::protocol::valid_emoji(emoji)
             }
             BusKind::Skip => true,
         }
@@ -250,6 +249,12 @@ impl Cluster {
                 }
             }
             Ok(WriteOk::Bus(Applied::Quiet)) => note(ev.oseq),
+            // Past what a local client could do to the message (its
+            // emoji bounds): applied as nothing, counted.
+            Ok(WriteOk::Bus(Applied::Refused)) => {
+                note(ev.oseq);
+                inc(&self.stats.malformed);
+            }
             Ok(WriteOk::Bus(Applied::Duplicate)) => {
                 note(ev.oseq);
                 inc(&self.stats.duplicates);

@@ -54,6 +54,9 @@ pub enum Applied {
     /// Nothing for members to see: a skip, or a reaction to a message
     /// this box does not hold.
     Quiet,
+    /// Taken in order but not applied: past a bound a local client is held
+    /// to (a message's distinct emoji, an emoji's users).
+    Refused,
 }
 
 /// One row of this box's outbox.
@@ -257,6 +260,9 @@ pub fn apply_event(conn: &Connection, ev: &BusEvent) -> rusqlite::Result<Applied
             let Some(room) = room else {
                 return Ok(Applied::Quiet);
             };
+            if *added && !within_reaction_bounds(conn, message_id, emoji, user)? {
+                return Ok(Applied::Refused);
+            }
             conn.prepare_cached(
                 "INSERT INTO reactions (message_id, emoji, user, ts, removed, synced)
                  VALUES (?1, ?2, ?3, ?4, ?5, 1)
@@ -273,6 +279,40 @@ pub fn apply_event(conn: &Connection, ev: &BusEvent) -> rusqlite::Result<Applied
         }
         BusKind::Skip => Ok(Applied::Quiet),
     }
+}
+
+/// Whether adding `user`'s `emoji` keeps the message within the bounds a
+/// local reaction is held to (see `write::MAX_EMOJI_PER_MESSAGE`).
+fn within_reaction_bounds(
+    conn: &Connection,
+    message_id: &str,
+    emoji: &str,
+    user: &str,
+) -> rusqlite::Result<bool> {
+    use super::write::{MAX_EMOJI_PER_MESSAGE, MAX_USERS_PER_EMOJI};
+    let active: Option<i64> = conn
+        .prepare_cached(
+            "SELECT 1 FROM reactions WHERE message_id = ?1 AND emoji = ?2 AND user = ?3 AND removed = 0",
+        )?
+        .query_row(params![message_id, emoji, user], |r| r.get(0))
+        .optional()?;
+    if active.is_some() {
+        return Ok(true);
+    }
+    let users: i64 = conn
+        .prepare_cached(
+            "SELECT COUNT(*) FROM reactions WHERE message_id = ?1 AND emoji = ?2 AND removed = 0",
+        )?
+        .query_row(params![message_id, emoji], |r| r.get(0))?;
+    if users > 0 {
+        return Ok(users < MAX_USERS_PER_EMOJI);
+    }
+    let distinct: i64 = conn
+        .prepare_cached(
+            "SELECT COUNT(DISTINCT emoji) FROM reactions WHERE message_id = ?1 AND removed = 0",
+        )?
+        .query_row(params![message_id], |r| r.get(0))?;
+    Ok(distinct < MAX_EMOJI_PER_MESSAGE)
 }
 
 /// Outbox rows after `after` (a `bus_log` id), oldest first, and how many

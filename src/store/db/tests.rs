@@ -532,3 +532,44 @@ mod bus_log {
         }
     }
 }
+
+#[test]
+fn reactions_from_the_bus_keep_the_local_emoji_bounds() {
+    use super::bus::{Applied, BusEvent, BusKind};
+    let (_d, mut c) = db();
+    write_batch(&mut c, &[publish("m1", "x", "hi", 1)]);
+    let mut oseq = 0;
+    let mut react_as = |emoji: String, user: &str| {
+        oseq += 1;
+        WriteOp::Bus(BusEvent {
+            origin: "rogue".into(),
+            room: "x".into(),
+            oseq,
+            kind: BusKind::Reaction {
+                message_id: "m1".into(),
+                emoji,
+                user: user.into(),
+                added: true,
+                ts: 2,
+            },
+        })
+    };
+    // 60 distinct emoji: the first 50 are applied, the rest refused in
+    // order (the next event still applies).
+    let ops: Vec<WriteOp> = (0..60).map(|i| react_as(format!("e{i}"), "u")).collect();
+    let r = write_batch(&mut c, &ops);
+    let refused = r
+        .iter()
+        .filter(|x| **x == Ok(WriteOk::Bus(Applied::Refused)))
+        .count();
+    assert_eq!(refused, 10);
+    // 150 users behind one emoji: 100 of them count.
+    let ops: Vec<WriteOp> = (0..150)
+        .map(|i| react_as("e0".into(), &format!("user{i}")))
+        .collect();
+    write_batch(&mut c, &ops);
+    let h = history(&c, "x", Range::Latest, 10).unwrap();
+    assert_eq!(h[0].reactions.len(), 50);
+    let e0 = h[0].reactions.iter().find(|(e, _)| e == "e0").unwrap();
+    assert_eq!(e0.1, 100);
+}
