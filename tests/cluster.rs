@@ -529,3 +529,58 @@ fn a_burst_waits_at_the_bus_rather_than_being_dropped() {
     // (Gaps may be seen: the replay B asked for when bob joined can race
     // the live events; they are fetched again, never lost.)
 }
+
+#[test]
+fn presence_beats_at_the_documented_maxima_leave_the_box_serving() {
+    let Some(nats) = Nats::start() else { return };
+    let mut a = start_box(&nats, "box-a");
+    wait_for("the bus", Duration::from_secs(10), || on_bus(&a));
+    let mut alice = member(&a, "tok-alice", "big");
+    // Eight boxes of 10,000 names each, twice: 2.4 MB of beats, every one
+    // within the bounds a box documents.
+    let mut raw = TcpStream::connect(("127.0.0.1", nats.port)).unwrap();
+    let mut wire = String::from("CONNECT {\"verbose\":false}\r\n");
+    for _round in 0..2 {
+        for b in 0..8 {
+            let names: Vec<String> = (0..10_000).map(|u| format!("\"b{b}-user{u}\"")).collect();
+            let beat = format!(
+                r#"{{"t":"beat","node":"fake-{b}","room":"big","members":[{}],"head":0}}"#,
+                names.join(",")
+            );
+            wire.push_str(&format!(
+                "PUB hivegate.room.big {}\r\n{beat}\r\n",
+                beat.len()
+            ));
+        }
+    }
+    wire.push_str("PING\r\n");
+    std::io::Write::write_all(&mut raw, wire.as_bytes()).unwrap();
+    // The room holds 10,000 remote names in all (chat.members_per_room):
+    // the first box's; the other seven lists are left out, and counted.
+    let over = "hivegate_cluster_dropped_total{reason=\"names_over_bound\"}";
+    assert_eq!(
+        a.wait_metric(over, 140_000.0, Duration::from_secs(30)),
+        140_000.0
+    );
+    // Alice hears the 10,000 once, and the box serves her on.
+    let frames = collect(&mut alice, |f| f.iter().any(|v| v["op"] == "presence"));
+    let joined: Vec<&str> = frames.last().unwrap()["joined"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert_eq!(
+        joined.iter().filter(|u| u.starts_with("b0-")).count(),
+        10_000
+    );
+    assert!(!joined.iter().any(|u| u.starts_with("b1-")));
+    send_json(&mut alice, &json!({"op":"ping","request_id":"p"}));
+    let pong = collect(&mut alice, |f| f.iter().any(|v| v["op"] == "pong"));
+    assert_eq!(pong.last().unwrap()["request_id"], "p");
+    let (_bob, ack) = a.session(Some("tok-bob"));
+    assert_eq!(ack["ok"], true);
+    // And it drains on SIGTERM within server.drain_timeout_ms.
+    a.signal(libc::SIGTERM);
+    assert_eq!(a.wait_exit(Duration::from_secs(15)), Some(0));
+}

@@ -21,8 +21,10 @@ use crate::json::{escape_into, JsonOut};
 use crate::ops::metrics::{add, inc};
 use crate::store::StoredMessage;
 
+mod news;
 mod peers;
 mod requests;
+use news::note;
 pub use requests::{Asker, ChatRequests};
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
@@ -69,10 +71,14 @@ struct Room {
     members: HashMap<usize, Member>,
     /// Connections per user name, for presence by user.
     users: HashMap<Rc<str>, u32>,
-    joined: Vec<Rc<str>>,
-    left: Vec<Rc<str>>,
+    joined: news::News,
+    left: news::News,
     /// Members on other boxes of a cluster, by box (see `peers`).
     remote: HashMap<Rc<str>, peers::Remote>,
+    /// Every remote name, with the number of boxes that list it.
+    remote_names: HashMap<Rc<str>, u32>,
+    /// Names listed by all boxes together (bounded in total).
+    remote_total: usize,
 }
 
 pub struct Chat {
@@ -395,8 +401,8 @@ impl Chat {
                 let Some(r) = rooms.get_mut(&room) else {
                     continue;
                 };
-                let joined = std::mem::take(&mut r.joined);
-                let left = std::mem::take(&mut r.left);
+                let joined = r.joined.take();
+                let left = r.left.take();
                 if joined.is_empty() && left.is_empty() {
                     continue;
                 }
@@ -411,16 +417,6 @@ impl Chat {
             };
             self.enqueue(room, frame(text));
         }
-    }
-}
-
-/// Records a presence change, cancelling an opposite one not sent yet
-/// (join then leave within an interval is no news).
-fn note(opposite: &mut Vec<Rc<str>>, this: &mut Vec<Rc<str>>, user: &Rc<str>) {
-    if let Some(i) = opposite.iter().position(|u| u == user) {
-        opposite.swap_remove(i);
-    } else if !this.contains(user) {
-        this.push(user.clone());
     }
 }
 

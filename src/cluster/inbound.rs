@@ -72,13 +72,14 @@ impl Cluster {
                         .filter(|u| crate::auth::valid_user(u))
                         .map(|u| Rc::from(u.as_str()))
                         .collect();
-                    let new = self.chat.set_remote_members(
+                    let (new, left_out) = self.chat.set_remote_members(
                         &room,
                         &env.node,
                         users,
                         self.limits.members_per_room,
                         Instant::now(),
                     );
+                    crate::ops::metrics::add(&self.stats.names_left_out, left_out as u64);
                     if new {
                         // A box new in the room hears at once who is here.
                         self.beat_now(&room);

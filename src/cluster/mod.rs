@@ -140,6 +140,8 @@ struct Stats {
     dropped_inbound: Cell<u64>,
     dropped_replays: Cell<u64>,
     malformed: Cell<u64>,
+    /// Remote names past a room's bound, left out of presence.
+    names_left_out: Cell<u64>,
     outbox_pruned: Cell<u64>,
     backlog: Cell<u64>,
     connects: Cell<u64>,
@@ -432,6 +434,7 @@ impl Cluster {
                 ("replays_full", s.dropped_replays.get()),
                 ("malformed", s.malformed.get()),
                 ("outbox_pruned", s.outbox_pruned.get()),
+                ("names_over_bound", s.names_left_out.get()),
             ],
         );
         let counters = [
