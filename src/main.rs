@@ -17,6 +17,7 @@ Usage:
   hivegate genconfig                print a complete, commented configuration
   hivegate backup --out FILE [--config FILE]
                                     copy the live database, consistently
+  hivegate genkey NODE --out FILE   write a cluster box's signing key
   hivegate --version                print the version and git commit
   hivegate help [COMMAND]           show help
 
@@ -52,6 +53,15 @@ Usage: hivegate genconfig
 Prints a complete configuration file: every key with its meaning and its
 default, the optional [remote] and [provider.NAME] sections commented out.
 `hivegate genconfig > /etc/hivegate/hivegate.toml` is a good start.
+";
+
+const GENKEY_USAGE: &str = "\
+Usage: hivegate genkey NODE --out FILE
+
+Writes a new Ed25519 key for the cluster box NODE to FILE (readable by its
+owner only; FILE must not exist yet) and prints the line every box of the
+cluster lists in cluster.trusted_keys. Point this box's
+cluster.signing_key_file at FILE (under systemd, as a credential).
 ";
 
 const BACKUP_USAGE: &str = "\
@@ -154,6 +164,12 @@ fn run(args: &[String], env: &[(String, String)]) -> Result<i32, String> {
             }
         }
         ["check-config"] => Err(format!("check-config needs a FILE\n\n{CHECK_USAGE}")),
+        ["help" | "-h" | "--help", "genkey"] | ["genkey", "-h" | "--help", ..] => {
+            print!("{GENKEY_USAGE}");
+            Ok(0)
+        }
+        ["genkey", node, "-o" | "--out", file] => genkey(node, &PathBuf::from(file)),
+        ["genkey", ..] => Err(format!("genkey needs NODE and --out FILE\n\n{GENKEY_USAGE}")),
         ["help" | "-h" | "--help", "backup"] | ["backup", "-h" | "--help", ..] => {
             print!("{BACKUP_USAGE}");
             Ok(0)
@@ -194,8 +210,33 @@ fn run(args: &[String], env: &[(String, String)]) -> Result<i32, String> {
             Ok(0)
         }
         ["help" | "-h" | "--help", other, ..] => Err(format!(
-            "no help for {other:?}: the commands are serve, check-config, genconfig and backup\n\n{USAGE}"
+            "no help for {other:?}: the commands are serve, check-config, genconfig, backup and genkey\n\n{USAGE}"
         )),
         [other, ..] => Err(format!("unknown command {other:?}\n\n{USAGE}")),
     }
+}
+
+/// `genkey`: a new signing key for box `node`, written to `out` with mode
+/// 0600 (created, never overwritten); its `trusted_keys` line on stdout.
+fn genkey(node: &str, out: &std::path::Path) -> Result<i32, String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if !hivegate::cluster::valid_node(node) {
+        return Err(format!("{node:?} is not a node id: 1-64 of [A-Za-z0-9_-]"));
+    }
+    let (private, public) = hivegate::cluster::sign::generate()?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(out)
+        .map_err(|e| {
+            format!(
+                "cannot create {}: {e} (it must not exist yet)",
+                out.display()
+            )
+        })?;
+    writeln!(f, "{private}").map_err(|e| format!("cannot write {}: {e}", out.display()))?;
+    println!("\"{node}:{public}\"");
+    Ok(0)
 }

@@ -584,3 +584,91 @@ fn presence_beats_at_the_documented_maxima_leave_the_box_serving() {
     a.signal(libc::SIGTERM);
     assert_eq!(a.wait_exit(Duration::from_secs(15)), Some(0));
 }
+
+/// `hivegate genkey NODE`: the key file's path and its trusted_keys line.
+fn genkey(dir: &std::path::Path, node: &str) -> (std::path::PathBuf, String) {
+    let path = dir.join(format!("{node}.key"));
+    let out = Command::new(env!("CARGO_BIN_EXE_hivegate"))
+        .args(["genkey", node, "--out"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (
+        path,
+        String::from_utf8(out.stdout).unwrap().trim().to_string(),
+    )
+}
+
+#[test]
+fn with_keys_nobody_else_can_speak_for_a_box() {
+    let Some(nats) = Nats::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (a_key, a_line) = genkey(dir.path(), "box-a");
+    let (b_key, b_line) = genkey(dir.path(), "box-b");
+    let keys = |path: &std::path::Path| {
+        format!("signing_key_file = {path:?}\ntrusted_keys = [{a_line}, {b_line}]\n")
+    };
+    let a = start_box_with(&nats, "box-a", &keys(&a_key));
+    let b = start_box_with(&nats, "box-b", &keys(&b_key));
+    for gw in [&a, &b] {
+        wait_for("the bus", Duration::from_secs(10), || on_bus(gw));
+    }
+    let mut alice = member(&a, "tok-alice", "r");
+    let mut bob = member(&b, "tok-bob", "r");
+    publish_acked(&mut alice, "r", &["m1".to_string()]);
+    wait_for("m1 on B", Duration::from_secs(10), || {
+        history(&b, "r").len() == 1
+    });
+
+    // As box-a, with A's next oseq: unsigned, and signed by a key B does
+    // not trust for box-a; a skip far ahead; a beat with a made-up member.
+    let mallory = {
+        let (private, _) = hivegate::cluster::sign::generate().unwrap();
+        let cfg = hivegate::cluster::sign::SigningConfig::read("mallory", &private, &[]).unwrap();
+        hivegate::cluster::sign::Signer::new(&cfg).unwrap()
+    };
+    let forged = [
+        r#"{"t":"msg","node":"box-a","room":"r","oseq":2,"id":"forged-1","from":"alice","text":"forged"}"#,
+        r#"{"t":"skip","node":"box-a","room":"r","oseq":1000000000000}"#,
+        r#"{"t":"beat","node":"box-a","room":"r","members":["mallory"],"head":0}"#,
+    ];
+    let mut payloads: Vec<Vec<u8>> = forged.iter().map(|f| f.as_bytes().to_vec()).collect();
+    payloads.extend(forged.iter().map(|f| mallory.sign(f)));
+    let mut raw = TcpStream::connect(("127.0.0.1", nats.port)).unwrap();
+    let mut wire = b"CONNECT {\"verbose\":false}\r\n".to_vec();
+    for p in &payloads {
+        wire.extend(format!("PUB hivegate.room.r {}\r\n", p.len()).as_bytes());
+        wire.extend(p);
+        wire.extend(b"\r\n");
+    }
+    wire.extend(b"PING\r\n");
+    std::io::Write::write_all(&mut raw, &wire).unwrap();
+    let unsigned = "hivegate_cluster_dropped_total{reason=\"unsigned\"}";
+    assert_eq!(b.wait_metric(unsigned, 6.0, Duration::from_secs(10)), 6.0);
+
+    // A's real messages, with the oseqs the forgeries claimed and past
+    // the forged skip, all arrive on B, once and in order.
+    let sent: Vec<String> = (2..=6).map(|i| format!("m{i}")).collect();
+    publish_acked(&mut alice, "r", &sent);
+    wait_for("m2..m6 on B", Duration::from_secs(10), || {
+        history(&b, "r").len() == 6
+    });
+    let texts: Vec<String> = history(&b, "r")
+        .iter()
+        .map(|m| m["text"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(texts, ["m1", "m2", "m3", "m4", "m5", "m6"]);
+    // Bob never heard of mallory as a member.
+    let frames = collect(&mut bob, |f| {
+        f.iter().filter(|v| v["op"] == "message").count() >= 6
+    });
+    assert!(!frames
+        .iter()
+        .any(|f| presence(std::slice::from_ref(f), "joined", "mallory")));
+    assert_eq!(a.metric(unsigned), 0.0, "the boxes' own messages all count");
+}

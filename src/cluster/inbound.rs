@@ -22,16 +22,35 @@ impl Cluster {
             inc(&self.stats.malformed);
             return;
         };
+        // With keys, the body and its signature (checked once the body
+        // names its node); without, the whole text is the body.
+        let (body, sig) = match &self.signer {
+            Some(_) => super::sign::split(text),
+            None => (text, None),
+        };
         // Events, nearly all the traffic, are read once; the rest (and
         // events that are not whole) as an envelope.
-        match parse_event(text) {
-            Ok(ev) => self.on_event(ev),
-            Err(_) => self.on_other(text),
+        match parse_event(body) {
+            Ok(ev) => self.on_event(ev, body, sig),
+            Err(_) => self.on_other(body, sig),
         }
     }
 
-    fn on_event(&self, ev: BusEvent) {
-        if ev.origin == self.cfg.node_id {
+    /// Whether a message naming `node` counts: always without keys; with
+    /// keys, only when `node`'s trusted key signed it (counted if not).
+    fn authentic(&self, node: &str, body: &str, sig: Option<&str>) -> bool {
+        let Some(signer) = &self.signer else {
+            return true;
+        };
+        let ok = signer.check(node, body, sig).is_ok();
+        if !ok {
+            inc(&self.stats.unsigned);
+        }
+        ok
+    }
+
+    fn on_event(&self, ev: BusEvent, body: &str, sig: Option<&str>) {
+        if ev.origin == self.cfg.node_id || !self.authentic(&ev.origin, body, sig) {
             return;
         }
         let valid = wire::valid_node(&ev.origin) && crate::protocol::valid_room(&ev.room);
@@ -50,12 +69,12 @@ impl Cluster {
     }
 
     /// Beats, heads and sync requests; anything else is malformed.
-    fn on_other(&self, text: &str) {
+    fn on_other(&self, text: &str, sig: Option<&str>) {
         let Ok(env) = crate::json::from_json::<wire::Envelope>(text) else {
             inc(&self.stats.malformed);
             return;
         };
-        if env.node == self.cfg.node_id {
+        if env.node == self.cfg.node_id || !self.authentic(&env.node, text, sig) {
             return;
         }
         if !wire::valid_node(&env.node) || !crate::protocol::valid_room(&env.room) {
@@ -329,10 +348,7 @@ impl Cluster {
                     self.raise_mark(origin, &room, *oseq);
                 }
                 let body = wire::sync(&self.cfg.node_id, &room, &have);
-                if link.publish(
-                    &wire::sync_subject(&self.cfg.subject_prefix),
-                    body.as_bytes(),
-                ) {
+                if self.publish(&link, &wire::sync_subject(&self.cfg.subject_prefix), &body) {
                     inc(&self.stats.syncs_sent);
                     self.asked.borrow_mut().insert(room, Instant::now());
                 }
@@ -359,11 +375,11 @@ impl Cluster {
             let inbox = wire::inbox_subject(&self.cfg.subject_prefix, &asker);
             if let Some(to) = skip {
                 let body = crate::store::db::bus::skip_body(&self.cfg.node_id, &room, to);
-                link.publish(&inbox, body.as_bytes());
+                self.publish(&link, &inbox, &body);
             }
             let mut last = after;
             for row in &rows {
-                if !link.publish(&inbox, row.body.as_bytes()) {
+                if !self.publish(&link, &inbox, &row.body) {
                     break;
                 }
                 last = row.oseq;
@@ -372,10 +388,7 @@ impl Cluster {
             if last > after || skip.is_some() {
                 // The asker compares it with what it applied: behind (a
                 // batch was not all), it asks again.
-                link.publish(
-                    &inbox,
-                    wire::head(&self.cfg.node_id, &room, head).as_bytes(),
-                );
+                self.publish(&link, &inbox, &wire::head(&self.cfg.node_id, &room, head));
             }
         }
     }

@@ -30,6 +30,7 @@
 mod inbound;
 mod nats;
 mod outbox;
+pub mod sign;
 mod wire;
 
 pub use nats::{host_port, Login};
@@ -75,6 +76,11 @@ pub struct ClusterConfig {
     pub outbox_max_age: Duration,
     pub max_inbound: usize,
     pub max_pending_bytes: usize,
+    pub signing_key_file: Option<std::path::PathBuf>,
+    pub trusted_keys: Vec<String>,
+    /// Read from the two above when the configuration is checked; `None`:
+    /// messages go unsigned and are taken unsigned.
+    pub signing: Option<sign::SigningConfig>,
 }
 
 /// The last `oseq` applied, by (origin box, room).
@@ -112,6 +118,19 @@ impl ClusterConfig {
                 .map_err(|e| format!("cluster.credentials_file {}: {e}", path.display()))?;
             self.login = Login::parse(&text);
         }
+        self.signing = match (&self.signing_key_file, self.trusted_keys.is_empty()) {
+            (None, true) => None,
+            (Some(path), false) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("cluster.signing_key_file {}: {e}", path.display()))?;
+                Some(sign::SigningConfig::read(&self.node_id, &text, &self.trusted_keys)?)
+            }
+            _ => {
+                return Err("cluster.signing_key_file and cluster.trusted_keys go together: \
+                            this box signs with its key, and takes only what the trusted keys signed"
+                    .into())
+            }
+        };
         Ok(())
     }
 }
@@ -140,6 +159,8 @@ struct Stats {
     dropped_inbound: Cell<u64>,
     dropped_replays: Cell<u64>,
     malformed: Cell<u64>,
+    /// Messages without a trusted node's signature (with keys configured).
+    unsigned: Cell<u64>,
     /// Remote names past a room's bound, left out of presence.
     names_left_out: Cell<u64>,
     outbox_pruned: Cell<u64>,
@@ -178,6 +199,8 @@ pub struct Cluster {
     pub breaker: RefCell<Breaker>,
     jitter: RefCell<Jitter>,
     stats: Stats,
+    /// `None`: unsigned messages, as the configuration has no keys.
+    signer: Option<sign::Signer>,
 }
 
 impl Cluster {
@@ -190,7 +213,9 @@ impl Cluster {
         limits: crate::chat::ChatLimits,
     ) -> Cluster {
         chat.report_to_bus();
+        let signer = cfg.signing.as_ref().and_then(sign::Signer::new);
         Cluster {
+            signer,
             breaker: RefCell::new(Breaker::new(3, cfg.heartbeat * 2, Instant::now())),
             cfg,
             store,
@@ -214,6 +239,15 @@ impl Cluster {
             applied: RefCell::default(),
             jitter: RefCell::new(Jitter::new(crate::resilience::random_u64())),
             stats: Stats::default(),
+        }
+    }
+
+    /// Publishes `body` on `subject`, signed when this box has a key;
+    /// `false` when the link cannot take it now.
+    fn publish(&self, link: &Link, subject: &str, body: &str) -> bool {
+        match &self.signer {
+            Some(s) => link.publish(subject, &s.sign(body)),
+            None => link.publish(subject, body.as_bytes()),
         }
     }
 
@@ -433,6 +467,7 @@ impl Cluster {
                 ("inbound_full", s.dropped_inbound.get()),
                 ("replays_full", s.dropped_replays.get()),
                 ("malformed", s.malformed.get()),
+                ("unsigned", s.unsigned.get()),
                 ("outbox_pruned", s.outbox_pruned.get()),
                 ("names_over_bound", s.names_left_out.get()),
             ],

@@ -41,7 +41,7 @@ impl Cluster {
             let mut sent = 0;
             for row in &rows {
                 let subject = wire::room_subject(&self.cfg.subject_prefix, &row.room);
-                if !link.publish(&subject, row.body.as_bytes()) {
+                if !self.publish(&link, &subject, &row.body) {
                     break;
                 }
                 sent += 1;
@@ -164,9 +164,10 @@ impl Cluster {
     /// (0: not said).
     fn beat(&self, link: &Link, room: &str, users: &[Rc<str>], head: i64) {
         let body = wire::beat(&self.cfg.node_id, room, users, head);
-        link.publish(
+        self.publish(
+            link,
             &wire::room_subject(&self.cfg.subject_prefix, room),
-            body.as_bytes(),
+            &body,
         );
     }
 }

@@ -113,6 +113,20 @@ pub const SECTIONS: &[Key] = &[
         set: Set::K(|k, s| s.path().map(|v| k.credentials_file = Some(v))),
     },
     Key {
+        name: "cluster.signing_key_file",
+        default: "",
+        note: "unsigned",
+        meaning: "this box's Ed25519 key (`hivegate genkey` writes one); with `trusted_keys`, every bus message is signed, and only what a trusted key signed is taken",
+        set: Set::K(|k, s| s.path().map(|v| k.signing_key_file = Some(v))),
+    },
+    Key {
+        name: "cluster.trusted_keys",
+        default: "[]",
+        note: "",
+        meaning: "`\"NODE:PUBLIC_KEY\"` for every box of the cluster (this one may be listed too); a message naming another node is dropped",
+        set: Set::K(|k, s| s.strings().map(|v| k.trusted_keys = v)),
+    },
+    Key {
         name: "cluster.connect_timeout_ms",
         default: "2000",
         note: "",
