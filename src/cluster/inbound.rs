@@ -49,9 +49,20 @@ impl Cluster {
         ok
     }
 
-    fn on_event(&self, ev: BusEvent, body: &str, sig: Option<&str>) {
-        if ev.origin == self.cfg.node_id || !self.authentic(&ev.origin, body, sig) {
+    fn on_event(&self, mut ev: BusEvent, body: &str, sig: Option<&str>) {
+        if ev.origin == self.cfg.node_id {
             return;
+        }
+        // The signature itself is checked by the store's writer, on its
+        // own thread, before the event counts (see `Proof`).
+        if let Some(signer) = &self.signer {
+            match signer.proof(&ev.origin, body, sig) {
+                Ok(p) => ev.proof = Some(p),
+                Err(_) => {
+                    inc(&self.stats.unsigned);
+                    return;
+                }
+            }
         }
         let valid = wire::valid_node(&ev.origin) && crate::protocol::valid_room(&ev.room);
         if !valid || !self.within_limits(&ev) {
@@ -271,6 +282,8 @@ impl Cluster {
             Ok(WriteOk::Bus(Applied::Quiet)) => note(ev.oseq),
             // Past what a local client could do to the message (its
             // emoji bounds): applied as nothing, counted.
+            // Taken for another box's event, not even in its order.
+            Ok(WriteOk::Bus(Applied::Forged)) => inc(&self.stats.unsigned),
             Ok(WriteOk::Bus(Applied::Refused)) => {
                 note(ev.oseq);
                 inc(&self.stats.malformed);

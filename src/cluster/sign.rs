@@ -128,6 +128,27 @@ impl Signer {
         out
     }
 
+    /// What checking `sig` takes, to do off the event loop: the key
+    /// trusted for `node` and the decoded signature; or why there is
+    /// nothing to check.
+    pub fn proof(
+        &self,
+        node: &str,
+        body: &str,
+        sig: Option<&str>,
+    ) -> Result<crate::store::db::bus::Proof, Unsigned> {
+        let sig = sig
+            .and_then(|s| URL_SAFE_NO_PAD.decode(s).ok())
+            .filter(|s| s.len() == 64)
+            .ok_or(Unsigned::Missing)?;
+        let key = self.trusted.get(node).ok_or(Unsigned::UnknownNode)?;
+        Ok(crate::store::db::bus::Proof {
+            key: key.clone(),
+            body: body.to_string(),
+            sig,
+        })
+    }
+
     /// Whether `sig` is `node`'s signature of `body`.
     pub fn check(&self, node: &str, body: &str, sig: Option<&str>) -> Result<(), Unsigned> {
         let sig = sig

@@ -52,15 +52,37 @@ fn start_nats() -> Result<(Nats, u16), String> {
 pub fn run(args: &[&str]) -> Result<(), String> {
     let members = args.first().map_or(Ok(100), |s| super::number(s))?;
     let seconds = args.get(1).map_or(Ok(5), |s| super::number(s))?;
+    // Signed, as a cluster should run; `unsigned` for the difference.
+    let signed = args.get(2) != Some(&"unsigned");
     hivegate::ops::fd::raise_open_files_limit();
     let (_nats, port) = start_nats()?;
     let cap = members + 32;
+    let keys = if signed { signing_keys()? } else { Vec::new() };
     let box_config = |node: &str| {
+        let signing = keys
+            .iter()
+            .find(|(n, _, _)| n == node)
+            .map(|(_, path, _)| {
+                let trusted: Vec<String> = keys.iter().map(|(_, _, line)| line.clone()).collect();
+                format!(
+                    "signing_key_file = {path:?}\ntrusted_keys = [{}]\n",
+                    trusted.join(", ")
+                )
+            })
+            .unwrap_or_default();
         format!(
             "max_connections = {cap}\nmax_connections_per_ip = {cap}\nmax_handshakes = 1024\nmax_handshakes_per_ip = 1024\n\
-             {NO_RATE_LIMITS}[cluster]\nnats_url = [\"nats://127.0.0.1:{port}\"]\nnode_id = \"{node}\"\n"
+             {NO_RATE_LIMITS}[cluster]\nnats_url = [\"nats://127.0.0.1:{port}\"]\nnode_id = \"{node}\"\n{signing}"
         )
     };
+    println!(
+        "messages on the bus are {}",
+        if signed {
+            "signed (Ed25519)"
+        } else {
+            "unsigned"
+        }
+    );
     let a = start_gateway(&box_config("bench-a"))?;
     let b = start_gateway(&box_config("bench-b"))?;
     std::thread::sleep(Duration::from_millis(500));
@@ -168,6 +190,54 @@ fn throughput(
     println!(
         "messages across the bus per second: {:.0}",
         per_s / members.max(1) as f64
+    );
+    Ok(())
+}
+
+/// A key for each bench box, in a temporary directory: (node, key file,
+/// its `trusted_keys` entry).
+fn signing_keys() -> Result<Vec<(String, std::path::PathBuf, String)>, String> {
+    let dir = std::env::temp_dir().join(format!("hivegate-bench-keys-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    ["bench-a", "bench-b"]
+        .iter()
+        .map(|node| {
+            let (private, public) = hivegate::cluster::sign::generate()?;
+            let path = dir.join(format!("{node}.key"));
+            std::fs::write(&path, private).map_err(|e| e.to_string())?;
+            Ok((node.to_string(), path, format!("\"{node}:{public}\"")))
+        })
+        .collect()
+}
+
+/// What signing costs a bus event: `n` signatures and `n` checks of a
+/// typical message event, timed on this machine.
+pub fn sign_cost(n: usize) -> Result<(), String> {
+    use hivegate::cluster::sign::{generate, split, Signer, SigningConfig};
+    let (private, public) = generate()?;
+    let cfg = SigningConfig::read("bench-a", &private, &[format!("bench-a:{public}")])?;
+    let signer = Signer::new(&cfg).ok_or("no signer")?;
+    let body = r#"{"t":"msg","node":"bench-a","room":"bench","oseq":123456,"id":"01JABCDEFGHJKMNPQRSTVWXYZ","from":"publisher","text":"a message of about sixty-four bytes, as the benchmarks send","ts":1732240000123}"#;
+    let start = Instant::now();
+    let mut signed = Vec::new();
+    for _ in 0..n {
+        signed = signer.sign(body);
+    }
+    let sign = start.elapsed();
+    let text = String::from_utf8(signed).map_err(|e| e.to_string())?;
+    let (b, sig) = split(&text);
+    let start = Instant::now();
+    for _ in 0..n {
+        signer
+            .check("bench-a", b, sig)
+            .map_err(|e| format!("{e:?}"))?;
+    }
+    let check = start.elapsed();
+    let per = |d: Duration| d.as_secs_f64() * 1e6 / n as f64;
+    println!(
+        "per event ({n} of each): sign {:.1} µs, check {:.1} µs, 88 bytes more on the wire",
+        per(sign),
+        per(check)
     );
     Ok(())
 }

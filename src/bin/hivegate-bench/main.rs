@@ -49,7 +49,8 @@ Usage: hivegate-bench idle [N]          memory per idle authenticated connection
        hivegate-bench start             resident memory right after start, embedded defaults
        hivegate-bench quiet [S]         wake-ups per second of an idle gateway over S seconds (60)
        hivegate-bench soak [S]          memory over S seconds of client churn (600)
-       hivegate-bench cluster [M] [S]   two boxes on NATS: cross-box latency, deliveries per second (100, 5 s)
+       hivegate-bench sign [N]          the cost of signing and checking one bus event (20000 of each)
+       hivegate-bench cluster [M] [S] [unsigned]   two boxes on NATS, messages signed unless `unsigned`: cross-box latency, deliveries per second (100, 5 s)
        hivegate-bench exercise ADDR     one open-mode session and each HTTP route (.ci/text-order)
 ";
 
@@ -76,6 +77,7 @@ fn main() {
         ["soak", rest @ ..] => fitness::soak(rest),
         ["exercise", addr] => fitness::exercise(addr),
         ["cluster", rest @ ..] => cluster::run(rest),
+        ["sign", rest @ ..] => numbers(rest, [20_000]).and_then(|[n]| cluster::sign_cost(n)),
         _ => {
             print!("{USAGE}");
             return;
