@@ -672,3 +672,46 @@ fn with_keys_nobody_else_can_speak_for_a_box() {
         .any(|f| presence(std::slice::from_ref(f), "joined", "mallory")));
     assert_eq!(a.metric(unsigned), 0.0, "the boxes' own messages all count");
 }
+
+#[test]
+fn a_flood_of_sync_requests_costs_a_bounded_rate() {
+    let Some(nats) = Nats::start() else { return };
+    let a = start_box_with(&nats, "box-a", "replay_bytes_per_s = 65536\n");
+    wait_for("the bus", Duration::from_secs(10), || on_bus(&a));
+    let mut alice = member(&a, "tok-alice", "amp");
+    let sent: Vec<String> = (0..1000)
+        .map(|i| format!("{i:04} {}", "x".repeat(100)))
+        .collect();
+    publish_acked(&mut alice, "amp", &sent);
+    // 100 requests of about 70 bytes, from 50 made-up boxes, each twice,
+    // all for the whole log (about 250 KB).
+    let started = Instant::now();
+    let mut raw = TcpStream::connect(("127.0.0.1", nats.port)).unwrap();
+    let mut wire = String::from("CONNECT {\"verbose\":false}\r\n");
+    for _ in 0..2 {
+        for n in 0..50 {
+            let req = format!(r#"{{"t":"sync","node":"fake-{n}","room":"amp","have":{{}}}}"#);
+            wire.push_str(&format!("PUB hivegate.sync {}\r\n{req}\r\n", req.len()));
+        }
+    }
+    wire.push_str("PING\r\n");
+    std::io::Write::write_all(&mut raw, wire.as_bytes()).unwrap();
+    // The second of each pair is dropped: queued behind the first, or a
+    // repeat of it once answered.
+    wait_for("the repeats to be dropped", Duration::from_secs(20), || {
+        a.metric("hivegate_cluster_dropped_total{reason=\"replay_repeated\"}")
+            + a.metric("hivegate_cluster_dropped_total{reason=\"replays_full\"}")
+            >= 50.0
+    });
+    // Two whole answers out: whatever the box published is within its
+    // rate, one answer of at most 256 KiB at once, then 64 KiB a second.
+    wait_for("two answers", Duration::from_secs(20), || {
+        a.metric("hivegate_cluster_replayed_total") >= 2000.0
+    });
+    let bytes = a.metric("hivegate_cluster_replayed_bytes_total");
+    let allowed = 256.0 * 1024.0 + 65536.0 * (started.elapsed().as_secs_f64() + 1.0);
+    assert!(
+        bytes > 0.0 && bytes <= allowed,
+        "{bytes} bytes replayed, {allowed} allowed"
+    );
+}

@@ -379,6 +379,19 @@ impl Cluster {
                 l.await;
                 continue;
             };
+            let now = Instant::now();
+            if self
+                .replay_budget
+                .borrow_mut()
+                .is_repeat(&asker, &room, after, now)
+            {
+                inc(&self.stats.replays_repeated);
+                continue;
+            }
+            let wait = self.replay_budget.borrow_mut().wait(now);
+            if !wait.is_zero() {
+                Timer::after(wait).await;
+            }
             let link = self.linked().await;
             let crate::store::db::bus::Replay { skip, rows, head } =
                 match self.store.bus_replay(room.clone(), after, BATCH) {
@@ -391,13 +404,21 @@ impl Cluster {
                 self.publish(&link, &inbox, &body);
             }
             let mut last = after;
+            let mut bytes = 0;
             for row in &rows {
+                // The rest in the next answer, which the asker asks for.
+                if bytes > 0 && bytes + row.body.len() > super::replay::MAX_ANSWER_BYTES {
+                    break;
+                }
                 if !self.publish(&link, &inbox, &row.body) {
                     break;
                 }
+                bytes += row.body.len();
                 last = row.oseq;
                 inc(&self.stats.replayed);
             }
+            crate::ops::metrics::add(&self.stats.replay_bytes, bytes as u64);
+            self.replay_budget.borrow_mut().spend(bytes, Instant::now());
             if last > after || skip.is_some() {
                 // The asker compares it with what it applied: behind (a
                 // batch was not all), it asks again.

@@ -30,6 +30,7 @@
 mod inbound;
 mod nats;
 mod outbox;
+mod replay;
 pub mod sign;
 mod wire;
 
@@ -76,6 +77,8 @@ pub struct ClusterConfig {
     pub outbox_max_age: Duration,
     pub max_inbound: usize,
     pub max_pending_bytes: usize,
+    /// Bytes of events all replay answers together may publish a second.
+    pub replay_bytes_per_s: usize,
     pub signing_key_file: Option<std::path::PathBuf>,
     pub trusted_keys: Vec<String>,
     /// Read from the two above when the configuration is checked; `None`:
@@ -156,6 +159,9 @@ struct Stats {
     gaps: Cell<u64>,
     syncs_sent: Cell<u64>,
     replayed: Cell<u64>,
+    /// Bytes of events replayed, and repeated requests not answered.
+    replay_bytes: Cell<u64>,
+    replays_repeated: Cell<u64>,
     dropped_inbound: Cell<u64>,
     dropped_replays: Cell<u64>,
     malformed: Cell<u64>,
@@ -201,6 +207,7 @@ pub struct Cluster {
     stats: Stats,
     /// `None`: unsigned messages, as the configuration has no keys.
     signer: Option<sign::Signer>,
+    replay_budget: RefCell<replay::ReplayBudget>,
 }
 
 impl Cluster {
@@ -214,8 +221,11 @@ impl Cluster {
     ) -> Cluster {
         chat.report_to_bus();
         let signer = cfg.signing.as_ref().and_then(sign::Signer::new);
+        let replay_budget =
+            replay::ReplayBudget::new(cfg.replay_bytes_per_s, cfg.heartbeat, Instant::now());
         Cluster {
             signer,
+            replay_budget: RefCell::new(replay_budget),
             breaker: RefCell::new(Breaker::new(3, cfg.heartbeat * 2, Instant::now())),
             cfg,
             store,
@@ -466,6 +476,7 @@ impl Cluster {
             &[
                 ("inbound_full", s.dropped_inbound.get()),
                 ("replays_full", s.dropped_replays.get()),
+                ("replay_repeated", s.replays_repeated.get()),
                 ("malformed", s.malformed.get()),
                 ("unsigned", s.unsigned.get()),
                 ("outbox_pruned", s.outbox_pruned.get()),
@@ -488,6 +499,11 @@ impl Cluster {
                 "replayed",
                 "Events replayed to peers that lacked them.",
                 &s.replayed,
+            ),
+            (
+                "replayed_bytes",
+                "Bytes of events replayed (at most cluster.replay_bytes_per_s).",
+                &s.replay_bytes,
             ),
             ("connects", "Connections made to the bus.", &s.connects),
             (

@@ -113,6 +113,13 @@ pub const SECTIONS: &[Key] = &[
         set: Set::K(|k, s| s.path().map(|v| k.credentials_file = Some(v))),
     },
     Key {
+        name: "cluster.replay_bytes_per_s",
+        default: "4194304",
+        note: "",
+        meaning: "bytes of events all answers to other boxes' sync requests may publish in a second; past it answers wait",
+        set: Set::K(|k, s| s.usize(65_536, 1 << 30).map(|v| k.replay_bytes_per_s = v)),
+    },
+    Key {
         name: "cluster.signing_key_file",
         default: "",
         note: "unsigned",

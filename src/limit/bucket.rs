@@ -42,6 +42,14 @@ impl TokenBucket {
         }
     }
 
+    /// Takes `n` tokens at once, into debt if need be: for a cost known
+    /// only once it is spent (bytes sent). Until the debt is paid back,
+    /// [`TokenBucket::take`] refuses.
+    pub fn spend(&mut self, p: &BucketParams, n: f64, now: Instant) {
+        self.refill(p, now);
+        self.tokens -= n;
+    }
+
     /// Gives back a token taken by a request that a later level refused.
     pub fn refund(&mut self, p: &BucketParams) {
         self.tokens = (self.tokens + 1.0).min(p.capacity);
