@@ -25,6 +25,7 @@ pub mod remote;
 pub mod resilience;
 pub mod server;
 pub mod store;
+pub mod stream;
 #[doc(hidden)]
 pub mod testkit;
 pub mod upstream_key;

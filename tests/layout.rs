@@ -21,6 +21,7 @@ const LAYERS: &[&[&str]] = &[
         "auth",
         "jwt",
         "ca",
+        "stream",
         "clock",
         "redact",
         "upstream_key",

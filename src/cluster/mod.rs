@@ -79,11 +79,62 @@ pub struct ClusterConfig {
     pub max_pending_bytes: usize,
     /// Bytes of events all replay answers together may publish a second.
     pub replay_bytes_per_s: usize,
+    /// For `tls://` servers: the CAs trusted, and this box's certificate
+    /// and key if the server asks for one.
+    pub tls_ca_file: std::path::PathBuf,
+    pub tls_cert_file: Option<std::path::PathBuf>,
+    pub tls_key_file: Option<std::path::PathBuf>,
+    /// Built from the three above when a URL is `tls://`.
+    pub tls: Option<NatsTls>,
     pub signing_key_file: Option<std::path::PathBuf>,
     pub trusted_keys: Vec<String>,
     /// Read from the two above when the configuration is checked; `None`:
     /// messages go unsigned and are taken unsigned.
     pub signing: Option<sign::SigningConfig>,
+}
+
+/// The TLS settings for `tls://` servers.
+#[derive(Clone)]
+pub struct NatsTls(pub std::sync::Arc<rustls::ClientConfig>);
+
+impl std::fmt::Debug for NatsTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The files it came from are in the config beside it.
+        f.write_str("NatsTls")
+    }
+}
+
+impl NatsTls {
+    /// Reads the CAs and, if given, this box's certificate and key.
+    fn load(cfg: &ClusterConfig) -> Result<NatsTls, String> {
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in crate::ca::pem_certificates(&cfg.tls_ca_file, "cluster.tls_ca_file")? {
+            roots
+                .add(cert)
+                .map_err(|e| format!("cluster.tls_ca_file: {e}"))?;
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS setup: {e}"))?
+            .with_root_certificates(roots);
+        let config = match (&cfg.tls_cert_file, &cfg.tls_key_file) {
+            (None, None) => builder.with_no_client_auth(),
+            (Some(cert), Some(key)) => {
+                let chain = crate::ca::pem_certificates(cert, "cluster.tls_cert_file")?;
+                let key = rustls::pki_types::PrivateKeyDer::from_pem_file(key)
+                    .map_err(|e| format!("cluster.tls_key_file {}: {e}", key.display()))?;
+                builder.with_client_auth_cert(chain, key).map_err(|e| {
+                    format!(
+                        "cluster.tls_cert_file and cluster.tls_key_file do not make a pair: {e}"
+                    )
+                })?
+            }
+            _ => return Err("cluster.tls_cert_file and cluster.tls_key_file go together".into()),
+        };
+        Ok(NatsTls(std::sync::Arc::new(config)))
+    }
 }
 
 /// The last `oseq` applied, by (origin box, room).
@@ -98,7 +149,9 @@ impl ClusterConfig {
         }
         for url in &self.nats_urls {
             if let Err(e) = host_port(url) {
-                return Err(format!("cluster.nats_url: {e} (write nats://host:port)"));
+                return Err(format!(
+                    "cluster.nats_url: {e} (write nats://host:port, or tls://host:port)"
+                ));
             }
         }
         if self.node_id.is_empty() {
@@ -121,6 +174,11 @@ impl ClusterConfig {
                 .map_err(|e| format!("cluster.credentials_file {}: {e}", path.display()))?;
             self.login = Login::parse(&text);
         }
+        self.tls = if self.nats_urls.iter().any(|u| nats::wants_tls(u)) {
+            Some(NatsTls::load(self)?)
+        } else {
+            None
+        };
         self.signing = match (&self.signing_key_file, self.trusted_keys.is_empty()) {
             (None, true) => None,
             (Some(path), false) => {
@@ -331,10 +389,11 @@ impl Cluster {
             Ok(ip) => SocketAddr::new(ip, port),
             // A name is resolved on the pool: lookups block.
             Err(_) => {
+                let name = host.clone();
                 let job = self
                     .pool
                     .submit(self.cfg.connect_timeout, move || {
-                        (host.as_str(), port)
+                        (name.as_str(), port)
                             .to_socket_addrs()
                             .map(|mut a| a.next())
                     })
@@ -348,8 +407,16 @@ impl Cluster {
             }
         };
         let name = format!("hivegate-{}", self.cfg.node_id);
+        let tls = if nats::wants_tls(url) {
+            let config = self.cfg.tls.as_ref().ok_or("no TLS settings")?;
+            Some(&config.0)
+        } else {
+            None
+        };
         Link::connect(
             addr,
+            &host,
+            tls,
             &name,
             &self.cfg.login,
             self.cfg.connect_timeout,

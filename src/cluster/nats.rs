@@ -9,10 +9,13 @@
 //! written waits in one buffer of at most `max_pending` bytes; past it a
 //! send is refused, and the caller counts it.
 
+use crate::stream::Stream;
 use async_io::{Async, Timer};
+use futures_lite::io::{ReadHalf, WriteHalf};
 use futures_lite::{AsyncReadExt, AsyncWriteExt, FutureExt};
 use std::cell::{Cell, RefCell};
 use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Longest control line (`MSG subject sid reply len`, `INFO {...}`).
@@ -152,7 +155,9 @@ pub fn pub_frame(subject: &str, payload: &[u8]) -> Vec<u8> {
 /// One connection to a server, shared by the tasks that read, write and
 /// ping it.
 pub struct Link {
-    sock: Async<TcpStream>,
+    /// The connection's halves, each taken by the one loop that uses it.
+    reader: RefCell<Option<ReadHalf<Stream>>>,
+    writer: RefCell<Option<WriteHalf<Stream>>>,
     out: RefCell<Vec<u8>>,
     out_ready: event_listener::Event,
     max_pending: usize,
@@ -163,30 +168,51 @@ pub struct Link {
 }
 
 impl Link {
-    /// Connects to `addr`, reads the server's INFO, logs in and waits for
-    /// the PONG that says the login was taken, all within `timeout`.
+    /// Connects to `addr`, reads the server's INFO, starts TLS when `tls`
+    /// says so (checking the certificate against `host`), logs in and
+    /// waits for the PONG that says the login was taken, all within
+    /// `timeout`.
     pub async fn connect(
         addr: SocketAddr,
+        host: &str,
+        tls: Option<&Arc<rustls::ClientConfig>>,
         name: &str,
         login: &Login,
         timeout: Duration,
         max_pending: usize,
     ) -> Result<Link, String> {
         let attempt = async {
-            let mut sock = Async::<TcpStream>::connect(addr)
+            let mut tcp = Async::<TcpStream>::connect(addr)
                 .await
                 .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
             let mut buf = Vec::new();
-            let info = read_one(&mut sock, &mut buf).await?;
+            let info = read_one(&mut tcp, &mut buf).await?;
             let Inbound::Info(info) = info else {
                 return Err(format!(
                     "{addr} did not start with INFO: is it a NATS server?"
                 ));
             };
-            let max_payload = info_max_payload(&info);
+            let (max_payload, tls_required) = read_info(&info);
+            // The server speaks plain text until the INFO, then TLS.
+            let mut sock = match tls {
+                Some(config) => {
+                    let server = rustls::pki_types::ServerName::try_from(host.to_string())
+                        .map_err(|_| format!("{host} is not a name a certificate can be for"))?;
+                    let tls = futures_rustls::TlsConnector::from(config.clone())
+                        .connect(server, tcp)
+                        .await
+                        .map_err(|e| format!("TLS with {addr}: {e}"))?;
+                    Stream::Tls(Box::new(futures_rustls::TlsStream::Client(tls)))
+                }
+                None if tls_required => {
+                    return Err(format!("{addr} requires TLS: write its URL as tls://"))
+                }
+                None => Stream::Plain(tcp),
+            };
             sock.write_all(connect_line(name, login).as_bytes())
                 .await
                 .map_err(|e| e.to_string())?;
+            sock.flush().await.map_err(|e| e.to_string())?;
             loop {
                 match read_one(&mut sock, &mut buf).await? {
                     Inbound::Pong => break,
@@ -194,8 +220,10 @@ impl Link {
                     _ => {}
                 }
             }
+            let (reader, writer) = futures_lite::io::split(sock);
             Ok(Link {
-                sock,
+                reader: RefCell::new(Some(reader)),
+                writer: RefCell::new(Some(writer)),
                 out: RefCell::new(Vec::new()),
                 out_ready: event_listener::Event::new(),
                 max_pending,
@@ -269,6 +297,7 @@ impl Link {
 
     /// Writes what is queued, for the life of the connection.
     pub async fn write_loop(&self) -> Result<(), String> {
+        let mut writer = self.writer.borrow_mut().take().ok_or("written already")?;
         loop {
             let l = self.out_ready.listen();
             let bytes = std::mem::take(&mut *self.out.borrow_mut());
@@ -276,10 +305,12 @@ impl Link {
                 l.await;
                 continue;
             }
-            (&self.sock)
+            writer
                 .write_all(&bytes)
                 .await
                 .map_err(|e| format!("write: {e}"))?;
+            // TLS holds what it encrypted until flushed.
+            writer.flush().await.map_err(|e| format!("write: {e}"))?;
         }
     }
 
@@ -292,6 +323,9 @@ impl Link {
         mut on_msg: impl FnMut(String, Vec<u8>),
         full: impl Fn() -> Option<event_listener::EventListener>,
     ) -> String {
+        let Some(mut reader) = self.reader.borrow_mut().take() else {
+            return "read already".into();
+        };
         let mut buf: Vec<u8> = Vec::with_capacity(4096);
         let mut chunk = vec![0u8; 16 * 1024];
         loop {
@@ -321,7 +355,7 @@ impl Link {
                     Err(e) => return format!("protocol error: {e}"),
                 }
             }
-            match (&self.sock).read(&mut chunk).await {
+            match reader.read(&mut chunk).await {
                 Ok(0) => return "the server closed the connection".into(),
                 Ok(n) => buf.extend_from_slice(&chunk[..n]),
                 Err(e) => return format!("read: {e}"),
@@ -330,7 +364,10 @@ impl Link {
     }
 }
 
-async fn read_one(sock: &mut Async<TcpStream>, buf: &mut Vec<u8>) -> Result<Inbound, String> {
+async fn read_one(
+    sock: &mut (impl futures_lite::AsyncRead + Unpin),
+    buf: &mut Vec<u8>,
+) -> Result<Inbound, String> {
     let mut chunk = [0u8; 4096];
     loop {
         if let Some((m, used)) = parse(buf, MAX_PAYLOAD)? {
@@ -345,22 +382,34 @@ async fn read_one(sock: &mut Async<TcpStream>, buf: &mut Vec<u8>) -> Result<Inbo
     }
 }
 
-/// The server's `max_payload`, within [`MAX_PAYLOAD`] (1 MiB when absent).
-fn info_max_payload(info: &str) -> usize {
+/// The server's `max_payload`, within [`MAX_PAYLOAD`] (1 MiB when absent),
+/// and whether it requires TLS.
+fn read_info(info: &str) -> (usize, bool) {
     #[derive(serde::Deserialize)]
     struct Info {
         max_payload: Option<u64>,
+        tls_required: Option<bool>,
     }
-    crate::json::from_json::<Info>(info)
-        .ok()
+    let info = crate::json::from_json::<Info>(info).ok();
+    let max = info
+        .as_ref()
         .and_then(|i| i.max_payload)
-        .map_or(MAX_PAYLOAD, |m| (m as usize).min(MAX_PAYLOAD))
+        .map_or(MAX_PAYLOAD, |m| (m as usize).min(MAX_PAYLOAD));
+    (max, info.and_then(|i| i.tls_required).unwrap_or(false))
 }
 
-/// The address of a `nats://host:port` (or `host:port`) URL; names are
-/// resolved by the caller, off the event loop.
+/// Whether a server URL asks for TLS (`tls://host:port`).
+pub fn wants_tls(url: &str) -> bool {
+    url.starts_with("tls://")
+}
+
+/// The address of a `nats://host:port`, `tls://host:port` (or
+/// `host:port`) URL; names are resolved by the caller, off the event loop.
 pub fn host_port(url: &str) -> Result<(String, u16), String> {
-    let rest = url.strip_prefix("nats://").unwrap_or(url);
+    let rest = url
+        .strip_prefix("nats://")
+        .or_else(|| url.strip_prefix("tls://"))
+        .unwrap_or(url);
     let rest = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
     let rest = rest.trim_end_matches('/');
     let (host, port) = match rest.rsplit_once(':') {

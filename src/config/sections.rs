@@ -113,6 +113,27 @@ pub const SECTIONS: &[Key] = &[
         set: Set::K(|k, s| s.path().map(|v| k.credentials_file = Some(v))),
     },
     Key {
+        name: "cluster.tls_ca_file",
+        default: "\"/etc/ssl/certs/ca-certificates.crt\"",
+        note: "",
+        meaning: "PEM bundle of the CAs trusted for `tls://` NATS servers",
+        set: Set::K(|k, s| s.path().map(|v| k.tls_ca_file = v)),
+    },
+    Key {
+        name: "cluster.tls_cert_file",
+        default: "",
+        note: "none",
+        meaning: "PEM certificate this box shows a `tls://` server that asks for one (with `tls_key_file`)",
+        set: Set::K(|k, s| s.path().map(|v| k.tls_cert_file = Some(v))),
+    },
+    Key {
+        name: "cluster.tls_key_file",
+        default: "",
+        note: "none",
+        meaning: "PEM private key of `tls_cert_file`",
+        set: Set::K(|k, s| s.path().map(|v| k.tls_key_file = Some(v))),
+    },
+    Key {
         name: "cluster.replay_bytes_per_s",
         default: "4194304",
         note: "",

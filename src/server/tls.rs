@@ -10,8 +10,6 @@
 //! connections do not grow by it.
 
 use async_io::Async;
-use futures_lite::{AsyncRead, AsyncWrite};
-use futures_rustls::server::TlsStream;
 use futures_rustls::TlsAcceptor;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::PrivateKeyDer;
@@ -20,9 +18,7 @@ use std::cell::RefCell;
 use std::io;
 use std::net::TcpStream;
 use std::path::Path;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 /// Reads and checks a certificate chain and its key. Blocking (file
 /// reads): run it on the pool once the loop is serving.
@@ -76,62 +72,11 @@ impl Tls {
     /// Runs the server side of a handshake.
     pub async fn accept(&self, stream: Async<TcpStream>) -> io::Result<Socket> {
         let accept = self.acceptor.borrow().accept(stream);
-        Ok(Socket::Tls(Box::new(accept.await?)))
+        Ok(Socket::Tls(Box::new(futures_rustls::TlsStream::Server(
+            accept.await?,
+        ))))
     }
 }
 
 /// A client's byte stream: plain TCP, or TLS over it.
-pub enum Socket {
-    Plain(Async<TcpStream>),
-    Tls(Box<TlsStream<Async<TcpStream>>>),
-}
-
-impl Socket {
-    /// The TCP socket under it (for the half-close after a close frame).
-    pub fn tcp(&self) -> &TcpStream {
-        match self {
-            Socket::Plain(s) => s.get_ref(),
-            Socket::Tls(s) => s.get_ref().0.get_ref(),
-        }
-    }
-}
-
-impl AsyncRead for Socket {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut [u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Socket::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Socket::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Socket {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Socket::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Socket::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Socket::Plain(s) => Pin::new(s).poll_flush(cx),
-            Socket::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Socket::Plain(s) => Pin::new(s).poll_close(cx),
-            Socket::Tls(s) => Pin::new(s.as_mut()).poll_close(cx),
-        }
-    }
-}
+pub use crate::stream::Stream as Socket;
