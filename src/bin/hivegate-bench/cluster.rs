@@ -241,3 +241,68 @@ pub fn sign_cost(n: usize) -> Result<(), String> {
     );
     Ok(())
 }
+
+/// A box's CPU time per presence beat at the documented maximum: one room
+/// with a local member, and `n` beats of 10,000 names from one other box,
+/// each list replacing the last whole (20,000 presence changes a beat,
+/// told to the member). Read from the box's own CPU counter, so it is the
+/// event loop's time (nothing of a beat runs elsewhere).
+pub fn beat_cost(n: usize) -> Result<(), String> {
+    use std::io::Write;
+    let (_nats, port) = start_nats()?;
+    let gw = start_gateway(&format!(
+        "{NO_RATE_LIMITS}[cluster]\nnats_url = [\"nats://127.0.0.1:{port}\"]\nnode_id = \"bench-a\"\n"
+    ))?;
+    let metric = |name: &str| super::metric(gw.admin, name);
+    let end = Instant::now() + Duration::from_secs(10);
+    while metric("hivegate_cluster_connected") != 1.0 {
+        if Instant::now() > end {
+            return Err("the box did not reach the bus".into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut member = session(gw.addr, "")?;
+    member
+        .send(Message::text(r#"{"op":"join","room":"big"}"#))
+        .map_err(|e| e.to_string())?;
+    // Its own beats show the box is subscribed to the room.
+    std::thread::sleep(Duration::from_millis(500));
+    let beat = |round: usize| {
+        let names: Vec<String> = (0..10_000)
+            .map(|u| format!("\"r{}-user{u}\"", round % 2))
+            .collect();
+        format!(
+            r#"{{"t":"beat","node":"bench-b","room":"big","members":[{}],"head":0}}"#,
+            names.join(",")
+        )
+    };
+    let mut raw = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    raw.write_all(b"CONNECT {\"verbose\":false}\r\n")
+        .map_err(|e| e.to_string())?;
+    // The member drains its frames meanwhile: a presence frame a beat.
+    std::thread::spawn(move || while member.read().is_ok() {});
+    let received = "hivegate_cluster_events_total{direction=\"in\"}";
+    let (cpu0, in0) = (metric("process_cpu_seconds_total"), metric(received));
+    let start = Instant::now();
+    for round in 0..n {
+        let b = beat(round);
+        raw.write_all(format!("PUB hivegate.room.big {}\r\n{b}\r\n", b.len()).as_bytes())
+            .map_err(|e| e.to_string())?;
+    }
+    raw.write_all(b"PING\r\n").map_err(|e| e.to_string())?;
+    while metric(received) < in0 + n as f64 {
+        if start.elapsed() > Duration::from_secs(120) {
+            return Err("the beats were not all received".into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // A moment for the last beat's work (received is counted first).
+    std::thread::sleep(Duration::from_millis(200));
+    let cpu = metric("process_cpu_seconds_total") - cpu0;
+    println!(
+        "{n} beats of 10,000 names (each replacing the last): {:.1} ms of the box's CPU per beat, {:.2} s in all",
+        cpu * 1000.0 / n as f64,
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}

@@ -50,6 +50,7 @@ Usage: hivegate-bench idle [N]          memory per idle authenticated connection
        hivegate-bench quiet [S]         wake-ups per second of an idle gateway over S seconds (60)
        hivegate-bench soak [S]          memory over S seconds of client churn (600)
        hivegate-bench sign [N]          the cost of signing and checking one bus event (20000 of each)
+       hivegate-bench beats [N]         a box's CPU per presence beat of 10,000 names, each replacing the last (20)
        hivegate-bench cluster [M] [S] [unsigned]   two boxes on NATS, messages signed unless `unsigned`: cross-box latency, deliveries per second (100, 5 s)
        hivegate-bench exercise ADDR     one open-mode session and each HTTP route (.ci/text-order)
 ";
@@ -78,6 +79,7 @@ fn main() {
         ["exercise", addr] => fitness::exercise(addr),
         ["cluster", rest @ ..] => cluster::run(rest),
         ["sign", rest @ ..] => numbers(rest, [20_000]).and_then(|[n]| cluster::sign_cost(n)),
+        ["beats", rest @ ..] => numbers(rest, [20]).and_then(|[n]| cluster::beat_cost(n)),
         _ => {
             print!("{USAGE}");
             return;

@@ -580,17 +580,17 @@ fn reactions_from_the_bus_keep_the_local_emoji_bounds() {
 
 #[test]
 fn a_forged_event_takes_nothing_not_even_its_place_in_order() {
-    use super::bus::{Applied, BusEvent, BusKind};
-    use crate::cluster::sign::{generate, split, Signer, SigningConfig};
+    use super::bus::{Applied, BusEvent, BusKind, Proof};
+    use ring::signature::{Ed25519KeyPair, KeyPair};
     let (_d, mut c) = db();
-    let signer = |node: &str| {
-        let cfg = SigningConfig::read(node, &generate().unwrap().0, &[]).unwrap();
-        Signer::new(&cfg).unwrap()
+    let rng = ring::rand::SystemRandom::new();
+    let pair = || {
+        let doc = Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+        Ed25519KeyPair::from_pkcs8(doc.as_ref()).unwrap()
     };
-    let (a, mallory) = (signer("a"), signer("mallory"));
-    let event = |by: &Signer, id: &str| {
+    let (a, mallory) = (pair(), pair());
+    let event = |by: &Ed25519KeyPair, id: &str| {
         let body = format!(r#"{{"t":"msg","node":"a","room":"x","oseq":1,"id":"{id}"}}"#);
-        let signed = String::from_utf8(by.sign(&body)).unwrap();
         WriteOp::Bus(BusEvent {
             origin: "a".into(),
             room: "x".into(),
@@ -602,7 +602,11 @@ fn a_forged_event_takes_nothing_not_even_its_place_in_order() {
                 ts: 1,
             },
             // Checked against a's key, whoever signed.
-            proof: Some(a.proof("a", &body, split(&signed).1).unwrap()),
+            proof: Some(Proof {
+                key: a.public_key().as_ref().to_vec(),
+                sig: by.sign(body.as_bytes()).as_ref().to_vec(),
+                body,
+            }),
         })
     };
     let r = write_batch(&mut c, &[event(&mallory, "forged"), event(&a, "real")]);
