@@ -319,6 +319,35 @@ impl Cluster {
         }
     }
 
+    /// Publishes events on `subject` in order, as many as the link takes;
+    /// returns how many. With a key, several go to a message under one
+    /// signature (see `sign::MAX_BATCH_BYTES`); without, one a message.
+    fn publish_events(&self, link: &Link, subject: &str, bodies: &[&str]) -> usize {
+        let Some(signer) = &self.signer else {
+            return bodies
+                .iter()
+                .take_while(|b| link.publish(subject, b.as_bytes()))
+                .count();
+        };
+        let mut sent = 0;
+        while sent < bodies.len() {
+            let mut end = sent + 1;
+            let mut bytes = bodies[sent].len();
+            while end < bodies.len()
+                && end - sent < sign::MAX_BATCH_EVENTS
+                && bytes + 1 + bodies[end].len() <= sign::MAX_BATCH_BYTES
+            {
+                bytes += 1 + bodies[end].len();
+                end += 1;
+            }
+            if !link.publish(subject, &signer.sign(&bodies[sent..end].join("\n"))) {
+                break;
+            }
+            sent = end;
+        }
+        sent
+    }
+
     /// On the bus now; `false`: isolated (serving alone).
     pub fn connected(&self) -> bool {
         self.link.borrow().is_some()

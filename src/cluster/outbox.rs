@@ -38,13 +38,21 @@ impl Cluster {
                 logged.or(changed).await;
                 continue;
             }
+            // In commit order, each run of one room's rows together.
             let mut sent = 0;
-            for row in &rows {
-                let subject = wire::room_subject(&self.cfg.subject_prefix, &row.room);
-                if !self.publish(&link, &subject, &row.body) {
+            while sent < rows.len() {
+                let room = &rows[sent].room;
+                let run = rows[sent..].iter().take_while(|r| r.room == *room).count();
+                let bodies: Vec<&str> = rows[sent..sent + run]
+                    .iter()
+                    .map(|r| r.body.as_str())
+                    .collect();
+                let subject = wire::room_subject(&self.cfg.subject_prefix, room);
+                let n = self.publish_events(&link, &subject, &bodies);
+                sent += n;
+                if n < run {
                     break;
                 }
-                sent += 1;
             }
             if sent > 0 && link.confirm(self.cfg.heartbeat * 2).await {
                 mark = rows[sent - 1].id;
