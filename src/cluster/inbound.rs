@@ -92,7 +92,7 @@ impl Cluster {
         }
         // At the bound the link waits before handing over the next message
         // (see `inbound_full`): this only guards it.
-        if self.inbound_len() > self.cfg.max_inbound {
+        if self.inbound_len() >= self.cfg.max_inbound + super::sign::MAX_BATCH_EVENTS {
             inc(&self.stats.dropped_inbound);
             self.want_sync(&Rc::from(ev.room.as_str()));
             return;
@@ -193,12 +193,21 @@ impl Cluster {
         self.inbound.borrow().len() + self.in_flight.borrow().len()
     }
 
-    /// While as many events wait as `cluster.max_inbound`: a listener that
-    /// fires when one has been applied. The link stops reading meanwhile,
-    /// so a burst waits in the server's buffer (TCP, then NATS), not here.
+    /// While the next message might not fit under `cluster.max_inbound`
+    /// (a signed one holds up to a batch of events): a listener that fires
+    /// when one has been applied. The link stops reading meanwhile, so a
+    /// burst waits in the server's buffer (TCP, then NATS), not here. With
+    /// nothing waiting, a message is always taken: at most a batch past
+    /// the bound.
     pub(super) fn inbound_full(&self) -> Option<event_listener::EventListener> {
         let l = self.inbound_drained.listen();
-        (self.inbound_len() >= self.cfg.max_inbound).then_some(l)
+        let len = self.inbound_len();
+        let room = if self.signer.is_some() {
+            super::sign::MAX_BATCH_EVENTS
+        } else {
+            1
+        };
+        (len > 0 && len + room > self.cfg.max_inbound).then_some(l)
     }
 
     /// Hands received events to the store as fast as it takes them, then
