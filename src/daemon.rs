@@ -161,6 +161,12 @@ pub fn run(cfg: Config, log: Logger, source: ConfigSource) -> Result<i32, String
             &[("admin", &admin_addr)],
         );
     }
+    if gw.cfg.cluster.as_ref().is_some_and(|k| k.signing.is_none()) {
+        log.warn(
+            "bus messages are not signed: anything that can publish on the cluster's subjects can speak for any box (set cluster.signing_key_file and cluster.trusted_keys)",
+            &[],
+        );
+    }
     if gw.cfg.access.is_empty() && gw.cfg.auth.mode != crate::auth::AuthMode::Open {
         log.warn(
             "no [[access]] rules: every signed-in user may join, read and publish in every room and call every provider",
