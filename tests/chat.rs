@@ -4,7 +4,6 @@
 mod common;
 use common::*;
 use serde_json::{json, Value};
-use std::time::Duration;
 use tungstenite::Message;
 
 /// Reads frames until one with `op`, returning it (others are skipped).
@@ -404,7 +403,9 @@ fn a_full_pool_queue_answers_over_capacity() {
     assert!(ok >= 1 && busy >= 1, "ok {ok}, busy {busy}");
     assert!(gw.metric("hivegate_pool_jobs_rejected_total") >= 1.0);
     // Once the burst is over, reads work again.
-    std::thread::sleep(Duration::from_millis(100));
+    gw.wait_until("the pool's queue to empty", || {
+        gw.metric("hivegate_pool_queue_depth") == 0.0
+    });
     send_json(
         &mut a,
         &json!({"op":"history","room":"r","request_id":"later"}),

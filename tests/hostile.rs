@@ -171,7 +171,8 @@ fn a_provider_that_echoes_the_key_does_not_leak_it() {
         "{message}"
     );
     assert!(message.len() < 600, "capped: {} bytes", message.len());
-    std::thread::sleep(Duration::from_millis(200));
+    // The line that would hold the key is there before it is searched.
+    gw.wait_log("llm call failed", 1);
     let log = gw.log_text();
     assert!(!log.contains(KEY), "the key reached the log:\n{log}");
     assert!(!log.contains('\u{1b}'));
@@ -272,7 +273,7 @@ fn control_bytes_from_clients_are_escaped_in_text_logs() {
         &json!({"op":"hello","client":"evil\r\u{1b}[2J\u{0}fake line"}),
     );
     recv_json(&mut ws);
-    std::thread::sleep(Duration::from_millis(200));
+    gw.wait_log(" hello ", 1);
     let log = gw.log_text();
     let line = log
         .lines()
@@ -358,12 +359,12 @@ fn slowloris_from_one_address_does_not_lock_out_the_others() {
     let gw = Gateway::start("[server]\nhandshake_timeout_ms = 20000\n", &[]);
     let attacker: IpAddr = "127.0.0.2".parse().unwrap();
     let held = slowloris(gw.addr, attacker, 500);
-    std::thread::sleep(Duration::from_millis(300));
+    let capped = "hivegate_connections_refused_total{reason=\"handshake_ip_cap\"}";
+    assert!(gw.wait_metric(capped, 484.0, Duration::from_secs(10)) >= 484.0);
     // Health, metrics and a new WebSocket client from another address are
     // all served while the 500 sockets hang.
     assert_eq!(gw.get("/healthz").status, 200);
-    assert!(gw.metric("hivegate_handshakes_pending") <= 16.0 + 1.0);
-    assert!(gw.metric("hivegate_connections_refused_total{reason=\"handshake_ip_cap\"}") >= 400.0);
+    assert!(gw.metric("hivegate_handshakes_pending") <= 16.0);
     let (mut ws, ack) = gw.session(None);
     assert_eq!(ack["ok"], true);
     send_json(&mut ws, &json!({"op":"ping","request_id":"p"}));

@@ -486,7 +486,7 @@ fn the_api_key_never_appears_in_any_output() {
     }
     seen.push_str(&gw.get("/metrics").body);
     seen.push_str(&gw.get("/readyz").body);
-    std::thread::sleep(Duration::from_millis(100));
+    gw.wait_log("llm call failed", 1);
     seen.push_str(&gw.log_text());
     assert!(
         seen.contains("invalid key"),

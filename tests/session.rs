@@ -107,8 +107,10 @@ fn a_client_that_never_answers_pings_gets_4009() {
         &[],
     );
     let (mut ws, _) = gw.session(None);
-    // tungstenite answers pings only while reading: do not read for a while.
-    std::thread::sleep(Duration::from_millis(800));
+    // tungstenite answers pings only while reading: read nothing until the
+    // gateway has given up on the pong.
+    let closed = "hivegate_connections_closed_total{code=\"4009\"}";
+    assert_eq!(gw.wait_metric(closed, 1.0, Duration::from_secs(10)), 1.0);
     assert_eq!(expect_close(&mut ws), Some(4009));
     assert_eq!(
         gw.metric("hivegate_connections_closed_total{code=\"4009\"}"),
@@ -220,7 +222,9 @@ fn logs_never_contain_a_token() {
     let (mut ws, _) = gw.session(Some("tok-guess-999"));
     expect_close(&mut ws);
     let _ = gw.ws_from(None, &[("Authorization", "Bearer tok-bearer-777")]);
-    std::thread::sleep(Duration::from_millis(100));
+    // The lines that would hold the tokens are there before the search.
+    gw.wait_log("hello refused", 1);
+    gw.wait_log("sign-in refused", 1);
     let log = gw.log_text();
     assert!(log.contains("hello"), "{log}");
     for secret in ["tok-alice-123", "tok-guess-999", "tok-bearer-777"] {
@@ -235,7 +239,7 @@ fn every_log_line_about_a_connection_names_it() {
     let (mut ws, _) = gw.session(None);
     ws.close(None).unwrap();
     let _ = expect_close(&mut ws);
-    std::thread::sleep(Duration::from_millis(100));
+    gw.wait_log(" closed ", 1);
     let log = gw.log_text();
     for event in [" connected ", " hello ", " closed "] {
         let line = log

@@ -26,7 +26,7 @@ fn readyz_turns_503_and_upgrades_are_refused_while_draining() {
     // A client that never reads keeps its slot for the close grace period.
     let (lingering, _) = gw.session(None);
     gw.signal(libc::SIGTERM);
-    std::thread::sleep(Duration::from_millis(100));
+    gw.wait_until("the drain", || gw.get("/readyz").status == 503);
     let r = gw.get("/readyz");
     assert_eq!(r.status, 503);
     assert!(r.body.contains("\"status\":\"draining\""));
@@ -40,7 +40,7 @@ fn a_second_signal_exits_at_once() {
     let mut gw = Gateway::start("[server]\ndrain_timeout_ms = 60000\n", &[]);
     let (_lingering, _) = gw.session(None);
     gw.signal(libc::SIGINT);
-    std::thread::sleep(Duration::from_millis(100));
+    gw.wait_log("shutting down", 1);
     gw.signal(libc::SIGINT);
     assert_eq!(gw.wait_exit(Duration::from_secs(5)), Some(130));
 }

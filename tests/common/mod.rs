@@ -226,6 +226,30 @@ impl Gateway {
         }
     }
 
+    /// Waits until the log holds `needle` `count` times (its lines are
+    /// read from the process's stderr as they come): a check of what is
+    /// not in the log first waits for the line that would hold it.
+    pub fn wait_log(&self, needle: &str, count: usize) {
+        let end = Instant::now() + Duration::from_secs(10);
+        while self.log_text().matches(needle).count() < count {
+            assert!(
+                Instant::now() < end,
+                "no {needle:?} in the log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until `ok` holds, up to 10 s (a failure after that).
+    pub fn wait_until(&self, what: &str, mut ok: impl FnMut() -> bool) {
+        let end = Instant::now() + Duration::from_secs(10);
+        while !ok() {
+            assert!(Instant::now() < end, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn ws(&self) -> Ws {
         self.ws_from(None, &[]).expect("upgrade")
     }
