@@ -148,6 +148,8 @@ try {
 
   // Reading older messages: they load on scroll up, and a new message
   // does not pull the reader down but shows a marker.
+  // The join's history arrives after the connection: wait for it.
+  await phone.waitForFunction(() => document.querySelectorAll("#timeline .msg:not(.pending) .text").length >= 50, null, { timeout: 10000 }).catch(() => {});
   const shown = (await texts(phone)).length;
   check(shown === 50, `a join shows the newest 50 (${shown})`);
   await phone.$eval("#timeline", (t) => { t.scrollTop = 0; });
