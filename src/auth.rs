@@ -31,15 +31,21 @@ pub struct AuthConfig {
     /// The mode in force after validation: `Open` also when no tokens are
     /// configured and the listen address is loopback.
     pub mode: AuthMode,
-    /// True when `auth.mode` was not written and the mode was inferred
-    /// (token, or open for no tokens on loopback): worth a warning at
-    /// start, and a reload may not change such a mode (see
-    /// `server::reload`).
-    pub implicit_open: bool,
+    /// False when `auth.mode` was not written and the mode was inferred
+    /// (token, or open for no tokens on loopback): a reload may not change
+    /// such a mode (see `server::reload`).
     pub mode_explicit: bool,
     pub tokens: Vec<TokenEntry>,
     /// `auth.mode = "jwt"`: how tokens are verified.
     pub jwt: crate::jwt::JwtConfig,
+}
+
+impl AuthConfig {
+    /// Open mode chosen because no tokens were configured, not written:
+    /// worth a warning at start.
+    pub fn implicit_open(&self) -> bool {
+        self.mode == AuthMode::Open && !self.mode_explicit
+    }
 }
 
 /// The role of a token entry that names none.

@@ -135,7 +135,7 @@ pub fn run(cfg: Config, log: Logger, source: ConfigSource) -> Result<i32, String
     let gw = Rc::new(Gateway::new(cfg, log, ex.clone(), services));
     let notifier = Notifier::from_env();
 
-    if gw.cfg.auth.implicit_open {
+    if gw.cfg.auth.implicit_open() {
         log.warn(
             "no auth.tokens configured: running in open mode on a loopback address; every session gets a generated name",
             &[],

@@ -488,7 +488,6 @@ impl Config {
                 ));
             }
             self.auth.mode = AuthMode::Open;
-            self.auth.implicit_open = !mode_set;
         }
         Ok(())
     }

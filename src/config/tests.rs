@@ -22,7 +22,7 @@ fn embedded_default_is_open_on_loopback() {
     assert_eq!(cfg.server.listen.to_string(), "127.0.0.1:8080");
     assert_eq!(cfg.server.data_dir, PathBuf::from("./hivegate-data"));
     assert_eq!(cfg.auth.mode, AuthMode::Open);
-    assert!(cfg.auth.implicit_open);
+    assert!(cfg.auth.implicit_open());
     assert!(warnings.is_empty());
 }
 
@@ -117,7 +117,7 @@ fn no_tokens_on_a_public_address_refuses_to_start() {
     let p = write("[server]\nlisten = \"0.0.0.0:8080\"\n[auth]\nmode = \"open\"\n");
     let (cfg, _) = Config::load(Some(&p), &[]).unwrap();
     assert_eq!(cfg.auth.mode, AuthMode::Open);
-    assert!(!cfg.auth.implicit_open);
+    assert!(!cfg.auth.implicit_open());
 }
 
 #[test]
