@@ -5,7 +5,6 @@
 
 use super::http::{self, Response};
 use super::{refuse, retry_after, Gateway, Slot, RETRY_AFTER_S};
-use crate::hub::Full;
 use crate::ops::metrics::Refusal;
 use std::net::IpAddr;
 use std::rc::Rc;
@@ -83,38 +82,10 @@ pub(super) fn admit(
                 .header("Retry-After", retry_after(wait)),
         ));
     }
-    let failed = gw
-        .limits
-        .borrow_mut()
-        .check_failed_hellos(Instant::now(), ip);
-    if let Err(wait) = failed {
-        return Err(refuse(
-            gw,
-            Refusal::HelloCooldown,
-            ip,
-            Response::text(429, "too many failed sign-ins from your address\n")
-                .header("Retry-After", retry_after(wait)),
-        ));
-    }
-    match gw.table.borrow().check(ip) {
-        Ok(()) => {}
-        Err(Full::Global) => {
-            return Err(refuse(
-                gw,
-                Refusal::GlobalCap,
-                ip,
-                Response::text(503, "gateway full\n").header("Retry-After", retry()),
-            ))
-        }
-        Err(Full::Ip) => {
-            return Err(refuse(
-                gw,
-                Refusal::IpCap,
-                ip,
-                Response::text(429, "too many connections from your address\n")
-                    .header("Retry-After", retry()),
-            ))
-        }
+    gw.sign_in_cooldown(ip)?;
+    let full = gw.table.borrow().check(ip);
+    if let Err(full) = full {
+        return Err(gw.cap_refusal(full, ip));
     }
     if head.ws_bearer.is_some() && !(head.ws_mcp || head.ws_op) {
         // The token must not be the protocol the server picks (it would

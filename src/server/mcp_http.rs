@@ -79,17 +79,7 @@ pub async fn admit(
             Response::text(403, "origin not allowed\n"),
         ));
     }
-    if let Err(wait) = gw
-        .limits
-        .borrow_mut()
-        .check_failed_hellos(Instant::now(), ip)
-    {
-        return Err(refuse(
-            Refusal::HelloCooldown,
-            Response::text(429, "too many failed sign-ins from your address\n")
-                .header("Retry-After", super::retry_after(wait)),
-        ));
-    }
+    gw.sign_in_cooldown(ip)?;
     let who = match &head.bearer {
         Some(t) => Some(gw.sign_in_or_401(ip, t)?),
         None if gw.live.borrow().mode == crate::auth::AuthMode::Open => None,
@@ -151,18 +141,7 @@ pub async fn serve(gw: &Rc<Gateway>, a: Admitted, mut stream: Socket, ip: IpAddr
     let held = gw.table.borrow_mut().hold(ip);
     let response = match held {
         Ok(()) => answer(gw, &a, &mut stream, ip).await,
-        Err(full) => Some(match full {
-            crate::hub::Full::Ip => {
-                gw.metrics.refused(Refusal::IpCap);
-                Response::text(429, "too many connections from your address\n")
-                    .header("Retry-After", super::RETRY_AFTER_S.to_string())
-            }
-            crate::hub::Full::Global => {
-                gw.metrics.refused(Refusal::GlobalCap);
-                Response::text(503, "gateway full\n")
-                    .header("Retry-After", super::RETRY_AFTER_S.to_string())
-            }
-        }),
+        Err(full) => Some(gw.cap_refusal(full, ip)),
     };
     if let Some(r) = response {
         r.send(&mut stream).await;

@@ -20,7 +20,7 @@ pub mod web;
 
 use crate::chat::Chat;
 use crate::config::Config;
-use crate::hub::Table;
+use crate::hub::{Full, Table};
 use crate::limit::{Limits, Meters};
 use crate::ops::log::Logger;
 use crate::ops::metrics::{inc, Gauges, Metrics, Refusal};
@@ -495,6 +495,44 @@ impl Gateway {
                 Response::text(401, "bad token\n").header("WWW-Authenticate", "Bearer"),
             )
         })
+    }
+
+    /// `429` while `ip` is past its failed sign-ins (on every surface).
+    fn sign_in_cooldown(&self, ip: IpAddr) -> Result<(), Response> {
+        let failed = self
+            .limits
+            .borrow_mut()
+            .check_failed_hellos(Instant::now(), ip);
+        failed.map_err(|wait| {
+            refuse(
+                self,
+                Refusal::HelloCooldown,
+                ip,
+                Response::text(429, "too many failed sign-ins from your address\n")
+                    .header("Retry-After", retry_after(wait)),
+            )
+        })
+    }
+
+    /// The answer when a connection cap is full: `503` for the gateway,
+    /// `429` for the address.
+    fn cap_refusal(&self, full: Full, ip: IpAddr) -> Response {
+        let retry = RETRY_AFTER_S.to_string();
+        match full {
+            Full::Global => refuse(
+                self,
+                Refusal::GlobalCap,
+                ip,
+                Response::text(503, "gateway full\n").header("Retry-After", retry),
+            ),
+            Full::Ip => refuse(
+                self,
+                Refusal::IpCap,
+                ip,
+                Response::text(429, "too many connections from your address\n")
+                    .header("Retry-After", retry),
+            ),
+        }
     }
 
     /// A token that signed nobody in, on any surface: counted against
