@@ -174,26 +174,28 @@ impl Table {
     }
 
     pub fn release(&mut self, ip: IpAddr) {
-        if let Some(n) = self.per_ip.get_mut(&ip) {
+        if self.give_back(ip) {
             self.held -= 1;
-            *n -= 1;
-            if *n == 0 {
-                self.per_ip.remove(&ip);
-            }
         }
     }
 
     /// Frees a slot and the IP's share. Idempotent.
     pub fn remove(&mut self, key: usize) {
-        let Some(entry) = self.slab.try_remove(key) else {
-            return;
-        };
-        if let Some(n) = self.per_ip.get_mut(&entry.ip) {
-            *n -= 1;
-            if *n == 0 {
-                self.per_ip.remove(&entry.ip);
-            }
+        if let Some(entry) = self.slab.try_remove(key) {
+            self.give_back(entry.ip);
         }
+    }
+
+    /// Gives back one of `ip`'s places; false if it held none.
+    fn give_back(&mut self, ip: IpAddr) -> bool {
+        let Some(n) = self.per_ip.get_mut(&ip) else {
+            return false;
+        };
+        *n -= 1;
+        if *n == 0 {
+            self.per_ip.remove(&ip);
+        }
+        true
     }
 
     pub fn get_mut(&mut self, key: usize) -> Option<&mut Entry> {

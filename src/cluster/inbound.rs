@@ -431,15 +431,17 @@ impl Cluster {
                 let body = crate::store::db::bus::skip_body(&self.cfg.node_id, &room, to);
                 self.publish(&link, &inbox, &body);
             }
-            // The rest in the next answer, which the asker asks for.
-            let mut bytes = 0;
-            let fit = rows
-                .iter()
-                .take_while(|r| {
-                    bytes += r.body.len();
-                    bytes == r.body.len() || bytes <= super::replay::MAX_ANSWER_BYTES
-                })
-                .count();
+            // At least one row, then what fits in an answer; the rest in
+            // the next one, which the asker asks for.
+            let mut fit = 0;
+            let mut room_left = super::replay::MAX_ANSWER_BYTES;
+            for r in &rows {
+                if fit > 0 && r.body.len() > room_left {
+                    break;
+                }
+                room_left = room_left.saturating_sub(r.body.len());
+                fit += 1;
+            }
             let bodies: Vec<&str> = rows[..fit].iter().map(|r| r.body.as_str()).collect();
             let sent = self.publish_events(&link, &inbox, &bodies);
             let bytes: usize = bodies[..sent].iter().map(|b| b.len()).sum();
