@@ -192,14 +192,10 @@ pub fn parse_jwks(text: &str) -> Result<Vec<PublicKey>, String> {
     Ok(keys)
 }
 
+/// A secret or key set file's text, at most 1 MiB.
 fn read_small(path: &std::path::Path, key: &str) -> Result<String, String> {
-    let mut text = String::new();
-    std::fs::File::open(path)
-        .and_then(|f| {
-            std::io::Read::read_to_string(&mut std::io::Read::take(f, 1 << 20), &mut text)
-        })
-        .map_err(|e| format!("{key}: cannot read {}: {e}", path.display()))?;
-    Ok(text)
+    crate::ops::file::read_small(path, 1 << 20)
+        .map_err(|e| format!("{key}: cannot read {}: {e}", path.display()))
 }
 
 /// Why a token was refused: a label for the log and the metrics, never

@@ -137,6 +137,12 @@ impl NatsTls {
     }
 }
 
+/// A credential or key file's text, at most 64 KiB.
+fn read_small(path: &std::path::Path, setting: &str) -> Result<String, String> {
+    crate::ops::file::read_small(path, 64 * 1024)
+        .map_err(|e| format!("{setting} {}: {e}", path.display()))
+}
+
 /// The last `oseq` applied, by (origin box, room).
 type Marks = HashMap<(Rc<str>, Rc<str>), i64>;
 
@@ -170,8 +176,7 @@ impl ClusterConfig {
             ));
         }
         if let Some(path) = &self.credentials_file {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| format!("cluster.credentials_file {}: {e}", path.display()))?;
+            let text = read_small(path, "cluster.credentials_file")?;
             self.login = Login::parse(&text);
         }
         self.tls = if self.nats_urls.iter().any(|u| nats::wants_tls(u)) {
@@ -182,8 +187,7 @@ impl ClusterConfig {
         self.signing = match (&self.signing_key_file, self.trusted_keys.is_empty()) {
             (None, true) => None,
             (Some(path), false) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|e| format!("cluster.signing_key_file {}: {e}", path.display()))?;
+                let text = read_small(path, "cluster.signing_key_file")?;
                 Some(sign::SigningConfig::read(&self.node_id, &text, &self.trusted_keys)?)
             }
             _ => {

@@ -510,13 +510,8 @@ fn read_key(
             )),
         },
         (None, Some(path)) => {
-            // At most 64 KiB: a key is short, and the path may name
-            // anything (a device that never ends, say).
-            let mut text = String::new();
-            std::fs::File::open(path)
-                .and_then(|f| {
-                    std::io::Read::read_to_string(&mut std::io::Read::take(f, 64 * 1024), &mut text)
-                })
+            // At most 64 KiB: a key is short.
+            let text = crate::ops::file::read_small(path, 64 * 1024)
                 .map_err(|e| format!("{who}: cannot read api_key_file {}: {e}", path.display()))?;
             let key = text.trim();
             if key.is_empty() {

@@ -1,6 +1,7 @@
 //! Operating the gateway: metrics, logs, systemd integration.
 
 pub mod fd;
+pub mod file;
 pub mod log;
 pub mod memory;
 pub mod metrics;
