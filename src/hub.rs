@@ -10,13 +10,13 @@ use crate::protocol::{error_frame, ErrorCode};
 use async_tungstenite::tungstenite::Utf8Bytes;
 use slab::Slab;
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::rc::Rc;
 use std::task::Waker;
 use std::time::Instant;
 
-/// The compile-time capacity of the heapless outbound queue.
+/// The most frames `server.outbox_frames` may allow in one outbound queue.
 pub const MAX_OUTBOX_FRAMES: usize = 64;
 
 /// Requests of one connection still running in their own tasks (store
@@ -54,9 +54,14 @@ pub enum Delivery {
 }
 
 /// A connection's outbound queue, bounded in frames and in bytes.
+///
+/// A growable queue held to the bound, not a fixed-capacity one: an
+/// inline array of 64 pointers was 512 bytes on every connection, most of
+/// which are idle with nothing queued. This one holds what a connection's
+/// busiest moment needed (a few pointers for most).
 #[derive(Debug, Default)]
 pub struct Outbox {
-    frames: heapless::Deque<Frame, MAX_OUTBOX_FRAMES>,
+    frames: VecDeque<Frame>,
     bytes: usize,
 }
 
@@ -218,7 +223,8 @@ impl Table {
             return Delivery::Gone;
         }
         let fits = e.outbox.frames.len() < max_frames && e.outbox.bytes + f.len() <= max_bytes;
-        let result = if fits && e.outbox.frames.push_back(f.clone()).is_ok() {
+        let result = if fits {
+            e.outbox.frames.push_back(f.clone());
             e.outbox.bytes += f.len();
             Delivery::Queued
         } else {

@@ -119,6 +119,30 @@ impl<const N: usize> Strikes<N> {
     }
 }
 
+/// Counts events in fixed windows of time, in 8 bytes: enough to catch a
+/// flood (many times the limit), where a sliding [`RateMeter`] would cost
+/// 64 bytes on every connection. The caller keeps the epoch, and says how
+/// many seconds have passed since it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Tally {
+    window: u32,
+    count: u32,
+}
+
+impl Tally {
+    /// Records an event `secs` after the epoch; returns the events counted
+    /// in its window of `window_secs` (this one included).
+    pub fn record(&mut self, secs: u64, window_secs: u64) -> u32 {
+        let window = u32::try_from(secs / window_secs.max(1)).unwrap_or(u32::MAX);
+        if window != self.window {
+            self.window = window;
+            self.count = 0;
+        }
+        self.count = self.count.saturating_add(1);
+        self.count
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -208,5 +232,15 @@ mod tests {
         assert_eq!(m.rate(clock.now(), 59), 0.0);
         m.record(clock.now());
         assert_eq!(m.count(clock.now(), 60), 1);
+    }
+
+    #[test]
+    fn a_tally_counts_within_its_window_and_starts_again_in_the_next() {
+        let mut t = Tally::default();
+        assert_eq!(t.record(0, 10), 1);
+        assert_eq!(t.record(9, 10), 2);
+        assert_eq!(t.record(10, 10), 1);
+        assert_eq!(t.record(u64::MAX, 10), 1);
+        assert_eq!(t.record(u64::MAX, 0), 2);
     }
 }

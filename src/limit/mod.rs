@@ -13,7 +13,7 @@ mod meter;
 mod table;
 
 pub use bucket::{BucketParams, TokenBucket};
-pub use meter::{RateMeter, Strikes};
+pub use meter::{RateMeter, Strikes, Tally};
 pub use table::KeyedBuckets;
 
 use crate::ops::metrics::{counter, counter_with, gauge_with};

@@ -10,7 +10,7 @@
 use super::{Gateway, Slot};
 use crate::auth::Identity;
 use crate::hub::{frame, Frame};
-use crate::limit::{RateMeter, Strikes};
+use crate::limit::{RateMeter, Strikes, Tally};
 use crate::llm::ToolCalls;
 use crate::ops::metrics::{add, inc};
 use crate::protocol::{close, Close};
@@ -57,6 +57,13 @@ impl Session {
     }
 }
 
+/// What the connection does after an event.
+enum Next {
+    Wait,
+    Yield,
+    Close(u16, &'static str),
+}
+
 enum Event {
     Message(Message),
     /// The client hung up (after a close handshake or without one).
@@ -66,6 +73,17 @@ enum Event {
     CloseRequested(u16),
 }
 
+/// What only a misbehaving client costs, boxed on its first offence:
+/// most connections never have one, and inline these were 128 bytes on
+/// every connection.
+struct Trouble {
+    invalid: Strikes<MAX_INVALID_PER_MINUTE>,
+    /// Rate-limit refusals, for the abuse threshold.
+    refusals: RateMeter<10>,
+}
+
+/// A connection's state for its whole life: everything here is paid for
+/// by every connection, idle or not (a test keeps its size in check).
 pub struct Conn {
     gw: Rc<Gateway>,
     slot: Slot,
@@ -74,14 +92,14 @@ pub struct Conn {
     /// `bearer.TOKEN` subprotocol entry).
     preauth: Option<Rc<Identity>>,
     session: Option<Session>,
-    hello_deadline: Instant,
+    /// When the upgrade completed: the epoch of the `hello` deadline and
+    /// of `control`.
+    born: Instant,
     next_ping: Instant,
     pong_deadline: Option<Instant>,
-    invalid: Strikes<MAX_INVALID_PER_MINUTE>,
-    /// Rate-limit refusals, for the abuse threshold.
-    refusals: RateMeter<10>,
+    trouble: Option<Box<Trouble>>,
     /// Pings and pongs from the client, for [`MAX_CONTROL_PER_10S`].
-    control: RateMeter<10>,
+    control: Tally,
     /// Messages handled since the task last yielded.
     turn_messages: u32,
     timer: Timer,
@@ -92,8 +110,9 @@ pub struct Conn {
     peer_closed: Option<u16>,
     /// Requests of this connection still running in their own tasks.
     in_flight: Rc<Cell<u32>>,
-    /// Tool calls in flight.
-    tools: ToolCalls,
+    /// Tool calls in flight (made on the first call: most connections
+    /// never make one).
+    tools: Option<ToolCalls>,
     /// `Some` when the client chose the `mcp` subprotocol: its calls.
     mcp: Option<mcp::Calls>,
 }
@@ -113,12 +132,11 @@ impl Conn {
         let hello_deadline = now + cfg.hello_timeout;
         let next_ping = now + cfg.ping_interval;
         Conn {
-            hello_deadline,
+            born: now,
             next_ping,
             pong_deadline: None,
-            invalid: Strikes::new(now),
-            refusals: RateMeter::new(now),
-            control: RateMeter::new(now),
+            trouble: None,
+            control: Tally::default(),
             turn_messages: 0,
             timer: Timer::at(hello_deadline.min(next_ping)),
             armed_at: hello_deadline.min(next_ping),
@@ -126,7 +144,7 @@ impl Conn {
             flush_pending: false,
             peer_closed: None,
             in_flight: Rc::new(Cell::new(0)),
-            tools: ToolCalls::default(),
+            tools: None,
             // An MCP client without a token in open mode is a guest of its
             // own (admission refused it in the other modes).
             session: mcp.then(|| {
@@ -144,34 +162,38 @@ impl Conn {
         }
     }
 
-    /// Takes `&mut self`, not `self`: an async fn keeps a by-value argument
-    /// twice in its state, and this state lives as long as the connection.
-    pub async fn run(&mut self) {
+    /// The connection's task: the connection and its run, nothing more.
+    /// A plain fn returning an `async move` block: an async fn keeps a
+    /// by-value argument twice in its state, and this state lives as long
+    /// as the connection.
+    #[allow(clippy::manual_async_fn)]
+    pub fn task(mut self) -> impl std::future::Future<Output = ()> {
+        async move { self.run().await }
+    }
+
+    async fn run(&mut self) {
         let (code, reason) = self.serve().await;
         // Leaving is automatic, whatever ended the connection, and nobody
         // is left to read a tool call's answer.
         self.gw.chat.leave_all(self.slot.key);
-        self.tools.cancel_all();
+        if let Some(tools) = &self.tools {
+            tools.cancel_all();
+        }
         if let Some(calls) = &self.mcp {
             for (_, call) in calls.borrow_mut().drain() {
                 call.cancel();
             }
         }
-        if code == close::GOING_AWAY {
-            // Shutting down: requests already started get to finish (the
-            // daemon bounds the whole drain).
-            while self.in_flight.get() > 0 {
-                Timer::after(Duration::from_millis(10)).await;
-            }
-        }
         // Boxed, and bound first: a temporary in the awaited expression
         // would stay in this future's state for the whole connection; the
-        // close sequence's state must exist only while closing.
-        let closing = Box::pin(self.close(code, reason));
+        // closing's state must exist only while closing.
+        let closing = Box::pin(self.finish(code, reason));
         closing.await;
     }
 
     /// Serves the connection until it must close; returns the close code.
+    /// Nothing but `self` is kept across an await: this state lives as
+    /// long as the connection.
     async fn serve(&mut self) -> (u16, &'static str) {
         loop {
             let deadline = self.next_deadline();
@@ -180,45 +202,72 @@ impl Conn {
                 self.armed_at = deadline;
             }
             let event = future::poll_fn(|cx| self.poll_event(cx)).await;
-            match event {
-                Event::CloseRequested(code) => return (code, close_reason(code)),
-                Event::Ended => {
-                    return match self.peer_closed {
-                        Some(code) => (code, "client closed"),
-                        None => (close::ABNORMAL, "client vanished"),
-                    }
-                }
-                Event::Failed(_) if self.ws.get_ref().flooded() => {
-                    inc(&self.gw.metrics.abuse_closes);
-                    return (close::POLICY, "too many bytes without a complete message");
-                }
-                Event::Failed(e) => return ws_error_close(&e),
-                Event::Timer => {
-                    if let Err(Close(code)) = self.on_timer(Instant::now()) {
-                        return (code, close_reason(code));
-                    }
-                }
-                Event::Message(msg) => {
-                    self.ws.get_mut().message_done();
-                    if let Err(Close(code)) = self.on_message(msg) {
-                        return (code, close_reason(code));
-                    }
-                    // A client with frames always ready must not keep the
-                    // loop to itself.
-                    self.turn_messages += 1;
-                    if self.turn_messages >= TURN_MESSAGES {
-                        self.turn_messages = 0;
-                        future::yield_now().await;
-                    }
-                }
+            match self.on_event(event) {
+                Next::Wait => {}
+                // A client with frames always ready must not keep the
+                // loop to itself.
+                Next::Yield => future::yield_now().await,
+                Next::Close(code, reason) => return (code, reason),
             }
         }
+    }
+
+    fn on_event(&mut self, event: Event) -> Next {
+        let code = match event {
+            Event::CloseRequested(code) => code,
+            Event::Ended => {
+                return match self.peer_closed {
+                    Some(code) => Next::Close(code, "client closed"),
+                    None => Next::Close(close::ABNORMAL, "client vanished"),
+                }
+            }
+            Event::Failed(_) if self.ws.get_ref().flooded() => {
+                inc(&self.gw.metrics.abuse_closes);
+                return Next::Close(close::POLICY, "too many bytes without a complete message");
+            }
+            Event::Failed(e) => {
+                let (code, reason) = ws_error_close(&e);
+                return Next::Close(code, reason);
+            }
+            Event::Timer => match self.on_timer(Instant::now()) {
+                Ok(()) => return Next::Wait,
+                Err(Close(code)) => code,
+            },
+            Event::Message(msg) => {
+                self.ws.get_mut().message_done();
+                if let Err(Close(code)) = self.on_message(msg) {
+                    return Next::Close(code, close_reason(code));
+                }
+                self.turn_messages += 1;
+                if self.turn_messages < TURN_MESSAGES {
+                    return Next::Wait;
+                }
+                self.turn_messages = 0;
+                return Next::Yield;
+            }
+        };
+        Next::Close(code, close_reason(code))
+    }
+
+    /// After serving: in a shutdown, requests already started get to
+    /// finish (the daemon bounds the whole drain); then the close.
+    async fn finish(&mut self, code: u16, reason: &'static str) {
+        if code == close::GOING_AWAY {
+            while self.in_flight.get() > 0 {
+                Timer::after(Duration::from_millis(10)).await;
+            }
+        }
+        self.close(code, reason).await;
+    }
+
+    fn hello_deadline(&self) -> Instant {
+        self.born + self.gw.cfg.server.hello_timeout
     }
 
     fn next_deadline(&self) -> Instant {
         let mut d = self.next_ping;
         if self.session.is_none() {
-            d = d.min(self.hello_deadline);
+            d = d.min(self.hello_deadline());
         }
         if let Some(p) = self.pong_deadline {
             d = d.min(p);
@@ -329,7 +378,7 @@ impl Conn {
     }
 
     fn on_timer(&mut self, now: Instant) -> Result<(), Close> {
-        if self.session.is_none() && now >= self.hello_deadline {
+        if self.session.is_none() && now >= self.hello_deadline() {
             return Err(Close(close::HELLO_TIMEOUT));
         }
         if self.pong_deadline.is_some_and(|d| now >= d) {
@@ -377,13 +426,47 @@ impl Conn {
 
     /// Counts a ping or pong; a flood of them is abuse (close 1008).
     fn control_frame(&mut self) -> Result<(), Close> {
-        let now = Instant::now();
-        self.control.record(now);
-        if self.control.count(now, 10) > MAX_CONTROL_PER_10S {
+        let secs = self.born.elapsed().as_secs();
+        if u64::from(self.control.record(secs, 10)) > MAX_CONTROL_PER_10S {
             inc(&self.gw.metrics.abuse_closes);
             return Err(Close(close::POLICY));
         }
         Ok(())
+    }
+
+    /// This connection's misbehaviour so far (made on its first offence).
+    fn trouble(&mut self) -> &mut Trouble {
+        self.trouble.get_or_insert_with(|| {
+            let now = Instant::now();
+            Box::new(Trouble {
+                invalid: Strikes::new(now),
+                refusals: RateMeter::new(now),
+            })
+        })
+    }
+
+    /// A request refused by a rate limit, on either protocol: counted, and
+    /// past the abuse threshold in 10 s the connection is closed 1008.
+    fn refused(&mut self, now: Instant) -> Result<(), Close> {
+        self.gw.meters.borrow_mut().refusals.record(now);
+        let refusals = &mut self.trouble().refusals;
+        refusals.record(now);
+        let recent = refusals.count(now, 10);
+        if recent > self.gw.limits.borrow().params().abuse_threshold {
+            inc(&self.gw.metrics.abuse_closes);
+            return Err(Close(close::POLICY));
+        }
+        Ok(())
+    }
+
+    /// An invalid message, on either protocol: counted, and too many in a
+    /// minute close the connection.
+    fn strike(&mut self) -> Result<(), Close> {
+        self.trouble()
+            .invalid
+            .record(Instant::now(), 60)
+            .then_some(Close(close::INVALID_JSON))
+            .map_or(Ok(()), Err)
     }
 
     /// Queues one of this connection's own frames (answers, errors).
@@ -536,5 +619,43 @@ pub(super) fn ws_error_close(e: &WsError) -> (u16, &'static str) {
             (close::ABNORMAL, "connection closed")
         }
         _ => (close::ABNORMAL, "connection failed"),
+    }
+}
+
+/// What every connection holds for its whole life, in bytes.
+pub struct StateSizes {
+    pub conn: usize,
+    /// The connection's task: its state and the future that runs it.
+    pub task: usize,
+    /// Its entry in the connection table.
+    pub entry: usize,
+}
+
+/// For the unit test below and `hivegate-bench guard`.
+pub fn state_sizes() -> StateSizes {
+    fn future_size<A, F: std::future::Future>(_: impl Fn(A) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+    StateSizes {
+        conn: std::mem::size_of::<Conn>(),
+        task: future_size(Conn::task),
+        entry: std::mem::size_of::<crate::hub::Entry>(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every connection holds these for its whole life, idle or not:
+    /// together about two thirds of an idle connection's memory
+    /// (`hivegate-bench idle`). A change that grows them fails here, and
+    /// moves the bound in the commit that says why.
+    #[test]
+    fn a_connection_holds_little() {
+        let StateSizes { conn, task, entry } = state_sizes();
+        assert!(conn <= 592, "Conn is {conn} bytes");
+        assert!(task <= 672, "the connection task's future is {task} bytes");
+        assert!(entry <= 160, "the table entry is {entry} bytes");
     }
 }

@@ -12,6 +12,14 @@
 //! - bytes read since the last whole message (text, ping, pong, close) are
 //!   counted, and past [`Intake::max_unfinished`] the read fails: the
 //!   connection is closed 1008 as abusive.
+//!
+//! It also keeps the memory of an idle connection small. The WebSocket
+//! library keeps a read buffer per connection for the connection's life,
+//! and reads the socket in pieces of that buffer's size. So the library's
+//! buffer is small ([`LIBRARY_READ_BYTES`]), and the socket is read here
+//! into one buffer shared by every connection of the event loop: what the
+//! library has not taken yet waits in the connection's spill, which is
+//! empty (and holds no memory) once a message has been taken whole.
 
 use futures_lite::io::{AsyncRead, AsyncWrite};
 use std::io;
@@ -21,15 +29,37 @@ use std::task::{Context, Poll};
 /// Bytes one connection may read in one turn of the event loop.
 pub const TURN_BYTES: usize = 64 * 1024;
 
+/// The WebSocket library's own read buffer (`read_buffer_size`): held by
+/// every connection for its life, so small. A message longer than this
+/// grows it (up to `server.max_message_bytes`).
+pub const LIBRARY_READ_BYTES: usize = 128;
+
+/// The most one read of a socket takes: the size of the buffer every
+/// connection of the event loop shares.
+const SHARED_READ_BYTES: usize = 16 * 1024;
+
+thread_local! {
+    /// The event loop is one thread, and a read is copied out of this
+    /// before anything else runs.
+    static SHARED: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0; SHARED_READ_BYTES].into_boxed_slice());
+}
+
 pub struct Intake<S> {
     inner: S,
+    // u32s: this is part of every connection's state, and no count here
+    // passes 2 x 16 MiB (the largest message) and a turn.
     /// Bytes read in this turn.
-    turn: usize,
+    turn: u32,
     /// Bytes read since the last whole message.
-    unfinished: usize,
-    max_unfinished: usize,
+    unfinished: u32,
+    max_unfinished: u32,
     /// Set when the client went past `max_unfinished`.
     flooded: bool,
+    /// Bytes read from the socket that the library has not taken yet, from
+    /// `spill_at` on.
+    spill: Vec<u8>,
+    spill_at: u32,
 }
 
 impl<S> Intake<S> {
@@ -40,8 +70,11 @@ impl<S> Intake<S> {
             inner,
             turn: 0,
             unfinished: 0,
-            max_unfinished: max_message_bytes.saturating_mul(2) + TURN_BYTES,
+            max_unfinished: u32::try_from(max_message_bytes.saturating_mul(2) + TURN_BYTES)
+                .unwrap_or(u32::MAX),
             flooded: false,
+            spill: Vec::new(),
+            spill_at: 0,
         }
     }
 
@@ -68,24 +101,48 @@ impl<S: AsyncRead + Unpin> AsyncRead for Intake<S> {
         buf: &mut [u8],
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        if (this.spill_at as usize) < this.spill.len() {
+            return Poll::Ready(Ok(this.take_spill(buf)));
+        }
         if this.unfinished > this.max_unfinished {
             this.flooded = true;
             return Poll::Ready(Err(io::Error::other(
                 "too many bytes without a complete message",
             )));
         }
-        if this.turn >= TURN_BYTES {
+        if this.turn as usize >= TURN_BYTES {
             // Let the others run; come back at the end of the queue.
             this.turn = 0;
             cx.waker().wake_by_ref();
             return Poll::Pending;
         }
-        let want = buf.len().min(TURN_BYTES - this.turn);
-        match Pin::new(&mut this.inner).poll_read(cx, &mut buf[..want]) {
+        // Never past the flood bound by more than a byte, however large
+        // the shared buffer.
+        let want = SHARED_READ_BYTES
+            .min(TURN_BYTES - this.turn as usize)
+            .min((this.max_unfinished - this.unfinished).max(1) as usize);
+        let read = SHARED.with_borrow_mut(|shared| {
+            let shared = &mut shared[..want];
+            let read = Pin::new(&mut this.inner).poll_read(cx, shared);
+            if let Poll::Ready(Ok(n)) = read {
+                // What does not fit waits for the library's next read.
+                let given = n.min(buf.len());
+                buf[..given].copy_from_slice(&shared[..given]);
+                if n > given {
+                    this.spill.extend_from_slice(&shared[given..n]);
+                }
+            }
+            read
+        });
+        match read {
             Poll::Ready(Ok(n)) => {
-                this.turn += n;
-                this.unfinished += n;
-                Poll::Ready(Ok(n))
+                // n is at most SHARED_READ_BYTES.
+                this.turn += n as u32;
+                this.unfinished = this.unfinished.saturating_add(n as u32);
+                Poll::Ready(Ok(n.min(buf.len())))
             }
             Poll::Pending => {
                 // Nothing to read: this turn is over anyway.
@@ -94,6 +151,23 @@ impl<S: AsyncRead + Unpin> AsyncRead for Intake<S> {
             }
             other => other,
         }
+    }
+}
+
+impl<S> Intake<S> {
+    /// Gives the library what it can take of the spill; the spill's memory
+    /// goes once it is all taken.
+    fn take_spill(&mut self, buf: &mut [u8]) -> usize {
+        let rest = &self.spill[self.spill_at as usize..];
+        let n = rest.len().min(buf.len());
+        buf[..n].copy_from_slice(&rest[..n]);
+        // The spill is at most one shared read.
+        self.spill_at += n as u32;
+        if self.spill_at as usize == self.spill.len() {
+            self.spill = Vec::new();
+            self.spill_at = 0;
+        }
+        n
     }
 }
 
@@ -165,5 +239,44 @@ mod tests {
         });
         assert!(intake.flooded(), "{err}");
         assert!(total <= 2000 + TURN_BYTES + buf.len());
+    }
+
+    /// A reader with a fixed text, then the end.
+    struct Text(&'static [u8]);
+
+    impl AsyncRead for Text {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut [u8],
+        ) -> Poll<io::Result<usize>> {
+            let n = self.0.len().min(buf.len());
+            buf[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Poll::Ready(Ok(n))
+        }
+    }
+
+    #[test]
+    fn small_reads_get_every_byte_in_order_and_the_spill_is_let_go() {
+        let text: &'static [u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+        let mut intake = Intake::new(Text(text), 1000);
+        let mut got = Vec::new();
+        let mut buf = [0u8; 5];
+        future::block_on(async {
+            loop {
+                match intake.read(&mut buf).await {
+                    Ok(0) => break,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        });
+        assert_eq!(got, text);
+        assert_eq!(
+            intake.spill.capacity(),
+            0,
+            "no memory held once all is taken"
+        );
     }
 }

@@ -116,10 +116,10 @@ impl Gateway {
             s.outbox_bytes,
         );
         // Small buffers: an idle connection holds its read buffer for life
-        // (tungstenite zero-fills it on first use), and frames here are
-        // small. Larger messages grow the buffer as needed, up to the cap.
+        // (the intake reads the socket for it; see there). Larger messages
+        // grow the buffer as needed, up to the cap.
         let ws_config = WebSocketConfig::default()
-            .read_buffer_size(1024)
+            .read_buffer_size(intake::LIBRARY_READ_BYTES)
             .write_buffer_size(4096)
             .max_write_buffer_size(s.outbox_bytes.saturating_mul(2).max(1 << 20))
             .max_message_size(Some(s.max_message_bytes))
@@ -440,7 +440,11 @@ fn handle_socket(
         drop(guard);
         let (outcome, stream) = match (outcome, socket) {
             (Outcome::Mcp(admitted), Some(stream)) => {
-                mcp_http::serve(&gw, *admitted, stream, ip).await;
+                // Boxed: the task's state is as large as its largest
+                // phase, and every WebSocket connection would pay for an
+                // HTTP request's.
+                let serving = Box::pin(mcp_http::serve(&gw, *admitted, stream, ip));
+                serving.await;
                 return;
             }
             (o, Some(stream)) => (o, stream),
@@ -467,12 +471,16 @@ fn handle_socket(
         .await;
         if echo {
             let mut ws = ws;
-            echo::run(&gw, &mut ws).await;
+            let echoing = Box::pin(echo::run(&gw, &mut ws));
+            echoing.await;
             drop(slot);
             return;
         }
-        let mut conn = conn::Conn::new(gw.clone(), slot, ws, user, mcp);
-        conn.run().await;
+        // A task of its own, and this one ends: its state would keep the
+        // handshake's arguments and locals beside the connection for the
+        // connection's whole life.
+        let conn = conn::Conn::new(gw.clone(), slot, ws, user, mcp);
+        gw.spawn(conn.task());
     }
 }
 

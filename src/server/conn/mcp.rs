@@ -39,12 +39,7 @@ impl Conn {
             }
         };
         if let Some(r) = &limited {
-            self.gw.meters.borrow_mut().refusals.record(now);
-            self.refusals.record(now);
-            if self.refusals.count(now, 10) > self.gw.limits.borrow().params().abuse_threshold {
-                inc(&self.gw.metrics.abuse_closes);
-                return Err(Close(close::POLICY));
-            }
+            self.refused(now)?;
             if let Message::Request { id, method, .. } = &message {
                 self.send(mcp::rate_limited(id, method, r));
             }

@@ -11,6 +11,7 @@ use crate::chat::Asker;
 use crate::hub::{Reply, Task};
 use crate::json::JsonOut;
 use crate::limit::Refused;
+use crate::llm::ToolCalls;
 use crate::ops::metrics::{inc, Denial};
 use crate::protocol::{self, close, Close, ErrorCode, Request};
 use crate::store::Range;
@@ -133,18 +134,16 @@ impl Conn {
                 Ok(())
             }
             (Some(_), Request::CallTool { name, call }) => {
-                let task = self.tools.call(
-                    &self.gw.llm,
-                    self.reply(rid),
-                    &self.in_flight,
-                    &name,
-                    call,
-                    self.caller(),
-                );
+                let (reply, caller) = (self.reply(rid), self.caller());
+                let tools = self.tools.get_or_insert_with(ToolCalls::default);
+                let task = tools.call(&self.gw.llm, reply, &self.in_flight, &name, call, caller);
                 self.spawn(task)
             }
             (Some(_), Request::Cancel) => {
-                self.tools.cancel(self.reply(rid));
+                let reply = self.reply(rid);
+                self.tools
+                    .get_or_insert_with(ToolCalls::default)
+                    .cancel(reply);
                 Ok(())
             }
             (
@@ -194,7 +193,6 @@ impl Conn {
         refused: Refused,
         now: Instant,
     ) -> Result<(), Close> {
-        self.gw.meters.borrow_mut().refusals.record(now);
         let message = format!("too many requests ({} limit)", refused.level.label());
         self.send(protocol::error_frame(
             rid,
@@ -202,12 +200,7 @@ impl Conn {
             &message,
             Some(refused.retry_after_ms()),
         ));
-        self.refusals.record(now);
-        if self.refusals.count(now, 10) > self.gw.limits.borrow().params().abuse_threshold {
-            inc(&self.gw.metrics.abuse_closes);
-            return Err(Close(close::POLICY));
-        }
-        Ok(())
+        self.refused(now)
     }
 
     fn invalid_request(&mut self, rid: Option<&str>, message: &str) -> Result<(), Close> {
@@ -219,15 +212,6 @@ impl Conn {
             None,
         ));
         self.strike()
-    }
-
-    /// An invalid message, on either protocol: counted, and too many in a
-    /// minute close the connection.
-    pub(super) fn strike(&mut self) -> Result<(), Close> {
-        self.invalid
-            .record(Instant::now(), 60)
-            .then_some(Close(close::INVALID_JSON))
-            .map_or(Ok(()), Err)
     }
 
     fn hello(
