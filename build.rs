@@ -20,6 +20,7 @@ fn main() {
     drop_unwind_tables();
     strip_symbols();
     order_text();
+    find_test_tools();
     println!("cargo:rerun-if-changed=.git/HEAD");
     println!("cargo:rerun-if-changed=.git/refs/heads");
 }
@@ -98,5 +99,64 @@ fn order_text() {
             list.display()
         );
         println!("cargo:rustc-link-arg-bins=-Wl,--no-warn-symbol-ordering");
+    }
+}
+
+/// Tests that drive an outside tool (Autobahn, nats-server, the MCP SDKs,
+/// Chromium, systemd) are marked ignored when the tool is missing, so that
+/// cargo's own summary says so ("ignored, nats-server is not installed
+/// ...") instead of counting them as passed. `REQUIRE_<TOOL>=1`, as
+/// `.ci/run` sets, keeps them in: there a missing tool is a failure.
+///
+/// Looked for when this script runs: on the first build, and again after
+/// a commit (`.git/HEAD`) or a change of `PATH` or a `REQUIRE_` variable.
+/// After installing a tool in between, `touch build.rs`.
+fn find_test_tools() {
+    let root = std::path::PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap_or_default());
+    let on_path = |name: &str| {
+        std::env::var_os("PATH")
+            .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(name).is_file()))
+    };
+    let wstest = std::env::var_os("WSTEST")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| root.join("target/autobahn/bin/wstest"));
+    let chromium = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
+        .iter()
+        .any(|p| std::path::Path::new(p).exists());
+    // (cfg set when missing, the variable that requires it, found)
+    let tools = [
+        ("missing_autobahn", "REQUIRE_AUTOBAHN", wstest.exists()),
+        ("missing_nats", "REQUIRE_NATS", on_path("nats-server")),
+        (
+            "missing_mcp_python",
+            "REQUIRE_MCP",
+            root.join("target/mcp-venv/bin/python").exists(),
+        ),
+        (
+            "missing_mcp_typescript",
+            "REQUIRE_MCP",
+            root.join("tests/mcp/node_modules/@modelcontextprotocol/sdk")
+                .exists(),
+        ),
+        (
+            "missing_browser",
+            "REQUIRE_BROWSER",
+            chromium && root.join("tests/web/node_modules/playwright-core").exists(),
+        ),
+        (
+            "missing_systemd",
+            "REQUIRE_SYSTEMD",
+            on_path("systemd-analyze"),
+        ),
+    ];
+    println!("cargo:rerun-if-env-changed=PATH");
+    println!("cargo:rerun-if-env-changed=WSTEST");
+    for (cfg, require, found) in tools {
+        println!("cargo::rustc-check-cfg=cfg({cfg})");
+        println!("cargo:rerun-if-env-changed={require}");
+        let required = std::env::var(require).is_ok_and(|v| v == "1");
+        if !found && !required {
+            println!("cargo:rustc-cfg={cfg}");
+        }
     }
 }

@@ -14,17 +14,12 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-fn python() -> Option<PathBuf> {
+/// The SDK's Python. The tests that use it are marked ignored when it was
+/// missing at build time (build.rs).
+fn python() -> PathBuf {
     let py = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/mcp-venv/bin/python");
-    if py.exists() {
-        return Some(py);
-    }
-    assert!(
-        std::env::var("REQUIRE_MCP").as_deref() != Ok("1"),
-        "target/mcp-venv is missing: run .ci/mcp-setup"
-    );
-    eprintln!("mcp: target/mcp-venv is missing (run .ci/mcp-setup); the SDK tests are skipped");
-    None
+    assert!(py.exists(), "target/mcp-venv is missing: run .ci/mcp-setup");
+    py
 }
 
 /// Runs one scenario of client.py against the gateway over Streamable
@@ -71,8 +66,12 @@ fn gateway(fake: &FakeOpenAi, extra: &str) -> Gateway {
 }
 
 #[test]
+#[cfg_attr(
+    missing_mcp_python,
+    ignore = "the MCP Python SDK is missing: run .ci/mcp-setup"
+)]
 fn the_sdk_initializes_lists_and_calls_chat_with_progress() {
-    let Some(py) = python() else { return };
+    let py = python();
     let fake = FakeOpenAi::start(ok_stream(transcript("hello.txt")));
     let gw = gateway(&fake, "[auth]\ntokens = [\"ada:tok-ada\"]\n");
     let r = sdk(&py, &gw, "tok-ada", "call");
@@ -98,8 +97,12 @@ fn the_sdk_initializes_lists_and_calls_chat_with_progress() {
 }
 
 #[test]
+#[cfg_attr(
+    missing_mcp_python,
+    ignore = "the MCP Python SDK is missing: run .ci/mcp-setup"
+)]
 fn cancelling_a_call_abandons_the_upstream_stream() {
-    let Some(py) = python() else { return };
+    let py = python();
     let fake = FakeOpenAi::start(Behaviour::Stream {
         transcript: common::fake_openai::counting_transcript(200),
         delay: Duration::from_millis(50),
@@ -116,8 +119,12 @@ fn cancelling_a_call_abandons_the_upstream_stream() {
 }
 
 #[test]
+#[cfg_attr(
+    missing_mcp_python,
+    ignore = "the MCP Python SDK is missing: run .ci/mcp-setup"
+)]
 fn a_rate_limited_call_is_a_tool_error_with_its_retry_time() {
-    let Some(py) = python() else { return };
+    let py = python();
     let fake = FakeOpenAi::start(ok_stream(transcript("hello.txt")));
     // initialize, initialized, tools/list, ping and two calls fit; the
     // seventh message is refused.
@@ -135,8 +142,12 @@ fn a_rate_limited_call_is_a_tool_error_with_its_retry_time() {
 }
 
 #[test]
+#[cfg_attr(
+    missing_mcp_python,
+    ignore = "the MCP Python SDK is missing: run .ci/mcp-setup"
+)]
 fn an_open_breaker_fails_fast_as_a_tool_error() {
-    let Some(py) = python() else { return };
+    let py = python();
     let fake = FakeOpenAi::start(Behaviour::Status {
         status: 500,
         retry_after: None,
@@ -266,8 +277,12 @@ fn the_transport_refuses_what_it_should() {
 }
 
 #[test]
+#[cfg_attr(
+    missing_mcp_python,
+    ignore = "the MCP Python SDK is missing: run .ci/mcp-setup"
+)]
 fn the_sdk_speaks_mcp_over_the_websocket_subprotocol() {
-    let Some(py) = python() else { return };
+    let py = python();
     let fake = FakeOpenAi::start(ok_stream(transcript("hello.txt")));
     let gw = gateway(&fake, "");
     let ws = format!("ws://{}/ws", gw.addr);
@@ -350,16 +365,17 @@ fn the_mcp_subprotocol_needs_a_token_at_the_upgrade_in_token_mode() {
 }
 
 #[test]
+#[cfg_attr(
+    missing_mcp_typescript,
+    ignore = "the MCP TypeScript SDK is missing: run .ci/mcp-setup"
+)]
 fn the_typescript_sdk_connects_over_the_websocket_with_a_token() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/mcp");
-    if !dir.join("node_modules/@modelcontextprotocol/sdk").exists() {
-        assert!(
-            std::env::var("REQUIRE_MCP").as_deref() != Ok("1"),
-            "tests/mcp/node_modules is missing: run .ci/mcp-setup"
-        );
-        eprintln!("mcp: the TypeScript SDK is missing (run .ci/mcp-setup); not run");
-        return;
-    }
+    // Marked ignored when it was missing at build time (build.rs).
+    assert!(
+        dir.join("node_modules/@modelcontextprotocol/sdk").exists(),
+        "tests/mcp/node_modules is missing: run .ci/mcp-setup"
+    );
     let fake = FakeOpenAi::start(ok_stream(transcript("hello.txt")));
     let gw = gateway(&fake, "[auth]\ntokens = [\"ada:tok-ada\"]\n");
     let url = format!("ws://{}/ws", gw.addr);
