@@ -43,3 +43,16 @@ fn the_declared_licenses_are_present() {
     assert!(mit.contains("Permission is hereby granted"));
     assert!(apache.contains("Apache License") && apache.contains("Version 2.0"));
 }
+
+#[test]
+fn the_readmes_guarded_figures_are_the_baseline() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hivegate-bench"))
+        .args(["report", "--check"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -7,10 +7,12 @@
 //! `quiet S`: wake-ups of an idle gateway (no clients) over S seconds: the
 //! context switches of every thread, from `/proc/PID/task/*/status`.
 //!
-//! `soak S`: S seconds of churn (each round: 50 clients connect, say
-//! hello, join one of 10 rooms, publish, leave, close), sampling resident
-//! memory every 10 s. Memory is flat when the last samples are where the
-//! first ones after warm-up were.
+//! `soak S I`: S seconds of churn (each round: 50 clients connect, say
+//! hello, join one of 10 rooms, publish, leave, close) beside I
+//! connections held idle throughout, sampling resident memory every 10 s.
+//! Memory is flat when the last samples are where the first ones after
+//! warm-up were; the slope over the last third says whether it still
+//! grows.
 //!
 //! `exercise ADDR`: against a gateway already running in open mode, what a
 //! device's day is made of: the probes, the metrics, the web page, and one
@@ -74,14 +76,7 @@ fn start_default(n: usize) -> Result<Default, String> {
 }
 
 pub fn start_rss() -> Result<(), String> {
-    let mut samples = Vec::new();
-    for n in 0..5 {
-        let gw = start_default(n)?;
-        // Right after start: once it listens and has settled for a second.
-        std::thread::sleep(Duration::from_secs(1));
-        samples.push(rss_kib(gw.child.id())?);
-    }
-    samples.sort_unstable();
+    let samples = start_rss_samples()?;
     println!("resident memory after start (embedded defaults), 5 starts: {samples:?} KiB");
     println!(
         "median {} KiB ({:.2} MiB), max {} KiB",
@@ -90,6 +85,23 @@ pub fn start_rss() -> Result<(), String> {
         samples[4]
     );
     Ok(())
+}
+
+pub fn start_rss_median() -> Result<u64, String> {
+    Ok(start_rss_samples()?[2])
+}
+
+/// RSS after five starts, in KiB, sorted.
+fn start_rss_samples() -> Result<[u64; 5], String> {
+    let mut samples = [0; 5];
+    for (n, sample) in samples.iter_mut().enumerate() {
+        let gw = start_default(n)?;
+        // Right after start: once it listens and has settled for a second.
+        std::thread::sleep(Duration::from_secs(1));
+        *sample = rss_kib(gw.child.id())?;
+    }
+    samples.sort_unstable();
+    Ok(samples)
 }
 
 /// Voluntary plus involuntary context switches per thread name.
@@ -122,6 +134,17 @@ fn switches(pid: u32) -> Vec<(String, u64)> {
 
 pub fn quiet(args: &[&str]) -> Result<(), String> {
     let seconds = args.first().map_or(Ok(60), |s| number(s))?;
+    let per_s = wakeups_printing(seconds, true)?;
+    println!("all threads: {per_s:.2} wake-ups per second");
+    Ok(())
+}
+
+/// Wake-ups per second of an idle gateway over `seconds`, all threads.
+pub fn wakeups(seconds: usize) -> Result<f64, String> {
+    wakeups_printing(seconds, false)
+}
+
+fn wakeups_printing(seconds: usize, print: bool) -> Result<f64, String> {
     let gw = start_default(0)?;
     let pid = gw.child.id();
     // Start-up work (schema check, first timers) is not idling.
@@ -130,7 +153,9 @@ pub fn quiet(args: &[&str]) -> Result<(), String> {
     std::thread::sleep(Duration::from_secs(seconds as u64));
     let after = switches(pid);
     let mut total = 0;
-    println!("idle gateway, no clients, {seconds} s:");
+    if print {
+        println!("idle gateway, no clients, {seconds} s:");
+    }
     for (name, n) in &after {
         let was = before
             .iter()
@@ -138,25 +163,30 @@ pub fn quiet(args: &[&str]) -> Result<(), String> {
             .map_or(0, |(_, c)| *c);
         let woke = n.saturating_sub(was);
         total += woke;
-        println!(
-            "  {name:<16} {woke:>6} wake-ups ({:.2}/s)",
-            woke as f64 / seconds as f64
-        );
+        if print {
+            println!(
+                "  {name:<16} {woke:>6} wake-ups ({:.2}/s)",
+                woke as f64 / seconds as f64
+            );
+        }
     }
-    println!(
-        "all threads: {total} wake-ups, {:.2} per second",
-        total as f64 / seconds as f64
-    );
-    Ok(())
+    Ok(total as f64 / seconds.max(1) as f64)
 }
 
 pub fn soak(args: &[&str]) -> Result<(), String> {
     let seconds = args.first().map_or(Ok(600), |s| number(s))?;
+    let idle = args.get(1).map_or(Ok(2000), |s| number(s))?;
     hivegate::ops::fd::raise_open_files_limit();
+    let cap = idle + 100;
     let gw = start_gateway(&format!(
-        "max_connections_per_ip = 1000\nmax_handshakes_per_ip = 1024\n{NO_RATE_LIMITS}[auth]\ntokens = [\"soak:soak-token\"]\n"
+        "max_connections = {cap}\nmax_connections_per_ip = {cap}\nmax_handshakes_per_ip = 1024\n{NO_RATE_LIMITS}[auth]\ntokens = [\"soak:soak-token\"]\n"
     ))?;
     let pid = gw.child.id();
+    // Connections that stay for the whole soak, as on a real box: the
+    // churn must not grow what they hold either.
+    let held = (0..idle)
+        .map(|_| session(gw.addr, "soak-token"))
+        .collect::<Result<Vec<_>, _>>()?;
     let end = Instant::now() + Duration::from_secs(seconds as u64);
     let mut next_sample = Instant::now();
     let (mut samples, mut rounds, mut published) = (Vec::new(), 0u64, 0u64);
@@ -199,17 +229,28 @@ pub fn soak(args: &[&str]) -> Result<(), String> {
         rounds += 1;
     }
     samples.push(rss_kib(pid)?);
+    drop(held);
     let warm = samples.get(6).copied().unwrap_or(samples[0]);
     let last = *samples.last().unwrap_or(&0);
     let max = samples.iter().copied().max().unwrap_or(0);
     println!(
-        "soak: {seconds} s, {rounds} rounds of 50 clients, {published} messages published and acknowledged"
+        "soak: {seconds} s, {idle} idle connections, {rounds} rounds of 50 clients, {published} messages published and acknowledged"
     );
     println!("RSS every 10 s (KiB): {samples:?}");
     println!(
         "after 1 minute {warm} KiB, at the end {last} KiB ({:+} KiB), peak {max} KiB",
         last as i64 - warm as i64
     );
+    // Levelled off or still growing: the slope over the last third.
+    let third = &samples[samples.len() * 2 / 3..];
+    if let (Some(a), Some(b)) = (third.first(), third.last()) {
+        let minutes = (third.len().saturating_sub(1) * 10) as f64 / 60.0;
+        println!(
+            "over the last {minutes:.1} minutes: {:+} KiB ({:+.1} KiB per minute)",
+            *b as i64 - *a as i64,
+            (*b as f64 - *a as f64) / minutes.max(1.0 / 6.0)
+        );
+    }
     Ok(())
 }
 

@@ -23,12 +23,16 @@
 //!
 //! `cluster M S`: two boxes sharing a room through NATS (see `cluster.rs`).
 //!
-//! `start`, `quiet S`, `soak S`: edge fitness (see `fitness.rs`), and
+//! `guard`, `report`: the figures held to `bench/baseline.txt` (see
+//! `guard.rs`).
+//!
+//! `start`, `quiet S`, `soak S I`: edge fitness (see `fitness.rs`), and
 //! `exercise ADDR`, which `.ci/text-order` runs while it records the code
 //! a session runs.
 
 mod cluster;
 mod fitness;
+mod guard;
 mod raw;
 
 use raw::{count_deliveries, raw_member, text_frame, WINDOW};
@@ -48,11 +52,13 @@ Usage: hivegate-bench idle [N]          memory per idle authenticated connection
        hivegate-bench relay [N]         LLM relay overhead to the first chunk over N calls (1000)
        hivegate-bench start             resident memory right after start, embedded defaults
        hivegate-bench quiet [S]         wake-ups per second of an idle gateway over S seconds (60)
-       hivegate-bench soak [S]          memory over S seconds of client churn (600)
+       hivegate-bench soak [S] [I]      memory over S seconds of client churn beside I idle connections (600, 2000)
        hivegate-bench sign [N]          the cost of signing and checking one bus event (20000 of each)
        hivegate-bench beats [N]         a box's CPU per presence beat of 10,000 names, each replacing the last (20)
        hivegate-bench cluster [M] [S] [unsigned]   two boxes on NATS, messages signed unless `unsigned`: cross-box latency, deliveries per second (100, 5 s)
        hivegate-bench exercise ADDR     one open-mode session and each HTTP route (.ci/text-order)
+       hivegate-bench guard [--write]   the figures held to bench/baseline.txt (.ci/run; needs valgrind)
+       hivegate-bench report [--check]  the README's table of those figures, from the baseline
 ";
 
 /// The tests' fake OpenAI-compatible server, shared rather than copied.
@@ -77,6 +83,8 @@ fn main() {
         ["quiet", rest @ ..] => fitness::quiet(rest),
         ["soak", rest @ ..] => fitness::soak(rest),
         ["exercise", addr] => fitness::exercise(addr),
+        ["guard", rest @ ..] => guard::run(rest),
+        ["report", rest @ ..] => guard::report(rest),
         ["cluster", rest @ ..] => cluster::run(rest),
         ["sign", rest @ ..] => numbers(rest, [20_000]).and_then(|[n]| cluster::sign_cost(n)),
         ["beats", rest @ ..] => numbers(rest, [20]).and_then(|[n]| cluster::beat_cost(n)),
@@ -109,6 +117,31 @@ impl Drop for Gateway {
 }
 
 fn start_gateway(config: &str) -> Result<Gateway, String> {
+    start_gateway_with(config, &[])
+}
+
+impl Gateway {
+    /// SIGTERM, then waits for the drain to end (a tool wrapped around the
+    /// gateway writes its report then).
+    fn stop_gracefully(mut self, within: Duration) -> Result<(), String> {
+        // SAFETY: kill(2) on the PID of a child this process started and
+        // has not reaped.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let end = Instant::now() + within;
+        while Instant::now() < end {
+            if self.child.try_wait().map_err(|e| e.to_string())?.is_some() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Err("the gateway did not stop after SIGTERM".into())
+    }
+}
+
+/// `wrapper`: a command the gateway runs under (valgrind), or none.
+fn start_gateway_with(config: &str, wrapper: &[String]) -> Result<Gateway, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let bin = exe.with_file_name("hivegate");
     if !bin.exists() {
@@ -128,7 +161,15 @@ fn start_gateway(config: &str) -> Result<Gateway, String> {
         dir.join("data")
     );
     std::fs::write(&path, text).map_err(|e| e.to_string())?;
-    let mut child = Command::new(&bin)
+    let mut command = match wrapper {
+        [] => Command::new(&bin),
+        [first, rest @ ..] => {
+            let mut c = Command::new(first);
+            c.args(rest).arg(&bin);
+            c
+        }
+    };
+    let mut child = command
         .args(["serve", "--config"])
         .arg(&path)
         .env("HIVEGATE_LOG_LEVEL", "info")
@@ -146,8 +187,10 @@ fn start_gateway(config: &str) -> Result<Gateway, String> {
             }
         }
     });
+    // Under valgrind, start-up takes a while.
+    let wait = if wrapper.is_empty() { 20 } else { 180 };
     let line = rx
-        .recv_timeout(Duration::from_secs(20))
+        .recv_timeout(Duration::from_secs(wait))
         .map_err(|_| "the gateway did not start")?;
     let addr = line
         .split_whitespace()
@@ -218,6 +261,17 @@ fn session(addr: SocketAddr, token: &str) -> Result<WebSocket<TcpStream>, String
 }
 
 fn idle(n: usize) -> Result<(), String> {
+    let per_conn = idle_bytes(n)?;
+    println!(
+        "memory per idle connection: {:.0} bytes ({:.2} KiB)",
+        per_conn,
+        per_conn / 1024.0
+    );
+    Ok(())
+}
+
+/// Bytes of RSS per idle authenticated connection, over `n` connections.
+fn idle_bytes(n: usize) -> Result<f64, String> {
     hivegate::ops::fd::raise_open_files_limit();
     let warmup = 200;
     let cap = n + warmup + 16;
@@ -246,13 +300,8 @@ fn idle(n: usize) -> Result<(), String> {
         opened_in.as_secs_f64()
     );
     println!("gateway RSS: {before} KiB before, {after} KiB after");
-    println!(
-        "memory per idle connection: {:.0} bytes ({:.2} KiB)",
-        per_conn,
-        per_conn / 1024.0
-    );
     drop(conns);
-    Ok(())
+    Ok(per_conn)
 }
 
 fn number(s: &str) -> Result<usize, String> {
