@@ -7,7 +7,6 @@
 
 use crate::limit::{InFlight, RateMeter};
 use crate::protocol::{error_frame, ErrorCode};
-use async_tungstenite::tungstenite::Utf8Bytes;
 use slab::Slab;
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
@@ -27,13 +26,69 @@ pub const MAX_IN_FLIGHT: u32 = 32;
 /// caller spawns it on the event loop.
 pub type Task = std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>;
 
-/// A serialised server frame. Written once and shared by every recipient:
-/// queueing it is a reference-count increment, and the queue holds one
-/// pointer per frame.
-pub type Frame = Rc<Utf8Bytes>;
+/// A server frame, encoded once for every recipient: queueing it is a
+/// reference-count increment, and writing it is one slice of a vectored
+/// write, straight to the socket (see `Intake::poll_write_frames`).
+pub type Frame = Rc<Encoded>;
+
+/// A text message as it goes on the wire: the WebSocket header (a server's
+/// frames are not masked) and the text, in one allocation.
+pub struct Encoded {
+    wire: Box<[u8]>,
+    /// Where the text starts in `wire`.
+    header: u8,
+}
+
+impl Encoded {
+    /// The text's length: what the outbox's byte bound counts.
+    pub fn len(&self) -> usize {
+        self.wire.len() - self.header as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The whole frame, header and text.
+    pub fn wire(&self) -> &[u8] {
+        &self.wire
+    }
+
+    pub fn text(&self) -> &str {
+        // Made from a String, and only the header is before it.
+        std::str::from_utf8(&self.wire[self.header as usize..]).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Debug for Encoded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Encoded({} bytes of text)", self.len())
+    }
+}
 
 pub fn frame(text: String) -> Frame {
-    Rc::new(Utf8Bytes::from(text))
+    // FIN and the text opcode, then the length in the shortest form
+    // (RFC 6455 5.2).
+    let n = text.len();
+    let mut wire = Vec::with_capacity(n + 10);
+    wire.push(0x81);
+    match n {
+        0..=125 => wire.push(n as u8),
+        126..=0xffff => {
+            wire.push(126);
+            wire.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        _ => {
+            wire.push(127);
+            wire.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    let header = wire.len() as u8;
+    wire.extend_from_slice(text.as_bytes());
+    Rc::new(Encoded {
+        wire: wire.into_boxed_slice(),
+        header,
+    })
 }
 
 /// Why a connection cannot be admitted.
@@ -74,6 +129,11 @@ impl Outbox {
 
     pub fn is_empty(&self) -> bool {
         self.frames.is_empty()
+    }
+
+    /// The queued frames, oldest first, without taking them.
+    pub fn frames(&self) -> impl Iterator<Item = &Frame> + Clone {
+        self.frames.iter()
     }
 }
 
@@ -349,6 +409,23 @@ mod tests {
         assert_eq!(t.ip_count(ip(2)), 0);
         assert!(!t.per_ip.contains_key(&ip(2)));
         assert_eq!(t.slab.capacity(), 3, "the slab never grows");
+    }
+
+    #[test]
+    fn frames_carry_their_length_in_the_shortest_form() {
+        for (n, header) in [
+            (0, vec![0x81, 0]),
+            (125, vec![0x81, 125]),
+            (126, vec![0x81, 126, 0, 126]),
+            (65535, vec![0x81, 126, 0xff, 0xff]),
+            (65536, vec![0x81, 127, 0, 0, 0, 0, 0, 1, 0, 0]),
+        ] {
+            let f = frame("é".repeat(n / 2) + &"x".repeat(n % 2));
+            assert_eq!(f.len(), n);
+            assert_eq!(&f.wire()[..header.len()], &header[..]);
+            assert_eq!(f.wire().len(), header.len() + n);
+            assert_eq!(f.text().len(), n);
+        }
     }
 
     #[test]

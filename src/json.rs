@@ -201,25 +201,51 @@ pub fn fmt_f64(v: f64) -> String {
 /// Appends `s` as a JSON string literal.
 pub fn escape_into(buf: &mut String, s: &str) {
     buf.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => buf.push_str("\\\""),
-            '\\' => buf.push_str("\\\\"),
-            '\n' => buf.push_str("\\n"),
-            '\r' => buf.push_str("\\r"),
-            '\t' => buf.push_str("\\t"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(buf, "\\u{:04x}", c as u32);
+    // Only ASCII needs escaping, so the text is copied in runs between
+    // such bytes (a byte of a multi-byte character is never one of them).
+    let mut run = 0;
+    for (i, b) in s.bytes().enumerate() {
+        let escaped = match b {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0..=0x1f => "",
+            _ => continue,
+        };
+        buf.push_str(&s[run..i]);
+        match escaped {
+            "" => {
+                let _ = write!(buf, "\\u{b:04x}");
             }
-            c => buf.push(c),
+            e => buf.push_str(e),
         }
+        run = i + 1;
     }
+    buf.push_str(&s[run..]);
     buf.push('"');
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn escaped_text_reads_back_as_it_was() {
+        for text in [
+            "",
+            "plain",
+            "\"quoted\" and \\ back",
+            "line\nbreak\r\ttab\u{0}\u{1f}\u{7f}",
+            "é, 漢字, 🎉 and \"\u{8}\"",
+            "\\",
+        ] {
+            let mut out = String::new();
+            escape_into(&mut out, text);
+            assert_eq!(serde_json::from_str::<String>(&out).unwrap(), text, "{out}");
+        }
+    }
 
     #[test]
     fn nesting_is_bounded() {

@@ -18,6 +18,16 @@ pub enum Stream {
 }
 
 impl Stream {
+    /// Ready when the socket has something to read (or has failed), without
+    /// reading it. Only for a stream read to its end: TLS may hold bytes
+    /// already read from the socket until then.
+    pub fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            Stream::Plain(s) => s.poll_readable(cx),
+            Stream::Tls(s) => s.get_ref().0.poll_readable(cx),
+        }
+    }
+
     /// The TCP socket under it (for the half-close after a close frame).
     pub fn tcp(&self) -> &TcpStream {
         match self {
@@ -49,6 +59,17 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
 

@@ -531,7 +531,7 @@ mod tests {
         let mut t = table.borrow_mut();
         let f = t.get_mut(keys[0].0).unwrap().outbox.pop().unwrap();
         assert_eq!(
-            &**f,
+            f.text(),
             r#"{"op":"presence","room":"general","joined":["alice"]}"#
         );
         drop(t);
@@ -595,7 +595,7 @@ mod tests {
         assert!(chat.wait_for_room().is_none());
         let mut t = table.borrow_mut();
         let got: Vec<String> = std::iter::from_fn(|| t.get_mut(keys[0].0).unwrap().outbox.pop())
-            .map(|f| f.to_string())
+            .map(|f| f.text().to_string())
             .filter(|s| s.starts_with('1'))
             .collect();
         assert_eq!(got, ["1-0", "1-1", "1-2", "1-3"]);

@@ -465,7 +465,7 @@ mod tests {
             let mut table = self.table.borrow_mut();
             let outbox = &mut table.get_mut(a.key).unwrap().outbox;
             std::iter::from_fn(|| outbox.pop())
-                .map(|f| serde_json::from_str(&f).unwrap())
+                .map(|f| serde_json::from_str(f.text()).unwrap())
                 .collect()
         }
 

@@ -20,10 +20,18 @@
 //! into one buffer shared by every connection of the event loop: what the
 //! library has not taken yet waits in the connection's spill, which is
 //! empty (and holds no memory) once a message has been taken whole.
+//!
+//! And it writes the hub's frames: they are encoded once for every
+//! recipient, and go from the outbox to the socket in one vectored write,
+//! without the library copying each into its buffer. A frame the socket
+//! took in part is finished before any other byte is written, the
+//! library's (pongs, close frames) included.
 
+use crate::hub::Frame;
 use futures_lite::io::{AsyncRead, AsyncWrite};
-use std::io;
+use std::io::{self, IoSlice};
 use std::pin::Pin;
+use std::rc::Rc;
 use std::task::{Context, Poll};
 
 /// Bytes one connection may read in one turn of the event loop.
@@ -56,11 +64,22 @@ pub struct Intake<S> {
     max_unfinished: u32,
     /// Set when the client went past `max_unfinished`.
     flooded: bool,
+    /// Whether the last read found the socket empty (so the socket's
+    /// readiness says when to read again).
+    drained: bool,
     /// Bytes read from the socket that the library has not taken yet, from
     /// `spill_at` on.
     spill: Vec<u8>,
     spill_at: u32,
+    /// How much of `partial` the socket has taken.
+    partial_at: u32,
+    /// A frame the socket took in part.
+    partial: Option<Frame>,
 }
+
+/// Frames in one vectored write: most writes carry a few, and the slice
+/// array is made on every call.
+const FRAMES_PER_WRITE: usize = 16;
 
 impl<S> Intake<S> {
     /// `max_message_bytes`: the largest message accepted. A message may
@@ -73,8 +92,11 @@ impl<S> Intake<S> {
             max_unfinished: u32::try_from(max_message_bytes.saturating_mul(2) + TURN_BYTES)
                 .unwrap_or(u32::MAX),
             flooded: false,
+            drained: false,
             spill: Vec::new(),
             spill_at: 0,
+            partial_at: 0,
+            partial: None,
         }
     }
 
@@ -91,6 +113,13 @@ impl<S> Intake<S> {
     /// finishing a message.
     pub fn flooded(&self) -> bool {
         self.flooded
+    }
+
+    /// Whether everything the client sent has been read: the last read
+    /// found the socket empty (not a yield at the end of a turn), and
+    /// nothing waits in the spill.
+    pub fn drained(&self) -> bool {
+        self.drained
     }
 }
 
@@ -116,6 +145,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Intake<S> {
         if this.turn as usize >= TURN_BYTES {
             // Let the others run; come back at the end of the queue.
             this.turn = 0;
+            this.drained = false;
             cx.waker().wake_by_ref();
             return Poll::Pending;
         }
@@ -137,6 +167,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Intake<S> {
             }
             read
         });
+        this.drained = read.is_pending();
         match read {
             Poll::Ready(Ok(n)) => {
                 // n is at most SHARED_READ_BYTES.
@@ -171,16 +202,88 @@ impl<S> Intake<S> {
     }
 }
 
+impl<S: AsyncWrite + Unpin> Intake<S> {
+    /// Writes `frames`, oldest first, in one vectored write, after the
+    /// frame the socket took in part last time. Returns how many of
+    /// `frames` the socket took (the last of them perhaps in part: it is
+    /// kept here, and finished first next time); `Pending` while the socket
+    /// is full (the waker is registered).
+    pub fn poll_write_frames<'a>(
+        &mut self,
+        cx: &mut Context<'_>,
+        frames: impl Iterator<Item = &'a Frame> + Clone,
+    ) -> Poll<io::Result<usize>> {
+        match self.poll_finish_partial(cx) {
+            Poll::Ready(Ok(())) => {}
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => return Poll::Pending,
+        }
+        let mut slices = [IoSlice::new(&[]); FRAMES_PER_WRITE];
+        let mut n = 0;
+        for (slice, f) in slices.iter_mut().zip(frames.clone()) {
+            *slice = IoSlice::new(f.wire());
+            n += 1;
+        }
+        if n == 0 {
+            return Poll::Ready(Ok(0));
+        }
+        let mut written = match Pin::new(&mut self.inner).poll_write_vectored(cx, &slices[..n]) {
+            Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+            Poll::Ready(Ok(w)) => w,
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => return Poll::Pending,
+        };
+        for (i, f) in frames.take(n).enumerate() {
+            let len = f.wire().len();
+            if written < len {
+                // u32: a frame is at most the outbox's byte bound.
+                self.partial_at = written as u32;
+                self.partial = Some(Rc::clone(f));
+                return Poll::Ready(Ok(i + 1));
+            }
+            written -= len;
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    /// Writes the rest of the frame the socket took in part, if any.
+    fn poll_finish_partial(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while let Some(f) = &self.partial {
+            let rest = &f.wire()[self.partial_at as usize..];
+            match Pin::new(&mut self.inner).poll_write(cx, rest) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(w)) if w == rest.len() => {
+                    self.partial = None;
+                    self.partial_at = 0;
+                }
+                Poll::Ready(Ok(w)) => self.partial_at += w as u32,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Whether a frame waits to be finished.
+    pub fn writing(&self) -> bool {
+        self.partial.is_some()
+    }
+}
+
+/// The library's own writes (pongs, pings, close frames) come after a
+/// frame the socket took in part.
 impl<S: AsyncWrite + Unpin> AsyncWrite for Intake<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        std::task::ready!(self.poll_finish_partial(cx))?;
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        std::task::ready!(self.poll_finish_partial(cx))?;
         Pin::new(&mut self.inner).poll_flush(cx)
     }
 
