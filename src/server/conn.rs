@@ -525,11 +525,14 @@ impl Conn {
                 if let Err(e) = self.poll_write(cx) {
                     return Poll::Ready(Err(e));
                 }
-                let queued = gw
-                    .table
-                    .borrow_mut()
-                    .get_mut(self.slot.key)
-                    .is_some_and(|e| !e.outbox.is_empty());
+                // After the client's close nothing more goes out (see
+                // poll_write): what is queued stays there.
+                let queued = self.peer_closed.is_none()
+                    && gw
+                        .table
+                        .borrow_mut()
+                        .get_mut(self.slot.key)
+                        .is_some_and(|e| !e.outbox.is_empty());
                 if queued || self.flush_pending || self.ws.get_ref().writing() {
                     Poll::Pending
                 } else {

@@ -382,4 +382,67 @@ mod tests {
             "no memory held once all is taken"
         );
     }
+
+    /// A socket that takes at most `step` bytes a write, and keeps them.
+    struct Narrow {
+        step: usize,
+        got: Vec<u8>,
+    }
+
+    impl AsyncWrite for Narrow {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let n = buf.len().min(self.step);
+            self.got.extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[test]
+    fn a_frame_taken_in_part_is_finished_before_anything_else() {
+        use crate::hub::frame;
+        use futures_lite::AsyncWriteExt;
+        let frames = [frame("first".into()), frame("second".into())];
+        let mut intake = Intake::new(
+            Narrow {
+                step: 4,
+                got: Vec::new(),
+            },
+            1000,
+        );
+        let taken = future::block_on(future::poll_fn(|cx| {
+            intake.poll_write_frames(cx, frames.iter())
+        }))
+        .unwrap();
+        // A default vectored write takes from the first slice only.
+        assert_eq!(taken, 1);
+        assert!(intake.writing());
+        // The library's own frame (a pong) waits for the rest of it.
+        future::block_on(intake.write_all(b"PONG")).unwrap();
+        assert!(!intake.writing());
+        let taken = future::block_on(future::poll_fn(|cx| {
+            intake.poll_write_frames(cx, frames[1..].iter())
+        }))
+        .unwrap();
+        assert_eq!(taken, 1);
+        future::block_on(future::poll_fn(|cx| {
+            intake.poll_write_frames(cx, std::iter::empty())
+        }))
+        .unwrap();
+        let mut want = frames[0].wire().to_vec();
+        want.extend_from_slice(b"PONG");
+        want.extend_from_slice(frames[1].wire());
+        assert_eq!(intake.inner.got, want);
+    }
 }
