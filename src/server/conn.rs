@@ -319,13 +319,13 @@ impl Conn {
     /// ours, the pong or close it owes the client), then the outbox,
     /// straight to the socket in vectored writes while it takes them.
     /// Returns at once when the socket is full; the waker is registered
-    /// for when it drains.
-    fn poll_write(&mut self, cx: &mut Context<'_>) -> Result<(), WsError> {
+    /// for when it drains. `Ok(true)`: nothing is left to write.
+    fn poll_write(&mut self, cx: &mut Context<'_>) -> Result<bool, WsError> {
         if self.ping_pending {
             match Pin::new(&mut self.ws).poll_ready(cx) {
                 Poll::Ready(Ok(())) => {}
                 Poll::Ready(Err(e)) => return Err(e),
-                Poll::Pending => return Ok(()),
+                Poll::Pending => return Ok(false),
             }
             self.ping_pending = false;
             Pin::new(&mut self.ws).start_send(Message::Ping(Default::default()))?;
@@ -337,23 +337,23 @@ impl Conn {
             match Pin::new(&mut self.ws).poll_flush(cx) {
                 Poll::Ready(Ok(())) => self.flush_pending = false,
                 Poll::Ready(Err(e)) => return Err(e),
-                Poll::Pending => return Ok(()),
+                Poll::Pending => return Ok(false),
             }
         }
         if self.peer_closed.is_some() {
             // The library has answered the client's close: nothing more
-            // may follow it.
-            return Ok(());
+            // may follow it, and what is queued stays there.
+            return Ok(true);
         }
         let (mut frames, mut bytes) = (0u32, 0u64);
         let written = loop {
             let mut table = self.gw.table.borrow_mut();
             let Some(entry) = table.get_mut(self.slot.key) else {
-                break Ok(());
+                break Ok(true);
             };
             let ws = self.ws.get_mut();
             if entry.outbox.is_empty() && !ws.writing() {
-                break Ok(());
+                break Ok(true);
             }
             match ws.poll_write_frames(cx, entry.outbox.frames()) {
                 Poll::Ready(Ok(taken)) => {
@@ -365,7 +365,7 @@ impl Conn {
                     }
                 }
                 Poll::Ready(Err(e)) => break Err(WsError::Io(e)),
-                Poll::Pending => break Ok(()),
+                Poll::Pending => break Ok(false),
             }
         };
         // The counters and the rate meter once per batch, not once per
@@ -521,23 +521,10 @@ impl Conn {
         let deadline = Instant::now() + CLOSE_GRACE;
         let send_close = async {
             // Flush what is queued (answers already promised), then close.
-            let _ = future::poll_fn(|cx| {
-                if let Err(e) = self.poll_write(cx) {
-                    return Poll::Ready(Err(e));
-                }
-                // After the client's close nothing more goes out (see
-                // poll_write): what is queued stays there.
-                let queued = self.peer_closed.is_none()
-                    && gw
-                        .table
-                        .borrow_mut()
-                        .get_mut(self.slot.key)
-                        .is_some_and(|e| !e.outbox.is_empty());
-                if queued || self.flush_pending || self.ws.get_ref().writing() {
-                    Poll::Pending
-                } else {
-                    Poll::Ready(Ok(()))
-                }
+            let _ = future::poll_fn(|cx| match self.poll_write(cx) {
+                Ok(true) => Poll::Ready(Ok(())),
+                Ok(false) => Poll::Pending,
+                Err(e) => Poll::Ready(Err(e)),
             })
             .await;
             if self.peer_closed.is_none() {
