@@ -20,7 +20,7 @@
 //! leaves. `.ci/text-order` records the code this runs, to lay it out
 //! together in the binary.
 
-use super::{number, rss_kib, session, start_gateway, NO_RATE_LIMITS};
+use super::{gateway_binary, number, rss_kib, session, start_gateway, NO_RATE_LIMITS};
 use async_tungstenite::tungstenite::Message;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Child, Command, Stdio};
@@ -42,8 +42,7 @@ impl Drop for Default {
 }
 
 fn start_default(n: usize) -> Result<Default, String> {
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let bin = exe.with_file_name("hivegate");
+    let bin = gateway_binary()?;
     let dir = std::env::temp_dir().join(format!("hivegate-fit-{}-{n}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let mut child = Command::new(&bin)

@@ -20,8 +20,9 @@
 //! `callgrind_annotate --inclusive=yes`.
 
 use super::raw::{raw_member, text_frame, FrameReader};
-use super::{fitness, idle_bytes, start_gateway_with, NO_RATE_LIMITS};
+use super::{fitness, gateway_binary, idle_bytes, start_gateway_with, NO_RATE_LIMITS};
 use async_io::Async;
+use hivegate::server::conn::state_sizes;
 use std::cell::Cell;
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -46,6 +47,7 @@ struct Figure {
     tolerance: Tolerance,
     /// How it is measured, as the README says.
     how: &'static str,
+    measure: fn() -> Result<f64, String>,
 }
 
 /// Members and messages of the counted fan-outs.
@@ -63,6 +65,7 @@ const FIGURES: &[Figure] = &[
         unit: "bytes",
         tolerance: Tolerance::Percent(5.0),
         how: "RSS over 3,000 connections after 200 warm-up (`hivegate-bench idle 3000`)",
+        measure: || idle_bytes(IDLE_CONNECTIONS).map(f64::round),
     },
     Figure {
         name: "connection_state_bytes",
@@ -70,6 +73,7 @@ const FIGURES: &[Figure] = &[
         unit: "bytes",
         tolerance: Tolerance::Plus(0.0),
         how: "`size_of`, also asserted by a unit test",
+        measure: || Ok(state_sizes().conn as f64),
     },
     Figure {
         name: "connection_task_bytes",
@@ -77,6 +81,7 @@ const FIGURES: &[Figure] = &[
         unit: "bytes",
         tolerance: Tolerance::Plus(0.0),
         how: "`size_of`, also asserted by a unit test",
+        measure: || Ok(state_sizes().task as f64),
     },
     Figure {
         name: "table_entry_bytes",
@@ -84,6 +89,7 @@ const FIGURES: &[Figure] = &[
         unit: "bytes",
         tolerance: Tolerance::Plus(0.0),
         how: "`size_of`, also asserted by a unit test",
+        measure: || Ok(state_sizes().entry as f64),
     },
     Figure {
         name: "instructions_per_delivery",
@@ -91,6 +97,7 @@ const FIGURES: &[Figure] = &[
         unit: "instructions",
         tolerance: Tolerance::Percent(10.0),
         how: "valgrind (callgrind), 100 messages after a warm-up, all threads",
+        measure: || per_delivery(FANOUT[0]),
     },
     Figure {
         name: "instructions_per_delivery_1000",
@@ -98,6 +105,7 @@ const FIGURES: &[Figure] = &[
         unit: "instructions",
         tolerance: Tolerance::Percent(10.0),
         how: "the same, 20 messages",
+        measure: || per_delivery(FANOUT[1]),
     },
     Figure {
         name: "instructions_per_publish",
@@ -105,6 +113,7 @@ const FIGURES: &[Figure] = &[
         unit: "instructions",
         tolerance: Tolerance::Percent(10.0),
         how: "valgrind (callgrind), 200 publishes after a warm-up, all threads, SQLite included",
+        measure: per_publish,
     },
     Figure {
         name: "binary_bytes",
@@ -112,6 +121,7 @@ const FIGURES: &[Figure] = &[
         unit: "bytes",
         tolerance: Tolerance::Percent(0.5),
         how: "`target/release/hivegate` (`.ci/deb` also fails past 2,800,000)",
+        measure: binary_bytes,
     },
     Figure {
         name: "start_rss_kib",
@@ -119,6 +129,7 @@ const FIGURES: &[Figure] = &[
         unit: "KiB",
         tolerance: Tolerance::Percent(8.0),
         how: "median of five starts (`hivegate-bench start`)",
+        measure: || fitness::start_rss_median().map(|k| k as f64),
     },
     Figure {
         name: "idle_wakeups_per_s",
@@ -126,6 +137,7 @@ const FIGURES: &[Figure] = &[
         unit: "per second",
         tolerance: Tolerance::Plus(1.0),
         how: "context switches over 20 s (`hivegate-bench quiet 20`)",
+        measure: || fitness::wakeups(QUIET_SECONDS).map(|w| (w * 100.0).round() / 100.0),
     },
 ];
 
@@ -137,27 +149,10 @@ fn baseline_path() -> PathBuf {
     repo().join("bench/baseline.txt")
 }
 
-fn measure(f: &Figure) -> Result<f64, String> {
-    match f.name {
-        "idle_connection_bytes" => idle_bytes(IDLE_CONNECTIONS).map(f64::round),
-        "connection_state_bytes" => Ok(hivegate::server::conn::state_sizes().conn as f64),
-        "connection_task_bytes" => Ok(hivegate::server::conn::state_sizes().task as f64),
-        "table_entry_bytes" => Ok(hivegate::server::conn::state_sizes().entry as f64),
-        "instructions_per_delivery" => per_delivery(FANOUT[0]),
-        "instructions_per_delivery_1000" => per_delivery(FANOUT[1]),
-        "instructions_per_publish" => per_publish(),
-        "binary_bytes" => {
-            let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-            let bin = exe.with_file_name("hivegate");
-            let meta = std::fs::metadata(&bin).map_err(|e| format!("{}: {e}", bin.display()))?;
-            Ok(meta.len() as f64)
-        }
-        "start_rss_kib" => fitness::start_rss_median().map(|k| k as f64),
-        "idle_wakeups_per_s" => {
-            fitness::wakeups(QUIET_SECONDS).map(|w| (w * 100.0).round() / 100.0)
-        }
-        other => Err(format!("no way to measure {other}")),
-    }
+fn binary_bytes() -> Result<f64, String> {
+    let bin = gateway_binary()?;
+    let meta = std::fs::metadata(&bin).map_err(|e| format!("{}: {e}", bin.display()))?;
+    Ok(meta.len() as f64)
 }
 
 /// `guard [--write]`.
@@ -171,7 +166,7 @@ pub fn run(args: &[&str]) -> Result<(), String> {
     let mut measured = Vec::new();
     let mut worse = Vec::new();
     for f in FIGURES {
-        let value = measure(f).map_err(|e| format!("{}: {e}", f.name))?;
+        let value = (f.measure)().map_err(|e| format!("{}: {e}", f.name))?;
         let base = baseline.iter().find(|(n, _)| n == f.name).map(|(_, v)| *v);
         let verdict = match base {
             None => "new".to_string(),

@@ -140,8 +140,8 @@ impl Gateway {
     }
 }
 
-/// `wrapper`: a command the gateway runs under (valgrind), or none.
-fn start_gateway_with(config: &str, wrapper: &[String]) -> Result<Gateway, String> {
+/// The `hivegate` binary built beside this one.
+fn gateway_binary() -> Result<PathBuf, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let bin = exe.with_file_name("hivegate");
     if !bin.exists() {
@@ -150,6 +150,12 @@ fn start_gateway_with(config: &str, wrapper: &[String]) -> Result<Gateway, Strin
             bin.display()
         ));
     }
+    Ok(bin)
+}
+
+/// `wrapper`: a command the gateway runs under (valgrind), or none.
+fn start_gateway_with(config: &str, wrapper: &[String]) -> Result<Gateway, String> {
+    let bin = gateway_binary()?;
     // One directory per gateway: a benchmark may start several.
     static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
