@@ -155,17 +155,25 @@ fn binary_bytes() -> Result<f64, String> {
     Ok(meta.len() as f64)
 }
 
-/// `guard [--write]`.
+/// `guard [--write | FIGURE...]`: naming figures measures only those
+/// (while working on one), and cannot write.
 pub fn run(args: &[&str]) -> Result<(), String> {
-    let write = match args {
-        [] => false,
-        ["--write"] => true,
-        _ => return Err("usage: hivegate-bench guard [--write]".into()),
-    };
+    let write = args == ["--write"];
+    let only: &[&str] = if write { &[] } else { args };
+    if let Some(unknown) = only.iter().find(|a| !FIGURES.iter().any(|f| f.name == **a)) {
+        let names: Vec<&str> = FIGURES.iter().map(|f| f.name).collect();
+        return Err(format!(
+            "no figure {unknown}: usage: hivegate-bench guard [--write | FIGURE...], figures: {}",
+            names.join(", ")
+        ));
+    }
     let baseline = read_baseline(&baseline_path())?;
     let mut measured = Vec::new();
     let mut worse = Vec::new();
-    for f in FIGURES {
+    for f in FIGURES
+        .iter()
+        .filter(|f| only.is_empty() || only.contains(&f.name))
+    {
         let value = (f.measure)().map_err(|e| format!("{}: {e}", f.name))?;
         let base = baseline.iter().find(|(n, _)| n == f.name).map(|(_, v)| *v);
         let verdict = match base {
