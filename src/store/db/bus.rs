@@ -201,7 +201,11 @@ pub fn parse_event(text: &str) -> Result<BusEvent, String> {
 }
 
 /// Applies an event from another box, once and in order.
-pub fn apply_event(conn: &Connection, ev: &BusEvent) -> rusqlite::Result<Applied> {
+pub(super) fn apply_event(
+    conn: &Connection,
+    ev: &BusEvent,
+    seqs: &mut super::write::Seqs,
+) -> rusqlite::Result<Applied> {
     let have: i64 = conn
         .prepare_cached("SELECT oseq FROM bus_peers WHERE origin = ?1 AND room = ?2")?
         .query_row(params![ev.origin, ev.room], |r| r.get(0))
@@ -237,7 +241,7 @@ pub fn apply_event(conn: &Connection, ev: &BusEvent) -> rusqlite::Result<Applied
             if known.is_some() {
                 return Ok(Applied::Duplicate);
             }
-            let seq = super::write::next_seq(conn, &ev.room)?;
+            let seq = seqs.next(conn, &ev.room)?;
             // Shipped to a remote store by its origin, not by every box.
             conn.prepare_cached(
                 "INSERT INTO messages (id, room, seq, user, text, ts, synced, origin)

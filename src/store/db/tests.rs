@@ -58,6 +58,16 @@ fn sequences_are_per_room_and_survive_a_batch() {
     let h = history(&c, "x", Range::Latest, 10).unwrap();
     let seqs: Vec<i64> = h.iter().map(|m| m.seq).collect();
     assert_eq!(seqs, [1, 2, 3], "the failed op's seq was rolled back too");
+    // The numbering is kept per batch and written back: the next batch
+    // goes on from it, and a room whose only message failed has none.
+    let r = write_batch(
+        &mut c,
+        &[publish("a", "z", "dup", 6), publish("e", "x", "5", 7)],
+    );
+    assert!(matches!(r[0], Err(WriteErr::Storage(_))));
+    assert_eq!(r[1], Ok(WriteOk::Published { seq: 4 }));
+    let r = write_batch(&mut c, &[publish("f", "z", "6", 8)]);
+    assert_eq!(r[0], Ok(WriteOk::Published { seq: 1 }));
 }
 
 #[test]

@@ -172,32 +172,89 @@ fn try_batch(
     let mut tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(failed)?;
+    let mut seqs = Seqs::default();
     let mut results = Vec::with_capacity(ops.len());
     for op in ops {
         let result = if isolate {
-            // A savepoint rolls back on drop: a failed op leaves no trace.
-            match tx.savepoint() {
-                Ok(sp) => apply_as(&sp, op, node).and_then(|ok| {
+            // A savepoint rolls back on drop: a failed op leaves no trace,
+            // in the rooms' numbering either.
+            let before = seqs.clone();
+            let result = match tx.savepoint() {
+                Ok(sp) => apply_as(&sp, op, node, &mut seqs).and_then(|ok| {
                     sp.commit().map_err(|e| WriteErr::Storage(e.to_string()))?;
                     Ok(ok)
                 }),
                 Err(e) => Err(WriteErr::Storage(e.to_string())),
+            };
+            if result.is_err() {
+                seqs = before;
             }
+            result
         } else {
-            match apply_as(&tx, op, node) {
+            match apply_as(&tx, op, node, &mut seqs) {
                 Err(WriteErr::Storage(_)) => return Err(Retry::WithSavepoints),
                 other => other,
             }
         };
         results.push(result);
     }
+    seqs.store(&tx).map_err(failed)?;
     tx.commit().map_err(failed)?;
     Ok(results)
 }
 
+/// The rooms' message numbering within one batch: each room's last number
+/// is read once, counted on here, and written back once before the commit.
+/// An upsert returning the new number for every message cost more than
+/// the message's own insert.
+#[derive(Default, Clone)]
+pub(super) struct Seqs {
+    /// The rooms that took a number, and their last.
+    rooms: std::collections::HashMap<String, i64>,
+}
+
+impl Seqs {
+    /// The next number of `room`'s messages.
+    pub(super) fn next(&mut self, conn: &Connection, room: &str) -> rusqlite::Result<i64> {
+        if let Some(last) = self.rooms.get_mut(room) {
+            *last += 1;
+            return Ok(*last);
+        }
+        let known: Option<i64> = conn
+            .prepare_cached("SELECT last_seq FROM rooms WHERE name = ?1")?
+            .query_row(params![room], |r| r.get(0))
+            .optional()?;
+        let last = match known {
+            Some(last) => last,
+            None => {
+                // The room's row exists from its first message on (the bus
+                // log numbers its events there).
+                conn.prepare_cached("INSERT INTO rooms (name, last_seq) VALUES (?1, 0)")?
+                    .execute(params![room])?;
+                0
+            }
+        };
+        self.rooms.insert(room.to_string(), last + 1);
+        Ok(last + 1)
+    }
+
+    fn store(&self, conn: &Connection) -> rusqlite::Result<()> {
+        for (room, last) in &self.rooms {
+            conn.prepare_cached("UPDATE rooms SET last_seq = ?2 WHERE name = ?1")?
+                .execute(params![room, last])?;
+        }
+        Ok(())
+    }
+}
+
 /// Applies one op; on a cluster's box, logs what it changed for the bus.
-fn apply_as(conn: &Connection, op: &WriteOp, node: Option<&str>) -> Result<WriteOk, WriteErr> {
-    let ok = apply(conn, op)?;
+fn apply_as(
+    conn: &Connection,
+    op: &WriteOp,
+    node: Option<&str>,
+    seqs: &mut Seqs,
+) -> Result<WriteOk, WriteErr> {
+    let ok = apply(conn, op, seqs)?;
     let Some(node) = node else { return Ok(ok) };
     let storage = |e: rusqlite::Error| WriteErr::Storage(e.to_string());
     match (op, &ok) {
@@ -243,7 +300,7 @@ fn apply_as(conn: &Connection, op: &WriteOp, node: Option<&str>) -> Result<Write
     Ok(ok)
 }
 
-fn apply(conn: &Connection, op: &WriteOp) -> Result<WriteOk, WriteErr> {
+fn apply(conn: &Connection, op: &WriteOp, seqs: &mut Seqs) -> Result<WriteOk, WriteErr> {
     let storage = |e: rusqlite::Error| WriteErr::Storage(e.to_string());
     match op {
         WriteOp::Publish {
@@ -253,7 +310,7 @@ fn apply(conn: &Connection, op: &WriteOp) -> Result<WriteOk, WriteErr> {
             text,
             ts,
         } => {
-            next_seq(conn, room)
+            seqs.next(conn, room)
             .and_then(|seq| {
                 conn.prepare_cached(
                     "INSERT INTO messages (id, room, seq, user, text, ts) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -359,7 +416,7 @@ fn apply(conn: &Connection, op: &WriteOp) -> Result<WriteOk, WriteErr> {
             Ok(WriteOk::Marked)
         })()
         .map_err(storage),
-        WriteOp::Bus(ev) => bus::apply_event(conn, ev).map(WriteOk::Bus).map_err(storage),
+        WriteOp::Bus(ev) => bus::apply_event(conn, ev, seqs).map(WriteOk::Bus).map_err(storage),
         WriteOp::BusPublished { upto } => bus::set_published_mark(conn, *upto)
             .map(|_| WriteOk::Marked)
             .map_err(storage),
@@ -412,17 +469,6 @@ fn apply(conn: &Connection, op: &WriteOp) -> Result<WriteOk, WriteErr> {
         })()
         .map_err(storage),
     }
-}
-
-/// The room's next `seq` (creating the room): every message stored here,
-/// from a client or from another box, takes one.
-pub(super) fn next_seq(conn: &Connection, room: &str) -> rusqlite::Result<i64> {
-    conn.prepare_cached(
-        "INSERT INTO rooms (name, last_seq) VALUES (?1, 1)
-         ON CONFLICT (name) DO UPDATE SET last_seq = last_seq + 1
-         RETURNING last_seq",
-    )?
-    .query_row(params![room], |r| r.get(0))
 }
 
 /// Deletes messages (and their reactions) by id. A message whose
