@@ -9,12 +9,12 @@
 
 use crate::chat::Chat;
 use crate::config::Config;
+use crate::executor::Executor;
 use crate::ops::log::Logger;
 use crate::ops::systemd::Notifier;
 use crate::pool::Pool;
 use crate::server::{accept_loop, Gateway, Services};
 use crate::store::Store;
-use async_executor::LocalExecutor;
 use async_io::{Async, Timer};
 use futures_lite::{FutureExt, StreamExt};
 use std::net::TcpListener;
@@ -101,7 +101,7 @@ pub fn run(cfg: Config, log: Logger, source: ConfigSource) -> Result<i32, String
             cfg.chat,
         ))
     });
-    let ex = Rc::new(LocalExecutor::new());
+    let ex = Rc::new(Executor::new());
     let redact = cfg.redactor();
     let https = cfg.llm.providers.iter().map(|p| p.base_url.as_str());
     let https = https

@@ -10,6 +10,7 @@ pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod daemon;
+pub mod executor;
 pub mod fuzz;
 pub mod hub;
 pub mod json;

@@ -16,6 +16,7 @@ const LAYERS: &[&[&str]] = &[
     &["limit", "pool"],
     &[
         "ops",
+        "executor",
         "resilience",
         "access",
         "auth",

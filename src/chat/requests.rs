@@ -384,7 +384,7 @@ mod tests {
     /// A chat on a real store, no sockets: frames are read from the hub.
     struct Harness {
         _dir: tempfile::TempDir,
-        ex: async_executor::LocalExecutor<'static>,
+        ex: crate::executor::Executor,
         store: Store,
         table: Rc<RefCell<Table>>,
         requests: ChatRequests,
@@ -404,7 +404,7 @@ mod tests {
             Box::new(|| None),
         )
         .unwrap();
-        let ex = async_executor::LocalExecutor::new();
+        let ex = crate::executor::Executor::new();
         ex.spawn(writer).detach();
         let table = Rc::new(RefCell::new(Table::new(8, 8, 64, 1 << 20)));
         let (c, t) = (chat.clone(), table.clone());

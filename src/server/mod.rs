@@ -20,13 +20,13 @@ pub mod web;
 
 use crate::chat::Chat;
 use crate::config::Config;
+use crate::executor::Executor;
 use crate::hub::{Full, Table};
 use crate::limit::{Limits, Meters};
 use crate::ops::log::Logger;
 use crate::ops::metrics::{inc, Gauges, Metrics, Refusal};
 use crate::pool::Pool;
 use crate::store::Store;
-use async_executor::LocalExecutor;
 use async_io::{Async, Timer};
 use async_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use async_tungstenite::WebSocketStream;
@@ -69,7 +69,7 @@ pub struct Gateway {
     cluster: Option<Rc<crate::cluster::Cluster>>,
     /// Resident memory and its limit: over it, new connections are refused.
     memory: crate::ops::memory::MemorySentinel,
-    ex: Rc<LocalExecutor<'static>>,
+    ex: Rc<Executor>,
     web: web::Web,
     /// `None`: plain TCP.
     tls: Option<tls::Tls>,
@@ -93,12 +93,7 @@ pub struct Services {
 }
 
 impl Gateway {
-    pub fn new(
-        cfg: Config,
-        log: Logger,
-        ex: Rc<LocalExecutor<'static>>,
-        services: Services,
-    ) -> Gateway {
+    pub fn new(cfg: Config, log: Logger, ex: Rc<Executor>, services: Services) -> Gateway {
         let Services {
             pool,
             store,
@@ -338,11 +333,7 @@ impl Drop for HandshakeGuard {
 }
 
 /// Accepts sockets for ever, each handled in its own task.
-pub async fn accept_loop(
-    gw: Rc<Gateway>,
-    ex: Rc<LocalExecutor<'static>>,
-    listener: Async<TcpListener>,
-) {
+pub async fn accept_loop(gw: Rc<Gateway>, ex: Rc<Executor>, listener: Async<TcpListener>) {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(pair) => pair,

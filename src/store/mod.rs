@@ -402,7 +402,7 @@ mod tests {
             Box::new(|| None),
         )
         .unwrap();
-        let ex = async_executor::LocalExecutor::new();
+        let ex = crate::executor::Executor::new();
         ex.spawn(writer).detach();
         let futs: Vec<_> = (0..200)
             .map(|i| {

@@ -389,7 +389,7 @@ fn instructions(
             false => Err(format!("callgrind_control {what} failed")),
         }
     };
-    let ex = async_executor::LocalExecutor::new();
+    let ex = hivegate::executor::Executor::new();
     async_io::block_on(ex.run(async {
         // Every member but the publisher reads all the time (presence
         // included: a member that did not would be closed as a slow

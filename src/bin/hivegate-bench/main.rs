@@ -430,7 +430,7 @@ fn publish(publishers: usize, seconds: usize) -> Result<(), String> {
         "max_connections = {cap}\nmax_connections_per_ip = {cap}\nmax_handshakes = 1024\nmax_handshakes_per_ip = 1024\n[store]\nsynchronous = \"full\"\n{NO_RATE_LIMITS}"
     ))?;
     let (addr, pid) = (gw.addr, gw.child.id());
-    let ex = Rc::new(async_executor::LocalExecutor::new());
+    let ex = Rc::new(hivegate::executor::Executor::new());
     let acks = Rc::new(Cell::new(0u64));
     let latencies = Rc::new(RefCell::new(Vec::<Duration>::new()));
     let measuring = Rc::new(Cell::new(false));

@@ -210,7 +210,7 @@ pub fn count_deliveries(
     use std::cell::Cell;
     use std::rc::Rc;
     use std::time::{Duration, Instant};
-    let ex = Rc::new(async_executor::LocalExecutor::new());
+    let ex = Rc::new(hivegate::executor::Executor::new());
     let received = Rc::new(Cell::new(0u64));
     let stop = Rc::new(Cell::new(false));
     async_io::block_on(ex.run(async {
