@@ -108,6 +108,14 @@ pub enum Delivery {
     Gone,
 }
 
+/// What happened to frames offered to a connection together.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Handed {
+    pub queued: u32,
+    /// One did not fit: the connection has been marked for close 4008.
+    pub slow: bool,
+}
+
 /// A connection's outbound queue, bounded in frames and in bytes.
 ///
 /// A growable queue held to the bound, not a fixed-capacity one: an
@@ -125,6 +133,15 @@ impl Outbox {
         let f = self.frames.pop_front()?;
         self.bytes -= f.len();
         Some(f)
+    }
+
+    /// Drops the oldest `n` frames (the socket took them); returns how
+    /// many there were and their bytes.
+    pub fn take(&mut self, n: usize) -> (u32, u64) {
+        let n = n.min(self.frames.len());
+        let bytes: usize = self.frames.drain(..n).map(|f| f.len()).sum();
+        self.bytes -= bytes;
+        (n as u32, bytes as u64)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -275,34 +292,53 @@ impl Table {
     /// makes the connection a slow consumer: it is asked to close with 4008
     /// and gets no more frames, so it can never hold anyone else up.
     pub fn deliver(&mut self, key: usize, f: &Frame) -> Delivery {
-        let (max_frames, max_bytes) = (self.outbox_frames, self.outbox_bytes);
-        let Some(e) = self.slab.get_mut(key) else {
-            return Delivery::Gone;
-        };
-        if e.close_request.is_some() {
-            return Delivery::Gone;
+        match self.slab.get(key) {
+            Some(e) => {
+                let id = e.id;
+                self.deliver_to(key, id, f)
+            }
+            None => Delivery::Gone,
         }
-        let fits = e.outbox.frames.len() < max_frames && e.outbox.bytes + f.len() <= max_bytes;
-        let result = if fits {
-            e.outbox.frames.push_back(f.clone());
-            e.outbox.bytes += f.len();
-            Delivery::Queued
-        } else {
-            e.close_request = Some(crate::protocol::close::SLOW_CONSUMER);
-            Delivery::SlowConsumer
+    }
+
+    /// Queues `frames`, in order, for the connection at `key` if it is
+    /// still `id`, and wakes its task once: a room's fan-out hands each
+    /// member all of a batch's frames in one call, one lookup and one
+    /// wake-up for all of them. A slow consumer takes no frame after the
+    /// one that did not fit.
+    pub fn deliver_all(&mut self, key: usize, id: u64, frames: &[Frame]) -> Handed {
+        let (max_frames, max_bytes) = (self.outbox_frames, self.outbox_bytes);
+        let mut handed = Handed::default();
+        let Some(e) = self.slab.get_mut(key) else {
+            return handed;
         };
+        if e.id != id || e.close_request.is_some() {
+            return handed;
+        }
+        for f in frames {
+            if e.outbox.frames.len() < max_frames && e.outbox.bytes + f.len() <= max_bytes {
+                e.outbox.frames.push_back(f.clone());
+                e.outbox.bytes += f.len();
+                handed.queued += 1;
+            } else {
+                e.close_request = Some(crate::protocol::close::SLOW_CONSUMER);
+                handed.slow = true;
+                break;
+            }
+        }
         if let Some(w) = &e.waker {
             w.wake_by_ref();
         }
-        result
+        handed
     }
 
     /// Like [`Table::deliver`], for a connection known by key and id: a slot
     /// taken over by another connection gets nothing.
     pub fn deliver_to(&mut self, key: usize, id: u64, f: &Frame) -> Delivery {
-        match self.slab.get(key) {
-            Some(e) if e.id == id => self.deliver(key, f),
-            _ => Delivery::Gone,
+        match self.deliver_all(key, id, std::slice::from_ref(f)) {
+            Handed { slow: true, .. } => Delivery::SlowConsumer,
+            Handed { queued: 0, .. } => Delivery::Gone,
+            _ => Delivery::Queued,
         }
     }
 

@@ -376,13 +376,9 @@ impl Chat {
             {
                 let mut t = table.borrow_mut();
                 for (key, conn_id) in chunk {
-                    for f in frames {
-                        match t.deliver_to(*key, *conn_id, f) {
-                            Delivery::Queued => stats.delivered += 1,
-                            Delivery::SlowConsumer => stats.slow += 1,
-                            Delivery::Gone => break,
-                        }
-                    }
+                    let handed = t.deliver_all(*key, *conn_id, frames);
+                    stats.delivered += u64::from(handed.queued);
+                    stats.slow += u64::from(handed.slow);
                 }
             }
             if members.len() > per_chunk {
@@ -460,18 +456,28 @@ pub fn largest_message_frame(max_text_bytes: usize) -> usize {
 
 /// `{"op":"message",...}` for a stored message.
 pub fn message_json(m: &StoredMessage) -> String {
-    let mut reactions = JsonOut::new();
-    for (emoji, n) in &m.reactions {
-        reactions = reactions.num(emoji, *n as u64);
-    }
-    JsonOut::op("message")
+    let reactions = match m.reactions.is_empty() {
+        true => "{}".to_string(),
+        false => {
+            let mut out = JsonOut::new();
+            for (emoji, n) in &m.reactions {
+                out = out.num(emoji, *n as u64);
+            }
+            out.finish()
+        }
+    };
+    // The keys, numbers and quotes take under 128 bytes; text that needs
+    // escaping may grow the buffer once.
+    let known = m.room.len() + m.id.len() + m.user.len() + m.text.len() + reactions.len();
+    JsonOut::with_capacity(known + 128)
+        .str("op", "message")
         .str("room", &m.room)
         .str("id", &m.id)
         .num("seq", m.seq as u64)
         .str("from", &m.user)
         .str("text", &m.text)
         .num("ts", m.ts as u64)
-        .raw("reactions", &reactions.finish())
+        .raw("reactions", &reactions)
         .finish()
 }
 

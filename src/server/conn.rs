@@ -357,12 +357,9 @@ impl Conn {
             }
             match ws.poll_write_frames(cx, entry.outbox.frames()) {
                 Poll::Ready(Ok(taken)) => {
-                    for _ in 0..taken {
-                        if let Some(f) = entry.outbox.pop() {
-                            frames += 1;
-                            bytes += f.len() as u64;
-                        }
-                    }
+                    let (n, b) = entry.outbox.take(taken);
+                    frames += n;
+                    bytes += b;
                 }
                 Poll::Ready(Err(e)) => break Err(WsError::Io(e)),
                 Poll::Pending => break Ok(false),

@@ -219,10 +219,11 @@ impl<S: AsyncWrite + Unpin> Intake<S> {
             Poll::Pending => return Poll::Pending,
         }
         let mut slices = [IoSlice::new(&[]); FRAMES_PER_WRITE];
-        let mut n = 0;
+        let (mut n, mut total) = (0, 0);
         for (slice, f) in slices.iter_mut().zip(frames.clone()) {
             *slice = IoSlice::new(f.wire());
             n += 1;
+            total += slice.len();
         }
         if n == 0 {
             return Poll::Ready(Ok(0));
@@ -233,6 +234,9 @@ impl<S: AsyncWrite + Unpin> Intake<S> {
             Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
             Poll::Pending => return Poll::Pending,
         };
+        if written >= total {
+            return Poll::Ready(Ok(n));
+        }
         for (i, f) in frames.take(n).enumerate() {
             let len = f.wire().len();
             if written < len {
