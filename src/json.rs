@@ -107,10 +107,14 @@ impl Default for JsonOut {
 impl JsonOut {
     /// An empty object.
     pub fn new() -> JsonOut {
-        JsonOut {
-            buf: String::with_capacity(96),
-            first: true,
-        }
+        JsonOut::with_capacity(96)
+    }
+
+    /// An empty object with room for `bytes` of members.
+    pub fn with_capacity(bytes: usize) -> JsonOut {
+        let mut buf = String::with_capacity(bytes + 2);
+        buf.push('{');
+        JsonOut { buf, first: true }
     }
 
     /// An object whose first member is `"op"`, as every server frame has.
@@ -175,11 +179,10 @@ impl JsonOut {
 
     /// Bytes written so far (the closing brace not counted).
     pub fn byte_len(&self) -> usize {
-        self.buf.len() + 1
+        self.buf.len()
     }
 
     pub fn finish(mut self) -> String {
-        self.buf.insert(0, '{');
         self.buf.push('}');
         self.buf
     }
@@ -200,9 +203,18 @@ pub fn fmt_f64(v: f64) -> String {
 
 /// Appends `s` as a JSON string literal.
 pub fn escape_into(buf: &mut String, s: &str) {
+    buf.reserve(s.len() + 2);
     buf.push('"');
-    // Only ASCII needs escaping, so the text is copied in runs between
-    // such bytes (a byte of a multi-byte character is never one of them).
+    // Most text needs no escaping: one pass finds that, and it is copied
+    // whole. Otherwise it is copied in runs between the bytes that need
+    // escaping (only ASCII does, so a byte of a multi-byte character is
+    // never one of them).
+    let plain = |b: u8| b >= 0x20 && b != b'"' && b != b'\\';
+    if s.bytes().all(plain) {
+        buf.push_str(s);
+        buf.push('"');
+        return;
+    }
     let mut run = 0;
     for (i, b) in s.bytes().enumerate() {
         let escaped = match b {

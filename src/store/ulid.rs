@@ -46,9 +46,12 @@ impl UlidGen {
         self.last_ms = ms;
         self.last_rand = rand;
         let value: u128 = ((ms as u128 & ((1 << 48) - 1)) << 80) | rand;
-        (0..26)
-            .map(|i| ALPHABET[((value >> (125 - i * 5)) & 31) as usize] as char)
-            .collect()
+        let mut text = [0u8; 26];
+        for (i, c) in text.iter_mut().enumerate() {
+            *c = ALPHABET[((value >> (125 - i * 5)) & 31) as usize];
+        }
+        // The alphabet is ASCII.
+        String::from_utf8_lossy(&text).into_owned()
     }
 }
 
