@@ -27,16 +27,19 @@ use std::task::{Poll, Waker};
 /// is always ready cannot keep the sockets waiting); async-executor's
 /// figure.
 const TURN: usize = 200;
+/// Run-queue places kept while the loop sleeps.
+const QUEUE_KEPT: usize = 256;
 
 pub struct Executor {
-    id: usize,
     shared: Arc<Shared>,
     /// The wakers of the tasks not yet finished, to cancel them on drop.
     active: Rc<RefCell<Slab<Waker>>>,
 }
 
-/// What a wake-up from another thread reaches.
+/// What a task's wake-up reaches (on any thread).
 struct Shared {
+    /// Which of this thread's queues is the executor's.
+    id: usize,
     remote: Mutex<Vec<Runnable>>,
     /// Whether `remote` has something: the loop looks without the lock.
     remote_due: AtomicBool,
@@ -75,8 +78,8 @@ impl Executor {
             })
         });
         Executor {
-            id,
             shared: Arc::new(Shared {
+                id,
                 remote: Mutex::new(Vec::new()),
                 remote_due: AtomicBool::new(false),
                 loop_waker: Mutex::new(None),
@@ -88,16 +91,19 @@ impl Executor {
     /// Starts `future` as a task of this executor; it runs while
     /// [`Executor::run`] does.
     pub fn spawn<T: 'static>(&self, future: impl Future<Output = T> + 'static) -> Task<T> {
-        let active = self.active.clone();
         let slot = self.active.borrow_mut().vacant_entry().key();
-        // The task leaves the active set when it ends or is dropped.
-        let future = async move {
-            let _leave = Leave(active, slot);
-            future.await
+        // The task leaves the active set when it ends or is dropped. Not
+        // an `async move` block around the future: that would keep the
+        // future twice in the task's state (as the block's capture and as
+        // the awaited value), and a connection's task is its memory.
+        let future = Tracked {
+            future,
+            _leave: Leave(self.active.clone(), slot),
         };
-        let (id, shared) = (self.id, self.shared.clone());
+        // The schedule function is in every task's allocation: one pointer.
+        let shared = self.shared.clone();
         let (runnable, task) =
-            async_task::spawn_local(future, move |r: Runnable| schedule(id, &shared, r));
+            async_task::spawn_local(future, move |r: Runnable| schedule(&shared, r));
         self.active.borrow_mut().insert(runnable.waker());
         runnable.schedule();
         task
@@ -123,14 +129,19 @@ impl Executor {
                 ),
                 false => Vec::new(),
             };
-            with_local(self.id, |l| {
+            with_local(self.shared.id, |l| {
                 l.sleeping = None;
                 l.queue.extend(woken);
             });
             for _ in 0..TURN {
-                let next = with_local(self.id, |l| match l.queue.pop_front() {
+                let next = with_local(self.shared.id, |l| match l.queue.pop_front() {
                     Some(r) => Some(r),
                     None => {
+                        // A burst (every connection woken at once) does not
+                        // keep its queue's memory.
+                        if l.queue.capacity() > QUEUE_KEPT {
+                            l.queue.shrink_to(QUEUE_KEPT);
+                        }
                         l.sleeping = Some(waker.clone());
                         None
                     }
@@ -164,11 +175,11 @@ fn with_local<R>(id: usize, f: impl FnOnce(&mut Local) -> R) -> Option<R> {
         .flatten()
 }
 
-fn schedule(id: usize, shared: &Shared, r: Runnable) {
+fn schedule(shared: &Shared, r: Runnable) {
     // On the loop's thread: its queue, and a wake-up for the loop only if
     // it sleeps (the waker is called after the queue is let go).
     let mut r = Some(r);
-    let woke = with_local(id, |l| {
+    let woke = with_local(shared.id, |l| {
         if let Some(r) = r.take() {
             l.queue.push_back(r);
         }
@@ -195,6 +206,23 @@ fn schedule(id: usize, shared: &Shared, r: Runnable) {
     }
 }
 
+pin_project_lite::pin_project! {
+    /// A task's future, and its place in the active set.
+    struct Tracked<F> {
+        #[pin]
+        future: F,
+        _leave: Leave,
+    }
+}
+
+impl<F: Future> Future for Tracked<F> {
+    type Output = F::Output;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<F::Output> {
+        self.project().future.poll(cx)
+    }
+}
+
 /// Takes a finished (or dropped) task out of the active set.
 struct Leave(Rc<RefCell<Slab<Waker>>>, usize);
 
@@ -217,7 +245,8 @@ impl Drop for Executor {
             w.wake();
         }
         loop {
-            let queue = with_local(self.id, |l| std::mem::take(&mut l.queue)).unwrap_or_default();
+            let queue =
+                with_local(self.shared.id, |l| std::mem::take(&mut l.queue)).unwrap_or_default();
             let remote =
                 std::mem::take(&mut *self.shared.remote.lock().unwrap_or_else(|p| p.into_inner()));
             if queue.is_empty() && remote.is_empty() {
@@ -228,7 +257,7 @@ impl Drop for Executor {
         }
         let gone = LOCAL.try_with(|l| {
             let mut l = l.borrow_mut();
-            let at = l.iter().position(|l| l.id == self.id)?;
+            let at = l.iter().position(|l| l.id == self.shared.id)?;
             Some(l.swap_remove(at))
         });
         drop(gone);
