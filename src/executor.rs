@@ -123,17 +123,13 @@ impl Executor {
                     *kept = Some(waker.clone());
                 }
             }
-            let woken: Vec<Runnable> = match self.shared.remote_due.swap(false, Ordering::Acquire) {
-                true => std::mem::take(
-                    &mut *self.shared.remote.lock().unwrap_or_else(|p| p.into_inner()),
-                ),
-                false => Vec::new(),
-            };
-            with_local(self.shared.id, |l| {
-                l.sleeping = None;
-                l.queue.extend(woken);
-            });
+            with_local(self.shared.id, |l| l.sleeping = None);
             for _ in 0..TURN {
+                // Wake-ups from other threads join the queue as they come,
+                // in their turn with the loop's own.
+                if self.shared.remote_due.load(Ordering::Relaxed) {
+                    self.take_remote();
+                }
                 let next = with_local(self.shared.id, |l| match l.queue.pop_front() {
                     Some(r) => Some(r),
                     None => {
@@ -164,6 +160,17 @@ impl Executor {
             Poll::Pending
         });
         futures_lite::future::or(future, tasks).await
+    }
+}
+
+impl Executor {
+    /// Moves the wake-ups from other threads to the back of the queue.
+    fn take_remote(&self) {
+        if self.shared.remote_due.swap(false, Ordering::Acquire) {
+            let woken: Vec<Runnable> =
+                std::mem::take(&mut *self.shared.remote.lock().unwrap_or_else(|p| p.into_inner()));
+            with_local(self.shared.id, |l| l.queue.extend(woken));
+        }
     }
 }
 
