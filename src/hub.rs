@@ -6,7 +6,7 @@
 //! to a member is a slab lookup and a push, never a channel per connection.
 
 use crate::limit::{InFlight, RateMeter};
-use crate::protocol::{error_frame, ErrorCode};
+use crate::protocol::{error_frame, Close, ErrorCode};
 use slab::Slab;
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
@@ -163,7 +163,7 @@ pub struct Entry {
     /// The connection task, to wake when a frame or a close request arrives.
     pub waker: Option<Waker>,
     /// A close the task must carry out (slow consumer, shutdown).
-    pub close_request: Option<u16>,
+    pub close_request: Option<Close>,
     /// Messages received from this client, per second.
     pub messages: RateMeter<10>,
     /// Who signed in on it (after `hello`): a reload re-checks its rooms
@@ -321,7 +321,7 @@ impl Table {
                 e.outbox.bytes += f.len();
                 handed.queued += 1;
             } else {
-                e.close_request = Some(crate::protocol::close::SLOW_CONSUMER);
+                e.close_request = Some(Close::SlowConsumer);
                 handed.slow = true;
                 break;
             }
@@ -343,9 +343,9 @@ impl Table {
     }
 
     /// Asks a connection to close with `code`, unless it already is.
-    pub fn request_close(&mut self, key: usize, code: u16) {
+    pub fn request_close(&mut self, key: usize, close: Close) {
         if let Some(e) = self.slab.get_mut(key) {
-            e.close_request.get_or_insert(code);
+            e.close_request.get_or_insert(close);
             if let Some(w) = &e.waker {
                 w.wake_by_ref();
             }
@@ -353,10 +353,10 @@ impl Table {
     }
 
     /// Asks every connection to close with `code` (shutdown).
-    pub fn request_close_all(&mut self, code: u16) {
+    pub fn request_close_all(&mut self, close: Close) {
         let keys: Vec<usize> = self.slab.iter().map(|(k, _)| k).collect();
         for k in keys {
-            self.request_close(k, code);
+            self.request_close(k, close);
         }
     }
 }
@@ -472,7 +472,10 @@ mod tests {
         assert_eq!(t.deliver(k, &f), Delivery::Queued);
         assert_eq!(t.deliver(k, &f), Delivery::Queued);
         assert_eq!(t.deliver(k, &f), Delivery::SlowConsumer);
-        assert_eq!(t.get_mut(k).unwrap().close_request, Some(4008));
+        assert_eq!(
+            t.get_mut(k).unwrap().close_request,
+            Some(Close::SlowConsumer)
+        );
         assert_eq!(t.deliver(k, &f), Delivery::Gone);
         let e = t.get_mut(k).unwrap();
         assert_eq!(e.outbox.frames.len(), 2);

@@ -7,7 +7,9 @@
 //! [`JsonOut`]; this module holds the vocabulary: ops, limits, error and
 //! close codes.
 
+mod close;
 use crate::json::{from_json, JsonOut};
+pub use close::Close;
 use serde::Deserialize;
 
 /// Longest `request_id`, in bytes.
@@ -59,52 +61,6 @@ impl ErrorCode {
             ErrorCode::InternalError => "INTERNAL_ERROR",
         }
     }
-}
-
-/// Why a connection must end: the close code to send (or, for 1006, to
-/// count). Request handlers return `Err(Close(..))` to end their connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Close(pub u16);
-
-/// WebSocket close codes used by the gateway.
-pub mod close {
-    pub const NORMAL: u16 = 1000;
-    pub const GOING_AWAY: u16 = 1001;
-    pub const PROTOCOL_ERROR: u16 = 1002;
-    pub const UNSUPPORTED_DATA: u16 = 1003;
-    /// Never sent: stands for "the connection ended without a close frame".
-    pub const ABNORMAL: u16 = 1006;
-    pub const INVALID_PAYLOAD: u16 = 1007;
-    pub const POLICY: u16 = 1008;
-    pub const TOO_BIG: u16 = 1009;
-    pub const INTERNAL: u16 = 1011;
-    pub const TRY_AGAIN_LATER: u16 = 1013;
-    pub const INVALID_JSON: u16 = 4000;
-    pub const UNKNOWN_PROTOCOL: u16 = 4001;
-    pub const HELLO_TIMEOUT: u16 = 4002;
-    pub const UNAUTHORIZED: u16 = 4003;
-    pub const SLOW_CONSUMER: u16 = 4008;
-    pub const PONG_TIMEOUT: u16 = 4009;
-
-    /// Every code the gateway may count, for the metrics.
-    pub const ALL: [u16; 16] = [
-        NORMAL,
-        GOING_AWAY,
-        PROTOCOL_ERROR,
-        UNSUPPORTED_DATA,
-        ABNORMAL,
-        INVALID_PAYLOAD,
-        POLICY,
-        TOO_BIG,
-        INTERNAL,
-        TRY_AGAIN_LATER,
-        INVALID_JSON,
-        UNKNOWN_PROTOCOL,
-        HELLO_TIMEOUT,
-        UNAUTHORIZED,
-        SLOW_CONSUMER,
-        PONG_TIMEOUT,
-    ];
 }
 
 /// One message of a `chat` tool call's conversation.

@@ -35,6 +35,27 @@ fn docs_protocol_is_the_contract() {
 }
 
 #[test]
+fn every_close_code_the_gateway_sends_is_in_the_contract() {
+    let ours = std::fs::read_to_string(root().join("docs/PROTOCOL.md")).unwrap();
+    let start = ours
+        .find("Close codes:")
+        .expect("a paragraph of close codes");
+    let para = &ours[start..];
+    let para = &para[..para.find("\n\n").unwrap_or(para.len())];
+    for close in hivegate::protocol::Close::ALL {
+        if *close == hivegate::protocol::Close::Abnormal {
+            continue; // never sent: it counts ends without a close frame
+        }
+        assert!(
+            para.contains(&format!("{} ", close.code())),
+            "close code {} ({}) is not in docs/PROTOCOL.md",
+            close.code(),
+            close.reason()
+        );
+    }
+}
+
+#[test]
 fn the_declared_licenses_are_present() {
     let manifest = std::fs::read_to_string(root().join("Cargo.toml")).unwrap();
     assert!(manifest.contains("license = \"MIT OR Apache-2.0\""));

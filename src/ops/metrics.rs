@@ -3,7 +3,7 @@
 //! Plain `Cell`s on the one event-loop thread: counting costs an add, and a
 //! scrape renders a few dozen lines.
 
-use crate::protocol::close;
+use crate::protocol::Close;
 use std::cell::Cell;
 use std::fmt::Write as _;
 
@@ -120,7 +120,9 @@ pub struct Metrics {
     denied: [Cell<u64>; Denial::ALL.len()],
     pub accepted: Cell<u64>,
     refused: [Cell<u64>; Refusal::ALL.len()],
-    closed: [Cell<u64>; close::ALL.len()],
+    closed: [Cell<u64>; Close::ALL.len()],
+    /// Closes with a code the gateway does not know: a client's own.
+    closed_other: Cell<u64>,
     pub frames_in: Cell<u64>,
     pub frames_out: Cell<u64>,
     pub bytes_in: Cell<u64>,
@@ -172,19 +174,13 @@ impl Metrics {
         }
     }
 
+    /// Counts a close by its code: the gateway's own come from [`Close`],
+    /// and any other is a client's, counted as `other`.
     pub fn closed(&self, code: u16) {
-        let i = close::ALL
-            .iter()
-            .position(|c| *c == code)
-            .unwrap_or_else(|| {
-                // Unknown codes are folded into "internal error", which is what
-                // an unexpected code means here.
-                close::ALL
-                    .iter()
-                    .position(|c| *c == close::INTERNAL)
-                    .unwrap_or(0)
-            });
-        inc(&self.closed[i]);
+        match Close::ALL.iter().position(|c| c.code() == code) {
+            Some(i) => inc(&self.closed[i]),
+            None => inc(&self.closed_other),
+        }
     }
 
     pub fn render(&self, g: &Gauges, out: &mut String) {
@@ -238,13 +234,19 @@ impl Metrics {
             "WebSocket connections closed, by close code (1006: no close frame).",
             "counter",
         );
-        for (code, c) in close::ALL.iter().zip(&self.closed) {
+        for (close, c) in Close::ALL.iter().zip(&self.closed) {
             let _ = writeln!(
                 out,
-                "hivegate_connections_closed_total{{code=\"{code}\"}} {}",
+                "hivegate_connections_closed_total{{code=\"{}\"}} {}",
+                close.code(),
                 c.get()
             );
         }
+        let _ = writeln!(
+            out,
+            "hivegate_connections_closed_total{{code=\"other\"}} {}",
+            self.closed_other.get()
+        );
         counter(
             out,
             "hivegate_frames_in_total",
@@ -420,7 +422,9 @@ mod tests {
         );
         assert!(out.contains("hivegate_connections_refused_total{reason=\"ip_cap\"} 2\n"));
         assert!(out.contains("hivegate_connections_closed_total{code=\"4008\"} 1\n"));
-        assert!(out.contains("hivegate_connections_closed_total{code=\"1011\"} 1\n"));
+        // A client's own code is not taken for one of the gateway's.
+        assert!(out.contains("hivegate_connections_closed_total{code=\"1011\"} 0\n"));
+        assert!(out.contains("hivegate_connections_closed_total{code=\"other\"} 1\n"));
         assert!(
             out.contains("# TYPE hivegate_connections_open gauge\nhivegate_connections_open 3\n")
         );

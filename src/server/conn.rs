@@ -13,7 +13,7 @@ use crate::hub::frame;
 use crate::limit::{RateMeter, Strikes, Tally};
 use crate::llm::ToolCalls;
 use crate::ops::metrics::{add, inc};
-use crate::protocol::{close, Close};
+use crate::protocol::Close;
 use async_io::Timer;
 use async_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use async_tungstenite::tungstenite::protocol::CloseFrame;
@@ -61,6 +61,7 @@ impl Session {
 enum Next {
     Wait,
     Yield,
+    /// The code sent (or the client's own) and the reason logged.
     Close(u16, &'static str),
 }
 
@@ -70,7 +71,7 @@ enum Event {
     Ended,
     Failed(WsError),
     Timer,
-    CloseRequested(u16),
+    CloseRequested(Close),
 }
 
 /// What only a misbehaving client costs, boxed on its first offence:
@@ -213,30 +214,33 @@ impl Conn {
     }
 
     fn on_event(&mut self, event: Event) -> Next {
-        let code = match event {
-            Event::CloseRequested(code) => code,
+        let close = match event {
+            Event::CloseRequested(close) => close,
             Event::Ended => {
                 return match self.peer_closed {
                     Some(code) => Next::Close(code, "client closed"),
-                    None => Next::Close(close::ABNORMAL, "client vanished"),
+                    None => Next::Close(Close::Abnormal.code(), "client vanished"),
                 }
             }
             Event::Failed(_) if self.ws.get_ref().flooded() => {
                 inc(&self.gw.metrics.abuse_closes);
-                return Next::Close(close::POLICY, "too many bytes without a complete message");
+                return Next::Close(
+                    Close::Policy.code(),
+                    "too many bytes without a complete message",
+                );
             }
             Event::Failed(e) => {
-                let (code, reason) = ws_error_close(&e);
-                return Next::Close(code, reason);
+                let (close, reason) = ws_error_close(&e);
+                return Next::Close(close.code(), reason);
             }
             Event::Timer => match self.on_timer(Instant::now()) {
                 Ok(()) => return Next::Wait,
-                Err(Close(code)) => code,
+                Err(close) => close,
             },
             Event::Message(msg) => {
                 self.ws.get_mut().message_done();
-                if let Err(Close(code)) = self.on_message(msg) {
-                    return Next::Close(code, close_reason(code));
+                if let Err(close) = self.on_message(msg) {
+                    return Next::Close(close.code(), close.reason());
                 }
                 self.turn_messages += 1;
                 if self.turn_messages < TURN_MESSAGES {
@@ -246,13 +250,13 @@ impl Conn {
                 return Next::Yield;
             }
         };
-        Next::Close(code, close_reason(code))
+        Next::Close(close.code(), close.reason())
     }
 
     /// After serving: in a shutdown, requests already started get to
     /// finish (the daemon bounds the whole drain); then the close.
     async fn finish(&mut self, code: u16, reason: &'static str) {
-        if code == close::GOING_AWAY {
+        if code == Close::GoingAway.code() {
             while self.in_flight.get() > 0 {
                 Timer::after(Duration::from_millis(10)).await;
             }
@@ -279,7 +283,7 @@ impl Conn {
         {
             let mut table = self.gw.table.borrow_mut();
             let Some(entry) = table.get_mut(self.slot.key) else {
-                return Poll::Ready(Event::CloseRequested(close::INTERNAL));
+                return Poll::Ready(Event::CloseRequested(Close::Internal));
             };
             if let Some(code) = entry.close_request {
                 return Poll::Ready(Event::CloseRequested(code));
@@ -381,10 +385,10 @@ impl Conn {
 
     fn on_timer(&mut self, now: Instant) -> Result<(), Close> {
         if self.session.is_none() && now >= self.hello_deadline() {
-            return Err(Close(close::HELLO_TIMEOUT));
+            return Err(Close::HelloTimeout);
         }
         if self.pong_deadline.is_some_and(|d| now >= d) {
-            return Err(Close(close::PONG_TIMEOUT));
+            return Err(Close::PongTimeout);
         }
         if now >= self.next_ping {
             let cfg = &self.gw.cfg.server;
@@ -407,7 +411,7 @@ impl Conn {
                 }
                 self.on_text(&text, now)
             }
-            Message::Binary(_) => Err(Close(close::UNSUPPORTED_DATA)),
+            Message::Binary(_) => Err(Close::UnsupportedData),
             // tungstenite queues the pong; the next poll writes it.
             Message::Ping(_) => {
                 self.flush_pending = true;
@@ -418,7 +422,7 @@ impl Conn {
                 self.control_frame()
             }
             Message::Close(frame) => {
-                self.peer_closed = Some(frame.map_or(close::NORMAL, |f| u16::from(f.code)));
+                self.peer_closed = Some(frame.map_or(Close::Normal.code(), |f| u16::from(f.code)));
                 self.flush_pending = true;
                 Ok(())
             }
@@ -431,7 +435,7 @@ impl Conn {
         let secs = self.born.elapsed().as_secs();
         if u64::from(self.control.record(secs, 10)) > MAX_CONTROL_PER_10S {
             inc(&self.gw.metrics.abuse_closes);
-            return Err(Close(close::POLICY));
+            return Err(Close::Policy);
         }
         Ok(())
     }
@@ -456,7 +460,7 @@ impl Conn {
         let recent = refusals.count(now, 10);
         if recent > self.gw.limits.borrow().params().abuse_threshold {
             inc(&self.gw.metrics.abuse_closes);
-            return Err(Close(close::POLICY));
+            return Err(Close::Policy);
         }
         Ok(())
     }
@@ -467,7 +471,7 @@ impl Conn {
         self.trouble()
             .invalid
             .record(Instant::now(), 60)
-            .then_some(Close(close::INVALID_JSON))
+            .then_some(Close::InvalidJson)
             .map_or(Ok(()), Err)
     }
 
@@ -506,10 +510,10 @@ impl Conn {
                 ("msgs_10s", &recent),
             ],
         );
-        if code == close::ABNORMAL {
+        if code == Close::Abnormal.code() {
             return;
         }
-        if code == close::SLOW_CONSUMER {
+        if code == Close::SlowConsumer.code() {
             // The client is not reading; queued frames would never arrive.
             if let Some(e) = gw.table.borrow_mut().get_mut(self.slot.key) {
                 while e.outbox.pop().is_some() {}
@@ -567,50 +571,29 @@ pub(super) async fn drain_input(ws: &mut WsStream) {
 
 fn inc_close(gw: &Gateway, code: u16) {
     gw.metrics.closed(code);
-    if code == close::SLOW_CONSUMER {
+    if code == Close::SlowConsumer.code() {
         inc(&gw.metrics.slow_consumers);
     }
 }
 
-fn close_reason(code: u16) -> &'static str {
-    match code {
-        close::NORMAL => "normal",
-        close::GOING_AWAY => "server shutting down",
-        close::PROTOCOL_ERROR => "protocol error",
-        close::UNSUPPORTED_DATA => "binary frames are not supported",
-        close::INVALID_PAYLOAD => "invalid UTF-8",
-        close::POLICY => "policy violation",
-        close::TOO_BIG => "message too big",
-        close::TRY_AGAIN_LATER => "try again later",
-        close::INVALID_JSON => "too many invalid requests",
-        close::UNKNOWN_PROTOCOL => "expected hello",
-        close::HELLO_TIMEOUT => "no hello in time",
-        close::UNAUTHORIZED => "unauthorized",
-        close::SLOW_CONSUMER => "slow consumer",
-        close::PONG_TIMEOUT => "no pong in time",
-        _ => "internal error",
-    }
-}
-
 /// The close code RFC 6455 asks for after a read error.
-pub(super) fn ws_error_close(e: &WsError) -> (u16, &'static str) {
+pub(super) fn ws_error_close(e: &WsError) -> (Close, &'static str) {
     use async_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
     match e {
         // The client hung up (FIN or reset) without a close frame: an
         // abnormal end, not a protocol error of ours to report.
         WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => {
-            (close::ABNORMAL, "client vanished")
+            (Close::Abnormal, "client vanished")
         }
-        WsError::Capacity(CapacityError::MessageTooLong { .. }) => {
-            (close::TOO_BIG, "message too big")
+        WsError::Capacity(CapacityError::MessageTooLong { .. }) | WsError::Capacity(_) => {
+            (Close::TooBig, Close::TooBig.reason())
         }
-        WsError::Capacity(_) => (close::TOO_BIG, "message too big"),
-        WsError::Utf8(_) => (close::INVALID_PAYLOAD, "invalid UTF-8"),
-        WsError::Protocol(_) => (close::PROTOCOL_ERROR, "protocol error"),
+        WsError::Utf8(_) => (Close::InvalidPayload, Close::InvalidPayload.reason()),
+        WsError::Protocol(_) => (Close::ProtocolError, Close::ProtocolError.reason()),
         WsError::ConnectionClosed | WsError::AlreadyClosed => {
-            (close::ABNORMAL, "connection closed")
+            (Close::Abnormal, "connection closed")
         }
-        _ => (close::ABNORMAL, "connection failed"),
+        _ => (Close::Abnormal, "connection failed"),
     }
 }
 

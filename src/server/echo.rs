@@ -7,7 +7,7 @@
 
 use super::conn::{drain_input, ws_error_close, WsStream};
 use super::Gateway;
-use crate::protocol::close;
+use crate::protocol::Close;
 use async_io::Timer;
 use async_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use async_tungstenite::tungstenite::protocol::CloseFrame;
@@ -18,27 +18,27 @@ use std::time::Duration;
 /// Echoes until the client closes or breaks the protocol, then closes with
 /// the code RFC 6455 asks for.
 pub async fn run(gw: &Gateway, ws: &mut WsStream) {
-    let code = loop {
+    let close = loop {
         match ws.next().await {
             Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => {
                 if ws.send(m).await.is_err() {
-                    break close::ABNORMAL;
+                    break Close::Abnormal;
                 }
             }
             // Pings are answered and a close is returned by tungstenite
             // itself, on the next read.
             Some(Ok(_)) => {}
-            None => break close::NORMAL,
-            Some(Err(_)) if ws.get_ref().flooded() => break close::POLICY,
+            None => break Close::Normal,
+            Some(Err(_)) if ws.get_ref().flooded() => break Close::Policy,
             Some(Err(e)) => break ws_error_close(&e).0,
         }
     };
-    gw.metrics.closed(code);
-    if code == close::NORMAL || code == close::ABNORMAL {
+    gw.metrics.closed(close.code());
+    if close == Close::Normal || close == Close::Abnormal {
         return;
     }
     let frame = CloseFrame {
-        code: CloseCode::from(code),
+        code: CloseCode::from(close.code()),
         reason: "".into(),
     };
     async {

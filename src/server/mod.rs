@@ -268,7 +268,7 @@ impl Gateway {
         self.draining.set(true);
         self.table
             .borrow_mut()
-            .request_close_all(crate::protocol::close::GOING_AWAY);
+            .request_close_all(crate::protocol::Close::GoingAway);
     }
 
     /// Resolves when the last connection has gone.

@@ -9,7 +9,7 @@ use crate::hub::{Reply, MAX_IN_FLIGHT};
 use crate::limit::InFlight;
 use crate::mcp::{self, Cancel, Message, Translator};
 use crate::ops::metrics::inc;
-use crate::protocol::{close, Close};
+use crate::protocol::Close;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -22,7 +22,7 @@ impl Conn {
     pub(super) fn on_mcp(&mut self, calls: Calls, text: &str, now: Instant) -> Result<(), Close> {
         inc(&self.gw.metrics.mcp_requests_ws);
         let Some(user) = self.session.as_ref().map(|s| s.who.user.clone()) else {
-            return Err(Close(close::UNAUTHORIZED));
+            return Err(Close::Unauthorized);
         };
         let limited = self
             .gw

@@ -2,7 +2,7 @@
 //! rate limits every request passes, invalid frames, and the dispatch of a
 //! request to its handler (chat requests in `chat`, tool calls in `llm`).
 //! Handlers answer through a [`Reply`]; one that must end the connection
-//! returns `Err(Close(code))`.
+//! returns `Err(Close::..)`.
 
 use super::{Conn, Session};
 use crate::access::Action;
@@ -13,7 +13,7 @@ use crate::json::JsonOut;
 use crate::limit::Refused;
 use crate::llm::ToolCalls;
 use crate::ops::metrics::{inc, Denial};
-use crate::protocol::{self, close, Close, ErrorCode, Request};
+use crate::protocol::{self, Close, ErrorCode, Request};
 use crate::store::Range;
 use std::rc::Rc;
 use std::time::Instant;
@@ -47,7 +47,7 @@ impl Conn {
                 // A well-formed frame that is not `hello` is another
                 // protocol talking to us.
                 if self.session.is_none() && !e.malformed {
-                    return Err(Close(close::UNKNOWN_PROTOCOL));
+                    return Err(Close::UnknownProtocol);
                 }
                 return self.invalid_request(e.request_id.as_deref(), &e.message);
             }
@@ -67,7 +67,7 @@ impl Conn {
                 client.as_deref(),
                 client_id.as_deref(),
             ),
-            (None, _) => Err(Close(close::UNKNOWN_PROTOCOL)),
+            (None, _) => Err(Close::UnknownProtocol),
             (Some(_), Request::Hello { .. }) => {
                 self.invalid_request(rid, "hello was already accepted on this connection")
             }
@@ -249,7 +249,7 @@ impl Conn {
                         .str("error", "unauthorized")
                         .finish(),
                 );
-                return Err(Close(close::UNAUTHORIZED));
+                return Err(Close::Unauthorized);
             }
         };
         let user = who.user.clone();
