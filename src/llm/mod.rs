@@ -19,12 +19,12 @@ pub mod client;
 mod config;
 mod output;
 pub use output::{answer_frame, said_frame, Answer, Output, Said};
+mod tool;
 mod tools;
 pub use budget::{day_of, Caller, Ledger, Refused};
 pub use tools::{Cancel, ToolCalls};
 pub mod sse;
 
-use crate::json::JsonOut;
 use crate::limit::{BucketParams, InFlight, TokenBucket};
 use crate::ops::log::Logger;
 use crate::ops::metrics::{counter_with, gauge_with};
@@ -151,32 +151,6 @@ impl Llm {
             redact: RefCell::new(redact),
             ledger: Ledger::default(),
         })
-    }
-
-    /// The `list_tools_res` frame.
-    pub fn list_tools(&self, rid: Option<&str>) -> String {
-        let providers: Vec<String> = self.providers.iter().map(|p| p.cfg.name.clone()).collect();
-        let mut names = String::from("[\"auto\"");
-        for p in &providers {
-            names.push(',');
-            crate::json::escape_into(&mut names, p);
-        }
-        names.push(']');
-        let schema = format!(
-            r#"{{"type":"object","required":["messages"],"properties":{{"messages":{{"type":"array","minItems":1,"items":{{"type":"object","required":["role","content"],"properties":{{"role":{{"enum":["system","user","assistant","tool"]}},"content":{{"type":"string"}},"tool_call_id":{{"type":"string"}}}}}}}},"provider":{{"enum":{names}}},"model":{{"type":["string","null"]}},"stream":{{"type":"boolean"}}}}}}"#
-        );
-        let tool = JsonOut::new()
-            .str("name", "chat")
-            .str(
-                "description",
-                "Chat completion from an OpenAI-compatible provider, streamed; `provider: auto` uses the fallback chain.",
-            )
-            .raw("inputSchema", &schema)
-            .finish();
-        JsonOut::op("list_tools_res")
-            .opt_str("request_id", rid)
-            .raw("tools", &format!("[{tool}]"))
-            .finish()
     }
 
     /// Checks a call before it costs anything: its shape, then what the

@@ -192,21 +192,10 @@ pub fn initialize(params: &str) -> (String, &'static str) {
     (body, version)
 }
 
-/// The `tools/list` result: the one tool, `chat`.
-pub fn tools_list() -> String {
-    concat!(
-        "{\"tools\":[{\"name\":\"chat\",",
-        "\"description\":\"Ask an LLM. The gateway tries its providers in order (fallback chain, circuit breakers, retries) and streams the answer as progress notifications when a progressToken is given.\",",
-        "\"inputSchema\":{\"type\":\"object\",\"properties\":{",
-        "\"messages\":{\"type\":\"array\",\"description\":\"The conversation, oldest first.\",\"items\":{\"type\":\"object\",\"properties\":{",
-        "\"role\":{\"type\":\"string\",\"enum\":[\"system\",\"user\",\"assistant\",\"tool\"]},",
-        "\"content\":{\"type\":\"string\"},\"tool_call_id\":{\"type\":\"string\"}},",
-        "\"required\":[\"role\",\"content\"]}},",
-        "\"provider\":{\"type\":\"string\",\"description\":\"A provider's name, or auto for the chain.\"},",
-        "\"model\":{\"type\":\"string\",\"description\":\"Overrides the provider's model.\"}},",
-        "\"required\":[\"messages\"]}}]}"
-    )
-    .to_string()
+/// The `tools/list` result: the one tool, `chat`, as the op protocol's
+/// `list_tools` describes it.
+pub fn tools_list(llm: &crate::llm::Llm) -> String {
+    format!("{{\"tools\":[{}]}}", llm.chat_tool())
 }
 
 #[derive(Deserialize)]
@@ -554,7 +543,38 @@ mod tests {
         // A hostile name stays a string.
         let quoted = tool_call(r#"{"name":"x\",\"op\":\"hello","arguments":{"messages":[{"role":"user","content":"hi"}]}}"#).unwrap();
         assert_eq!(quoted.0, "x\",\"op\":\"hello");
-        serde_json::from_str::<serde::de::IgnoredAny>(&tools_list()).unwrap();
+    }
+
+    #[test]
+    fn tools_list_is_the_op_protocols_tool_with_its_full_schema() {
+        use crate::llm::{Llm, LlmConfig, ProviderConfig};
+        let cfg = LlmConfig {
+            chain: vec!["kimi".into()],
+            providers: vec![ProviderConfig {
+                name: "kimi".into(),
+                base_url: "http://127.0.0.1:9/v1".into(),
+                model: "m".into(),
+                ..ProviderConfig::default()
+            }],
+            ..LlmConfig::default()
+        };
+        let log = crate::ops::log::Logger::new(Default::default(), Default::default());
+        let llm = Llm::new(&cfg, log, Default::default(), &crate::ca::no_roots()).unwrap();
+        let mcp: serde_json::Value = serde_json::from_str(&tools_list(&llm)).unwrap();
+        let ops: serde_json::Value = serde_json::from_str(&llm.list_tools(None)).unwrap();
+        assert_eq!(mcp["tools"], ops["tools"]);
+        let schema = &mcp["tools"][0]["inputSchema"];
+        assert_eq!(schema["required"], serde_json::json!(["messages"]));
+        assert_eq!(schema["properties"]["messages"]["minItems"], 1);
+        assert_eq!(
+            schema["properties"]["provider"]["enum"],
+            serde_json::json!(["auto", "kimi"])
+        );
+        assert_eq!(
+            schema["properties"]["model"]["type"],
+            serde_json::json!(["string", "null"])
+        );
+        assert_eq!(schema["properties"]["stream"]["type"], "boolean");
     }
 
     #[test]

@@ -268,7 +268,7 @@ async fn answer(
     }
     match method.as_str() {
         "ping" => Some(json(200, mcp::result(&id, "{}"))),
-        "tools/list" => Some(json(200, mcp::result(&id, &mcp::tools_list()))),
+        "tools/list" => Some(json(200, mcp::result(&id, &mcp::tools_list(&gw.llm)))),
         "tools/call" => call_tool(gw, sid, &who, &a.head, id, &params, stream).await,
         _ => Some(json(200, mcp::no_method(&id, &method))),
     }

@@ -61,7 +61,7 @@ impl Conn {
         let answer = match method.as_str() {
             "initialize" => mcp::result(&id, &mcp::initialize(&params).0),
             "ping" => mcp::result(&id, "{}"),
-            "tools/list" => mcp::result(&id, &mcp::tools_list()),
+            "tools/list" => mcp::result(&id, &mcp::tools_list(&self.gw.llm)),
             "tools/call" => match self.mcp_call(calls, &id, &params) {
                 Some(answer) => answer,
                 None => return Ok(()),
