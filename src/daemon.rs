@@ -78,16 +78,11 @@ pub fn run(cfg: Config, log: Logger, source: ConfigSource) -> Result<i32, String
     // waits, and publishers meet a full write queue (OVER_CAPACITY).
     let chat = Rc::new(Chat::new(cfg.store.batch_max * 2));
     let downstream = chat.clone();
-    let writer_config = crate::store::WriterConfig {
-        batch_max: cfg.store.batch_max,
-        node: cfg.cluster.as_ref().map(|k| k.node_id.clone()),
-    };
-    let (store, writer) = Store::open_as(
+    let (store, writer) = Store::open(
+        &cfg.store,
         &cfg.server.data_dir,
-        cfg.store.synchronous,
+        cfg.cluster.as_ref().map(|k| k.node_id.as_str()),
         pool.clone(),
-        cfg.store.write_queue,
-        writer_config,
         Box::new(move || downstream.wait_for_room()),
     )?;
     let store = Rc::new(store);

@@ -395,15 +395,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let pool = Rc::new(Pool::new(1, 16).unwrap());
         let chat = Rc::new(Chat::new(64));
-        let (store, writer) = Store::open(
-            dir.path(),
-            Synchronous::Off,
-            pool,
-            64,
-            16,
-            Box::new(|| None),
-        )
-        .unwrap();
+        let settings = crate::store::StoreConfig {
+            synchronous: Synchronous::Off,
+            write_queue: 64,
+            batch_max: 16,
+            ..Default::default()
+        };
+        let (store, writer) =
+            Store::open(&settings, dir.path(), None, pool, Box::new(|| None)).unwrap();
         let ex = crate::executor::Executor::new();
         ex.spawn(writer).detach();
         let table = Rc::new(RefCell::new(Table::new(8, 8, 64, 1 << 20)));

@@ -119,33 +119,22 @@ pub struct Store {
 pub const DB_FILE: &str = "hivegate.db";
 
 impl Store {
-    /// Opens the database (migrating it) and returns the store and the
-    /// writer task, which the caller spawns on the event loop.
+    /// Opens the database in `data_dir` (migrating it) with the store's
+    /// own settings, and returns the store and its writer task, which the
+    /// caller spawns on the event loop. On a box of a cluster (`node`), its
+    /// messages and reaction changes also go into the bus log.
     pub fn open(
+        settings: &StoreConfig,
         data_dir: &Path,
-        sync: Synchronous,
+        node: Option<&str>,
         pool: Rc<Pool>,
-        write_queue: usize,
-        batch_max: usize,
         downstream: Downstream,
     ) -> Result<(Store, impl Future<Output = ()>), String> {
+        let (sync, write_queue) = (settings.synchronous, settings.write_queue);
         let config = WriterConfig {
-            batch_max,
-            node: None,
+            batch_max: settings.batch_max,
+            node: node.map(String::from),
         };
-        Store::open_as(data_dir, sync, pool, write_queue, config, downstream)
-    }
-
-    /// [`Store::open`], for a box of a cluster when `config.node` is set:
-    /// its messages and reaction changes also go into the bus log.
-    pub fn open_as(
-        data_dir: &Path,
-        sync: Synchronous,
-        pool: Rc<Pool>,
-        write_queue: usize,
-        config: WriterConfig,
-        downstream: Downstream,
-    ) -> Result<(Store, impl Future<Output = ()>), String> {
         let path = data_dir.join(DB_FILE);
         let writer = Arc::new(Mutex::new(db::open_writer(&path, sync)?));
         let (tx, rx) = async_channel::unbounded();
@@ -310,7 +299,7 @@ impl Store {
 
 /// How the writer batches, and for whom.
 #[derive(Debug, Clone, Default)]
-pub struct WriterConfig {
+struct WriterConfig {
     pub batch_max: usize,
     /// This box's name in a cluster; `None`: no bus log.
     pub node: Option<String>,
@@ -393,15 +382,14 @@ mod tests {
     fn concurrent_writes_are_committed_in_groups_in_order() {
         let dir = tempfile::tempdir().unwrap();
         let pool = Rc::new(Pool::new(2, 16).unwrap());
-        let (store, writer) = Store::open(
-            dir.path(),
-            Synchronous::Full,
-            pool.clone(),
-            1000,
-            64,
-            Box::new(|| None),
-        )
-        .unwrap();
+        let settings = StoreConfig {
+            synchronous: Synchronous::Full,
+            write_queue: 1000,
+            batch_max: 64,
+            ..StoreConfig::default()
+        };
+        let (store, writer) =
+            Store::open(&settings, dir.path(), None, pool.clone(), Box::new(|| None)).unwrap();
         let ex = crate::executor::Executor::new();
         ex.spawn(writer).detach();
         let futs: Vec<_> = (0..200)
@@ -446,15 +434,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let pool = Rc::new(Pool::new(1, 4).unwrap());
         // The writer task is never run: the queue only fills.
-        let (store, _writer) = Store::open(
-            dir.path(),
-            Synchronous::Full,
-            pool,
-            2,
-            64,
-            Box::new(|| None),
-        )
-        .unwrap();
+        let settings = StoreConfig {
+            synchronous: Synchronous::Full,
+            write_queue: 2,
+            batch_max: 64,
+            ..StoreConfig::default()
+        };
+        let (store, _writer) =
+            Store::open(&settings, dir.path(), None, pool, Box::new(|| None)).unwrap();
         let op = || WriteOp::Publish {
             id: "x".into(),
             room: "r".into(),
