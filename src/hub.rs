@@ -288,19 +288,6 @@ impl Table {
         self.slab.get(key)
     }
 
-    /// Queues a frame for a connection and wakes its task. A full queue
-    /// makes the connection a slow consumer: it is asked to close with 4008
-    /// and gets no more frames, so it can never hold anyone else up.
-    pub fn deliver(&mut self, key: usize, f: &Frame) -> Delivery {
-        match self.slab.get(key) {
-            Some(e) => {
-                let id = e.id;
-                self.deliver_to(key, id, f)
-            }
-            None => Delivery::Gone,
-        }
-    }
-
     /// Queues `frames`, in order, for the connection at `key` if it is
     /// still `id`, and wakes its task once: a room's fan-out hands each
     /// member all of a batch's frames in one call, one lookup and one
@@ -332,8 +319,11 @@ impl Table {
         handed
     }
 
-    /// Like [`Table::deliver`], for a connection known by key and id: a slot
-    /// taken over by another connection gets nothing.
+    /// Queues a frame for the connection at `key` if it is still `id` (a
+    /// slot taken over by another connection gets nothing) and wakes its
+    /// task. A full queue makes the connection a slow consumer: it is asked
+    /// to close with 4008 and gets no more frames, so it can never hold
+    /// anyone else up.
     pub fn deliver_to(&mut self, key: usize, id: u64, f: &Frame) -> Delivery {
         match self.deliver_all(key, id, std::slice::from_ref(f)) {
             Handed { slow: true, .. } => Delivery::SlowConsumer,
@@ -469,14 +459,14 @@ mod tests {
         let mut t = Table::new(2, 2, 2, 1024);
         let k = t.insert(ip(1), 7, Instant::now()).unwrap();
         let f = frame("x".repeat(10));
-        assert_eq!(t.deliver(k, &f), Delivery::Queued);
-        assert_eq!(t.deliver(k, &f), Delivery::Queued);
-        assert_eq!(t.deliver(k, &f), Delivery::SlowConsumer);
+        assert_eq!(t.deliver_to(k, 7, &f), Delivery::Queued);
+        assert_eq!(t.deliver_to(k, 7, &f), Delivery::Queued);
+        assert_eq!(t.deliver_to(k, 7, &f), Delivery::SlowConsumer);
         assert_eq!(
             t.get_mut(k).unwrap().close_request,
             Some(Close::SlowConsumer)
         );
-        assert_eq!(t.deliver(k, &f), Delivery::Gone);
+        assert_eq!(t.deliver_to(k, 7, &f), Delivery::Gone);
         let e = t.get_mut(k).unwrap();
         assert_eq!(e.outbox.frames.len(), 2);
         assert!(e.outbox.pop().is_some());
@@ -488,8 +478,8 @@ mod tests {
         let mut t = Table::new(2, 2, 64, 25);
         let k = t.insert(ip(1), 7, Instant::now()).unwrap();
         let f = frame("x".repeat(10));
-        assert_eq!(t.deliver(k, &f), Delivery::Queued);
-        assert_eq!(t.deliver(k, &f), Delivery::Queued);
-        assert_eq!(t.deliver(k, &f), Delivery::SlowConsumer);
+        assert_eq!(t.deliver_to(k, 7, &f), Delivery::Queued);
+        assert_eq!(t.deliver_to(k, 7, &f), Delivery::Queued);
+        assert_eq!(t.deliver_to(k, 7, &f), Delivery::SlowConsumer);
     }
 }

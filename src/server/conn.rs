@@ -478,7 +478,10 @@ impl Conn {
     /// Queues one of this connection's own frames (answers, errors).
     fn send(&self, text: String) {
         let f = frame(text);
-        self.gw.table.borrow_mut().deliver(self.slot.key, &f);
+        self.gw
+            .table
+            .borrow_mut()
+            .deliver_to(self.slot.key, self.slot.id, &f);
     }
 
     /// Ends the connection: what is queued is sent (unless the client is
