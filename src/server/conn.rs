@@ -581,16 +581,14 @@ fn inc_close(gw: &Gateway, code: u16) {
 
 /// The close code RFC 6455 asks for after a read error.
 pub(super) fn ws_error_close(e: &WsError) -> (Close, &'static str) {
-    use async_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
+    use async_tungstenite::tungstenite::error::ProtocolError;
     match e {
         // The client hung up (FIN or reset) without a close frame: an
         // abnormal end, not a protocol error of ours to report.
         WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => {
             (Close::Abnormal, "client vanished")
         }
-        WsError::Capacity(CapacityError::MessageTooLong { .. }) | WsError::Capacity(_) => {
-            (Close::TooBig, Close::TooBig.reason())
-        }
+        WsError::Capacity(_) => (Close::TooBig, Close::TooBig.reason()),
         WsError::Utf8(_) => (Close::InvalidPayload, Close::InvalidPayload.reason()),
         WsError::Protocol(_) => (Close::ProtocolError, Close::ProtocolError.reason()),
         WsError::ConnectionClosed | WsError::AlreadyClosed => {
