@@ -146,14 +146,9 @@ impl Executor {
                     Some(r) => {
                         r.run();
                     }
-                    None => {
-                        // A wake-up from another thread between the look
-                        // above and now finds the loop's waker kept.
-                        if self.shared.remote_due.load(Ordering::Acquire) {
-                            waker.wake_by_ref();
-                        }
-                        return Poll::<T>::Pending;
-                    }
+                    // A wake-up from another thread after the look above
+                    // finds the loop's waker, kept at the top.
+                    None => return Poll::<T>::Pending,
                 }
             }
             waker.wake_by_ref();
@@ -161,9 +156,7 @@ impl Executor {
         });
         futures_lite::future::or(future, tasks).await
     }
-}
 
-impl Executor {
     /// Moves the wake-ups from other threads to the back of the queue.
     fn take_remote(&self) {
         if self.shared.remote_due.swap(false, Ordering::Acquire) {
