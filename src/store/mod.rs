@@ -298,11 +298,10 @@ impl Store {
 }
 
 /// How the writer batches, and for whom.
-#[derive(Debug, Clone, Default)]
 struct WriterConfig {
-    pub batch_max: usize,
+    batch_max: usize,
     /// This box's name in a cluster; `None`: no bus log.
-    pub node: Option<String>,
+    node: Option<String>,
 }
 
 /// Takes everything queued into one batch, commits it on the pool, answers
