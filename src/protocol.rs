@@ -27,9 +27,7 @@ pub const MAX_MESSAGE_ID: usize = 64;
 /// Longest emoji, in bytes.
 pub const MAX_EMOJI: usize = 32;
 
-/// The error codes of the protocol (the whole list: later features use
-/// the rest).
-#[allow(dead_code)]
+/// The error codes of the protocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorCode {
     InvalidRequest,
@@ -177,13 +175,44 @@ struct Raw {
     arguments: Option<ToolArguments>,
 }
 
+/// A `chat` tool call's arguments as they come, on either protocol: the
+/// op protocol's `call_tool` and MCP's `tools/call` both read them into
+/// this and check them with [`ToolArguments::check`].
 #[derive(Deserialize, Default)]
 #[serde(default)]
-struct ToolArguments {
+pub struct ToolArguments {
     messages: Option<Vec<ChatMessage>>,
     provider: Option<String>,
     model: Option<String>,
     stream: Option<bool>,
+}
+
+impl ToolArguments {
+    /// The call they ask for, or what is wrong with them.
+    pub fn check(self) -> Result<ToolCall, String> {
+        let messages = self
+            .messages
+            .ok_or("missing \"arguments.messages\"")?
+            .into_iter()
+            .map(|m| match (m.role, m.content, m.tool_call_id) {
+                (_, _, Some(id)) if id.is_empty() || id.len() > MAX_TOOL_CALL_ID => {
+                    Err(format!("tool_call_id must be 1-{MAX_TOOL_CALL_ID} bytes"))
+                }
+                (Some(role), Some(content), tool_call_id) => Ok(Turn {
+                    role,
+                    content,
+                    tool_call_id,
+                }),
+                _ => Err("each message needs a role and a string content".into()),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(ToolCall {
+            messages,
+            provider: self.provider.filter(|p| p != "auto"),
+            model: self.model,
+            stream: self.stream.unwrap_or(true),
+        })
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -285,37 +314,12 @@ pub fn parse(text: &str) -> Result<Envelope, ParseError> {
                 ));
             }
             let name = raw.name.ok_or_else(|| fail("missing \"name\"".into()))?;
-            let args = raw
+            let call = raw
                 .arguments
-                .ok_or_else(|| fail("missing \"arguments\"".into()))?;
-            let messages = args
-                .messages
-                .ok_or_else(|| fail("missing \"arguments.messages\"".into()))?
-                .into_iter()
-                .map(|m| match (m.role, m.content, m.tool_call_id) {
-                    (_, _, Some(id)) if id.is_empty() || id.len() > MAX_TOOL_CALL_ID => Err(fail(
-                        format!("tool_call_id must be 1-{MAX_TOOL_CALL_ID} bytes"),
-                    )),
-                    (Some(role), Some(content), tool_call_id) => Ok(Turn {
-                        role,
-                        content,
-                        tool_call_id,
-                    }),
-                    _ => Err(fail(
-                        "each message needs a role and a string content".into(),
-                    )),
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            let provider = args.provider.filter(|p| p != "auto");
-            Request::CallTool {
-                name,
-                call: ToolCall {
-                    messages,
-                    provider,
-                    model: args.model,
-                    stream: args.stream.unwrap_or(true),
-                },
-            }
+                .ok_or_else(|| "missing \"arguments\"".to_string())
+                .and_then(ToolArguments::check)
+                .map_err(fail)?;
+            Request::CallTool { name, call }
         }
         "history" => {
             if raw.before_seq.is_some() && raw.after_seq.is_some() {

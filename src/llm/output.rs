@@ -55,8 +55,9 @@ pub fn said_frame(rid: Option<&str>, what: &Said) -> String {
     }
 }
 
-/// `call_tool_res`, for the `op` protocol.
-pub fn answer_frame(rid: Option<&str>, a: &Answer) -> String {
+/// `call_tool_res`, for the `op` protocol; `shared` marks the copy a
+/// repeat of the call's `request_id` gets (`"from_inflight":true`).
+pub fn answer_frame(rid: Option<&str>, a: &Answer, shared: bool) -> String {
     let usage = JsonOut::new()
         .num("prompt_tokens", a.usage.prompt_tokens)
         .num("completion_tokens", a.usage.completion_tokens)
@@ -65,7 +66,11 @@ pub fn answer_frame(rid: Option<&str>, a: &Answer) -> String {
         .str("type", "text")
         .str("text", a.text)
         .finish();
-    JsonOut::op("call_tool_res")
+    let mut frame = JsonOut::op("call_tool_res");
+    if shared {
+        frame = frame.bool("from_inflight", true);
+    }
+    frame
         .opt_str("request_id", rid)
         .raw("outputs", &format!("[{output}]"))
         .str("provider", a.provider)

@@ -84,16 +84,15 @@ impl Output for CallOutput {
         }
         // Every asker of a shared call gets the answer; the later ones
         // are told it was shared.
-        let frame = answer_frame(self.reply.rid(), answer);
-        for _ in 0..self.state.followers.get() {
-            let shared = frame.replacen(
-                "{\"op\":\"call_tool_res\",",
-                "{\"op\":\"call_tool_res\",\"from_inflight\":true,",
-                1,
-            );
-            self.reply.send(shared);
+        let followers = self.state.followers.get();
+        if followers > 0 {
+            let shared = answer_frame(self.reply.rid(), answer, true);
+            for _ in 0..followers {
+                self.reply.send(shared.clone());
+            }
         }
-        self.reply.send(frame);
+        self.reply
+            .send(answer_frame(self.reply.rid(), answer, false));
     }
 
     fn fail(&self, code: ErrorCode, message: &str, retry_after_ms: Option<u64>) {

@@ -1,24 +1,23 @@
 //! The Model Context Protocol, the part hivegate serves: JSON-RPC 2.0
 //! messages, `initialize` with version negotiation, `tools/list` (the
 //! `chat` tool) and `tools/call` answered through the LLM relay, with
-//! `notifications/progress` while it streams. Transport-free: the HTTP
-//! transport (`server::mcp_http`) reads and writes what this module parses
-//! and renders.
-//!
-//! The relay speaks the gateway's own frames (`stream_chunk`, `progress`,
-//! `call_tool_res`, `error`); [`Translator`] turns them into MCP messages,
-//! so one relay serves both protocols.
+//! `notifications/progress` while it streams. Transport-free: both
+//! transports (`server::mcp_http` and `server::conn::mcp`) hand each
+//! message to [`handle`] and carry out what it says ([`Handled`]); a
+//! started call runs through the one LLM relay (`relay.rs` turns its
+//! events into MCP messages).
 
 use crate::json::JsonOut;
 pub use crate::llm::Cancel;
+mod relay;
 mod sessions;
 pub use sessions::{Session, Sessions};
 
-use crate::llm::{Answer, Said};
-use crate::protocol::{ErrorCode, Request, ToolCall};
+use crate::limit::Refused;
+use crate::llm::{Caller, Llm};
+use crate::protocol::{ErrorCode, ToolArguments, ToolCall};
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 
@@ -194,15 +193,14 @@ pub fn initialize(params: &str) -> (String, &'static str) {
 
 /// The `tools/list` result: the one tool, `chat`, as the op protocol's
 /// `list_tools` describes it.
-pub fn tools_list(llm: &crate::llm::Llm) -> String {
+pub fn tools_list(llm: &Llm) -> String {
     format!("{{\"tools\":[{}]}}", llm.chat_tool())
 }
 
 #[derive(Deserialize)]
 struct CallParams<'a> {
     name: String,
-    #[serde(borrow)]
-    arguments: Option<&'a RawValue>,
+    arguments: Option<ToolArguments>,
     #[serde(rename = "_meta", borrow)]
     meta: Option<Meta<'a>>,
 }
@@ -219,18 +217,11 @@ pub fn tool_call(params: &str) -> Result<(String, ToolCall, Option<String>), Str
     let p: CallParams = crate::json::from_json(params)
         .map_err(|e| format!("params must be an object with a string name: {e}"))?;
     let token = p.meta.and_then(|m| m.progress_token).and_then(scalar);
-    let mut frame = String::from("{\"op\":\"call_tool\",\"request_id\":\"mcp\",\"name\":");
-    crate::json::escape_into(&mut frame, &p.name);
-    frame.push_str(",\"arguments\":");
-    frame.push_str(p.arguments.map_or("null", RawValue::get));
-    frame.push('}');
-    match crate::protocol::parse(&frame) {
-        Ok(env) => match env.request {
-            Request::CallTool { name, call } => Ok((name, call, token)),
-            _ => Err("not a tool call".into()),
-        },
-        Err(e) => Err(e.message),
-    }
+    let call = p
+        .arguments
+        .ok_or_else(|| "missing \"arguments\"".to_string())?
+        .check()?;
+    Ok((p.name, call, token))
 }
 
 #[derive(Deserialize)]
@@ -243,6 +234,66 @@ struct CancelParams<'a> {
 pub fn cancelled_id(params: &str) -> Option<String> {
     let p: CancelParams = crate::json::from_json(params).ok()?;
     p.request_id.and_then(scalar)
+}
+
+/// What a transport knows of the session a message came on.
+pub struct Ctx<'a> {
+    pub llm: &'a Llm,
+    /// The session's tool calls in flight, by request id.
+    pub calls: &'a mut HashMap<String, Rc<Cancel>>,
+    /// Who is asking, for a tool call's rules and budget.
+    pub caller: Caller,
+    /// Set when the rate limits refused this message.
+    pub limited: Option<Refused>,
+}
+
+/// What became of a message, for its transport to carry out.
+pub enum Handled {
+    /// Nothing to answer: a notification or a response.
+    Nothing,
+    /// The answer to send.
+    Answer(String),
+    /// `initialize`'s answer, and the version agreed (the HTTP transport
+    /// opens its session with it).
+    Initialized(String, &'static str),
+    /// A `tools/call` that passed its checks, registered in the session's
+    /// calls: the transport runs it ([`Started::run`]) and forgets it
+    /// when it ends.
+    Call(Started),
+}
+
+/// One message, on either transport: the methods this server offers, the
+/// rate limits' refusal, and `notifications/cancelled`.
+pub fn handle(message: Message, ctx: Ctx) -> Handled {
+    let (id, method, params) = match message {
+        Message::Response => return Handled::Nothing,
+        Message::Notification { method, params } => {
+            if ctx.limited.is_none() && method == "notifications/cancelled" {
+                let call = cancelled_id(&params).and_then(|rid| ctx.calls.remove(&rid));
+                if let Some(call) = call {
+                    call.cancel();
+                }
+            }
+            return Handled::Nothing;
+        }
+        Message::Request { id, method, params } => (id, method, params),
+    };
+    if let Some(r) = &ctx.limited {
+        return Handled::Answer(rate_limited(&id, &method, r));
+    }
+    Handled::Answer(match method.as_str() {
+        "initialize" => {
+            let (body, version) = initialize(&params);
+            return Handled::Initialized(result(&id, &body), version);
+        }
+        "ping" => result(&id, "{}"),
+        "tools/list" => result(&id, &tools_list(ctx.llm)),
+        "tools/call" => match start_call(ctx.llm, ctx.calls, &id, &params, ctx.caller) {
+            Ok(started) => return Handled::Call(started),
+            Err(answer) => answer,
+        },
+        _ => no_method(&id, &method),
+    })
 }
 
 /// The answer to a request a rate limit refused: a tool error for
@@ -268,23 +319,26 @@ pub fn no_method(id: &str, method: &str) -> String {
 
 /// A `tools/call` that passed its checks and holds its slots.
 pub struct Started {
-    pub call: ToolCall,
-    pub token: Option<String>,
-    /// One of `llm.max_in_flight`, for as long as the call runs.
-    pub slot: crate::limit::InFlight,
+    /// The request's id, as it came.
+    pub id: String,
+    /// Cancels the call (the transport's client went away).
     pub cancel: Rc<Cancel>,
-    pub caller: crate::llm::Caller,
+    call: ToolCall,
+    token: Option<String>,
+    /// One of `llm.max_in_flight`, for as long as the call runs.
+    slot: crate::limit::InFlight,
+    caller: Caller,
 }
 
 /// Checks a `tools/call` on either transport (its parameters, the tool,
 /// the call itself, the session's and the gateway's caps) and registers
 /// it in the session's `calls`; or returns the answer that refuses it.
-pub fn start_call(
-    llm: &crate::llm::Llm,
+fn start_call(
+    llm: &Llm,
     calls: &mut HashMap<String, Rc<Cancel>>,
     id: &str,
     params: &str,
-    caller: crate::llm::Caller,
+    caller: Caller,
 ) -> Result<Started, String> {
     let refuse =
         |code: &str, msg: &str, retry: Option<u64>| result(id, &tool_error(code, msg, retry));
@@ -323,80 +377,13 @@ pub fn start_call(
     let cancel = Rc::new(Cancel::default());
     calls.insert(id.to_string(), cancel.clone());
     Ok(Started {
+        id: id.to_string(),
         call,
         token,
         slot,
         cancel,
         caller,
     })
-}
-
-/// Turns one call's relay events into MCP messages.
-pub struct Translator {
-    pub id: String,
-    pub token: Option<String>,
-    progress: u64,
-}
-
-impl Translator {
-    pub fn new(id: String, token: Option<String>) -> Translator {
-        Translator {
-            id,
-            token,
-            progress: 0,
-        }
-    }
-
-    /// A `notifications/progress` for a streamed piece or a wait, when
-    /// the call has a progress token.
-    pub fn progress(&mut self, what: &Said) -> Option<String> {
-        let token = self.token.as_ref()?;
-        self.progress += 1;
-        let message = match what {
-            Said::Piece { text, .. } => text,
-            Said::Waiting(why) => why,
-        };
-        let params = JsonOut::new()
-            .raw("progressToken", token)
-            .num("progress", self.progress)
-            .str("message", message)
-            .finish();
-        Some(format!(
-            "{{\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\",\"params\":{params}}}"
-        ))
-    }
-
-    /// The call's result.
-    pub fn answer(&self, a: &Answer) -> String {
-        let content = JsonOut::new()
-            .str("type", "text")
-            .str("text", a.text)
-            .finish();
-        let usage = JsonOut::new()
-            .num("prompt_tokens", a.usage.prompt_tokens)
-            .num("completion_tokens", a.usage.completion_tokens)
-            .finish();
-        let structured = JsonOut::new()
-            .str("text", a.text)
-            .str("provider", a.provider)
-            .str("model", a.model)
-            .raw("usage", &usage)
-            .finish();
-        let body = JsonOut::new()
-            .raw("content", &format!("[{content}]"))
-            .raw("structuredContent", &structured)
-            .bool("isError", false)
-            .finish();
-        result(&self.id, &body)
-    }
-
-    /// The call's end without an answer: a tool error.
-    pub fn fail(&self, code: ErrorCode, message: &str, retry_after_ms: Option<u64>) -> String {
-        result(
-            &self.id,
-            &tool_error(code.as_str(), message, retry_after_ms),
-        )
-    }
 }
 
 /// A tool error: an `isError` result (the model reading it can react),
@@ -419,67 +406,6 @@ pub fn tool_error(code: &str, message: &str, retry_after_ms: Option<u64>) -> Str
         .raw("structuredContent", &structured.finish())
         .bool("isError", true)
         .finish()
-}
-
-/// Where a tool call's relay frames go on either transport: translated,
-/// then handed to `deliver` (the message, and whether it is the result).
-pub struct Sink<D: Fn(String, bool)> {
-    translator: RefCell<Translator>,
-    pub cancel: Rc<Cancel>,
-    deliver: D,
-}
-
-impl<D: Fn(String, bool)> Sink<D> {
-    pub fn new(translator: Translator, cancel: Rc<Cancel>, deliver: D) -> Sink<D> {
-        Sink {
-            translator: RefCell::new(translator),
-            cancel,
-            deliver,
-        }
-    }
-}
-
-impl<D: Fn(String, bool)> crate::llm::Output for Sink<D> {
-    fn rid(&self) -> Option<&str> {
-        Some("mcp")
-    }
-
-    fn say(&self, what: Said) {
-        if self.cancelled() {
-            return;
-        }
-        let notification = self.translator.borrow_mut().progress(&what);
-        if let Some(n) = notification {
-            (self.deliver)(n, false);
-        }
-    }
-
-    fn answer(&self, answer: &Answer) {
-        if !self.cancelled() {
-            (self.deliver)(self.translator.borrow().answer(answer), true);
-        }
-    }
-
-    fn fail(&self, code: ErrorCode, message: &str, retry_after_ms: Option<u64>) {
-        if !self.cancelled() {
-            (self.deliver)(
-                self.translator.borrow().fail(code, message, retry_after_ms),
-                true,
-            );
-        }
-    }
-
-    fn cancelled(&self) -> bool {
-        self.cancel.cancelled()
-    }
-
-    fn cancel_flag(&self) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
-        self.cancel.flag.clone()
-    }
-
-    fn until_cancelled(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + '_>> {
-        Box::pin(self.cancel.until())
-    }
 }
 
 #[cfg(test)]
@@ -575,41 +501,5 @@ mod tests {
             serde_json::json!(["string", "null"])
         );
         assert_eq!(schema["properties"]["stream"]["type"], "boolean");
-    }
-
-    #[test]
-    fn relay_events_become_progress_and_results() {
-        let mut t = Translator::new("3".into(), Some("\"tok\"".into()));
-        let n = t
-            .progress(&Said::Piece {
-                field: "chunk",
-                text: "Hel",
-            })
-            .unwrap();
-        assert!(
-            n.contains(r#""progressToken":"tok","progress":1,"message":"Hel""#),
-            "{n}"
-        );
-        let d = t.answer(&Answer {
-            text: "Hello",
-            provider: "p",
-            model: "m",
-            usage: Default::default(),
-        });
-        assert!(
-            d.starts_with(
-                r#"{"jsonrpc":"2.0","id":3,"result":{"content":[{"type":"text","text":"Hello"}]"#
-            ),
-            "{d}"
-        );
-        let e = t.fail(ErrorCode::RateLimited, "slow down", Some(250));
-        assert!(
-            e.contains(r#""isError":true"#)
-                && e.contains(r#""retry_after_ms":250"#)
-                && e.contains("RATE_LIMITED"),
-            "{e}"
-        );
-        let mut silent = Translator::new("4".into(), None);
-        assert_eq!(silent.progress(&Said::Waiting("x")), None);
     }
 }

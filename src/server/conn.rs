@@ -451,10 +451,10 @@ impl Conn {
         })
     }
 
-    /// A request refused by a rate limit, on either protocol: counted, and
-    /// past the abuse threshold in 10 s the connection is closed 1008.
+    /// A request refused by a rate limit (`Gateway::rate_check`, which
+    /// counted it), on either protocol: past the abuse threshold in 10 s
+    /// the connection is closed 1008.
     fn refused(&mut self, now: Instant) -> Result<(), Close> {
-        self.gw.meters.borrow_mut().refusals.record(now);
         let refusals = &mut self.trouble().refusals;
         refusals.record(now);
         let recent = refusals.count(now, 10);

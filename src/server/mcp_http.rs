@@ -16,7 +16,7 @@ use super::http::{Head, Response};
 use super::tls::Socket;
 use super::Gateway;
 use crate::auth::Identity;
-use crate::mcp::{self, code, Message, Translator};
+use crate::mcp::{self, code, Handled, Message};
 use crate::ops::metrics::{inc, Refusal};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use std::cell::{Cell, RefCell};
@@ -207,33 +207,24 @@ async fn answer(
         }
     };
     // Every message passes the rate limits, as a frame on /ws does.
-    let limited = gw.limits.borrow_mut().check(now, ip, &user).err();
-    if limited.is_some() {
-        gw.meters.borrow_mut().refusals.record(now);
-    }
-    let (id, method, params) = match message {
-        Message::Response => return Some(Response::text(202, "")),
-        Message::Notification { method, params } => {
-            if limited.is_none() && method == "notifications/cancelled" {
-                if let Some(sid) = session_id {
-                    let mut sessions = gw.mcp.borrow_mut();
-                    if let Some(s) = sessions.touch(sid, &user, now) {
-                        let rid = mcp::cancelled_id(&params).unwrap_or_default();
-                        if let Some(call) = s.calls.remove(&rid) {
-                            call.cancel();
-                        }
-                    }
-                }
-            }
-            return Some(Response::text(202, ""));
-        }
-        Message::Request { id, method, params } => (id, method, params),
+    let limited = gw.rate_check(now, ip, &user).err();
+    let caller = |who: Rc<Identity>| crate::llm::Caller {
+        grant: gw.live.borrow().rules.llm(&who),
+        who,
     };
-    if method == "initialize" {
-        if let Some(r) = limited {
-            return Some(json(200, mcp::rate_limited(&id, &method, &r)));
-        }
-        let (body, version) = mcp::initialize(&params);
+    if matches!(&message, Message::Request { method, .. } if method == "initialize") {
+        let ctx = mcp::Ctx {
+            llm: &gw.llm,
+            calls: &mut Default::default(),
+            caller: caller(who.clone()),
+            limited,
+        };
+        let (answer, version) = match mcp::handle(message, ctx) {
+            Handled::Initialized(answer, version) => (answer, version),
+            // Refused by the rate limits: no session.
+            Handled::Answer(answer) => return Some(json(200, answer)),
+            Handled::Nothing | Handled::Call(_) => return Some(Response::text(202, "")),
+        };
         // A user's quota is theirs; guests share their address's.
         let owner: Rc<str> = match &a.who {
             Some(w) => w.user.clone(),
@@ -247,30 +238,48 @@ async fn answer(
             "mcp session opened",
             &[("ip", &ip), ("user", &user.to_string())],
         );
-        return Some(json(200, mcp::result(&id, &body)).header("Mcp-Session-Id", sid));
+        return Some(json(200, answer).header("Mcp-Session-Id", sid));
     }
-    let Some(sid) = session_id else {
-        let msg = "send the Mcp-Session-Id that initialize returned";
-        return Some(json(
-            400,
-            mcp::error(Some(&id), code::INVALID_REQUEST, msg, None),
-        ));
+    // Everything else belongs to a session; a notification without one
+    // is accepted and has nothing to act on.
+    let handled = {
+        let mut sessions = gw.mcp.borrow_mut();
+        let session = session_id.and_then(|sid| sessions.touch(sid, &user, now));
+        match (session, message) {
+            (Some(s), message) => {
+                // The session's own identity: its refusals are logged once.
+                let caller = caller(s.who.clone());
+                let ctx = mcp::Ctx {
+                    llm: &gw.llm,
+                    calls: &mut s.calls,
+                    caller,
+                    limited,
+                };
+                mcp::handle(message, ctx)
+            }
+            (None, Message::Request { id, .. }) => {
+                let (status, msg) = match session_id {
+                    None => (400, "send the Mcp-Session-Id that initialize returned"),
+                    Some(_) => (
+                        404,
+                        "no such session (it ended or expired): initialize again",
+                    ),
+                };
+                return Some(json(
+                    status,
+                    mcp::error(Some(&id), code::INVALID_REQUEST, msg, None),
+                ));
+            }
+            (None, _) => Handled::Nothing,
+        }
     };
-    if gw.mcp.borrow_mut().touch(sid, &user, now).is_none() {
-        let msg = "no such session (it ended or expired): initialize again";
-        return Some(json(
-            404,
-            mcp::error(Some(&id), code::INVALID_REQUEST, msg, None),
-        ));
-    }
-    if let Some(r) = limited {
-        return Some(json(200, mcp::rate_limited(&id, &method, &r)));
-    }
-    match method.as_str() {
-        "ping" => Some(json(200, mcp::result(&id, "{}"))),
-        "tools/list" => Some(json(200, mcp::result(&id, &mcp::tools_list(&gw.llm)))),
-        "tools/call" => call_tool(gw, sid, &who, &a.head, id, &params, stream).await,
-        _ => Some(json(200, mcp::no_method(&id, &method))),
+    match handled {
+        Handled::Nothing => Some(Response::text(202, "")),
+        Handled::Answer(answer) | Handled::Initialized(answer, _) => Some(json(200, answer)),
+        Handled::Call(started) => {
+            let sid = session_id.unwrap_or_default();
+            call_tool(gw, sid, &a.head, started, stream).await
+        }
     }
 }
 
@@ -328,53 +337,22 @@ fn sse_head(sid: &str) -> String {
     )
 }
 
-/// `tools/call`: checked as a `call_tool` frame is, then relayed; the
-/// answer streams as SSE when the client accepts it.
+/// A started `tools/call`, relayed; the answer streams as SSE when the
+/// client accepts it.
 async fn call_tool(
     gw: &Rc<Gateway>,
     sid: &str,
-    who: &Identity,
     head: &Head,
-    id: String,
-    params: &str,
+    started: mcp::Started,
     stream: &mut Socket,
 ) -> Option<Response> {
-    let started = {
-        let mut sessions = gw.mcp.borrow_mut();
-        let Some(session) = sessions.get_mut(sid) else {
-            let msg = "the session ended";
-            return Some(json(
-                200,
-                mcp::result(&id, &mcp::tool_error("NOT_FOUND", msg, None)),
-            ));
-        };
-        // The session's own identity: its refusals are logged once.
-        let caller = crate::llm::Caller {
-            grant: gw.live.borrow().rules.llm(who),
-            who: session.who.clone(),
-        };
-        mcp::start_call(&gw.llm, &mut session.calls, &id, params, caller)
-    };
-    let mcp::Started {
-        call,
-        token,
-        slot,
-        cancel,
-        caller,
-    } = match started {
-        Ok(s) => s,
-        Err(answer) => return Some(json(200, answer)),
-    };
     let streamed = head.accept.contains("text/event-stream");
     let queue = Rc::new(Queue::default());
-    let translator = Translator::new(id.clone(), token.filter(|_| streamed));
+    let (id, cancel) = (started.id.clone(), started.cancel.clone());
     let to_queue = queue.clone();
-    let sink = mcp::Sink::new(translator, cancel.clone(), move |m, is_result| {
-        to_queue.push(m, is_result)
-    });
     let relay = async {
-        let _slot = slot;
-        gw.llm.run(call, &caller, &sink).await;
+        let deliver = move |m, is_result| to_queue.push(m, is_result);
+        started.run(&gw.llm, streamed, deliver).await;
         queue.end();
     };
     let response = if streamed {

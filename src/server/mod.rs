@@ -22,7 +22,7 @@ use crate::chat::Chat;
 use crate::config::Config;
 use crate::executor::Executor;
 use crate::hub::{Full, Table};
-use crate::limit::{Limits, Meters};
+use crate::limit::{Limits, Meters, Refused};
 use crate::ops::log::Logger;
 use crate::ops::metrics::{inc, Gauges, Metrics, Refusal};
 use crate::pool::Pool;
@@ -532,6 +532,21 @@ impl Gateway {
                     .header("Retry-After", retry),
             ),
         }
+    }
+
+    /// The three rate limits, for one request of `user` from `ip` on any
+    /// surface; a refusal is counted on the refusal meter.
+    pub(crate) fn rate_check(
+        &self,
+        now: Instant,
+        ip: IpAddr,
+        user: &Rc<str>,
+    ) -> Result<(), Refused> {
+        let checked = self.limits.borrow_mut().check(now, ip, user);
+        if checked.is_err() {
+            self.meters.borrow_mut().refusals.record(now);
+        }
+        checked
     }
 
     /// A token that signed nobody in, on any surface: counted against

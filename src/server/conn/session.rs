@@ -28,11 +28,7 @@ impl Conn {
         // anything more than its parse (which is what finds the request_id
         // to answer with). `hello` itself is paid for by the connection rate.
         if let Some(session) = &self.session {
-            let checked = self
-                .gw
-                .limits
-                .borrow_mut()
-                .check(now, self.slot.ip, &session.who.user);
+            let checked = self.gw.rate_check(now, self.slot.ip, &session.who.user);
             if let Err(refused) = checked {
                 let rid = match &parsed {
                     Ok(e) => e.request_id.as_deref(),
