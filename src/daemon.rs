@@ -81,7 +81,9 @@ pub fn run(cfg: Config, log: Logger, source: ConfigSource) -> Result<i32, String
     let (store, writer) = Store::open(
         &cfg.store,
         &cfg.server.data_dir,
-        cfg.cluster.as_ref().map(|k| k.node_id.as_str()),
+        cfg.cluster
+            .as_ref()
+            .map(crate::cluster::ClusterConfig::bus_log),
         pool.clone(),
         Box::new(move || downstream.wait_for_room()),
     )?;

@@ -3,11 +3,12 @@
 //! requests for what is missing, replays for peers that lack this box's
 //! events.
 
+use super::wire::parse_event;
 use super::{wire, Cluster, Item, BATCH, MAX_QUEUED, SYNC_SPACING};
 use crate::chat::{message_json, reaction_json};
 use crate::hub::frame;
 use crate::ops::metrics::inc;
-use crate::store::db::bus::{parse_event, Applied, BusEvent, BusKind};
+use crate::store::db::bus::{Applied, BusEvent, BusKind};
 use crate::store::{StoreError, StoredMessage, WriteOk, WriteOp};
 use async_io::Timer;
 use std::rc::Rc;
@@ -428,7 +429,7 @@ impl Cluster {
                 };
             let inbox = wire::inbox_subject(&self.cfg.subject_prefix, &asker);
             if let Some(to) = skip {
-                let body = crate::store::db::bus::skip_body(&self.cfg.node_id, &room, to);
+                let body = super::wire::encode_event(&self.cfg.node_id, &room, to, &BusKind::Skip);
                 self.publish(&link, &inbox, &body);
             }
             // At least one row, then what fits in an answer; the rest in

@@ -147,6 +147,15 @@ fn read_small(path: &std::path::Path, setting: &str) -> Result<String, String> {
 type Marks = HashMap<(Rc<str>, Rc<str>), i64>;
 
 impl ClusterConfig {
+    /// This box's side of the store's bus log: its node id, and the wire
+    /// format its events are kept in.
+    pub fn bus_log(&self) -> crate::store::db::bus::BusLog {
+        crate::store::db::bus::BusLog {
+            node: std::sync::Arc::from(self.node_id.as_str()),
+            encode: wire::encode_event,
+        }
+    }
+
     /// Checks what a file cannot say alone: servers given, a valid node id
     /// (the host name when unset) and prefix; reads the credentials.
     pub fn complete(&mut self) -> Result<(), String> {

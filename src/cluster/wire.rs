@@ -1,10 +1,12 @@
-//! What boxes say to each other on the bus, besides the events of
-//! `store::db::bus`: subjects, beats (who of a room is on a box, and how
-//! far its events in the room go), heads (the same without members, at the
-//! end of a replay) and sync requests (what a box has, so peers send the
-//! rest).
+//! What boxes say to each other on the bus: events (`msg`, `react`,
+//! `skip`: [`encode_event`] writes them, the store keeps the text in its
+//! log, [`parse_event`] reads a peer's), subjects, beats (who of a room is
+//! on a box, and how far its events in the room go), heads (the same
+//! without members, at the end of a replay) and sync requests (what a box
+//! has, so peers send the rest).
 
 use crate::json::JsonOut;
+use crate::store::db::bus::{BusEvent, BusKind};
 use std::collections::HashMap;
 
 /// `PREFIX.room.TOKEN`: a room's events and beats. Room names may hold
@@ -70,7 +72,7 @@ pub fn default_node_id() -> String {
 }
 
 /// Any message on the bus, by its `t`; the event types (`msg`, `react`,
-/// `skip`) are read again, whole, by `store::db::bus::parse_event`.
+/// `skip`) are read again, whole, by [`parse_event`].
 #[derive(serde::Deserialize)]
 pub struct Envelope {
     pub t: String,
@@ -82,6 +84,90 @@ pub struct Envelope {
     pub head: i64,
     #[serde(default)]
     pub have: HashMap<String, i64>,
+}
+
+/// The bus body of one of this box's events (`store::db::bus::Encode`).
+pub fn encode_event(node: &str, room: &str, oseq: i64, event: &BusKind) -> String {
+    let head = |t: &str| {
+        JsonOut::new()
+            .str("t", t)
+            .str("node", node)
+            .str("room", room)
+            .num("oseq", oseq.max(0) as u64)
+    };
+    match event {
+        BusKind::Message { id, user, text, ts } => head("msg")
+            .str("id", id)
+            .str("from", user)
+            .str("text", text)
+            .num("ts", (*ts).max(0) as u64)
+            .finish(),
+        BusKind::Reaction {
+            message_id,
+            emoji,
+            user,
+            added,
+            ts,
+        } => head("react")
+            .str("message_id", message_id)
+            .str("emoji", emoji)
+            .str("by", user)
+            .bool("added", *added)
+            .num("ts", (*ts).max(0) as u64)
+            .finish(),
+        BusKind::Skip => head("skip").finish(),
+    }
+}
+
+/// The fields any bus event may carry; which ones it needs depends on `t`.
+#[derive(serde::Deserialize)]
+struct Wire {
+    t: String,
+    node: String,
+    room: String,
+    oseq: i64,
+    id: Option<String>,
+    from: Option<String>,
+    text: Option<String>,
+    message_id: Option<String>,
+    emoji: Option<String>,
+    by: Option<String>,
+    added: Option<bool>,
+    ts: Option<i64>,
+}
+
+/// Reads a `msg`, `react` or `skip` body from another box. Whatever else
+/// a peer (or something posing as one) sends is an error saying what.
+pub fn parse_event(text: &str) -> Result<BusEvent, String> {
+    let w: Wire = crate::json::from_json(text).map_err(|e| e.message)?;
+    let need =
+        |v: Option<String>, name: &str| v.ok_or_else(|| format!("{} event without {name}", w.t));
+    let kind = match w.t.as_str() {
+        "msg" => BusKind::Message {
+            id: need(w.id, "id")?,
+            user: need(w.from, "from")?,
+            text: need(w.text, "text")?,
+            ts: w.ts.unwrap_or(0),
+        },
+        "react" => BusKind::Reaction {
+            message_id: need(w.message_id, "message_id")?,
+            emoji: need(w.emoji, "emoji")?,
+            user: need(w.by, "by")?,
+            added: w.added.ok_or("react event without added")?,
+            ts: w.ts.unwrap_or(0),
+        },
+        "skip" => BusKind::Skip,
+        other => return Err(format!("unknown event type {other:?}")),
+    };
+    if w.oseq < 1 {
+        return Err("oseq must be at least 1".into());
+    }
+    Ok(BusEvent {
+        origin: w.node,
+        room: w.room,
+        oseq: w.oseq,
+        kind,
+    })
 }
 
 pub fn beat(node: &str, room: &str, members: &[std::rc::Rc<str>], head: i64) -> String {
@@ -143,5 +229,51 @@ mod tests {
         let s = sync("b", "r", &[("a".into(), 3)]);
         let e: Envelope = crate::json::from_json(&s).unwrap();
         assert_eq!(e.have.get("a"), Some(&3));
+    }
+
+    #[test]
+    fn events_read_back_as_they_were_written() {
+        let events = [
+            BusKind::Message {
+                id: "m1".into(),
+                user: "bob".into(),
+                text: "a \"quoted\" line\n".into(),
+                ts: 7,
+            },
+            BusKind::Reaction {
+                message_id: "m1".into(),
+                emoji: "👍".into(),
+                user: "carol".into(),
+                added: false,
+                ts: 9,
+            },
+            BusKind::Skip,
+        ];
+        for kind in events {
+            let body = encode_event("box-a", "x.y", 3, &kind);
+            let ev = parse_event(&body).unwrap();
+            assert_eq!(
+                ev,
+                BusEvent {
+                    origin: "box-a".into(),
+                    room: "x.y".into(),
+                    oseq: 3,
+                    kind
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn malformed_events_are_refused_with_a_reason() {
+        for bad in [
+            "{}",
+            r#"{"t":"msg","node":"a","room":"x","oseq":1}"#,
+            r#"{"t":"drop","node":"a","room":"x","oseq":1}"#,
+            r#"{"t":"skip","node":"a","room":"x","oseq":0}"#,
+            "not json",
+        ] {
+            assert!(parse_event(bad).is_err(), "{bad}");
+        }
     }
 }

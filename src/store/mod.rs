@@ -121,19 +121,19 @@ pub const DB_FILE: &str = "hivegate.db";
 impl Store {
     /// Opens the database in `data_dir` (migrating it) with the store's
     /// own settings, and returns the store and its writer task, which the
-    /// caller spawns on the event loop. On a box of a cluster (`node`), its
+    /// caller spawns on the event loop. On a box of a cluster (`bus`), its
     /// messages and reaction changes also go into the bus log.
     pub fn open(
         settings: &StoreConfig,
         data_dir: &Path,
-        node: Option<&str>,
+        bus: Option<db::bus::BusLog>,
         pool: Rc<Pool>,
         downstream: Downstream,
     ) -> Result<(Store, impl Future<Output = ()>), String> {
         let (sync, write_queue) = (settings.synchronous, settings.write_queue);
         let config = WriterConfig {
             batch_max: settings.batch_max,
-            node: node.map(String::from),
+            bus,
         };
         let path = data_dir.join(DB_FILE);
         let writer = Arc::new(Mutex::new(db::open_writer(&path, sync)?));
@@ -300,8 +300,8 @@ impl Store {
 /// How the writer batches, and for whom.
 struct WriterConfig {
     batch_max: usize,
-    /// This box's name in a cluster; `None`: no bus log.
-    node: Option<String>,
+    /// This box on the bus of a cluster; `None`: no bus log.
+    bus: Option<db::bus::BusLog>,
 }
 
 /// Takes everything queued into one batch, commits it on the pool, answers
@@ -315,7 +315,7 @@ async fn writer_loop(
     logged: Rc<event_listener::Event>,
 ) {
     let batch_max = config.batch_max.max(1);
-    let node: Option<Arc<str>> = config.node.map(Arc::from);
+    let bus: Option<Arc<db::bus::BusLog>> = config.bus.map(Arc::new);
     loop {
         // Backpressure: no new batch while the fan-out is behind.
         while let Some(behind) = downstream() {
@@ -331,15 +331,15 @@ async fn writer_loop(
         }
         let (ops, replies): (Vec<WriteOp>, Vec<_>) =
             batch.into_iter().map(|p| (p.op, p.reply)).unzip();
-        let logs = node.is_some()
+        let logs = bus.is_some()
             && ops
                 .iter()
                 .any(|op| matches!(op, WriteOp::Publish { .. } | WriteOp::React { .. }));
         let ops = Arc::new(ops);
         let results = loop {
-            let (conn, ops, node) = (conn.clone(), ops.clone(), node.clone());
+            let (conn, ops, bus) = (conn.clone(), ops.clone(), bus.clone());
             let job = pool.submit(WRITE_DEADLINE, move || match conn.lock() {
-                Ok(mut c) => db::write_batch_as(&mut c, &ops, node.as_deref()),
+                Ok(mut c) => db::write_batch_as(&mut c, &ops, bus.as_deref()),
                 Err(_) => ops
                     .iter()
                     .map(|_| Err(WriteErr::Storage("writer lock poisoned".into())))

@@ -1,4 +1,6 @@
 //! The database's side of rooms across gateways (the `cluster` module).
+//! The events' wire format is the cluster's: the store keeps each of this
+//! box's events as `(oseq, body)`, the body written by [`BusLog::encode`].
 //!
 //! This box's own events go into `bus_log` in the transaction that commits
 //! them, each with the room's next origin sequence (`oseq`): a crash can
@@ -8,7 +10,6 @@
 //! caller asks the origin to replay). Every check and its write happen in
 //! the writer's transaction, so they cannot race.
 
-use crate::json::JsonOut;
 use rusqlite::{params, Connection, OptionalExtension};
 
 /// An event from another box.
@@ -77,134 +78,45 @@ fn log_row(r: &rusqlite::Row) -> rusqlite::Result<LogRow> {
     })
 }
 
-/// Appends this box's event for `room`, its body written by `body` from
-/// the room's next `oseq`.
+/// Appends this box's `event` in `room` to the log, under the room's next
+/// `oseq`.
 pub fn log_event(
     conn: &Connection,
+    log: &BusLog,
     room: &str,
     ts: i64,
-    body: impl FnOnce(i64) -> String,
+    event: &BusKind,
 ) -> rusqlite::Result<()> {
     let oseq: i64 = conn
         .prepare_cached("UPDATE rooms SET oseq = oseq + 1 WHERE name = ?1 RETURNING oseq")?
         .query_row(params![room], |r| r.get(0))?;
     conn.prepare_cached("INSERT INTO bus_log (room, oseq, body, ts) VALUES (?1, ?2, ?3, ?4)")?
-        .execute(params![room, oseq, body(oseq), ts])?;
+        .execute(params![
+            room,
+            oseq,
+            (log.encode)(&log.node, room, oseq, event),
+            ts
+        ])?;
     Ok(())
 }
 
-/// The bus body of a message this box stored.
-pub fn message_body(
-    node: &str,
-    room: &str,
-    oseq: i64,
-    id: &str,
-    user: &str,
-    text: &str,
-    ts: i64,
-) -> String {
-    JsonOut::new()
-        .str("t", "msg")
-        .str("node", node)
-        .str("room", room)
-        .num("oseq", oseq.max(0) as u64)
-        .str("id", id)
-        .str("from", user)
-        .str("text", text)
-        .num("ts", ts.max(0) as u64)
-        .finish()
-}
+/// How this box's events are written for the bus: its node, the room,
+/// the event's `oseq` and the event. The format is the cluster's
+/// (`cluster::wire`); the store only keeps the text it returns.
+pub type Encode = fn(node: &str, room: &str, oseq: i64, event: &BusKind) -> String;
 
-/// A reaction change made here, as the bus carries it.
-pub struct Change<'a> {
-    pub message_id: &'a str,
-    pub emoji: &'a str,
-    pub user: &'a str,
-    pub added: bool,
-    pub ts: i64,
-}
-
-/// The bus body of a reaction change made here.
-pub fn reaction_body(node: &str, room: &str, oseq: i64, c: &Change) -> String {
-    JsonOut::new()
-        .str("t", "react")
-        .str("node", node)
-        .str("room", room)
-        .num("oseq", oseq.max(0) as u64)
-        .str("message_id", c.message_id)
-        .str("emoji", c.emoji)
-        .str("by", c.user)
-        .bool("added", c.added)
-        .num("ts", c.ts.max(0) as u64)
-        .finish()
-}
-
-/// The bus body that tells a peer to move past events pruned here.
-pub fn skip_body(node: &str, room: &str, oseq: i64) -> String {
-    JsonOut::new()
-        .str("t", "skip")
-        .str("node", node)
-        .str("room", room)
-        .num("oseq", oseq.max(0) as u64)
-        .finish()
-}
-
-/// The fields any bus event may carry; which ones it needs depends on `t`.
-#[derive(serde::Deserialize)]
-struct Wire {
-    t: String,
-    node: String,
-    room: String,
-    oseq: i64,
-    id: Option<String>,
-    from: Option<String>,
-    text: Option<String>,
-    message_id: Option<String>,
-    emoji: Option<String>,
-    by: Option<String>,
-    added: Option<bool>,
-    ts: Option<i64>,
-}
-
-/// Reads a `msg`, `react` or `skip` body from another box. Whatever else
-/// a peer (or something posing as one) sends is an error saying what.
-pub fn parse_event(text: &str) -> Result<BusEvent, String> {
-    let w: Wire = crate::json::from_json(text).map_err(|e| e.message)?;
-    let need =
-        |v: Option<String>, name: &str| v.ok_or_else(|| format!("{} event without {name}", w.t));
-    let kind = match w.t.as_str() {
-        "msg" => BusKind::Message {
-            id: need(w.id, "id")?,
-            user: need(w.from, "from")?,
-            text: need(w.text, "text")?,
-            ts: w.ts.unwrap_or(0),
-        },
-        "react" => BusKind::Reaction {
-            message_id: need(w.message_id, "message_id")?,
-            emoji: need(w.emoji, "emoji")?,
-            user: need(w.by, "by")?,
-            added: w.added.ok_or("react event without added")?,
-            ts: w.ts.unwrap_or(0),
-        },
-        "skip" => BusKind::Skip,
-        other => return Err(format!("unknown event type {other:?}")),
-    };
-    if w.oseq < 1 {
-        return Err("oseq must be at least 1".into());
-    }
-    Ok(BusEvent {
-        origin: w.node,
-        room: w.room,
-        oseq: w.oseq,
-        kind,
-    })
+/// This box on the bus: its name, and how its events are written.
+#[derive(Clone)]
+pub struct BusLog {
+    pub node: std::sync::Arc<str>,
+    pub encode: Encode,
 }
 
 /// Applies an event from another box, once and in order.
 pub(super) fn apply_event(
     conn: &Connection,
     ev: &BusEvent,
-    seqs: &mut super::write::Seqs,
+    seqs: &mut super::seqs::Seqs,
 ) -> rusqlite::Result<Applied> {
     let have: i64 = conn
         .prepare_cached("SELECT oseq FROM bus_peers WHERE origin = ?1 AND room = ?2")?
@@ -286,37 +198,23 @@ pub(super) fn apply_event(
 }
 
 /// Whether adding `user`'s `emoji` keeps the message within the bounds a
-/// local reaction is held to (see `write::MAX_EMOJI_PER_MESSAGE`).
+/// local reaction is held to ([`super::room_for_reaction`]).
 fn within_reaction_bounds(
     conn: &Connection,
     message_id: &str,
     emoji: &str,
     user: &str,
 ) -> rusqlite::Result<bool> {
-    use super::write::{MAX_EMOJI_PER_MESSAGE, MAX_USERS_PER_EMOJI};
     let active: Option<i64> = conn
         .prepare_cached(
             "SELECT 1 FROM reactions WHERE message_id = ?1 AND emoji = ?2 AND user = ?3 AND removed = 0",
         )?
         .query_row(params![message_id, emoji, user], |r| r.get(0))
         .optional()?;
-    if active.is_some() {
-        return Ok(true);
-    }
-    let users: i64 = conn
-        .prepare_cached(
-            "SELECT COUNT(*) FROM reactions WHERE message_id = ?1 AND emoji = ?2 AND removed = 0",
-        )?
-        .query_row(params![message_id, emoji], |r| r.get(0))?;
-    if users > 0 {
-        return Ok(users < MAX_USERS_PER_EMOJI);
-    }
-    let distinct: i64 = conn
-        .prepare_cached(
-            "SELECT COUNT(DISTINCT emoji) FROM reactions WHERE message_id = ?1 AND removed = 0",
-        )?
-        .query_row(params![message_id], |r| r.get(0))?;
-    Ok(distinct < MAX_EMOJI_PER_MESSAGE)
+    Ok(active.is_some()
+        || super::room_for_reaction(conn, message_id, emoji)?
+            .1
+            .is_none())
 }
 
 /// Outbox rows after `after` (a `bus_log` id), oldest first, and how many

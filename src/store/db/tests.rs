@@ -373,7 +373,16 @@ fn backup_copies_a_consistent_database() {
 
 mod bus_log {
     use super::*;
-    use crate::store::db::bus::{self, Applied, BusEvent, BusKind};
+    use crate::store::db::bus::{self, Applied, BusEvent, BusKind, BusLog};
+
+    /// The store keeps whatever text the cluster's encoder writes; this
+    /// one shows what it was given.
+    fn log_as(node: &str) -> BusLog {
+        BusLog {
+            node: node.into(),
+            encode: |node, room, oseq, ev| format!("{node} {room} {oseq} {ev:?}"),
+        }
+    }
 
     fn event(origin: &str, oseq: i64, id: &str) -> WriteOp {
         WriteOp::Bus(BusEvent {
@@ -398,18 +407,23 @@ mod bus_log {
             publish("c", "x", "3", 3),
             react("a", "👍", "bob"),
         ];
-        let r = write_batch_as(&mut c, &ops, Some("box-a"));
+        let r = write_batch_as(&mut c, &ops, Some(&log_as("box-a")));
         assert!(r.iter().all(Result::is_ok), "{r:?}");
         let (rows, backlog) = bus::unpublished(&c, 0, 10).unwrap();
         assert_eq!(backlog, 4);
         let seen: Vec<(&str, i64)> = rows.iter().map(|r| (r.room.as_str(), r.oseq)).collect();
         assert_eq!(seen, [("x", 1), ("y", 1), ("x", 2), ("x", 3)]);
-        let first = bus::parse_event(&rows[0].body).unwrap();
-        assert_eq!(first.origin, "box-a");
-        assert!(matches!(first.kind, BusKind::Message { ref text, .. } if text == "1"));
-        let reaction = bus::parse_event(&rows[3].body).unwrap();
         assert!(
-            matches!(reaction.kind, BusKind::Reaction { added: true, ref emoji, .. } if emoji == "👍")
+            rows[0].body.starts_with("box-a x 1 Message {") && rows[0].body.contains("text: \"1\""),
+            "{}",
+            rows[0].body
+        );
+        assert!(
+            rows[3].body.starts_with("box-a x 3 Reaction {")
+                && rows[3].body.contains("emoji: \"👍\"")
+                && rows[3].body.contains("added: true"),
+            "{}",
+            rows[3].body
         );
         // The published mark only moves forward; the backlog follows it.
         write_batch(&mut c, &[WriteOp::BusPublished { upto: rows[2].id }]);
@@ -510,7 +524,7 @@ mod bus_log {
         let ops: Vec<WriteOp> = (0..10)
             .map(|i| publish(&format!("m{i}"), "x", "t", i))
             .collect();
-        write_batch_as(&mut c, &ops, Some("a"));
+        write_batch_as(&mut c, &ops, Some(&log_as("a")));
         let bus::Replay { skip, rows, head } = bus::replay(&c, "x", 7, 100).unwrap();
         assert_eq!((skip, head), (None, 10));
         assert_eq!(rows.iter().map(|r| r.oseq).collect::<Vec<_>>(), [8, 9, 10]);
@@ -520,26 +534,12 @@ mod bus_log {
         let bus::Replay { skip, rows, .. } = bus::replay(&c, "x", 2, 100).unwrap();
         assert_eq!(skip, Some(6));
         assert_eq!(rows.first().map(|r| r.oseq), Some(7));
-        assert!(bus::parse_event(&bus::skip_body("a", "x", 6)).is_ok());
         // Past the head there is nothing, and nothing to skip.
         let past = bus::Replay {
             head: 10,
             ..Default::default()
         };
         assert_eq!(bus::replay(&c, "x", 10, 100).unwrap(), past);
-    }
-
-    #[test]
-    fn malformed_events_are_refused_with_a_reason() {
-        for bad in [
-            "{}",
-            r#"{"t":"msg","node":"a","room":"x","oseq":1}"#,
-            r#"{"t":"drop","node":"a","room":"x","oseq":1}"#,
-            r#"{"t":"skip","node":"a","room":"x","oseq":0}"#,
-            "not json",
-        ] {
-            assert!(bus::parse_event(bad).is_err(), "{bad}");
-        }
     }
 }
 

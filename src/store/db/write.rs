@@ -2,13 +2,10 @@
 //! group commit, with refusals that do not take the batch down; and the
 //! deletes of retention and of a full disk.
 
-use super::bus;
+use super::bus::{self, BusKind, BusLog};
+use super::room_for_reaction;
+use super::seqs::Seqs;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
-
-/// Most distinct emoji on one message.
-pub const MAX_EMOJI_PER_MESSAGE: i64 = 50;
-/// Most users behind one emoji on one message.
-pub const MAX_USERS_PER_EMOJI: i64 = 100;
 
 /// One change in a write batch.
 #[derive(Debug, Clone)]
@@ -128,18 +125,18 @@ pub fn write_batch(conn: &mut Connection, ops: &[WriteOp]) -> Vec<Result<WriteOk
     write_batch_as(conn, ops, None)
 }
 
-/// [`write_batch`] on a box of a cluster called `node`: each message and
+/// [`write_batch`] on a box of a cluster (`log`): each message and
 /// reaction change made here also goes into the bus log, in the same
 /// transaction.
 pub fn write_batch_as(
     conn: &mut Connection,
     ops: &[WriteOp],
-    node: Option<&str>,
+    log: Option<&BusLog>,
 ) -> Vec<Result<WriteOk, WriteErr>> {
-    match try_batch(conn, ops, false, node) {
+    match try_batch(conn, ops, false, log) {
         Ok(results) => results,
         Err(Retry::WithSavepoints) => {
-            try_batch(conn, ops, true, node).unwrap_or_else(|e| all_fail(ops, &e))
+            try_batch(conn, ops, true, log).unwrap_or_else(|e| all_fail(ops, &e))
         }
         Err(e) => all_fail(ops, &e),
     }
@@ -165,7 +162,7 @@ fn try_batch(
     conn: &mut Connection,
     ops: &[WriteOp],
     isolate: bool,
-    node: Option<&str>,
+    log: Option<&BusLog>,
 ) -> Result<Vec<Result<WriteOk, WriteErr>>, Retry> {
     let failed = |e: rusqlite::Error| Retry::Failed(e.to_string());
     // Dropping the transaction without commit rolls it back.
@@ -180,7 +177,7 @@ fn try_batch(
             // in the rooms' numbering either.
             let before = seqs.clone();
             let result = match tx.savepoint() {
-                Ok(sp) => apply_as(&sp, op, node, &mut seqs).and_then(|ok| {
+                Ok(sp) => apply_as(&sp, op, log, &mut seqs).and_then(|ok| {
                     sp.commit().map_err(|e| WriteErr::Storage(e.to_string()))?;
                     Ok(ok)
                 }),
@@ -191,7 +188,7 @@ fn try_batch(
             }
             result
         } else {
-            match apply_as(&tx, op, node, &mut seqs) {
+            match apply_as(&tx, op, log, &mut seqs) {
                 Err(WriteErr::Storage(_)) => return Err(Retry::WithSavepoints),
                 other => other,
             }
@@ -203,61 +200,16 @@ fn try_batch(
     Ok(results)
 }
 
-/// The rooms' message numbering within one batch: each room's last number
-/// is read once, counted on here, and written back once before the commit.
-/// An upsert returning the new number for every message cost more than
-/// the message's own insert.
-#[derive(Default, Clone)]
-pub(super) struct Seqs {
-    /// The rooms that took a number, and their last.
-    rooms: std::collections::HashMap<String, i64>,
-}
-
-impl Seqs {
-    /// The next number of `room`'s messages.
-    pub(super) fn next(&mut self, conn: &Connection, room: &str) -> rusqlite::Result<i64> {
-        if let Some(last) = self.rooms.get_mut(room) {
-            *last += 1;
-            return Ok(*last);
-        }
-        let known: Option<i64> = conn
-            .prepare_cached("SELECT last_seq FROM rooms WHERE name = ?1")?
-            .query_row(params![room], |r| r.get(0))
-            .optional()?;
-        let last = match known {
-            Some(last) => last,
-            None => {
-                // The room's row exists from its first message on (the bus
-                // log numbers its events there).
-                conn.prepare_cached("INSERT INTO rooms (name, last_seq) VALUES (?1, 0)")?
-                    .execute(params![room])?;
-                0
-            }
-        };
-        self.rooms.insert(room.to_string(), last + 1);
-        Ok(last + 1)
-    }
-
-    fn store(&self, conn: &Connection) -> rusqlite::Result<()> {
-        for (room, last) in &self.rooms {
-            conn.prepare_cached("UPDATE rooms SET last_seq = ?2 WHERE name = ?1")?
-                .execute(params![room, last])?;
-        }
-        Ok(())
-    }
-}
-
 /// Applies one op; on a cluster's box, logs what it changed for the bus.
 fn apply_as(
     conn: &Connection,
     op: &WriteOp,
-    node: Option<&str>,
+    log: Option<&BusLog>,
     seqs: &mut Seqs,
 ) -> Result<WriteOk, WriteErr> {
     let ok = apply(conn, op, seqs)?;
-    let Some(node) = node else { return Ok(ok) };
-    let storage = |e: rusqlite::Error| WriteErr::Storage(e.to_string());
-    match (op, &ok) {
+    let Some(log) = log else { return Ok(ok) };
+    let (room, event) = match (op, &ok) {
         (
             WriteOp::Publish {
                 id,
@@ -267,12 +219,15 @@ fn apply_as(
                 ts,
             },
             WriteOk::Published { .. },
-        ) => {
-            bus::log_event(conn, room, *ts, |oseq| {
-                bus::message_body(node, room, oseq, id, user, text, *ts)
-            })
-            .map_err(storage)?;
-        }
+        ) => (
+            room,
+            BusKind::Message {
+                id: id.clone(),
+                user: user.clone(),
+                text: text.clone(),
+                ts: *ts,
+            },
+        ),
         (
             WriteOp::React {
                 message_id,
@@ -282,21 +237,23 @@ fn apply_as(
                 ..
             },
             WriteOk::Reacted { room, added, .. },
-        ) => {
-            let change = bus::Change {
-                message_id,
-                emoji,
-                user,
+        ) => (
+            room,
+            BusKind::Reaction {
+                message_id: message_id.clone(),
+                emoji: emoji.clone(),
+                user: user.clone(),
                 added: *added,
                 ts: *ts,
-            };
-            bus::log_event(conn, room, *ts, |oseq| {
-                bus::reaction_body(node, room, oseq, &change)
-            })
-            .map_err(storage)?;
-        }
-        _ => {}
-    }
+            },
+        ),
+        _ => return Ok(ok),
+    };
+    let ts = match &event {
+        BusKind::Message { ts, .. } | BusKind::Reaction { ts, .. } => *ts,
+        BusKind::Skip => 0,
+    };
+    bus::log_event(conn, log, room, ts, &event).map_err(|e| WriteErr::Storage(e.to_string()))?;
     Ok(ok)
 }
 
@@ -365,19 +322,9 @@ fn apply(conn: &Connection, op: &WriteOp, seqs: &mut Seqs) -> Result<WriteOk, Wr
                     added: false,
                 });
             }
-            let users = count_for(emoji)?;
-            if users == 0 {
-                let distinct: i64 = conn
-                    .prepare_cached(
-                        "SELECT COUNT(DISTINCT emoji) FROM reactions WHERE message_id = ?1 AND removed = 0",
-                    )
-                    .and_then(|mut s| s.query_row(params![message_id], |r| r.get(0)))
-                    .map_err(storage)?;
-                if distinct >= MAX_EMOJI_PER_MESSAGE {
-                    return Err(WriteErr::LimitExceeded("a message holds at most 50 distinct emoji"));
-                }
-            } else if users >= MAX_USERS_PER_EMOJI {
-                return Err(WriteErr::LimitExceeded("an emoji holds at most 100 users"));
+            let (users, full) = room_for_reaction(conn, message_id, emoji).map_err(storage)?;
+            if let Some(bound) = full {
+                return Err(WriteErr::LimitExceeded(bound));
             }
             if current.is_some() {
                 set_removed(false)?;
