@@ -17,7 +17,7 @@ use crate::json::JsonOut;
 use crate::ops::log::Logger;
 use crate::pool::Pool;
 use crate::resilience::{backoff, Breaker, BreakerState, Jitter};
-use crate::store::{Store, Unsynced, WriteOk, WriteOp};
+use crate::store::{Store, Unsynced};
 use async_io::Timer;
 use std::cell::{Cell, RefCell};
 use std::io::Read;
@@ -238,20 +238,7 @@ impl Remote {
                 _ => Ok(()),
             };
         }
-        let messages: Vec<String> = outbox
-            .messages
-            .iter()
-            .map(|m| {
-                JsonOut::new()
-                    .str("id", &m.id)
-                    .str("room", &m.room)
-                    .num("seq", m.seq as u64)
-                    .str("user", &m.user)
-                    .str("text", &m.text)
-                    .num("ts", m.ts as u64)
-                    .finish()
-            })
-            .collect();
+        let messages: Vec<String> = outbox.messages.iter().map(|m| m.row()).collect();
         let ok = self
             .post_all(
                 store,
@@ -305,11 +292,8 @@ impl Remote {
         let count = synced_messages.len() + ok_r.len();
         // If the mark fails, the rows are sent again later: upserts make
         // that harmless.
-        if let Ok(done) = store.write(WriteOp::MarkSynced {
-            messages: synced_messages,
-            reactions: synced_reactions,
-        }) {
-            if let Ok(WriteOk::Marked) = done.await {
+        if let Ok(done) = store.mark_synced(synced_messages, synced_reactions) {
+            if let Ok(()) = done.await {
                 self.shipped.set(self.shipped.get() + count as u64);
                 // Keep the gauge current until the next round reads it.
                 self.backlog.set((self.backlog.get() - count as i64).max(0));
@@ -350,15 +334,9 @@ impl Remote {
                             ("error", &why),
                         ],
                     );
-                    let op = WriteOp::DeadLetter {
-                        kind,
-                        key: key(from),
-                        row_json: rows[from].clone(),
-                        error: why,
-                        ts: crate::clock::unix_ms(),
-                    };
-                    if let Ok(done) = store.write(op) {
-                        if let Ok(WriteOk::Parked { pruned }) = done.await {
+                    let (row, ts) = (rows[from].clone(), crate::clock::unix_ms());
+                    if let Ok(done) = store.dead_letter(kind, key(from), row, why, ts) {
+                        if let Ok(pruned) = done.await {
                             self.backlog.set((self.backlog.get() - 1).max(0));
                             let n = &self.dead_letters_pruned;
                             n.set(n.get() + pruned);

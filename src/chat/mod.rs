@@ -19,7 +19,6 @@
 use crate::hub::{frame, Delivery, Frame, Table};
 use crate::json::{escape_into, JsonOut};
 use crate::ops::metrics::{add, inc};
-use crate::store::StoredMessage;
 
 mod news;
 mod peers;
@@ -452,33 +451,6 @@ pub fn names_json(names: &[Rc<str>]) -> String {
 /// `\u001f` (six bytes), plus the envelope, the names and the reactions.
 pub fn largest_message_frame(max_text_bytes: usize) -> usize {
     max_text_bytes.saturating_mul(6).saturating_add(1024)
-}
-
-/// `{"op":"message",...}` for a stored message.
-pub fn message_json(m: &StoredMessage) -> String {
-    let reactions = match m.reactions.is_empty() {
-        true => "{}".to_string(),
-        false => {
-            let mut out = JsonOut::new();
-            for (emoji, n) in &m.reactions {
-                out = out.num(emoji, *n as u64);
-            }
-            out.finish()
-        }
-    };
-    // The keys, numbers and quotes take under 128 bytes; text that needs
-    // escaping may grow the buffer once.
-    let known = m.room.len() + m.id.len() + m.user.len() + m.text.len() + reactions.len();
-    JsonOut::with_capacity(known + 128)
-        .str("op", "message")
-        .str("room", &m.room)
-        .str("id", &m.id)
-        .num("seq", m.seq as u64)
-        .str("from", &m.user)
-        .str("text", &m.text)
-        .num("ts", m.ts as u64)
-        .raw("reactions", &reactions)
-        .finish()
 }
 
 /// Counts a fan-out in the gateway's metrics.

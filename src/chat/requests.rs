@@ -6,12 +6,12 @@
 //! store does. Nothing here knows about sockets: the tests below run the
 //! requests against a real store and read the frames from the hub.
 
-use super::{message_json, names_json, reaction_json, Chat, ChatLimits, JoinError};
+use super::{names_json, reaction_json, Chat, ChatLimits, JoinError};
 use crate::hub::{frame, Reply, Task, MAX_IN_FLIGHT};
 use crate::json::JsonOut;
 use crate::ops::log::Logger;
 use crate::protocol::ErrorCode;
-use crate::store::{Range, Store, StoreError, StoredMessage, WriteOk, WriteOp};
+use crate::store::{Range, Reacted, Store, StoreError, StoredMessage};
 use std::cell::Cell;
 use std::rc::Rc;
 
@@ -160,14 +160,7 @@ impl ChatRequests {
             ts,
             reactions: Vec::new(),
         };
-        let op = WriteOp::Publish {
-            id: msg.id.clone(),
-            room: msg.room.clone(),
-            user: msg.user.clone(),
-            text: msg.text.clone(),
-            ts: msg.ts,
-        };
-        let committed = match store.write(op) {
+        let committed = match store.publish(msg) {
             Ok(f) => f,
             Err(e) => {
                 self.store_error(&reply, &e);
@@ -177,20 +170,18 @@ impl ChatRequests {
         let (chat, log) = (self.chat.clone(), self.log);
         Some(Box::pin(async move {
             match committed.await {
-                Ok(WriteOk::Published { seq }) => {
+                Ok(stored) => {
                     // Acknowledged only now: the message is on disk.
                     let ack = JsonOut::op("ack")
                         .opt_str("request_id", reply.rid())
-                        .str("id", &msg.id)
-                        .num("seq", seq as u64)
+                        .str("id", &stored.id)
+                        .num("seq", stored.seq as u64)
                         .finish();
                     // Through the fan-out queue, just ahead of the message:
                     // the publisher gets both in one write.
                     chat.enqueue_direct(reply.key, reply.conn, frame(ack));
-                    let stored = StoredMessage { seq, ..msg };
-                    chat.enqueue(Rc::from(stored.room.as_str()), frame(message_json(&stored)));
+                    chat.enqueue(Rc::from(stored.room.as_str()), frame(stored.frame()));
                 }
-                Ok(other) => unexpected(log, &reply, &other),
                 Err(e) => store_error(log, &reply, &e),
             }
         }))
@@ -209,14 +200,8 @@ impl ChatRequests {
             return None;
         }
         // `rooms`: those of the asker's rooms where it may react.
-        let op = WriteOp::React {
-            message_id: message_id.clone(),
-            emoji: emoji.clone(),
-            user: asker.user.to_string(),
-            ts: crate::clock::unix_ms(),
-            rooms,
-        };
-        let done = match store.write(op) {
+        let (user, ts) = (asker.user.to_string(), crate::clock::unix_ms());
+        let done = match store.react(message_id.clone(), emoji.clone(), user, ts, rooms) {
             Ok(f) => f,
             Err(e) => {
                 self.store_error(&reply, &e);
@@ -226,7 +211,7 @@ impl ChatRequests {
         let (chat, log, user) = (self.chat.clone(), self.log, asker.user.clone());
         Some(Box::pin(async move {
             match done.await {
-                Ok(WriteOk::Reacted { room, count, added }) => {
+                Ok(Reacted { room, count, added }) => {
                     reply.send(
                         JsonOut::op("ack")
                             .opt_str("request_id", reply.rid())
@@ -235,7 +220,6 @@ impl ChatRequests {
                     let event = reaction_json(&room, &message_id, &emoji, count, &user, added);
                     chat.enqueue(Rc::from(room), frame(event));
                 }
-                Ok(other) => unexpected(log, &reply, &other),
                 Err(e) => store_error(log, &reply, &e),
             }
         }))
@@ -303,7 +287,7 @@ fn with_messages(
     let mut parts: Vec<String> = Vec::with_capacity(msgs.len());
     let mut total = 2;
     let mut take = |m: &StoredMessage| {
-        let json = message_json(m);
+        let json = m.frame();
         if total + json.len() + 1 > budget {
             return false;
         }
@@ -357,15 +341,6 @@ fn store_error(log: Logger, reply: &Reply, e: &StoreError) {
             reply.error(ErrorCode::InternalError, &msg, None);
         }
     }
-}
-
-/// The store answered with the wrong kind of result: a bug, logged.
-fn unexpected(log: Logger, reply: &Reply, answer: &WriteOk) {
-    log.warn(
-        "unexpected store answer",
-        &[("conn", &reply.conn), ("answer", &format!("{answer:?}"))],
-    );
-    store_error(log, reply, &StoreError::Storage("unexpected answer".into()));
 }
 
 #[cfg(test)]

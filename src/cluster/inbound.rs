@@ -5,11 +5,11 @@
 
 use super::wire::parse_event;
 use super::{wire, Cluster, Item, BATCH, MAX_QUEUED, SYNC_SPACING};
-use crate::chat::{message_json, reaction_json};
+use crate::chat::reaction_json;
 use crate::hub::frame;
 use crate::ops::metrics::inc;
 use crate::store::db::bus::{Applied, BusEvent, BusKind};
-use crate::store::{StoreError, StoredMessage, WriteOk, WriteOp};
+use crate::store::{StoreError, StoredMessage};
 use async_io::Timer;
 use std::rc::Rc;
 use std::time::Instant;
@@ -163,11 +163,11 @@ impl Cluster {
     fn within_limits(&self, ev: &BusEvent) -> bool {
         let id_ok = |id: &str| !id.is_empty() && id.len() <= crate::protocol::MAX_MESSAGE_ID;
         match &ev.kind {
-            BusKind::Message { id, user, text, .. } => {
-                id_ok(id)
-                    && crate::auth::valid_user(user)
-                    && !text.is_empty()
-                    && text.len() <= self.limits.max_text_bytes
+            BusKind::Message(m) => {
+                id_ok(&m.id)
+                    && crate::auth::valid_user(&m.user)
+                    && !m.text.is_empty()
+                    && m.text.len() <= self.limits.max_text_bytes
             }
             BusKind::Reaction {
                 message_id,
@@ -252,7 +252,7 @@ impl Cluster {
                 return false;
             };
             let item = match item {
-                Item::Event(ev) => match self.store.write(WriteOp::Bus(ev.clone())) {
+                Item::Event(ev) => match self.store.apply_event(ev.clone()) {
                     Ok(f) => Item::Applying(ev, Box::pin(f)),
                     Err(StoreError::Busy { .. }) => {
                         self.inbound.borrow_mut().push_front(Item::Event(ev));
@@ -270,7 +270,7 @@ impl Cluster {
         }
     }
 
-    pub(super) fn applied_one(&self, ev: BusEvent, result: Result<WriteOk, StoreError>) {
+    pub(super) fn applied_one(&self, ev: BusEvent, result: Result<Applied, StoreError>) {
         let room: Rc<str> = Rc::from(ev.room.as_str());
         let note = |oseq: i64| {
             // Marks are kept for local rooms only (they go with the room).
@@ -279,23 +279,15 @@ impl Cluster {
             }
         };
         match result {
-            Ok(WriteOk::Bus(Applied::Message { seq })) => {
+            Ok(Applied::Message { seq }) => {
                 note(ev.oseq);
                 inc(&self.stats.applied);
-                if let BusKind::Message { id, user, text, ts } = ev.kind {
-                    let m = StoredMessage {
-                        id,
-                        room: ev.room,
-                        seq,
-                        user,
-                        text,
-                        ts,
-                        reactions: Vec::new(),
-                    };
-                    self.chat.enqueue(room, frame(message_json(&m)));
+                if let BusKind::Message(m) = ev.kind {
+                    let m = StoredMessage { seq, ..m };
+                    self.chat.enqueue(room, frame(m.frame()));
                 }
             }
-            Ok(WriteOk::Bus(Applied::Reaction { room: r, count })) => {
+            Ok(Applied::Reaction { room: r, count }) => {
                 note(ev.oseq);
                 inc(&self.stats.applied);
                 if let BusKind::Reaction {
@@ -310,23 +302,23 @@ impl Cluster {
                     self.chat.enqueue(Rc::from(r.as_str()), frame(f));
                 }
             }
-            Ok(WriteOk::Bus(Applied::Quiet)) => note(ev.oseq),
+            Ok(Applied::Quiet) => note(ev.oseq),
             // Past what a local client could do to the message (its
             // emoji bounds): applied as nothing, counted.
-            Ok(WriteOk::Bus(Applied::Refused)) => {
+            Ok(Applied::Refused) => {
                 note(ev.oseq);
                 inc(&self.stats.malformed);
             }
-            Ok(WriteOk::Bus(Applied::Duplicate)) => {
+            Ok(Applied::Duplicate) => {
                 note(ev.oseq);
                 inc(&self.stats.duplicates);
             }
-            Ok(WriteOk::Bus(Applied::Gap { have })) => {
+            Ok(Applied::Gap { have }) => {
                 note(have);
                 inc(&self.stats.gaps);
                 self.want_sync(&room);
             }
-            Ok(_) | Err(_) => {
+            Err(_) => {
                 inc(&self.stats.dropped_inbound);
                 self.want_sync(&room);
             }

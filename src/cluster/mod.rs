@@ -41,8 +41,9 @@ use crate::chat::Chat;
 use crate::ops::log::Logger;
 use crate::ops::metrics::inc;
 use crate::resilience::{backoff, Breaker, Jitter};
+use crate::store::db::bus::Applied;
 use crate::store::db::bus::BusEvent;
-use crate::store::{Store, StoreError, WriteOk};
+use crate::store::{Store, StoreError};
 use async_io::Timer;
 use futures_lite::FutureExt;
 use nats::Link;
@@ -209,7 +210,7 @@ impl ClusterConfig {
     }
 }
 
-type Pending = Pin<Box<dyn Future<Output = Result<WriteOk, StoreError>>>>;
+type Pending = Pin<Box<dyn Future<Output = Result<Applied, StoreError>>>>;
 
 /// In the order events arrived: each applied, then told to members.
 enum Item {

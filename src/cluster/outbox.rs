@@ -4,7 +4,6 @@
 
 use super::{wire, Cluster, Link, BATCH};
 use crate::ops::metrics::add;
-use crate::store::{WriteOk, WriteOp};
 use async_io::Timer;
 use futures_lite::FutureExt;
 use std::rc::Rc;
@@ -60,7 +59,7 @@ impl Cluster {
                 self.stats
                     .backlog
                     .set((backlog - sent as i64).max(0) as u64);
-                if let Ok(f) = self.store.write(WriteOp::BusPublished { upto: mark }) {
+                if let Ok(f) = self.store.bus_published(mark) {
                     // Only a hint for after a restart: a lost mark means
                     // duplicates, which peers drop.
                     let _ = f.await;
@@ -141,13 +140,11 @@ impl Cluster {
 
     pub(super) async fn prune(&self) {
         let older_than = crate::clock::unix_ms() - self.cfg.outbox_max_age.as_millis() as i64;
-        let op = WriteOp::BusPrune {
-            max_rows: self.cfg.outbox_max_rows,
-            older_than_ts: older_than,
-            batch: 10_000,
-        };
-        if let Ok(f) = self.store.write(op) {
-            if let Ok(WriteOk::Pruned { deleted }) = f.await {
+        let pruned = self
+            .store
+            .bus_prune(self.cfg.outbox_max_rows, older_than, 10_000);
+        if let Ok(f) = pruned {
+            if let Ok(deleted) = f.await {
                 if deleted > 0 {
                     add(&self.stats.outbox_pruned, deleted as u64);
                     self.log.warn(

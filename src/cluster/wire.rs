@@ -7,6 +7,7 @@
 
 use crate::json::JsonOut;
 use crate::store::db::bus::{BusEvent, BusKind};
+use crate::store::StoredMessage;
 use std::collections::HashMap;
 
 /// `PREFIX.room.TOKEN`: a room's events and beats. Room names may hold
@@ -96,12 +97,7 @@ pub fn encode_event(node: &str, room: &str, oseq: i64, event: &BusKind) -> Strin
             .num("oseq", oseq.max(0) as u64)
     };
     match event {
-        BusKind::Message { id, user, text, ts } => head("msg")
-            .str("id", id)
-            .str("from", user)
-            .str("text", text)
-            .num("ts", (*ts).max(0) as u64)
-            .finish(),
+        BusKind::Message(m) => m.content(head("msg").str("id", &m.id)).finish(),
         BusKind::Reaction {
             message_id,
             emoji,
@@ -143,12 +139,15 @@ pub fn parse_event(text: &str) -> Result<BusEvent, String> {
     let need =
         |v: Option<String>, name: &str| v.ok_or_else(|| format!("{} event without {name}", w.t));
     let kind = match w.t.as_str() {
-        "msg" => BusKind::Message {
+        "msg" => BusKind::Message(StoredMessage {
             id: need(w.id, "id")?,
+            room: w.room.clone(),
+            seq: 0,
             user: need(w.from, "from")?,
             text: need(w.text, "text")?,
             ts: w.ts.unwrap_or(0),
-        },
+            reactions: Vec::new(),
+        }),
         "react" => BusKind::Reaction {
             message_id: need(w.message_id, "message_id")?,
             emoji: need(w.emoji, "emoji")?,
@@ -234,12 +233,15 @@ mod tests {
     #[test]
     fn events_read_back_as_they_were_written() {
         let events = [
-            BusKind::Message {
+            BusKind::Message(StoredMessage {
                 id: "m1".into(),
+                room: "x.y".into(),
+                seq: 0,
                 user: "bob".into(),
                 text: "a \"quoted\" line\n".into(),
                 ts: 7,
-            },
+                reactions: Vec::new(),
+            }),
             BusKind::Reaction {
                 message_id: "m1".into(),
                 emoji: "👍".into(),

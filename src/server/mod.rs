@@ -197,13 +197,8 @@ impl Gateway {
         self.llm
             .ledger
             .persist_with(Box::new(move |user: &str, day: i64, tokens: u64| {
-                let op = crate::store::WriteOp::Spend {
-                    user: user.to_string(),
-                    day,
-                    tokens: tokens.min(i64::MAX as u64) as i64,
-                };
                 // The write is queued now; nobody waits for its answer.
-                let _ = store.write(op);
+                let _ = store.spend(user, day, tokens);
             }));
     }
 

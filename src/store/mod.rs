@@ -8,11 +8,15 @@
 //! means "committed" (`synchronous = FULL` by default: on disk).
 
 pub mod db;
+mod message;
 mod ulid;
 mod upkeep;
+mod writes;
 
 use crate::pool::{Pool, PoolError};
-pub use db::{Range, StoredMessage, Synchronous, Unsynced, WriteErr, WriteOk, WriteOp};
+pub use db::{Range, Synchronous, Unsynced};
+use db::{WriteErr, WriteOk, WriteOp};
+pub use message::StoredMessage;
 use rusqlite::Connection;
 use std::cell::RefCell;
 use std::future::Future;
@@ -20,6 +24,7 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+pub use writes::Reacted;
 
 /// `[store]`.
 #[derive(Debug, Clone, Default)]
@@ -169,8 +174,9 @@ impl Store {
     }
 
     /// Queues a write; the future resolves once it is committed (or failed).
-    /// A full queue is refused at once.
-    pub fn write(
+    /// A full queue is refused at once. (Callers use the typed methods of
+    /// `writes.rs`.)
+    fn write(
         &self,
         op: WriteOp,
     ) -> Result<impl Future<Output = Result<WriteOk, StoreError>>, StoreError> {
@@ -334,7 +340,7 @@ async fn writer_loop(
         let logs = bus.is_some()
             && ops
                 .iter()
-                .any(|op| matches!(op, WriteOp::Publish { .. } | WriteOp::React { .. }));
+                .any(|op| matches!(op, WriteOp::Publish(_) | WriteOp::React { .. }));
         let ops = Arc::new(ops);
         let results = loop {
             let (conn, ops, bus) = (conn.clone(), ops.clone(), bus.clone());
@@ -377,6 +383,18 @@ mod tests {
     use super::*;
     use futures_lite::future::block_on;
 
+    fn message(id: String, text: String) -> StoredMessage {
+        StoredMessage {
+            id,
+            room: "r".into(),
+            seq: 0,
+            user: "u".into(),
+            text,
+            ts: 1,
+            reactions: Vec::new(),
+        }
+    }
+
     #[test]
     fn concurrent_writes_are_committed_in_groups_in_order() {
         let dir = tempfile::tempdir().unwrap();
@@ -394,23 +412,14 @@ mod tests {
         let futs: Vec<_> = (0..200)
             .map(|i| {
                 store
-                    .write(WriteOp::Publish {
-                        id: store.new_id(1),
-                        room: "r".into(),
-                        user: "u".into(),
-                        text: i.to_string(),
-                        ts: 1,
-                    })
+                    .publish(message(store.new_id(1), i.to_string()))
                     .unwrap()
             })
             .collect();
         let seqs: Vec<i64> = block_on(ex.run(async {
             let mut seqs = Vec::new();
             for f in futs {
-                match f.await {
-                    Ok(WriteOk::Published { seq }) => seqs.push(seq),
-                    other => panic!("{other:?}"),
-                }
+                seqs.push(f.await.unwrap().seq);
             }
             seqs
         }));
@@ -441,15 +450,9 @@ mod tests {
         };
         let (store, _writer) =
             Store::open(&settings, dir.path(), None, pool, Box::new(|| None)).unwrap();
-        let op = || WriteOp::Publish {
-            id: "x".into(),
-            room: "r".into(),
-            user: "u".into(),
-            text: "t".into(),
-            ts: 1,
-        };
-        assert!(store.write(op()).is_ok());
-        assert!(store.write(op()).is_ok());
-        assert!(matches!(store.write(op()), Err(StoreError::Busy { .. })));
+        let op = || message("x".into(), "t".into());
+        assert!(store.publish(op()).is_ok());
+        assert!(store.publish(op()).is_ok());
+        assert!(matches!(store.publish(op()), Err(StoreError::Busy { .. })));
     }
 }

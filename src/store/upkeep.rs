@@ -4,7 +4,7 @@
 //! messages go; at 100% publishes are refused until space returns). With a
 //! remote, only messages already shipped are ever deleted.
 
-use super::{Store, StoreConfig, WriteOk, WriteOp};
+use super::{Store, StoreConfig};
 use crate::ops::log::Logger;
 use async_io::Timer;
 use std::time::Duration;
@@ -32,16 +32,11 @@ impl Store {
             pause = Duration::from_secs(60);
             loop {
                 let now_ms = crate::clock::unix_ms();
-                let op = WriteOp::Prune {
-                    older_than_ts: now_ms - cfg.retention.as_millis() as i64,
-                    max_per_room: cfg.max_messages_per_room,
-                    batch: BATCH,
-                    synced_only,
-                };
-                let deleted = match self.write(op) {
+                let older_than = now_ms - cfg.retention.as_millis() as i64;
+                let pruned = self.prune(older_than, cfg.max_messages_per_room, BATCH, synced_only);
+                let deleted = match pruned {
                     Ok(done) => match done.await {
-                        Ok(WriteOk::Pruned { deleted }) => deleted,
-                        Ok(_) => 0,
+                        Ok(deleted) => deleted,
                         Err(e) => {
                             log.warn("retention failed", &[("error", &format!("{e:?}"))]);
                             0
@@ -82,14 +77,11 @@ impl Store {
                 continue;
             };
             while bytes >= max / 10 * 9 {
-                let Ok(done) = self.write(WriteOp::MakeRoom {
-                    batch: BATCH,
-                    synced_only,
-                }) else {
+                let Ok(done) = self.make_room(BATCH, synced_only) else {
                     break;
                 };
                 match done.await {
-                    Ok(WriteOk::Pruned { deleted }) if deleted > 0 => {
+                    Ok(deleted) if deleted > 0 => {
                         log.info(
                             "storage: deleted the oldest messages to make room",
                             &[("deleted", &deleted)],

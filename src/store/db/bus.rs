@@ -23,12 +23,8 @@ pub struct BusEvent {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum BusKind {
-    Message {
-        id: String,
-        user: String,
-        text: String,
-        ts: i64,
-    },
+    /// A message, its `seq` not yet this box's (0).
+    Message(crate::store::StoredMessage),
     Reaction {
         message_id: String,
         emoji: String,
@@ -145,7 +141,8 @@ pub(super) fn apply_event(
     }
     advance(ev.oseq)?;
     match &ev.kind {
-        BusKind::Message { id, user, text, ts } => {
+        BusKind::Message(m) => {
+            let (id, user, text, ts) = (&m.id, &m.user, &m.text, m.ts);
             let known: Option<i64> = conn
                 .prepare_cached("SELECT 1 FROM messages WHERE id = ?1")?
                 .query_row(params![id], |r| r.get(0))

@@ -1,19 +1,7 @@
 //! Reads: a room's history, and the rows not yet shipped to the remote.
 
+use crate::store::message::StoredMessage;
 use rusqlite::{params, Connection};
-
-/// A stored message with its reaction counts: the one message row type,
-/// read for history (with reactions) and for shipping (without).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredMessage {
-    pub id: String,
-    pub room: String,
-    pub seq: i64,
-    pub user: String,
-    pub text: String,
-    pub ts: i64,
-    pub reactions: Vec<(String, i64)>,
-}
 
 /// The columns of a message, in the order [`message_row`] reads them.
 const MESSAGE_COLUMNS: &str = "id, room, seq, user, text, ts";

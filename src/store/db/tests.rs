@@ -1,6 +1,7 @@
 //! The SQL side's tests, on real database files.
 
 use super::*;
+use crate::store::StoredMessage;
 use rusqlite::Connection;
 
 fn db() -> (tempfile::TempDir, Connection) {
@@ -9,14 +10,21 @@ fn db() -> (tempfile::TempDir, Connection) {
     (dir, conn)
 }
 
-fn publish(id: &str, room: &str, text: &str, ts: i64) -> WriteOp {
-    WriteOp::Publish {
+/// A message of `user`, not yet numbered.
+fn message(id: &str, room: &str, user: &str, text: &str, ts: i64) -> StoredMessage {
+    StoredMessage {
         id: id.into(),
         room: room.into(),
-        user: "alice".into(),
+        seq: 0,
+        user: user.into(),
         text: text.into(),
         ts,
+        reactions: Vec::new(),
     }
+}
+
+fn publish(id: &str, room: &str, text: &str, ts: i64) -> WriteOp {
+    WriteOp::Publish(message(id, room, "alice", text, ts))
 }
 
 fn react(id: &str, emoji: &str, user: &str) -> WriteOp {
@@ -389,12 +397,7 @@ mod bus_log {
             origin: origin.into(),
             room: "x".into(),
             oseq,
-            kind: BusKind::Message {
-                id: id.into(),
-                user: "bob".into(),
-                text: format!("from {origin}"),
-                ts: 7,
-            },
+            kind: BusKind::Message(message(id, "x", "bob", &format!("from {origin}"), 7)),
         })
     }
 
@@ -414,7 +417,7 @@ mod bus_log {
         let seen: Vec<(&str, i64)> = rows.iter().map(|r| (r.room.as_str(), r.oseq)).collect();
         assert_eq!(seen, [("x", 1), ("y", 1), ("x", 2), ("x", 3)]);
         assert!(
-            rows[0].body.starts_with("box-a x 1 Message {") && rows[0].body.contains("text: \"1\""),
+            rows[0].body.starts_with("box-a x 1 Message(") && rows[0].body.contains("text: \"1\""),
             "{}",
             rows[0].body
         );

@@ -10,13 +10,8 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 /// One change in a write batch.
 #[derive(Debug, Clone)]
 pub enum WriteOp {
-    Publish {
-        id: String,
-        room: String,
-        user: String,
-        text: String,
-        ts: i64,
-    },
+    /// A new message (its `seq` is given in the commit).
+    Publish(crate::store::StoredMessage),
     React {
         message_id: String,
         emoji: String,
@@ -210,24 +205,7 @@ fn apply_as(
     let ok = apply(conn, op, seqs)?;
     let Some(log) = log else { return Ok(ok) };
     let (room, event) = match (op, &ok) {
-        (
-            WriteOp::Publish {
-                id,
-                room,
-                user,
-                text,
-                ts,
-            },
-            WriteOk::Published { .. },
-        ) => (
-            room,
-            BusKind::Message {
-                id: id.clone(),
-                user: user.clone(),
-                text: text.clone(),
-                ts: *ts,
-            },
-        ),
+        (WriteOp::Publish(m), WriteOk::Published { .. }) => (&m.room, BusKind::Message(m.clone())),
         (
             WriteOp::React {
                 message_id,
@@ -250,7 +228,8 @@ fn apply_as(
         _ => return Ok(ok),
     };
     let ts = match &event {
-        BusKind::Message { ts, .. } | BusKind::Reaction { ts, .. } => *ts,
+        BusKind::Message(m) => m.ts,
+        BusKind::Reaction { ts, .. } => *ts,
         BusKind::Skip => 0,
     };
     bus::log_event(conn, log, room, ts, &event).map_err(|e| WriteErr::Storage(e.to_string()))?;
@@ -260,13 +239,8 @@ fn apply_as(
 fn apply(conn: &Connection, op: &WriteOp, seqs: &mut Seqs) -> Result<WriteOk, WriteErr> {
     let storage = |e: rusqlite::Error| WriteErr::Storage(e.to_string());
     match op {
-        WriteOp::Publish {
-            id,
-            room,
-            user,
-            text,
-            ts,
-        } => {
+        WriteOp::Publish(m) => {
+            let (id, room, user, text, ts) = (&m.id, &m.room, &m.user, &m.text, m.ts);
             seqs.next(conn, room)
             .and_then(|seq| {
                 conn.prepare_cached(
