@@ -18,8 +18,9 @@ pub fn client_frame(data: &[u8]) {
     }
 }
 
-/// The SSE parser and the chunk reader behind it (an upstream's stream),
-/// fed in two pieces split where the first byte says, as reads split it.
+/// The SSE parser and every dialect's event reader behind it (an
+/// upstream's stream), fed in two pieces split where the first byte says,
+/// as reads split it.
 pub fn sse(data: &[u8]) {
     let split = data.first().map_or(0, |b| *b as usize % (data.len() + 1));
     let (mut parser, mut events) = (SseParser::default(), Vec::new());
@@ -29,7 +30,9 @@ pub fn sse(data: &[u8]) {
         .and_then(|()| parser.finish(&mut events));
     let _ = fed;
     for data in events {
-        let _ = crate::llm::client::parse_chunk(&data);
+        for dialect in crate::llm::dialect::DIALECTS {
+            let _ = dialect.event(&data);
+        }
     }
 }
 

@@ -197,10 +197,21 @@ pub const SECTIONS: &[Key] = &[
         set: Set::K(|k, s| s.usize(65_536, 1 << 30).map(|v| k.max_pending_bytes = v)),
     },
     Key {
+        name: "provider.NAME.dialect",
+        default: "\"openai\"",
+        note: "",
+        meaning: "how its API is spoken: `openai` (chat completions: Kimi, GLM, DeepSeek, vLLM, LiteLLM and most others)",
+        set: Set::P(|p, s| {
+            s.string()
+                .and_then(|v| crate::llm::dialect::Speaks::named(&v))
+                .map(|v| p.dialect = v)
+        }),
+    },
+    Key {
         name: "provider.NAME.base_url",
         default: "",
         note: "",
-        meaning: "OpenAI-compatible base URL, e.g. `https://api.moonshot.ai/v1`",
+        meaning: "the API's base URL, e.g. `https://api.moonshot.ai/v1`",
         set: Set::P(|p, s| s.url().map(|v| p.base_url = v)),
     },
     Key {

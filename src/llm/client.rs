@@ -1,14 +1,16 @@
-//! One call to an OpenAI-compatible `POST /chat/completions`, on a pool
-//! thread: ureq sends the request with `stream: true`, the answer is read
-//! as it arrives (Server-Sent Events, or a plain JSON answer from a server
-//! that does not stream), and every text delta goes back to the event loop
-//! through a bounded channel.
+//! One call to a provider, on a pool thread: the HTTP transport. ureq
+//! sends what the provider's dialect (`dialect.rs`) wrote, the answer is
+//! read as it arrives (Server-Sent Events, or a plain JSON answer from a
+//! server that does not stream) and read by the dialect, and every text
+//! delta goes back to the event loop through a bounded channel. Nothing
+//! here knows an API's shapes.
 //!
 //! The job stops reading when the event loop's side of the channel is gone
 //! or the cancel flag is set: checked after every read, so within one
 //! chunk (or one `idle_timeout` on a stalled upstream, which is ureq's
 //! per-read timeout).
 
+use super::dialect::{Dialect, Streamed};
 use super::sse::SseParser;
 use std::io::Read;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -48,7 +50,7 @@ pub enum CallError {
         retry_after: Option<Duration>,
         message: String,
     },
-    /// The answer was not what an OpenAI-compatible API sends.
+    /// The answer was not what the provider's dialect sends.
     Malformed(String),
 }
 
@@ -111,8 +113,11 @@ impl std::error::Error for CallError {}
 pub struct Request {
     pub agent: ureq::Agent,
     pub url: String,
-    pub api_key: Option<crate::auth::Secret>,
+    /// Written by the dialect, the API key among them.
+    pub headers: Vec<(&'static str, String)>,
     pub body: String,
+    /// Reads what comes back.
+    pub dialect: &'static dyn Dialect,
     /// Cleans the upstream's words before they leave this thread.
     pub redact: crate::redact::Redactor,
 }
@@ -192,8 +197,8 @@ fn call(
         .post(&req.url)
         .header("Content-Type", "application/json")
         .header("Accept", "text/event-stream");
-    if let Some(key) = &req.api_key {
-        r = r.header("Authorization", &format!("Bearer {}", key.expose()));
+    for (name, value) in &req.headers {
+        r = r.header(*name, value);
     }
     let response = r.send(req.body.as_str()).map_err(map_ureq)?;
     let status = response.status().as_u16();
@@ -213,7 +218,9 @@ fn call(
         return Err(CallError::Status {
             code: status,
             retry_after,
-            message: error_message(&body),
+            // Cut here, cleaned (secrets, controls, length) before it
+            // leaves the pool thread: see `run`.
+            message: req.dialect.error_message(&body),
         });
     }
     let streaming = response
@@ -228,11 +235,14 @@ fn call(
             .take(MAX_JSON_ANSWER)
             .read_to_string(&mut body)
             .map_err(map_io)?;
-        let (text, model, usage) = parse_answer(&body)?;
-        if !text.is_empty() && events.send_blocking(Event::Delta(text)).is_err() {
+        let whole = req.dialect.answer(&body)?;
+        if !whole.text.is_empty() && events.send_blocking(Event::Delta(whole.text)).is_err() {
             return Ok(None);
         }
-        return Ok(Some(Event::Done { model, usage }));
+        return Ok(Some(Event::Done {
+            model: whole.model,
+            usage: whole.usage,
+        }));
     }
     let mut parser = SseParser::default();
     let mut buf = vec![0u8; 8192];
@@ -253,10 +263,10 @@ fn call(
                 .map_err(|e| CallError::Malformed(format!("{e:?}")))?;
         }
         for data in datas.drain(..) {
-            if data.trim() == "[DONE]" {
-                return Ok(Some(Event::Done { model, usage }));
-            }
-            let chunk = parse_chunk(&data)?;
+            let chunk = match req.dialect.event(&data)? {
+                Streamed::End => return Ok(Some(Event::Done { model, usage })),
+                Streamed::Chunk(chunk) => chunk,
+            };
             model = chunk.model.or(model);
             usage = chunk.usage.or(usage);
             if let Some(text) = chunk.reasoning.filter(|t| !t.is_empty()) {
@@ -272,243 +282,15 @@ fn call(
         }
         if n == 0 {
             return Err(CallError::Transport(
-                "the stream ended before [DONE]".into(),
+                "the stream ended before its end".into(),
             ));
         }
     }
 }
 
-mod wire {
-    //! The parts of OpenAI's answer shapes that are read; anything else in
-    //! an answer is ignored.
-    use serde::Deserialize;
-
-    #[derive(Deserialize, Default)]
-    #[serde(default)]
-    pub struct Answer {
-        pub model: Option<String>,
-        pub choices: Option<Vec<Choice>>,
-        pub usage: Option<Usage>,
-        pub error: Option<ErrorBody>,
-    }
-
-    #[derive(Deserialize, Default)]
-    #[serde(default)]
-    pub struct Choice {
-        pub delta: Option<Content>,
-        pub message: Option<Content>,
-        /// Moonshot puts the usage of a stream in its last choice.
-        pub usage: Option<Usage>,
-    }
-
-    #[derive(Deserialize, Default)]
-    #[serde(default)]
-    pub struct Content {
-        pub content: Option<String>,
-        pub reasoning_content: Option<String>,
-    }
-
-    #[derive(Deserialize, Default, Clone, Copy)]
-    #[serde(default)]
-    pub struct Usage {
-        pub prompt_tokens: Option<u64>,
-        pub completion_tokens: Option<u64>,
-    }
-
-    #[derive(Deserialize, Default)]
-    #[serde(default)]
-    pub struct ErrorBody {
-        pub message: Option<String>,
-    }
-}
-
-pub struct Chunk {
-    pub delta: Option<String>,
-    pub reasoning: Option<String>,
-    pub model: Option<String>,
-    pub usage: Option<Usage>,
-}
-
-fn decode(json: &str) -> Result<wire::Answer, CallError> {
-    // The same bounded reader as client frames: an upstream is as
-    // untrusted as a client.
-    crate::json::from_json(json).map_err(|e| CallError::Malformed(e.message))
-}
-
-fn usage_of(a: &wire::Answer) -> Option<Usage> {
-    let u = a.usage.or_else(|| a.choices.as_ref()?.first()?.usage)?;
-    Some(Usage {
-        prompt_tokens: u.prompt_tokens.unwrap_or(0),
-        completion_tokens: u.completion_tokens.unwrap_or(0),
-    })
-}
-
-/// One streamed event's data.
-pub fn parse_chunk(data: &str) -> Result<Chunk, CallError> {
-    let a = decode(data)?;
-    if let Some(e) = &a.error {
-        return Err(CallError::Malformed(format!(
-            "error in the stream: {}",
-            e.message.as_deref().unwrap_or("(no message)")
-        )));
-    }
-    let content = a
-        .choices
-        .as_ref()
-        .and_then(|c| c.first())
-        .and_then(|c| c.delta.as_ref().or(c.message.as_ref()));
-    let delta = content.and_then(|d| d.content.clone());
-    let reasoning = content.and_then(|d| d.reasoning_content.clone());
-    Ok(Chunk {
-        usage: usage_of(&a),
-        model: a.model,
-        delta,
-        reasoning,
-    })
-}
-
-/// A whole (non-streamed) answer: text, model, usage.
-pub fn parse_answer(body: &str) -> Result<(String, Option<String>, Option<Usage>), CallError> {
-    let a = decode(body)?;
-    let text = a
-        .choices
-        .as_ref()
-        .and_then(|c| c.first())
-        .and_then(|c| c.message.as_ref().or(c.delta.as_ref()))
-        .and_then(|m| m.content.clone())
-        .ok_or_else(|| CallError::Malformed("no choices[0].message.content".into()))?;
-    Ok((text, a.model.clone(), usage_of(&a)))
-}
-
-/// The `error.message` of an error body, or the start of the body.
-fn error_message(body: &str) -> String {
-    let from_json = decode(body).ok().and_then(|a| a.error?.message);
-    // Cut here, cleaned (secrets, controls, length) before it leaves the
-    // pool thread: see `run`.
-    from_json.unwrap_or_else(|| body.trim().to_string())
-}
-
-/// The request body: the model, the messages, `stream: true`.
-pub fn request_body(model: &str, messages: &[crate::protocol::Turn]) -> String {
-    use crate::json::escape_into;
-    let mut out = String::with_capacity(128);
-    out.push_str("{\"model\":");
-    escape_into(&mut out, model);
-    // OpenAI and vLLM report token counts in a stream only when asked.
-    out.push_str(",\"stream\":true,\"stream_options\":{\"include_usage\":true},\"messages\":[");
-    for (i, turn) in messages.iter().enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        out.push_str("{\"role\":");
-        escape_into(&mut out, &turn.role);
-        out.push_str(",\"content\":");
-        escape_into(&mut out, &turn.content);
-        if let Some(id) = &turn.tool_call_id {
-            out.push_str(",\"tool_call_id\":");
-            escape_into(&mut out, id);
-        }
-        out.push('}');
-    }
-    out.push_str("]}");
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn reads_openai_and_moonshot_chunks() {
-        let c = parse_chunk(r#"{"id":"x","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"role":"assistant","content":"Hel"},"finish_reason":null}]}"#).unwrap();
-        assert_eq!(c.delta.as_deref(), Some("Hel"));
-        assert_eq!(c.model.as_deref(), Some("m"));
-        let c = parse_chunk(r#"{"choices":[{"index":0,"delta":{},"finish_reason":"stop","usage":{"prompt_tokens":3,"completion_tokens":5,"total_tokens":8}}]}"#).unwrap();
-        assert_eq!(c.delta, None);
-        assert_eq!(
-            c.usage,
-            Some(Usage {
-                prompt_tokens: 3,
-                completion_tokens: 5
-            })
-        );
-        let c = parse_chunk(r#"{"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2}}"#)
-            .unwrap();
-        assert_eq!(
-            c.usage,
-            Some(Usage {
-                prompt_tokens: 1,
-                completion_tokens: 2
-            })
-        );
-    }
-
-    #[test]
-    fn reads_reasoning_deltas() {
-        let c = parse_chunk(
-            r#"{"choices":[{"delta":{"reasoning_content":"thinking","content":null}}]}"#,
-        )
-        .unwrap();
-        assert_eq!((c.reasoning.as_deref(), c.delta), (Some("thinking"), None));
-    }
-
-    #[test]
-    fn malformed_upstream_answers_are_errors_not_panics() {
-        for bad in [
-            "",
-            "{",
-            "{\"choices\":}",
-            "{\"choices\":[{\"delta\":{\"content\":5}}]}",
-            "[1]",
-        ] {
-            assert!(
-                matches!(parse_chunk(bad), Err(CallError::Malformed(_))),
-                "{bad}"
-            );
-        }
-        assert!(matches!(
-            parse_chunk(r#"{"error":{"message":"overloaded"}}"#),
-            Err(CallError::Malformed(m)) if m.contains("overloaded")
-        ));
-    }
-
-    #[test]
-    fn reads_a_whole_answer_and_error_bodies() {
-        let (text, model, usage) = parse_answer(
-            r#"{"model":"glm-4","choices":[{"index":0,"message":{"role":"assistant","content":"Hi there"}}],"usage":{"prompt_tokens":2,"completion_tokens":2}}"#,
-        )
-        .unwrap();
-        assert_eq!(
-            (text.as_str(), model.as_deref()),
-            ("Hi there", Some("glm-4"))
-        );
-        assert_eq!(usage.unwrap().completion_tokens, 2);
-        assert_eq!(
-            error_message(r#"{"error":{"message":"bad model","type":"x"}}"#),
-            "bad model"
-        );
-        assert_eq!(error_message("  upstream down  "), "upstream down");
-    }
-
-    #[test]
-    fn writes_the_request_body() {
-        let turn = |role: &str, content: &str, id: Option<&str>| crate::protocol::Turn {
-            role: role.into(),
-            content: content.into(),
-            tool_call_id: id.map(String::from),
-        };
-        let body = request_body("m\"1", &[turn("user", "hi\n", None)]);
-        assert_eq!(
-            body,
-            r#"{"model":"m\"1","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"hi\n"}]}"#
-        );
-        assert!(serde_json::from_str::<serde_json::Value>(&body).is_ok());
-        let body = request_body("m", &[turn("tool", "42", Some("call_1"))]);
-        assert!(
-            body.ends_with(r#"[{"role":"tool","content":"42","tool_call_id":"call_1"}]}"#),
-            "{body}"
-        );
-    }
 
     #[test]
     fn which_failures_count_and_which_retry() {

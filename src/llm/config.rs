@@ -24,6 +24,8 @@ pub struct LlmConfig {
 #[derive(Debug, Clone, Default)]
 pub struct ProviderConfig {
     pub name: String,
+    /// How its API is spoken.
+    pub dialect: super::dialect::Speaks,
     pub base_url: String,
     pub model: String,
     pub api_key_env: Option<String>,

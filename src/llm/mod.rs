@@ -17,6 +17,8 @@
 mod budget;
 pub mod client;
 mod config;
+pub mod dialect;
+mod openai;
 mod output;
 pub use output::{answer_frame, said_frame, Answer, Output, Said};
 mod tool;
@@ -104,7 +106,7 @@ impl Llm {
             .providers
             .iter()
             .map(|p| Provider {
-                url: format!("{}/chat/completions", p.base_url),
+                url: p.dialect.url(&p.base_url),
                 key: crate::upstream_key::UpstreamKey::new(
                     &format!("provider.{}", p.name),
                     p.api_key.clone(),
@@ -449,8 +451,9 @@ impl Llm {
         let req = client::Request {
             agent: p.agent.clone(),
             url: p.url.clone(),
-            api_key: p.key.for_call(),
-            body: client::request_body(model, &call.messages),
+            headers: p.cfg.dialect.headers(p.key.for_call().as_ref()),
+            body: p.cfg.dialect.body(model, &call.messages),
+            dialect: p.cfg.dialect.0,
             redact: self.redact.borrow().clone(),
         };
         let job_flag = flag.clone();
