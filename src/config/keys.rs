@@ -32,6 +32,9 @@ pub enum Set {
 pub struct Key {
     /// `section.key`; `provider.NAME.key` for every provider's keys.
     pub name: &'static str,
+    /// A SIGHUP applies a change to it (`server::reload`); otherwise a
+    /// restart does. A test holds this to what the reload really does.
+    pub reloadable: bool,
     /// The default as TOML (`""`: none, the key is unset).
     pub default: &'static str,
     /// What the default means beyond its value, for people.
@@ -62,6 +65,7 @@ pub fn keys() -> impl Iterator<Item = &'static Key> {
 const CORE: &[Key] = &[
     Key {
         name: "server.listen",
+        reloadable: false,
         default: "\"127.0.0.1:8080\"",
         note: "",
         meaning: "address and port for HTTP and WebSocket",
@@ -69,6 +73,7 @@ const CORE: &[Key] = &[
     },
     Key {
         name: "server.admin_listen",
+        reloadable: false,
         default: "\"127.0.0.1:8081\"",
         note: "",
         meaning: "address and port of the operator endpoints (`/metrics`, the detailed `/readyz`), plain HTTP; keep it on loopback; `\"\"` turns them off",
@@ -76,6 +81,7 @@ const CORE: &[Key] = &[
     },
     Key {
         name: "server.hostnames",
+        reloadable: true,
         default: "[]",
         note: "IP addresses and `localhost` only",
         meaning: "host names this box is served under (`Host` header; with no `allowed_origins`, also the browser origins accepted); any other name gets 421, against DNS rebinding",
@@ -83,6 +89,7 @@ const CORE: &[Key] = &[
     },
     Key {
         name: "server.data_dir",
+        reloadable: false,
         default: "\"./hivegate-data\"",
         note: "or $STATE_DIRECTORY",
         meaning: "where the database lives",
@@ -90,6 +97,7 @@ const CORE: &[Key] = &[
     },
     Key {
         name: "server.max_connections",
+        reloadable: false,
         default: "1000",
         note: "",
         meaning: "connection table capacity (1..=1000000)",
@@ -97,6 +105,7 @@ const CORE: &[Key] = &[
     },
     Key {
         name: "server.max_connections_per_ip",
+        reloadable: false,
         default: "10",
         note: "",
         meaning: "open WebSocket connections per client IP",
@@ -104,6 +113,7 @@ const CORE: &[Key] = &[
     },
     Key {
         name: "server.max_handshakes",
+        reloadable: false,
         default: "256",
         note: "",
         meaning: "sockets still sending their HTTP head; past it new sockets are closed at once (the last eighth only for addresses holding none)",
@@ -111,6 +121,7 @@ const CORE: &[Key] = &[
     },
     Key {
         name: "server.max_handshakes_per_ip",
+        reloadable: false,
         default: "16",
         note: "",
         meaning: "sockets one client IP may have still sending their HTTP head",
@@ -118,6 +129,7 @@ const CORE: &[Key] = &[
     },
     Key {
         name: "server.handshake_timeout_ms",
+        reloadable: false,
         default: "5000",
         note: "",
         meaning: "time to send the HTTP head and finish the upgrade",
@@ -125,6 +137,7 @@ const CORE: &[Key] = &[
     },
     Key {
         name: "server.hello_timeout_ms",
+        reloadable: false,
         default: "10000",
         note: "",
         meaning: "time to send `hello` after the upgrade (close 4002)",
@@ -132,6 +145,7 @@ const CORE: &[Key] = &[
     },
     Key {
         name: "server.ping_interval_ms",
+        reloadable: false,
         default: "25000",
         note: "",
         meaning: "WebSocket ping period",
@@ -139,6 +153,7 @@ const CORE: &[Key] = &[
     },
     Key {
         name: "server.pong_timeout_ms",
+        reloadable: false,
         default: "10000",
         note: "",
         meaning: "close 4009 when no pong arrives within this",
@@ -146,6 +161,7 @@ const CORE: &[Key] = &[
     },
     Key {
         name: "server.max_message_bytes",
+        reloadable: false,
         default: "65536",
         note: "",
         meaning: "largest inbound message; above it close 1009",
@@ -153,6 +169,7 @@ const CORE: &[Key] = &[
     },
     Key {
         name: "server.outbox_frames",
+        reloadable: false,
         default: "64",
         note: "",
         meaning: "per-connection outbound queue in frames (1..=64); full means close 4008",
@@ -160,6 +177,7 @@ const CORE: &[Key] = &[
     },
     Key {
         name: "server.outbox_bytes",
+        reloadable: false,
         default: "1048576",
         note: "",
         meaning: "per-connection outbound queue in bytes; full means close 4008",
@@ -167,6 +185,7 @@ const CORE: &[Key] = &[
     },
     Key {
         name: "server.drain_timeout_ms",
+        reloadable: false,
         default: "10000",
         note: "",
         meaning: "graceful shutdown budget after SIGTERM",
@@ -174,6 +193,7 @@ const CORE: &[Key] = &[
     },
     Key {
         name: "server.memory_limit_bytes",
+        reloadable: true,
         default: "0",
         note: "90% of systemd's MemoryMax, or none",
         meaning: "above this resident memory new connections are refused (503) and /readyz is 503",
@@ -181,6 +201,7 @@ const CORE: &[Key] = &[
     },
     Key {
         name: "server.echo_endpoint",
+        reloadable: false,
         default: "false",
         note: "",
         meaning: "for conformance tests only: /ws-echo echoes every message (Autobahn|Testsuite); never in production",
@@ -188,6 +209,7 @@ const CORE: &[Key] = &[
     },
     Key {
         name: "server.allowed_origins",
+        reloadable: true,
         default: "[]",
         note: "this box's own names",
         meaning: "exact browser `Origin` values allowed to upgrade and call `/mcp`; when empty, origins whose host is an IP address, `localhost` or one of `server.hostnames`",
@@ -195,6 +217,7 @@ const CORE: &[Key] = &[
     },
     Key {
         name: "server.tls_cert_file",
+        reloadable: true,
         default: "\"\"",
         note: "plain TCP",
         meaning: "PEM certificate chain: serve HTTPS and `wss://` on the listen port (with `tls_key_file`; both re-read on SIGHUP)",
@@ -202,6 +225,7 @@ const CORE: &[Key] = &[
     },
     Key {
         name: "server.tls_key_file",
+        reloadable: true,
         default: "\"\"",
         note: "plain TCP",
         meaning: "PEM private key of `tls_cert_file`",
@@ -209,6 +233,7 @@ const CORE: &[Key] = &[
     },
     Key {
         name: "server.upstream_ca_file",
+        reloadable: false,
         default: "\"/etc/ssl/certs/ca-certificates.crt\"",
         note: "Debian's `ca-certificates`",
         meaning: "PEM bundle of the CAs trusted for `https://` providers and remote; read at start, only when an upstream is `https://`",
@@ -216,6 +241,7 @@ const CORE: &[Key] = &[
     },
     Key {
         name: "auth.mode",
+        reloadable: true,
         default: "\"token\"",
         note: "`open` when no tokens are set and the listen address is loopback",
         meaning: "`token` (tokens from `auth.tokens`), `jwt` (signed tokens, see `auth.jwt_*`), or `open` (anyone may connect as a guest); write it out: a reload never changes an inferred mode",
@@ -223,6 +249,7 @@ const CORE: &[Key] = &[
     },
     Key {
         name: "auth.tokens",
+        reloadable: true,
         default: "[]",
         note: "",
         meaning: "`\"user:token\"` or `\"user:sha256:HEX\"` entries, each with optional roles after a colon (`\"alice:TOKEN:staff,ops\"`; role `user` when none)",
@@ -230,6 +257,7 @@ const CORE: &[Key] = &[
     },
     Key {
         name: "auth.jwt_secret_file",
+        reloadable: true,
         default: "",
         note: "no HS256",
         meaning: "file holding the HS256 secret (Supabase's legacy JWT secret), at least 32 bytes; re-read on SIGHUP",
@@ -237,6 +265,7 @@ const CORE: &[Key] = &[
     },
     Key {
         name: "auth.jwks_file",
+        reloadable: true,
         default: "",
         note: "no RS256, ES256, EdDSA",
         meaning: "file holding a JSON Web Key Set (Supabase's `/auth/v1/.well-known/jwks.json`); tokens name their key by `kid`; re-read on SIGHUP",
@@ -244,6 +273,7 @@ const CORE: &[Key] = &[
     },
     Key {
         name: "auth.jwt_issuer",
+        reloadable: true,
         default: "",
         note: "not checked",
         meaning: "the `iss` a token must carry (Supabase: `https://PROJECT.supabase.co/auth/v1`)",
@@ -251,6 +281,7 @@ const CORE: &[Key] = &[
     },
     Key {
         name: "auth.jwt_audience",
+        reloadable: true,
         default: "[]",
         note: "not checked",
         meaning: "`aud` values accepted (Supabase: `[\"authenticated\"]`)",
@@ -258,6 +289,7 @@ const CORE: &[Key] = &[
     },
     Key {
         name: "auth.jwt_user_claim",
+        reloadable: true,
         default: "\"sub\"",
         note: "",
         meaning: "the claim holding the user name (1-64 of `[A-Za-z0-9_.-]`)",
@@ -265,6 +297,7 @@ const CORE: &[Key] = &[
     },
     Key {
         name: "auth.jwt_roles_claim",
+        reloadable: true,
         default: "\"role\"",
         note: "",
         meaning: "the claim holding the roles, a string or a list (role `user` when absent)",
@@ -272,6 +305,7 @@ const CORE: &[Key] = &[
     },
     Key {
         name: "auth.jwt_leeway_s",
+        reloadable: true,
         default: "30",
         note: "",
         meaning: "clock skew allowed when checking `exp` and `nbf`",
@@ -279,6 +313,7 @@ const CORE: &[Key] = &[
     },
     Key {
         name: "pool.threads",
+        reloadable: false,
         default: "2",
         note: "",
         meaning: "threads of the blocking pool (SQLite, HTTP)",
@@ -286,6 +321,7 @@ const CORE: &[Key] = &[
     },
     Key {
         name: "pool.queue",
+        reloadable: false,
         default: "256",
         note: "",
         meaning: "jobs waiting for a pool thread; past it OVER_CAPACITY",
@@ -293,6 +329,7 @@ const CORE: &[Key] = &[
     },
     Key {
         name: "store.synchronous",
+        reloadable: false,
         default: "\"full\"",
         note: "",
         meaning: "SQLite `synchronous`: `full`, `normal` or `off`",
@@ -300,6 +337,7 @@ const CORE: &[Key] = &[
     },
     Key {
         name: "store.retention_days",
+        reloadable: false,
         default: "30",
         note: "",
         meaning: "messages older than this are deleted",
@@ -307,6 +345,7 @@ const CORE: &[Key] = &[
     },
     Key {
         name: "store.max_messages_per_room",
+        reloadable: false,
         default: "100000",
         note: "",
         meaning: "the oldest messages beyond this are deleted",
@@ -314,6 +353,7 @@ const CORE: &[Key] = &[
     },
     Key {
         name: "store.write_queue",
+        reloadable: false,
         default: "1024",
         note: "",
         meaning: "writes waiting for the next group commit; past it OVER_CAPACITY",
@@ -321,6 +361,7 @@ const CORE: &[Key] = &[
     },
     Key {
         name: "store.batch_max",
+        reloadable: false,
         default: "256",
         note: "",
         meaning: "most writes in one transaction",
@@ -328,6 +369,7 @@ const CORE: &[Key] = &[
     },
     Key {
         name: "store.max_db_bytes",
+        reloadable: false,
         default: "1073741824",
         note: "",
         meaning: "database size bound; near it shipped messages are deleted, at it publishes are refused",
@@ -335,6 +377,7 @@ const CORE: &[Key] = &[
     },
     Key {
         name: "store.check_interval_ms",
+        reloadable: false,
         default: "5000",
         note: "",
         meaning: "how often the database size is checked",
@@ -342,6 +385,7 @@ const CORE: &[Key] = &[
     },
     Key {
         name: "chat.rooms_per_session",
+        reloadable: false,
         default: "32",
         note: "",
         meaning: "rooms one connection may be in",
@@ -349,6 +393,7 @@ const CORE: &[Key] = &[
     },
     Key {
         name: "chat.members_per_room",
+        reloadable: false,
         default: "10000",
         note: "",
         meaning: "connections in one room",
@@ -356,6 +401,7 @@ const CORE: &[Key] = &[
     },
     Key {
         name: "chat.max_text_bytes",
+        reloadable: false,
         default: "8192",
         note: "",
         meaning: "longest message text",
@@ -363,6 +409,7 @@ const CORE: &[Key] = &[
     },
     Key {
         name: "limits.global_capacity",
+        reloadable: true,
         default: "1000",
         note: "",
         meaning: "gateway-wide request bucket: burst",
@@ -370,6 +417,7 @@ const CORE: &[Key] = &[
     },
     Key {
         name: "limits.global_refill_per_s",
+        reloadable: true,
         default: "100",
         note: "",
         meaning: "gateway-wide request bucket: tokens per second",
@@ -377,6 +425,7 @@ const CORE: &[Key] = &[
     },
     Key {
         name: "limits.ip_capacity",
+        reloadable: true,
         default: "100",
         note: "",
         meaning: "per-client-IP request bucket: burst",
@@ -384,6 +433,7 @@ const CORE: &[Key] = &[
     },
     Key {
         name: "limits.ip_refill_per_s",
+        reloadable: true,
         default: "10",
         note: "",
         meaning: "per-client-IP request bucket: tokens per second",
@@ -391,6 +441,7 @@ const CORE: &[Key] = &[
     },
     Key {
         name: "limits.user_capacity",
+        reloadable: true,
         default: "50",
         note: "",
         meaning: "per-user request bucket: burst",
@@ -398,6 +449,7 @@ const CORE: &[Key] = &[
     },
     Key {
         name: "limits.user_refill_per_s",
+        reloadable: true,
         default: "5",
         note: "",
         meaning: "per-user request bucket: tokens per second",
@@ -405,6 +457,7 @@ const CORE: &[Key] = &[
     },
     Key {
         name: "limits.ip_connect_capacity",
+        reloadable: true,
         default: "20",
         note: "",
         meaning: "new connections per IP: burst",
@@ -412,6 +465,7 @@ const CORE: &[Key] = &[
     },
     Key {
         name: "limits.ip_connect_refill_per_s",
+        reloadable: true,
         default: "2",
         note: "",
         meaning: "new connections per IP: per second",
@@ -419,6 +473,7 @@ const CORE: &[Key] = &[
     },
     Key {
         name: "limits.abuse_threshold",
+        reloadable: true,
         default: "50",
         note: "",
         meaning: "refusals within 10 s before close 1008",
@@ -426,6 +481,7 @@ const CORE: &[Key] = &[
     },
     Key {
         name: "limits.failed_hellos_per_minute",
+        reloadable: true,
         default: "5",
         note: "",
         meaning: "refused hellos (bad or missing token) one IP may have in a minute; past it its upgrades get 429 until the minute has passed",
@@ -433,6 +489,7 @@ const CORE: &[Key] = &[
     },
     Key {
         name: "limits.table_entries",
+        reloadable: false,
         default: "4096",
         note: "",
         meaning: "most buckets in each per-IP and per-user table",
@@ -440,6 +497,7 @@ const CORE: &[Key] = &[
     },
     Key {
         name: "llm.chain",
+        reloadable: false,
         default: "",
         note: "the providers in file order",
         meaning: "fallback order for `provider: \"auto\"`, a list of names",
@@ -447,6 +505,7 @@ const CORE: &[Key] = &[
     },
     Key {
         name: "llm.max_in_flight",
+        reloadable: false,
         default: "24",
         note: "",
         meaning: "LLM calls at once, gateway-wide (also the upstream pool's threads)",
@@ -454,6 +513,7 @@ const CORE: &[Key] = &[
     },
     Key {
         name: "llm.max_in_flight_per_session",
+        reloadable: false,
         default: "8",
         note: "",
         meaning: "LLM calls at once per connection",
@@ -461,6 +521,7 @@ const CORE: &[Key] = &[
     },
     Key {
         name: "llm.max_prompt_bytes",
+        reloadable: false,
         default: "32768",
         note: "",
         meaning: "total `content` of a call's messages",
@@ -468,6 +529,7 @@ const CORE: &[Key] = &[
     },
     Key {
         name: "llm.max_response_bytes",
+        reloadable: false,
         default: "1048576",
         note: "",
         meaning: "longest answer relayed; past it the call ends with an error",
@@ -475,6 +537,7 @@ const CORE: &[Key] = &[
     },
     Key {
         name: "llm.max_retries",
+        reloadable: false,
         default: "2",
         note: "",
         meaning: "retries of a failure before the first streamed byte, per provider",
@@ -482,6 +545,7 @@ const CORE: &[Key] = &[
     },
     Key {
         name: "llm.backoff_base_ms",
+        reloadable: false,
         default: "250",
         note: "",
         meaning: "first retry waits up to this (full jitter, doubling)",
@@ -489,6 +553,7 @@ const CORE: &[Key] = &[
     },
     Key {
         name: "llm.backoff_cap_ms",
+        reloadable: false,
         default: "5000",
         note: "",
         meaning: "longest wait between retries",
@@ -496,6 +561,7 @@ const CORE: &[Key] = &[
     },
     Key {
         name: "llm.progress_interval_ms",
+        reloadable: false,
         default: "5000",
         note: "",
         meaning: "`progress` frames while the client has received nothing for this long",
@@ -503,6 +569,7 @@ const CORE: &[Key] = &[
     },
     Key {
         name: "log.level",
+        reloadable: false,
         default: "\"info\"",
         note: "",
         meaning: "`error`, `warn`, `info` or `debug`",
@@ -510,6 +577,7 @@ const CORE: &[Key] = &[
     },
     Key {
         name: "log.format",
+        reloadable: false,
         default: "\"text\"",
         note: "",
         meaning: "`text` or `json` (one object per line)",

@@ -9,6 +9,7 @@ use std::time::Duration;
 pub const SECTIONS: &[Key] = &[
     Key {
         name: "remote.url",
+        reloadable: false,
         default: "",
         note: "local only",
         meaning: "Supabase project URL; its PostgREST API is `{url}/rest/v1`",
@@ -16,6 +17,7 @@ pub const SECTIONS: &[Key] = &[
     },
     Key {
         name: "remote.api_key_env",
+        reloadable: true,
         default: "",
         note: "",
         meaning: "environment variable holding the service key",
@@ -23,6 +25,7 @@ pub const SECTIONS: &[Key] = &[
     },
     Key {
         name: "remote.api_key_file",
+        reloadable: true,
         default: "",
         note: "",
         meaning: "file holding the service key",
@@ -30,6 +33,7 @@ pub const SECTIONS: &[Key] = &[
     },
     Key {
         name: "remote.messages_table",
+        reloadable: false,
         default: "\"messages\"",
         note: "",
         meaning: "remote table for messages",
@@ -37,6 +41,7 @@ pub const SECTIONS: &[Key] = &[
     },
     Key {
         name: "remote.reactions_table",
+        reloadable: false,
         default: "\"reactions\"",
         note: "",
         meaning: "remote table for reactions",
@@ -44,6 +49,7 @@ pub const SECTIONS: &[Key] = &[
     },
     Key {
         name: "remote.batch_rows",
+        reloadable: false,
         default: "500",
         note: "",
         meaning: "rows per upsert",
@@ -51,6 +57,7 @@ pub const SECTIONS: &[Key] = &[
     },
     Key {
         name: "remote.interval_ms",
+        reloadable: false,
         default: "1000",
         note: "",
         meaning: "pause between sync rounds when the backlog is empty",
@@ -58,6 +65,7 @@ pub const SECTIONS: &[Key] = &[
     },
     Key {
         name: "remote.connect_timeout_ms",
+        reloadable: false,
         default: "5000",
         note: "",
         meaning: "to connect to the remote",
@@ -65,6 +73,7 @@ pub const SECTIONS: &[Key] = &[
     },
     Key {
         name: "remote.timeout_ms",
+        reloadable: false,
         default: "10000",
         note: "",
         meaning: "a whole upsert",
@@ -72,6 +81,7 @@ pub const SECTIONS: &[Key] = &[
     },
     Key {
         name: "remote.fail_max",
+        reloadable: false,
         default: "3",
         note: "",
         meaning: "consecutive failures that open the remote's breaker (fallback mode)",
@@ -79,6 +89,7 @@ pub const SECTIONS: &[Key] = &[
     },
     Key {
         name: "remote.reset_timeout_ms",
+        reloadable: false,
         default: "30000",
         note: "",
         meaning: "open breaker's wait before a trial batch",
@@ -86,6 +97,7 @@ pub const SECTIONS: &[Key] = &[
     },
     Key {
         name: "cluster.nats_url",
+        reloadable: false,
         default: "",
         note: "one box alone",
         meaning: "NATS servers (`nats://host:port`), tried in turn; setting it makes this box part of a cluster",
@@ -93,6 +105,7 @@ pub const SECTIONS: &[Key] = &[
     },
     Key {
         name: "cluster.node_id",
+        reloadable: false,
         default: "",
         note: "the host name",
         meaning: "this box's name on the bus, unique in the cluster: 1-64 of `[A-Za-z0-9_-]`",
@@ -100,6 +113,7 @@ pub const SECTIONS: &[Key] = &[
     },
     Key {
         name: "cluster.subject_prefix",
+        reloadable: false,
         default: "\"hivegate\"",
         note: "",
         meaning: "first tokens of every subject; boxes with the same prefix share rooms",
@@ -107,6 +121,7 @@ pub const SECTIONS: &[Key] = &[
     },
     Key {
         name: "cluster.credentials_file",
+        reloadable: false,
         default: "",
         note: "no login",
         meaning: "file holding `user:password` or a token for the NATS server",
@@ -114,6 +129,7 @@ pub const SECTIONS: &[Key] = &[
     },
     Key {
         name: "cluster.tls_ca_file",
+        reloadable: false,
         default: "\"/etc/ssl/certs/ca-certificates.crt\"",
         note: "",
         meaning: "PEM bundle of the CAs trusted for `tls://` NATS servers",
@@ -121,6 +137,7 @@ pub const SECTIONS: &[Key] = &[
     },
     Key {
         name: "cluster.tls_cert_file",
+        reloadable: false,
         default: "",
         note: "none",
         meaning: "PEM certificate this box shows a `tls://` server that asks for one (with `tls_key_file`)",
@@ -128,6 +145,7 @@ pub const SECTIONS: &[Key] = &[
     },
     Key {
         name: "cluster.tls_key_file",
+        reloadable: false,
         default: "",
         note: "none",
         meaning: "PEM private key of `tls_cert_file`",
@@ -135,6 +153,7 @@ pub const SECTIONS: &[Key] = &[
     },
     Key {
         name: "cluster.replay_bytes_per_s",
+        reloadable: false,
         default: "4194304",
         note: "",
         meaning: "bytes of events all answers to other boxes' sync requests may publish in a second; past it answers wait",
@@ -142,6 +161,7 @@ pub const SECTIONS: &[Key] = &[
     },
     Key {
         name: "cluster.signing_key_file",
+        reloadable: false,
         default: "",
         note: "unsigned",
         meaning: "this box's Ed25519 key (`hivegate genkey` writes one); with `trusted_keys`, every bus message is signed, and only what a trusted key signed is taken",
@@ -149,6 +169,7 @@ pub const SECTIONS: &[Key] = &[
     },
     Key {
         name: "cluster.trusted_keys",
+        reloadable: false,
         default: "[]",
         note: "",
         meaning: "`\"NODE:PUBLIC_KEY\"` for every box of the cluster (this one may be listed too); a message naming another node is dropped",
@@ -156,6 +177,7 @@ pub const SECTIONS: &[Key] = &[
     },
     Key {
         name: "cluster.connect_timeout_ms",
+        reloadable: false,
         default: "2000",
         note: "",
         meaning: "to connect and log in to a NATS server",
@@ -163,6 +185,7 @@ pub const SECTIONS: &[Key] = &[
     },
     Key {
         name: "cluster.heartbeat_ms",
+        reloadable: false,
         default: "5000",
         note: "",
         meaning: "beats to peers and pings to the server; a peer silent for three is dropped from presence",
@@ -170,6 +193,7 @@ pub const SECTIONS: &[Key] = &[
     },
     Key {
         name: "cluster.outbox_max_rows",
+        reloadable: false,
         default: "100000",
         note: "",
         meaning: "events kept in the bus log for the outbox and for peers' replays",
@@ -177,6 +201,7 @@ pub const SECTIONS: &[Key] = &[
     },
     Key {
         name: "cluster.outbox_max_age_s",
+        reloadable: false,
         default: "604800",
         note: "7 days",
         meaning: "oldest event kept in the bus log; older ones go even if never published (still stored here)",
@@ -184,6 +209,7 @@ pub const SECTIONS: &[Key] = &[
     },
     Key {
         name: "cluster.max_inbound",
+        reloadable: false,
         default: "4096",
         note: "",
         meaning: "events from the bus waiting to be stored; past it they are dropped and fetched again",
@@ -191,6 +217,7 @@ pub const SECTIONS: &[Key] = &[
     },
     Key {
         name: "cluster.max_pending_bytes",
+        reloadable: false,
         default: "4194304",
         note: "",
         meaning: "bytes waiting for the bus socket; past it publishing waits (the outbox keeps the events)",
@@ -198,6 +225,7 @@ pub const SECTIONS: &[Key] = &[
     },
     Key {
         name: "provider.NAME.dialect",
+        reloadable: false,
         default: "\"openai\"",
         note: "",
         meaning: "how its API is spoken: `openai` (chat completions: Kimi, GLM, DeepSeek, vLLM, LiteLLM and most others)",
@@ -209,6 +237,7 @@ pub const SECTIONS: &[Key] = &[
     },
     Key {
         name: "provider.NAME.base_url",
+        reloadable: false,
         default: "",
         note: "",
         meaning: "the API's base URL, e.g. `https://api.moonshot.ai/v1`",
@@ -216,6 +245,7 @@ pub const SECTIONS: &[Key] = &[
     },
     Key {
         name: "provider.NAME.model",
+        reloadable: false,
         default: "",
         note: "",
         meaning: "model name sent upstream",
@@ -223,6 +253,7 @@ pub const SECTIONS: &[Key] = &[
     },
     Key {
         name: "provider.NAME.api_key_env",
+        reloadable: true,
         default: "",
         note: "",
         meaning: "environment variable holding the API key",
@@ -230,6 +261,7 @@ pub const SECTIONS: &[Key] = &[
     },
     Key {
         name: "provider.NAME.api_key_file",
+        reloadable: true,
         default: "",
         note: "",
         meaning: "file holding the API key (e.g. under `$CREDENTIALS_DIRECTORY`)",
@@ -237,6 +269,7 @@ pub const SECTIONS: &[Key] = &[
     },
     Key {
         name: "provider.NAME.max_in_flight",
+        reloadable: false,
         default: "4",
         note: "",
         meaning: "calls at once to this provider",
@@ -244,6 +277,7 @@ pub const SECTIONS: &[Key] = &[
     },
     Key {
         name: "provider.NAME.rpm",
+        reloadable: false,
         default: "0",
         note: "no quota",
         meaning: "requests per minute allowed by the provider's quota",
@@ -251,6 +285,7 @@ pub const SECTIONS: &[Key] = &[
     },
     Key {
         name: "provider.NAME.connect_timeout_ms",
+        reloadable: false,
         default: "5000",
         note: "",
         meaning: "to connect (TCP and TLS)",
@@ -258,6 +293,7 @@ pub const SECTIONS: &[Key] = &[
     },
     Key {
         name: "provider.NAME.first_byte_timeout_ms",
+        reloadable: false,
         default: "30000",
         note: "",
         meaning: "from the request to the response head",
@@ -265,6 +301,7 @@ pub const SECTIONS: &[Key] = &[
     },
     Key {
         name: "provider.NAME.idle_timeout_ms",
+        reloadable: false,
         default: "30000",
         note: "",
         meaning: "between two reads of the stream",
@@ -272,6 +309,7 @@ pub const SECTIONS: &[Key] = &[
     },
     Key {
         name: "provider.NAME.total_timeout_ms",
+        reloadable: false,
         default: "300000",
         note: "",
         meaning: "the whole call",
@@ -279,6 +317,7 @@ pub const SECTIONS: &[Key] = &[
     },
     Key {
         name: "provider.NAME.fail_max",
+        reloadable: false,
         default: "4",
         note: "",
         meaning: "consecutive counted failures that open the breaker",
@@ -286,6 +325,7 @@ pub const SECTIONS: &[Key] = &[
     },
     Key {
         name: "provider.NAME.reset_timeout_ms",
+        reloadable: false,
         default: "120000",
         note: "",
         meaning: "open breaker's wait before one trial call",
@@ -293,6 +333,7 @@ pub const SECTIONS: &[Key] = &[
     },
     Key {
         name: "access.N.roles",
+        reloadable: true,
         default: "",
         note: "",
         meaning: "the roles a rule is for (`\"*\"`: everyone)",
@@ -300,6 +341,7 @@ pub const SECTIONS: &[Key] = &[
     },
     Key {
         name: "access.N.users",
+        reloadable: true,
         default: "",
         note: "",
         meaning: "the users a rule is for, besides its roles",
@@ -307,6 +349,7 @@ pub const SECTIONS: &[Key] = &[
     },
     Key {
         name: "access.N.rooms",
+        reloadable: true,
         default: "",
         note: "",
         meaning: "room patterns: `*` any run, `?` one character, `{user}` the user's name (`\"dm-{user}-*\"`)",
@@ -314,6 +357,7 @@ pub const SECTIONS: &[Key] = &[
     },
     Key {
         name: "access.N.can",
+        reloadable: true,
         default: "",
         note: "",
         meaning: "what may be done in those rooms: `join` (and read), `read` (history only), `publish`, `react`",
@@ -321,6 +365,7 @@ pub const SECTIONS: &[Key] = &[
     },
     Key {
         name: "access.N.providers",
+        reloadable: true,
         default: "",
         note: "",
         meaning: "the providers the `chat` tool may call for them (`\"*\"`: all)",
@@ -328,6 +373,7 @@ pub const SECTIONS: &[Key] = &[
     },
     Key {
         name: "access.N.llm_tokens_per_day",
+        reloadable: true,
         default: "",
         note: "no budget",
         meaning: "LLM tokens (prompt and completion) each of their users may spend per UTC day",

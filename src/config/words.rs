@@ -75,15 +75,20 @@ pub fn generate() -> String {
                      the first that matches decides, and with any rule, what none allows is \
                      denied (README: Access)"
                 } else {
-                    "an OpenAI-compatible provider; one section per provider"
+                    "an LLM provider (`dialect` says how its API is spoken); one section per provider"
                 };
                 out.push_str(&format!("\n# {why}\n# [{header}]\n"));
             } else {
                 out.push_str(&format!("\n[{header}]\n"));
             }
         }
+        let reload = if key.reloadable {
+            "; SIGHUP applies it"
+        } else {
+            ""
+        };
         out.push_str(&format!(
-            "# {} (default: {})\n",
+            "# {} (default: {}{reload})\n",
             key.meaning,
             key.shown_default()
         ));

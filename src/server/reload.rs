@@ -323,4 +323,179 @@ mod tests {
         let fixed = cfg("[auth]\ntokens = [\"a:tok-a\"]\n[server]\nmax_connections = 7\n[limits]\ntable_entries = 100\n");
         assert_eq!(needs_restart(&old, &fixed), vec!["server", "limits"]);
     }
+
+    /// `fixtures/config/box-a.key`'s public key, as `hivegate genkey` prints it.
+    const TRUSTED: &str = "[\"a:aqWFhsiNoCxlblBzQohOWG9v_55353gf6hLmvzvVHRw\"]";
+
+    /// Each key's `reloadable` flag is what a reload does with it: a
+    /// change to that key alone leaves nothing for a restart exactly
+    /// when the flag says a SIGHUP applies it.
+    #[test]
+    fn every_keys_reload_flag_is_what_a_reload_does() {
+        let env = [("KEY_A", "sk-a"), ("KEY_B", "sk-b")].map(|(k, v)| (k.into(), v.into()));
+        // Every section present (each key has a home), files from fixtures.
+        let base: &[(&str, &[(&str, &str)])] = &[
+            (
+                "[server]",
+                &[
+                    ("tls_cert_file", "\"fixtures/tls/server1.pem\""),
+                    ("tls_key_file", "\"fixtures/tls/server1.key\""),
+                ],
+            ),
+            ("[auth]", &[("tokens", "[\"a:tok-aaaaaaaaaaaa\"]")]),
+            ("[pool]", &[]),
+            ("[store]", &[]),
+            ("[chat]", &[]),
+            ("[limits]", &[]),
+            ("[llm]", &[]),
+            ("[log]", &[]),
+            (
+                "[provider.p]",
+                &[
+                    ("base_url", "\"http://127.0.0.1:9/v1\""),
+                    ("model", "\"m\""),
+                ],
+            ),
+            (
+                "[provider.q]",
+                &[
+                    ("base_url", "\"http://127.0.0.1:9/v1\""),
+                    ("model", "\"m\""),
+                ],
+            ),
+            ("[remote]", &[("url", "\"http://127.0.0.1:9\"")]),
+            (
+                "[cluster]",
+                &[
+                    ("nats_url", "[\"nats://127.0.0.1:4222\"]"),
+                    ("node_id", "\"a\""),
+                ],
+            ),
+            (
+                "[[access]]",
+                &[
+                    ("roles", "[\"*\"]"),
+                    ("rooms", "[\"*\"]"),
+                    ("can", "[\"join\"]"),
+                ],
+            ),
+        ];
+        // Keys that only go with another: changed together.
+        let companion = |key: &str| match key {
+            "cluster.signing_key_file" => Some(("trusted_keys", TRUSTED)),
+            "cluster.trusted_keys" => Some(("signing_key_file", "\"fixtures/config/box-a.key\"")),
+            "access.N.llm_tokens_per_day" => Some(("providers", "[\"*\"]")),
+            _ => None,
+        };
+        let text = |change: Option<(&str, &str, &str)>, with: Option<(&str, &str)>| {
+            let mut out = String::new();
+            let mut placed = false;
+            for (header, lines) in base {
+                out.push_str(header);
+                out.push('\n');
+                for (k, v) in lines.iter() {
+                    match change {
+                        Some((h, ck, cv)) if h == *header && ck == *k => {
+                            out.push_str(&format!("{k} = {cv}\n"));
+                            placed = true;
+                        }
+                        _ => out.push_str(&format!("{k} = {v}\n")),
+                    }
+                }
+                if let Some((h, ck, cv)) = change {
+                    if h == *header && !placed {
+                        out.push_str(&format!("{ck} = {cv}\n"));
+                        if let Some((wk, wv)) = with {
+                            out.push_str(&format!("{wk} = {wv}\n"));
+                        }
+                        placed = true;
+                    }
+                }
+            }
+            out
+        };
+        let load = |t: &str| Config::from_text(Some((std::path::Path::new("t.toml"), t)), &env);
+        let old = load(&text(None, None)).unwrap().0;
+        let shown = format!("{old:?}");
+        let pool = [
+            "\"normal\"",
+            "\"off\"",
+            "\"warn\"",
+            "\"json\"",
+            "\"open\"",
+            "\"127.0.0.1:8090\"",
+            "\"http://127.0.0.1:10/v1\"",
+            "\"nats://127.0.0.1:4223\"",
+            "\"KEY_B\"",
+            "\"b\"",
+            "\"fixtures/tls/server2.pem\"",
+            "\"fixtures/tls/server2.key\"",
+            "\"fixtures/tls/ca.pem\"",
+            "\"fixtures/config/kimi.key\"",
+            "\"fixtures/config/box-a.key\"",
+            "\"fixtures/config/nats.creds\"",
+            "\"fixtures/jwt/rsa-jwk.json\"",
+            "\"./other-data\"",
+            "[\"example.org\"]",
+            "[\"https://app.example\"]",
+            "[\"b:tok-bbbbbbbbbbbb\"]",
+            "[\"staff\"]",
+            "[\"join\", \"publish\"]",
+            "[\"authenticated\"]",
+            "[\"q\"]",
+            TRUSTED,
+            "1000",
+            "true",
+        ];
+        // Only one value is possible so far: nothing to change them to.
+        const ONE_VALUE: &[&str] = &["provider.NAME.dialect"];
+        let (mut wrong, mut untried) = (Vec::new(), Vec::new());
+        for key in crate::config::keys() {
+            let name = key.name.replace("NAME", "p").replace(".N.", ".1.");
+            let (section, field) = name.rsplit_once('.').unwrap();
+            let header = match section {
+                "access.1" => "[[access]]".to_string(),
+                s => format!("[{s}]"),
+            };
+            let mut candidates: Vec<String> = Vec::new();
+            if let Ok(n) = key.default.parse::<i64>() {
+                candidates.extend([n + 1, n - 1, 1, 2].map(|v| v.to_string()));
+            }
+            match key.default {
+                "true" => candidates.push("false".into()),
+                "false" => candidates.push("true".into()),
+                _ => {}
+            }
+            candidates.extend(pool.iter().map(|c| c.to_string()));
+            let changed = candidates.iter().find_map(|c| {
+                let changed = text(Some((&header, field, c)), companion(key.name));
+                let cfg = load(&changed).ok()?.0;
+                (format!("{cfg:?}") != shown).then_some(cfg)
+            });
+            let Some(new) = changed else {
+                if !ONE_VALUE.contains(&key.name) {
+                    untried.push(key.name);
+                }
+                continue;
+            };
+            let restart = needs_restart(&old, &new);
+            if restart.is_empty() != key.reloadable {
+                wrong.push(format!(
+                    "{}: reloadable = {}, but a reload {}",
+                    key.name,
+                    key.reloadable,
+                    if restart.is_empty() {
+                        "applies it".to_string()
+                    } else {
+                        format!("leaves {restart:?} for a restart")
+                    }
+                ));
+            }
+        }
+        assert!(wrong.is_empty(), "\n{}", wrong.join("\n"));
+        assert!(
+            untried.is_empty(),
+            "no value changed these keys: {untried:?}"
+        );
+    }
 }
