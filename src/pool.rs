@@ -8,6 +8,10 @@
 //! job still queued when its deadline passes is answered
 //! [`PoolError::Timeout`] and not run. (`smol::unblock` is not used: its
 //! pool grows to 500 threads behind an unbounded queue.)
+//!
+//! The store's group commits take the first lane ([`Pool::submit_first`]):
+//! a thread that comes free runs a job of that lane before any other, so
+//! a burst of reads can neither refuse nor hold up a commit.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -34,7 +38,8 @@ pub enum PoolError {
 type Job = Box<dyn FnOnce(bool) + Send>;
 
 struct Queued {
-    job: Job,
+    /// `None`: only a wake-up, for a job put in the first lane.
+    job: Option<Job>,
     queued_at: Instant,
     deadline: Instant,
 }
@@ -56,6 +61,10 @@ pub struct PoolStats {
     pub latency_buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
 }
 
+/// Most jobs waiting in the first lane (the store's writer has one batch
+/// in flight at a time); past it `Full`, counted as any refusal.
+pub const FIRST_LANE: usize = 4;
+
 pub struct Pool {
     /// Unbounded as a channel, bounded by `queue` in `submit` (every job
     /// is submitted from the event loop): a bounded channel allocates and
@@ -69,6 +78,8 @@ pub struct Pool {
     /// their stacks and heaps resident.
     rx: async_channel::Receiver<Queued>,
     started: std::cell::Cell<usize>,
+    /// The first lane: taken before the queue.
+    first: Arc<std::sync::Mutex<std::collections::VecDeque<Queued>>>,
 }
 
 impl Pool {
@@ -81,6 +92,7 @@ impl Pool {
             threads: threads.max(1),
             rx,
             started: std::cell::Cell::new(0),
+            first: Arc::default(),
         })
     }
 
@@ -91,10 +103,10 @@ impl Pool {
         let started = self.started.get();
         let all_busy = self.stats.busy.load(Relaxed) as usize + self.tx.len() >= started;
         if started < self.threads && all_busy {
-            let (rx, stats) = (self.rx.clone(), self.stats.clone());
+            let (rx, stats, first) = (self.rx.clone(), self.stats.clone(), self.first.clone());
             let spawned = std::thread::Builder::new()
                 .name(format!("hivegate-pool-{started}"))
-                .spawn(move || worker(rx, stats));
+                .spawn(move || worker(rx, first, stats));
             if spawned.is_ok() {
                 self.started.set(started + 1);
             }
@@ -123,29 +135,47 @@ impl Pool {
         T: Send + 'static,
         F: FnOnce() -> T + Send + 'static,
     {
-        let (reply_tx, reply_rx) = async_channel::bounded::<Result<T, PoolError>>(1);
-        let job: Job = Box::new(move |expired| {
-            let result = if expired {
-                Err(PoolError::Timeout)
-            } else {
-                Ok(f())
-            };
-            // The caller may have gone (client disconnected); that is fine.
-            let _ = reply_tx.try_send(result);
-        });
-        let now = Instant::now();
-        let queued = Queued {
-            job,
-            queued_at: now,
-            deadline: now + deadline,
-        };
+        let (queued, answer) = job(deadline, f);
         // A thread to run it first (a job queued with none would run
         // later for a caller told it was refused).
         if self.tx.len() >= self.queue || !self.grow() || self.tx.try_send(queued).is_err() {
             self.stats.rejected.fetch_add(1, Relaxed);
             return Err(PoolError::Full);
         }
-        Ok(async move { reply_rx.recv().await.unwrap_or(Err(PoolError::Gone)) })
+        Ok(answer)
+    }
+
+    /// [`Pool::submit`] in the first lane: run before every queued job,
+    /// and not refused while the queue is full (only past
+    /// [`FIRST_LANE`] of its own).
+    pub fn submit_first<T, F>(
+        &self,
+        deadline: Duration,
+        f: F,
+    ) -> Result<impl Future<Output = Result<T, PoolError>>, PoolError>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        let (queued, answer) = job(deadline, f);
+        let Ok(mut first) = self.first.lock() else {
+            return Err(PoolError::Gone);
+        };
+        if first.len() >= FIRST_LANE || !self.grow() {
+            self.stats.rejected.fetch_add(1, Relaxed);
+            return Err(PoolError::Full);
+        }
+        first.push_back(queued);
+        drop(first);
+        // A thread waiting on the queue wakes and looks at the lane; a
+        // busy one looks there when its job ends.
+        let wake = Queued {
+            job: None,
+            queued_at: Instant::now(),
+            deadline: Instant::now(),
+        };
+        let _ = self.tx.try_send(wake);
+        Ok(answer)
     }
 
     /// A hint for `retry_after_ms` when the queue is full: the time the
@@ -159,12 +189,51 @@ impl Pool {
     }
 }
 
-fn worker(rx: async_channel::Receiver<Queued>, stats: Arc<PoolStats>) {
-    while let Ok(q) = rx.recv_blocking() {
+/// `f` as a job for the queue, and the future of its answer.
+fn job<T, F>(deadline: Duration, f: F) -> (Queued, impl Future<Output = Result<T, PoolError>>)
+where
+    T: Send + 'static,
+    F: FnOnce() -> T + Send + 'static,
+{
+    let (reply_tx, reply_rx) = async_channel::bounded::<Result<T, PoolError>>(1);
+    let job: Job = Box::new(move |expired| {
+        let result = if expired {
+            Err(PoolError::Timeout)
+        } else {
+            Ok(f())
+        };
+        // The caller may have gone (client disconnected); that is fine.
+        let _ = reply_tx.try_send(result);
+    });
+    let now = Instant::now();
+    let queued = Queued {
+        job: Some(job),
+        queued_at: now,
+        deadline: now + deadline,
+    };
+    (queued, async move {
+        reply_rx.recv().await.unwrap_or(Err(PoolError::Gone))
+    })
+}
+
+type Lane = Arc<std::sync::Mutex<std::collections::VecDeque<Queued>>>;
+
+fn worker(rx: async_channel::Receiver<Queued>, first: Lane, stats: Arc<PoolStats>) {
+    loop {
+        // The first lane before the queue, every time a thread is free.
+        let next = first.lock().ok().and_then(|mut l| l.pop_front());
+        let q = match next {
+            Some(q) => q,
+            None => match rx.recv_blocking() {
+                Ok(q) => q,
+                Err(_) => return,
+            },
+        };
+        let Some(job) = q.job else { continue };
         let expired = Instant::now() > q.deadline;
         if expired {
             stats.timed_out.fetch_add(1, Relaxed);
-            (q.job)(true);
+            job(true);
             continue;
         }
         // A panicking job must not take the thread (and so the pool's
@@ -172,7 +241,7 @@ fn worker(rx: async_channel::Receiver<Queued>, stats: Arc<PoolStats>) {
         // on panic instead, and systemd restarts the service: a panic is a
         // bug, never a reaction to input.)
         stats.busy.fetch_add(1, Relaxed);
-        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (q.job)(false)));
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(false)));
         stats.busy.fetch_sub(1, Relaxed);
         let latency = q.queued_at.elapsed();
         stats.run.fetch_add(1, Relaxed);
@@ -321,6 +390,45 @@ mod tests {
         release_tx.send(()).unwrap();
         assert_eq!(block_on(busy), Ok(()));
         assert_eq!(block_on(queued), Ok(1));
+    }
+
+    #[test]
+    fn the_first_lane_goes_before_the_queue_and_past_a_full_one() {
+        let pool = Pool::new(1, 2).unwrap();
+        let (busy, release_tx) = occupy(&pool);
+        let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = |name: &'static str| {
+            let order = order.clone();
+            move || order.lock().unwrap().push(name)
+        };
+        // The queue is full of reads...
+        let r1 = pool.submit(Duration::from_secs(5), log("read 1")).unwrap();
+        let r2 = pool.submit(Duration::from_secs(5), log("read 2")).unwrap();
+        assert!(pool.submit(Duration::from_secs(5), log("read 3")).is_err());
+        // ...and a commit still goes in, and runs first.
+        let w = pool
+            .submit_first(Duration::from_secs(5), log("commit"))
+            .unwrap();
+        release_tx.send(()).unwrap();
+        block_on(busy).unwrap();
+        block_on(w).unwrap();
+        block_on(r1).unwrap();
+        block_on(r2).unwrap();
+        assert_eq!(*order.lock().unwrap(), ["commit", "read 1", "read 2"]);
+        // The lane has its own bound.
+        let (busy, release_tx) = occupy(&pool);
+        let lane: Vec<_> = (0..FIRST_LANE)
+            .map(|_| pool.submit_first(Duration::from_secs(5), || ()).unwrap())
+            .collect();
+        assert_eq!(
+            pool.submit_first(Duration::from_secs(5), || ()).err(),
+            Some(PoolError::Full)
+        );
+        release_tx.send(()).unwrap();
+        block_on(busy).unwrap();
+        for f in lane {
+            block_on(f).unwrap();
+        }
     }
 
     #[test]

@@ -341,23 +341,19 @@ async fn writer_loop(
             && ops
                 .iter()
                 .any(|op| matches!(op, WriteOp::Publish(_) | WriteOp::React { .. }));
-        let ops = Arc::new(ops);
-        let results = loop {
-            let (conn, ops, bus) = (conn.clone(), ops.clone(), bus.clone());
-            let job = pool.submit(WRITE_DEADLINE, move || match conn.lock() {
-                Ok(mut c) => db::write_batch_as(&mut c, &ops, bus.as_deref()),
-                Err(_) => ops
-                    .iter()
-                    .map(|_| Err(WriteErr::Storage("writer lock poisoned".into())))
-                    .collect(),
-            });
-            match job {
-                Ok(job) => break job.await,
-                // The pool is full of reads: the writes wait their turn
-                // here (their own queue is what bounds them).
-                Err(PoolError::Full) => async_io::Timer::after(Duration::from_millis(2)).await,
-                Err(e) => break Err(e),
-            };
+        let (conn, bus) = (conn.clone(), bus.clone());
+        // The first lane: a pool full of reads neither refuses nor delays
+        // a commit.
+        let job = pool.submit_first(WRITE_DEADLINE, move || match conn.lock() {
+            Ok(mut c) => db::write_batch_as(&mut c, &ops, bus.as_deref()),
+            Err(_) => ops
+                .iter()
+                .map(|_| Err(WriteErr::Storage("writer lock poisoned".into())))
+                .collect(),
+        });
+        let results = match job {
+            Ok(job) => job.await,
+            Err(e) => Err(e),
         };
         match results {
             Ok(results) => {
