@@ -26,6 +26,17 @@ pub enum Action {
 impl Action {
     pub const ALL: [Action; 4] = [Action::Join, Action::Read, Action::Publish, Action::React];
 
+    /// How a refusal of it is counted in the metrics.
+    pub fn denial(self) -> crate::ops::metrics::Denial {
+        use crate::ops::metrics::Denial;
+        match self {
+            Action::Join => Denial::Join,
+            Action::Read => Denial::Read,
+            Action::Publish => Denial::Publish,
+            Action::React => Denial::React,
+        }
+    }
+
     pub fn label(self) -> &'static str {
         match self {
             Action::Join => "join",

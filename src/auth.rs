@@ -1,5 +1,6 @@
-//! Who a session is: tokens from the configuration (or signed JWTs, see
-//! [`crate::jwt`]) mapped to a user name and its roles.
+//! Who a session is: tokens from the configuration (or signed JWTs,
+//! verified by the `jwt` module above this one) mapped to a user name and
+//! its roles.
 //!
 //! Only SHA-256 digests of tokens are kept in memory, and a presented token
 //! is compared against every configured digest without an early exit, so
@@ -22,29 +23,6 @@ impl AuthMode {
             AuthMode::Open => "open",
             AuthMode::Jwt => "jwt",
         }
-    }
-}
-
-/// `[auth]`.
-#[derive(Debug, Clone, Default)]
-pub struct AuthConfig {
-    /// The mode in force after validation: `Open` also when no tokens are
-    /// configured and the listen address is loopback.
-    pub mode: AuthMode,
-    /// False when `auth.mode` was not written and the mode was inferred
-    /// (token, or open for no tokens on loopback): a reload may not change
-    /// such a mode (see `server::reload`).
-    pub mode_explicit: bool,
-    pub tokens: Vec<TokenEntry>,
-    /// `auth.mode = "jwt"`: how tokens are verified.
-    pub jwt: crate::jwt::JwtConfig,
-}
-
-impl AuthConfig {
-    /// Open mode chosen because no tokens were configured, not written:
-    /// worth a warning at start.
-    pub fn implicit_open(&self) -> bool {
-        self.mode == AuthMode::Open && !self.mode_explicit
     }
 }
 

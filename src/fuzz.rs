@@ -30,7 +30,7 @@ pub fn sse(data: &[u8]) {
         .and_then(|()| parser.finish(&mut events));
     let _ = fed;
     for data in events {
-        for dialect in crate::llm::dialect::DIALECTS {
+        for dialect in crate::llm::DIALECTS {
             let _ = dialect.event(&data);
         }
     }

@@ -1,6 +1,6 @@
 //! Members on other boxes of a cluster, merged into each room's presence.
 //!
-//! Each box tells the bus who of a room is on it (`crate::cluster` sends a
+//! Each box tells the bus who of a room is on it (the `cluster` module sends a
 //! beat when that changes and every heartbeat); here those lists are kept
 //! per room and box, and a room's member list is the union of its local
 //! users and every box's. Presence frames say what changed in the union:

@@ -55,14 +55,8 @@ impl Key {
     }
 }
 
-/// Every key: the core sections, then the optional ones (`[remote]`,
-/// `[cluster]`, `[provider.NAME]`, `[[access]]`, in `sections`).
-pub fn keys() -> impl Iterator<Item = &'static Key> {
-    CORE.iter().chain(super::sections::SECTIONS.iter())
-}
-
 /// The keys of the sections every configuration has.
-const CORE: &[Key] = &[
+pub const CORE: &[Key] = &[
     Key {
         name: "server.listen",
         reloadable: false,

@@ -13,13 +13,20 @@ mod setting;
 mod toml;
 mod words;
 
+pub use keys::Key;
 use keys::Set;
-pub use keys::{keys, Key};
 use setting::Setting;
 pub use words::generate;
 use words::unknown_key;
 
-use crate::auth::{AuthConfig, AuthMode, Secret};
+/// Every key: the core sections (`keys.rs`), then the optional ones
+/// (`[remote]`, `[cluster]`, `[provider.NAME]`, `[[access]]`, in
+/// `sections.rs`).
+pub fn keys() -> impl Iterator<Item = &'static Key> {
+    keys::CORE.iter().chain(sections::SECTIONS.iter())
+}
+
+use crate::auth::{AuthMode, Secret};
 use crate::chat::ChatLimits;
 use crate::limit::LimitParams;
 use crate::llm::{LlmConfig, ProviderConfig};
@@ -49,6 +56,29 @@ pub struct Config {
     /// The `[[access]]` rules, in file order.
     pub access: Vec<crate::access::Rule>,
     pub log: LogConfig,
+}
+
+/// `[auth]`.
+#[derive(Debug, Clone, Default)]
+pub struct AuthConfig {
+    /// The mode in force after validation: `Open` also when no tokens are
+    /// configured and the listen address is loopback.
+    pub mode: AuthMode,
+    /// False when `auth.mode` was not written and the mode was inferred
+    /// (token, or open for no tokens on loopback): a reload may not change
+    /// such a mode (see `server::reload`).
+    pub mode_explicit: bool,
+    pub tokens: Vec<crate::auth::TokenEntry>,
+    /// `auth.mode = "jwt"`: how tokens are verified.
+    pub jwt: crate::jwt::JwtConfig,
+}
+
+impl AuthConfig {
+    /// Open mode chosen because no tokens were configured, not written:
+    /// worth a warning at start.
+    pub fn implicit_open(&self) -> bool {
+        self.mode == AuthMode::Open && !self.mode_explicit
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -10,7 +10,7 @@
 //! chunk (or one `idle_timeout` on a stalled upstream, which is ureq's
 //! per-read timeout).
 
-use super::dialect::{Dialect, Streamed};
+use super::dialect::{CallError, Dialect, Streamed, Usage};
 use super::sse::SseParser;
 use std::io::Read;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,12 +20,6 @@ use std::time::Duration;
 const ERROR_BODY_BYTES: u64 = 2048;
 /// Largest non-streamed answer accepted.
 const MAX_JSON_ANSWER: u64 = 8 << 20;
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Usage {
-    pub prompt_tokens: u64,
-    pub completion_tokens: u64,
-}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
@@ -39,75 +33,6 @@ pub enum Event {
     },
     Failed(CallError),
 }
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CallError {
-    /// Could not connect, or the connection broke.
-    Transport(String),
-    Timeout(&'static str),
-    Status {
-        code: u16,
-        retry_after: Option<Duration>,
-        message: String,
-    },
-    /// The answer was not what the provider's dialect sends.
-    Malformed(String),
-}
-
-impl CallError {
-    /// Whether the breaker counts it: the upstream's fault, not the
-    /// request's (4xx) and not a quota (429).
-    pub fn counted(&self) -> bool {
-        match self {
-            CallError::Status { code, .. } => *code >= 500,
-            _ => true,
-        }
-    }
-
-    /// Whether trying the same provider again may help.
-    pub fn retryable(&self) -> bool {
-        match self {
-            CallError::Status { code, .. } => *code == 429 || *code >= 500,
-            _ => true,
-        }
-    }
-
-    /// The same error with every piece of upstream text cleaned: no
-    /// secret, no control character, a bounded length.
-    pub fn redacted(self, r: &crate::redact::Redactor) -> CallError {
-        match self {
-            CallError::Transport(m) => CallError::Transport(r.clean(&m)),
-            CallError::Status {
-                code,
-                retry_after,
-                message,
-            } => CallError::Status {
-                code,
-                retry_after,
-                message: r.clean(&message),
-            },
-            CallError::Malformed(m) => CallError::Malformed(r.clean(&m)),
-            t @ CallError::Timeout(_) => t,
-        }
-    }
-
-    pub fn is_timeout(&self) -> bool {
-        matches!(self, CallError::Timeout(_))
-    }
-}
-
-impl std::fmt::Display for CallError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            CallError::Transport(m) => write!(f, "connection failed: {m}"),
-            CallError::Timeout(what) => write!(f, "timed out {what}"),
-            CallError::Status { code, message, .. } => write!(f, "HTTP {code}: {message}"),
-            CallError::Malformed(m) => write!(f, "malformed answer: {m}"),
-        }
-    }
-}
-
-impl std::error::Error for CallError {}
 
 /// What a call needs, owned so it can move to a pool thread.
 pub struct Request {

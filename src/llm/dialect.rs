@@ -2,12 +2,89 @@
 //! and body, how a streamed event and a whole answer read, and where a
 //! stream ends. The transport (`client.rs`) sends what a dialect writes
 //! and hands it what comes back; it knows no API's shapes. A new dialect
-//! is a file beside `openai.rs` and a line in [`DIALECTS`]; a provider
-//! picks one with `provider.NAME.dialect`.
+//! is a file beside `openai.rs`, declared in `mod.rs` (its `mod` line and
+//! its place in `DIALECTS`); a provider picks one with
+//! `provider.NAME.dialect`. What a call can come to (`Usage`,
+//! `CallError`) is written here, for dialects and transport alike.
 
-use super::client::{CallError, Usage};
 use crate::auth::Secret;
 use crate::protocol::Turn;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CallError {
+    /// Could not connect, or the connection broke.
+    Transport(String),
+    Timeout(&'static str),
+    Status {
+        code: u16,
+        retry_after: Option<Duration>,
+        message: String,
+    },
+    /// The answer was not what the provider's dialect sends.
+    Malformed(String),
+}
+
+impl CallError {
+    /// Whether the breaker counts it: the upstream's fault, not the
+    /// request's (4xx) and not a quota (429).
+    pub fn counted(&self) -> bool {
+        match self {
+            CallError::Status { code, .. } => *code >= 500,
+            _ => true,
+        }
+    }
+
+    /// Whether trying the same provider again may help.
+    pub fn retryable(&self) -> bool {
+        match self {
+            CallError::Status { code, .. } => *code == 429 || *code >= 500,
+            _ => true,
+        }
+    }
+
+    /// The same error with every piece of upstream text cleaned: no
+    /// secret, no control character, a bounded length.
+    pub fn redacted(self, r: &crate::redact::Redactor) -> CallError {
+        match self {
+            CallError::Transport(m) => CallError::Transport(r.clean(&m)),
+            CallError::Status {
+                code,
+                retry_after,
+                message,
+            } => CallError::Status {
+                code,
+                retry_after,
+                message: r.clean(&message),
+            },
+            CallError::Malformed(m) => CallError::Malformed(r.clean(&m)),
+            t @ CallError::Timeout(_) => t,
+        }
+    }
+
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, CallError::Timeout(_))
+    }
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CallError::Transport(m) => write!(f, "connection failed: {m}"),
+            CallError::Timeout(what) => write!(f, "timed out {what}"),
+            CallError::Status { code, message, .. } => write!(f, "HTTP {code}: {message}"),
+            CallError::Malformed(m) => write!(f, "malformed answer: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for CallError {}
 
 /// What one streamed event carried (any part may be missing).
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -53,9 +130,6 @@ pub trait Dialect: Sync {
     fn error_message(&self, body: &str) -> String;
 }
 
-/// Every dialect spoken, the default first.
-pub const DIALECTS: &[&dyn Dialect] = &[&super::openai::OpenAi];
-
 /// A provider's dialect, as its settings chose it.
 #[derive(Clone, Copy)]
 pub struct Speaks(pub &'static dyn Dialect);
@@ -63,12 +137,12 @@ pub struct Speaks(pub &'static dyn Dialect);
 impl Speaks {
     /// The dialect called `name`, or an error that lists them.
     pub fn named(name: &str) -> Result<Speaks, String> {
-        DIALECTS
+        super::DIALECTS
             .iter()
             .find(|d| d.name() == name)
             .map(|d| Speaks(*d))
             .ok_or_else(|| {
-                let names: Vec<&str> = DIALECTS.iter().map(|d| d.name()).collect();
+                let names: Vec<&str> = super::DIALECTS.iter().map(|d| d.name()).collect();
                 format!("no dialect {name:?}; one of: {}", names.join(", "))
             })
     }
@@ -76,7 +150,7 @@ impl Speaks {
 
 impl Default for Speaks {
     fn default() -> Self {
-        Speaks(DIALECTS[0])
+        Speaks(super::DIALECTS[0])
     }
 }
 

@@ -19,6 +19,10 @@ pub mod client;
 mod config;
 pub mod dialect;
 mod openai;
+
+/// Every API dialect spoken (`dialect.rs`), the default first.
+pub const DIALECTS: &[&dyn dialect::Dialect] = &[&openai::OpenAi];
+
 mod output;
 pub use output::{answer_frame, said_frame, Answer, Output, Said};
 mod tool;
@@ -34,8 +38,9 @@ use crate::pool::Pool;
 use crate::protocol::ErrorCode;
 use crate::resilience::{backoff, Breaker, Jitter, Transition};
 use async_io::Timer;
-use client::{CallError, Event, Usage};
+use client::Event;
 pub use config::{LlmConfig, ProviderConfig};
+use dialect::{CallError, Usage};
 use futures_lite::FutureExt;
 use std::cell::{Cell, RefCell};
 use std::sync::atomic::Ordering;

@@ -3,8 +3,7 @@
 //! a Bearer key, `data:` chunks of `choices[0].delta`, and `[DONE]` at
 //! the end.
 
-use super::client::{CallError, Usage};
-use super::dialect::{Chunk, Dialect, Streamed, Whole};
+use super::dialect::{CallError, Chunk, Dialect, Streamed, Usage, Whole};
 use crate::auth::Secret;
 use crate::protocol::Turn;
 

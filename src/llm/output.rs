@@ -2,7 +2,7 @@
 //! it to a transport: a connection renders it as `op` frames, MCP as
 //! JSON-RPC.
 
-use super::client::Usage;
+use super::dialect::Usage;
 use crate::json::JsonOut;
 use crate::protocol::ErrorCode;
 use std::sync::atomic::AtomicBool;

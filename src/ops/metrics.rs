@@ -103,16 +103,6 @@ impl Denial {
             Denial::Revoked => "revoked",
         }
     }
-
-    pub fn of(a: crate::access::Action) -> Denial {
-        use crate::access::Action;
-        match a {
-            Action::Join => Denial::Join,
-            Action::Read => Denial::Read,
-            Action::Publish => Denial::Publish,
-            Action::React => Denial::React,
-        }
-    }
 }
 
 #[derive(Debug, Default)]

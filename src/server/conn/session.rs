@@ -12,7 +12,7 @@ use crate::hub::{Reply, Task};
 use crate::json::JsonOut;
 use crate::limit::Refused;
 use crate::llm::ToolCalls;
-use crate::ops::metrics::{inc, Denial};
+use crate::ops::metrics::inc;
 use crate::protocol::{self, Close, ErrorCode, Request};
 use crate::store::Range;
 use std::rc::Rc;
@@ -308,7 +308,7 @@ impl Conn {
         let Err(denied) = self.gw.live.borrow().rules.room(&s.who, room, action) else {
             return true;
         };
-        self.gw.metrics.denied(Denial::of(action));
+        self.gw.metrics.denied(action.denial());
         if s.who.first_refusal(denied.slot()) {
             self.gw.log.info(
                 "access denied",
