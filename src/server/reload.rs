@@ -236,39 +236,25 @@ pub fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
         }
         c
     };
-    let (a, b) = (fixed(old), fixed(new));
-    let mut out = Vec::new();
-    let mut differ = |name: &'static str, x: String, y: String| {
-        if x != y {
-            out.push(name);
-        }
+    let sections = |c: &Config| {
+        [
+            ("server", format!("{:?}", c.server)),
+            ("limits", format!("{:?}", c.limits)),
+            ("pool", format!("{:?}", c.pool)),
+            ("store", format!("{:?}", c.store)),
+            ("chat", format!("{:?}", c.chat)),
+            ("llm", format!("{:?}", c.llm)),
+            ("remote", format!("{:?}", c.remote)),
+            ("cluster", format!("{:?}", c.cluster)),
+            ("log", format!("{:?}", c.log)),
+        ]
     };
-    differ(
-        "server",
-        format!("{:?}", a.server),
-        format!("{:?}", b.server),
-    );
-    differ(
-        "limits",
-        format!("{:?}", a.limits),
-        format!("{:?}", b.limits),
-    );
-    differ("pool", format!("{:?}", a.pool), format!("{:?}", b.pool));
-    differ("store", format!("{:?}", a.store), format!("{:?}", b.store));
-    differ("chat", format!("{:?}", a.chat), format!("{:?}", b.chat));
-    differ("llm", format!("{:?}", a.llm), format!("{:?}", b.llm));
-    differ(
-        "remote",
-        format!("{:?}", a.remote),
-        format!("{:?}", b.remote),
-    );
-    differ(
-        "cluster",
-        format!("{:?}", a.cluster),
-        format!("{:?}", b.cluster),
-    );
-    differ("log", format!("{:?}", a.log), format!("{:?}", b.log));
-    out
+    let (a, b) = (sections(&fixed(old)), sections(&fixed(new)));
+    a.into_iter()
+        .zip(b)
+        .filter(|(x, y)| x.1 != y.1)
+        .map(|(x, _)| x.0)
+        .collect()
 }
 
 #[cfg(test)]
