@@ -11,6 +11,7 @@ use crate::hub::{frame, Reply, Task, MAX_IN_FLIGHT};
 use crate::json::JsonOut;
 use crate::ops::log::Logger;
 use crate::protocol::ErrorCode;
+use crate::store::db::bus::{BusKind, Effect};
 use crate::store::{Range, Reacted, Store, StoreError, StoredMessage};
 use std::cell::Cell;
 use std::rc::Rc;
@@ -340,6 +341,32 @@ fn store_error(log: Logger, reply: &Reply, e: &StoreError) {
             let msg = format!("internal error (conn {}, request {rid})", reply.conn);
             reply.error(ErrorCode::InternalError, &msg, None);
         }
+    }
+}
+
+/// What members of a room are told of a change another box made and
+/// this one applied: the room, and the frame (the same a change made
+/// here sends).
+pub fn told(change: BusKind, effect: &Effect) -> Option<(String, String)> {
+    match (change, effect) {
+        (BusKind::Message(m), Effect::Message { seq }) => {
+            let m = StoredMessage { seq: *seq, ..m };
+            Some((m.room.clone(), m.frame()))
+        }
+        (
+            BusKind::Reaction {
+                message_id,
+                emoji,
+                user,
+                added,
+                ..
+            },
+            Effect::Reaction { room, count },
+        ) => {
+            let f = reaction_json(room, &message_id, &emoji, *count, &user, added);
+            Some((room.clone(), f))
+        }
+        _ => None,
     }
 }
 

@@ -5,11 +5,10 @@
 
 use super::wire::parse_event;
 use super::{wire, Cluster, Item, BATCH, MAX_QUEUED, SYNC_SPACING};
-use crate::chat::reaction_json;
 use crate::hub::frame;
 use crate::ops::metrics::inc;
 use crate::store::db::bus::{Applied, BusEvent, BusKind};
-use crate::store::{StoreError, StoredMessage};
+use crate::store::StoreError;
 use async_io::Timer;
 use std::rc::Rc;
 use std::time::Instant;
@@ -87,7 +86,7 @@ impl Cluster {
     /// An event from another box, signed if this box checks signatures.
     fn on_event(&self, ev: BusEvent) {
         let valid = wire::valid_node(&ev.origin) && crate::protocol::valid_room(&ev.room);
-        if !valid || !self.within_limits(&ev) {
+        if !valid || !wire::within_limits(&ev, self.limits.max_text_bytes) {
             inc(&self.stats.malformed);
             return;
         }
@@ -154,32 +153,6 @@ impl Cluster {
                 self.replays_ready.notify(1);
             }
             _ => inc(&self.stats.malformed),
-        }
-    }
-
-    /// A peer's event holds to what a local client may send: text, names,
-    /// ids and emoji within their bounds (a frame for members is then
-    /// within what their outboxes take).
-    fn within_limits(&self, ev: &BusEvent) -> bool {
-        let id_ok = |id: &str| !id.is_empty() && id.len() <= crate::protocol::MAX_MESSAGE_ID;
-        match &ev.kind {
-            BusKind::Message(m) => {
-                id_ok(&m.id)
-                    && crate::auth::valid_user(&m.user)
-                    && !m.text.is_empty()
-                    && m.text.len() <= self.limits.max_text_bytes
-            }
-            BusKind::Reaction {
-                message_id,
-                emoji,
-                user,
-                ..
-            } => {
-                id_ok(message_id)
-                    && crate::auth::valid_user(user)
-                    && crate::protocol::valid_emoji(emoji)
-            }
-            BusKind::Skip => true,
         }
     }
 
@@ -279,27 +252,11 @@ impl Cluster {
             }
         };
         match result {
-            Ok(Applied::Message { seq }) => {
+            Ok(Applied::Changed(effect)) => {
                 note(ev.oseq);
                 inc(&self.stats.applied);
-                if let BusKind::Message(m) = ev.kind {
-                    let m = StoredMessage { seq, ..m };
-                    self.chat.enqueue(room, frame(m.frame()));
-                }
-            }
-            Ok(Applied::Reaction { room: r, count }) => {
-                note(ev.oseq);
-                inc(&self.stats.applied);
-                if let BusKind::Reaction {
-                    message_id,
-                    emoji,
-                    user,
-                    added,
-                    ..
-                } = ev.kind
-                {
-                    let f = reaction_json(&r, &message_id, &emoji, count, &user, added);
-                    self.chat.enqueue(Rc::from(r.as_str()), frame(f));
+                if let Some((to, f)) = crate::chat::told(ev.kind, &effect) {
+                    self.chat.enqueue(Rc::from(to.as_str()), frame(f));
                 }
             }
             Ok(Applied::Quiet) => note(ev.oseq),

@@ -169,6 +169,32 @@ pub fn parse_event(text: &str) -> Result<BusEvent, String> {
     })
 }
 
+/// A peer's event holds to what a local client may send: text, names,
+/// ids and emoji within their bounds (a frame for members is then within
+/// what their outboxes take).
+pub fn within_limits(ev: &BusEvent, max_text_bytes: usize) -> bool {
+    let id_ok = |id: &str| !id.is_empty() && id.len() <= crate::protocol::MAX_MESSAGE_ID;
+    match &ev.kind {
+        BusKind::Message(m) => {
+            id_ok(&m.id)
+                && crate::auth::valid_user(&m.user)
+                && !m.text.is_empty()
+                && m.text.len() <= max_text_bytes
+        }
+        BusKind::Reaction {
+            message_id,
+            emoji,
+            user,
+            ..
+        } => {
+            id_ok(message_id)
+                && crate::auth::valid_user(user)
+                && crate::protocol::valid_emoji(emoji)
+        }
+        BusKind::Skip => true,
+    }
+}
+
 pub fn beat(node: &str, room: &str, members: &[std::rc::Rc<str>], head: i64) -> String {
     JsonOut::new()
         .str("t", "beat")

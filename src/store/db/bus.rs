@@ -37,13 +37,20 @@ pub enum BusKind {
     Skip,
 }
 
-/// What applying a [`BusEvent`] came to.
+/// What a peer's change did here, for its members to be told.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Applied {
+pub enum Effect {
     /// Stored under this box's own `seq` for the room.
     Message { seq: i64 },
     /// The emoji's count on the message after the change.
     Reaction { room: String, count: i64 },
+}
+
+/// What applying a [`BusEvent`] came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Applied {
+    /// Applied, in order.
+    Changed(Effect),
     /// Applied already (a replay, or published twice).
     Duplicate,
     /// Events are missing before this one; `have` is the last applied.
@@ -157,7 +164,7 @@ pub(super) fn apply_event(
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, 1, ?7)",
             )?
             .execute(params![id, ev.room, seq, user, text, ts, ev.origin])?;
-            Ok(Applied::Message { seq })
+            Ok(Applied::Changed(Effect::Message { seq }))
         }
         BusKind::Reaction {
             message_id,
@@ -188,7 +195,7 @@ pub(super) fn apply_event(
                     "SELECT COUNT(*) FROM reactions WHERE message_id = ?1 AND emoji = ?2 AND removed = 0",
                 )?
                 .query_row(params![message_id, emoji], |r| r.get(0))?;
-            Ok(Applied::Reaction { room, count })
+            Ok(Applied::Changed(Effect::Reaction { room, count }))
         }
         BusKind::Skip => Ok(Applied::Quiet),
     }

@@ -381,7 +381,7 @@ fn backup_copies_a_consistent_database() {
 
 mod bus_log {
     use super::*;
-    use crate::store::db::bus::{self, Applied, BusEvent, BusKind, BusLog};
+    use crate::store::db::bus::{self, Applied, BusEvent, BusKind, BusLog, Effect};
 
     /// The store keeps whatever text the cluster's encoder writes; this
     /// one shows what it was given.
@@ -452,7 +452,7 @@ mod bus_log {
         assert_eq!(
             r,
             vec![
-                Ok(WriteOk::Bus(Applied::Message { seq: 1 })),
+                Ok(WriteOk::Bus(Applied::Changed(Effect::Message { seq: 1 }))),
                 Ok(WriteOk::Bus(Applied::Duplicate)),
                 Ok(WriteOk::Bus(Applied::Gap { have: 1 })),
             ]
@@ -468,9 +468,9 @@ mod bus_log {
         assert_eq!(
             r,
             vec![
-                Ok(WriteOk::Bus(Applied::Message { seq: 2 })),
-                Ok(WriteOk::Bus(Applied::Message { seq: 3 })),
-                Ok(WriteOk::Bus(Applied::Message { seq: 4 })),
+                Ok(WriteOk::Bus(Applied::Changed(Effect::Message { seq: 2 }))),
+                Ok(WriteOk::Bus(Applied::Changed(Effect::Message { seq: 3 }))),
+                Ok(WriteOk::Bus(Applied::Changed(Effect::Message { seq: 4 }))),
             ]
         );
         // A reaction from the bus sets the state it carries (no toggle).
@@ -492,14 +492,14 @@ mod bus_log {
         assert_eq!(
             r,
             vec![
-                Ok(WriteOk::Bus(Applied::Reaction {
+                Ok(WriteOk::Bus(Applied::Changed(Effect::Reaction {
                     room: "x".into(),
                     count: 1
-                })),
-                Ok(WriteOk::Bus(Applied::Reaction {
+                }))),
+                Ok(WriteOk::Bus(Applied::Changed(Effect::Reaction {
                     room: "x".into(),
                     count: 0
-                })),
+                }))),
             ]
         );
         let h = history(&c, "x", Range::Latest, 10).unwrap();
@@ -517,7 +517,7 @@ mod bus_log {
         write_batch(&mut c, &[skip]);
         assert_eq!(
             write_batch(&mut c, &[event("b", 11, "m11")])[0],
-            Ok(WriteOk::Bus(Applied::Message { seq: 5 }))
+            Ok(WriteOk::Bus(Applied::Changed(Effect::Message { seq: 5 })))
         );
     }
 
