@@ -95,6 +95,19 @@ pub enum Request {
         client_id: Option<String>,
     },
     Ping,
+    /// A request about rooms, handled by `chat`.
+    Chat(ChatRequest),
+    ListTools,
+    CallTool {
+        name: String,
+        call: ToolCall,
+    },
+    Cancel,
+}
+
+/// A request about rooms and their messages.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ChatRequest {
     Join {
         room: String,
         history: u64,
@@ -110,12 +123,6 @@ pub enum Request {
         message_id: String,
         emoji: String,
     },
-    ListTools,
-    CallTool {
-        name: String,
-        call: ToolCall,
-    },
-    Cancel,
     History {
         room: String,
         /// Messages before this seq; without it (and without `after_seq`),
@@ -272,17 +279,17 @@ pub fn parse(text: &str) -> Result<Envelope, ParseError> {
             }
         }
         "ping" => Request::Ping,
-        "join" => Request::Join {
+        "join" => Request::Chat(ChatRequest::Join {
             room: room(raw.room, &fail)?,
             history: count(raw.history, "history", &fail)?,
-        },
-        "leave" => Request::Leave {
+        }),
+        "leave" => Request::Chat(ChatRequest::Leave {
             room: room(raw.room, &fail)?,
-        },
-        "publish" => Request::Publish {
+        }),
+        "publish" => Request::Chat(ChatRequest::Publish {
             room: room(raw.room, &fail)?,
             text: raw.text.ok_or_else(|| fail("missing \"text\"".into()))?,
-        },
+        }),
         "react" => {
             let message_id = raw
                 .message_id
@@ -296,7 +303,7 @@ pub fn parse(text: &str) -> Result<Envelope, ParseError> {
                         "emoji must be 1-{MAX_EMOJI} bytes of printable text, without quotes or backslashes"
                     ))
                 })?;
-            Request::React { message_id, emoji }
+            Request::Chat(ChatRequest::React { message_id, emoji })
         }
         "list_tools" => Request::ListTools,
         "cancel" => {
@@ -325,12 +332,12 @@ pub fn parse(text: &str) -> Result<Envelope, ParseError> {
             if raw.before_seq.is_some() && raw.after_seq.is_some() {
                 return Err(fail("give before_seq or after_seq, not both".into()));
             }
-            Request::History {
+            Request::Chat(ChatRequest::History {
                 room: room(raw.room, &fail)?,
                 before_seq: raw.before_seq,
                 after_seq: raw.after_seq,
                 limit: count(raw.limit, "limit", &fail)?,
-            }
+            })
         }
         other => {
             let shown: String = other.chars().take(32).collect();
@@ -442,26 +449,26 @@ mod tests {
         let r = |s: &str| parse(s).map(|e| e.request);
         assert_eq!(
             r(r#"{"op":"join","room":"general"}"#),
-            Ok(Request::Join {
+            Ok(Request::Chat(ChatRequest::Join {
                 room: "general".into(),
                 history: 50
-            })
+            }))
         );
         assert_eq!(
             r(r#"{"op":"history","room":"g","after_seq":42,"limit":200}"#),
-            Ok(Request::History {
+            Ok(Request::Chat(ChatRequest::History {
                 room: "g".into(),
                 before_seq: None,
                 after_seq: Some(42),
                 limit: 200
-            })
+            }))
         );
         assert_eq!(
             r(r#"{"op":"react","message_id":"01J","emoji":"👍"}"#),
-            Ok(Request::React {
+            Ok(Request::Chat(ChatRequest::React {
                 message_id: "01J".into(),
                 emoji: "👍".into()
-            })
+            }))
         );
         for bad in [
             r#"{"op":"join","room":"bad room"}"#,

@@ -24,7 +24,7 @@ mod news;
 mod peers;
 mod requests;
 use news::note;
-pub use requests::{told, Asker, ChatRequests};
+pub use requests::{told, Asker, ChatRequests, Rights};
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;

@@ -7,10 +7,11 @@
 //! requests against a real store and read the frames from the hub.
 
 use super::{names_json, reaction_json, Chat, ChatLimits, JoinError};
+use crate::access::Action;
 use crate::hub::{frame, Reply, Task, MAX_IN_FLIGHT};
 use crate::json::JsonOut;
 use crate::ops::log::Logger;
-use crate::protocol::ErrorCode;
+use crate::protocol::{ChatRequest, ErrorCode};
 use crate::store::db::bus::{BusKind, Effect};
 use crate::store::{Range, Reacted, Store, StoreError, StoredMessage};
 use std::cell::Cell;
@@ -25,6 +26,17 @@ pub struct Asker {
     pub in_flight: Rc<Cell<u32>>,
 }
 
+/// What the access rules let a session do, as its connection checks them.
+pub trait Rights {
+    /// Whether the session may do `action` in `room`; when not, it has
+    /// been answered `FORBIDDEN` (counted, and logged once per rule).
+    fn allowed(&mut self, rid: Option<&str>, room: &str, action: Action) -> bool;
+    /// Whether it may, without a word to the session.
+    fn may(&self, room: &str, action: Action) -> bool;
+    /// Whether any access rule is configured.
+    fn ruled(&self) -> bool;
+}
+
 /// The chat's request handlers, with what they need besides the chat.
 pub struct ChatRequests {
     pub chat: Rc<Chat>,
@@ -35,7 +47,77 @@ pub struct ChatRequests {
 }
 
 impl ChatRequests {
-    pub fn join(
+    /// One chat request of a session: checked against what `rights`
+    /// allow, then handled; what waits for the store comes back as a task.
+    pub fn handle(
+        &self,
+        store: &Store,
+        asker: &Asker,
+        reply: Reply,
+        request: ChatRequest,
+        rights: &mut dyn Rights,
+    ) -> Option<Task> {
+        let rid = reply.rid().map(str::to_string);
+        let rid = rid.as_deref();
+        match request {
+            ChatRequest::Join { room, history } => {
+                if !rights.allowed(rid, &room, Action::Join) {
+                    return None;
+                }
+                self.join(store, asker, reply, room, history)
+            }
+            ChatRequest::Leave { room } => {
+                self.leave(asker, reply, &room);
+                None
+            }
+            ChatRequest::Publish { room, text } => {
+                if !rights.allowed(rid, &room, Action::Publish) {
+                    return None;
+                }
+                self.publish(store, asker, reply, room, text)
+            }
+            ChatRequest::React { message_id, emoji } => {
+                let mine = self.chat.rooms_of(asker.key);
+                let rooms: Vec<String> = mine
+                    .iter()
+                    .filter(|r| rights.may(r, Action::React))
+                    .map(|r| r.to_string())
+                    .collect();
+                if rooms.is_empty() && !mine.is_empty() {
+                    // In rooms, none of which allows reacting.
+                    rights.allowed(rid, &mine[0], Action::React);
+                    return None;
+                }
+                self.react(store, asker, reply, message_id, emoji, rooms)
+            }
+            ChatRequest::History {
+                room,
+                before_seq,
+                after_seq,
+                limit,
+            } => {
+                let range = match (before_seq, after_seq) {
+                    (Some(b), _) => Range::Before(b.min(i64::MAX as u64) as i64),
+                    (None, Some(a)) => Range::After(a.min(i64::MAX as u64) as i64),
+                    (None, None) => Range::Latest,
+                };
+                // With rules, one who may read a room reads its history
+                // without joining; a member may (joining implies reading).
+                let member = self.chat.is_member(&room, asker.key);
+                if !member && !rights.ruled() {
+                    let msg = "join the room before reading its history";
+                    reply.error(ErrorCode::Unauthorized, msg, None);
+                    return None;
+                }
+                if !member && !rights.allowed(rid, &room, Action::Read) {
+                    return None;
+                }
+                self.history(store, asker, reply, room, range, limit)
+            }
+        }
+    }
+
+    fn join(
         &self,
         store: &Store,
         asker: &Asker,
@@ -106,7 +188,7 @@ impl ChatRequests {
         }))
     }
 
-    pub fn leave(&self, asker: &Asker, reply: Reply, room: &str) {
+    fn leave(&self, asker: &Asker, reply: Reply, room: &str) {
         if let Some(room) = self
             .chat
             .rooms_of(asker.key)
@@ -124,7 +206,7 @@ impl ChatRequests {
         );
     }
 
-    pub fn publish(
+    fn publish(
         &self,
         store: &Store,
         asker: &Asker,
@@ -188,7 +270,7 @@ impl ChatRequests {
         }))
     }
 
-    pub fn react(
+    fn react(
         &self,
         store: &Store,
         asker: &Asker,
@@ -226,7 +308,7 @@ impl ChatRequests {
         }))
     }
 
-    pub fn history(
+    fn history(
         &self,
         store: &Store,
         asker: &Asker,

@@ -7,14 +7,13 @@
 use super::{Conn, Session};
 use crate::access::Action;
 use crate::auth::Identity;
-use crate::chat::Asker;
+use crate::chat::{Asker, Rights};
 use crate::hub::{Reply, Task};
 use crate::json::JsonOut;
 use crate::limit::Refused;
 use crate::llm::ToolCalls;
 use crate::ops::metrics::inc;
 use crate::protocol::{self, Close, ErrorCode, Request};
-use crate::store::Range;
 use std::rc::Rc;
 use std::time::Instant;
 
@@ -71,58 +70,9 @@ impl Conn {
                 self.send(JsonOut::op("pong").opt_str("request_id", rid).finish());
                 Ok(())
             }
-            (Some(_), Request::Join { room, history }) => {
-                if !self.allowed(rid, &room, Action::Join) {
-                    return Ok(());
-                }
-                let task = self.gw.requests.join(
-                    &self.gw.store,
-                    &self.asker(),
-                    self.reply(rid),
-                    room,
-                    history,
-                );
-                self.spawn(task)
-            }
-            (Some(_), Request::Leave { room }) => {
-                self.gw
-                    .requests
-                    .leave(&self.asker(), self.reply(rid), &room);
-                Ok(())
-            }
-            (Some(_), Request::Publish { room, text }) => {
-                if !self.allowed(rid, &room, Action::Publish) {
-                    return Ok(());
-                }
-                let task = self.gw.requests.publish(
-                    &self.gw.store,
-                    &self.asker(),
-                    self.reply(rid),
-                    room,
-                    text,
-                );
-                self.spawn(task)
-            }
-            (Some(_), Request::React { message_id, emoji }) => {
-                let mine = self.gw.chat.rooms_of(self.slot.key);
-                let rooms: Vec<String> = mine
-                    .iter()
-                    .filter(|r| self.may(r, Action::React))
-                    .map(|r| r.to_string())
-                    .collect();
-                if rooms.is_empty() && !mine.is_empty() {
-                    // In rooms, none of which allows reacting.
-                    self.allowed(rid, &mine[0], Action::React);
-                    return Ok(());
-                }
-                let task = self.gw.requests.react(
-                    &self.gw.store,
-                    &self.asker(),
-                    self.reply(rid),
-                    message_id,
-                    emoji,
-                    rooms,
-                );
+            (Some(_), Request::Chat(request)) => {
+                let (gw, asker, reply) = (self.gw.clone(), self.asker(), self.reply(rid));
+                let task = gw.requests.handle(&gw.store, &asker, reply, request, self);
                 self.spawn(task)
             }
             (Some(_), Request::ListTools) => {
@@ -141,42 +91,6 @@ impl Conn {
                     .get_or_insert_with(ToolCalls::default)
                     .cancel(reply);
                 Ok(())
-            }
-            (
-                Some(_),
-                Request::History {
-                    room,
-                    before_seq,
-                    after_seq,
-                    limit,
-                },
-            ) => {
-                let range = match (before_seq, after_seq) {
-                    (Some(b), _) => Range::Before(b.min(i64::MAX as u64) as i64),
-                    (None, Some(a)) => Range::After(a.min(i64::MAX as u64) as i64),
-                    (None, None) => Range::Latest,
-                };
-                // With rules, one who may read a room reads its history
-                // without joining; a member may (joining implies reading).
-                let member = self.gw.chat.is_member(&room, self.slot.key);
-                let rules = !self.gw.live.borrow().rules.is_empty();
-                if !member && !rules {
-                    let msg = "join the room before reading its history";
-                    self.reply(rid).error(ErrorCode::Unauthorized, msg, None);
-                    return Ok(());
-                }
-                if !member && !self.allowed(rid, &room, Action::Read) {
-                    return Ok(());
-                }
-                let task = self.gw.requests.history(
-                    &self.gw.store,
-                    &self.asker(),
-                    self.reply(rid),
-                    room,
-                    range,
-                    limit,
-                );
-                self.spawn(task)
             }
         }
     }
@@ -287,49 +201,6 @@ impl Conn {
             .map_or_else(|| Rc::from("-"), |s| s.who.user.clone())
     }
 
-    /// Whether the access rules let this session do `action` in `room`.
-    fn may(&self, room: &str, action: Action) -> bool {
-        self.session.as_ref().is_some_and(|s| {
-            self.gw
-                .live
-                .borrow()
-                .rules
-                .room(&s.who, room, action)
-                .is_ok()
-        })
-    }
-
-    /// [`Conn::may`], answering `FORBIDDEN` when not: counted by action,
-    /// logged once per session and rule.
-    fn allowed(&mut self, rid: Option<&str>, room: &str, action: Action) -> bool {
-        let Some(s) = &self.session else {
-            return false;
-        };
-        let Err(denied) = self.gw.live.borrow().rules.room(&s.who, room, action) else {
-            return true;
-        };
-        self.gw.metrics.denied(action.denial());
-        if s.who.first_refusal(denied.slot()) {
-            self.gw.log.info(
-                "access denied",
-                &[
-                    ("conn", &self.slot.id),
-                    ("user", &s.who.user),
-                    ("action", &action.label()),
-                    ("room", &room.to_string()),
-                    ("why", &denied.describe()),
-                ],
-            );
-        }
-        let msg = format!(
-            "you may not {} room {room}: {}",
-            action.label(),
-            denied.describe()
-        );
-        self.send(protocol::error_frame(rid, ErrorCode::Forbidden, &msg, None));
-        false
-    }
-
     /// This session as the LLM relay sees it.
     pub(super) fn caller(&self) -> crate::llm::Caller {
         match &self.session {
@@ -365,5 +236,54 @@ impl Conn {
             self.gw.spawn(task);
         }
         Ok(())
+    }
+}
+
+impl Rights for Conn {
+    /// Whether the access rules let this session do `action` in `room`.
+    fn may(&self, room: &str, action: Action) -> bool {
+        self.session.as_ref().is_some_and(|s| {
+            self.gw
+                .live
+                .borrow()
+                .rules
+                .room(&s.who, room, action)
+                .is_ok()
+        })
+    }
+
+    /// Answers `FORBIDDEN` when not: counted by action, logged once per
+    /// session and rule.
+    fn allowed(&mut self, rid: Option<&str>, room: &str, action: Action) -> bool {
+        let Some(s) = &self.session else {
+            return false;
+        };
+        let Err(denied) = self.gw.live.borrow().rules.room(&s.who, room, action) else {
+            return true;
+        };
+        self.gw.metrics.denied(action.denial());
+        if s.who.first_refusal(denied.slot()) {
+            self.gw.log.info(
+                "access denied",
+                &[
+                    ("conn", &self.slot.id),
+                    ("user", &s.who.user),
+                    ("action", &action.label()),
+                    ("room", &room.to_string()),
+                    ("why", &denied.describe()),
+                ],
+            );
+        }
+        let msg = format!(
+            "you may not {} room {room}: {}",
+            action.label(),
+            denied.describe()
+        );
+        self.send(protocol::error_frame(rid, ErrorCode::Forbidden, &msg, None));
+        false
+    }
+
+    fn ruled(&self) -> bool {
+        !self.gw.live.borrow().rules.is_empty()
     }
 }
