@@ -415,25 +415,6 @@ impl Chat {
     }
 }
 
-/// A `reaction` frame: what a change did to an emoji's count on a message.
-pub fn reaction_json(
-    room: &str,
-    message_id: &str,
-    emoji: &str,
-    count: i64,
-    by: &str,
-    added: bool,
-) -> String {
-    JsonOut::op("reaction")
-        .str("room", room)
-        .str("message_id", message_id)
-        .str("emoji", emoji)
-        .num("count", count.max(0) as u64)
-        .str("by", by)
-        .bool("added", added)
-        .finish()
-}
-
 pub fn names_json(names: &[Rc<str>]) -> String {
     let mut out = String::from("[");
     for (i, n) in names.iter().enumerate() {

@@ -6,7 +6,7 @@
 //! store does. Nothing here knows about sockets: the tests below run the
 //! requests against a real store and read the frames from the hub.
 
-use super::{names_json, reaction_json, Chat, ChatLimits, JoinError};
+use super::{names_json, Chat, ChatLimits, JoinError};
 use crate::access::Action;
 use crate::hub::{frame, Reply, Task, MAX_IN_FLIGHT};
 use crate::json::JsonOut;
@@ -156,17 +156,12 @@ impl ChatRequests {
         let read = if history == 0 {
             None
         } else {
-            match store.history(room.to_string(), Range::Latest, history as i64) {
-                Ok(f) => Some(f),
-                Err(e) => {
-                    // Without its history the join did not happen.
-                    if !already {
-                        self.chat.leave(&room, asker.key);
-                    }
-                    self.store_error(&reply, &e);
-                    return None;
-                }
+            let read = store.history(room.to_string(), Range::Latest, history as i64);
+            if read.is_err() && !already {
+                // Without its history the join did not happen.
+                self.chat.leave(&room, asker.key);
             }
+            Some(self.queued(&reply, read)?)
         };
         let (chat, log, budget) = (self.chat.clone(), self.log, self.answer_budget);
         Some(Box::pin(async move {
@@ -243,13 +238,7 @@ impl ChatRequests {
             ts,
             reactions: Vec::new(),
         };
-        let committed = match store.publish(msg) {
-            Ok(f) => f,
-            Err(e) => {
-                self.store_error(&reply, &e);
-                return None;
-            }
-        };
+        let committed = self.queued(&reply, store.publish(msg))?;
         let (chat, log) = (self.chat.clone(), self.log);
         Some(Box::pin(async move {
             match committed.await {
@@ -284,23 +273,21 @@ impl ChatRequests {
         }
         // `rooms`: those of the asker's rooms where it may react.
         let (user, ts) = (asker.user.to_string(), crate::clock::unix_ms());
-        let done = match store.react(message_id.clone(), emoji.clone(), user, ts, rooms) {
-            Ok(f) => f,
-            Err(e) => {
-                self.store_error(&reply, &e);
-                return None;
-            }
-        };
-        let (chat, log, user) = (self.chat.clone(), self.log, asker.user.clone());
+        let done = self.queued(&reply, store.react(message_id, emoji, user, ts, rooms))?;
+        let (chat, log) = (self.chat.clone(), self.log);
         Some(Box::pin(async move {
             match done.await {
-                Ok(Reacted { room, count, added }) => {
+                Ok(Reacted {
+                    room,
+                    count,
+                    change,
+                }) => {
                     reply.send(
                         JsonOut::op("ack")
                             .opt_str("request_id", reply.rid())
                             .finish(),
                     );
-                    let event = reaction_json(&room, &message_id, &emoji, count, &user, added);
+                    let event = change.frame(&room, count);
                     chat.enqueue(Rc::from(room), frame(event));
                 }
                 Err(e) => store_error(log, &reply, &e),
@@ -322,13 +309,7 @@ impl ChatRequests {
         if !reply.begin(&asker.in_flight, MAX_IN_FLIGHT) {
             return None;
         }
-        let read = match store.history(room.clone(), range, limit as i64) {
-            Ok(f) => f,
-            Err(e) => {
-                self.store_error(&reply, &e);
-                return None;
-            }
-        };
+        let read = self.queued(&reply, store.history(room.clone(), range, limit as i64))?;
         let (chat, log, budget) = (self.chat.clone(), self.log, self.answer_budget);
         Some(Box::pin(async move {
             match read.await {
@@ -346,8 +327,10 @@ impl ChatRequests {
         }))
     }
 
-    fn store_error(&self, reply: &Reply, e: &StoreError) {
-        store_error(self.log, reply, e);
+    /// The store's future for a request; `None` when the store refused
+    /// the request at once (its error answered).
+    fn queued<F>(&self, reply: &Reply, queued: Result<F, StoreError>) -> Option<F> {
+        queued.map_err(|e| store_error(self.log, reply, &e)).ok()
     }
 }
 
@@ -435,18 +418,8 @@ pub fn told(change: BusKind, effect: &Effect) -> Option<(String, String)> {
             let m = StoredMessage { seq: *seq, ..m };
             Some((m.room.clone(), m.frame()))
         }
-        (
-            BusKind::Reaction {
-                message_id,
-                emoji,
-                user,
-                added,
-                ..
-            },
-            Effect::Reaction { room, count },
-        ) => {
-            let f = reaction_json(room, &message_id, &emoji, *count, &user, added);
-            Some((room.clone(), f))
+        (BusKind::Reaction(r), Effect::Reaction { room, count }) => {
+            Some((room.clone(), r.frame(room, *count)))
         }
         _ => None,
     }

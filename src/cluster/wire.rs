@@ -7,7 +7,7 @@
 
 use crate::json::JsonOut;
 use crate::store::db::bus::{BusEvent, BusKind};
-use crate::store::StoredMessage;
+use crate::store::{ReactionChange, StoredMessage};
 use std::collections::HashMap;
 
 /// `PREFIX.room.TOKEN`: a room's events and beats. Room names may hold
@@ -98,18 +98,9 @@ pub fn encode_event(node: &str, room: &str, oseq: i64, event: &BusKind) -> Strin
     };
     match event {
         BusKind::Message(m) => m.content(head("msg").str("id", &m.id)).finish(),
-        BusKind::Reaction {
-            message_id,
-            emoji,
-            user,
-            added,
-            ts,
-        } => head("react")
-            .str("message_id", message_id)
-            .str("emoji", emoji)
-            .str("by", user)
-            .bool("added", *added)
-            .num("ts", (*ts).max(0) as u64)
+        BusKind::Reaction(r) => r
+            .content(head("react"))
+            .num("ts", r.ts.max(0) as u64)
             .finish(),
         BusKind::Skip => head("skip").finish(),
     }
@@ -148,13 +139,13 @@ pub fn parse_event(text: &str) -> Result<BusEvent, String> {
             ts: w.ts.unwrap_or(0),
             reactions: Vec::new(),
         }),
-        "react" => BusKind::Reaction {
+        "react" => BusKind::Reaction(ReactionChange {
             message_id: need(w.message_id, "message_id")?,
             emoji: need(w.emoji, "emoji")?,
             user: need(w.by, "by")?,
             added: w.added.ok_or("react event without added")?,
             ts: w.ts.unwrap_or(0),
-        },
+        }),
         "skip" => BusKind::Skip,
         other => return Err(format!("unknown event type {other:?}")),
     };
@@ -181,15 +172,10 @@ pub fn within_limits(ev: &BusEvent, max_text_bytes: usize) -> bool {
                 && !m.text.is_empty()
                 && m.text.len() <= max_text_bytes
         }
-        BusKind::Reaction {
-            message_id,
-            emoji,
-            user,
-            ..
-        } => {
-            id_ok(message_id)
-                && crate::auth::valid_user(user)
-                && crate::protocol::valid_emoji(emoji)
+        BusKind::Reaction(r) => {
+            id_ok(&r.message_id)
+                && crate::auth::valid_user(&r.user)
+                && crate::protocol::valid_emoji(&r.emoji)
         }
         BusKind::Skip => true,
     }
@@ -268,13 +254,13 @@ mod tests {
                 ts: 7,
                 reactions: Vec::new(),
             }),
-            BusKind::Reaction {
+            BusKind::Reaction(ReactionChange {
                 message_id: "m1".into(),
                 emoji: "👍".into(),
                 user: "carol".into(),
                 added: false,
                 ts: 9,
-            },
+            }),
             BusKind::Skip,
         ];
         for kind in events {

@@ -1,7 +1,7 @@
-//! A chat message: the one definition every surface uses, and each of its
-//! encodings beside it: the `message` frame clients get, the row a remote
-//! store keeps, and the fields the bus carries. A new field of a message
-//! is added here (and to the schema's columns).
+//! A chat message and a reaction change: the one definition of each that
+//! every surface uses, and their encodings beside them: the frames
+//! clients get, the row a remote store keeps, and the fields the bus
+//! carries. A new field is added here (and to the schema's columns).
 
 use crate::json::JsonOut;
 
@@ -62,6 +62,41 @@ impl StoredMessage {
             .str("user", &self.user)
             .str("text", &self.text)
             .num("ts", self.ts.max(0) as u64)
+            .finish()
+    }
+}
+
+/// A change to one user's reaction on a message: added, or taken back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReactionChange {
+    pub message_id: String,
+    pub emoji: String,
+    pub user: String,
+    pub added: bool,
+    pub ts: i64,
+}
+
+impl ReactionChange {
+    /// What it is, whoever carries it: `message_id`, `emoji`, `by`,
+    /// `added` (the bus writes these after its own keys; the `reaction`
+    /// frame too, with the count).
+    pub fn content(&self, out: JsonOut) -> JsonOut {
+        out.str("message_id", &self.message_id)
+            .str("emoji", &self.emoji)
+            .str("by", &self.user)
+            .bool("added", self.added)
+    }
+
+    /// `{"op":"reaction",...}`, as clients get it: the emoji's count on
+    /// the message after the change, in the message's room.
+    pub fn frame(&self, room: &str, count: i64) -> String {
+        JsonOut::op("reaction")
+            .str("room", room)
+            .str("message_id", &self.message_id)
+            .str("emoji", &self.emoji)
+            .num("count", count.max(0) as u64)
+            .str("by", &self.user)
+            .bool("added", self.added)
             .finish()
     }
 }

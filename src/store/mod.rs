@@ -16,7 +16,7 @@ mod writes;
 use crate::pool::{Pool, PoolError};
 pub use db::{Range, Synchronous, Unsynced};
 use db::{WriteErr, WriteOk, WriteOp};
-pub use message::StoredMessage;
+pub use message::{ReactionChange, StoredMessage};
 use rusqlite::Connection;
 use std::cell::RefCell;
 use std::future::Future;

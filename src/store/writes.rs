@@ -5,17 +5,16 @@
 //! `Busy` when the write queue is full.
 
 use super::db::bus::{Applied, BusEvent};
-use super::{Store, StoreError, StoredMessage, WriteOk, WriteOp};
+use super::{ReactionChange, Store, StoreError, StoredMessage, WriteOk, WriteOp};
 use std::future::Future;
 
-/// What a reaction did: the emoji's count on the message after it, in the
-/// message's room.
+/// What a reaction did: the change (added, or the user's taken back), and
+/// the emoji's count on the message after it, in the message's room.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reacted {
     pub room: String,
     pub count: i64,
-    /// Added (`false`: it was the user's and is taken back).
-    pub added: bool,
+    pub change: ReactionChange,
 }
 
 impl Store {
@@ -41,15 +40,29 @@ impl Store {
         ts: i64,
         rooms: Vec<String>,
     ) -> Result<impl Future<Output = Result<Reacted, StoreError>>, StoreError> {
-        let op = WriteOp::React {
+        let mut change = ReactionChange {
             message_id,
             emoji,
             user,
+            added: true,
+            ts,
+        };
+        let op = WriteOp::React {
+            message_id: change.message_id.clone(),
+            emoji: change.emoji.clone(),
+            user: change.user.clone(),
             ts,
             rooms,
         };
-        self.submit(op, |ok| match ok {
-            WriteOk::Reacted { room, count, added } => Some(Reacted { room, count, added }),
+        self.submit(op, move |ok| match ok {
+            WriteOk::Reacted { room, count, added } => {
+                change.added = added;
+                Some(Reacted {
+                    room,
+                    count,
+                    change,
+                })
+            }
             _ => None,
         })
     }

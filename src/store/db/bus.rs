@@ -25,13 +25,7 @@ pub struct BusEvent {
 pub enum BusKind {
     /// A message, its `seq` not yet this box's (0).
     Message(crate::store::StoredMessage),
-    Reaction {
-        message_id: String,
-        emoji: String,
-        user: String,
-        added: bool,
-        ts: i64,
-    },
+    Reaction(crate::store::ReactionChange),
     /// The origin no longer holds its events up to `oseq` (its log was
     /// pruned): move past them.
     Skip,
@@ -166,13 +160,9 @@ pub(super) fn apply_event(
             .execute(params![id, ev.room, seq, user, text, ts, ev.origin])?;
             Ok(Applied::Changed(Effect::Message { seq }))
         }
-        BusKind::Reaction {
-            message_id,
-            emoji,
-            user,
-            added,
-            ts,
-        } => {
+        BusKind::Reaction(r) => {
+            let (message_id, emoji, user, added, ts) =
+                (&r.message_id, &r.emoji, &r.user, &r.added, r.ts);
             let room: Option<String> = conn
                 .prepare_cached("SELECT room FROM messages WHERE id = ?1")?
                 .query_row(params![message_id], |r| r.get(0))

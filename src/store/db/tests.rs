@@ -1,7 +1,7 @@
 //! The SQL side's tests, on real database files.
 
 use super::*;
-use crate::store::StoredMessage;
+use crate::store::{ReactionChange, StoredMessage};
 use rusqlite::Connection;
 
 fn db() -> (tempfile::TempDir, Connection) {
@@ -422,7 +422,7 @@ mod bus_log {
             rows[0].body
         );
         assert!(
-            rows[3].body.starts_with("box-a x 3 Reaction {")
+            rows[3].body.starts_with("box-a x 3 Reaction(")
                 && rows[3].body.contains("emoji: \"👍\"")
                 && rows[3].body.contains("added: true"),
             "{}",
@@ -479,13 +479,13 @@ mod bus_log {
                 origin: "c".into(),
                 room: "x".into(),
                 oseq: if added { 2 } else { 3 },
-                kind: BusKind::Reaction {
+                kind: BusKind::Reaction(ReactionChange {
                     message_id: "m1".into(),
                     emoji: "👍".into(),
                     user: "carol".into(),
                     added,
                     ts: 9,
-                },
+                }),
             })
         };
         let r = write_batch(&mut c, &[reaction(true), reaction(false)]);
@@ -558,13 +558,13 @@ fn reactions_from_the_bus_keep_the_local_emoji_bounds() {
             origin: "rogue".into(),
             room: "x".into(),
             oseq,
-            kind: BusKind::Reaction {
+            kind: BusKind::Reaction(ReactionChange {
                 message_id: "m1".into(),
                 emoji,
                 user: user.into(),
                 added: true,
                 ts: 2,
-            },
+            }),
         })
     };
     // 60 distinct emoji: the first 50 are applied, the rest refused in

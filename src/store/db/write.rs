@@ -5,6 +5,7 @@
 use super::bus::{self, BusKind, BusLog};
 use super::room_for_reaction;
 use super::seqs::Seqs;
+use crate::store::ReactionChange;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 /// One change in a write batch.
@@ -217,19 +218,19 @@ fn apply_as(
             WriteOk::Reacted { room, added, .. },
         ) => (
             room,
-            BusKind::Reaction {
+            BusKind::Reaction(ReactionChange {
                 message_id: message_id.clone(),
                 emoji: emoji.clone(),
                 user: user.clone(),
                 added: *added,
                 ts: *ts,
-            },
+            }),
         ),
         _ => return Ok(ok),
     };
     let ts = match &event {
         BusKind::Message(m) => m.ts,
-        BusKind::Reaction { ts, .. } => *ts,
+        BusKind::Reaction(r) => r.ts,
         BusKind::Skip => 0,
     };
     bus::log_event(conn, log, room, ts, &event).map_err(|e| WriteErr::Storage(e.to_string()))?;
