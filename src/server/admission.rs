@@ -18,13 +18,9 @@ pub(super) fn admit(
     head: &http::Head,
     ip: IpAddr,
 ) -> Result<(Slot, Option<Rc<crate::auth::Identity>>), Response> {
+    let bad_request = |why: &str| refuse(gw, Refusal::BadRequest, ip, Response::text(400, why));
     if !(head.upgrade_websocket && head.connection_upgrade && head.ws_key.is_some()) {
-        return Err(refuse(
-            gw,
-            Refusal::BadRequest,
-            ip,
-            Response::text(400, "expected a WebSocket upgrade (Upgrade: websocket, Connection: Upgrade, Sec-WebSocket-Key)\n"),
-        ));
+        return Err(bad_request("expected a WebSocket upgrade (Upgrade: websocket, Connection: Upgrade, Sec-WebSocket-Key)\n"));
     }
     if head.ws_version.as_deref() != Some("13") {
         return Err(refuse(
@@ -37,14 +33,8 @@ pub(super) fn admit(
     }
     // RFC 6455 4.2.1: the key is the base64 of 16 bytes.
     if !head.ws_key.as_deref().is_some_and(http::valid_ws_key) {
-        return Err(refuse(
-            gw,
-            Refusal::BadRequest,
-            ip,
-            Response::text(
-                400,
-                "Sec-WebSocket-Key must be the base64 encoding of 16 bytes\n",
-            ),
+        return Err(bad_request(
+            "Sec-WebSocket-Key must be the base64 encoding of 16 bytes\n",
         ));
     }
     let retry = || RETRY_AFTER_S.to_string();
@@ -90,14 +80,8 @@ pub(super) fn admit(
     if head.ws_bearer.is_some() && !(head.ws_mcp || head.ws_op) {
         // The token must not be the protocol the server picks (it would
         // be echoed back), and a browser fails an upgrade that picks none.
-        return Err(refuse(
-            gw,
-            Refusal::BadRequest,
-            ip,
-            Response::text(
-                400,
-                "offer a bearer.TOKEN subprotocol beside `hivegate` (the op protocol) or `mcp`\n",
-            ),
+        return Err(bad_request(
+            "offer a bearer.TOKEN subprotocol beside `hivegate` (the op protocol) or `mcp`\n",
         ));
     }
     let user = match head.bearer.as_ref().or(head.ws_bearer.as_ref()) {
