@@ -158,6 +158,16 @@ impl Pool {
         F: FnOnce() -> T + Send + 'static,
     {
         let (queued, answer) = job(deadline, f);
+        // Nothing queued (only the event loop queues, so nothing can be
+        // queued meanwhile): the queue's head is as first as the lane.
+        let queued = if self.tx.is_empty() && self.grow() {
+            match self.tx.try_send(queued) {
+                Ok(()) => return Ok(answer),
+                Err(e) => e.into_inner(),
+            }
+        } else {
+            queued
+        };
         let Ok(mut first) = self.first.lock() else {
             return Err(PoolError::Gone);
         };
@@ -415,9 +425,10 @@ mod tests {
         block_on(r1).unwrap();
         block_on(r2).unwrap();
         assert_eq!(*order.lock().unwrap(), ["commit", "read 1", "read 2"]);
-        // The lane has its own bound.
+        // The lane has its own bound (the first job, with nothing queued,
+        // goes to the head of the queue instead).
         let (busy, release_tx) = occupy(&pool);
-        let lane: Vec<_> = (0..FIRST_LANE)
+        let lane: Vec<_> = (0..=FIRST_LANE)
             .map(|_| pool.submit_first(Duration::from_secs(5), || ()).unwrap())
             .collect();
         assert_eq!(

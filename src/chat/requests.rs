@@ -57,11 +57,9 @@ impl ChatRequests {
         request: ChatRequest,
         rights: &mut dyn Rights,
     ) -> Option<Task> {
-        let rid = reply.rid().map(str::to_string);
-        let rid = rid.as_deref();
         match request {
             ChatRequest::Join { room, history } => {
-                if !rights.allowed(rid, &room, Action::Join) {
+                if !rights.allowed(reply.rid(), &room, Action::Join) {
                     return None;
                 }
                 self.join(store, asker, reply, room, history)
@@ -71,7 +69,7 @@ impl ChatRequests {
                 None
             }
             ChatRequest::Publish { room, text } => {
-                if !rights.allowed(rid, &room, Action::Publish) {
+                if !rights.allowed(reply.rid(), &room, Action::Publish) {
                     return None;
                 }
                 self.publish(store, asker, reply, room, text)
@@ -85,7 +83,7 @@ impl ChatRequests {
                     .collect();
                 if rooms.is_empty() && !mine.is_empty() {
                     // In rooms, none of which allows reacting.
-                    rights.allowed(rid, &mine[0], Action::React);
+                    rights.allowed(reply.rid(), &mine[0], Action::React);
                     return None;
                 }
                 self.react(store, asker, reply, message_id, emoji, rooms)
@@ -109,7 +107,7 @@ impl ChatRequests {
                     reply.error(ErrorCode::Unauthorized, msg, None);
                     return None;
                 }
-                if !member && !rights.allowed(rid, &room, Action::Read) {
+                if !member && !rights.allowed(reply.rid(), &room, Action::Read) {
                     return None;
                 }
                 self.history(store, asker, reply, room, range, limit)
