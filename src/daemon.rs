@@ -182,37 +182,35 @@ pub fn run(cfg: Config, log: Logger, source: ConfigSource) -> Result<i32, String
     );
 
     let main = async {
-        ex.spawn(writer).detach();
+        // The gateway's own tasks go through `Gateway::spawn` (boxed, one
+        // kind of task for all).
+        gw.spawn(Box::pin(writer));
         gw.start();
         gw.load_budgets().await;
-        ex.spawn(accept_loop(gw.clone(), ex.clone(), listener))
-            .detach();
+        gw.spawn(Box::pin(accept_loop(gw.clone(), ex.clone(), listener)));
         if let Some((l, _)) = admin {
-            ex.spawn(crate::server::admin::accept_loop(gw.clone(), l))
-                .detach();
+            gw.spawn(Box::pin(crate::server::admin::accept_loop(gw.clone(), l)));
         }
         if let Some(period) = Notifier::watchdog_period() {
             let n = Notifier::from_env();
             let g = gw.clone();
-            ex.spawn(async move {
+            gw.spawn(Box::pin(async move {
                 loop {
                     n.notify("WATCHDOG=1");
                     n.notify(&format!("STATUS={}", g.status()));
                     Timer::after(period).await;
                 }
-            })
-            .detach();
+            }));
         }
         notifier.notify("READY=1");
         notifier.notify(&format!("STATUS={}", gw.status()));
         let g = gw.clone();
-        ex.spawn(async move {
+        gw.spawn(Box::pin(async move {
             let mut hangups = hangups;
             while hangups.next().await.is_some() {
                 reload(&g, &reload_pool, &source).await;
             }
-        })
-        .detach();
+        }));
 
         let signal = match signals.next().await {
             Some(Ok(async_signal::Signal::Int)) => "SIGINT",

@@ -78,13 +78,16 @@ pub struct Pool {
     /// their stacks and heaps resident.
     rx: async_channel::Receiver<Queued>,
     started: std::cell::Cell<usize>,
-    /// The first lane: taken before the queue.
-    first: Arc<std::sync::Mutex<std::collections::VecDeque<Queued>>>,
+    /// The first lane: taken before the queue (bounded by
+    /// [`FIRST_LANE`] in `submit_first`).
+    first: async_channel::Sender<Queued>,
+    first_rx: async_channel::Receiver<Queued>,
 }
 
 impl Pool {
     pub fn new(threads: usize, queue: usize) -> std::io::Result<Pool> {
         let (tx, rx) = async_channel::unbounded::<Queued>();
+        let (first, first_rx) = async_channel::unbounded::<Queued>();
         Ok(Pool {
             tx,
             queue: queue.max(1),
@@ -92,7 +95,8 @@ impl Pool {
             threads: threads.max(1),
             rx,
             started: std::cell::Cell::new(0),
-            first: Arc::default(),
+            first,
+            first_rx,
         })
     }
 
@@ -103,7 +107,7 @@ impl Pool {
         let started = self.started.get();
         let all_busy = self.stats.busy.load(Relaxed) as usize + self.tx.len() >= started;
         if started < self.threads && all_busy {
-            let (rx, stats, first) = (self.rx.clone(), self.stats.clone(), self.first.clone());
+            let (rx, stats, first) = (self.rx.clone(), self.stats.clone(), self.first_rx.clone());
             let spawned = std::thread::Builder::new()
                 .name(format!("hivegate-pool-{started}"))
                 .spawn(move || worker(rx, first, stats));
@@ -168,15 +172,10 @@ impl Pool {
         } else {
             queued
         };
-        let Ok(mut first) = self.first.lock() else {
-            return Err(PoolError::Gone);
-        };
-        if first.len() >= FIRST_LANE || !self.grow() {
+        if self.first.len() >= FIRST_LANE || !self.grow() || self.first.try_send(queued).is_err() {
             self.stats.rejected.fetch_add(1, Relaxed);
             return Err(PoolError::Full);
         }
-        first.push_back(queued);
-        drop(first);
         // A thread waiting on the queue wakes and looks at the lane; a
         // busy one looks there when its job ends.
         let wake = Queued {
@@ -226,12 +225,14 @@ where
     })
 }
 
-type Lane = Arc<std::sync::Mutex<std::collections::VecDeque<Queued>>>;
-
-fn worker(rx: async_channel::Receiver<Queued>, first: Lane, stats: Arc<PoolStats>) {
+fn worker(
+    rx: async_channel::Receiver<Queued>,
+    first: async_channel::Receiver<Queued>,
+    stats: Arc<PoolStats>,
+) {
     loop {
         // The first lane before the queue, every time a thread is free.
-        let next = first.lock().ok().and_then(|mut l| l.pop_front());
+        let next = first.try_recv().ok();
         let q = match next {
             Some(q) => q,
             None => match rx.recv_blocking() {

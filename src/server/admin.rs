@@ -37,10 +37,10 @@ pub async fn accept_loop(gw: Rc<Gateway>, listener: Async<TcpListener>) {
         }
         open.set(open.get() + 1);
         let (g, o) = (gw.clone(), open.clone());
-        gw.spawn(async move {
+        gw.spawn(Box::pin(async move {
             serve(&g, stream).await;
             o.set(o.get() - 1);
-        });
+        }));
     }
 }
 

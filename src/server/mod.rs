@@ -165,24 +165,32 @@ impl Gateway {
     pub fn start(self: &Rc<Self>) {
         self.start_budgets();
         let g = self.clone();
-        self.spawn(async move { g.chat.run_fanout(&g.table, &g.metrics).await });
+        self.spawn(Box::pin(async move {
+            g.chat.run_fanout(&g.table, &g.metrics).await
+        }));
         let g = self.clone();
-        self.spawn(async move { g.chat.run_presence().await });
+        self.spawn(Box::pin(async move { g.chat.run_presence().await }));
         // With a remote, a message is deleted only once shipped.
         let synced_only = self.remote.is_some();
         let g = self.clone();
-        self.spawn(async move { g.store.retention(&g.cfg.store, synced_only, g.log).await });
+        self.spawn(Box::pin(async move {
+            g.store.retention(&g.cfg.store, synced_only, g.log).await
+        }));
         let g = self.clone();
-        self.spawn(async move { g.store.keep_size(&g.cfg.store, synced_only, g.log).await });
+        self.spawn(Box::pin(async move {
+            g.store.keep_size(&g.cfg.store, synced_only, g.log).await
+        }));
         let g = self.clone();
-        self.spawn(async move { g.memory.run(|| g.open_connections() > 0).await });
+        self.spawn(Box::pin(async move {
+            g.memory.run(|| g.open_connections() > 0).await
+        }));
         if self.remote.is_some() {
             let g = self.clone();
-            self.spawn(async move {
+            self.spawn(Box::pin(async move {
                 if let Some(r) = &g.remote {
                     r.run(&g.store).await;
                 }
-            });
+            }));
         }
         if let Some(c) = &self.cluster {
             for task in c.tasks() {
@@ -278,9 +286,12 @@ impl Gateway {
     }
 
     /// Runs `f` on the event loop, detached (work a request started that
-    /// outlives the frame that asked for it).
-    pub fn spawn(&self, f: impl std::future::Future<Output = ()> + 'static) {
-        self.ex.spawn(f).detach();
+    /// outlives the frame that asked for it, the gateway's own loops).
+    /// Boxed: one kind of task for all of them, instead of the executor's
+    /// code again for each future's type (2.3 KB of binary each). (A connection's task is not: it
+    /// is the one there are thousands of, see `handle_socket`.)
+    pub fn spawn(&self, task: crate::hub::Task) {
+        self.ex.spawn(task).detach();
     }
 
     fn gauges(&self) -> Gauges {
@@ -466,7 +477,7 @@ fn handle_socket(
         // handshake's arguments and locals beside the connection for the
         // connection's whole life.
         let conn = conn::Conn::new(gw.clone(), slot, ws, user, mcp);
-        gw.spawn(conn.task());
+        gw.ex.spawn(conn.task()).detach();
     }
 }
 
