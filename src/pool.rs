@@ -232,7 +232,10 @@ fn worker(
 ) {
     loop {
         // The first lane before the queue, every time a thread is free.
-        let next = first.try_recv().ok();
+        let next = match first.is_empty() {
+            true => None,
+            false => first.try_recv().ok(),
+        };
         let q = match next {
             Some(q) => q,
             None => match rx.recv_blocking() {

@@ -22,6 +22,7 @@ impl StoredMessage {
     /// What a message says, whoever carries it: `from`, `text` and `ts`,
     /// under the protocol's names (the `message` frame and the bus both
     /// write these after the message's `id` and their own keys).
+    #[inline]
     pub fn content(&self, out: JsonOut) -> JsonOut {
         out.str("from", &self.user)
             .str("text", &self.text)

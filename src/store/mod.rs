@@ -344,20 +344,31 @@ async fn writer_loop(
         let (conn, bus) = (conn.clone(), bus.clone());
         // The first lane: a pool full of reads neither refuses nor delays
         // a commit.
-        let job = pool.submit_first(WRITE_DEADLINE, move || match conn.lock() {
-            Ok(mut c) => db::write_batch_as(&mut c, &ops, bus.as_deref()),
-            Err(_) => ops
-                .iter()
-                .map(|_| Err(WriteErr::Storage("writer lock poisoned".into())))
-                .collect(),
+        // The ops come back with their results: a published message goes
+        // back to its publisher whole, numbered, not copied for the batch.
+        let job = pool.submit_first(WRITE_DEADLINE, move || {
+            let results = match conn.lock() {
+                Ok(mut c) => db::write_batch_as(&mut c, &ops, bus.as_deref()),
+                Err(_) => ops
+                    .iter()
+                    .map(|_| Err(WriteErr::Storage("writer lock poisoned".into())))
+                    .collect(),
+            };
+            (results, ops)
         });
         let results = match job {
             Ok(job) => job.await,
             Err(e) => Err(e),
         };
         match results {
-            Ok(results) => {
-                for (reply, r) in replies.into_iter().zip(results) {
+            Ok((results, ops)) => {
+                for ((reply, r), op) in replies.into_iter().zip(results).zip(ops) {
+                    let r = match (r, op) {
+                        (Ok(WriteOk::Published { seq }), WriteOp::Publish(m)) => {
+                            Ok(WriteOk::Stored(StoredMessage { seq, ..m }))
+                        }
+                        (r, _) => r,
+                    };
                     let _ = reply.try_send(r.map_err(StoreError::from));
                 }
                 if logs {

@@ -23,9 +23,8 @@ impl Store {
         &self,
         m: StoredMessage,
     ) -> Result<impl Future<Output = Result<StoredMessage, StoreError>>, StoreError> {
-        let op = WriteOp::Publish(m.clone());
-        self.submit(op, move |ok| match ok {
-            WriteOk::Published { seq } => Some(StoredMessage { seq, ..m }),
+        self.submit(WriteOp::Publish(m), |ok| match ok {
+            WriteOk::Stored(m) => Some(m),
             _ => None,
         })
     }

@@ -68,6 +68,9 @@ pub enum WriteOk {
     Published {
         seq: i64,
     },
+    /// What the writer makes of `Published` for the publisher: its
+    /// message, numbered.
+    Stored(crate::store::StoredMessage),
     Reacted {
         room: String,
         count: i64,
