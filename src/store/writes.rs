@@ -71,7 +71,7 @@ impl Store {
         &self,
         ev: BusEvent,
     ) -> Result<impl Future<Output = Result<Applied, StoreError>>, StoreError> {
-        self.submit(WriteOp::Bus(ev), |ok| match ok {
+        self.submit(WriteOp::Bus(Box::new(ev)), |ok| match ok {
             WriteOk::Bus(applied) => Some(applied),
             _ => None,
         })

@@ -393,12 +393,12 @@ mod bus_log {
     }
 
     fn event(origin: &str, oseq: i64, id: &str) -> WriteOp {
-        WriteOp::Bus(BusEvent {
+        WriteOp::Bus(Box::new(BusEvent {
             origin: origin.into(),
             room: "x".into(),
             oseq,
             kind: BusKind::Message(message(id, "x", "bob", &format!("from {origin}"), 7)),
-        })
+        }))
     }
 
     #[test]
@@ -475,7 +475,7 @@ mod bus_log {
         );
         // A reaction from the bus sets the state it carries (no toggle).
         let reaction = |added| {
-            WriteOp::Bus(BusEvent {
+            WriteOp::Bus(Box::new(BusEvent {
                 origin: "c".into(),
                 room: "x".into(),
                 oseq: if added { 2 } else { 3 },
@@ -486,7 +486,7 @@ mod bus_log {
                     added,
                     ts: 9,
                 }),
-            })
+            }))
         };
         let r = write_batch(&mut c, &[reaction(true), reaction(false)]);
         assert_eq!(
@@ -508,12 +508,12 @@ mod bus_log {
         // Received rows are not shipped to a remote by this box.
         assert_eq!(outbox(&c, 10).unwrap().backlog, 0);
         // A skip moves past what the origin pruned.
-        let skip = WriteOp::Bus(BusEvent {
+        let skip = WriteOp::Bus(Box::new(BusEvent {
             origin: "b".into(),
             room: "x".into(),
             oseq: 10,
             kind: BusKind::Skip,
-        });
+        }));
         write_batch(&mut c, &[skip]);
         assert_eq!(
             write_batch(&mut c, &[event("b", 11, "m11")])[0],
@@ -554,7 +554,7 @@ fn reactions_from_the_bus_keep_the_local_emoji_bounds() {
     let mut oseq = 0;
     let mut react_as = |emoji: String, user: &str| {
         oseq += 1;
-        WriteOp::Bus(BusEvent {
+        WriteOp::Bus(Box::new(BusEvent {
             origin: "rogue".into(),
             room: "x".into(),
             oseq,
@@ -565,7 +565,7 @@ fn reactions_from_the_bus_keep_the_local_emoji_bounds() {
                 added: true,
                 ts: 2,
             }),
-        })
+        }))
     };
     // 60 distinct emoji: the first 50 are applied, the rest refused in
     // order (the next event still applies).

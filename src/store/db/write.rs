@@ -40,8 +40,9 @@ pub enum WriteOp {
         messages: Vec<String>,
         reactions: Vec<(String, String, String, i64)>,
     },
-    /// An event from another box (see `bus`).
-    Bus(super::bus::BusEvent),
+    /// An event from another box (see `bus`); boxed, so that every op
+    /// in the write queue is not as large as a peer's message.
+    Bus(Box<super::bus::BusEvent>),
     /// The bus has this box's outbox up to this `bus_log` id.
     BusPublished { upto: i64 },
     /// Keeps this box's bus log within its bounds.
