@@ -365,7 +365,7 @@ async fn writer_loop(
                 for ((reply, r), op) in replies.into_iter().zip(results).zip(ops) {
                     let r = match (r, op) {
                         (Ok(WriteOk::Published { seq }), WriteOp::Publish(m)) => {
-                            Ok(WriteOk::Stored(StoredMessage { seq, ..m }))
+                            Ok(WriteOk::Stored(Box::new(StoredMessage { seq, ..m })))
                         }
                         (r, _) => r,
                     };

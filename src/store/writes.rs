@@ -24,7 +24,7 @@ impl Store {
         m: StoredMessage,
     ) -> Result<impl Future<Output = Result<StoredMessage, StoreError>>, StoreError> {
         self.submit(WriteOp::Publish(m), |ok| match ok {
-            WriteOk::Stored(m) => Some(m),
+            WriteOk::Stored(m) => Some(*m),
             _ => None,
         })
     }

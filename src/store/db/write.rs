@@ -70,8 +70,8 @@ pub enum WriteOk {
         seq: i64,
     },
     /// What the writer makes of `Published` for the publisher: its
-    /// message, numbered.
-    Stored(crate::store::StoredMessage),
+    /// message, numbered (boxed: every answer would be as large).
+    Stored(Box<crate::store::StoredMessage>),
     Reacted {
         room: String,
         count: i64,
