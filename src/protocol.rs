@@ -39,6 +39,9 @@ pub enum ErrorCode {
     LimitExceeded,
     NotFound,
     ProviderUnavailable,
+    /// The provider refused the request itself (400, 404, 413, 422):
+    /// another provider or a retry would too.
+    UpstreamRejected,
     Timeout,
     InternalError,
 }
@@ -55,6 +58,7 @@ impl ErrorCode {
             ErrorCode::LimitExceeded => "LIMIT_EXCEEDED",
             ErrorCode::NotFound => "NOT_FOUND",
             ErrorCode::ProviderUnavailable => "PROVIDER_UNAVAILABLE",
+            ErrorCode::UpstreamRejected => "UPSTREAM_REJECTED",
             ErrorCode::Timeout => "TIMEOUT",
             ErrorCode::InternalError => "INTERNAL_ERROR",
         }

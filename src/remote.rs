@@ -406,8 +406,9 @@ impl Remote {
         self.key.replace(cfg.api_key.clone(), &source);
     }
 
-    pub fn render_keys(&self, out: &mut String) {
-        self.key.render_lines(out);
+    /// The remote's API key (for its per-key metrics).
+    pub fn key(&self) -> &crate::upstream_key::UpstreamKey {
+        &self.key
     }
 
     pub fn render(&self, out: &mut String) {

@@ -36,8 +36,8 @@ pub struct UpstreamKey {
     /// `provider.kimi`, `remote`.
     upstream: String,
     current: RefCell<Option<Active>>,
-    /// Calls per key id, oldest first.
-    calls: RefCell<Vec<(String, u64)>>,
+    /// Calls and refusals (401, 403) per key id, oldest first.
+    calls: RefCell<Vec<(String, u64, u64)>>,
     log: Logger,
 }
 
@@ -60,16 +60,28 @@ impl UpstreamKey {
         let current = self.current.borrow();
         let active = current.as_ref()?;
         let mut calls = self.calls.borrow_mut();
-        match calls.iter_mut().find(|(id, _)| *id == active.id) {
-            Some((_, n)) => *n += 1,
+        match calls.iter_mut().find(|(id, ..)| *id == active.id) {
+            Some((_, n, _)) => *n += 1,
             None => {
                 if calls.len() == REMEMBERED {
                     calls.remove(0);
                 }
-                calls.push((active.id.clone(), 1));
+                calls.push((active.id.clone(), 1, 0));
             }
         }
         Some(active.secret.clone())
+    }
+
+    /// The upstream refused the key with id `id` (401, 403): counted
+    /// against it, and logged with its id (never the key).
+    pub fn refused(&self, id: &str) {
+        if let Some((_, _, n)) = self.calls.borrow_mut().iter_mut().find(|(k, ..)| k == id) {
+            *n += 1;
+        }
+        self.log.warn(
+            "upstream refused its key",
+            &[("upstream", &self.upstream), ("key", &id.to_string())],
+        );
     }
 
     /// The id of the key in use.
@@ -106,10 +118,21 @@ impl UpstreamKey {
     /// `hivegate_upstream_key_calls_total` lines (the header is the
     /// caller's, once for every upstream).
     pub fn render_lines(&self, out: &mut String) {
-        for (id, n) in self.calls.borrow().iter() {
+        for (id, n, _) in self.calls.borrow().iter() {
             let _ = writeln!(
                 out,
                 "hivegate_upstream_key_calls_total{{upstream=\"{}\",key=\"{id}\"}} {n}",
+                self.upstream
+            );
+        }
+    }
+
+    /// `hivegate_upstream_key_refusals_total` lines.
+    pub fn render_refusals(&self, out: &mut String) {
+        for (id, _, n) in self.calls.borrow().iter() {
+            let _ = writeln!(
+                out,
+                "hivegate_upstream_key_refusals_total{{upstream=\"{}\",key=\"{id}\"}} {n}",
                 self.upstream
             );
         }
@@ -121,6 +144,14 @@ pub fn render_header(out: &mut String) {
     out.push_str(
         "# HELP hivegate_upstream_key_calls_total Calls sent with each API key, by key id (sha256 prefix).\n\
          # TYPE hivegate_upstream_key_calls_total counter\n",
+    );
+}
+
+/// The refusals metric's header, written once before every upstream's lines.
+pub fn render_refusals_header(out: &mut String) {
+    out.push_str(
+        "# HELP hivegate_upstream_key_refusals_total Calls the upstream refused for their API key (401, 403), by key id.\n\
+         # TYPE hivegate_upstream_key_refusals_total counter\n",
     );
 }
 

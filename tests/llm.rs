@@ -580,3 +580,75 @@ fn reasoning_is_relayed_and_tool_call_ids_reach_the_provider() {
     assert_eq!(body["messages"][1]["tool_call_id"], "call_7");
     assert_eq!(body["stream_options"]["include_usage"], true);
 }
+
+/// `sha256:` and the first 8 hex digits, as logs and metrics name a key.
+fn key_id(key: &str) -> String {
+    let d = hivegate::auth::sha256(key.as_bytes());
+    let hex: String = d[..4].iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256:{hex}")
+}
+
+#[test]
+fn upstream_errors_say_whose_fault_they_were() {
+    let status = |status, body: &str| Behaviour::Status {
+        status,
+        retry_after: None,
+        body: body.into(),
+    };
+    let kimi = FakeOpenAi::start(status(
+        400,
+        "{\"error\":{\"message\":\"context too long\"}}",
+    ));
+    let glm = FakeOpenAi::start(ok_stream(transcript("hello.txt")));
+    let gw = gateway(
+        &[("kimi", &kimi), ("glm", &glm)],
+        "[llm]\nmax_retries = 1\nbackoff_base_ms = 10\n[provider.kimi]\nfail_max = 2\n",
+    );
+    let (mut ws, _) = gw.session(None);
+    // The request's fault: its words, no retry, no fallback, no hint.
+    call(&mut ws, "r400", json!({}));
+    let end = last(&frames_until_end(&mut ws, "r400")).clone();
+    assert_eq!(end["error"]["code"], "UPSTREAM_REJECTED", "{end}");
+    assert!(
+        end["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("context too long"),
+        "{end}"
+    );
+    assert!(end["error"].get("retry_after_ms").is_none(), "{end}");
+    assert_eq!((kimi.requests().len(), glm.requests().len()), (1, 0));
+    assert_eq!(gw.metric("hivegate_breaker_state{service=\"kimi\"}"), 0.0);
+    // The key's fault: counted against it, and the next provider answers.
+    kimi.set(status(401, "{\"error\":{\"message\":\"bad key\"}}"));
+    call(&mut ws, "r401", json!({}));
+    assert_eq!(last(&frames_until_end(&mut ws, "r401"))["provider"], "glm");
+    assert_eq!(kimi.requests().len(), 2, "a refused key is not tried again");
+    let refusals = format!(
+        "hivegate_upstream_key_refusals_total{{upstream=\"provider.kimi\",key=\"{}\"}}",
+        key_id(KEY)
+    );
+    assert_eq!(gw.metric(&refusals), 1.0);
+    // Alone, a refused key gives no hint to retry.
+    call(&mut ws, "alone", json!({"provider":"kimi"}));
+    let end = last(&frames_until_end(&mut ws, "alone")).clone();
+    assert_eq!(end["error"]["code"], "PROVIDER_UNAVAILABLE", "{end}");
+    assert!(end["error"].get("retry_after_ms").is_none(), "{end}");
+    // Two refusals opened the breaker: the next caller hears why.
+    call(&mut ws, "open", json!({"provider":"kimi"}));
+    let end = last(&frames_until_end(&mut ws, "open")).clone();
+    let msg = end["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("circuit open after HTTP 401: bad key"),
+        "{end}"
+    );
+    assert!(end["error"]["retry_after_ms"].as_u64().is_some(), "{end}");
+    // 408 is the upstream's: retried.
+    glm.set(status(408, ""));
+    call(&mut ws, "r408", json!({"provider":"glm"}));
+    assert_eq!(
+        last(&frames_until_end(&mut ws, "r408"))["error"]["code"],
+        "PROVIDER_UNAVAILABLE"
+    );
+    assert_eq!(glm.requests().len(), 1 + 2, "one call and one retry");
+}

@@ -224,9 +224,23 @@ mod tests {
             retry_after: None,
             message: String::new(),
         };
+        use super::super::dialect::Fault;
         assert!(status(500).counted() && status(500).retryable());
+        assert!(
+            status(408).counted() && status(408).retryable(),
+            "408 is the upstream's"
+        );
         assert!(!status(429).counted() && status(429).retryable());
-        assert!(!status(400).counted() && !status(400).retryable());
+        for code in [400, 404, 413, 422] {
+            let e = status(code);
+            assert_eq!(e.fault(), Fault::Request);
+            assert!(!e.counted() && !e.retryable(), "{code}");
+        }
+        for code in [401, 403] {
+            let e = status(code);
+            assert_eq!(e.fault(), Fault::Key);
+            assert!(e.counted() && !e.retryable(), "{code}");
+        }
         assert!(CallError::Timeout("x").counted());
         assert!(CallError::Malformed("x".into()).counted());
     }

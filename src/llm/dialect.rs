@@ -31,22 +31,46 @@ pub enum CallError {
     Malformed(String),
 }
 
+/// Whose fault a failed call was, which decides what happens next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The request itself (400, 404, 413, 422): every provider would
+    /// refuse it, so no retry and no fallback, and the breaker does not
+    /// count it. The client hears the upstream's words.
+    Request,
+    /// The API key (401, 403): counted against the key and by the
+    /// breaker; the next provider is tried, this one not again.
+    Key,
+    /// A quota (429): retried after its `Retry-After`, then the next
+    /// provider; not the upstream's failure.
+    Quota,
+    /// The upstream (408, other statuses, timeouts, broken or malformed
+    /// answers): counted, retried, then the next provider.
+    Upstream,
+}
+
 impl CallError {
-    /// Whether the breaker counts it: the upstream's fault, not the
-    /// request's (4xx) and not a quota (429).
-    pub fn counted(&self) -> bool {
+    pub fn fault(&self) -> Fault {
         match self {
-            CallError::Status { code, .. } => *code >= 500,
-            _ => true,
+            CallError::Status { code, .. } => match code {
+                400 | 404 | 413 | 422 => Fault::Request,
+                401 | 403 => Fault::Key,
+                429 => Fault::Quota,
+                _ => Fault::Upstream,
+            },
+            _ => Fault::Upstream,
         }
+    }
+
+    /// Whether the breaker counts it: the upstream's fault or its key's,
+    /// not the request's and not a quota.
+    pub fn counted(&self) -> bool {
+        matches!(self.fault(), Fault::Upstream | Fault::Key)
     }
 
     /// Whether trying the same provider again may help.
     pub fn retryable(&self) -> bool {
-        match self {
-            CallError::Status { code, .. } => *code == 429 || *code >= 500,
-            _ => true,
-        }
+        matches!(self.fault(), Fault::Upstream | Fault::Quota)
     }
 
     /// The same error with every piece of upstream text cleaned: no

@@ -40,7 +40,7 @@ use crate::resilience::{backoff, Breaker, Jitter, Transition};
 use async_io::Timer;
 use client::Event;
 pub use config::{LlmConfig, ProviderConfig};
-use dialect::{CallError, Usage};
+use dialect::{CallError, Fault, Usage};
 use futures_lite::FutureExt;
 use std::cell::{Cell, RefCell};
 use std::sync::atomic::Ordering;
@@ -65,6 +65,9 @@ struct Provider {
     failures: Cell<u64>,
     prompt_tokens: Cell<u64>,
     completion_tokens: Cell<u64>,
+    /// Its last failure, cleaned: a caller told its circuit is open hears
+    /// why it opened.
+    last_failure: RefCell<Option<String>>,
 }
 
 pub struct Llm {
@@ -132,6 +135,7 @@ impl Llm {
                 failures: Cell::new(0),
                 prompt_tokens: Cell::new(0),
                 completion_tokens: Cell::new(0),
+                last_failure: RefCell::new(None),
                 cfg: p.clone(),
             })
             .collect();
@@ -288,6 +292,10 @@ impl Llm {
         let mut soonest: Option<Instant> = None;
         let mut later = |at: Instant| soonest = Some(soonest.map_or(at, |s: Instant| s.min(at)));
         let mut last = String::from("no provider could be tried");
+        // Whether anything that failed could pass with time (a quota, a
+        // busy or failing upstream, an open circuit): only then is the
+        // client told when to try again. A refused key is not.
+        let mut transient = false;
         for i in candidates {
             let p = &self.providers[i];
             let now = Instant::now();
@@ -296,6 +304,7 @@ impl Llm {
                     "{} is at its limit of {} calls",
                     p.cfg.name, p.cfg.max_in_flight
                 );
+                transient = true;
                 later(now + Duration::from_secs(1));
                 continue;
             }
@@ -305,6 +314,7 @@ impl Llm {
                         "{} is out of its quota of {} requests a minute",
                         p.cfg.name, p.cfg.rpm
                     );
+                    transient = true;
                     later(now + wait);
                     continue;
                 }
@@ -313,13 +323,18 @@ impl Llm {
             loop {
                 match p.breaker.borrow_mut().allow(Instant::now()) {
                     Err(at) => {
-                        last = format!("{}: circuit open", p.cfg.name);
+                        last = match p.last_failure.borrow().as_ref() {
+                            Some(why) => format!("{}: circuit open after {why}", p.cfg.name),
+                            None => format!("{}: circuit open", p.cfg.name),
+                        };
+                        transient = true;
                         later(at);
                         break;
                     }
                     Ok(t) => self.note(p, t),
                 }
                 p.calls.set(p.calls.get() + 1);
+                let key_id = p.key.id();
                 match self.attempt(p, &call, out).await {
                     Attempt::Done { text, model, usage } => {
                         let t = p.breaker.borrow_mut().success();
@@ -357,6 +372,7 @@ impl Llm {
                     Attempt::NoSlot => {
                         p.breaker.borrow_mut().release();
                         last = "every upstream slot is busy".into();
+                        transient = true;
                         later(Instant::now() + Duration::from_secs(1));
                         break;
                     }
@@ -397,6 +413,21 @@ impl Llm {
                             return;
                         }
                         last = format!("{}: {error}", p.cfg.name);
+                        *p.last_failure.borrow_mut() = Some(error.to_string());
+                        match error.fault() {
+                            // Every provider would refuse the same request.
+                            Fault::Request => {
+                                let msg = format!("{} rejected the request: {error}", p.cfg.name);
+                                out.fail(ErrorCode::UpstreamRejected, &msg, None);
+                                return;
+                            }
+                            Fault::Key => {
+                                if let Some(id) = &key_id {
+                                    p.key.refused(id);
+                                }
+                            }
+                            Fault::Quota | Fault::Upstream => transient = true,
+                        }
                         let retry_after = match &error {
                             CallError::Status { retry_after, .. } => *retry_after,
                             _ => None,
@@ -442,7 +473,11 @@ impl Llm {
             at.saturating_duration_since(now).as_millis().max(1) as u64
         });
         let msg = format!("no provider could answer; last: {last}");
-        out.fail(ErrorCode::ProviderUnavailable, &msg, Some(retry_ms));
+        out.fail(
+            ErrorCode::ProviderUnavailable,
+            &msg,
+            transient.then_some(retry_ms),
+        );
     }
 
     /// One call to one provider, relayed until it ends.
@@ -593,11 +628,9 @@ impl Llm {
         }
     }
 
-    /// The per-key call counts, one line per provider and key id.
-    pub fn render_keys(&self, out: &mut String) {
-        for p in &self.providers {
-            p.key.render_lines(out);
-        }
+    /// Each provider's API key (for its per-key metrics).
+    pub fn keys(&self) -> impl Iterator<Item = &crate::upstream_key::UpstreamKey> {
+        self.providers.iter().map(|p| &p.key)
     }
 
     pub fn render(&self, out: &mut String) {

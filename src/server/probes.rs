@@ -19,10 +19,18 @@ pub fn metrics_page(gw: &Gateway) -> String {
     if let Some(c) = &gw.cluster {
         c.render(&mut body);
     }
+    let keys: Vec<&crate::upstream_key::UpstreamKey> = gw
+        .llm
+        .keys()
+        .chain(gw.remote.iter().map(|r| r.key()))
+        .collect();
     crate::upstream_key::render_header(&mut body);
-    gw.llm.render_keys(&mut body);
-    if let Some(r) = &gw.remote {
-        r.render_keys(&mut body);
+    for k in &keys {
+        k.render_lines(&mut body);
+    }
+    crate::upstream_key::render_refusals_header(&mut body);
+    for k in &keys {
+        k.render_refusals(&mut body);
     }
     crate::resilience::render_breakers(&mut body, &all_breakers(gw), Instant::now());
     gw.memory.render(&mut body);
