@@ -450,6 +450,37 @@ fn mcp_sessions_of_one_user_cannot_evict_another_users() {
 }
 
 #[test]
+fn the_mcp_session_table_is_sized_by_its_settings() {
+    let gw = Gateway::start(
+        &format!(
+            "{NO_RATE_LIMITS}[auth]\ntokens = [\"alice:tok-a\"]\n[mcp]\nmax_sessions_per_owner = 2\n"
+        ),
+        &[],
+    );
+    let auth = "Authorization: Bearer tok-a\r\n";
+    let sids: Vec<String> = (0..3)
+        .map(|_| {
+            mcp_post(gw.addr, auth, MCP_INIT)
+                .header("Mcp-Session-Id")
+                .unwrap()
+        })
+        .collect();
+    let ping = |sid: &str| {
+        let headers = format!("{auth}Mcp-Session-Id: {sid}\r\n");
+        mcp_post(
+            gw.addr,
+            &headers,
+            r#"{"jsonrpc":"2.0","id":2,"method":"ping"}"#,
+        )
+        .status
+    };
+    // The third session took the place of alice's oldest.
+    assert_eq!(ping(&sids[0]), 404);
+    assert_eq!((ping(&sids[1]), ping(&sids[2])), (200, 200));
+    assert_eq!(gw.metric("hivegate_mcp_sessions"), 2.0);
+}
+
+#[test]
 fn mcp_streams_count_against_the_connection_caps() {
     let gw = Gateway::start(
         &format!(

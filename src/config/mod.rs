@@ -48,6 +48,8 @@ pub struct Config {
     pub pool: PoolConfig,
     pub store: StoreConfig,
     pub chat: ChatLimits,
+    /// `[mcp]`: the Streamable HTTP transport's session table.
+    pub mcp: crate::mcp::McpConfig,
     pub llm: LlmConfig,
     /// `None`: local only, no sync at all.
     pub remote: Option<RemoteConfig>,

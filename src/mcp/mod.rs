@@ -11,7 +11,7 @@ use crate::json::JsonOut;
 pub use crate::llm::Cancel;
 mod relay;
 mod sessions;
-pub use sessions::{Session, Sessions};
+pub use sessions::{McpConfig, Session, Sessions};
 
 use crate::limit::Refused;
 use crate::llm::{Caller, Llm};

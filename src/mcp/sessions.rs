@@ -31,6 +31,14 @@ pub struct Session {
     pub ended: Rc<event_listener::Event>,
 }
 
+/// `[mcp]`.
+#[derive(Debug, Clone, Default)]
+pub struct McpConfig {
+    pub max_sessions: usize,
+    pub max_sessions_per_owner: usize,
+    pub session_idle: Duration,
+}
+
 /// The sessions, bounded: past `max`, the one idle longest goes; one idle
 /// past `idle_timeout` is gone when next looked up. No timer runs.
 pub struct Sessions {
@@ -42,6 +50,15 @@ pub struct Sessions {
 }
 
 impl Sessions {
+    /// The table `[mcp]` sizes.
+    pub fn with(cfg: &McpConfig) -> Sessions {
+        Sessions::new(
+            cfg.max_sessions,
+            cfg.max_sessions_per_owner,
+            cfg.session_idle,
+        )
+    }
+
     pub fn new(max: usize, max_per_owner: usize, idle_timeout: Duration) -> Sessions {
         Sessions {
             by_id: HashMap::new(),

@@ -23,18 +23,11 @@ use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::net::IpAddr;
 use std::rc::Rc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-/// Most sessions; past it the one idle longest is closed.
-pub const MAX_SESSIONS: usize = 256;
-/// A session unused this long is gone.
-pub const SESSION_IDLE: Duration = Duration::from_secs(30 * 60);
 /// Progress notifications waiting for a slow reader; past it the oldest
 /// ones are dropped (the result never is).
 const MAX_QUEUED: usize = 256;
-/// Sessions one user (in open mode, one address) may hold; past it its
-/// own oldest goes.
-pub const MAX_SESSIONS_PER_OWNER: usize = 8;
 
 /// A request that passed admission, with its body.
 pub struct Admitted {

@@ -150,11 +150,7 @@ impl Gateway {
             ex,
             web: web::Web::new(),
             tls: tls.map(tls::Tls::new),
-            mcp: RefCell::new(crate::mcp::Sessions::new(
-                mcp_http::MAX_SESSIONS,
-                mcp_http::MAX_SESSIONS_PER_OWNER,
-                mcp_http::SESSION_IDLE,
-            )),
+            mcp: RefCell::new(crate::mcp::Sessions::with(&cfg.mcp)),
             cfg,
             log,
         }
