@@ -299,7 +299,11 @@ impl Table {
         let Some(e) = self.slab.get_mut(key) else {
             return handed;
         };
-        if e.id != id || e.close_request.is_some() {
+        // A connection closing for the shutdown still gets the answers to
+        // what it asked (the drain waits for them); any other close takes
+        // nothing more.
+        let closing = e.close_request.is_some_and(|c| c != Close::GoingAway);
+        if e.id != id || closing {
             return handed;
         }
         for f in frames {

@@ -79,3 +79,43 @@ fn systemd_hears_ready_watchdog_and_stopping() {
     }
     assert_eq!(gw.wait_exit(Duration::from_secs(10)), Some(0));
 }
+
+#[test]
+fn a_tool_call_in_flight_is_answered_before_the_close() {
+    use common::fake_openai::{Behaviour, FakeOpenAi};
+    use serde_json::json;
+    let fake = FakeOpenAi::start(Behaviour::Stall);
+    let cfg = format!(
+        "[provider.kimi]\nbase_url = \"{}\"\nmodel = \"m\"\n",
+        fake.base_url()
+    );
+    let mut gw = Gateway::start(&cfg, &[]);
+    let (mut ws, _) = gw.session(None);
+    let call = json!({"op":"call_tool","request_id":"c1","name":"chat",
+        "arguments":{"messages":[{"role":"user","content":"hi"}]}});
+    send_json(&mut ws, &call);
+    while recv_json(&mut ws)["op"] != "call_tool_ack" {}
+    gw.wait_until("the upstream to hold the call", || {
+        fake.requests().len() == 1
+    });
+    gw.signal(libc::SIGTERM);
+    // The upstream never answers: the drain does not wait for it, and the
+    // caller hears why its call ends.
+    let last = loop {
+        let v = recv_json(&mut ws);
+        if v["request_id"] == "c1" {
+            break v;
+        }
+    };
+    assert_eq!(last["op"], "error", "{last}");
+    assert_eq!(last["error"]["code"], "OVER_CAPACITY", "{last}");
+    assert!(
+        last["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("shutting down"),
+        "{last}"
+    );
+    assert_eq!(expect_close(&mut ws), Some(1001));
+    assert_eq!(gw.wait_exit(Duration::from_secs(10)), Some(0));
+}

@@ -28,7 +28,7 @@ pub use output::{answer_frame, said_frame, Answer, Output, Said};
 mod tool;
 mod tools;
 pub use budget::{day_of, Caller, Ledger, Refused};
-pub use tools::{Cancel, ToolCalls};
+pub use tools::{Cancel, ToolCalls, SHUTTING_DOWN};
 pub mod sse;
 
 use crate::limit::{BucketParams, InFlight, TokenBucket};

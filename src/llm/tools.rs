@@ -13,6 +13,9 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+/// What a call in flight when the gateway shuts down is told.
+pub const SHUTTING_DOWN: &str = "the gateway is shutting down; call again once reconnected";
+
 /// Most repeats of one call's `request_id` that share its answer (each one
 /// is an answer frame more when it ends).
 pub const MAX_FOLLOWERS: u32 = 8;
@@ -220,6 +223,18 @@ impl ToolCalls {
                 "no tool call in flight with that request_id",
                 None,
             ),
+        }
+    }
+
+    /// The gateway is shutting down: every call stops, and each of its
+    /// askers is told so (`reply` for each `request_id`) before the close.
+    pub fn shut_down(&self, reply: impl Fn(&str) -> Reply) {
+        for (rid, call) in self.calls.borrow_mut().drain() {
+            call.cancel();
+            let reply = reply(&rid);
+            for _ in 0..=call.followers.get() {
+                reply.error(ErrorCode::OverCapacity, SHUTTING_DOWN, Some(1000));
+            }
         }
     }
 

@@ -174,6 +174,11 @@ impl Conn {
 
     async fn run(&mut self) {
         let (code, reason) = self.serve().await;
+        if code == Close::GoingAway.code() {
+            // Tool calls are told the gateway is going, before they are
+            // cancelled with everything else below.
+            self.shut_down_calls();
+        }
         // Leaving is automatic, whatever ended the connection, and nobody
         // is left to read a tool call's answer.
         self.gw.chat.leave_all(self.slot.key);

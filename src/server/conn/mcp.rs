@@ -8,6 +8,7 @@
 use super::Conn;
 use crate::hub::{Reply, MAX_IN_FLIGHT};
 use crate::limit::InFlight;
+use crate::llm::SHUTTING_DOWN;
 use crate::mcp::{self, Cancel, Handled, Started};
 use crate::ops::metrics::inc;
 use crate::protocol::Close;
@@ -76,5 +77,23 @@ impl Conn {
                 calls.remove(&id);
             }
         }));
+    }
+
+    /// In a shutdown: every tool call of this connection stops (its LLM
+    /// slot is freed, so the drain does not wait for a long answer), and
+    /// each asker gets a last answer saying so, on either protocol.
+    pub(super) fn shut_down_calls(&mut self) {
+        if let Some(tools) = &self.tools {
+            let (table, key, id) = (self.gw.table.clone(), self.slot.key, self.slot.id);
+            tools.shut_down(|rid| Reply::new(table.clone(), key, id, Some(rid)));
+        }
+        let Some(calls) = self.mcp.clone() else {
+            return;
+        };
+        for (rid, call) in calls.borrow_mut().drain() {
+            call.cancel();
+            let refusal = mcp::tool_error("OVER_CAPACITY", SHUTTING_DOWN, Some(1000));
+            self.send(mcp::result(&rid, &refusal));
+        }
     }
 }
