@@ -95,10 +95,26 @@ fn a_tool_call_in_flight_is_answered_before_the_close() {
         "arguments":{"messages":[{"role":"user","content":"hi"}]}});
     send_json(&mut ws, &call);
     while recv_json(&mut ws)["op"] != "call_tool_ack" {}
-    gw.wait_until("the upstream to hold the call", || {
-        fake.requests().len() == 1
+    // The same over MCP on the WebSocket: a tools/call in flight.
+    let mut mcp = gw
+        .ws_from(None, &[("Sec-WebSocket-Protocol", "mcp")])
+        .expect("mcp upgrade");
+    let mcp_call = json!({"jsonrpc":"2.0","id":7,"method":"tools/call",
+        "params":{"name":"chat","arguments":{"messages":[{"role":"user","content":"hi"}]}}});
+    send_json(&mut mcp, &mcp_call);
+    gw.wait_until("the upstream to hold both calls", || {
+        fake.requests().len() == 2
     });
     gw.signal(libc::SIGTERM);
+    let answer = recv_json(&mut mcp);
+    assert_eq!(answer["id"], 7, "{answer}");
+    assert_eq!(answer["result"]["isError"], true, "{answer}");
+    let text = answer["result"]["content"][0]["text"].as_str().unwrap();
+    assert!(
+        text.contains("OVER_CAPACITY") && text.contains("shutting down"),
+        "{answer}"
+    );
+    assert_eq!(expect_close(&mut mcp), Some(1001));
     // The upstream never answers: the drain does not wait for it, and the
     // caller hears why its call ends.
     let last = loop {
