@@ -227,15 +227,8 @@ impl ChatRequests {
             return None;
         }
         let ts = crate::clock::unix_ms();
-        let msg = StoredMessage {
-            id: store.new_id(ts.max(0) as u64),
-            room,
-            seq: 0,
-            user: asker.user.to_string(),
-            text,
-            ts,
-            reactions: Vec::new(),
-        };
+        let id = store.new_id(ts.max(0) as u64);
+        let msg = StoredMessage::new(id, room, asker.user.to_string(), text, ts);
         let committed = self.queued(&reply, store.publish(msg))?;
         let (chat, log) = (self.chat.clone(), self.log);
         Some(Box::pin(async move {

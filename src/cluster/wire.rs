@@ -130,15 +130,13 @@ pub fn parse_event(text: &str) -> Result<BusEvent, String> {
     let need =
         |v: Option<String>, name: &str| v.ok_or_else(|| format!("{} event without {name}", w.t));
     let kind = match w.t.as_str() {
-        "msg" => BusKind::Message(StoredMessage {
-            id: need(w.id, "id")?,
-            room: w.room.clone(),
-            seq: 0,
-            user: need(w.from, "from")?,
-            text: need(w.text, "text")?,
-            ts: w.ts.unwrap_or(0),
-            reactions: Vec::new(),
-        }),
+        "msg" => BusKind::Message(StoredMessage::new(
+            need(w.id, "id")?,
+            w.room.clone(),
+            need(w.from, "from")?,
+            need(w.text, "text")?,
+            w.ts.unwrap_or(0),
+        )),
         "react" => BusKind::Reaction(ReactionChange {
             message_id: need(w.message_id, "message_id")?,
             emoji: need(w.emoji, "emoji")?,
@@ -245,15 +243,13 @@ mod tests {
     #[test]
     fn events_read_back_as_they_were_written() {
         let events = [
-            BusKind::Message(StoredMessage {
-                id: "m1".into(),
-                room: "x.y".into(),
-                seq: 0,
-                user: "bob".into(),
-                text: "a \"quoted\" line\n".into(),
-                ts: 7,
-                reactions: Vec::new(),
-            }),
+            BusKind::Message(StoredMessage::new(
+                "m1".into(),
+                "x.y".into(),
+                "bob".into(),
+                "a \"quoted\" line\n".into(),
+                7,
+            )),
             BusKind::Reaction(ReactionChange {
                 message_id: "m1".into(),
                 emoji: "👍".into(),

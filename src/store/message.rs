@@ -19,6 +19,20 @@ pub struct StoredMessage {
 }
 
 impl StoredMessage {
+    /// A new message, not yet numbered (`seq` 0) and without reactions:
+    /// as a publisher makes it, or another box's before it is applied.
+    pub fn new(id: String, room: String, user: String, text: String, ts: i64) -> StoredMessage {
+        StoredMessage {
+            id,
+            room,
+            seq: 0,
+            user,
+            text,
+            ts,
+            reactions: Vec::new(),
+        }
+    }
+
     /// What a message says, whoever carries it: `from`, `text` and `ts`,
     /// under the protocol's names (the `message` frame and the bus both
     /// write these after the message's `id` and their own keys).

@@ -391,15 +391,7 @@ mod tests {
     use futures_lite::future::block_on;
 
     fn message(id: String, text: String) -> StoredMessage {
-        StoredMessage {
-            id,
-            room: "r".into(),
-            seq: 0,
-            user: "u".into(),
-            text,
-            ts: 1,
-            reactions: Vec::new(),
-        }
+        StoredMessage::new(id, "r".into(), "u".into(), text, 1)
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! What a message means is `mcp::handle`'s; this is only the carrying.
 
 use super::Conn;
-use crate::hub::{Reply, MAX_IN_FLIGHT};
+use crate::hub::MAX_IN_FLIGHT;
 use crate::limit::InFlight;
 use crate::llm::SHUTTING_DOWN;
 use crate::mcp::{self, Cancel, Handled, Started};
@@ -67,7 +67,7 @@ impl Conn {
             return;
         };
         let llm = self.gw.llm.clone();
-        let reply = Reply::new(self.gw.table.clone(), self.slot.key, self.slot.id, None);
+        let reply = self.reply(None);
         let (id, cancel) = (started.id.clone(), started.cancel.clone());
         self.gw.spawn(Box::pin(async move {
             let _held = held;
@@ -84,15 +84,14 @@ impl Conn {
     /// each asker gets a last answer saying so, on either protocol.
     pub(super) fn shut_down_calls(&mut self) {
         if let Some(tools) = &self.tools {
-            let (table, key, id) = (self.gw.table.clone(), self.slot.key, self.slot.id);
-            tools.shut_down(|rid| Reply::new(table.clone(), key, id, Some(rid)));
+            tools.shut_down(|rid| self.reply(Some(rid)));
         }
         let Some(calls) = self.mcp.clone() else {
             return;
         };
+        let refusal = mcp::tool_error("OVER_CAPACITY", SHUTTING_DOWN, Some(1000));
         for (rid, call) in calls.borrow_mut().drain() {
             call.cancel();
-            let refusal = mcp::tool_error("OVER_CAPACITY", SHUTTING_DOWN, Some(1000));
             self.send(mcp::result(&rid, &refusal));
         }
     }

@@ -216,7 +216,7 @@ impl Conn {
     }
 
     /// Where the answers to a request of this connection go.
-    fn reply(&self, rid: Option<&str>) -> Reply {
+    pub(super) fn reply(&self, rid: Option<&str>) -> Reply {
         Reply::new(self.gw.table.clone(), self.slot.key, self.slot.id, rid)
     }
 

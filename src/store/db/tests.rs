@@ -12,15 +12,7 @@ fn db() -> (tempfile::TempDir, Connection) {
 
 /// A message of `user`, not yet numbered.
 fn message(id: &str, room: &str, user: &str, text: &str, ts: i64) -> StoredMessage {
-    StoredMessage {
-        id: id.into(),
-        room: room.into(),
-        seq: 0,
-        user: user.into(),
-        text: text.into(),
-        ts,
-        reactions: Vec::new(),
-    }
+    StoredMessage::new(id.into(), room.into(), user.into(), text.into(), ts)
 }
 
 fn publish(id: &str, room: &str, text: &str, ts: i64) -> WriteOp {
