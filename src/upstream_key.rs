@@ -114,45 +114,38 @@ impl UpstreamKey {
         );
         *self.current.borrow_mut() = new;
     }
-
-    /// `hivegate_upstream_key_calls_total` lines (the header is the
-    /// caller's, once for every upstream).
-    pub fn render_lines(&self, out: &mut String) {
-        for (id, n, _) in self.calls.borrow().iter() {
-            let _ = writeln!(
-                out,
-                "hivegate_upstream_key_calls_total{{upstream=\"{}\",key=\"{id}\"}} {n}",
-                self.upstream
-            );
-        }
-    }
-
-    /// `hivegate_upstream_key_refusals_total` lines.
-    pub fn render_refusals(&self, out: &mut String) {
-        for (id, _, n) in self.calls.borrow().iter() {
-            let _ = writeln!(
-                out,
-                "hivegate_upstream_key_refusals_total{{upstream=\"{}\",key=\"{id}\"}} {n}",
-                self.upstream
-            );
-        }
-    }
 }
 
-/// The metric's header, written once before every upstream's lines.
-pub fn render_header(out: &mut String) {
-    out.push_str(
-        "# HELP hivegate_upstream_key_calls_total Calls sent with each API key, by key id (sha256 prefix).\n\
-         # TYPE hivegate_upstream_key_calls_total counter\n",
-    );
-}
-
-/// The refusals metric's header, written once before every upstream's lines.
-pub fn render_refusals_header(out: &mut String) {
-    out.push_str(
-        "# HELP hivegate_upstream_key_refusals_total Calls the upstream refused for their API key (401, 403), by key id.\n\
-         # TYPE hivegate_upstream_key_refusals_total counter\n",
-    );
+/// The per-key metrics of every upstream's key: calls sent with it, and
+/// calls the upstream refused for it (401, 403).
+pub fn render(out: &mut String, keys: &[&UpstreamKey]) {
+    type Count = fn(&(String, u64, u64)) -> u64;
+    let families: [(&str, &str, Count); 2] = [
+        (
+            "hivegate_upstream_key_calls_total",
+            "Calls sent with each API key, by key id (sha256 prefix).",
+            |c| c.1,
+        ),
+        (
+            "hivegate_upstream_key_refusals_total",
+            "Calls the upstream refused for their API key (401, 403), by key id.",
+            |c| c.2,
+        ),
+    ];
+    for (name, help, count) in families {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        for k in keys {
+            for c in k.calls.borrow().iter() {
+                let _ = writeln!(
+                    out,
+                    "{name}{{upstream=\"{}\",key=\"{}\"}} {}",
+                    k.upstream,
+                    c.0,
+                    count(c)
+                );
+            }
+        }
+    }
 }
 
 /// Where a key is read from, for the log: never the key.
@@ -189,7 +182,7 @@ mod tests {
         assert_ne!(old, new);
         k.for_call();
         let mut out = String::new();
-        k.render_lines(&mut out);
+        render(&mut out, &[&k]);
         assert!(out.contains(&format!("key=\"{old}\"}} 2")), "{out}");
         assert!(out.contains(&format!("key=\"{new}\"}} 1")), "{out}");
         assert!(!out.contains("sk-"), "{out}");

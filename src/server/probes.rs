@@ -24,14 +24,7 @@ pub fn metrics_page(gw: &Gateway) -> String {
         .keys()
         .chain(gw.remote.iter().map(|r| r.key()))
         .collect();
-    crate::upstream_key::render_header(&mut body);
-    for k in &keys {
-        k.render_lines(&mut body);
-    }
-    crate::upstream_key::render_refusals_header(&mut body);
-    for k in &keys {
-        k.render_refusals(&mut body);
-    }
+    crate::upstream_key::render(&mut body, &keys);
     crate::resilience::render_breakers(&mut body, &all_breakers(gw), Instant::now());
     gw.memory.render(&mut body);
     body.push_str(&format!(
