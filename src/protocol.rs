@@ -72,6 +72,9 @@ pub struct Turn {
     pub content: String,
     /// On a `tool` message: the call it answers (OpenAI's `tool_call_id`).
     pub tool_call_id: Option<String>,
+    /// On an `assistant` message: the function calls it made, as the
+    /// OpenAI-compatible endpoint's client sent them back (a JSON array).
+    pub tool_calls: Option<Box<str>>,
 }
 
 /// Longest `tool_call_id`, in bytes.
@@ -85,6 +88,9 @@ pub struct ToolCall {
     pub provider: Option<String>,
     pub model: Option<String>,
     pub stream: bool,
+    /// JSON members passed to the provider as they came (`tools`,
+    /// `temperature`...): only the OpenAI-compatible endpoint sets them.
+    pub options: Option<Box<str>>,
 }
 
 /// A request from a client, checked.
@@ -213,6 +219,7 @@ impl ToolArguments {
                     role,
                     content,
                     tool_call_id,
+                    tool_calls: None,
                 }),
                 _ => Err("each message needs a role and a string content".into()),
             })
@@ -222,6 +229,7 @@ impl ToolArguments {
             provider: self.provider.filter(|p| p != "auto"),
             model: self.model,
             stream: self.stream.unwrap_or(true),
+            options: None,
         })
     }
 }
@@ -500,7 +508,8 @@ mod tests {
                     [Turn {
                         role: "user".into(),
                         content: "hi".into(),
-                        tool_call_id: None
+                        tool_call_id: None,
+                        tool_calls: None
                     }]
                 );
                 assert_eq!((call.provider, call.model, call.stream), (None, None, true));

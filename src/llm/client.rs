@@ -10,7 +10,7 @@
 //! chunk (or one `idle_timeout` on a stalled upstream, which is ureq's
 //! per-read timeout).
 
-use super::dialect::{CallError, Dialect, Streamed, Usage};
+use super::dialect::{CallError, Dialect, Streamed, ToolCallDelta, Usage};
 use super::sse::SseParser;
 use std::io::Read;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,9 +27,12 @@ pub enum Event {
     /// Reasoning text a model streams before its answer
     /// (`delta.reasoning_content`, as DeepSeek, Kimi and vLLM send it).
     Reasoning(String),
+    /// Pieces of the function calls the model makes.
+    ToolCalls(Vec<ToolCallDelta>),
     Done {
         model: Option<String>,
         usage: Option<Usage>,
+        finish_reason: Option<String>,
     },
     Failed(CallError),
 }
@@ -47,11 +50,20 @@ pub struct Request {
     pub redact: crate::redact::Redactor,
 }
 
+/// Bytes of each call's read and write buffers, and the longest response
+/// head read. ureq's defaults (128 KiB each way) cost 256 KiB a call:
+/// 50 MiB for 200 streams, where an answer's events are a few hundred
+/// bytes each.
+const CALL_BUFFER_BYTES: usize = 16 << 10;
+
 /// An agent with the provider's timeouts. `http_status_as_error` is off so
 /// that a 429's `Retry-After` and an error body can be read.
 pub fn agent(cfg: &super::ProviderConfig, tls: &ureq::tls::TlsConfig) -> ureq::Agent {
     ureq::Agent::config_builder()
         .tls_config(tls.clone())
+        .input_buffer_size(CALL_BUFFER_BYTES)
+        .output_buffer_size(CALL_BUFFER_BYTES)
+        .max_response_header_size(CALL_BUFFER_BYTES)
         .http_status_as_error(false)
         .timeout_connect(Some(cfg.connect_timeout))
         .timeout_recv_response(Some(cfg.first_byte_timeout))
@@ -164,15 +176,23 @@ fn call(
         if !whole.text.is_empty() && events.send_blocking(Event::Delta(whole.text)).is_err() {
             return Ok(None);
         }
+        if !whole.tool_calls.is_empty()
+            && events
+                .send_blocking(Event::ToolCalls(whole.tool_calls))
+                .is_err()
+        {
+            return Ok(None);
+        }
         return Ok(Some(Event::Done {
             model: whole.model,
             usage: whole.usage,
+            finish_reason: whole.finish_reason,
         }));
     }
     let mut parser = SseParser::default();
     let mut buf = vec![0u8; 8192];
     let mut datas = Vec::new();
-    let (mut model, mut usage) = (None, None);
+    let (mut model, mut usage, mut finish_reason) = (None, None, None);
     loop {
         if cancel.load(Ordering::Relaxed) {
             return Ok(None);
@@ -189,11 +209,18 @@ fn call(
         }
         for data in datas.drain(..) {
             let chunk = match req.dialect.event(&data)? {
-                Streamed::End => return Ok(Some(Event::Done { model, usage })),
+                Streamed::End => {
+                    return Ok(Some(Event::Done {
+                        model,
+                        usage,
+                        finish_reason,
+                    }))
+                }
                 Streamed::Chunk(chunk) => chunk,
             };
             model = chunk.model.or(model);
             usage = chunk.usage.or(usage);
+            finish_reason = chunk.finish_reason.or(finish_reason);
             if let Some(text) = chunk.reasoning.filter(|t| !t.is_empty()) {
                 if events.send_blocking(Event::Reasoning(text)).is_err() {
                     return Ok(None);
@@ -203,6 +230,13 @@ fn call(
                 if events.send_blocking(Event::Delta(text)).is_err() {
                     return Ok(None);
                 }
+            }
+            if !chunk.tool_calls.is_empty()
+                && events
+                    .send_blocking(Event::ToolCalls(chunk.tool_calls))
+                    .is_err()
+            {
+                return Ok(None);
             }
         }
         if n == 0 {

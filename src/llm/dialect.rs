@@ -29,6 +29,8 @@ pub enum CallError {
     },
     /// The answer was not what the provider's dialect sends.
     Malformed(String),
+    /// The answer grew past `llm.max_response_bytes` (the bound).
+    TooLong(usize),
 }
 
 /// Whose fault a failed call was, which decides what happens next.
@@ -47,6 +49,10 @@ pub enum Fault {
     /// The upstream (408, other statuses, timeouts, broken or malformed
     /// answers): counted, retried, then the next provider.
     Upstream,
+    /// The gateway's own bound on an answer's size: not the upstream's
+    /// failure, and the same question would grow as long again, so
+    /// neither counted nor retried.
+    Bound,
 }
 
 impl CallError {
@@ -58,6 +64,7 @@ impl CallError {
                 429 => Fault::Quota,
                 _ => Fault::Upstream,
             },
+            CallError::TooLong(_) => Fault::Bound,
             _ => Fault::Upstream,
         }
     }
@@ -88,7 +95,7 @@ impl CallError {
                 message: r.clean(&message),
             },
             CallError::Malformed(m) => CallError::Malformed(r.clean(&m)),
-            t @ CallError::Timeout(_) => t,
+            t @ (CallError::Timeout(_) | CallError::TooLong(_)) => t,
         }
     }
 
@@ -104,11 +111,29 @@ impl std::fmt::Display for CallError {
             CallError::Timeout(what) => write!(f, "timed out {what}"),
             CallError::Status { code, message, .. } => write!(f, "HTTP {code}: {message}"),
             CallError::Malformed(m) => write!(f, "malformed answer: {m}"),
+            CallError::TooLong(max) => write!(
+                f,
+                "the answer is longer than llm.max_response_bytes ({max})"
+            ),
         }
     }
 }
 
 impl std::error::Error for CallError {}
+
+/// A piece of a function call the model makes (only when the request
+/// offered tools): pieces with the same `index` join into one call, their
+/// `arguments` appended in order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ToolCallDelta {
+    pub index: u32,
+    pub id: Option<String>,
+    pub name: Option<String>,
+    pub arguments: String,
+}
+
+/// Most function calls one answer may make.
+pub const MAX_TOOL_CALLS: u32 = 64;
 
 /// What one streamed event carried (any part may be missing).
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -116,6 +141,9 @@ pub struct Chunk {
     pub delta: Option<String>,
     /// Reasoning text a model streams before its answer.
     pub reasoning: Option<String>,
+    pub tool_calls: Vec<ToolCallDelta>,
+    /// Why the answer ended (`stop`, `length`, `tool_calls`...).
+    pub finish_reason: Option<String>,
     pub model: Option<String>,
     pub usage: Option<Usage>,
 }
@@ -132,6 +160,8 @@ pub enum Streamed {
 #[derive(Debug, PartialEq, Eq)]
 pub struct Whole {
     pub text: String,
+    pub tool_calls: Vec<ToolCallDelta>,
+    pub finish_reason: Option<String>,
     pub model: Option<String>,
     pub usage: Option<Usage>,
 }
@@ -144,8 +174,10 @@ pub trait Dialect: Sync {
     /// The headers besides `Content-Type` and `Accept`, the API key among
     /// them.
     fn headers(&self, key: Option<&Secret>) -> Vec<(&'static str, String)>;
-    /// The request: the model and the conversation, streamed.
-    fn body(&self, model: &str, messages: &[Turn]) -> String;
+    /// The request: the model and the conversation, streamed, with the
+    /// caller's `options` (JSON members in OpenAI's form: `tools`,
+    /// `temperature`...), which a dialect translates or leaves out.
+    fn body(&self, model: &str, messages: &[Turn], options: Option<&str>) -> String;
     /// One streamed event's data.
     fn event(&self, data: &str) -> Result<Streamed, CallError>;
     /// A whole answer.

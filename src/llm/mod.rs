@@ -14,6 +14,7 @@
 //! streamed answer holds its thread for as long as it streams, and must
 //! not starve the store's pool.
 
+mod attempt;
 mod budget;
 pub mod client;
 mod config;
@@ -38,12 +39,12 @@ use crate::pool::Pool;
 use crate::protocol::ErrorCode;
 use crate::resilience::{backoff, Breaker, Jitter, Transition};
 use async_io::Timer;
-use client::Event;
+pub use attempt::join as join_tool_calls;
+use attempt::Attempt;
 pub use config::{LlmConfig, ProviderConfig};
-use dialect::{CallError, Fault, Usage};
+use dialect::{CallError, Fault};
 use futures_lite::FutureExt;
 use std::cell::{Cell, RefCell};
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 /// Roles a message may have.
@@ -83,23 +84,6 @@ pub struct Llm {
     redact: RefCell<crate::redact::Redactor>,
     /// Today's spending per user, for the access rules' budgets.
     pub ledger: Ledger,
-}
-
-/// How one attempt at one provider ended.
-enum Attempt {
-    Done {
-        text: String,
-        model: Option<String>,
-        usage: Option<Usage>,
-    },
-    Failed {
-        error: CallError,
-        chunks: u64,
-        bytes: usize,
-    },
-    Cancelled,
-    /// The upstream pool is full: nothing was sent, nothing to count.
-    NoSlot,
 }
 
 impl Llm {
@@ -253,6 +237,20 @@ impl Llm {
         Ok(())
     }
 
+    /// Each provider's name and configured model.
+    pub fn providers(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.providers
+            .iter()
+            .map(|p| (p.cfg.name.as_str(), p.cfg.model.as_str()))
+    }
+
+    /// The fallback chain's providers, by name.
+    pub fn chain(&self) -> impl Iterator<Item = &str> {
+        self.chain
+            .iter()
+            .map(|i| self.providers[*i].cfg.name.as_str())
+    }
+
     /// Tool calls one connection may have in flight.
     pub fn max_in_flight_per_session(&self) -> u32 {
         self.cfg.max_in_flight_per_session
@@ -336,7 +334,13 @@ impl Llm {
                 p.calls.set(p.calls.get() + 1);
                 let key_id = p.key.id();
                 match self.attempt(p, &call, out).await {
-                    Attempt::Done { text, model, usage } => {
+                    Attempt::Done {
+                        text,
+                        tool_calls,
+                        finish_reason,
+                        model,
+                        usage,
+                    } => {
                         let t = p.breaker.borrow_mut().success();
                         self.note(p, t);
                         // Spent as reported, or about a token per 4 bytes.
@@ -344,7 +348,9 @@ impl Llm {
                             || {
                                 let asked: usize =
                                     call.messages.iter().map(|t| t.content.len()).sum();
-                                (asked + text.len()).div_ceil(4) as u64
+                                let called: usize =
+                                    tool_calls.iter().map(|c| c.arguments.len()).sum();
+                                (asked + text.len() + called).div_ceil(4) as u64
                             },
                             |u| u.prompt_tokens + u.completion_tokens,
                         );
@@ -359,6 +365,8 @@ impl Llm {
                             .unwrap_or_else(|| p.cfg.model.clone());
                         out.answer(&Answer {
                             text: &text,
+                            tool_calls: &tool_calls,
+                            finish_reason: finish_reason.as_deref(),
                             provider: &p.cfg.name,
                             model: &model,
                             usage,
@@ -383,6 +391,8 @@ impl Llm {
                     } => {
                         p.failures.set(p.failures.get() + 1);
                         if error.counted() {
+                            // What a caller told the circuit is open hears.
+                            *p.last_failure.borrow_mut() = Some(error.to_string());
                             let t = p.breaker.borrow_mut().failure(Instant::now());
                             self.note(p, t);
                         } else {
@@ -413,7 +423,6 @@ impl Llm {
                             return;
                         }
                         last = format!("{}: {error}", p.cfg.name);
-                        *p.last_failure.borrow_mut() = Some(error.to_string());
                         match error.fault() {
                             // Every provider would refuse the same request.
                             Fault::Request => {
@@ -427,6 +436,7 @@ impl Llm {
                                 }
                             }
                             Fault::Quota | Fault::Upstream => transient = true,
+                            Fault::Bound => {}
                         }
                         let retry_after = match &error {
                             CallError::Status { retry_after, .. } => *retry_after,
@@ -478,133 +488,6 @@ impl Llm {
             &msg,
             transient.then_some(retry_ms),
         );
-    }
-
-    /// One call to one provider, relayed until it ends.
-    async fn attempt(&self, p: &Provider, call: &Call, out: &dyn Output) -> Attempt {
-        let Some(pool) = &self.pool else {
-            return Attempt::NoSlot;
-        };
-        let (tx, rx) = async_channel::bounded::<Event>(64);
-        let flag = out.cancel_flag();
-        let model = call.model.as_deref().unwrap_or(&p.cfg.model);
-        let req = client::Request {
-            agent: p.agent.clone(),
-            url: p.url.clone(),
-            headers: p.cfg.dialect.headers(p.key.for_call().as_ref()),
-            body: p.cfg.dialect.body(model, &call.messages),
-            dialect: p.cfg.dialect.0,
-            redact: self.redact.borrow().clone(),
-        };
-        let job_flag = flag.clone();
-        let Ok(job) = pool.submit(p.cfg.total_timeout, move || {
-            client::run(req, &tx, &job_flag)
-        }) else {
-            return Attempt::NoSlot;
-        };
-        let _slot = InFlight::take(&p.in_flight);
-        let deadline = Instant::now() + p.cfg.total_timeout;
-        let (mut text, mut chunks) = (String::new(), 0u64);
-        let mut thought = 0usize;
-        enum Step {
-            Event(Option<Event>),
-            Silence,
-            Cancelled,
-            Deadline,
-        }
-        loop {
-            let step = async { Step::Event(rx.recv().await.ok()) }
-                .or(async {
-                    out.until_cancelled().await;
-                    Step::Cancelled
-                })
-                .or(async {
-                    Timer::after(self.cfg.progress_interval).await;
-                    Step::Silence
-                })
-                .or(async {
-                    Timer::at(deadline).await;
-                    Step::Deadline
-                })
-                .await;
-            let (field, piece) = match step {
-                Step::Cancelled => return Attempt::Cancelled,
-                Step::Silence => {
-                    // The client has heard nothing for a while: say why.
-                    let msg = format!("waiting for {}", p.cfg.name);
-                    out.say(Said::Waiting(&msg));
-                    continue;
-                }
-                Step::Deadline => {
-                    flag.store(true, Ordering::Relaxed);
-                    let error = CallError::Timeout("after the whole call's time");
-                    return Attempt::Failed {
-                        error,
-                        chunks,
-                        bytes: text.len(),
-                    };
-                }
-                Step::Event(Some(Event::Delta(t))) => ("chunk", t),
-                // Reasoning is relayed and counts against the size bound,
-                // but is not part of the result.
-                Step::Event(Some(Event::Reasoning(t))) => ("reasoning", t),
-                Step::Event(Some(Event::Done { model, usage })) => {
-                    return Attempt::Done { text, model, usage }
-                }
-                Step::Event(Some(Event::Failed(error))) => {
-                    return Attempt::Failed {
-                        error,
-                        chunks,
-                        bytes: text.len(),
-                    }
-                }
-                Step::Event(None) => {
-                    // The job ended without a last word: cancelled, or it
-                    // waited past its deadline in the queue.
-                    if out.cancelled() {
-                        return Attempt::Cancelled;
-                    }
-                    let error = match job.await {
-                        Err(crate::pool::PoolError::Timeout) => {
-                            CallError::Timeout("waiting for a free upstream slot")
-                        }
-                        _ => CallError::Transport("the call ended without an answer".into()),
-                    };
-                    return Attempt::Failed {
-                        error,
-                        chunks,
-                        bytes: text.len(),
-                    };
-                }
-            };
-            if out.cancelled() {
-                return Attempt::Cancelled;
-            }
-            if text.len() + thought + piece.len() > self.cfg.max_response_bytes {
-                flag.store(true, Ordering::Relaxed);
-                let error = CallError::Malformed(format!(
-                    "the answer is longer than llm.max_response_bytes ({})",
-                    self.cfg.max_response_bytes
-                ));
-                return Attempt::Failed {
-                    error,
-                    chunks,
-                    bytes: text.len(),
-                };
-            }
-            chunks += 1;
-            if field == "chunk" {
-                text.push_str(&piece);
-            } else {
-                thought += piece.len();
-            }
-            if call.stream {
-                out.say(Said::Piece {
-                    field,
-                    text: &piece,
-                });
-            }
-        }
     }
 
     /// Each provider's breaker, for the metrics.

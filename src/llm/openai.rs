@@ -3,7 +3,9 @@
 //! a Bearer key, `data:` chunks of `choices[0].delta`, and `[DONE]` at
 //! the end.
 
-use super::dialect::{CallError, Chunk, Dialect, Streamed, Usage, Whole};
+use super::dialect::{
+    CallError, Chunk, Dialect, Streamed, ToolCallDelta, Usage, Whole, MAX_TOOL_CALLS,
+};
 use crate::auth::Secret;
 use crate::protocol::Turn;
 
@@ -24,8 +26,8 @@ impl Dialect for OpenAi {
             .collect()
     }
 
-    fn body(&self, model: &str, messages: &[Turn]) -> String {
-        request_body(model, messages)
+    fn body(&self, model: &str, messages: &[Turn], options: Option<&str>) -> String {
+        request_body(model, messages, options)
     }
 
     fn event(&self, data: &str) -> Result<Streamed, CallError> {
@@ -63,6 +65,7 @@ mod wire {
     pub struct Choice {
         pub delta: Option<Content>,
         pub message: Option<Content>,
+        pub finish_reason: Option<String>,
         /// Moonshot puts the usage of a stream in its last choice.
         pub usage: Option<Usage>,
     }
@@ -72,6 +75,23 @@ mod wire {
     pub struct Content {
         pub content: Option<String>,
         pub reasoning_content: Option<String>,
+        pub tool_calls: Option<Vec<ToolCall>>,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(default)]
+    pub struct ToolCall {
+        /// Absent in a whole answer: the call's place in the list.
+        pub index: Option<u32>,
+        pub id: Option<String>,
+        pub function: Option<Function>,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(default)]
+    pub struct Function {
+        pub name: Option<String>,
+        pub arguments: Option<String>,
     }
 
     #[derive(Deserialize, Default, Clone, Copy)]
@@ -102,6 +122,30 @@ fn usage_of(a: &wire::Answer) -> Option<Usage> {
     })
 }
 
+/// The function calls of a delta or a message, as pieces.
+fn tool_calls(content: Option<&wire::Content>) -> Result<Vec<ToolCallDelta>, CallError> {
+    let calls = content.and_then(|c| c.tool_calls.as_ref());
+    let mut out = Vec::new();
+    for (place, call) in calls.into_iter().flatten().enumerate() {
+        let index = call.index.unwrap_or(place as u32);
+        if index >= MAX_TOOL_CALLS {
+            return Err(CallError::Malformed(format!(
+                "more than {MAX_TOOL_CALLS} function calls"
+            )));
+        }
+        let function = call.function.as_ref();
+        out.push(ToolCallDelta {
+            index,
+            id: call.id.clone(),
+            name: function.and_then(|f| f.name.clone()),
+            arguments: function
+                .and_then(|f| f.arguments.clone())
+                .unwrap_or_default(),
+        });
+    }
+    Ok(out)
+}
+
 /// One streamed event's data.
 fn parse_chunk(data: &str) -> Result<Chunk, CallError> {
     let a = decode(data)?;
@@ -111,15 +155,14 @@ fn parse_chunk(data: &str) -> Result<Chunk, CallError> {
             e.message.as_deref().unwrap_or("(no message)")
         )));
     }
-    let content = a
-        .choices
-        .as_ref()
-        .and_then(|c| c.first())
-        .and_then(|c| c.delta.as_ref().or(c.message.as_ref()));
+    let choice = a.choices.as_ref().and_then(|c| c.first());
+    let content = choice.and_then(|c| c.delta.as_ref().or(c.message.as_ref()));
     let delta = content.and_then(|d| d.content.clone());
     let reasoning = content.and_then(|d| d.reasoning_content.clone());
     Ok(Chunk {
         usage: usage_of(&a),
+        tool_calls: tool_calls(content)?,
+        finish_reason: choice.and_then(|c| c.finish_reason.clone()),
         model: a.model,
         delta,
         reasoning,
@@ -129,17 +172,22 @@ fn parse_chunk(data: &str) -> Result<Chunk, CallError> {
 /// A whole (non-streamed) answer.
 fn parse_answer(body: &str) -> Result<Whole, CallError> {
     let a = decode(body)?;
-    let text = a
-        .choices
-        .as_ref()
-        .and_then(|c| c.first())
-        .and_then(|c| c.message.as_ref().or(c.delta.as_ref()))
-        .and_then(|m| m.content.clone())
-        .ok_or_else(|| CallError::Malformed("no choices[0].message.content".into()))?;
+    let choice = a.choices.as_ref().and_then(|c| c.first());
+    let message = choice.and_then(|c| c.message.as_ref().or(c.delta.as_ref()));
+    let tool_calls = tool_calls(message)?;
+    let text = message.and_then(|m| m.content.clone());
+    // A message of function calls may have no text.
+    let text = match text {
+        Some(t) => t,
+        None if !tool_calls.is_empty() => String::new(),
+        None => return Err(CallError::Malformed("no choices[0].message.content".into())),
+    };
     Ok(Whole {
         usage: usage_of(&a),
+        finish_reason: choice.and_then(|c| c.finish_reason.clone()),
         model: a.model,
         text,
+        tool_calls,
     })
 }
 
@@ -151,8 +199,9 @@ fn error_message(body: &str) -> String {
     from_json.unwrap_or_else(|| body.trim().to_string())
 }
 
-/// The request body: the model, the messages, `stream: true`.
-fn request_body(model: &str, messages: &[Turn]) -> String {
+/// The request body: the model, the messages, `stream: true`, and the
+/// caller's options (already OpenAI's JSON members, checked).
+fn request_body(model: &str, messages: &[Turn], options: Option<&str>) -> String {
     use crate::json::escape_into;
     let mut out = String::with_capacity(128);
     out.push_str("{\"model\":");
@@ -166,14 +215,31 @@ fn request_body(model: &str, messages: &[Turn]) -> String {
         out.push_str("{\"role\":");
         escape_into(&mut out, &turn.role);
         out.push_str(",\"content\":");
-        escape_into(&mut out, &turn.content);
+        match &turn.tool_calls {
+            // An assistant's function calls, as the client sent them back.
+            Some(calls) => {
+                if turn.content.is_empty() {
+                    out.push_str("null");
+                } else {
+                    escape_into(&mut out, &turn.content);
+                }
+                out.push_str(",\"tool_calls\":");
+                out.push_str(calls);
+            }
+            None => escape_into(&mut out, &turn.content),
+        }
         if let Some(id) = &turn.tool_call_id {
             out.push_str(",\"tool_call_id\":");
             escape_into(&mut out, id);
         }
         out.push('}');
     }
-    out.push_str("]}");
+    out.push(']');
+    if let Some(options) = options {
+        out.push(',');
+        out.push_str(options);
+    }
+    out.push('}');
     out
 }
 
@@ -237,7 +303,9 @@ mod tests {
 
     #[test]
     fn reads_a_whole_answer_and_error_bodies() {
-        let Whole { text, model, usage } = parse_answer(
+        let Whole {
+            text, model, usage, ..
+        } = parse_answer(
             r#"{"model":"glm-4","choices":[{"index":0,"message":{"role":"assistant","content":"Hi there"}}],"usage":{"prompt_tokens":2,"completion_tokens":2}}"#,
         )
         .unwrap();
@@ -259,17 +327,57 @@ mod tests {
             role: role.into(),
             content: content.into(),
             tool_call_id: id.map(String::from),
+            tool_calls: None,
         };
-        let body = request_body("m\"1", &[turn("user", "hi\n", None)]);
+        let body = request_body("m\"1", &[turn("user", "hi\n", None)], None);
         assert_eq!(
             body,
             r#"{"model":"m\"1","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"hi\n"}]}"#
         );
         assert!(serde_json::from_str::<serde_json::Value>(&body).is_ok());
-        let body = request_body("m", &[turn("tool", "42", Some("call_1"))]);
+        let body = request_body("m", &[turn("tool", "42", Some("call_1"))], None);
         assert!(
             body.ends_with(r#"[{"role":"tool","content":"42","tool_call_id":"call_1"}]}"#),
             "{body}"
         );
+    }
+
+    #[test]
+    fn reads_and_writes_function_calls() {
+        let c = parse_chunk(r#"{"choices":[{"delta":{"tool_calls":[{"index":0,"id":"call_1","type":"function","function":{"name":"weather","arguments":"{\"ci"}}]}}]}"#).unwrap();
+        assert_eq!(
+            c.tool_calls,
+            vec![ToolCallDelta {
+                index: 0,
+                id: Some("call_1".into()),
+                name: Some("weather".into()),
+                arguments: "{\"ci".into()
+            }]
+        );
+        let c = parse_chunk(r#"{"choices":[{"delta":{},"finish_reason":"tool_calls"}]}"#).unwrap();
+        assert_eq!(c.finish_reason.as_deref(), Some("tool_calls"));
+        let w = parse_answer(r#"{"choices":[{"message":{"content":null,"tool_calls":[{"id":"a","function":{"name":"f","arguments":"{}"}},{"id":"b","function":{"name":"g","arguments":"[]"}}]},"finish_reason":"tool_calls"}]}"#).unwrap();
+        assert_eq!((w.text.as_str(), w.tool_calls.len()), ("", 2));
+        assert_eq!(
+            w.tool_calls[1].index, 1,
+            "a whole answer's calls are numbered by place"
+        );
+        let many = format!(
+            r#"{{"choices":[{{"delta":{{"tool_calls":[{{"index":{MAX_TOOL_CALLS}}}]}}}}]}}"#
+        );
+        assert!(matches!(parse_chunk(&many), Err(CallError::Malformed(_))));
+        let turn = crate::protocol::Turn {
+            role: "assistant".into(),
+            content: String::new(),
+            tool_call_id: None,
+            tool_calls: Some(
+                r#"[{"id":"a","type":"function","function":{"name":"f","arguments":"{}"}}]"#.into(),
+            ),
+        };
+        let body = request_body("m", &[turn], Some(r#""tools":[],"temperature":0.5"#));
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["messages"][0]["content"], serde_json::Value::Null);
+        assert_eq!(v["messages"][0]["tool_calls"][0]["id"], "a");
+        assert_eq!(v["temperature"], 0.5);
     }
 }

@@ -2,11 +2,9 @@
 //! it to a transport: a connection renders it as `op` frames, MCP as
 //! JSON-RPC.
 
-use super::dialect::Usage;
+use super::dialect::{ToolCallDelta, Usage};
 use crate::json::JsonOut;
 use crate::protocol::ErrorCode;
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 
 /// What a call says while it runs.
 pub enum Said<'a> {
@@ -14,11 +12,18 @@ pub enum Said<'a> {
     Piece { field: &'static str, text: &'a str },
     /// Nothing heard from the provider for a while, and why.
     Waiting(&'a str),
+    /// Pieces of function calls (only for a request that offered tools:
+    /// the OpenAI-compatible endpoint's).
+    ToolCalls(&'a [ToolCallDelta]),
 }
 
 /// How a call ended well.
 pub struct Answer<'a> {
     pub text: &'a str,
+    /// The function calls the model made, whole.
+    pub tool_calls: &'a [ToolCallDelta],
+    /// Why the answer ended, as the provider said.
+    pub finish_reason: Option<&'a str>,
     pub provider: &'a str,
     pub model: &'a str,
     pub usage: Usage,
@@ -35,15 +40,14 @@ pub trait Output {
     /// The call's end without a result.
     fn fail(&self, code: ErrorCode, message: &str, retry_after_ms: Option<u64>);
     fn cancelled(&self) -> bool;
-    /// Shared with the pool thread, which stops reading when it is set.
-    fn cancel_flag(&self) -> Arc<AtomicBool>;
     /// Resolves when the call is cancelled.
     fn until_cancelled(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + '_>>;
 }
 
-/// `stream_chunk` or `progress`, for the `op` protocol.
-pub fn said_frame(rid: Option<&str>, what: &Said) -> String {
-    match what {
+/// `stream_chunk` or `progress`, for the `op` protocol (which offers no
+/// tools, so hears of no function calls).
+pub fn said_frame(rid: Option<&str>, what: &Said) -> Option<String> {
+    Some(match what {
         Said::Piece { field, text } => JsonOut::op("stream_chunk")
             .opt_str("request_id", rid)
             .str(field, text)
@@ -52,7 +56,8 @@ pub fn said_frame(rid: Option<&str>, what: &Said) -> String {
             .opt_str("request_id", rid)
             .str("message", why)
             .finish(),
-    }
+        Said::ToolCalls(_) => return None,
+    })
 }
 
 /// `call_tool_res`, for the `op` protocol; `shared` marks the copy a

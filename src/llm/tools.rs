@@ -77,7 +77,9 @@ impl Output for CallOutput {
 
     fn say(&self, what: Said) {
         if !self.cancelled() {
-            self.reply.send(said_frame(self.reply.rid(), &what));
+            if let Some(frame) = said_frame(self.reply.rid(), &what) {
+                self.reply.send(frame);
+            }
         }
     }
 
@@ -110,10 +112,6 @@ impl Output for CallOutput {
 
     fn cancelled(&self) -> bool {
         self.state.switch.cancelled()
-    }
-
-    fn cancel_flag(&self) -> Arc<AtomicBool> {
-        self.state.switch.flag.clone()
     }
 
     fn until_cancelled(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + '_>> {
@@ -310,10 +308,12 @@ mod tests {
                     role: "user".into(),
                     content: content.into(),
                     tool_call_id: None,
+                    tool_calls: None,
                 }],
                 provider: None,
                 model: None,
                 stream: true,
+                options: None,
             };
             let caller = crate::llm::Caller::unrestricted("alice");
             self.tools

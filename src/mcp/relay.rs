@@ -45,11 +45,12 @@ impl Translator {
     /// the call has a progress token.
     fn progress(&mut self, what: &Said) -> Option<String> {
         let token = self.token.as_ref()?;
-        self.progress += 1;
         let message = match what {
             Said::Piece { text, .. } => text,
             Said::Waiting(why) => why,
+            Said::ToolCalls(_) => return None,
         };
+        self.progress += 1;
         let params = JsonOut::new()
             .raw("progressToken", token)
             .num("progress", self.progress)
@@ -135,10 +136,6 @@ impl<D: Fn(String, bool)> crate::llm::Output for Sink<D> {
         self.cancel.cancelled()
     }
 
-    fn cancel_flag(&self) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
-        self.cancel.flag.clone()
-    }
-
     fn until_cancelled(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + '_>> {
         Box::pin(self.cancel.until())
     }
@@ -163,6 +160,8 @@ mod tests {
         );
         let d = t.answer(&Answer {
             text: "Hello",
+            tool_calls: &[],
+            finish_reason: None,
             provider: "p",
             model: "m",
             usage: Default::default(),
