@@ -18,6 +18,7 @@ pub mod jwt;
 pub mod limit;
 pub mod llm;
 pub mod mcp;
+pub mod openai_api;
 pub mod ops;
 pub mod pool;
 pub mod protocol;

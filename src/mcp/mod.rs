@@ -36,6 +36,9 @@ pub mod code {
     /// Refused by the access rules (`FORBIDDEN`) or a spent budget
     /// (`BUDGET_EXCEEDED`): `data` says which, and when to retry.
     pub const DENIED: i64 = -32003;
+    /// The answer to a call cancelled while its HTTP request waited (its
+    /// session ended, or `notifications/cancelled` named it).
+    pub const CANCELLED: i64 = -32800;
 }
 
 /// One JSON-RPC message from a client. Ids and parameters are kept as

@@ -130,6 +130,8 @@ pub struct Metrics {
     pub mcp_requests: Cell<u64>,
     /// Messages of MCP WebSocket sessions.
     pub mcp_requests_ws: Cell<u64>,
+    /// Requests to the OpenAI-compatible endpoint.
+    pub openai_requests: Cell<u64>,
 }
 
 pub fn inc(c: &Cell<u64>) {

@@ -1,10 +1,14 @@
 //! Admission of a WebSocket upgrade: the checks run before a connection
 //! exists, cheapest and most telling first (shape, drain, memory, origin,
 //! rates, failed sign-ins, caps, token), so a refusal costs one response
-//! and never a slot.
+//! and never a slot. The checks every surface shares (a token signing in,
+//! the failed sign-ins' cooldown, the caps' refusal, the rate limits)
+//! are here too, for the HTTP APIs' requests (`request.rs`).
 
 use super::http::{self, Response};
 use super::{refuse, retry_after, Gateway, Slot, RETRY_AFTER_S};
+use crate::hub::Full;
+use crate::limit::Refused;
 use crate::ops::metrics::Refusal;
 use std::net::IpAddr;
 use std::rc::Rc;
@@ -122,4 +126,91 @@ pub(super) fn admit(
         },
         user,
     ))
+}
+
+impl Gateway {
+    /// Who a token given with a request (`Authorization`, a `bearer.`
+    /// subprotocol entry) signs in; or the `401` that refuses it, counted
+    /// as a failed sign-in.
+    pub(super) fn sign_in_or_401(
+        &self,
+        ip: IpAddr,
+        token: &str,
+    ) -> Result<Rc<crate::auth::Identity>, Response> {
+        let signed = self.live.borrow().sign_in(token);
+        signed.map(Rc::new).map_err(|reason| {
+            self.failed_sign_in(ip, reason);
+            refuse(
+                self,
+                Refusal::Unauthorized,
+                ip,
+                Response::text(401, "bad token\n").header("WWW-Authenticate", "Bearer"),
+            )
+        })
+    }
+
+    /// `429` while `ip` is past its failed sign-ins (on every surface).
+    pub(super) fn sign_in_cooldown(&self, ip: IpAddr) -> Result<(), Response> {
+        let failed = self
+            .limits
+            .borrow_mut()
+            .check_failed_hellos(Instant::now(), ip);
+        failed.map_err(|wait| {
+            refuse(
+                self,
+                Refusal::HelloCooldown,
+                ip,
+                Response::text(429, "too many failed sign-ins from your address\n")
+                    .header("Retry-After", retry_after(wait)),
+            )
+        })
+    }
+
+    /// The answer when a connection cap is full: `503` for the gateway,
+    /// `429` for the address.
+    pub(super) fn cap_refusal(&self, full: Full, ip: IpAddr) -> Response {
+        let retry = RETRY_AFTER_S.to_string();
+        match full {
+            Full::Global => refuse(
+                self,
+                Refusal::GlobalCap,
+                ip,
+                Response::text(503, "gateway full\n").header("Retry-After", retry),
+            ),
+            Full::Ip => refuse(
+                self,
+                Refusal::IpCap,
+                ip,
+                Response::text(429, "too many connections from your address\n")
+                    .header("Retry-After", retry),
+            ),
+        }
+    }
+
+    /// The three rate limits, for one request of `user` from `ip` on any
+    /// surface; a refusal is counted on the refusal meter.
+    pub(crate) fn rate_check(
+        &self,
+        now: Instant,
+        ip: IpAddr,
+        user: &Rc<str>,
+    ) -> Result<(), Refused> {
+        let checked = self.limits.borrow_mut().check(now, ip, user);
+        if checked.is_err() {
+            self.meters.borrow_mut().refusals.record(now);
+        }
+        checked
+    }
+
+    /// A token that signed nobody in, on any surface: counted against
+    /// the address's failed sign-ins (past the limit its attempts get 429).
+    pub(super) fn failed_sign_in(&self, ip: IpAddr, reason: &str) {
+        self.limits
+            .borrow_mut()
+            .note_failed_hello(Instant::now(), ip);
+        self.log.info(
+            "sign-in refused",
+            &[("ip", &ip), ("reason", &reason.to_string())],
+        );
+    }
 }

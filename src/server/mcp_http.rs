@@ -5,20 +5,17 @@
 //! stream (one per session); hivegate sends nothing unasked today, so it
 //! stays open and silent until the session ends or the client leaves.
 //!
-//! Admission is the WebSocket's: the request is read under the handshake
-//! deadline and caps, the `Origin` is checked against the allowed ones
-//! (the spec's DNS-rebinding defence), the token comes as `Authorization:
-//! Bearer` (open mode as for `/ws`), every message passes the three rate
-//! limits, and a tool call takes the same in-flight slots. Each response
-//! closes its connection: no idle keep-alive sockets to bound.
+//! Admission (`request.rs`) is the WebSocket's; every message passes the
+//! three rate limits, and a tool call takes the same in-flight slots. A
+//! client that hangs up cancels its call.
 
 use super::http::{Head, Response};
+use super::request::{self, Admitted};
 use super::tls::Socket;
 use super::Gateway;
 use crate::auth::Identity;
 use crate::mcp::{self, code, Handled, Message};
-use crate::ops::metrics::{inc, Refusal};
-use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use crate::ops::metrics::inc;
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::net::IpAddr;
@@ -29,128 +26,22 @@ use std::time::Instant;
 /// ones are dropped (the result never is).
 const MAX_QUEUED: usize = 256;
 
-/// A request that passed admission, with its body.
-pub struct Admitted {
-    head: Head,
-    body: String,
-    /// `None`: open mode without a token (a guest, per session).
-    who: Option<Rc<Identity>>,
-}
+/// The methods `/mcp` takes.
+pub const METHODS: &[&str] = &["GET", "POST", "DELETE"];
 
 fn json(status: u16, body: String) -> Response {
     Response::new(status, "application/json", body)
 }
 
-/// In the handshake phase: method, drain, origin, token, body.
-pub async fn admit(
-    gw: &Gateway,
-    head: Head,
-    leftover: Vec<u8>,
-    stream: &mut Socket,
-    ip: IpAddr,
-) -> Result<Admitted, Response> {
-    let refuse = |why: Refusal, r: Response| {
-        gw.metrics.refused(why);
-        r
-    };
-    if !matches!(head.method.as_str(), "POST" | "DELETE" | "GET") {
-        return Err(Response::text(
-            405,
-            "MCP: POST a JSON-RPC message, GET the session's stream, or DELETE a session\n",
-        )
-        .header("Allow", "GET, POST, DELETE"));
-    }
-    if gw.draining.get() {
-        return Err(refuse(
-            Refusal::Draining,
-            Response::text(503, "shutting down\n"),
-        ));
-    }
-    if !gw.live.borrow().origin_allowed(head.origin.as_deref()) {
-        return Err(refuse(
-            Refusal::Origin,
-            Response::text(403, "origin not allowed\n"),
-        ));
-    }
-    gw.sign_in_cooldown(ip)?;
-    let who = match &head.bearer {
-        Some(t) => Some(gw.sign_in_or_401(ip, t)?),
-        None if gw.live.borrow().mode == crate::auth::AuthMode::Open => None,
-        None => {
-            gw.failed_sign_in(ip, "missing token");
-            return Err(refuse(
-                Refusal::Unauthorized,
-                Response::text(401, "send Authorization: Bearer TOKEN\n")
-                    .header("WWW-Authenticate", "Bearer"),
-            ));
-        }
-    };
-    if head.method != "POST" {
-        return Ok(Admitted {
-            head,
-            body: String::new(),
-            who,
-        });
-    }
-    if head.chunked {
-        return Err(Response::text(411, "send the body with a Content-Length\n"));
-    }
-    let Some(len) = head.content_length else {
-        return Err(Response::text(411, "send the body with a Content-Length\n"));
-    };
-    if len > gw.cfg.server.max_message_bytes {
-        return Err(Response::text(
-            413,
-            format!(
-                "a message may have at most {} bytes\n",
-                gw.cfg.server.max_message_bytes
-            ),
-        ));
-    }
-    let mut body = leftover;
-    body.truncate(len);
-    if body.len() < len {
-        let have = body.len();
-        body.resize(len, 0);
-        if stream.read_exact(&mut body[have..]).await.is_err() {
-            return Err(Response::text(400, "the body ended early\n"));
-        }
-    }
-    let body = String::from_utf8(body).map_err(|_| {
-        refuse(
-            Refusal::BadRequest,
-            Response::text(400, "the body is not UTF-8\n"),
-        )
-    })?;
-    Ok(Admitted { head, body, who })
-}
-
 /// Answers an admitted request; for a streamed tool call, for as long as
 /// the call runs.
-pub async fn serve(gw: &Rc<Gateway>, a: Admitted, mut stream: Socket, ip: IpAddr) {
-    inc(&gw.metrics.mcp_requests);
-    // A request (a stream above all) holds a place under the same caps as
-    // a WebSocket, for as long as it is served.
-    let held = gw.table.borrow_mut().hold(ip);
-    let response = match held {
-        Ok(()) => answer(gw, &a, &mut stream, ip).await,
-        Err(full) => Some(gw.cap_refusal(full, ip)),
-    };
-    if let Some(r) = response {
-        r.send(&mut stream).await;
-    }
-    let _ = stream.close().await;
-    if held.is_ok() {
-        gw.table.borrow_mut().release(ip);
-    }
-}
-
-async fn answer(
+pub(super) async fn answer(
     gw: &Rc<Gateway>,
     a: &Admitted,
     stream: &mut Socket,
     ip: IpAddr,
 ) -> Option<Response> {
+    inc(&gw.metrics.mcp_requests);
     let now = Instant::now();
     let session_id = a.head.mcp_session.as_deref();
     // Without a token (open mode) the session's own guest, or for a new
@@ -308,14 +199,9 @@ async fn stream_for(
         s.streaming = true;
         s.ended.clone()
     };
-    if stream.write_all(sse_head(sid).as_bytes()).await.is_ok() && stream.flush().await.is_ok() {
+    if request::write(stream, sse_head(sid).as_bytes()).await {
         let listener = ended.listen();
-        // Whatever the client sends is read and dropped; its end ends this.
-        let hung_up = async {
-            let mut buf = [0u8; 256];
-            while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
-        };
-        futures_lite::future::or(listener, hung_up).await;
+        request::unless_hung_up(stream, listener).await;
     }
     if let Some(s) = gw.mcp.borrow_mut().get_mut(sid) {
         s.streaming = false;
@@ -325,9 +211,7 @@ async fn stream_for(
 
 /// The head of an event-stream answer for session `sid`.
 fn sse_head(sid: &str) -> String {
-    format!(
-        "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-store\r\nConnection: close\r\nX-Content-Type-Options: nosniff\r\nMcp-Session-Id: {sid}\r\n\r\n"
-    )
+    request::sse_head(&format!("Mcp-Session-Id: {sid}\r\n"))
 }
 
 /// A started `tools/call`, relayed; the answer streams as SSE when the
@@ -346,12 +230,18 @@ async fn call_tool(
     let relay = async {
         let deliver = move |m, is_result| to_queue.push(m, is_result);
         started.run(&gw.llm, streamed, deliver).await;
+        if !queue.answered.get() {
+            // Cancelled (its session ended, or a `notifications/cancelled`
+            // named it) while its client still waits: the request gets
+            // an answer all the same, so no client hangs on it.
+            let msg = "the call was cancelled before it was answered";
+            queue.push(mcp::error(Some(&id), code::CANCELLED, msg, None), true);
+        }
         queue.end();
     };
     let response = if streamed {
-        let ok = stream.write_all(sse_head(sid).as_bytes()).await.is_ok();
         let writer = async {
-            if !ok {
+            if !request::write(stream, sse_head(sid).as_bytes()).await {
                 cancel.cancel();
                 return;
             }
@@ -361,24 +251,31 @@ async fn call_tool(
                     let next = queue.messages.borrow_mut().pop_front();
                     let Some(m) = next else { break };
                     let event = format!("event: message\ndata: {m}\n\n");
-                    if stream.write_all(event.as_bytes()).await.is_err()
-                        || stream.flush().await.is_err()
-                    {
+                    if !request::write(stream, event.as_bytes()).await {
                         // The client went away: nobody reads the answer.
                         cancel.cancel();
                         return;
                     }
                 }
-                if queue.done.get() || cancel.cancelled() {
+                if queue.done.get() {
                     return;
                 }
-                ready.await;
+                if request::unless_hung_up(stream, ready).await.is_none() {
+                    cancel.cancel();
+                    return;
+                }
             }
         };
         futures_lite::future::zip(relay, writer).await;
         None
     } else {
-        relay.await;
+        // A client that hangs up cancels the call; the relay then ends.
+        let watch = async {
+            request::hung_up(stream).await;
+            cancel.cancel();
+            std::future::pending::<()>().await
+        };
+        futures_lite::future::or(relay, watch).await;
         let last = queue.messages.borrow_mut().pop_back();
         last.map(|m| json(200, m))
     };
@@ -396,6 +293,8 @@ fn forget(gw: &Gateway, sid: &str, id: &str) {
 #[derive(Default)]
 struct Queue {
     messages: RefCell<VecDeque<String>>,
+    /// The result (or the error that stands for it) is in.
+    answered: Cell<bool>,
     done: Cell<bool>,
     ready: event_listener::Event,
 }
@@ -408,6 +307,7 @@ impl Queue {
         }
         q.push_back(m);
         drop(q);
+        self.answered.set(self.answered.get() || is_result);
         self.ready.notify(usize::MAX);
     }
 

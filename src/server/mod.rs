@@ -13,16 +13,18 @@ pub mod handshakes;
 pub mod http;
 pub mod intake;
 pub mod mcp_http;
+pub mod openai_http;
 mod probes;
 pub mod reload;
+pub mod request;
 pub mod tls;
 pub mod web;
 
 use crate::chat::Chat;
 use crate::config::Config;
 use crate::executor::Executor;
-use crate::hub::{Full, Table};
-use crate::limit::{Limits, Meters, Refused};
+use crate::hub::Table;
+use crate::limit::{Limits, Meters};
 use crate::ops::log::Logger;
 use crate::ops::metrics::{inc, Gauges, Metrics, Refusal};
 use crate::pool::Pool;
@@ -75,6 +77,8 @@ pub struct Gateway {
     tls: Option<tls::Tls>,
     /// MCP sessions of the HTTP transport.
     mcp: RefCell<crate::mcp::Sessions>,
+    /// Each user's calls in flight on the OpenAI-compatible endpoint.
+    openai_calls: openai_http::Calls,
 }
 
 /// What the daemon builds, each module from its own settings, and hands
@@ -151,6 +155,7 @@ impl Gateway {
             web: web::Web::new(),
             tls: tls.map(tls::Tls::new),
             mcp: RefCell::new(crate::mcp::Sessions::with(&cfg.mcp)),
+            openai_calls: openai_http::Calls::default(),
             cfg,
             log,
         }
@@ -377,8 +382,8 @@ enum Outcome {
         /// The `mcp` subprotocol: JSON-RPC instead of the `op` protocol.
         mcp: bool,
     },
-    /// A request for MCP's HTTP transport, read and admitted.
-    Mcp(Box<mcp_http::Admitted>),
+    /// A request for an HTTP API (MCP's, OpenAI's), read and admitted.
+    Api(Box<request::Admitted>),
 }
 
 /// Serves one socket from accept to close. A plain fn returning an `async
@@ -432,11 +437,11 @@ fn handle_socket(
         let (outcome, socket) = handshake.await;
         drop(guard);
         let (outcome, stream) = match (outcome, socket) {
-            (Outcome::Mcp(admitted), Some(stream)) => {
+            (Outcome::Api(admitted), Some(stream)) => {
                 // Boxed: the task's state is as large as its largest
                 // phase, and every WebSocket connection would pay for an
                 // HTTP request's.
-                let serving = Box::pin(mcp_http::serve(&gw, *admitted, stream, ip));
+                let serving = Box::pin(request::serve(&gw, *admitted, stream, ip));
                 serving.await;
                 return;
             }
@@ -474,93 +479,6 @@ fn handle_socket(
         // connection's whole life.
         let conn = conn::Conn::new(gw.clone(), slot, ws, user, mcp);
         gw.ex.spawn(conn.task()).detach();
-    }
-}
-
-impl Gateway {
-    /// Who a token given with a request (`Authorization`, a `bearer.`
-    /// subprotocol entry) signs in; or the `401` that refuses it, counted
-    /// as a failed sign-in.
-    fn sign_in_or_401(
-        &self,
-        ip: IpAddr,
-        token: &str,
-    ) -> Result<Rc<crate::auth::Identity>, Response> {
-        let signed = self.live.borrow().sign_in(token);
-        signed.map(Rc::new).map_err(|reason| {
-            self.failed_sign_in(ip, reason);
-            refuse(
-                self,
-                Refusal::Unauthorized,
-                ip,
-                Response::text(401, "bad token\n").header("WWW-Authenticate", "Bearer"),
-            )
-        })
-    }
-
-    /// `429` while `ip` is past its failed sign-ins (on every surface).
-    fn sign_in_cooldown(&self, ip: IpAddr) -> Result<(), Response> {
-        let failed = self
-            .limits
-            .borrow_mut()
-            .check_failed_hellos(Instant::now(), ip);
-        failed.map_err(|wait| {
-            refuse(
-                self,
-                Refusal::HelloCooldown,
-                ip,
-                Response::text(429, "too many failed sign-ins from your address\n")
-                    .header("Retry-After", retry_after(wait)),
-            )
-        })
-    }
-
-    /// The answer when a connection cap is full: `503` for the gateway,
-    /// `429` for the address.
-    fn cap_refusal(&self, full: Full, ip: IpAddr) -> Response {
-        let retry = RETRY_AFTER_S.to_string();
-        match full {
-            Full::Global => refuse(
-                self,
-                Refusal::GlobalCap,
-                ip,
-                Response::text(503, "gateway full\n").header("Retry-After", retry),
-            ),
-            Full::Ip => refuse(
-                self,
-                Refusal::IpCap,
-                ip,
-                Response::text(429, "too many connections from your address\n")
-                    .header("Retry-After", retry),
-            ),
-        }
-    }
-
-    /// The three rate limits, for one request of `user` from `ip` on any
-    /// surface; a refusal is counted on the refusal meter.
-    pub(crate) fn rate_check(
-        &self,
-        now: Instant,
-        ip: IpAddr,
-        user: &Rc<str>,
-    ) -> Result<(), Refused> {
-        let checked = self.limits.borrow_mut().check(now, ip, user);
-        if checked.is_err() {
-            self.meters.borrow_mut().refusals.record(now);
-        }
-        checked
-    }
-
-    /// A token that signed nobody in, on any surface: counted against
-    /// the address's failed sign-ins (past the limit its attempts get 429).
-    fn failed_sign_in(&self, ip: IpAddr, reason: &str) {
-        self.limits
-            .borrow_mut()
-            .note_failed_hello(Instant::now(), ip);
-        self.log.info(
-            "sign-in refused",
-            &[("ip", &ip), ("reason", &reason.to_string())],
-        );
     }
 }
 
@@ -614,11 +532,11 @@ async fn pre_upgrade(gw: &Rc<Gateway>, stream: &mut tls::Socket, ip: IpAddr) -> 
     // `/ws-echo`, when enabled, is `/ws` with an echo instead of the chat.
     let echo = gw.cfg.server.echo_endpoint && head.route() == "/ws-echo";
     let route = if echo { "/ws" } else { head.route() };
-    if route == "/mcp" {
-        return match mcp_http::admit(gw, head, leftover, stream, ip).await {
-            Ok(admitted) => Outcome::Mcp(Box::new(admitted)),
+    if let Some(api) = request::Api::at(route) {
+        return match request::admit(gw, api, head, leftover, stream, ip).await {
+            Ok(admitted) => Outcome::Api(Box::new(admitted)),
             Err(r) => {
-                r.send(stream).await;
+                api.shaped(r).send(stream).await;
                 Outcome::Done
             }
         };

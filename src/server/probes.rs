@@ -50,6 +50,12 @@ pub fn metrics_page(gw: &Gateway) -> String {
             ("ws", gw.metrics.mcp_requests_ws.get()),
         ],
     );
+    crate::ops::metrics::counter(
+        &mut body,
+        "hivegate_openai_requests_total",
+        "Requests to the OpenAI-compatible endpoint (/v1/).",
+        gw.metrics.openai_requests.get(),
+    );
     let sessions = gw.mcp.borrow();
     crate::ops::metrics::gauge(
         &mut body,

@@ -17,9 +17,8 @@
 //! publish in flight (send, wait for the ack, repeat); counts acks over S
 //! seconds with `synchronous = FULL`.
 //!
-//! `relay N`: the LLM relay's overhead. The fake OpenAI-compatible server
-//! of the tests streams a short answer; N calls go to it directly and N
-//! through the gateway, one at a time, timing the first chunk of each.
+//! `relay N`, `streams N`: the LLM relay's overhead and the memory of
+//! many streams through it (see `relay.rs`).
 //!
 //! `cluster M S`: two boxes sharing a room through NATS (see `cluster.rs`).
 //!
@@ -34,6 +33,7 @@ mod cluster;
 mod fitness;
 mod guard;
 mod raw;
+mod relay;
 
 use raw::{count_deliveries, raw_member, text_frame, WINDOW};
 
@@ -49,7 +49,8 @@ const USAGE: &str = "\
 Usage: hivegate-bench idle [N]          memory per idle authenticated connection (N: 10000)
        hivegate-bench fanout [M] [S]    deliveries per second to one room of M members (1000, 5 s)
        hivegate-bench publish [N] [S]   durable acks per second from N publishers (100, 5 s)
-       hivegate-bench relay [N]         LLM relay overhead to the first chunk over N calls (1000)
+       hivegate-bench relay [N]         LLM relay overhead to the first chunk over N calls (1000), on /ws and /v1
+       hivegate-bench streams [N]       N concurrent streams through /v1/chat/completions: the gateway's peak memory (200)
        hivegate-bench start             resident memory right after start, embedded defaults
        hivegate-bench quiet [S]         wake-ups per second of an idle gateway over S seconds (60)
        hivegate-bench soak [S] [I]      memory over S seconds of client churn beside I idle connections (600, 2000)
@@ -78,7 +79,8 @@ fn main() {
         ["idle", n] => number(n).and_then(idle),
         ["fanout", rest @ ..] => numbers(rest, [1000, 5]).and_then(|[m, s]| fanout(m, s)),
         ["publish", rest @ ..] => numbers(rest, [100, 5]).and_then(|[n, s]| publish(n, s)),
-        ["relay", rest @ ..] => numbers(rest, [1000]).and_then(|[n]| relay(n)),
+        ["relay", rest @ ..] => numbers(rest, [1000]).and_then(|[n]| relay::overhead(n)),
+        ["streams", rest @ ..] => numbers(rest, [200]).and_then(|[n]| relay::streams(n)),
         ["start"] => fitness::start_rss(),
         ["quiet", rest @ ..] => fitness::quiet(rest),
         ["soak", rest @ ..] => fitness::soak(rest),
@@ -216,7 +218,7 @@ fn start_gateway_with(config: &str, wrapper: &[String]) -> Result<Gateway, Strin
     })
 }
 
-fn rss_kib(pid: u32) -> Result<u64, String> {
+pub(crate) fn rss_kib(pid: u32) -> Result<u64, String> {
     let status =
         std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| e.to_string())?;
     status
@@ -228,7 +230,7 @@ fn rss_kib(pid: u32) -> Result<u64, String> {
 
 /// Upgrades, says hello with `token` (none when empty, for open mode),
 /// waits for the ack.
-fn session(addr: SocketAddr, token: &str) -> Result<WebSocket<TcpStream>, String> {
+pub(crate) fn session(addr: SocketAddr, token: &str) -> Result<WebSocket<TcpStream>, String> {
     let mut s = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))
         .map_err(|e| e.to_string())?;
@@ -371,7 +373,7 @@ fn thread_cpu(pid: u32) -> Vec<(String, f64)> {
     out
 }
 
-fn metric(addr: SocketAddr, name: &str) -> f64 {
+pub(crate) fn metric(addr: SocketAddr, name: &str) -> f64 {
     let Ok(mut s) = TcpStream::connect(addr) else {
         return -1.0;
     };
@@ -494,89 +496,4 @@ fn publish(publishers: usize, seconds: usize) -> Result<(), String> {
         println!("commits (pool jobs, warm-up included): {commits:.0}");
         Ok::<(), String>(())
     }))
-}
-
-/// Time from sending a call to its first chunk, directly and through the
-/// gateway.
-fn relay(n: usize) -> Result<(), String> {
-    let fake =
-        fake_openai::FakeOpenAi::start(fake_openai::ok_stream(fake_openai::counting_transcript(3)));
-    let gw = start_gateway(&format!(
-        "{NO_RATE_LIMITS}[auth]\ntokens = [\"bench:bench-token\"]\n[provider.fake]\nbase_url = \"{}\"\nmodel = \"m\"\n",
-        fake.base_url()
-    ))?;
-    let body = r#"{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
-    let direct_once = || -> Result<Duration, String> {
-        let t = Instant::now();
-        let mut s = TcpStream::connect(fake.addr).map_err(|e| e.to_string())?;
-        s.set_nodelay(true).map_err(|e| e.to_string())?;
-        let req = format!(
-            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
-        let mut got = Vec::new();
-        let mut buf = [0u8; 4096];
-        while !got.windows(9).any(|w| w == b"\"content\"") {
-            let k = s.read(&mut buf).map_err(|e| e.to_string())?;
-            if k == 0 {
-                return Err("the fake closed early".into());
-            }
-            got.extend_from_slice(&buf[..k]);
-        }
-        let elapsed = t.elapsed();
-        let mut rest = Vec::new();
-        let _ = s.read_to_end(&mut rest);
-        Ok(elapsed)
-    };
-    let mut ws = session(gw.addr, "bench-token")?;
-    let call = r#"{"op":"call_tool","request_id":"r","name":"chat","arguments":{"messages":[{"role":"user","content":"hi"}]}}"#;
-    let mut gateway_once = || -> Result<Duration, String> {
-        let t = Instant::now();
-        ws.send(Message::text(call)).map_err(|e| e.to_string())?;
-        let mut first = None;
-        loop {
-            match ws.read().map_err(|e| e.to_string())? {
-                Message::Text(f) if f.starts_with("{\"op\":\"stream_chunk\"") => {
-                    first.get_or_insert_with(|| t.elapsed());
-                }
-                Message::Text(f) if f.starts_with("{\"op\":\"call_tool_res\"") => break,
-                Message::Text(f) if f.starts_with("{\"op\":\"error\"") => return Err(f.to_string()),
-                _ => {}
-            }
-        }
-        first.ok_or_else(|| "no chunk".to_string())
-    };
-    let measure =
-        |f: &mut dyn FnMut() -> Result<Duration, String>| -> Result<Vec<Duration>, String> {
-            for _ in 0..50 {
-                f()?;
-            }
-            let mut v = (0..n).map(|_| f()).collect::<Result<Vec<_>, _>>()?;
-            v.sort();
-            Ok(v)
-        };
-    let mut direct_fn = direct_once;
-    let direct = measure(&mut direct_fn)?;
-    let through = measure(&mut gateway_once)?;
-    let pct = |v: &[Duration], p: f64| {
-        v[((v.len() as f64 * p) as usize).min(v.len() - 1)].as_secs_f64() * 1e3
-    };
-    println!("{n} calls each, one at a time; time to the first chunk:");
-    println!(
-        "direct from the fake:  p50 {:.3} ms, p99 {:.3} ms",
-        pct(&direct, 0.5),
-        pct(&direct, 0.99)
-    );
-    println!(
-        "through the gateway:   p50 {:.3} ms, p99 {:.3} ms",
-        pct(&through, 0.5),
-        pct(&through, 0.99)
-    );
-    println!(
-        "relay overhead:        p50 {:.3} ms, p99 {:.3} ms",
-        pct(&through, 0.5) - pct(&direct, 0.5),
-        pct(&through, 0.99) - pct(&direct, 0.99)
-    );
-    Ok(())
 }

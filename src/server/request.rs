@@ -1,0 +1,224 @@
+//! A request to one of the HTTP APIs (MCP's Streamable HTTP at `/mcp`,
+//! the OpenAI-compatible endpoint under `/v1/`), from its head to its
+//! answer. Admission is the WebSocket's: the request is read under the
+//! handshake deadline and caps, the `Origin` is checked against the
+//! allowed ones (a browser page must not reach the box's APIs from
+//! another site), the token comes as `Authorization: Bearer` (open mode
+//! as for `/ws`), and the body is bounded by `server.max_message_bytes`.
+//! While it is served, a request holds a place under the connection caps.
+//! Each response closes its connection: no idle keep-alive sockets to
+//! bound.
+
+use super::http::{Head, Response};
+use super::tls::Socket;
+use super::{mcp_http, openai_http, Gateway};
+use crate::auth::Identity;
+use crate::ops::metrics::Refusal;
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use std::net::IpAddr;
+use std::rc::Rc;
+
+/// Bytes a client may send after its request before it is taken to be
+/// misbehaving and is let go.
+const MAX_AFTER_REQUEST: usize = 4096;
+
+/// Which API a request is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Api {
+    Mcp,
+    OpenAi,
+}
+
+impl Api {
+    /// The API served at `route`, if any.
+    pub fn at(route: &str) -> Option<Api> {
+        match route {
+            "/mcp" => Some(Api::Mcp),
+            r if r.starts_with("/v1/") => Some(Api::OpenAi),
+            _ => None,
+        }
+    }
+
+    /// A refusal in the API's own shape (OpenAI's clients read JSON
+    /// errors; MCP's transport errors are plain text).
+    pub fn shaped(self, r: Response) -> Response {
+        match self {
+            Api::Mcp => r,
+            Api::OpenAi => openai_http::shaped(r),
+        }
+    }
+}
+
+/// A request that passed admission, with its body.
+pub struct Admitted {
+    pub api: Api,
+    pub head: Head,
+    pub body: String,
+    /// `None`: open mode without a token (a guest).
+    pub who: Option<Rc<Identity>>,
+}
+
+/// In the handshake phase: method, drain, origin, token, body.
+pub async fn admit(
+    gw: &Gateway,
+    api: Api,
+    head: Head,
+    leftover: Vec<u8>,
+    stream: &mut Socket,
+    ip: IpAddr,
+) -> Result<Admitted, Response> {
+    let refuse = |why: Refusal, r: Response| {
+        gw.metrics.refused(why);
+        r
+    };
+    let methods = match api {
+        Api::Mcp => mcp_http::METHODS,
+        Api::OpenAi => openai_http::methods(head.route()),
+    };
+    if !methods.contains(&head.method.as_str()) {
+        let text = match api {
+            Api::Mcp => {
+                "MCP: POST a JSON-RPC message, GET the session's stream, or DELETE a session\n"
+                    .to_string()
+            }
+            Api::OpenAi if methods.is_empty() => return Err(Response::text(
+                404,
+                "not found: the OpenAI-compatible API has /v1/chat/completions and /v1/models\n",
+            )),
+            Api::OpenAi => format!("{} takes {}\n", head.route(), methods.join(", ")),
+        };
+        return Err(Response::text(405, text).header("Allow", methods.join(", ")));
+    }
+    if gw.draining.get() {
+        return Err(refuse(
+            Refusal::Draining,
+            Response::text(503, "shutting down\n"),
+        ));
+    }
+    if !gw.live.borrow().origin_allowed(head.origin.as_deref()) {
+        return Err(refuse(
+            Refusal::Origin,
+            Response::text(403, "origin not allowed\n"),
+        ));
+    }
+    gw.sign_in_cooldown(ip)?;
+    let who = match &head.bearer {
+        Some(t) => Some(gw.sign_in_or_401(ip, t)?),
+        None if gw.live.borrow().mode == crate::auth::AuthMode::Open => None,
+        None => {
+            gw.failed_sign_in(ip, "missing token");
+            return Err(refuse(
+                Refusal::Unauthorized,
+                Response::text(401, "send Authorization: Bearer TOKEN\n")
+                    .header("WWW-Authenticate", "Bearer"),
+            ));
+        }
+    };
+    if head.method != "POST" {
+        return Ok(Admitted {
+            api,
+            head,
+            body: String::new(),
+            who,
+        });
+    }
+    let Some(len) = head.content_length.filter(|_| !head.chunked) else {
+        return Err(Response::text(411, "send the body with a Content-Length\n"));
+    };
+    if len > gw.cfg.server.max_message_bytes {
+        return Err(Response::text(
+            413,
+            format!(
+                "a request may have at most {} bytes (server.max_message_bytes)\n",
+                gw.cfg.server.max_message_bytes
+            ),
+        ));
+    }
+    let mut body = leftover;
+    body.truncate(len);
+    if body.len() < len {
+        let have = body.len();
+        body.resize(len, 0);
+        if stream.read_exact(&mut body[have..]).await.is_err() {
+            return Err(Response::text(400, "the body ended early\n"));
+        }
+    }
+    let body = String::from_utf8(body).map_err(|_| {
+        refuse(
+            Refusal::BadRequest,
+            Response::text(400, "the body is not UTF-8\n"),
+        )
+    })?;
+    Ok(Admitted {
+        api,
+        head,
+        body,
+        who,
+    })
+}
+
+/// Answers an admitted request; for a stream, for as long as it runs.
+pub async fn serve(gw: &Rc<Gateway>, a: Admitted, mut stream: Socket, ip: IpAddr) {
+    // A request (a stream above all) holds a place under the same caps as
+    // a WebSocket, for as long as it is served.
+    let held = gw.table.borrow_mut().hold(ip);
+    let response = match held {
+        Ok(()) => match a.api {
+            Api::Mcp => mcp_http::answer(gw, &a, &mut stream, ip).await,
+            Api::OpenAi => openai_http::answer(gw, &a, &mut stream, ip).await,
+        },
+        Err(full) => Some(a.api.shaped(gw.cap_refusal(full, ip))),
+    };
+    if let Some(r) = response {
+        r.send(&mut stream).await;
+    }
+    let _ = stream.close().await;
+    if held.is_ok() {
+        gw.table.borrow_mut().release(ip);
+    }
+}
+
+/// Resolves when the client hangs up: its side of the socket ends or
+/// fails, or it sends more than a client that waits for its answer
+/// would. Dropping it reads nothing more, so it can be raced against
+/// whatever the answer waits for.
+pub async fn hung_up(stream: &mut Socket) {
+    let (mut buf, mut extra) = ([0u8; 512], 0);
+    loop {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                extra += n;
+                if extra > MAX_AFTER_REQUEST {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Whether the client hung up before `until` resolved: `until`'s value,
+/// or `None` once the client is gone.
+pub async fn unless_hung_up<T>(
+    stream: &mut Socket,
+    until: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    futures_lite::future::or(async { Some(until.await) }, async {
+        hung_up(stream).await;
+        None
+    })
+    .await
+}
+
+/// Writes `bytes` and flushes them; `false` when the client is gone.
+pub async fn write(stream: &mut Socket, bytes: &[u8]) -> bool {
+    stream.write_all(bytes).await.is_ok() && stream.flush().await.is_ok()
+}
+
+/// The head of an answer streamed as server-sent events, with `extra`
+/// header lines (each ending in CRLF).
+pub fn sse_head(extra: &str) -> String {
+    format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-store\r\nConnection: close\r\nX-Content-Type-Options: nosniff\r\n{extra}\r\n"
+    )
+}
