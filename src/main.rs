@@ -17,6 +17,8 @@ Usage:
   hivegate genconfig                print a complete, commented configuration
   hivegate backup --out FILE [--config FILE]
                                     copy the live database, consistently
+  hivegate usage [--since DATE] [--user NAME] [--config FILE]
+                                    LLM tokens per day, user and provider
   hivegate genkey NODE --out FILE   write a cluster box's signing key
   hivegate --version                print the version and git commit
   hivegate help [COMMAND]           show help
@@ -71,6 +73,16 @@ Copies the database under server.data_dir to FILE with SQLite's online
 backup API: a consistent snapshot, safe while the gateway is running and
 writing. FILE must not exist yet. To restore, stop the gateway and put the
 copy in place of hivegate.db (removing hivegate.db-wal and -shm).
+";
+
+const USAGE_USAGE: &str = "\
+Usage: hivegate usage [--since DATE] [--user NAME] [--config FILE]
+
+Prints the LLM tokens spent per UTC day, user and provider, from the
+database under server.data_dir (safe while the gateway runs): prompt and
+completion tokens, calls, and how many calls were estimated (the provider
+reported no counts; about a token per 4 bytes). DATE is YYYY-MM-DD, the
+first day shown (default: 30 days ago); days are kept for 400 days.
 ";
 
 fn main() -> ExitCode {
@@ -209,8 +221,13 @@ fn run(args: &[String], env: &[(String, String)]) -> Result<i32, String> {
             println!("backed up {} to {}", db.display(), out.display());
             Ok(0)
         }
+        ["help" | "-h" | "--help", "usage"] | ["usage", "-h" | "--help", ..] => {
+            print!("{USAGE_USAGE}");
+            Ok(0)
+        }
+        ["usage", rest @ ..] => usage(rest, env),
         ["help" | "-h" | "--help", other, ..] => Err(format!(
-            "no help for {other:?}: the commands are serve, check-config, genconfig, backup and genkey\n\n{USAGE}"
+            "no help for {other:?}: the commands are serve, check-config, genconfig, backup, usage and genkey\n\n{USAGE}"
         )),
         [other, ..] => Err(format!("unknown command {other:?}\n\n{USAGE}")),
     }
@@ -239,4 +256,114 @@ fn genkey(node: &str, out: &std::path::Path) -> Result<i32, String> {
     writeln!(f, "{private}").map_err(|e| format!("cannot write {}: {e}", out.display()))?;
     println!("\"{node}:{public}\"");
     Ok(0)
+}
+
+/// `usage`: the LLM usage table, read from the database.
+fn usage(args: &[&str], env: &[(String, String)]) -> Result<i32, String> {
+    let today = hivegate::llm::day_of(hivegate::clock::unix_ms());
+    let (mut since, mut user, mut config) = (today - 30, None, None);
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        match (*flag, it.next()) {
+            ("--since", Some(d)) => {
+                since = hivegate::clock::day_of_date(d)
+                    .ok_or_else(|| format!("--since {d:?} is not a date: write YYYY-MM-DD"))?
+            }
+            ("--user", Some(u)) => user = Some(u.to_string()),
+            ("-c" | "--config", Some(f)) => config = Some(PathBuf::from(f)),
+            _ => {
+                return Err(format!(
+                    "unexpected arguments to usage: {}\n\n{USAGE_USAGE}",
+                    args.join(" ")
+                ))
+            }
+        }
+    }
+    let (cfg, _) =
+        Config::load(config.as_deref(), env).map_err(|e| format!("invalid configuration:\n{e}"))?;
+    let db = cfg.server.data_dir.join(store::DB_FILE);
+    if !db.exists() {
+        return Err(format!(
+            "no database at {} (check server.data_dir)",
+            db.display()
+        ));
+    }
+    let conn = store::db::open_reader(&db)?;
+    let rows = store::db::usage(&conn, since, user.as_deref()).map_err(|e| {
+        format!(
+            "cannot read the usage from {}: {e} (a database older than this build: start the gateway once to migrate it)",
+            db.display()
+        )
+    })?;
+    print!("{}", usage_table(&rows));
+    Ok(0)
+}
+
+/// The rows as aligned columns, with a total line; every user and
+/// provider name cleaned of control characters (names come from tokens
+/// and JWTs: nothing in them may move the terminal).
+fn usage_table(rows: &[store::UsageRow]) -> String {
+    let clean = |s: &str| -> String {
+        s.chars()
+            .map(|c| if c.is_control() { '?' } else { c })
+            .take(64)
+            .collect()
+    };
+    let mut lines = vec![[
+        "day".to_string(),
+        "user".into(),
+        "provider".into(),
+        "prompt".into(),
+        "completion".into(),
+        "calls".into(),
+        "estimated".into(),
+    ]];
+    let mut total = [0u64; 4];
+    for r in rows {
+        for (t, v) in total
+            .iter_mut()
+            .zip([r.prompt, r.completion, r.calls, r.estimated])
+        {
+            *t += v;
+        }
+        lines.push([
+            hivegate::clock::date(r.day),
+            clean(&r.user),
+            clean(&r.provider),
+            r.prompt.to_string(),
+            r.completion.to_string(),
+            r.calls.to_string(),
+            r.estimated.to_string(),
+        ]);
+    }
+    lines.push([
+        "total".into(),
+        String::new(),
+        String::new(),
+        total[0].to_string(),
+        total[1].to_string(),
+        total[2].to_string(),
+        total[3].to_string(),
+    ]);
+    let mut widths = [0usize; 7];
+    for l in &lines {
+        for (w, cell) in widths.iter_mut().zip(l) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for l in &lines {
+        let mut line = String::new();
+        for (i, (cell, w)) in l.iter().zip(widths).enumerate() {
+            // Names to the left, numbers to the right.
+            if i < 3 {
+                line.push_str(&format!("{cell:<w$}  "));
+            } else {
+                line.push_str(&format!("{cell:>w$}  "));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
 }

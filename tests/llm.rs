@@ -103,7 +103,7 @@ fn streamed_chunks_arrive_in_order_and_join_to_the_final_text() {
         "Hello, wörld \"quoted\"\n"
     );
     assert_eq!(
-        gw.metric("hivegate_llm_completion_tokens_total{provider=\"kimi\"}"),
+        gw.metric("hivegate_llm_tokens_total{provider=\"kimi\",direction=\"completion\"}"),
         10.0
     );
 }

@@ -116,7 +116,7 @@ fn the_sdk_creates_streams_and_lists_models() {
     );
     assert_eq!(gw.metric("hivegate_openai_requests_total"), 3.0);
     assert_eq!(
-        gw.metric("hivegate_llm_prompt_tokens_total{provider=\"p\"}"),
+        gw.metric("hivegate_llm_tokens_total{provider=\"p\",direction=\"prompt\"}"),
         6.0
     );
 }
@@ -369,4 +369,104 @@ fn a_long_conversation_reaches_the_provider_whole() {
     assert_eq!(r.status, 200, "{}", r.body);
     let asked: Value = serde_json::from_str(&fake.requests()[0].body).unwrap();
     assert_eq!(asked["messages"][0]["content"], long.as_str());
+}
+
+#[test]
+fn usage_is_recorded_per_user_provider_and_day_and_reported() {
+    let fake = FakeOpenAi::start(ok_stream(transcript("hello.txt")));
+    let gw = gateway(
+        &fake,
+        "[auth]\ntokens = [\"ada:tok-ada\", \"bob:tok-bob\"]\n",
+    );
+    let call = r#"{"model":"p","messages":[{"role":"user","content":"twelve bytes"}]}"#;
+    for token in ["tok-ada", "tok-ada", "tok-bob"] {
+        assert_eq!(
+            post(&gw, Some(token), "/v1/chat/completions", call).status,
+            200
+        );
+    }
+    // A provider that reports no usage: about a token per 4 bytes.
+    fake.set(ok_stream(counting_transcript(4)));
+    let r = post(&gw, Some("tok-ada"), "/v1/chat/completions", call);
+    assert_eq!(
+        r.json()["usage"]["total_tokens"],
+        0,
+        "the client hears what was reported"
+    );
+    let tokens = |direction: &str| {
+        gw.metric(&format!(
+            "hivegate_llm_tokens_total{{provider=\"p\",direction=\"{direction}\"}}"
+        ))
+    };
+    // 3 + 5 reported per call; "twelve bytes" is 3, "c0 c1 c2 c3 " 3.
+    assert_eq!((tokens("prompt"), tokens("completion")), (12.0, 18.0));
+    assert_eq!(
+        gw.metric("hivegate_llm_estimated_calls_total{provider=\"p\"}"),
+        1.0
+    );
+    let usage = |args: &[&str]| {
+        let config = gw.dir.path().join("hivegate.toml");
+        let out = Command::new(env!("CARGO_BIN_EXE_hivegate"))
+            .arg("usage")
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        (
+            out.status.code(),
+            text,
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    gw.wait_until("the writes are in the database", || {
+        usage(&[])
+            .1
+            .lines()
+            .last()
+            .is_some_and(|l| l.split_whitespace().nth(3) == Some("4"))
+    });
+    let (code, table, _) = usage(&["--user", "ada"]);
+    assert_eq!(code, Some(0));
+    let today = table
+        .lines()
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    let rows: Vec<Vec<&str>> = table
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        rows[0],
+        [
+            "day",
+            "user",
+            "provider",
+            "prompt",
+            "completion",
+            "calls",
+            "estimated"
+        ]
+    );
+    assert_eq!(
+        rows[1],
+        [today.as_str(), "ada", "p", "9", "13", "3", "1"],
+        "{table}"
+    );
+    assert_eq!(rows[2], ["total", "9", "13", "3", "1"], "{table}");
+    let (_, table, _) = usage(&["--since", &today]);
+    assert!(
+        table.contains(" bob ") && table.lines().count() == 4,
+        "{table}"
+    );
+    let (_, table, _) = usage(&["--since", "2999-01-01"]);
+    assert_eq!(table.lines().count(), 2, "{table}");
+    let (code, _, err) = usage(&["--since", "yesterday"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("YYYY-MM-DD"), "{err}");
 }

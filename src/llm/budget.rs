@@ -9,6 +9,7 @@
 //! call already running may take it past (its cost is known only at its
 //! end).
 
+use super::dialect::Usage;
 use crate::access::{Denied, LlmGrant};
 use crate::auth::Identity;
 use crate::protocol::ErrorCode;
@@ -76,10 +77,11 @@ impl Refused {
     }
 }
 
-/// Writes a user's spending on a day through to the store.
-pub type Persist = Box<dyn Fn(&str, i64, u64)>;
+/// Writes one call's usage through to the store.
+pub type Persist = Box<dyn Fn(crate::store::Spent)>;
 
-/// Today's spending per user.
+/// Today's spending per budgeted user, and every call's usage recorded
+/// through [`Persist`] (for accounting: per day, user and provider).
 #[derive(Default)]
 pub struct Ledger {
     day: Cell<i64>,
@@ -163,27 +165,39 @@ impl Ledger {
         Ok(())
     }
 
-    /// Counts `tokens` against `user` today (only for a budgeted caller:
-    /// nothing else needs the record).
-    pub fn spend(&self, caller: &Caller, tokens: u64, now_ms: i64) {
+    /// Records one call's usage at `provider` (`estimated` when the
+    /// provider reported none), and counts it against the caller's budget
+    /// today when it has one.
+    pub fn spend(
+        &self,
+        caller: &Caller,
+        provider: &str,
+        usage: Usage,
+        estimated: bool,
+        now_ms: i64,
+    ) {
+        let day = day_of(now_ms);
+        let tokens = usage.prompt_tokens + usage.completion_tokens;
         let budgeted = caller
             .grant
             .as_ref()
             .is_ok_and(|g| g.tokens_per_day.is_some());
-        if !budgeted || tokens == 0 {
-            return;
-        }
-        let day = day_of(now_ms);
-        self.roll(day);
-        {
+        if budgeted && tokens > 0 {
+            self.roll(day);
             let mut used = self.used.borrow_mut();
-            if used.len() >= MAX_USERS && !used.contains_key(&*caller.who.user) {
-                return;
+            if used.len() < MAX_USERS || used.contains_key(&*caller.who.user) {
+                *used.entry(caller.who.user.clone()).or_insert(0) += tokens;
             }
-            *used.entry(caller.who.user.clone()).or_insert(0) += tokens;
         }
         if let Some(f) = &*self.persist.borrow() {
-            f(&caller.who.user, day, tokens);
+            f(crate::store::Spent {
+                user: caller.who.user.to_string(),
+                provider: provider.to_string(),
+                day,
+                prompt: usage.prompt_tokens,
+                completion: usage.completion_tokens,
+                estimated,
+            });
         }
     }
 }
@@ -214,20 +228,44 @@ mod tests {
         );
         let written = Rc::new(RefCell::new(Vec::new()));
         let w = written.clone();
-        l.persist_with(Box::new(move |u, d, t| {
-            w.borrow_mut().push((u.to_string(), d, t))
+        l.persist_with(Box::new(move |s| {
+            w.borrow_mut().push((
+                s.user,
+                s.provider,
+                s.day,
+                s.prompt,
+                s.completion,
+                s.estimated,
+            ))
         }));
         l.load(20_000, vec![("alice".into(), 60)]);
         assert!(l.admit(&alice, noon).is_ok());
-        l.spend(&alice, 50, noon);
+        let usage = |prompt_tokens, completion_tokens| Usage {
+            prompt_tokens,
+            completion_tokens,
+        };
+        l.spend(&alice, "kimi", usage(20, 30), false, noon);
         let r = l.admit(&alice, noon).unwrap_err();
         assert_eq!(r.code, ErrorCode::BudgetExceeded);
         assert_eq!(r.retry_after_ms, Some((DAY_MS / 2) as u64));
-        assert_eq!(*written.borrow(), [("alice".to_string(), 20_000, 50)]);
-        // Another user is untouched, an unbudgeted one never counted.
+        // Another user is untouched; an unbudgeted one is recorded (for
+        // accounting) but holds no budget.
         assert!(l.admit(&budgeted("bob", 100), noon).is_ok());
-        l.spend(&Caller::unrestricted("carol"), 1000, noon);
+        l.spend(
+            &Caller::unrestricted("carol"),
+            "glm",
+            usage(600, 400),
+            true,
+            noon,
+        );
         assert_eq!(l.used("carol", noon), 0);
+        assert_eq!(
+            *written.borrow(),
+            [
+                ("alice".into(), "kimi".into(), 20_000, 20, 30, false),
+                ("carol".into(), "glm".into(), 20_000, 600, 400, true)
+            ]
+        );
         // The next day.
         assert!(l.admit(&alice, noon + DAY_MS).is_ok());
         assert_eq!(ms_to_midnight(21_000 * DAY_MS - 1), 1);

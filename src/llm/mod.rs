@@ -42,7 +42,7 @@ use async_io::Timer;
 pub use attempt::join as join_tool_calls;
 use attempt::Attempt;
 pub use config::{LlmConfig, ProviderConfig};
-use dialect::{CallError, Fault};
+use dialect::{CallError, Fault, Usage};
 use futures_lite::FutureExt;
 use std::cell::{Cell, RefCell};
 use std::time::{Duration, Instant};
@@ -64,8 +64,10 @@ struct Provider {
     quota: Option<(BucketParams, RefCell<TokenBucket>)>,
     calls: Cell<u64>,
     failures: Cell<u64>,
+    /// Tokens each way, estimates included, and the calls estimated.
     prompt_tokens: Cell<u64>,
     completion_tokens: Cell<u64>,
+    estimated: Cell<u64>,
     /// Its last failure, cleaned: a caller told its circuit is open hears
     /// why it opened.
     last_failure: RefCell<Option<String>>,
@@ -119,6 +121,7 @@ impl Llm {
                 failures: Cell::new(0),
                 prompt_tokens: Cell::new(0),
                 completion_tokens: Cell::new(0),
+                estimated: Cell::new(0),
                 last_failure: RefCell::new(None),
                 cfg: p.clone(),
             })
@@ -343,23 +346,27 @@ impl Llm {
                     } => {
                         let t = p.breaker.borrow_mut().success();
                         self.note(p, t);
-                        // Spent as reported, or about a token per 4 bytes.
-                        let spent = usage.map_or_else(
-                            || {
-                                let asked: usize =
-                                    call.messages.iter().map(|t| t.content.len()).sum();
-                                let called: usize =
-                                    tool_calls.iter().map(|c| c.arguments.len()).sum();
-                                (asked + text.len() + called).div_ceil(4) as u64
-                            },
-                            |u| u.prompt_tokens + u.completion_tokens,
-                        );
-                        self.ledger.spend(caller, spent, crate::clock::unix_ms());
-                        let usage = usage.unwrap_or_default();
+                        // Spent as reported, or about a token per 4 bytes
+                        // (and recorded as an estimate).
+                        let spent = usage.unwrap_or_else(|| {
+                            let asked: usize = call.messages.iter().map(|t| t.content.len()).sum();
+                            let called: usize = tool_calls.iter().map(|c| c.arguments.len()).sum();
+                            Usage {
+                                prompt_tokens: asked.div_ceil(4) as u64,
+                                completion_tokens: (text.len() + called).div_ceil(4) as u64,
+                            }
+                        });
+                        let now_ms = crate::clock::unix_ms();
+                        let estimated = usage.is_none();
+                        self.ledger
+                            .spend(caller, &p.cfg.name, spent, estimated, now_ms);
                         p.prompt_tokens
-                            .set(p.prompt_tokens.get() + usage.prompt_tokens);
+                            .set(p.prompt_tokens.get() + spent.prompt_tokens);
                         p.completion_tokens
-                            .set(p.completion_tokens.get() + usage.completion_tokens);
+                            .set(p.completion_tokens.get() + spent.completion_tokens);
+                        p.estimated.set(p.estimated.get() + estimated as u64);
+                        // The client hears what the provider reported.
+                        let usage = usage.unwrap_or_default();
                         let model = model
                             .or_else(|| call.model.clone())
                             .unwrap_or_else(|| p.cfg.model.clone());
@@ -539,19 +546,27 @@ impl Llm {
             "provider",
             &per(&|p| p.failures.get()),
         );
-        counter_with(
-            out,
-            "hivegate_llm_prompt_tokens_total",
-            "Prompt tokens reported by each provider.",
-            "provider",
-            &per(&|p| p.prompt_tokens.get()),
+        out.push_str(
+            "# HELP hivegate_llm_tokens_total Tokens per provider and direction (prompt, completion), as reported or estimated.\n\
+             # TYPE hivegate_llm_tokens_total counter\n",
         );
+        for p in &self.providers {
+            for (direction, n) in [
+                ("prompt", p.prompt_tokens.get()),
+                ("completion", p.completion_tokens.get()),
+            ] {
+                let name = &p.cfg.name;
+                out.push_str(&format!(
+                    "hivegate_llm_tokens_total{{provider=\"{name}\",direction=\"{direction}\"}} {n}\n"
+                ));
+            }
+        }
         counter_with(
             out,
-            "hivegate_llm_completion_tokens_total",
-            "Completion tokens reported by each provider.",
+            "hivegate_llm_estimated_calls_total",
+            "Calls whose tokens were estimated (the provider reported none).",
             "provider",
-            &per(&|p| p.completion_tokens.get()),
+            &per(&|p| p.estimated.get()),
         );
         gauge_with(
             out,

@@ -200,14 +200,15 @@ impl Gateway {
         }
     }
 
-    /// The LLM budgets: spending is written through to the store.
+    /// LLM usage and the budgets: every call's usage is written through
+    /// to the store.
     fn start_budgets(self: &Rc<Self>) {
         let store = self.store.clone();
         self.llm
             .ledger
-            .persist_with(Box::new(move |user: &str, day: i64, tokens: u64| {
+            .persist_with(Box::new(move |spent: crate::store::Spent| {
                 // The write is queued now; nobody waits for its answer.
-                let _ = store.spend(user, day, tokens);
+                let _ = store.spend(spent);
             }));
     }
 

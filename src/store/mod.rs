@@ -14,7 +14,7 @@ mod upkeep;
 mod writes;
 
 use crate::pool::{Pool, PoolError};
-pub use db::{Range, Synchronous, Unsynced};
+pub use db::{Range, Spent, Synchronous, Unsynced, UsageRow};
 use db::{WriteErr, WriteOk, WriteOp};
 pub use message::{ReactionChange, StoredMessage};
 use rusqlite::Connection;

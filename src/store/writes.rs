@@ -5,7 +5,7 @@
 //! `Busy` when the write queue is full.
 
 use super::db::bus::{Applied, BusEvent};
-use super::{ReactionChange, Store, StoreError, StoredMessage, WriteOk, WriteOp};
+use super::{ReactionChange, Spent, Store, StoreError, StoredMessage, WriteOk, WriteOp};
 use std::future::Future;
 
 /// What a reaction did: the change (added, or the user's taken back), and
@@ -101,19 +101,12 @@ impl Store {
         self.submit(op, pruned)
     }
 
-    /// Adds LLM tokens `user` spent on a UTC day.
+    /// Adds one call's LLM usage to its day, user and provider.
     pub fn spend(
         &self,
-        user: &str,
-        day: i64,
-        tokens: u64,
+        spent: Spent,
     ) -> Result<impl Future<Output = Result<(), StoreError>>, StoreError> {
-        let op = WriteOp::Spend {
-            user: user.to_string(),
-            day,
-            tokens: tokens.min(i64::MAX as u64) as i64,
-        };
-        self.submit(op, marked)
+        self.submit(WriteOp::Spend(Box::new(spent)), marked)
     }
 
     /// The remote has these: messages by id; reactions by key and the

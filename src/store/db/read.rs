@@ -137,11 +137,48 @@ pub fn outbox(conn: &Connection, limit: i64) -> rusqlite::Result<Unsynced> {
     })
 }
 
-/// The LLM tokens each user spent on `day` (UTC days since the epoch).
+/// The LLM tokens each user spent on `day` (UTC days since the epoch),
+/// every provider's together.
 pub fn spent(conn: &Connection, day: i64) -> rusqlite::Result<Vec<(String, u64)>> {
-    let mut stmt = conn.prepare_cached("SELECT user, tokens FROM llm_usage WHERE day = ?1")?;
+    let mut stmt = conn.prepare_cached(
+        "SELECT user, SUM(prompt + completion) FROM llm_tokens WHERE day = ?1 GROUP BY user",
+    )?;
     let rows = stmt.query_map([day], |r| {
         Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?.max(0) as u64))
+    })?;
+    rows.collect()
+}
+
+/// One row of `hivegate usage`: a day, user and provider's totals.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageRow {
+    pub day: i64,
+    pub user: String,
+    pub provider: String,
+    pub prompt: u64,
+    pub completion: u64,
+    pub calls: u64,
+    pub estimated: u64,
+}
+
+/// LLM usage from day `since` on, of `user` or everyone, by day, user
+/// and provider.
+pub fn usage(conn: &Connection, since: i64, user: Option<&str>) -> rusqlite::Result<Vec<UsageRow>> {
+    let mut stmt = conn.prepare(
+        "SELECT day, user, provider, prompt, completion, calls, estimated FROM llm_tokens \
+         WHERE day >= ?1 AND (?2 IS NULL OR user = ?2) ORDER BY day, user, provider",
+    )?;
+    let n = |v: i64| v.max(0) as u64;
+    let rows = stmt.query_map(rusqlite::params![since, user], |r| {
+        Ok(UsageRow {
+            day: r.get(0)?,
+            user: r.get(1)?,
+            provider: r.get(2)?,
+            prompt: n(r.get(3)?),
+            completion: n(r.get(4)?),
+            calls: n(r.get(5)?),
+            estimated: n(r.get(6)?),
+        })
     })?;
     rows.collect()
 }

@@ -6,7 +6,7 @@ use std::path::Path;
 
 /// The schema this build writes. Older databases are migrated on start;
 /// a newer one is refused (it was written by a newer hivegate).
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE rooms (
@@ -96,6 +96,25 @@ CREATE TABLE llm_usage (
 ) WITHOUT ROWID;
 ";
 
+/// Version 5: LLM usage per UTC day, user and provider, for accounting
+/// (`hivegate usage`) and the budgets alike: prompt and completion tokens,
+/// calls, and the calls whose counts were estimated (the provider reported
+/// none). Version 4's totals carry over under provider `?`.
+const SCHEMA_V5: &str = "
+CREATE TABLE llm_tokens (
+    day INTEGER NOT NULL,
+    user TEXT NOT NULL,
+    provider TEXT NOT NULL,
+    prompt INTEGER NOT NULL,
+    completion INTEGER NOT NULL,
+    calls INTEGER NOT NULL,
+    estimated INTEGER NOT NULL,
+    PRIMARY KEY (day, user, provider)
+) WITHOUT ROWID;
+INSERT INTO llm_tokens SELECT day, user, '?', tokens, 0, 0, 0 FROM llm_usage;
+DROP TABLE llm_usage;
+";
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Synchronous {
     #[default]
@@ -176,6 +195,11 @@ fn migrate(conn: &Connection, from: i64) -> rusqlite::Result<()> {
     if from < 4 {
         conn.execute_batch(&format!(
             "BEGIN; {SCHEMA_V4} PRAGMA user_version = 4; COMMIT;"
+        ))?;
+    }
+    if from < 5 {
+        conn.execute_batch(&format!(
+            "BEGIN; {SCHEMA_V5} PRAGMA user_version = 5; COMMIT;"
         ))?;
     }
     Ok(())

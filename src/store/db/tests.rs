@@ -578,3 +578,54 @@ fn reactions_from_the_bus_keep_the_local_emoji_bounds() {
     let e0 = h[0].reactions.iter().find(|(e, _)| e == "e0").unwrap();
     assert_eq!(e0.1, 100);
 }
+
+#[test]
+fn usage_adds_up_per_day_user_and_provider_and_version_4_totals_carry_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.db");
+    {
+        // A version 4 database: one table of totals per user and day.
+        let c = open_writer(&path, Synchronous::Full).unwrap();
+        c.execute_batch(
+            "DROP TABLE llm_tokens; CREATE TABLE llm_usage (user TEXT NOT NULL, day INTEGER NOT NULL, \
+             tokens INTEGER NOT NULL, PRIMARY KEY (day, user)) WITHOUT ROWID; \
+             INSERT INTO llm_usage VALUES ('ada', 100, 42); PRAGMA user_version = 4;",
+        )
+        .unwrap();
+    }
+    let mut c = open_writer(&path, Synchronous::Full).unwrap();
+    let spend = |user: &str, provider: &str, day, prompt, estimated| {
+        WriteOp::Spend(Box::new(Spent {
+            user: user.into(),
+            provider: provider.into(),
+            day,
+            prompt,
+            completion: 1,
+            estimated,
+        }))
+    };
+    write_batch(
+        &mut c,
+        &[
+            spend("ada", "kimi", 100, 10, false),
+            spend("ada", "kimi", 100, 5, true),
+            spend("bob", "glm", 101, 7, false),
+        ],
+    );
+    assert_eq!(spent(&c, 100).unwrap(), [("ada".to_string(), 42 + 17)]);
+    let rows = usage(&c, 100, Some("ada")).unwrap();
+    let row = |provider: &str, prompt, completion, calls, estimated| UsageRow {
+        day: 100,
+        user: "ada".into(),
+        provider: provider.into(),
+        prompt,
+        completion,
+        calls,
+        estimated,
+    };
+    assert_eq!(rows, [row("?", 42, 0, 0, 0), row("kimi", 15, 2, 2, 1)]);
+    assert_eq!(usage(&c, 101, None).unwrap().len(), 1);
+    // Days past the kept ones go with the next write.
+    write_batch(&mut c, &[spend("ada", "kimi", 101 + USAGE_DAYS + 1, 1, false)]);
+    assert!(usage(&c, 0, Some("bob")).unwrap().is_empty());
+}

@@ -51,9 +51,9 @@ pub enum WriteOp {
         older_than_ts: i64,
         batch: i64,
     },
-    /// LLM tokens a user spent on a UTC day (added to what is there);
-    /// days more than a week old are forgotten.
-    Spend { user: String, day: i64, tokens: i64 },
+    /// One call's LLM usage (added to its day, user and provider); days
+    /// older than [`USAGE_DAYS`] are forgotten.
+    Spend(Box<Spent>),
     /// The remote refused this row: park it and say why.
     DeadLetter {
         kind: &'static str,
@@ -62,6 +62,23 @@ pub enum WriteOp {
         error: String,
         ts: i64,
     },
+}
+
+/// Days of LLM usage kept: budgets need today's, accounting a year and a
+/// month (rows are one per day, user and provider).
+pub const USAGE_DAYS: i64 = 400;
+
+/// One call's LLM usage, as it is recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Spent {
+    pub user: String,
+    pub provider: String,
+    /// UTC days since the epoch.
+    pub day: i64,
+    pub prompt: u64,
+    pub completion: u64,
+    /// The provider reported no counts: these are estimates.
+    pub estimated: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -353,14 +370,24 @@ fn apply(conn: &Connection, op: &WriteOp, seqs: &mut Seqs) -> Result<WriteOk, Wr
         } => bus::prune_log(conn, *max_rows, *older_than_ts, *batch)
             .map(|deleted| WriteOk::Pruned { deleted })
             .map_err(storage),
-        WriteOp::Spend { user, day, tokens } => (|| {
+        WriteOp::Spend(s) => (|| {
+            let n = |v: u64| v.min(i64::MAX as u64) as i64;
             conn.prepare_cached(
-                "INSERT INTO llm_usage (user, day, tokens) VALUES (?1, ?2, ?3) \
-                 ON CONFLICT (day, user) DO UPDATE SET tokens = tokens + excluded.tokens",
+                "INSERT INTO llm_tokens (day, user, provider, prompt, completion, calls, estimated) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, 1, ?6) ON CONFLICT (day, user, provider) DO UPDATE SET \
+                 prompt = prompt + excluded.prompt, completion = completion + excluded.completion, \
+                 calls = calls + 1, estimated = estimated + excluded.estimated",
             )?
-            .execute(params![user, day, tokens])?;
-            conn.prepare_cached("DELETE FROM llm_usage WHERE day < ?1 - 7")?
-                .execute(params![day])?;
+            .execute(params![
+                s.day,
+                s.user,
+                s.provider,
+                n(s.prompt),
+                n(s.completion),
+                s.estimated as i64
+            ])?;
+            conn.prepare_cached("DELETE FROM llm_tokens WHERE day < ?1 - ?2")?
+                .execute(params![s.day, USAGE_DAYS])?;
             Ok(WriteOk::Marked)
         })()
         .map_err(storage),
