@@ -336,6 +336,18 @@ impl Table {
         }
     }
 
+    /// Whether the connection at `key` (still `id`) has its outbox at most
+    /// half full, with room there for `bytes` more: a stream the gateway
+    /// makes itself holds back while it has not, rather than make its own
+    /// client a slow consumer.
+    pub fn has_room(&self, key: usize, id: u64, bytes: usize) -> bool {
+        self.slab.get(key).is_some_and(|e| {
+            e.id == id
+                && e.outbox.frames.len() < self.outbox_frames / 2
+                && e.outbox.bytes + bytes <= self.outbox_bytes / 2
+        })
+    }
+
     /// Asks a connection to close with `code`, unless it already is.
     pub fn request_close(&mut self, key: usize, close: Close) {
         if let Some(e) = self.slab.get_mut(key) {
@@ -391,6 +403,12 @@ impl Reply {
 
     pub fn error(&self, code: ErrorCode, message: &str, retry_after_ms: Option<u64>) {
         self.send(error_frame(self.rid(), code, message, retry_after_ms));
+    }
+
+    /// Whether the connection's outbox has room for `bytes` more and is at
+    /// most half full (see [`Table::has_room`]).
+    pub fn has_room(&self, bytes: usize) -> bool {
+        self.table.borrow().has_room(self.key, self.conn, bytes)
     }
 
     /// Takes a place among the connection's requests in flight (`count`,

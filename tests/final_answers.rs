@@ -188,3 +188,71 @@ fn an_mcp_client_that_hangs_up_cancels_its_call(gw: &Gateway, fake: &FakeOpenAi)
         gw.metric("hivegate_llm_calls_in_flight") == 0.0
     });
 }
+
+/// The whole answer of `counting_transcript(n)`.
+fn counted(n: usize) -> String {
+    (0..n).map(|i| format!("c{i} ")).collect()
+}
+
+#[test]
+fn a_fast_provider_never_makes_the_gateways_own_client_a_slow_consumer() {
+    let fake = FakeOpenAi::start(ok_stream(counting_transcript(2000)));
+    let gw = gateway(&fake, "[server]\noutbox_frames = 16\n");
+    // The op protocol: pieces join while the outbox is past half full.
+    let (mut ws, _) = gw.session(Some("tok-ada"));
+    send_json(
+        &mut ws,
+        &json!({"op":"call_tool","request_id":"r1","name":"chat","arguments":{"messages":[{"role":"user","content":"hi"}]}}),
+    );
+    let (mut streamed, mut frames) = (String::new(), 0);
+    let result = loop {
+        let f = recv_json(&mut ws);
+        match f["op"].as_str() {
+            Some("stream_chunk") => {
+                streamed.push_str(f["chunk"].as_str().unwrap());
+                frames += 1;
+            }
+            Some("call_tool_res") => break f,
+            Some("call_tool_ack") | Some("progress") => {}
+            _ => panic!("{f}"),
+        }
+    };
+    assert_eq!(result["outputs"][0]["text"], counted(2000));
+    assert!(
+        counted(2000).starts_with(&streamed),
+        "pieces in order, none lost in between"
+    );
+    assert!(frames < 2000, "pieces were joined: {frames} frames");
+    // MCP over the WebSocket: progress gives way, the result comes.
+    let mut ws = gw
+        .ws_from(
+            None,
+            &[
+                ("Authorization", "Bearer tok-ada"),
+                ("Sec-WebSocket-Protocol", "mcp"),
+            ],
+        )
+        .unwrap();
+    let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
+    send_json(&mut ws, &serde_json::from_str(init).unwrap());
+    assert_eq!(recv_json(&mut ws)["id"], 1);
+    send_json(
+        &mut ws,
+        &json!({"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"chat","arguments":{"messages":[{"role":"user","content":"hi"}]},"_meta":{"progressToken":"p"}}}),
+    );
+    let result = loop {
+        let m = recv_json(&mut ws);
+        if m["id"] == 2 {
+            break m;
+        }
+    };
+    assert_eq!(
+        result["result"]["structuredContent"]["text"],
+        counted(2000),
+        "{result}"
+    );
+    assert_eq!(
+        gw.metric("hivegate_connections_closed_total{code=\"4008\"}"),
+        0.0
+    );
+}

@@ -68,6 +68,30 @@ impl Cancel {
 struct CallOutput {
     reply: Reply,
     state: Rc<CallState>,
+    /// Streamed text held back while the client's outbox is past half
+    /// full (a fast provider outruns a slow reader): joined, and sent as
+    /// one chunk once there is room. What is still held at the end is
+    /// dropped: the result carries the whole answer.
+    held: RefCell<(&'static str, String)>,
+}
+
+impl CallOutput {
+    /// Sends the held text, when there is room for it.
+    fn release(&self) {
+        let mut held = self.held.borrow_mut();
+        let (field, text) = &mut *held;
+        // The text's length first, to render only what may go.
+        if text.is_empty() || !self.reply.has_room(text.len()) {
+            return;
+        }
+        let piece = Said::Piece { field, text };
+        if let Some(frame) = said_frame(self.reply.rid(), &piece) {
+            if self.reply.has_room(frame.len()) {
+                text.clear();
+                self.reply.send(frame);
+            }
+        }
+    }
 }
 
 impl Output for CallOutput {
@@ -76,10 +100,26 @@ impl Output for CallOutput {
     }
 
     fn say(&self, what: Said) {
-        if !self.cancelled() {
-            if let Some(frame) = said_frame(self.reply.rid(), &what) {
-                self.reply.send(frame);
+        if self.cancelled() {
+            return;
+        }
+        if let Said::Piece { field, text } = what {
+            if self.held.borrow().0 != field {
+                // Another kind of piece: what was held goes first, or, when
+                // it cannot, gives way (reasoning comes before the answer).
+                self.release();
+                self.held.borrow_mut().1.clear();
             }
+            {
+                let mut held = self.held.borrow_mut();
+                held.0 = field;
+                held.1.push_str(text);
+            }
+            return self.release();
+        }
+        self.release();
+        if let Some(frame) = said_frame(self.reply.rid(), &what) {
+            self.reply.send(frame);
         }
     }
 
@@ -192,6 +232,7 @@ impl ToolCalls {
             let out = CallOutput {
                 reply,
                 state: state.clone(),
+                held: RefCell::new(("chunk", String::new())),
             };
             llm.run(call, &caller, &out).await;
             let mut calls = calls.borrow_mut();

@@ -71,7 +71,16 @@ impl Conn {
         let (id, cancel) = (started.id.clone(), started.cancel.clone());
         self.gw.spawn(Box::pin(async move {
             let _held = held;
-            started.run(&llm, true, move |m, _| reply.send(m)).await;
+            // Progress is dropped while the client's outbox is past half
+            // full (the result carries the whole answer), so a fast
+            // provider never makes the gateway's own client a slow
+            // consumer.
+            let deliver = move |m: String, is_result| {
+                if is_result || reply.has_room(m.len()) {
+                    reply.send(m);
+                }
+            };
+            started.run(&llm, true, deliver).await;
             let mut calls = calls.borrow_mut();
             if calls.get(&id).is_some_and(|c| Rc::ptr_eq(c, &cancel)) {
                 calls.remove(&id);

@@ -626,6 +626,9 @@ fn usage_adds_up_per_day_user_and_provider_and_version_4_totals_carry_over() {
     assert_eq!(rows, [row("?", 42, 0, 0, 0), row("kimi", 15, 2, 2, 1)]);
     assert_eq!(usage(&c, 101, None).unwrap().len(), 1);
     // Days past the kept ones go with the next write.
-    write_batch(&mut c, &[spend("ada", "kimi", 101 + USAGE_DAYS + 1, 1, false)]);
+    write_batch(
+        &mut c,
+        &[spend("ada", "kimi", 101 + USAGE_DAYS + 1, 1, false)],
+    );
     assert!(usage(&c, 0, Some("bob")).unwrap().is_empty());
 }
