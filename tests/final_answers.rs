@@ -27,7 +27,7 @@ fn gateway(fake: &FakeOpenAi, extra: &str) -> Gateway {
 /// A raw HTTP request with a body.
 fn request(path: &str, headers: &str, body: &str) -> String {
     format!(
-        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{AUTH}{headers}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n{AUTH}{headers}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )
 }

@@ -52,7 +52,8 @@ fn gateway(fake: &FakeOpenAi, extra: &str) -> Gateway {
     )
 }
 
-/// A POST to the endpoint, answered whole.
+/// A POST to the endpoint, answered whole (on a connection of its own:
+/// the response is read to the end of the connection).
 fn post(gw: &Gateway, token: Option<&str>, path: &str, body: &str) -> HttpResponse {
     let auth = token
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
@@ -60,7 +61,7 @@ fn post(gw: &Gateway, token: Option<&str>, path: &str, body: &str) -> HttpRespon
     http_request(
         gw.addr,
         &format!(
-            "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
         ),
     )
@@ -235,7 +236,7 @@ fn refusals_are_openai_errors_with_the_right_status() {
     assert_eq!(api_error(&r).0, 404);
     let r = http_request(
         gw.addr,
-        "GET /v1/chat/completions HTTP/1.1\r\nAuthorization: Bearer tok-ada\r\n\r\n",
+        "GET /v1/chat/completions HTTP/1.1\r\nConnection: close\r\nAuthorization: Bearer tok-ada\r\n\r\n",
     );
     assert_eq!(api_error(&r).0, 405);
     assert_eq!(r.header("allow").as_deref(), Some("POST"));
@@ -284,7 +285,7 @@ fn the_access_rules_decide_which_models_a_caller_sees_and_uses() {
     let models = |token: &str| {
         let r = http_request(
             gw.addr,
-            &format!("GET /v1/models HTTP/1.1\r\nAuthorization: Bearer {token}\r\n\r\n"),
+            &format!("GET /v1/models HTTP/1.1\r\nConnection: close\r\nAuthorization: Bearer {token}\r\n\r\n"),
         );
         let ids: Vec<String> = r.json()["data"]
             .as_array()
@@ -339,7 +340,7 @@ fn a_client_that_hangs_up_on_a_whole_answer_cancels_the_call() {
     let body = r#"{"model":"p","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"hi"}]}"#;
     write!(
         s,
-        "POST /v1/chat/completions HTTP/1.1\r\nAuthorization: Bearer tok-ada\r\nContent-Length: {}\r\n\r\n{body}",
+        "POST /v1/chat/completions HTTP/1.1\r\nConnection: close\r\nAuthorization: Bearer tok-ada\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )
     .unwrap();
@@ -469,4 +470,87 @@ fn usage_is_recorded_per_user_provider_and_day_and_reported() {
     let (code, _, err) = usage(&["--since", "yesterday"]);
     assert_eq!(code, Some(2));
     assert!(err.contains("YYYY-MM-DD"), "{err}");
+}
+
+#[test]
+fn a_connection_carries_request_after_request_as_an_sdks_pool_expects() {
+    let fake = FakeOpenAi::start(ok_stream(transcript("hello.txt")));
+    let gw = gateway(&fake, TOKENS);
+    let mut s = connect_from(gw.addr, None);
+    let call = r#"{"model":"p","messages":[{"role":"user","content":"hi"}]}"#;
+    let read_one = |s: &mut std::net::TcpStream| {
+        let head = read_head(s);
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("Content-Length: "))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let mut body = vec![0u8; len];
+        s.read_exact(&mut body).unwrap();
+        (head, String::from_utf8(body).unwrap())
+    };
+    for _ in 0..3 {
+        write!(
+            s,
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer tok-ada\r\nContent-Length: {}\r\n\r\n{call}",
+            call.len()
+        )
+        .unwrap();
+        let (head, body) = read_one(&mut s);
+        assert!(head.contains("Connection: keep-alive"), "{head}");
+        assert!(body.contains("Hello"), "{body}");
+    }
+    write!(
+        s,
+        "GET /v1/models HTTP/1.1\r\nAuthorization: Bearer tok-ada\r\n\r\n"
+    )
+    .unwrap();
+    assert!(read_one(&mut s).1.contains("\"auto\""));
+    // A stream goes in HTTP chunks, and the connection carries on.
+    let streamed = r#"{"model":"p","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+    write!(
+        s,
+        "POST /v1/chat/completions HTTP/1.1\r\nAuthorization: Bearer tok-ada\r\nContent-Length: {}\r\n\r\n{streamed}",
+        streamed.len()
+    )
+    .unwrap();
+    let head = read_head(&mut s);
+    assert!(head.contains("Transfer-Encoding: chunked"), "{head}");
+    let mut events = String::new();
+    loop {
+        let size_line = read_line(&mut s);
+        let size = usize::from_str_radix(size_line.trim(), 16).unwrap();
+        let mut chunk = vec![0u8; size + 2];
+        s.read_exact(&mut chunk).unwrap();
+        if size == 0 {
+            break;
+        }
+        events.push_str(std::str::from_utf8(&chunk[..size]).unwrap());
+    }
+    assert!(events.ends_with("data: [DONE]\n\n"), "{events}");
+    assert!(events.contains("Hel"), "{events}");
+    // Anything but the API on it, or a client that asks to close, ends it.
+    write!(s, "GET /healthz HTTP/1.1\r\n\r\n").unwrap();
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty());
+    let r = post(&gw, Some("tok-ada"), "/v1/models", "");
+    assert_eq!(
+        (r.status, r.header("connection").as_deref()),
+        (405, Some("close"))
+    );
+    assert_eq!(gw.metric("hivegate_openai_requests_total"), 5.0);
+}
+
+/// One line, its CRLF included.
+fn read_line(s: &mut std::net::TcpStream) -> String {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while !line.ends_with(b"\r\n") {
+        assert_eq!(s.read(&mut byte).unwrap(), 1, "the connection ended");
+        line.push(byte[0]);
+    }
+    String::from_utf8(line).unwrap()
 }

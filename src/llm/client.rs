@@ -56,10 +56,44 @@ pub struct Request {
 /// bytes each.
 const CALL_BUFFER_BYTES: usize = 16 << 10;
 
+/// Resolves a provider given by IP address without a thread. ureq's own
+/// resolver spawns one for every lookup that has a timeout (every call
+/// here), even of an address; for a provider on the box or the LAN that
+/// was the largest part of the relay's overhead. Host names still go to
+/// ureq's resolver, under the timeout.
+#[derive(Debug, Default)]
+struct Resolver(ureq::unversioned::resolver::DefaultResolver);
+
+impl ureq::unversioned::resolver::Resolver for Resolver {
+    fn resolve(
+        &self,
+        uri: &ureq::http::Uri,
+        config: &ureq::config::Config,
+        timeout: ureq::unversioned::transport::NextTimeout,
+    ) -> Result<ureq::unversioned::resolver::ResolvedSocketAddrs, ureq::Error> {
+        let address = uri.authority().and_then(|a| {
+            let ip = a.host().trim_matches(['[', ']']).parse().ok()?;
+            let port = a.port_u16().unwrap_or(match uri.scheme_str() {
+                Some("https") => 443,
+                _ => 80,
+            });
+            Some(std::net::SocketAddr::new(ip, port))
+        });
+        match address {
+            Some(address) => {
+                let mut one = self.empty();
+                one.push(address);
+                Ok(one)
+            }
+            None => self.0.resolve(uri, config, timeout),
+        }
+    }
+}
+
 /// An agent with the provider's timeouts. `http_status_as_error` is off so
 /// that a 429's `Retry-After` and an error body can be read.
 pub fn agent(cfg: &super::ProviderConfig, tls: &ureq::tls::TlsConfig) -> ureq::Agent {
-    ureq::Agent::config_builder()
+    let config = ureq::Agent::config_builder()
         .tls_config(tls.clone())
         .input_buffer_size(CALL_BUFFER_BYTES)
         .output_buffer_size(CALL_BUFFER_BYTES)
@@ -70,8 +104,12 @@ pub fn agent(cfg: &super::ProviderConfig, tls: &ureq::tls::TlsConfig) -> ureq::A
         .timeout_per_read(Some(cfg.idle_timeout))
         .timeout_global(Some(cfg.total_timeout))
         .user_agent(concat!("hivegate/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .into()
+        .build();
+    ureq::Agent::with_parts(
+        config,
+        ureq::unversioned::transport::DefaultConnector::default(),
+        Resolver::default(),
+    )
 }
 
 /// Runs the call, sending events; the last one is always `Done` or
@@ -250,6 +288,29 @@ fn call(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_address_resolves_to_itself_with_the_schemes_port() {
+        use ureq::unversioned::resolver::Resolver as _;
+        let config = ureq::config::Config::default();
+        let resolve = |url: &str| -> Vec<std::net::SocketAddr> {
+            let uri: ureq::http::Uri = url.parse().unwrap();
+            let timeout = ureq::unversioned::transport::NextTimeout::default();
+            Resolver::default()
+                .resolve(&uri, &config, timeout)
+                .unwrap()
+                .to_vec()
+        };
+        assert_eq!(
+            resolve("http://127.0.0.1:9/v1"),
+            ["127.0.0.1:9".parse().unwrap()]
+        );
+        assert_eq!(
+            resolve("https://10.0.0.1/v1"),
+            ["10.0.0.1:443".parse().unwrap()]
+        );
+        assert_eq!(resolve("http://[::1]/"), ["[::1]:80".parse().unwrap()]);
+    }
 
     #[test]
     fn which_failures_count_and_which_retry() {

@@ -41,6 +41,9 @@ pub struct Head {
     /// The `Host` header, if any (and whether it came more than once).
     pub host: Option<String>,
     pub hosts: u8,
+    /// HTTP/1.1 without `Connection: close`: the client would send its
+    /// next request on this connection.
+    pub keep_alive: bool,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -121,6 +124,7 @@ fn parse_head(b: &[u8]) -> Result<Head, HeadError> {
     let mut head = Head {
         method: req.method.unwrap_or_default().to_string(),
         path: req.path.unwrap_or_default().to_string(),
+        keep_alive: req.version == Some(1),
         ..Head::default()
     };
     for h in req.headers.iter() {
@@ -129,9 +133,13 @@ fn parse_head(b: &[u8]) -> Result<Head, HeadError> {
         if name.eq_ignore_ascii_case("upgrade") {
             head.upgrade_websocket = value.eq_ignore_ascii_case("websocket");
         } else if name.eq_ignore_ascii_case("connection") {
-            head.connection_upgrade = value
-                .split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+            let has = |token: &str| {
+                value
+                    .split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case(token))
+            };
+            head.connection_upgrade = has("upgrade");
+            head.keep_alive &= !has("close");
         } else if name.eq_ignore_ascii_case("sec-websocket-key") {
             head.ws_key = Some(value.to_string());
         } else if name.eq_ignore_ascii_case("sec-websocket-version") {
@@ -211,6 +219,8 @@ pub struct Response {
     pub extra: Vec<(&'static str, String)>,
     /// An answer to `HEAD`: the head as for `GET`, no body.
     pub head_only: bool,
+    /// The connection stays open for the client's next request.
+    pub keep_alive: bool,
 }
 
 impl Response {
@@ -221,6 +231,7 @@ impl Response {
             body: body.into(),
             extra: Vec::new(),
             head_only: false,
+            keep_alive: false,
         }
     }
 
@@ -235,11 +246,12 @@ impl Response {
 
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = format!(
-            "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\nCache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n",
+            "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: {}\r\nCache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n",
             self.status,
             reason(self.status),
             self.content_type,
-            self.body.len()
+            self.body.len(),
+            if self.keep_alive { "keep-alive" } else { "close" }
         );
         for (name, value) in &self.extra {
             out.push_str(name);

@@ -211,7 +211,7 @@ async fn stream_for(
 
 /// The head of an event-stream answer for session `sid`.
 fn sse_head(sid: &str) -> String {
-    request::sse_head(&format!("Mcp-Session-Id: {sid}\r\n"))
+    request::sse_head(false, &format!("Mcp-Session-Id: {sid}\r\n"))
 }
 
 /// A started `tools/call`, relayed; the answer streams as SSE when the

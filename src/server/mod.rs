@@ -515,16 +515,7 @@ async fn pre_upgrade(gw: &Rc<Gateway>, stream: &mut tls::Socket, ip: IpAddr) -> 
             return Outcome::Done;
         }
     };
-    if head.hosts > 1 || !gw.live.borrow().host_allowed(head.host.as_deref()) {
-        let r = refuse(
-            gw,
-            Refusal::Host,
-            ip,
-            Response::text(
-                421,
-                "this box does not answer to that Host name (server.hostnames lists the names it is served under)\n",
-            ),
-        );
+    if let Some(r) = wrong_host(gw, &head, ip) {
         r.send(stream).await;
         return Outcome::Done;
     }
@@ -594,6 +585,23 @@ async fn pre_upgrade(gw: &Rc<Gateway>, stream: &mut tls::Socket, ip: IpAddr) -> 
     };
     response.send(stream).await;
     Outcome::Done
+}
+
+/// The `421` for a request whose `Host` names another box (against DNS
+/// rebinding), or `None`.
+fn wrong_host(gw: &Gateway, head: &http::Head, ip: IpAddr) -> Option<Response> {
+    let ok = head.hosts <= 1 && gw.live.borrow().host_allowed(head.host.as_deref());
+    (!ok).then(|| {
+        refuse(
+            gw,
+            Refusal::Host,
+            ip,
+            Response::text(
+                421,
+                "this box does not answer to that Host name (server.hostnames lists the names it is served under)\n",
+            ),
+        )
+    })
 }
 
 /// A wait as `Retry-After` seconds: rounded up, at least one.

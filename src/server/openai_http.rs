@@ -11,7 +11,7 @@
 //! is an event in the stream. A client that hangs up cancels the call.
 
 use super::http::Response;
-use super::request::{self, Admitted};
+use super::request::{self, Admitted, Answered};
 use super::tls::Socket;
 use super::{retry_after, Gateway};
 use crate::auth::Identity;
@@ -83,12 +83,28 @@ impl Calls {
 }
 
 /// Answers an admitted request; a streamed one for as long as it runs.
+/// With `keep`, a stream goes in chunks and leaves the connection open
+/// for the client's next request.
 pub(super) async fn answer(
     gw: &Rc<Gateway>,
     a: &Admitted,
     stream: &mut Socket,
     ip: IpAddr,
-) -> Option<Response> {
+    keep: bool,
+) -> Answered {
+    match answer_or_refuse(gw, a, stream, ip, keep).await {
+        Ok(done) => done,
+        Err(r) => Answered::Whole(r),
+    }
+}
+
+async fn answer_or_refuse(
+    gw: &Rc<Gateway>,
+    a: &Admitted,
+    stream: &mut Socket,
+    ip: IpAddr,
+    keep: bool,
+) -> Result<Answered, Response> {
     inc(&gw.metrics.openai_requests);
     // Without a token (open mode), a guest of its own.
     let who = a
@@ -101,22 +117,22 @@ pub(super) async fn answer(
     };
     if a.head.route() == "/v1/models" {
         let body = openai_api::models(&gw.llm, &caller);
-        return Some(Response::new(200, "application/json", body));
+        return Err(Response::new(200, "application/json", body));
     }
     if let Err(r) = gw.rate_check(Instant::now(), ip, &caller.who.user) {
         let msg = format!("too many requests: retry after {} ms", r.retry_after_ms());
         let e = ApiError::from_code(ErrorCode::RateLimited, &msg, Some(r.retry_after_ms()));
-        return Some(error(&e));
+        return Err(error(&e));
     }
     let c = match openai_api::read(&a.body, &gw.llm) {
         Ok(c) => c,
         Err(e) => {
             inc(&gw.metrics.invalid_requests);
-            return Some(error(&e));
+            return Err(error(&e));
         }
     };
     if let Err(r) = gw.llm.check(&c.call, &caller) {
-        return Some(error(&ApiError::from_code(
+        return Err(error(&ApiError::from_code(
             r.code,
             &r.message,
             r.retry_after_ms,
@@ -125,7 +141,7 @@ pub(super) async fn answer(
     let per_user = gw.llm.max_in_flight_per_session();
     let Some(_mine) = gw.openai_calls.take(&caller.who.user, per_user) else {
         let msg = format!("at most {per_user} calls in flight per user");
-        return Some(error(&ApiError::from_code(
+        return Err(error(&ApiError::from_code(
             ErrorCode::OverCapacity,
             &msg,
             Some(1000),
@@ -133,7 +149,7 @@ pub(super) async fn answer(
     };
     let Some(_slot) = gw.llm.try_start() else {
         let msg = "the gateway is at its limit of LLM calls";
-        return Some(error(&ApiError::from_code(
+        return Err(error(&ApiError::from_code(
             ErrorCode::OverCapacity,
             msg,
             Some(1000),
@@ -141,11 +157,11 @@ pub(super) async fn answer(
     };
     let x = Exchange::default();
     let writer = Writer::new(&c);
-    if c.call.stream {
-        streamed(gw, c, &caller, &x, writer, stream).await
+    Ok(if c.call.stream {
+        streamed(gw, c, &caller, &x, writer, stream, keep).await
     } else {
         whole(gw, c, &caller, &x, writer, stream).await
-    }
+    })
 }
 
 /// A call answered with one `chat.completion`.
@@ -156,7 +172,7 @@ async fn whole(
     x: &Exchange,
     w: Writer,
     stream: &mut Socket,
-) -> Option<Response> {
+) -> Answered {
     let relay = gw.llm.run(c.call, caller, x);
     // A client that hangs up cancels the call; the relay then ends.
     let watch = async {
@@ -165,14 +181,19 @@ async fn whole(
         std::future::pending::<()>().await
     };
     futures_lite::future::or(relay, watch).await;
-    match x.take().end? {
-        End::Answer(f) => Some(Response::new(200, "application/json", w.whole(&f))),
-        End::Failed(e) => Some(error(&e)),
+    match x.take().end {
+        Some(End::Answer(f)) => {
+            Answered::Whole(Response::new(200, "application/json", w.whole(&f)))
+        }
+        Some(End::Failed(e)) => Answered::Whole(error(&e)),
+        // Cancelled: the client is gone.
+        None => Answered::Streamed { again: false },
     }
 }
 
 /// A call answered as server-sent events, written as the relay speaks:
-/// what piled up while the client read is sent as one chunk.
+/// what piled up while the client read is sent as one chunk. With `keep`,
+/// in HTTP chunks, so the connection can carry the next request.
 async fn streamed(
     gw: &Gateway,
     c: Completion,
@@ -180,12 +201,14 @@ async fn streamed(
     x: &Exchange,
     mut w: Writer,
     stream: &mut Socket,
-) -> Option<Response> {
+    keep: bool,
+) -> Answered {
     let relay = async {
         gw.llm.run(c.call, caller, x).await;
         x.close();
     };
     let mut refused = None;
+    let mut finished = false;
     let writer = async {
         let mut head_sent = false;
         loop {
@@ -202,13 +225,24 @@ async fn streamed(
                 // The head goes with the first piece, in one write.
                 head_sent = p.has_piece() || ended;
                 if head_sent {
-                    out = request::sse_head("");
+                    out = request::sse_head(keep, "");
                 }
             }
             if head_sent {
-                out.push_str(&w.events(p));
+                let events = w.events(p);
+                if !keep {
+                    out.push_str(&events);
+                } else if !events.is_empty() {
+                    out.push_str(&format!("{:x}\r\n{events}\r\n", events.len()));
+                }
+                if keep && ended {
+                    // The last chunk: the connection is free again.
+                    out.push_str("0\r\n\r\n");
+                    finished = true;
+                }
             }
             if !out.is_empty() && !request::write(stream, out.as_bytes()).await {
+                finished = false;
                 // The client went away: nobody reads the answer.
                 x.cancel.cancel();
                 return;
@@ -223,5 +257,8 @@ async fn streamed(
         }
     };
     futures_lite::future::zip(relay, writer).await;
-    refused
+    match refused {
+        Some(r) => Answered::Whole(r),
+        None => Answered::Streamed { again: finished },
+    }
 }

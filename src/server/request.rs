@@ -6,8 +6,11 @@
 //! another site), the token comes as `Authorization: Bearer` (open mode
 //! as for `/ws`), and the body is bounded by `server.max_message_bytes`.
 //! While it is served, a request holds a place under the connection caps.
-//! Each response closes its connection: no idle keep-alive sockets to
-//! bound.
+//! An MCP response closes its connection. An OpenAI-compatible client's
+//! connection is kept for its next request (its SDK's pool expects it,
+//! and a new connection per call costs more than the relay itself): it
+//! keeps its place under the caps, which bound such sockets, and its next
+//! request must come within the handshake's time.
 
 use super::http::{Head, Response};
 use super::tls::Socket;
@@ -21,6 +24,9 @@ use std::rc::Rc;
 /// Bytes a client may send after its request before it is taken to be
 /// misbehaving and is let go.
 const MAX_AFTER_REQUEST: usize = 4096;
+
+/// Requests one kept-alive connection may carry.
+const MAX_REQUESTS: u32 = 1000;
 
 /// Which API a request is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -158,24 +164,73 @@ pub async fn admit(
 }
 
 /// Answers an admitted request; for a stream, for as long as it runs.
-pub async fn serve(gw: &Rc<Gateway>, a: Admitted, mut stream: Socket, ip: IpAddr) {
+/// An OpenAI-compatible client's connection stays open for its next
+/// request (as its SDK's connection pool expects) after a whole answer:
+/// at most [`MAX_REQUESTS`], each head within `server.handshake_timeout_ms`.
+pub async fn serve(gw: &Rc<Gateway>, mut a: Admitted, mut stream: Socket, ip: IpAddr) {
     // A request (a stream above all) holds a place under the same caps as
-    // a WebSocket, for as long as it is served.
+    // a WebSocket, for as long as it is served, kept-alive time included.
     let held = gw.table.borrow_mut().hold(ip);
-    let response = match held {
-        Ok(()) => match a.api {
-            Api::Mcp => mcp_http::answer(gw, &a, &mut stream, ip).await,
-            Api::OpenAi => openai_http::answer(gw, &a, &mut stream, ip).await,
-        },
-        Err(full) => Some(a.api.shaped(gw.cap_refusal(full, ip))),
-    };
-    if let Some(r) = response {
-        r.send(&mut stream).await;
+    for served in 1.. {
+        let keep =
+            held.is_ok() && a.api == Api::OpenAi && a.head.keep_alive && served < MAX_REQUESTS;
+        let answered = match held {
+            Ok(()) => match a.api {
+                Api::Mcp => match mcp_http::answer(gw, &a, &mut stream, ip).await {
+                    Some(r) => Answered::Whole(r),
+                    None => Answered::Streamed { again: false },
+                },
+                Api::OpenAi => openai_http::answer(gw, &a, &mut stream, ip, keep).await,
+            },
+            Err(full) => Answered::Whole(a.api.shaped(gw.cap_refusal(full, ip))),
+        };
+        let again = match answered {
+            Answered::Whole(mut r) => {
+                r.keep_alive = keep && !gw.draining.get();
+                r.send(&mut stream).await;
+                r.keep_alive
+            }
+            Answered::Streamed { again } => again && !gw.draining.get(),
+        };
+        if !again {
+            break;
+        }
+        // The next head and body within the handshake's time, as a new
+        // connection's.
+        let deadline = async {
+            async_io::Timer::after(gw.cfg.server.handshake_timeout).await;
+            Err(None)
+        };
+        match futures_lite::future::or(next(gw, &mut stream, ip), deadline).await {
+            Ok(next) => a = next,
+            Err(Some(r)) => {
+                Api::OpenAi.shaped(r).send(&mut stream).await;
+                break;
+            }
+            Err(None) => break,
+        }
     }
     let _ = stream.close().await;
     if held.is_ok() {
         gw.table.borrow_mut().release(ip);
     }
+}
+
+/// The next request on a kept-alive connection, read and admitted as a
+/// first one is; `Err` with the answer that refuses it, or `None` when
+/// the client closed, stayed silent, or asked for something not under
+/// `/v1/`.
+async fn next(gw: &Gateway, stream: &mut Socket, ip: IpAddr) -> Result<Admitted, Option<Response>> {
+    let (head, leftover) = super::http::read_head(stream).await.map_err(|_| None)?;
+    if let Some(r) = super::wrong_host(gw, &head, ip) {
+        return Err(Some(r));
+    }
+    if Api::at(head.route()) != Some(Api::OpenAi) {
+        return Err(None);
+    }
+    admit(gw, Api::OpenAi, head, leftover, stream, ip)
+        .await
+        .map_err(Some)
 }
 
 /// Resolves when the client hangs up: its side of the socket ends or
@@ -216,9 +271,25 @@ pub async fn write(stream: &mut Socket, bytes: &[u8]) -> bool {
 }
 
 /// The head of an answer streamed as server-sent events, with `extra`
-/// header lines (each ending in CRLF).
-pub fn sse_head(extra: &str) -> String {
+/// header lines (each ending in CRLF). `kept`: the events go in HTTP
+/// chunks and the connection stays open after them; otherwise its end
+/// ends the stream.
+pub fn sse_head(kept: bool, extra: &str) -> String {
+    let connection = if kept {
+        "keep-alive\r\nTransfer-Encoding: chunked"
+    } else {
+        "close"
+    };
     format!(
-        "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-store\r\nConnection: close\r\nX-Content-Type-Options: nosniff\r\n{extra}\r\n"
+        "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-store\r\nConnection: {connection}\r\nX-Content-Type-Options: nosniff\r\n{extra}\r\n"
     )
+}
+
+/// How a request was answered.
+pub enum Answered {
+    /// With one response, to send.
+    Whole(Response),
+    /// As a stream, already sent; `again`: it ended cleanly and the
+    /// connection may carry the next request.
+    Streamed { again: bool },
 }

@@ -1,8 +1,9 @@
 //! `relay N`: the LLM relay's overhead. The fake OpenAI-compatible server
-//! of the tests streams a short answer; N calls go to it directly, N
-//! through the gateway's `op` protocol (one WebSocket) and N through its
-//! OpenAI-compatible endpoint (a connection each, like the direct calls),
-//! one at a time, timing the first chunk of each.
+//! of the tests streams a short answer; N calls go to it directly (a
+//! connection each: it closes them), N through the gateway's `op`
+//! protocol (one WebSocket) and N through its OpenAI-compatible endpoint
+//! (one connection kept alive, as an SDK's pool keeps it; then a
+//! connection each), one at a time, timing the first chunk of each.
 //!
 //! `streams N`: N streamed calls at once through `/v1/chat/completions`,
 //! each 2 s of 100 chunks, sampling the gateway's resident memory until
@@ -16,45 +17,92 @@ use std::time::{Duration, Instant};
 
 const CALL: &str = r#"{"model":"fake","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
 
-/// A stream read up to its first piece of content: what was read, and the
-/// connection, to be read to its end.
-struct Started(Vec<u8>, TcpStream);
-
-/// Sends a streamed chat completion to `addr` on a connection of its own
-/// and reads until the first piece of content; the time that took.
-fn first_chunk(addr: SocketAddr, token: Option<&str>) -> Result<(Duration, Started), String> {
-    let t = Instant::now();
-    let mut s = TcpStream::connect(addr).map_err(|e| e.to_string())?;
-    s.set_nodelay(true).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))
-        .map_err(|e| e.to_string())?;
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    let req = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{CALL}",
-        CALL.len()
-    );
-    s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !got.windows(9).any(|w| w == b"\"content\"") {
-        let k = s.read(&mut buf).map_err(|e| e.to_string())?;
-        if k == 0 {
-            return Err(format!(
-                "closed before the first chunk: {}",
-                String::from_utf8_lossy(&got)
-            ));
-        }
-        got.extend_from_slice(&buf[..k]);
-    }
-    Ok((t.elapsed(), Started(got, s)))
+/// A client of the chat completions API: a connection of its own for
+/// each call, or one kept open from call to call (as an SDK's pool keeps
+/// it; the gateway then sends a stream in HTTP chunks).
+struct Client {
+    addr: SocketAddr,
+    auth: String,
+    keep: bool,
+    conn: Option<TcpStream>,
 }
 
-/// Reads a stream to its end; whether it ended with `[DONE]`.
-fn to_the_end(Started(mut got, mut s): Started) -> bool {
-    let _ = s.read_to_end(&mut got);
-    got.ends_with(b"data: [DONE]\n\n")
+impl Client {
+    fn new(addr: SocketAddr, token: Option<&str>, keep: bool) -> Client {
+        let auth = token
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        Client {
+            addr,
+            auth,
+            keep,
+            conn: None,
+        }
+    }
+
+    /// One streamed call: the time to its first piece of content; then
+    /// reads the stream to its end, which must be `[DONE]`.
+    fn call(&mut self) -> Result<Duration, String> {
+        let t = Instant::now();
+        let mut s = match self.conn.take() {
+            Some(s) => s,
+            None => {
+                let s = TcpStream::connect(self.addr).map_err(|e| e.to_string())?;
+                s.set_nodelay(true).map_err(|e| e.to_string())?;
+                s.set_read_timeout(Some(Duration::from_secs(30)))
+                    .map_err(|e| e.to_string())?;
+                s
+            }
+        };
+        let close = if self.keep {
+            ""
+        } else {
+            "Connection: close\r\n"
+        };
+        let req = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n{close}{}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{CALL}",
+            self.auth,
+            CALL.len()
+        );
+        s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        let mut read = |s: &mut TcpStream, got: &mut Vec<u8>| -> Result<usize, String> {
+            let k = s.read(&mut buf).map_err(|e| e.to_string())?;
+            got.extend_from_slice(&buf[..k]);
+            Ok(k)
+        };
+        while !got.windows(9).any(|w| w == b"\"content\"") {
+            if read(&mut s, &mut got)? == 0 {
+                return Err(format!(
+                    "closed before the first chunk: {}",
+                    String::from_utf8_lossy(&got)
+                ));
+            }
+        }
+        let first = t.elapsed();
+        // The gateway keeps the connection (a stream in chunks) until its
+        // limit of requests on one connection, then closes it.
+        let chunked = got.windows(26).any(|w| w == b"Transfer-Encoding: chunked");
+        let end: &[u8] = if chunked {
+            b"data: [DONE]\n\n\r\n0\r\n\r\n"
+        } else {
+            b"data: [DONE]\n\n"
+        };
+        while !got.ends_with(end) {
+            if read(&mut s, &mut got)? == 0 {
+                let tail = &got[got.len().saturating_sub(120)..];
+                return Err(format!(
+                    "the stream ended without [DONE]: ...{}",
+                    String::from_utf8_lossy(tail)
+                ));
+            }
+        }
+        if chunked {
+            self.conn = Some(s);
+        }
+        Ok(first)
+    }
 }
 
 /// Time from sending a call to its first chunk, directly and through the
@@ -66,18 +114,9 @@ pub fn overhead(n: usize) -> Result<(), String> {
         "{NO_RATE_LIMITS}[auth]\ntokens = [\"bench:bench-token\"]\n[provider.fake]\nbase_url = \"{}\"\nmodel = \"m\"\n",
         fake.base_url()
     ))?;
-    let mut direct_once = || -> Result<Duration, String> {
-        let (t, s) = first_chunk(fake.addr, None)?;
-        to_the_end(s);
-        Ok(t)
-    };
-    let mut v1_once = || -> Result<Duration, String> {
-        let (t, s) = first_chunk(gw.addr, Some("bench-token"))?;
-        if !to_the_end(s) {
-            return Err("a /v1 stream ended without [DONE]".into());
-        }
-        Ok(t)
-    };
+    let mut direct = Client::new(fake.addr, None, false);
+    let mut v1_each = Client::new(gw.addr, Some("bench-token"), false);
+    let mut v1_kept = Client::new(gw.addr, Some("bench-token"), true);
     let mut ws = session(gw.addr, "bench-token")?;
     let call = r#"{"op":"call_tool","request_id":"r","name":"chat","arguments":{"messages":[{"role":"user","content":"hi"}]}}"#;
     let mut ws_once = || -> Result<Duration, String> {
@@ -105,9 +144,10 @@ pub fn overhead(n: usize) -> Result<(), String> {
             v.sort();
             Ok(v)
         };
-    let direct = measure(&mut direct_once)?;
+    let direct = measure(&mut || direct.call())?;
     let through_ws = measure(&mut ws_once)?;
-    let through_v1 = measure(&mut v1_once)?;
+    let through_v1 = measure(&mut || v1_kept.call())?;
+    let through_v1_each = measure(&mut || v1_each.call())?;
     let pct = |v: &[Duration], p: f64| {
         v[((v.len() as f64 * p) as usize).min(v.len() - 1)].as_secs_f64() * 1e3
     };
@@ -128,9 +168,11 @@ pub fn overhead(n: usize) -> Result<(), String> {
     println!("{n} calls each, one at a time; time to the first chunk:");
     line("direct from the fake:", &direct);
     line("through /ws (op protocol):", &through_ws);
-    line("through /v1 (a connection each):", &through_v1);
+    line("through /v1 (one kept-alive):", &through_v1);
+    line("through /v1 (a connection each):", &through_v1_each);
     overhead("relay overhead, /ws:", &through_ws);
     overhead("relay overhead, /v1:", &through_v1);
+    overhead("relay overhead, /v1, a connection each:", &through_v1_each);
     Ok(())
 }
 
@@ -156,8 +198,8 @@ pub fn streams(n: usize) -> Result<(), String> {
     let clients: Vec<_> = (0..n)
         .map(|_| {
             std::thread::spawn(move || -> Result<bool, String> {
-                let (_, s) = first_chunk(addr, Some("bench-token"))?;
-                Ok(to_the_end(s))
+                Client::new(addr, Some("bench-token"), false).call()?;
+                Ok(true)
             })
         })
         .collect();
