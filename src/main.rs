@@ -11,7 +11,8 @@ const USAGE: &str = "\
 hivegate: a small WebSocket gateway for chat and LLM traffic on edge devices
 
 Usage:
-  hivegate serve [--config FILE]    run the gateway (no FILE: embedded defaults)
+  hivegate serve [--config FILE] [--listen ADDR]
+                                    run the gateway (no FILE: embedded defaults)
   hivegate check-config [--config] FILE
                                     validate a configuration file and exit
   hivegate genconfig                print a complete, commented configuration
@@ -27,8 +28,11 @@ Every setting can also come from the environment: [server] listen is
 HIVEGATE_SERVER_LISTEN, and the environment wins. See README.md for all keys.
 ";
 
+/// The variable `serve --listen` sets.
+const LISTEN_VAR: &str = "HIVEGATE_SERVER_LISTEN";
+
 const SERVE_USAGE: &str = "\
-Usage: hivegate serve [--config FILE]
+Usage: hivegate serve [--config FILE] [--listen ADDR]
 
 Runs the gateway in the foreground, logging to stderr. Without --config it
 uses the embedded defaults: listen on 127.0.0.1:8080, data under
@@ -37,6 +41,8 @@ SIGTERM or SIGINT drains and exits 0; a second signal exits at once.
 
 Options:
   -c, --config FILE   the TOML configuration file
+  -l, --listen ADDR   the address and port to serve on (server.listen;
+                      wins over the file and HIVEGATE_SERVER_LISTEN)
   -h, --help          show this help
 ";
 
@@ -132,22 +138,39 @@ fn run(args: &[String], env: &[(String, String)]) -> Result<i32, String> {
             Ok(0)
         }
         ["serve", rest @ ..] => {
-            let path = match rest {
-                [] => None,
-                ["-c" | "--config", file] => Some(PathBuf::from(file)),
-                _ => {
-                    return Err(format!(
-                        "unexpected arguments to serve: {}\n\n{SERVE_USAGE}",
-                        rest.join(" ")
-                    ))
+            let (mut path, mut env) = (None, env.to_vec());
+            let mut it = rest.iter();
+            while let Some(flag) = it.next() {
+                match (*flag, it.next()) {
+                    ("-c" | "--config", Some(file)) => path = Some(PathBuf::from(file)),
+                    ("-l" | "--listen", Some(addr)) => {
+                        // As the variable, which the flag then overrides:
+                        // a reload reads the same.
+                        env.retain(|(k, _)| k != LISTEN_VAR);
+                        env.push((LISTEN_VAR.into(), addr.to_string()));
+                    }
+                    ("-c" | "--config", None) => {
+                        return Err(format!("serve {flag} needs a FILE\n\n{SERVE_USAGE}"))
+                    }
+                    ("-l" | "--listen", None) => {
+                        return Err(format!("serve {flag} needs an ADDR such as 127.0.0.1:8080\n\n{SERVE_USAGE}"))
+                    }
+                    _ => {
+                        return Err(format!(
+                            "unexpected arguments to serve: {}\n\n{SERVE_USAGE}",
+                            rest.join(" ")
+                        ))
+                    }
                 }
-            };
+            }
+            let env = env.as_slice();
             let (cfg, warnings) = Config::load(path.as_deref(), env)
                 .map_err(|e| format!("invalid configuration:\n{e}"))?;
             let journal = env.iter().any(|(k, _)| k == "JOURNAL_STREAM");
             let log = ops::log::Logger::new(cfg.log.level, cfg.log.format).for_journal(journal);
+            // The environment is shared with other programs: serve goes on.
             for w in &warnings {
-                log.warn(w, &[]);
+                log.warn(&format!("{w}; it is ignored"), &[]);
             }
             ops::log::route_libraries(log);
             let source = daemon::ConfigSource {
@@ -158,10 +181,11 @@ fn run(args: &[String], env: &[(String, String)]) -> Result<i32, String> {
         }
         ["check-config", file] | ["check-config", "-c" | "--config", file] => {
             match Config::load(Some(&PathBuf::from(file)), env) {
-                // Here a variable that names no key is an error.
+                // Here a variable that names no key is an error (serve
+                // warns and ignores it): a typo in a unit's Environment=.
                 Ok((_, warnings)) if !warnings.is_empty() => {
                     for w in warnings {
-                        eprintln!("{w}");
+                        eprintln!("error: {w} (a typo? `hivegate genconfig` lists the keys; serve would ignore it)");
                     }
                     Ok(1)
                 }

@@ -251,6 +251,36 @@ fn the_command_line_names_the_right_word_and_generates_a_config() {
         Some(1),
         "an unknown HIVEGATE_ variable fails check-config"
     );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(
+            "error: environment variable HIVEGATE_SERVR_LISTEN names no configuration key"
+        ) && !err.contains("it is ignored"),
+        "{err}"
+    );
+    // serve: a flag without its value says which value it needs.
+    for (flag, needs) in [("-c", "needs a FILE"), ("--listen", "needs an ADDR")] {
+        let out = run(&["serve", flag], &[]);
+        assert_eq!(out.status.code(), Some(2));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(needs),
+            "{flag}"
+        );
+    }
+    // A section twice is a TOML error, with both lines.
+    let dir = tempfile::tempdir().unwrap();
+    let twice = dir.path().join("twice.toml");
+    std::fs::write(
+        &twice,
+        "[server]\nlisten = \"localhost:8080\"\n[log]\n[server]\nmax_connections = 5\n",
+    )
+    .unwrap();
+    let out = run(&["check-config", twice.to_str().unwrap()], &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("twice.toml:4: [server] appears a second time (first on line 1)"),
+        "{err}"
+    );
     let generated = run(&["genconfig"], &[]);
     assert!(generated.status.success());
     let dir = tempfile::tempdir().unwrap();
@@ -290,4 +320,38 @@ fn metrics_name_the_build() {
         .as_secs_f64();
     assert!((now - start).abs() < 120.0, "{start} vs {now}");
     assert!(gw.metric("process_cpu_seconds_total") >= 0.0);
+}
+
+#[test]
+fn serve_takes_its_address_from_the_command_line() {
+    // localhost means the loopback; the flag wins over the variable.
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hivegate"))
+        .args(["serve", "--listen", &format!("localhost:{port}")])
+        .env("HIVEGATE_SERVER_LISTEN", "127.0.0.1:1")
+        .env("HIVEGATE_SERVER_ADMIN_LISTEN", "")
+        .env("HIVEGATE_SERVER_DATA_DIR", dir.path())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    let listening = loop {
+        line.clear();
+        if std::io::BufRead::read_line(&mut err, &mut line).unwrap() == 0 {
+            break None;
+        }
+        if line.contains("listening") {
+            break Some(line.clone());
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let line = listening.expect("the gateway started");
+    assert!(line.contains(&format!("addr=127.0.0.1:{port}")), "{line}");
 }

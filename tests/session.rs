@@ -69,6 +69,16 @@ fn open_mode_generates_names() {
     );
     assert!(a.starts_with("guest-") && b.starts_with("guest-") && a != b);
     assert!(gw.log_text().contains("open mode"));
+    assert!(ack_a.get("notice").is_none());
+    // A token that signs nobody in (the protocol document's example has
+    // one) makes a guest too, told so, and is no failed sign-in: six of
+    // them do not lock the address out.
+    for _ in 0..6 {
+        let (_ws, ack) = gw.session(Some("..."));
+        assert_eq!(ack["ok"], true, "{ack}");
+        assert!(ack["user"].as_str().unwrap().starts_with("guest-"));
+        assert!(ack["notice"].as_str().unwrap().contains("guest"), "{ack}");
+    }
 }
 
 #[test]

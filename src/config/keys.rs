@@ -62,7 +62,7 @@ pub const CORE: &[Key] = &[
         reloadable: false,
         default: "\"127.0.0.1:8080\"",
         note: "",
-        meaning: "address and port for HTTP and WebSocket",
+        meaning: "address and port for HTTP and WebSocket (`localhost:PORT` is `127.0.0.1:PORT`); `serve --listen ADDR` wins over it",
         set: Set::C(|c, s| s.socket_addr().map(|v| c.server.listen = v)),
     },
     Key {

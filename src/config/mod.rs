@@ -292,7 +292,7 @@ impl Config {
             };
             let Some(key) = key_for_env(rest) else {
                 warnings.push(format!(
-                    "environment variable {var} names no configuration key; it is ignored"
+                    "environment variable {var} names no configuration key"
                 ));
                 continue;
             };

@@ -134,11 +134,16 @@ impl Setting<'_> {
         self.int(i64::from(min), i64::from(max)).map(|n| n as u32)
     }
 
+    /// An address and port; `localhost:PORT` is the IPv4 loopback (no
+    /// name is looked up: the box may have no resolver at start).
     pub fn socket_addr(&self) -> Result<SocketAddr, String> {
         let text = self.string()?;
-        text.parse().map_err(|_| {
+        let local = text
+            .strip_prefix("localhost:")
+            .map(|port| format!("127.0.0.1:{port}"));
+        local.as_deref().unwrap_or(&text).parse().map_err(|_| {
             format!(
-                "{}: {text:?} is not an address and port such as \"127.0.0.1:8080\" or \"[::]:8080\"",
+                "{}: {text:?} is not an address and port such as \"127.0.0.1:8080\", \"localhost:8080\" or \"[::]:8080\"",
                 self.key
             )
         })

@@ -60,6 +60,8 @@ pub fn parse(text: &str) -> Result<Vec<Entry>, SyntaxError> {
     let mut entries: Vec<Entry> = Vec::new();
     let mut section = String::new();
     let mut tables = 0;
+    // Each [section] header and its line: TOML allows one of each.
+    let mut headers: Vec<(String, usize)> = Vec::new();
     let lines: Vec<&str> = text.lines().collect();
     let mut i = 0;
     while i < lines.len() {
@@ -105,6 +107,12 @@ pub fn parse(text: &str) -> Result<Vec<Entry>, SyntaxError> {
                     "bad section name [{name}]: use letters, digits, '_' and '-', separated by '.'"
                 )));
             }
+            if let Some((_, first)) = headers.iter().find(|(h, _)| h == name) {
+                return Err(err(format!(
+                    "[{name}] appears a second time (first on line {first}): TOML allows a section once; put its keys together"
+                )));
+            }
+            headers.push((name.to_string(), line_no));
             section = name.to_string();
             continue;
         }

@@ -132,8 +132,18 @@ impl Conn {
         client_id: Option<&str>,
     ) -> Result<(), Close> {
         let gw = self.gw.clone();
+        // In open mode a token that signs nobody in makes a guest, told so
+        // in its `hello_ack` (and no failed sign-in: anyone may be a guest).
+        let mut token_ignored = false;
         let signed = match (token, &self.preauth) {
-            (Some(t), _) => gw.live.borrow().sign_in(t).map(Rc::new),
+            (Some(t), _) => {
+                let live = gw.live.borrow();
+                live.sign_in(t).map(Rc::new).or_else(|reason| {
+                    let guest = live.anonymous(client_id).map(Rc::new).ok_or(reason);
+                    token_ignored = guest.is_ok();
+                    guest
+                })
+            }
             (None, Some(who)) => Ok(who.clone()),
             (None, None) => gw
                 .live
@@ -176,6 +186,12 @@ impl Conn {
                 .bool("ok", true)
                 .str("session_id", &session_id)
                 .str("user", &user)
+                .opt_str(
+                    "notice",
+                    token_ignored.then_some(
+                        "the token signs nobody in: this session is a guest (open mode)",
+                    ),
+                )
                 .str("server", concat!("hivegate/", env!("CARGO_PKG_VERSION")))
                 .raw("limits", &limits)
                 .finish(),
