@@ -146,6 +146,16 @@ impl Default for Server {
     }
 }
 
+/// Where the first key `message` names was set (the last setting of it:
+/// the environment wins), or the configuration as a whole.
+fn mentioned(message: &str, set: &[(String, Origin)]) -> Origin {
+    set.iter()
+        .rev()
+        .filter_map(|(key, origin)| message.find(key.as_str()).map(|at| (at, origin)))
+        .min_by_key(|(at, _)| *at)
+        .map_or(Origin::Whole, |(_, origin)| origin.clone())
+}
+
 /// Where a setting came from, so an error can point at it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Origin {
@@ -255,16 +265,19 @@ impl Config {
         let mut warnings = Vec::new();
         let mut token_origin = Origin::Whole;
         let mut mode_set = false;
+        // Every key set and where: an error about two keys points at the
+        // first it names.
+        let mut set: Vec<(String, Origin)> = Vec::new();
 
         if let Some((path, text)) = file {
             match toml::parse(text) {
-                Err(e) => errors.push(ConfigError {
+                Err(syntax) => errors.extend(syntax.into_iter().map(|e| ConfigError {
                     origin: Origin::File {
                         path: path.to_path_buf(),
                         line: e.line,
                     },
                     message: e.message,
-                }),
+                })),
                 Ok(entries) => {
                     for entry in entries {
                         let origin = Origin::File {
@@ -278,6 +291,7 @@ impl Config {
                             env,
                         };
                         track(&entry.key, &origin, &mut token_origin, &mut mode_set);
+                        set.push((entry.key.clone(), origin.clone()));
                         if let Err(message) = cfg.apply(&setting) {
                             errors.push(ConfigError { origin, message });
                         }
@@ -298,6 +312,7 @@ impl Config {
             };
             let origin = Origin::Env(var.clone());
             track(&key, &origin, &mut token_origin, &mut mode_set);
+            set.push((key.clone(), origin.clone()));
             let value = Value::Str(value.clone());
             let setting = Setting {
                 key: &key,
@@ -317,27 +332,15 @@ impl Config {
                     message,
                 });
             }
-            if let Err(message) = cfg.check_remote(env) {
+            let checks = [
+                cfg.check_remote(env),
+                cfg.check_cluster(),
+                cfg.check_llm(env),
+                cfg.check_access(),
+            ];
+            for message in checks.into_iter().filter_map(Result::err) {
                 errors.push(ConfigError {
-                    origin: Origin::Whole,
-                    message,
-                });
-            }
-            if let Err(message) = cfg.check_cluster() {
-                errors.push(ConfigError {
-                    origin: Origin::Whole,
-                    message,
-                });
-            }
-            if let Err(message) = cfg.check_llm(env) {
-                errors.push(ConfigError {
-                    origin: Origin::Whole,
-                    message,
-                });
-            }
-            if let Err(message) = cfg.check_access() {
-                errors.push(ConfigError {
-                    origin: Origin::Whole,
+                    origin: mentioned(&message, &set),
                     message,
                 });
             }

@@ -313,6 +313,21 @@ fn a_misspelt_key_gets_the_nearest() {
         text.contains("did you mean store.retention_days?"),
         "{text}"
     );
+    // An error about the whole points at the key it names first.
+    let p = write("[server]\nlisten = \"127.0.0.1:8080\"\n\n[llm]\nchain = [\"nope\"]\n");
+    let text = Config::load(Some(&p), &[]).unwrap_err().to_string();
+    assert!(text.contains(":5: llm.chain names \"nope\""), "{text}");
+    // A misspelt section gets the one meant, its name kept.
+    let p = write("[providers.kimi]\nbase_url = \"http://127.0.0.1:9\"\n[acces]\nroles = []\n");
+    let text = Config::load(Some(&p), &[]).unwrap_err().to_string();
+    assert!(
+        text.contains("no [providers] section; did you mean [provider.kimi]?"),
+        "{text}"
+    );
+    assert!(
+        text.contains("no [acces] section; did you mean [[access]]?"),
+        "{text}"
+    );
 }
 
 #[test]

@@ -48,15 +48,19 @@ pub struct SyntaxError {
     pub message: String,
 }
 
-pub fn parse(text: &str) -> Result<Vec<Entry>, SyntaxError> {
+/// The file's entries, or every syntax error in it (a line in error is
+/// skipped, and so are the keys under a header in error, so one mistake
+/// is reported once).
+pub fn parse(text: &str) -> Result<Vec<Entry>, Vec<SyntaxError>> {
     if text.starts_with('\u{feff}') {
-        return Err(SyntaxError {
+        return Err(vec![SyntaxError {
             line: 1,
             message:
                 "the file starts with a byte-order mark (U+FEFF): save it as UTF-8 without one"
                     .into(),
-        });
+        }]);
     }
+    let mut errors = Vec::new();
     let mut entries: Vec<Entry> = Vec::new();
     let mut section = String::new();
     let mut tables = 0;
@@ -64,6 +68,8 @@ pub fn parse(text: &str) -> Result<Vec<Entry>, SyntaxError> {
     let mut headers: Vec<(String, usize)> = Vec::new();
     let lines: Vec<&str> = text.lines().collect();
     let mut i = 0;
+    // The keys under a header in error belong nowhere: not reported again.
+    const NOWHERE: &str = "\u{0}";
     while i < lines.len() {
         let line_no = i + 1;
         let err = |message: String| SyntaxError {
@@ -75,97 +81,113 @@ pub fn parse(text: &str) -> Result<Vec<Entry>, SyntaxError> {
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        if let Some(rest) = line.strip_prefix("[[") {
-            // The one array table: `[[access]]`, each entry's keys read
-            // as `access.N.key` (N from 1, in file order).
-            let name = strip_comment(rest)
-                .trim_end()
-                .strip_suffix("]]")
-                .map(str::trim);
-            if name != Some("access") {
-                return Err(err(
-                    "the only array table is [[access]]; use [section] headers for the rest".into(),
-                ));
+        let mut step = || -> Result<(), SyntaxError> {
+            if let Some(rest) = line.strip_prefix("[[") {
+                // The one array table: `[[access]]`, each entry's keys read
+                // as `access.N.key` (N from 1, in file order).
+                let name = strip_comment(rest)
+                    .trim_end()
+                    .strip_suffix("]]")
+                    .map(str::trim);
+                if name != Some("access") {
+                    return Err(err(
+                        "the only array table is [[access]]; use [section] headers for the rest"
+                            .into(),
+                    ));
+                }
+                tables += 1;
+                section = format!("access.{tables}");
+                return Ok(());
             }
-            tables += 1;
-            section = format!("access.{tables}");
-            continue;
-        }
-        if let Some(rest) = line.strip_prefix('[') {
-            let rest = strip_comment(rest);
-            let name = rest
-                .trim_end()
-                .strip_suffix(']')
-                .ok_or_else(|| err("a section header must end with ']'".into()))?
-                .trim();
-            if name.is_empty()
-                || !name
-                    .split('.')
-                    .all(|p| !p.is_empty() && p.chars().all(is_bare_key_char))
-            {
-                return Err(err(format!(
+            if let Some(rest) = line.strip_prefix('[') {
+                let rest = strip_comment(rest);
+                let name = rest
+                    .trim_end()
+                    .strip_suffix(']')
+                    .ok_or_else(|| err("a section header must end with ']'".into()))?
+                    .trim();
+                if name.is_empty()
+                    || !name
+                        .split('.')
+                        .all(|p| !p.is_empty() && p.chars().all(is_bare_key_char))
+                {
+                    return Err(err(format!(
                     "bad section name [{name}]: use letters, digits, '_' and '-', separated by '.'"
                 )));
-            }
-            if let Some((_, first)) = headers.iter().find(|(h, _)| h == name) {
-                return Err(err(format!(
+                }
+                if let Some((_, first)) = headers.iter().find(|(h, _)| h == name) {
+                    return Err(err(format!(
                     "[{name}] appears a second time (first on line {first}): TOML allows a section once; put its keys together"
                 )));
+                }
+                headers.push((name.to_string(), line_no));
+                section = name.to_string();
+                return Ok(());
             }
-            headers.push((name.to_string(), line_no));
-            section = name.to_string();
-            continue;
-        }
-        let Some((key, rest)) = line.split_once('=') else {
-            return Err(err(format!(
-                "expected `key = value` or a [section] header, found {line:?}"
-            )));
-        };
-        let key = key.trim();
-        if key.is_empty() || !key.chars().all(is_bare_key_char) {
-            return Err(err(format!(
+            let Some((key, rest)) = line.split_once('=') else {
+                return Err(err(format!(
+                    "expected `key = value` or a [section] header, found {line:?}"
+                )));
+            };
+            let key = key.trim();
+            if key.is_empty() || !key.chars().all(is_bare_key_char) {
+                return Err(err(format!(
                 "bad key {key:?}: use letters, digits, '_' and '-' (dotted and quoted keys are not supported)"
             )));
-        }
-        // An array may continue over the following lines until its ']'.
-        let mut source = rest.trim().to_string();
-        if source.starts_with('[') {
-            while !array_closed(&source) && i < lines.len() {
-                source.push('\n');
-                source.push_str(lines[i]);
-                i += 1;
             }
-        }
-        let mut cursor = Cursor {
-            chars: source.chars().collect(),
-            pos: 0,
+            // An array may continue over the following lines until its ']'.
+            let mut source = rest.trim().to_string();
+            if source.starts_with('[') {
+                while !array_closed(&source) && i < lines.len() {
+                    source.push('\n');
+                    source.push_str(lines[i]);
+                    i += 1;
+                }
+            }
+            let mut cursor = Cursor {
+                chars: source.chars().collect(),
+                pos: 0,
+            };
+            let value = cursor.value().map_err(&err)?;
+            cursor.skip_space_and_comments();
+            if cursor.pos < cursor.chars.len() {
+                return Err(err(format!(
+                    "unexpected text after the value of {key}: {:?}",
+                    cursor.rest()
+                )));
+            }
+            let full_key = if section.is_empty() {
+                key.to_string()
+            } else {
+                format!("{section}.{key}")
+            };
+            if let Some(first) = entries.iter().find(|e| e.key == full_key) {
+                return Err(err(format!(
+                    "{full_key} is set twice (first on line {})",
+                    first.line
+                )));
+            }
+            if !section.starts_with(NOWHERE) {
+                entries.push(Entry {
+                    key: full_key,
+                    value,
+                    line: line_no,
+                });
+            }
+            Ok(())
         };
-        let value = cursor.value().map_err(&err)?;
-        cursor.skip_space_and_comments();
-        if cursor.pos < cursor.chars.len() {
-            return Err(err(format!(
-                "unexpected text after the value of {key}: {:?}",
-                cursor.rest()
-            )));
+        if let Err(e) = step() {
+            if lines[line_no - 1].trim_start().starts_with('[') {
+                section = NOWHERE.into();
+            }
+            errors.push(e);
         }
-        let full_key = if section.is_empty() {
-            key.to_string()
-        } else {
-            format!("{section}.{key}")
-        };
-        if let Some(first) = entries.iter().find(|e| e.key == full_key) {
-            return Err(err(format!(
-                "{full_key} is set twice (first on line {})",
-                first.line
-            )));
-        }
-        entries.push(Entry {
-            key: full_key,
-            value,
-            line: line_no,
-        });
     }
-    Ok(entries)
+    if errors.is_empty() {
+        Ok(entries)
+    } else {
+        Err(errors)
+    }
 }
 
 fn is_bare_key_char(c: char) -> bool {
@@ -436,15 +458,26 @@ mod tests {
         );
     }
 
+    fn first_err(text: &str) -> SyntaxError {
+        parse(text).unwrap_err().remove(0)
+    }
+
+    #[test]
+    fn every_error_is_reported_once() {
+        let e = parse("a = 1 2\n[bad name]\nx = 1\n[ok]\nb = nope\nc = 3\n").unwrap_err();
+        let lines: Vec<usize> = e.iter().map(|e| e.line).collect();
+        assert_eq!(lines, [1, 2, 5], "{e:?}");
+    }
+
     #[test]
     fn errors_name_the_line() {
-        let e = parse("[server]\nlisten = 127.0.0.1:80\n").unwrap_err();
+        let e = first_err("[server]\nlisten = 127.0.0.1:80\n");
         assert_eq!(e.line, 2);
         assert!(e.message.contains("quotes"), "{}", e.message);
-        assert_eq!(parse("a = 1\na = 2\n").unwrap_err().line, 2);
-        assert_eq!(parse("\n\n[[x]]\n").unwrap_err().line, 3);
-        assert_eq!(parse("k = \"open\n").unwrap_err().line, 1);
-        assert_eq!(parse("k = [1,\n2\n").unwrap_err().line, 1);
+        assert_eq!(first_err("a = 1\na = 2\n").line, 2);
+        assert_eq!(first_err("\n\n[[x]]\n").line, 3);
+        assert_eq!(first_err("k = \"open\n").line, 1);
+        assert_eq!(first_err("k = [1,\n2\n").line, 1);
         assert!(parse("k = {a = 1}").is_err());
         assert!(parse("a.b = 1").is_err());
         assert!(parse("k = 1 2").is_err());
@@ -453,11 +486,11 @@ mod tests {
 
     #[test]
     fn numbers_and_marks_get_hints() {
-        let e = parse("[s]\nk = 0x10\n").unwrap_err();
+        let e = first_err("[s]\nk = 0x10\n");
         assert!(e.message.contains("write the number in decimal"), "{e:?}");
-        let e = parse("[s]\nk = 99999999999999999999\n").unwrap_err();
+        let e = first_err("[s]\nk = 99999999999999999999\n");
         assert!(e.message.contains("too large for an integer"), "{e:?}");
-        let e = parse("\u{feff}[s]\nk = 1\n").unwrap_err();
+        let e = first_err("\u{feff}[s]\nk = 1\n");
         assert_eq!(e.line, 1);
         assert!(e.message.contains("byte-order mark"), "{e:?}");
     }

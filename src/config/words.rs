@@ -16,9 +16,25 @@ pub(super) fn unknown_key(key: &str) -> String {
     let section = key.split('.').next().unwrap_or(key);
     let close: Vec<&str> = keys()
         .map(|k| k.name)
-        .filter(|k| k.starts_with(section) && k.contains('.'))
+        .filter(|k| k.strip_prefix(section).is_some_and(|r| r.starts_with('.')))
         .collect();
-    if close.is_empty() {
+    // A misspelt section ([providers.kimi], [acess]): the one meant, with
+    // the rest of the header as written.
+    let nearest_section = keys()
+        .filter_map(|k| k.name.split('.').next())
+        .filter(|s| *s != section)
+        .map(|s| (edit_distance(s, section), s))
+        .min()
+        .filter(|(d, _)| *d <= 2);
+    if let (true, Some((_, meant))) = (close.is_empty(), nearest_section) {
+        let header = key.rsplit_once('.').map_or(key, |(h, _)| h);
+        let meant_header = format!("{meant}{}", &header[section.len()..]);
+        let open = if meant == "access" { "[[" } else { "[" };
+        let close = if meant == "access" { "]]" } else { "]" };
+        format!(
+            "unknown key {key}: this build has no [{section}] section; did you mean {open}{meant_header}{close}?"
+        )
+    } else if close.is_empty() {
         format!("unknown key {key}: this build has no [{section}] section")
     } else {
         format!(
