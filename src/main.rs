@@ -170,7 +170,10 @@ fn run(args: &[String], env: &[(String, String)]) -> Result<i32, String> {
             let log = ops::log::Logger::new(cfg.log.level, cfg.log.format).for_journal(journal);
             // The environment is shared with other programs: serve goes on.
             for w in &warnings {
-                log.warn(&format!("{w}; it is ignored"), &[]);
+                match w.contains(hivegate::config::UNKNOWN_VARIABLE) {
+                    true => log.warn(&format!("{w}; it is ignored"), &[]),
+                    false => log.warn(w, &[]),
+                }
             }
             ops::log::route_libraries(log);
             let source = daemon::ConfigSource {
@@ -183,11 +186,21 @@ fn run(args: &[String], env: &[(String, String)]) -> Result<i32, String> {
             match Config::load(Some(&PathBuf::from(file)), env) {
                 // Here a variable that names no key is an error (serve
                 // warns and ignores it): a typo in a unit's Environment=.
+                // A deprecated name is a warning.
                 Ok((_, warnings)) if !warnings.is_empty() => {
+                    let mut failed = false;
                     for w in warnings {
-                        eprintln!("error: {w} (a typo? `hivegate genconfig` lists the keys; serve would ignore it)");
+                        if w.contains(hivegate::config::UNKNOWN_VARIABLE) {
+                            failed = true;
+                            eprintln!("error: {w} (a typo? `hivegate genconfig` lists the keys; serve would ignore it)");
+                        } else {
+                            eprintln!("warning: {w}");
+                        }
                     }
-                    Ok(1)
+                    if !failed {
+                        println!("{file}: ok");
+                    }
+                    Ok(i32::from(failed))
                 }
                 Ok(_) => {
                     println!("{file}: ok");

@@ -20,6 +20,19 @@ type Apply<T> = fn(&mut T, &Setting) -> Result<(), String>;
 
 /// Where a key's value goes: the config itself, the `[remote]` or
 /// `[cluster]` section (created by its first key), one
+/// Keys renamed when every duration came to end in `_ms`: the old name is
+/// still read (its value times the factor), with a warning that says what
+/// to write instead.
+pub const RENAMED: [(&str, &str, i64); 3] = [
+    ("auth.jwt_leeway_s", "auth.jwt_leeway_ms", 1000),
+    ("store.retention_days", "store.retention_ms", 86_400_000),
+    (
+        "cluster.outbox_max_age_s",
+        "cluster.outbox_max_age_ms",
+        1000,
+    ),
+];
+
 /// `[provider.NAME]` section, or one `[[access]]` rule.
 pub enum Set {
     C(Apply<Config>),
@@ -298,12 +311,12 @@ pub const CORE: &[Key] = &[
         set: Set::C(|c, s| s.string().map(|v| c.auth.jwt.roles_claim = v)),
     },
     Key {
-        name: "auth.jwt_leeway_s",
+        name: "auth.jwt_leeway_ms",
         reloadable: true,
-        default: "30",
-        note: "",
-        meaning: "clock skew allowed when checking `exp` and `nbf`",
-        set: Set::C(|c, s| s.int(0, 600).map(|v| c.auth.jwt.leeway_s = v as u64)),
+        default: "30000",
+        note: "30 s",
+        meaning: "clock skew allowed when checking `exp` and `nbf` (whole seconds count: tokens carry seconds)",
+        set: Set::C(|c, s| s.int(0, 600_000).map(|v| c.auth.jwt.leeway_s = (v as u64).div_ceil(1000))),
     },
     Key {
         name: "pool.threads",
@@ -330,12 +343,12 @@ pub const CORE: &[Key] = &[
         set: Set::C(|c, s| s.choice(&[("full", Synchronous::Full), ("normal", Synchronous::Normal), ("off", Synchronous::Off)]).map(|v| c.store.synchronous = v)),
     },
     Key {
-        name: "store.retention_days",
+        name: "store.retention_ms",
         reloadable: false,
-        default: "30",
-        note: "",
-        meaning: "messages older than this are deleted",
-        set: Set::C(|c, s| s.int(1, 36_500).map(|v| c.store.retention = Duration::from_secs(v as u64 * 86_400))),
+        default: "2592000000",
+        note: "30 days",
+        meaning: "messages older than this are deleted (at least a day)",
+        set: Set::C(|c, s| s.int(86_400_000, 3_153_600_000_000).map(|v| c.store.retention = Duration::from_millis(v as u64))),
     },
     Key {
         name: "store.max_messages_per_room",

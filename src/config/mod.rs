@@ -146,6 +146,37 @@ impl Default for Server {
     }
 }
 
+/// What a warning about a `HIVEGATE_*` variable that names no key says
+/// (check-config counts it as an error; other warnings are warnings).
+pub const UNKNOWN_VARIABLE: &str = "names no configuration key";
+
+/// A key renamed (see [`keys::RENAMED`]): the new key and the value in
+/// its unit, and the warning that says so; or the setting as it came.
+fn renamed(key: &str, value: &Value, origin: &Origin) -> Option<(String, Value, String)> {
+    let (old, new, factor) = keys::RENAMED.iter().find(|(old, _, _)| *old == key)?;
+    let scaled = |n: i64| n.saturating_mul(*factor);
+    let value = match value {
+        Value::Int(n) => Value::Int(scaled(*n)),
+        Value::Str(s) => match s.trim().parse::<i64>() {
+            Ok(n) => Value::Str(scaled(n).to_string()),
+            Err(_) => value.clone(),
+        },
+        other => other.clone(),
+    };
+    let shown = match &value {
+        Value::Int(n) => n.to_string(),
+        Value::Str(s) => s.clone(),
+        _ => "...".into(),
+    };
+    let warning = ConfigError {
+        origin: origin.clone(),
+        message: format!(
+            "{old} is deprecated: write {new} = {shown} (durations are in milliseconds)"
+        ),
+    };
+    Some((new.to_string(), value, warning.to_string()))
+}
+
 /// Where the first key `message` names was set (the last setting of it:
 /// the environment wins), or the configuration as a whole.
 fn mentioned(message: &str, set: &[(String, Origin)]) -> Origin {
@@ -279,11 +310,17 @@ impl Config {
                     message: e.message,
                 })),
                 Ok(entries) => {
-                    for entry in entries {
+                    for mut entry in entries {
                         let origin = Origin::File {
                             path: path.to_path_buf(),
                             line: entry.line,
                         };
+                        if let Some((key, value, warning)) =
+                            renamed(&entry.key, &entry.value, &origin)
+                        {
+                            (entry.key, entry.value) = (key, value);
+                            warnings.push(warning);
+                        }
                         let setting = Setting {
                             key: &entry.key,
                             value: &entry.value,
@@ -305,15 +342,19 @@ impl Config {
                 continue;
             };
             let Some(key) = key_for_env(rest) else {
-                warnings.push(format!(
-                    "environment variable {var} names no configuration key"
-                ));
+                warnings.push(format!("environment variable {var} {UNKNOWN_VARIABLE}"));
                 continue;
             };
             let origin = Origin::Env(var.clone());
+            let (key, value) = match renamed(&key, &Value::Str(value.clone()), &origin) {
+                Some((key, value, warning)) => {
+                    warnings.push(warning);
+                    (key, value)
+                }
+                None => (key, Value::Str(value.clone())),
+            };
             track(&key, &origin, &mut token_origin, &mut mode_set);
             set.push((key.clone(), origin.clone()));
-            let value = Value::Str(value.clone());
             let setting = Setting {
                 key: &key,
                 value: &value,
@@ -644,9 +685,10 @@ fn key_for_env(rest: &str) -> Option<String> {
         });
     }
     // `[[access]]` rules are the file's alone: a list of tables has no
-    // one name in the environment.
+    // one name in the environment. Renamed keys are still read.
     keys()
         .map(|k| k.name)
+        .chain(keys::RENAMED.iter().map(|(old, _, _)| *old))
         .filter(|k| !k.starts_with("provider.") && !k.starts_with("access."))
         .find(|k| env_name(k).strip_prefix("HIVEGATE_") == Some(rest))
         .map(String::from)

@@ -200,12 +200,12 @@ pub const SECTIONS: &[Key] = &[
         set: Set::K(|k, s| s.int(100, 100_000_000).map(|v| k.outbox_max_rows = v)),
     },
     Key {
-        name: "cluster.outbox_max_age_s",
+        name: "cluster.outbox_max_age_ms",
         reloadable: false,
-        default: "604800",
+        default: "604800000",
         note: "7 days",
         meaning: "oldest event kept in the bus log; older ones go even if never published (still stored here)",
-        set: Set::K(|k, s| s.int(60, 315_360_000).map(|v| k.outbox_max_age = Duration::from_secs(v as u64))),
+        set: Set::K(|k, s| s.int(60_000, 315_360_000_000).map(|v| k.outbox_max_age = Duration::from_millis(v as u64))),
     },
     Key {
         name: "cluster.max_inbound",

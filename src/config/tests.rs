@@ -303,16 +303,13 @@ fn systemd_directories_expand_in_paths() {
 
 #[test]
 fn a_misspelt_key_gets_the_nearest() {
-    let p = write("[server]\nmax_conections = 5\n[store]\nretention_dayz = 3\n");
+    let p = write("[server]\nmax_conections = 5\n[store]\nretention_mz = 3\n");
     let text = Config::load(Some(&p), &[]).unwrap_err().to_string();
     assert!(
         text.contains("did you mean server.max_connections?"),
         "{text}"
     );
-    assert!(
-        text.contains("did you mean store.retention_days?"),
-        "{text}"
-    );
+    assert!(text.contains("did you mean store.retention_ms?"), "{text}");
     // An error about the whole points at the key it names first.
     let p = write("[server]\nlisten = \"127.0.0.1:8080\"\n\n[llm]\nchain = [\"nope\"]\n");
     let text = Config::load(Some(&p), &[]).unwrap_err().to_string();
@@ -385,4 +382,37 @@ fn a_cluster_section_needs_servers_and_checks_its_names() {
         assert!(e.contains(says), "{text}: {e}");
     }
     assert!(Config::default_with_env(&[]).cluster.is_none());
+}
+
+#[test]
+fn renamed_duration_keys_are_still_read_with_a_warning() {
+    let p = write("[auth]\njwt_leeway_s = 5\n[store]\nretention_days = 2\n");
+    let env = [(
+        "HIVEGATE_CLUSTER_OUTBOX_MAX_AGE_S".to_string(),
+        "120".to_string(),
+    )];
+    // The cluster section needs its own settings to be valid; only the
+    // rename is looked at here.
+    let (cfg, warnings) = Config::load(Some(&p), &[]).unwrap();
+    assert_eq!(
+        cfg.store.retention,
+        std::time::Duration::from_secs(2 * 86_400)
+    );
+    assert_eq!(cfg.auth.jwt.leeway_s, 5);
+    assert!(
+        warnings[0].ends_with(":2: auth.jwt_leeway_s is deprecated: write auth.jwt_leeway_ms = 5000 (durations are in milliseconds)"),
+        "{warnings:?}"
+    );
+    assert!(
+        warnings[1].contains("write store.retention_ms = 172800000"),
+        "{warnings:?}"
+    );
+    let errors = Config::load(Some(&p), &env)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        !errors.contains("HIVEGATE_CLUSTER_OUTBOX_MAX_AGE_S names no"),
+        "{errors}"
+    );
 }
