@@ -7,12 +7,15 @@
 //! reported with its line (or variable) and the key it concerns; nothing is
 //! silently ignored or clamped.
 
+mod error;
 mod keys;
 mod sections;
 mod setting;
 mod toml;
 mod words;
 
+use error::mentioned;
+pub use error::{ConfigError, ConfigErrors, Origin};
 pub use keys::Key;
 use keys::Set;
 use setting::Setting;
@@ -34,7 +37,6 @@ use crate::ops::log::LogConfig;
 use crate::pool::PoolConfig;
 use crate::remote::RemoteConfig;
 use crate::store::StoreConfig;
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -176,63 +178,6 @@ fn renamed(key: &str, value: &Value, origin: &Origin) -> Option<(String, Value, 
     };
     Some((new.to_string(), value, warning.to_string()))
 }
-
-/// Where the first key `message` names was set (the last setting of it:
-/// the environment wins), or the configuration as a whole.
-fn mentioned(message: &str, set: &[(String, Origin)]) -> Origin {
-    set.iter()
-        .rev()
-        .filter_map(|(key, origin)| message.find(key.as_str()).map(|at| (at, origin)))
-        .min_by_key(|(at, _)| *at)
-        .map_or(Origin::Whole, |(_, origin)| origin.clone())
-}
-
-/// Where a setting came from, so an error can point at it.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Origin {
-    File {
-        path: PathBuf,
-        line: usize,
-    },
-    Env(String),
-    /// A problem of the configuration as a whole.
-    Whole,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct ConfigError {
-    pub origin: Origin,
-    pub message: String,
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.origin {
-            Origin::File { path, line } => write!(f, "{}:{line}: {}", path.display(), self.message),
-            Origin::Env(var) => write!(f, "environment {var}: {}", self.message),
-            Origin::Whole => write!(f, "{}", self.message),
-        }
-    }
-}
-
-/// All the problems found, so an operator fixes them in one go.
-#[derive(Debug)]
-pub struct ConfigErrors(pub Vec<ConfigError>);
-
-impl fmt::Display for ConfigErrors {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, e) in self.0.iter().enumerate() {
-            if i > 0 {
-                writeln!(f)?;
-            }
-            write!(f, "{e}")?;
-        }
-        Ok(())
-    }
-}
-
-impl std::error::Error for ConfigError {}
-impl std::error::Error for ConfigErrors {}
 
 impl Config {
     /// What removes every configured upstream key from upstream text.
