@@ -312,7 +312,7 @@ pub fn parse(text: &str) -> Result<Envelope, ParseError> {
                 .filter(|e| valid_emoji(e))
                 .ok_or_else(|| {
                     fail(format!(
-                        "emoji must be 1-{MAX_EMOJI} bytes of printable text, without quotes or backslashes"
+                        "emoji must be 1-{MAX_EMOJI} bytes of printable text, without spaces, quotes or backslashes"
                     ))
                 })?;
             Request::Chat(ChatRequest::React { message_id, emoji })

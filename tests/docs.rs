@@ -24,6 +24,7 @@ fn docs_protocol_is_the_contract() {
         "LIMIT_EXCEEDED",
         "NOT_FOUND",
         "PROVIDER_UNAVAILABLE",
+        "UPSTREAM_REJECTED",
         "TIMEOUT",
         "INTERNAL_ERROR",
     ] {
@@ -36,23 +37,28 @@ fn docs_protocol_is_the_contract() {
 
 #[test]
 fn every_close_code_the_gateway_sends_is_in_the_contract() {
+    // The table under "## Closing" lists each code with the reason the
+    // close frame carries, and no code the gateway does not send.
     let ours = std::fs::read_to_string(root().join("docs/PROTOCOL.md")).unwrap();
-    let start = ours
-        .find("Close codes:")
-        .expect("a paragraph of close codes");
-    let para = &ours[start..];
-    let para = &para[..para.find("\n\n").unwrap_or(para.len())];
+    let start = ours.find("## Closing").expect("a section on closing");
+    let section = &ours[start..];
+    let listed: Vec<u16> = section
+        .lines()
+        .filter_map(|l| l.strip_prefix("| ")?.split(' ').next()?.parse().ok())
+        .collect();
+    let mut sent = Vec::new();
     for close in hivegate::protocol::Close::ALL {
         if *close == hivegate::protocol::Close::Abnormal {
             continue; // never sent: it counts ends without a close frame
         }
-        assert!(
-            para.contains(&format!("{} ", close.code())),
-            "close code {} ({}) is not in docs/PROTOCOL.md",
-            close.code(),
-            close.reason()
-        );
+        let row = format!("| {} | {} |", close.code(), close.reason());
+        assert!(section.contains(&row), "docs/PROTOCOL.md has no row {row}");
+        sent.push(close.code());
     }
+    assert_eq!(
+        listed, sent,
+        "the table lists a code the gateway does not send"
+    );
 }
 
 #[test]

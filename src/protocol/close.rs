@@ -45,7 +45,6 @@ closes! {
     Policy = 1008, "policy violation";
     TooBig = 1009, "message too big";
     Internal = 1011, "internal error";
-    TryAgainLater = 1013, "try again later";
     InvalidJson = 4000, "too many invalid requests";
     UnknownProtocol = 4001, "expected hello";
     HelloTimeout = 4002, "no hello in time";
