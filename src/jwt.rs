@@ -153,7 +153,7 @@ impl JwtConfig {
                 .into());
         }
         if let Some(path) = &self.secret_file {
-            let text = read_small(path, "auth.jwt_secret_file")?;
+            let text = crate::ops::file::read_secret(path, 1 << 20, "auth.jwt_secret_file")?;
             let secret = text.trim();
             if secret.len() < 32 {
                 return Err(format!(

@@ -11,9 +11,9 @@ const USAGE: &str = "\
 hivegate: a small WebSocket gateway for chat and LLM traffic on edge devices
 
 Usage:
-  hivegate serve [--config FILE] [--listen ADDR]
+  hivegate serve [--config FILE] [--listen ADDR] [--credentials-dir DIR]
                                     run the gateway (no FILE: embedded defaults)
-  hivegate check-config [--config] FILE
+  hivegate check-config [--credentials-dir DIR] [--config] FILE
                                     validate a configuration file and exit
   hivegate genconfig                print a complete, commented configuration
   hivegate backup --out FILE [--config FILE]
@@ -30,9 +30,12 @@ HIVEGATE_SERVER_LISTEN, and the environment wins. See README.md for all keys.
 
 /// The variable `serve --listen` sets.
 const LISTEN_VAR: &str = "HIVEGATE_SERVER_LISTEN";
+/// The variable `--credentials-dir` sets: the directory systemd names in
+/// it for a unit's credentials, which paths in the file may name.
+const CREDENTIALS_VAR: &str = "CREDENTIALS_DIRECTORY";
 
 const SERVE_USAGE: &str = "\
-Usage: hivegate serve [--config FILE] [--listen ADDR]
+Usage: hivegate serve [--config FILE] [--listen ADDR] [--credentials-dir DIR]
 
 Runs the gateway in the foreground, logging to stderr. Without --config it
 uses the embedded defaults: listen on 127.0.0.1:8080, data under
@@ -43,16 +46,27 @@ Options:
   -c, --config FILE   the TOML configuration file
   -l, --listen ADDR   the address and port to serve on (server.listen;
                       wins over the file and HIVEGATE_SERVER_LISTEN)
+  --credentials-dir DIR
+                      what $CREDENTIALS_DIRECTORY means in the file's
+                      paths (systemd sets it for a unit's credentials)
   -h, --help          show this help
 ";
 
 const CHECK_USAGE: &str = "\
-Usage: hivegate check-config [--config] FILE
+Usage: hivegate check-config [--credentials-dir DIR] [--config] FILE
 
 Reads FILE and the HIVEGATE_* environment as `serve` would, and reports
-every problem with its line. A HIVEGATE_* variable that names no key is an
-error here (`serve` only warns: the environment is shared). Exits 0 when
-the configuration is valid, 1 otherwise.
+every problem with its line: the key files it names are read, and a key
+other users may read is an error. A HIVEGATE_* variable that names no key
+is an error here (`serve` only warns: the environment is shared). Exits 0
+when the configuration is valid, 1 otherwise.
+
+Options:
+  --credentials-dir DIR
+                      what $CREDENTIALS_DIRECTORY means in the file's
+                      paths, to check from a shell a configuration written
+                      for a unit with LoadCredential= (systemd sets it
+                      only for the service)
 ";
 
 const GENCONFIG_USAGE: &str = "\
@@ -146,14 +160,17 @@ fn run(args: &[String], env: &[(String, String)]) -> Result<i32, String> {
                     ("-l" | "--listen", Some(addr)) => {
                         // As the variable, which the flag then overrides:
                         // a reload reads the same.
-                        env.retain(|(k, _)| k != LISTEN_VAR);
-                        env.push((LISTEN_VAR.into(), addr.to_string()));
+                        set_var(&mut env, LISTEN_VAR, addr)
                     }
                     ("-c" | "--config", None) => {
                         return Err(format!("serve {flag} needs a FILE\n\n{SERVE_USAGE}"))
                     }
                     ("-l" | "--listen", None) => {
                         return Err(format!("serve {flag} needs an ADDR such as 127.0.0.1:8080\n\n{SERVE_USAGE}"))
+                    }
+                    ("--credentials-dir", Some(dir)) => set_var(&mut env, CREDENTIALS_VAR, dir),
+                    ("--credentials-dir", None) => {
+                        return Err(format!("serve {flag} needs a DIR\n\n{SERVE_USAGE}"))
                     }
                     _ => {
                         return Err(format!(
@@ -182,8 +199,32 @@ fn run(args: &[String], env: &[(String, String)]) -> Result<i32, String> {
             };
             daemon::run(cfg, log, source)
         }
-        ["check-config", file] | ["check-config", "-c" | "--config", file] => {
-            match Config::load(Some(&PathBuf::from(file)), env) {
+        ["check-config", rest @ ..] if !rest.is_empty() => {
+            let (mut file, mut env) = (None, env.to_vec());
+            let mut it = rest.iter();
+            while let Some(word) = it.next() {
+                match (*word, file.is_none()) {
+                    ("--credentials-dir", _) => match it.next() {
+                        Some(dir) => set_var(&mut env, CREDENTIALS_VAR, dir),
+                        None => return Err(format!("check-config {word} needs a DIR\n\n{CHECK_USAGE}")),
+                    },
+                    ("-c" | "--config", true) => match it.next() {
+                        Some(f) => file = Some(*f),
+                        None => return Err(format!("check-config {word} needs a FILE\n\n{CHECK_USAGE}")),
+                    },
+                    (f, true) if !f.starts_with('-') => file = Some(f),
+                    _ => {
+                        return Err(format!(
+                            "unexpected arguments to check-config: {}\n\n{CHECK_USAGE}",
+                            rest.join(" ")
+                        ))
+                    }
+                }
+            }
+            let Some(file) = file else {
+                return Err(format!("check-config needs a FILE\n\n{CHECK_USAGE}"));
+            };
+            match Config::load(Some(&PathBuf::from(file)), &env) {
                 // Here a variable that names no key is an error (serve
                 // warns and ignores it): a typo in a unit's Environment=.
                 // A deprecated name is a warning.
@@ -403,4 +444,11 @@ fn usage_table(rows: &[store::UsageRow]) -> String {
         out.push('\n');
     }
     out
+}
+
+/// Sets `name` in the environment the configuration is read with (a
+/// flag wins over the variable; a reload reads the same).
+fn set_var(env: &mut Vec<(String, String)>, name: &str, value: &str) {
+    env.retain(|(k, _)| k != name);
+    env.push((name.into(), value.into()));
 }

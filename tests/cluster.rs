@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{fixture, recv_json, send_json, Gateway, Ws, NO_RATE_LIMITS};
+use common::{fixture, recv_json, send_json, write_secret, Gateway, Ws, NO_RATE_LIMITS};
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -483,8 +483,8 @@ fn the_bus_login_comes_from_a_credentials_file_and_a_wrong_one_leaves_the_box_al
     let nats = Nats::start_with(&["--user", "hg", "--pass", "s3cret-bus"]);
     let dir = tempfile::tempdir().unwrap();
     let (good, bad) = (dir.path().join("good"), dir.path().join("bad"));
-    std::fs::write(&good, "hg:s3cret-bus\n").unwrap();
-    std::fs::write(&bad, "hg:wrong-pass\n").unwrap();
+    write_secret(&good, "hg:s3cret-bus\n");
+    write_secret(&bad, "hg:wrong-pass\n");
     let a = start_box_with(&nats, "box-a", &format!("credentials_file = {good:?}\n"));
     let b = start_box_with(&nats, "box-b", &format!("credentials_file = {bad:?}\n"));
     wait_for("the bus", Duration::from_secs(10), || on_bus(&a));
@@ -763,7 +763,9 @@ fn boxes_reach_a_tls_server_with_a_client_certificate() {
             format!(
                 "tls_cert_file = {:?}\ntls_key_file = {:?}\n",
                 tls("box.pem"),
-                tls("box.key")
+                hivegate::testkit::secret_fixture("tls/box.key")
+                    .display()
+                    .to_string()
             )
         } else {
             String::new()

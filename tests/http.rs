@@ -115,8 +115,11 @@ fn version_and_help() {
 #[test]
 fn check_config_reports_every_problem_with_its_line() {
     let bin = env!("CARGO_BIN_EXE_hivegate");
+    // Its keys as a unit's credentials would be, checked from a shell.
+    let creds = credentials_dir();
     let out = Command::new(bin)
-        .arg("check-config")
+        .args(["check-config", "--credentials-dir"])
+        .arg(&creds)
         .arg(fixture("config/full.toml"))
         .output()
         .unwrap();
@@ -124,6 +127,39 @@ fn check_config_reports_every_problem_with_its_line() {
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    // Without it, the error says what is missing and where it is set.
+    let out = Command::new(bin)
+        .arg("check-config")
+        .arg(fixture("config/full.toml"))
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("names $CREDENTIALS_DIRECTORY, which is not set"),
+        "{err}"
+    );
+    // A key copied with cp (mode 644) is refused, with the fix.
+    let loose = tempfile::tempdir().unwrap();
+    for name in ["kimi.key", "nats.creds", "box-a.key"] {
+        std::fs::copy(creds.join(name), loose.path().join(name)).unwrap();
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let kimi = loose.path().join("kimi.key");
+    std::fs::set_permissions(&kimi, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = Command::new(bin)
+        .args(["check-config", "--credentials-dir"])
+        .arg(loose.path())
+        .arg(fixture("config/full.toml"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("mode 0644") && err.contains(&format!("chmod 600 {}", kimi.display())),
+        "{err}"
     );
     let out = Command::new(bin)
         .arg("check-config")
@@ -233,9 +269,11 @@ fn the_command_line_names_the_right_word_and_generates_a_config() {
         out.status.success() && String::from_utf8_lossy(&out.stdout).contains("hivegate serve")
     );
     let full = fixture("config/full.toml");
+    let creds = credentials_dir();
+    let creds = creds.to_str().unwrap();
     let out = run(
         &["check-config", &format!("--config={}", full.display())],
-        &[],
+        &[("CREDENTIALS_DIRECTORY", creds)],
     );
     assert!(
         out.status.success(),
@@ -244,7 +282,10 @@ fn the_command_line_names_the_right_word_and_generates_a_config() {
     );
     let out = run(
         &["check-config", "--config", full.to_str().unwrap()],
-        &[("HIVEGATE_SERVR_LISTEN", "x")],
+        &[
+            ("HIVEGATE_SERVR_LISTEN", "x"),
+            ("CREDENTIALS_DIRECTORY", creds),
+        ],
     );
     assert_eq!(
         out.status.code(),
@@ -354,4 +395,15 @@ fn serve_takes_its_address_from_the_command_line() {
     let _ = child.wait();
     let line = listening.expect("the gateway started");
     assert!(line.contains(&format!("addr=127.0.0.1:{port}")), "{line}");
+}
+
+/// A directory holding the full fixture's secrets, as a unit's
+/// credentials directory would (each readable by its owner only).
+fn credentials_dir() -> std::path::PathBuf {
+    let mut dir = std::path::PathBuf::new();
+    for name in ["kimi.key", "nats.creds", "box-a.key"] {
+        let path = hivegate::testkit::secret_fixture(&format!("config/{name}"));
+        dir = path.parent().unwrap().to_path_buf();
+    }
+    dir
 }

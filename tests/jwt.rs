@@ -116,7 +116,7 @@ fn claims(sub: &str) -> Value {
 fn gateway(keys: &Keys, dir: &Path) -> Gateway {
     let secret = dir.join("jwt-secret");
     let jwks = dir.join("jwks.json");
-    std::fs::write(&secret, SECRET).unwrap();
+    write_secret(&secret, SECRET);
     std::fs::write(&jwks, keys.jwks(true)).unwrap();
     Gateway::start(
         &format!(

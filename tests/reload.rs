@@ -50,7 +50,7 @@ fn sighup_rotates_tokens_origins_limits_and_keys_without_dropping_anyone() {
     let fake = FakeOpenAi::start(ok_stream(transcript("hello.txt")));
     let dir = tempfile::tempdir().unwrap();
     let key_file = dir.path().join("kimi.key");
-    std::fs::write(&key_file, OLD_KEY).unwrap();
+    write_secret(&key_file, OLD_KEY);
     let notify_path = dir.path().join("notify.sock");
     let notify = UnixDatagram::bind(&notify_path).unwrap();
     notify

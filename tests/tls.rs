@@ -86,7 +86,7 @@ fn https_and_wss_on_the_listen_port_with_a_certificate_renewed_on_sighup() {
     let dir = tempfile::tempdir().unwrap();
     let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
     std::fs::copy(fixture_tls("server1.pem"), &cert).unwrap();
-    std::fs::copy(fixture_tls("server1.key"), &key).unwrap();
+    copy_secret(&fixture_tls("server1.key"), &key);
     let gw = Gateway::start(
         &format!("[server]\ntls_cert_file = {cert:?}\ntls_key_file = {key:?}\n"),
         &[],
@@ -122,7 +122,7 @@ fn https_and_wss_on_the_listen_port_with_a_certificate_renewed_on_sighup() {
     // Renew: new files in place, SIGHUP. The open session stays; the next
     // handshake gets the new certificate.
     std::fs::copy(fixture_tls("server2.pem"), &cert).unwrap();
-    std::fs::copy(fixture_tls("server2.key"), &key).unwrap();
+    copy_secret(&fixture_tls("server2.key"), &key);
     gw.signal(libc::SIGHUP);
     wait_log(&gw, "configuration reloaded", 1);
     assert_eq!(served_cert(&connect(&gw)), cert_der("server2.pem"));
@@ -169,7 +169,7 @@ fn a_certificate_without_its_key_is_a_clear_error() {
         "{err}"
     );
     // A key that is not the certificate's: serve refuses to start.
-    let key = fixture_tls("server2.key");
+    let key = hivegate::testkit::secret_fixture("tls/server2.key");
     let (code, err) = hivegate_on(
         &["serve", "--config"],
         &format!("[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = DATA\ntls_cert_file = {cert:?}\ntls_key_file = {key:?}\n"),
@@ -286,7 +286,7 @@ fn slow_tls_handshakes_from_many_addresses_never_lock_out_a_newcomer() {
     let dir = tempfile::tempdir().unwrap();
     let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
     std::fs::copy(fixture_tls("server1.pem"), &cert).unwrap();
-    std::fs::copy(fixture_tls("server1.key"), &key).unwrap();
+    copy_secret(&fixture_tls("server1.key"), &key);
     let gw = Gateway::start(
         &format!(
             "[server]\ntls_cert_file = {cert:?}\ntls_key_file = {key:?}\n\

@@ -124,6 +124,7 @@ impl NatsTls {
             (None, None) => builder.with_no_client_auth(),
             (Some(cert), Some(key)) => {
                 let chain = crate::ca::pem_certificates(cert, "cluster.tls_cert_file")?;
+                crate::ops::file::check_private(key, "cluster.tls_key_file")?;
                 let key = rustls::pki_types::PrivateKeyDer::from_pem_file(key)
                     .map_err(|e| format!("cluster.tls_key_file {}: {e}", key.display()))?;
                 builder.with_client_auth_cert(chain, key).map_err(|e| {
@@ -136,12 +137,6 @@ impl NatsTls {
         };
         Ok(NatsTls(std::sync::Arc::new(config)))
     }
-}
-
-/// A credential or key file's text, at most 64 KiB.
-fn read_small(path: &std::path::Path, setting: &str) -> Result<String, String> {
-    crate::ops::file::read_small(path, 64 * 1024)
-        .map_err(|e| format!("{setting} {}: {e}", path.display()))
 }
 
 /// The last `oseq` applied, by (origin box, room).
@@ -186,7 +181,7 @@ impl ClusterConfig {
             ));
         }
         if let Some(path) = &self.credentials_file {
-            let text = read_small(path, "cluster.credentials_file")?;
+            let text = crate::ops::file::read_secret(path, 64 * 1024, "cluster.credentials_file")?;
             self.login = Login::parse(&text);
         }
         self.tls = if self.nats_urls.iter().any(|u| nats::wants_tls(u)) {
@@ -197,7 +192,7 @@ impl ClusterConfig {
         self.signing = match (&self.signing_key_file, self.trusted_keys.is_empty()) {
             (None, true) => None,
             (Some(path), false) => {
-                let text = read_small(path, "cluster.signing_key_file")?;
+                let text = crate::ops::file::read_secret(path, 64 * 1024, "cluster.signing_key_file")?;
                 Some(sign::SigningConfig::read(&self.node_id, &text, &self.trusted_keys)?)
             }
             _ => {

@@ -449,7 +449,7 @@ impl Config {
                 ));
             }
             p.api_key = read_key(
-                &format!("provider {}", p.name),
+                &format!("provider.{}", p.name),
                 &p.api_key_env,
                 &p.api_key_file,
                 env,
@@ -532,8 +532,8 @@ fn read_key(
         },
         (None, Some(path)) => {
             // At most 64 KiB: a key is short.
-            let text = crate::ops::file::read_small(path, 64 * 1024)
-                .map_err(|e| format!("{who}: cannot read api_key_file {}: {e}", path.display()))?;
+            let text =
+                crate::ops::file::read_secret(path, 64 * 1024, &format!("{who}.api_key_file"))?;
             let key = text.trim();
             if key.is_empty() {
                 return Err(format!("{who}: api_key_file {} is empty", path.display()));

@@ -287,6 +287,8 @@ fn systemd_directories_expand_in_paths() {
     );
     let creds = tempfile::tempdir().unwrap();
     std::fs::write(creds.path().join("kimi.key"), "sk-cred\n").unwrap();
+    let key = creds.path().join("kimi.key");
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let e = env(&[
         ("STATE_DIRECTORY", "/var/lib/hivegate:/other"),
         ("CREDENTIALS_DIRECTORY", creds.path().to_str().unwrap()),

@@ -312,6 +312,12 @@ mod tests {
     }
 
     /// `fixtures/config/box-a.key`'s public key, as `hivegate genkey` prints it.
+    /// A secret fixture's path, quoted as TOML wants it.
+    fn secret(rel: &str) -> &'static str {
+        let path = crate::testkit::secret_fixture(rel);
+        Box::leak(format!("{:?}", path.display().to_string()).into_boxed_str())
+    }
+
     const TRUSTED: &str = "[\"a:aqWFhsiNoCxlblBzQohOWG9v_55353gf6hLmvzvVHRw\"]";
 
     /// Each key's `reloadable` flag is what a reload does with it: a
@@ -326,7 +332,7 @@ mod tests {
                 "[server]",
                 &[
                     ("tls_cert_file", "\"fixtures/tls/server1.pem\""),
-                    ("tls_key_file", "\"fixtures/tls/server1.key\""),
+                    ("tls_key_file", secret("tls/server1.key")),
                 ],
             ),
             ("[auth]", &[("tokens", "[\"a:tok-aaaaaaaaaaaa\"]")]),
@@ -371,7 +377,7 @@ mod tests {
         // Keys that only go with another: changed together.
         let companion = |key: &str| match key {
             "cluster.signing_key_file" => Some(("trusted_keys", TRUSTED)),
-            "cluster.trusted_keys" => Some(("signing_key_file", "\"fixtures/config/box-a.key\"")),
+            "cluster.trusted_keys" => Some(("signing_key_file", secret("config/box-a.key"))),
             "access.N.llm_tokens_per_day" => Some(("providers", "[\"*\"]")),
             _ => None,
         };
@@ -417,11 +423,11 @@ mod tests {
             "\"KEY_B\"",
             "\"b\"",
             "\"fixtures/tls/server2.pem\"",
-            "\"fixtures/tls/server2.key\"",
+            secret("tls/server2.key"),
             "\"fixtures/tls/ca.pem\"",
-            "\"fixtures/config/kimi.key\"",
-            "\"fixtures/config/box-a.key\"",
-            "\"fixtures/config/nats.creds\"",
+            secret("config/kimi.key"),
+            secret("config/box-a.key"),
+            secret("config/nats.creds"),
             "\"fixtures/jwt/rsa-jwk.json\"",
             "\"./other-data\"",
             "[\"example.org\"]",

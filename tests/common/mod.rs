@@ -475,3 +475,21 @@ pub fn raw_fragment(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
     }
     f
 }
+
+/// Writes a secret (a key, a credential) readable by its owner only, as
+/// the gateway requires of secrets.
+pub fn write_secret(path: &std::path::Path, text: &str) {
+    std::fs::write(path, text).unwrap();
+    private(path);
+}
+
+/// Copies a secret fixture to `to`, readable by its owner only.
+pub fn copy_secret(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::copy(from, to).unwrap();
+    private(to);
+}
+
+fn private(path: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
