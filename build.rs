@@ -148,6 +148,11 @@ fn find_test_tools() {
             "REQUIRE_SYSTEMD",
             on_path("systemd-analyze"),
         ),
+        (
+            "missing_strace",
+            "REQUIRE_STRACE",
+            on_path("strace") && on_path("systemd-analyze"),
+        ),
     ];
     println!("cargo:rerun-if-env-changed=PATH");
     println!("cargo:rerun-if-env-changed=WSTEST");

@@ -83,7 +83,8 @@ Usage: hivegate genkey NODE --out FILE
 Writes a new Ed25519 key for the cluster box NODE to FILE (readable by its
 owner only; FILE must not exist yet) and prints the line every box of the
 cluster lists in cluster.trusted_keys. Point this box's
-cluster.signing_key_file at FILE (under systemd, as a credential).
+cluster.signing_key_file at FILE; under the package's unit, a file in
+/etc/hivegate/credentials/ that belongs to the hivegate user.
 ";
 
 const BACKUP_USAGE: &str = "\

@@ -264,7 +264,7 @@ pub const SECTIONS: &[Key] = &[
         reloadable: true,
         default: "",
         note: "",
-        meaning: "file holding the API key (e.g. under `$CREDENTIALS_DIRECTORY`)",
+        meaning: "file holding the API key, readable by the service only (e.g. /etc/hivegate/credentials/kimi.key)",
         set: Set::P(|p, s| s.path().map(|v| p.api_key_file = Some(v))),
     },
     Key {

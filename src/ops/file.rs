@@ -43,6 +43,16 @@ pub fn check_private(path: &Path, setting: &str) -> Result<(), String> {
     private(path, &file, setting)
 }
 
+/// Copies `from` to `to`, readable by its owner only: written aside and
+/// renamed, so nobody ever reads it half-written or open to others.
+pub fn private_copy(from: &Path, to: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let aside = to.with_extension(format!("{:?}.part", std::thread::current().id()));
+    std::fs::copy(from, &aside)?;
+    std::fs::set_permissions(&aside, std::fs::Permissions::from_mode(0o600))?;
+    std::fs::rename(&aside, to)
+}
+
 fn private(path: &Path, file: &std::fs::File, setting: &str) -> Result<(), String> {
     use std::os::unix::fs::PermissionsExt;
     let meta = file

@@ -31,11 +31,25 @@ pub fn parse_stat(text: &str, ticks_per_s: f64, page: u64, boot_time_s: f64) -> 
     })
 }
 
+/// When the machine booted, in Unix seconds: the wall clock less the time
+/// since boot. Not from `/proc/stat`, which a unit with `ProcSubset=pid`
+/// does not show.
 fn boot_time_s() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    stat.lines()
-        .find_map(|l| l.strip_prefix("btime "))
-        .and_then(|v| v.trim().parse().ok())
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the struct we own.
+    if unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) } != 0 {
+        return None;
+    }
+    let since_boot = ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_secs_f64();
+    // Whole seconds, as the kernel's btime: the start time stays put.
+    Some((now - since_boot).round())
 }
 
 fn open_fds() -> Option<u64> {

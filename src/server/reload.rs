@@ -312,9 +312,13 @@ mod tests {
     }
 
     /// `fixtures/config/box-a.key`'s public key, as `hivegate genkey` prints it.
-    /// A secret fixture's path, quoted as TOML wants it.
+    /// A copy of a secret fixture only its owner may read (as the
+    /// gateway requires), its path quoted as TOML wants it. The copies
+    /// live as long as the test process.
     fn secret(rel: &str) -> &'static str {
-        let path = crate::testkit::secret_fixture(rel);
+        let dir: &'static tempfile::TempDir = Box::leak(Box::new(tempfile::tempdir().unwrap()));
+        let path = dir.path().join(rel.replace('/', "-"));
+        crate::ops::file::private_copy(&std::path::Path::new("fixtures").join(rel), &path).unwrap();
         Box::leak(format!("{:?}", path.display().to_string()).into_boxed_str())
     }
 

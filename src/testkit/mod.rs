@@ -8,17 +8,13 @@ pub mod fake_openai;
 /// its owner may read, as the gateway requires of secrets: a checkout
 /// leaves the fixtures readable by everyone. One copy per process.
 pub fn secret_fixture(rel: &str) -> std::path::PathBuf {
-    use std::os::unix::fs::PermissionsExt;
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let dir = std::env::temp_dir().join(format!("hivegate-secrets-{}", std::process::id()));
     let path = dir.join(rel);
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).expect("a directory for secret fixtures");
     }
-    // Written aside and renamed: tests running at once may ask for it.
-    let aside = path.with_extension(format!("{:?}.part", std::thread::current().id()));
-    std::fs::copy(root.join("fixtures").join(rel), &aside).expect("a secret fixture");
-    std::fs::set_permissions(&aside, std::fs::Permissions::from_mode(0o600)).expect("chmod 600");
-    std::fs::rename(&aside, &path).expect("a secret fixture in place");
+    crate::ops::file::private_copy(&root.join("fixtures").join(rel), &path)
+        .expect("a secret fixture");
     path
 }
