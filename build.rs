@@ -103,7 +103,7 @@ fn order_text() {
 }
 
 /// Tests that drive an outside tool (Autobahn, nats-server, the MCP SDKs,
-/// Chromium, systemd) are marked ignored when the tool is missing, so that
+/// Chromium, systemd, strace, HAProxy) are marked ignored when the tool is missing, so that
 /// cargo's own summary says so ("ignored, nats-server is not installed
 /// ...") instead of counting them as passed. `REQUIRE_<TOOL>=1`, as
 /// `.ci/run` sets, keeps them in: there a missing tool is a failure.
@@ -148,6 +148,7 @@ fn find_test_tools() {
             "REQUIRE_SYSTEMD",
             on_path("systemd-analyze"),
         ),
+        ("missing_haproxy", "REQUIRE_HAPROXY", on_path("haproxy")),
         (
             "missing_strace",
             "REQUIRE_STRACE",

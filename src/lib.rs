@@ -11,6 +11,7 @@ pub mod cluster;
 pub mod config;
 pub mod daemon;
 pub mod executor;
+pub mod forwarded;
 pub mod fuzz;
 pub mod hub;
 pub mod json;

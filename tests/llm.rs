@@ -10,15 +10,29 @@ use std::time::{Duration, Instant};
 
 const KEY: &str = "sk-test-key-7f3a9c";
 
-/// A gateway with the given providers (name, fake) and extra TOML.
+/// A gateway with the given providers (name, fake) and extra TOML; keys
+/// the extra gives under `[provider.NAME]` join that provider's section
+/// (TOML allows a section once).
 fn gateway(providers: &[(&str, &FakeOpenAi)], extra: &str) -> Gateway {
-    let mut cfg = format!("{NO_RATE_LIMITS}{extra}\n");
+    let mut extra = extra.to_string();
+    let mut sections = String::new();
     for (name, fake) in providers {
-        cfg.push_str(&format!(
-            "[provider.{name}]\nbase_url = \"{}\"\nmodel = \"fake-model\"\napi_key_env = \"FAKE_KEY\"\n",
+        let header = format!("[provider.{name}]\n");
+        let mut own = String::new();
+        if let Some(at) = extra.find(&header) {
+            let body = at + header.len();
+            let end = extra[body..]
+                .find("\n[")
+                .map_or(extra.len(), |e| body + e + 1);
+            own = extra[body..end].to_string();
+            extra.replace_range(at..end, "");
+        }
+        sections.push_str(&format!(
+            "{header}base_url = \"{}\"\nmodel = \"fake-model\"\napi_key_env = \"FAKE_KEY\"\n{own}",
             fake.base_url()
         ));
     }
+    let cfg = format!("{NO_RATE_LIMITS}{extra}\n{sections}");
     Gateway::start(&cfg, &[("FAKE_KEY", KEY)])
 }
 

@@ -215,6 +215,29 @@ pub const CORE: &[Key] = &[
         set: Set::C(|c, s| s.boolean().map(|v| c.server.echo_endpoint = v)),
     },
     Key {
+        name: "server.trusted_proxies",
+        reloadable: false,
+        default: "[]",
+        note: "none: every socket is its own client",
+        meaning: "reverse proxies (addresses or networks, `[\"127.0.0.1\", \"10.0.0.0/8\"]`) whose word about the client's address is taken: the PROXY header where `proxy_protocol` is on, else `Forwarded` or `X-Forwarded-For` (the right-most entry that is not a trusted proxy); from anyone else these are ignored",
+        set: Set::C(|c, s| {
+            s.strings().and_then(|list| {
+                list.iter()
+                    .map(|n| crate::forwarded::Cidr::parse(n).map_err(|e| format!("{}: {e}", s.key)))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map(|v| c.server.trusted_proxies = crate::forwarded::TrustedProxies(v))
+            })
+        }),
+    },
+    Key {
+        name: "server.proxy_protocol",
+        reloadable: false,
+        default: "false",
+        note: "",
+        meaning: "every connection from `trusted_proxies` starts with a PROXY protocol header (v1 or v2, e.g. HAProxy's `send-proxy`), which names the client; one without it is closed",
+        set: Set::C(|c, s| s.boolean().map(|v| c.server.proxy_protocol = v)),
+    },
+    Key {
         name: "server.allowed_origins",
         reloadable: true,
         default: "[]",

@@ -110,6 +110,10 @@ pub struct Server {
     pub memory_limit_bytes: u64,
     /// Serve `/ws-echo` (conformance tests only).
     pub echo_endpoint: bool,
+    /// Proxies whose word about the client's address is taken.
+    pub trusted_proxies: crate::forwarded::TrustedProxies,
+    /// Their connections start with a PROXY protocol header.
+    pub proxy_protocol: bool,
     /// Both or neither: TLS on the listen port.
     pub tls_cert_file: Option<PathBuf>,
     pub tls_key_file: Option<PathBuf>,
@@ -141,6 +145,8 @@ impl Default for Server {
             allowed_origins: Vec::new(),
             memory_limit_bytes: 0,
             echo_endpoint: false,
+            trusted_proxies: crate::forwarded::TrustedProxies::default(),
+            proxy_protocol: false,
             tls_cert_file: None,
             tls_key_file: None,
             upstream_ca_file: PathBuf::new(),
@@ -473,6 +479,12 @@ impl Config {
         if self.server.tls_cert_file.is_some() != self.server.tls_key_file.is_some() {
             return Err(
                 "server.tls_cert_file and server.tls_key_file go together: set both to serve TLS, or neither for plain TCP"
+                    .to_string(),
+            );
+        }
+        if self.server.proxy_protocol && self.server.trusted_proxies.is_empty() {
+            return Err(
+                "server.proxy_protocol is on but server.trusted_proxies is empty: list the proxies that send the header"
                     .to_string(),
             );
         }

@@ -418,3 +418,23 @@ fn renamed_duration_keys_are_still_read_with_a_warning() {
         "{errors}"
     );
 }
+
+#[test]
+fn proxies_are_networks_and_the_proxy_protocol_needs_them() {
+    let ok = write("[server]\ntrusted_proxies = [\"127.0.0.1\", \"10.0.0.0/8\", \"fd00::/8\"]\nproxy_protocol = true\n");
+    let (cfg, _) = Config::load(Some(&ok), &[]).unwrap();
+    assert!(cfg.server.proxy_protocol);
+    assert!(cfg
+        .server
+        .trusted_proxies
+        .contains("10.9.8.7".parse().unwrap()));
+    let bad = write("[server]\ntrusted_proxies = [\"proxy.example\"]\n");
+    let e = Config::load(Some(&bad), &[]).unwrap_err().to_string();
+    assert!(
+        e.contains(":2:") && e.contains("server.trusted_proxies") && e.contains("10.0.0.0/8"),
+        "{e}"
+    );
+    let lonely = write("[server]\nproxy_protocol = true\n");
+    let e = Config::load(Some(&lonely), &[]).unwrap_err().to_string();
+    assert!(e.contains("server.trusted_proxies is empty"), "{e}");
+}

@@ -50,7 +50,10 @@ impl Eviction {
 }
 
 struct Pending {
-    ip: IpAddr,
+    /// The address group whose share it takes; `None` for a trusted
+    /// proxy's socket, which carries many clients (the table's bound and
+    /// its eviction still hold).
+    ip: Option<IpAddr>,
     evicted: Rc<Eviction>,
 }
 
@@ -86,6 +89,17 @@ impl Handshakes {
         if self.per_ip.get(&ip).copied().unwrap_or(0) >= self.max_per_ip {
             return Err(Refusal::HandshakeIpCap);
         }
+        *self.per_ip.entry(ip).or_insert(0) += 1;
+        Ok(self.enter(Some(ip)))
+    }
+
+    /// Takes a place for a trusted proxy's socket: outside any address's
+    /// share (its clients are many, and known only from what it says).
+    pub fn enter_from_proxy(&mut self) -> Ticket {
+        self.enter(None)
+    }
+
+    fn enter(&mut self, ip: Option<IpAddr>) -> Ticket {
         if self.pending.len() >= self.max {
             if let Some((id, _)) = self.pending.first_key_value() {
                 let id = *id;
@@ -105,8 +119,7 @@ impl Handshakes {
                 evicted: evicted.clone(),
             },
         );
-        *self.per_ip.entry(ip).or_insert(0) += 1;
-        Ok(Ticket { id, evicted })
+        Ticket { id, evicted }
     }
 
     /// Gives back a place taken by [`Handshakes::try_enter`] (a no-op for
@@ -117,10 +130,12 @@ impl Handshakes {
 
     fn remove(&mut self, id: u64) -> Option<Pending> {
         let p = self.pending.remove(&id)?;
-        if let Some(n) = self.per_ip.get_mut(&p.ip) {
-            *n -= 1;
-            if *n == 0 {
-                self.per_ip.remove(&p.ip);
+        if let Some(ip) = p.ip {
+            if let Some(n) = self.per_ip.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    self.per_ip.remove(&ip);
+                }
             }
         }
         Some(p)

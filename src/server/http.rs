@@ -44,6 +44,10 @@ pub struct Head {
     /// HTTP/1.1 without `Connection: close`: the client would send its
     /// next request on this connection.
     pub keep_alive: bool,
+    /// `Forwarded` and `X-Forwarded-For`, each header's lines joined with
+    /// commas: read only from a trusted proxy (`crate::forwarded`).
+    pub forwarded: Option<String>,
+    pub x_forwarded_for: Option<String>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -112,6 +116,17 @@ fn find_head_end(b: &[u8]) -> Option<usize> {
     b.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)
 }
 
+/// A header that may come on several lines, as one comma-separated list.
+fn join_header(into: &mut Option<String>, value: &str) {
+    match into {
+        Some(list) => {
+            list.push_str(", ");
+            list.push_str(value);
+        }
+        None => *into = Some(value.to_string()),
+    }
+}
+
 fn parse_head(b: &[u8]) -> Result<Head, HeadError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
@@ -158,6 +173,10 @@ fn parse_head(b: &[u8]) -> Result<Head, HeadError> {
                     }
                 }
             }
+        } else if name.eq_ignore_ascii_case("forwarded") {
+            join_header(&mut head.forwarded, value);
+        } else if name.eq_ignore_ascii_case("x-forwarded-for") {
+            join_header(&mut head.x_forwarded_for, value);
         } else if name.eq_ignore_ascii_case("host") {
             head.hosts = head.hosts.saturating_add(1);
             head.host = Some(value.to_string());

@@ -354,12 +354,16 @@ pub async fn accept_loop(gw: Rc<Gateway>, ex: Rc<Executor>, listener: Async<TcpL
             }
         };
         let ip = peer.ip().to_canonical();
-        let ticket = match gw.handshakes.borrow_mut().try_enter(ip) {
-            Ok(t) => t,
-            Err(why) => {
-                gw.metrics.refused(why);
-                drop(stream);
-                continue;
+        let ticket = if gw.cfg.server.trusted_proxies.contains(ip) {
+            gw.handshakes.borrow_mut().enter_from_proxy()
+        } else {
+            match gw.handshakes.borrow_mut().try_enter(ip) {
+                Ok(t) => t,
+                Err(why) => {
+                    gw.metrics.refused(why);
+                    drop(stream);
+                    continue;
+                }
             }
         };
         let evicted = ticket.evicted.clone();
@@ -387,6 +391,28 @@ enum Outcome {
     Api(Box<request::Admitted>),
 }
 
+/// Where a socket comes from: its peer, and the client a trusted proxy
+/// named in a PROXY header. For each request, the client is that, or what
+/// a trusted proxy's `Forwarded` or `X-Forwarded-For` says, or the peer.
+#[derive(Clone, Copy)]
+pub struct Source {
+    pub peer: IpAddr,
+    pub named: Option<IpAddr>,
+}
+
+impl Source {
+    /// The client behind the request `head`.
+    pub fn client(&self, gw: &Gateway, head: &http::Head) -> IpAddr {
+        self.named.unwrap_or_else(|| {
+            gw.cfg.server.trusted_proxies.client(
+                self.peer,
+                head.forwarded.as_deref(),
+                head.x_forwarded_for.as_deref(),
+            )
+        })
+    }
+}
+
 /// Serves one socket from accept to close. A plain fn returning an `async
 /// move` block, because an async fn would keep its by-value arguments twice
 /// in the task's state, for the life of the connection.
@@ -400,11 +426,28 @@ fn handle_socket(
     async move {
         let ip = peer.ip().to_canonical();
         let timeout = gw.cfg.server.handshake_timeout;
+        let mut stream = stream;
         // The handshake phase is boxed (and the box bound to a name, so no
         // temporary outlives it): the task then keeps, for the life of the
         // connection, only the state of the connection itself.
         let handshake = Box::pin(
             async {
+                let mut source = Source {
+                    peer: ip,
+                    named: None,
+                };
+                let proxied = gw.cfg.server.trusted_proxies.contains(ip);
+                if proxied && gw.cfg.server.proxy_protocol {
+                    match crate::forwarded::read_header(&mut stream).await {
+                        Ok(named) => source.named = named,
+                        Err(_) => {
+                            gw.metrics.refused(Refusal::BadRequest);
+                            gw.log
+                                .debug("no PROXY header from a trusted proxy", &[("ip", &ip)]);
+                            return (Outcome::Done, None);
+                        }
+                    }
+                }
                 let mut socket = match &gw.tls {
                     None => tls::Socket::Plain(stream),
                     Some(t) => match t.accept(stream).await {
@@ -419,7 +462,7 @@ fn handle_socket(
                         }
                     },
                 };
-                let outcome = pre_upgrade(&gw, &mut socket, ip).await;
+                let outcome = pre_upgrade(&gw, &mut socket, source).await;
                 (outcome, Some(socket))
             }
             .or(async {
@@ -442,7 +485,7 @@ fn handle_socket(
                 // Boxed: the task's state is as large as its largest
                 // phase, and every WebSocket connection would pay for an
                 // HTTP request's.
-                let serving = Box::pin(request::serve(&gw, *admitted, stream, ip));
+                let serving = Box::pin(request::serve(&gw, *admitted, stream));
                 serving.await;
                 return;
             }
@@ -459,7 +502,8 @@ fn handle_socket(
         else {
             return;
         };
-        gw.log.info("connected", &[("conn", &slot.id), ("ip", &ip)]);
+        gw.log
+            .info("connected", &[("conn", &slot.id), ("ip", &slot.ip)]);
         let max_message = gw.cfg.server.max_message_bytes;
         let ws = WebSocketStream::from_partially_read(
             intake::Intake::new(stream, max_message),
@@ -490,7 +534,8 @@ fn refuse(gw: &Gateway, why: Refusal, ip: IpAddr, resp: Response) -> Response {
     resp
 }
 
-async fn pre_upgrade(gw: &Rc<Gateway>, stream: &mut tls::Socket, ip: IpAddr) -> Outcome {
+async fn pre_upgrade(gw: &Rc<Gateway>, stream: &mut tls::Socket, source: Source) -> Outcome {
+    let ip = source.named.unwrap_or(source.peer);
     let (head, leftover) = match http::read_head(stream).await {
         Ok(h) => h,
         Err(HeadError::Closed) => return Outcome::Done,
@@ -515,6 +560,8 @@ async fn pre_upgrade(gw: &Rc<Gateway>, stream: &mut tls::Socket, ip: IpAddr) -> 
             return Outcome::Done;
         }
     };
+    // From here on, the client behind a trusted proxy.
+    let ip = source.client(gw, &head);
     if let Some(r) = wrong_host(gw, &head, ip) {
         r.send(stream).await;
         return Outcome::Done;
@@ -525,7 +572,7 @@ async fn pre_upgrade(gw: &Rc<Gateway>, stream: &mut tls::Socket, ip: IpAddr) -> 
     let echo = gw.cfg.server.echo_endpoint && head.route() == "/ws-echo";
     let route = if echo { "/ws" } else { head.route() };
     if let Some(api) = request::Api::at(route) {
-        return match request::admit(gw, api, head, leftover, stream, ip).await {
+        return match request::admit(gw, api, head, leftover, stream, source, ip).await {
             Ok(admitted) => Outcome::Api(Box::new(admitted)),
             Err(r) => {
                 api.shaped(r).send(stream).await;

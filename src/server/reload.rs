@@ -383,6 +383,7 @@ mod tests {
             "cluster.signing_key_file" => Some(("trusted_keys", TRUSTED)),
             "cluster.trusted_keys" => Some(("signing_key_file", secret("config/box-a.key"))),
             "access.N.llm_tokens_per_day" => Some(("providers", "[\"*\"]")),
+            "server.proxy_protocol" => Some(("trusted_proxies", "[\"127.0.0.1\"]")),
             _ => None,
         };
         let text = |change: Option<(&str, &str, &str)>, with: Option<(&str, &str)>| {
@@ -441,6 +442,7 @@ mod tests {
             "[\"join\", \"publish\"]",
             "[\"authenticated\"]",
             "[\"q\"]",
+            "[\"10.0.0.0/8\"]",
             TRUSTED,
             "1000",
             "true",

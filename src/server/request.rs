@@ -62,6 +62,9 @@ pub struct Admitted {
     pub body: String,
     /// `None`: open mode without a token (a guest).
     pub who: Option<Rc<Identity>>,
+    /// Where the connection comes from, and this request's client.
+    pub source: super::Source,
+    pub ip: IpAddr,
 }
 
 /// In the handshake phase: method, drain, origin, token, body.
@@ -71,6 +74,7 @@ pub async fn admit(
     head: Head,
     leftover: Vec<u8>,
     stream: &mut Socket,
+    source: super::Source,
     ip: IpAddr,
 ) -> Result<Admitted, Response> {
     let refuse = |why: Refusal, r: Response| {
@@ -126,6 +130,8 @@ pub async fn admit(
             head,
             body: String::new(),
             who,
+            source,
+            ip,
         });
     }
     let Some(len) = head.content_length.filter(|_| !head.chunked) else {
@@ -160,6 +166,8 @@ pub async fn admit(
         head,
         body,
         who,
+        source,
+        ip,
     })
 }
 
@@ -167,13 +175,17 @@ pub async fn admit(
 /// An OpenAI-compatible client's connection stays open for its next
 /// request (as its SDK's connection pool expects) after a whole answer:
 /// at most [`MAX_REQUESTS`], each head within `server.handshake_timeout_ms`.
-pub async fn serve(gw: &Rc<Gateway>, mut a: Admitted, mut stream: Socket, ip: IpAddr) {
+pub async fn serve(gw: &Rc<Gateway>, mut a: Admitted, mut stream: Socket) {
     // A request (a stream above all) holds a place under the same caps as
-    // a WebSocket, for as long as it is served, kept-alive time included.
-    let held = gw.table.borrow_mut().hold(ip);
+    // a WebSocket, for as long as it is served, kept-alive time included:
+    // the first request's client's (behind a proxy that reuses its
+    // connections, later requests may be others', each limited as itself).
+    let held_ip = a.ip;
+    let held = gw.table.borrow_mut().hold(held_ip);
     for served in 1.. {
         let keep =
             held.is_ok() && a.api == Api::OpenAi && a.head.keep_alive && served < MAX_REQUESTS;
+        let ip = a.ip;
         let answered = match held {
             Ok(()) => match a.api {
                 Api::Mcp => match mcp_http::answer(gw, &a, &mut stream, ip).await {
@@ -201,7 +213,7 @@ pub async fn serve(gw: &Rc<Gateway>, mut a: Admitted, mut stream: Socket, ip: Ip
             async_io::Timer::after(gw.cfg.server.handshake_timeout).await;
             Err(None)
         };
-        match futures_lite::future::or(next(gw, &mut stream, ip), deadline).await {
+        match futures_lite::future::or(next(gw, &mut stream, a.source), deadline).await {
             Ok(next) => a = next,
             Err(Some(r)) => {
                 Api::OpenAi.shaped(r).send(&mut stream).await;
@@ -212,7 +224,7 @@ pub async fn serve(gw: &Rc<Gateway>, mut a: Admitted, mut stream: Socket, ip: Ip
     }
     let _ = stream.close().await;
     if held.is_ok() {
-        gw.table.borrow_mut().release(ip);
+        gw.table.borrow_mut().release(held_ip);
     }
 }
 
@@ -220,15 +232,20 @@ pub async fn serve(gw: &Rc<Gateway>, mut a: Admitted, mut stream: Socket, ip: Ip
 /// first one is; `Err` with the answer that refuses it, or `None` when
 /// the client closed, stayed silent, or asked for something not under
 /// `/v1/`.
-async fn next(gw: &Gateway, stream: &mut Socket, ip: IpAddr) -> Result<Admitted, Option<Response>> {
+async fn next(
+    gw: &Gateway,
+    stream: &mut Socket,
+    source: super::Source,
+) -> Result<Admitted, Option<Response>> {
     let (head, leftover) = super::http::read_head(stream).await.map_err(|_| None)?;
+    let ip = source.client(gw, &head);
     if let Some(r) = super::wrong_host(gw, &head, ip) {
         return Err(Some(r));
     }
     if Api::at(head.route()) != Some(Api::OpenAi) {
         return Err(None);
     }
-    admit(gw, Api::OpenAi, head, leftover, stream, ip)
+    admit(gw, Api::OpenAi, head, leftover, stream, source, ip)
         .await
         .map_err(Some)
 }

@@ -305,14 +305,25 @@ impl Drop for Gateway {
     }
 }
 
+/// `config` with its `[server]` keys (under `[server]` headers, and any
+/// before the first header) gathered first, to continue the harness's
+/// own `[server]` section: TOML allows a section once.
 fn strip_server_header(config: &str) -> String {
-    // The harness writes its own [server] header first; a config that
-    // starts with [server] continues it.
-    config
-        .trim_start()
-        .strip_prefix("[server]")
-        .unwrap_or(config)
-        .to_string()
+    let (mut server, mut rest) = (String::new(), String::new());
+    let mut in_server = true;
+    for line in config.lines() {
+        let header = line.trim();
+        if header.starts_with('[') {
+            in_server = header == "[server]";
+            if in_server {
+                continue;
+            }
+        }
+        let into = if in_server { &mut server } else { &mut rest };
+        into.push_str(line);
+        into.push('\n');
+    }
+    server + &rest
 }
 
 pub fn connect_from(addr: SocketAddr, source: Option<IpAddr>) -> TcpStream {
