@@ -103,7 +103,7 @@ fn order_text() {
 }
 
 /// Tests that drive an outside tool (Autobahn, nats-server, the MCP SDKs,
-/// Chromium, systemd, strace, HAProxy) are marked ignored when the tool is missing, so that
+/// Chromium, systemd, strace, HAProxy, promtool) are marked ignored when the tool is missing, so that
 /// cargo's own summary says so ("ignored, nats-server is not installed
 /// ...") instead of counting them as passed. `REQUIRE_<TOOL>=1`, as
 /// `.ci/run` sets, keeps them in: there a missing tool is a failure.
@@ -149,6 +149,7 @@ fn find_test_tools() {
             on_path("systemd-analyze"),
         ),
         ("missing_haproxy", "REQUIRE_HAPROXY", on_path("haproxy")),
+        ("missing_promtool", "REQUIRE_PROMTOOL", on_path("promtool")),
         (
             "missing_strace",
             "REQUIRE_STRACE",

@@ -45,7 +45,7 @@ struct Queued {
 }
 
 /// Upper bounds (seconds) of the job latency histogram buckets.
-pub const LATENCY_BUCKETS: [f64; 7] = [0.001, 0.005, 0.025, 0.1, 0.5, 2.5, 10.0];
+pub use crate::ops::histogram::BOUNDS as LATENCY_BUCKETS;
 
 /// Counters shared with the worker threads.
 #[derive(Default)]
@@ -276,7 +276,6 @@ impl Pool {
     /// Prometheus lines for the pool.
     pub fn render(&self, out: &mut String) {
         use crate::ops::metrics::{counter, gauge};
-        use std::fmt::Write as _;
         let s = &self.stats;
         gauge(
             out,
@@ -309,20 +308,9 @@ impl Pool {
             s.timed_out.load(Relaxed),
         );
         let name = "hivegate_pool_job_seconds";
-        let _ = writeln!(
-            out,
-            "# HELP {name} Time from submission to the end of the job.\n# TYPE {name} histogram"
-        );
-        let mut cumulative = 0;
-        for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
-            cumulative += s.latency_buckets[i].load(Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
-        }
-        cumulative += s.latency_buckets[LATENCY_BUCKETS.len()].load(Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
-        let sum = s.latency_us_sum.load(Relaxed) as f64 / 1e6;
-        let _ = writeln!(out, "{name}_sum {}", crate::json::fmt_f64(sum));
-        let _ = writeln!(out, "{name}_count {cumulative}");
+        crate::ops::histogram::family(out, name, "Time from submission to the end of the job.");
+        let counts: Vec<u64> = s.latency_buckets.iter().map(|c| c.load(Relaxed)).collect();
+        crate::ops::histogram::write(out, name, "", &counts, s.latency_us_sum.load(Relaxed));
     }
 }
 

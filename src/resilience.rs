@@ -20,15 +20,6 @@ impl BreakerState {
         }
     }
 
-    /// The gauge value: 0 closed, 1 open, 2 half-open.
-    pub fn gauge(self) -> u64 {
-        match self {
-            BreakerState::Closed => 0,
-            BreakerState::Open => 1,
-            BreakerState::HalfOpen => 2,
-        }
-    }
-
     pub const ALL: [BreakerState; 3] = [
         BreakerState::Closed,
         BreakerState::Open,
@@ -161,15 +152,19 @@ pub fn render_breakers(out: &mut String, breakers: &[(String, Breaker)], now: In
     family(
         out,
         "hivegate_breaker_state",
-        "Circuit breaker state: 0 closed, 1 open, 2 half-open.",
+        "1 for the state each circuit breaker is in (closed, open, half_open), 0 for the others.",
         "gauge",
     );
     for (s, b) in breakers {
-        let _ = writeln!(
-            out,
-            "hivegate_breaker_state{{service=\"{s}\"}} {}",
-            b.state(now).gauge()
-        );
+        let current = b.state(now);
+        for state in BreakerState::ALL {
+            let _ = writeln!(
+                out,
+                "hivegate_breaker_state{{service=\"{s}\",state=\"{}\"}} {}",
+                state.label(),
+                u8::from(state == current)
+            );
+        }
     }
     family(
         out,

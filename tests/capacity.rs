@@ -189,5 +189,5 @@ fn over_the_memory_limit_new_connections_are_shed_and_open_ones_served() {
     // The connection already open keeps being served.
     send_json(&mut open, &json!({"op":"ping"}));
     assert_eq!(recv_json(&mut open)["op"], "pong");
-    assert!(gw.metric("hivegate_memory_rss_bytes") > 1048576.0);
+    assert!(gw.metric("process_resident_memory_bytes") > 1048576.0);
 }

@@ -160,7 +160,10 @@ fn the_breaker_opens_after_four_failures_and_a_trial_closes_it() {
         );
     }
     assert_eq!(fake.requests().len(), 4);
-    assert_eq!(gw.metric("hivegate_breaker_state{service=\"kimi\"}"), 1.0);
+    assert_eq!(
+        gw.metric("hivegate_breaker_state{service=\"kimi\",state=\"open\"}"),
+        1.0
+    );
     // The fifth call fails fast, without a request reaching the fake.
     let started = Instant::now();
     call(&mut ws, "f5", json!({}));
@@ -181,7 +184,10 @@ fn the_breaker_opens_after_four_failures_and_a_trial_closes_it() {
         "call_tool_res"
     );
     assert_eq!(fake.requests().len(), 5);
-    assert_eq!(gw.metric("hivegate_breaker_state{service=\"kimi\"}"), 0.0);
+    assert_eq!(
+        gw.metric("hivegate_breaker_state{service=\"kimi\",state=\"closed\"}"),
+        1.0
+    );
     assert_eq!(
         gw.metric(
             "hivegate_breaker_transitions_total{service=\"kimi\",from=\"closed\",to=\"open\"}"
@@ -270,7 +276,10 @@ fn a_429_is_retried_after_its_retry_after_without_opening_the_breaker() {
     assert_eq!(last(&frames_until_end(&mut ws, "q"))["op"], "call_tool_res");
     assert!(started.elapsed() >= Duration::from_millis(1000));
     assert_eq!(fake.requests().len(), 2);
-    assert_eq!(gw.metric("hivegate_breaker_state{service=\"kimi\"}"), 0.0);
+    assert_eq!(
+        gw.metric("hivegate_breaker_state{service=\"kimi\",state=\"closed\"}"),
+        1.0
+    );
 }
 
 /// A provider that streams 400 chunks, 20 ms apart: a call still running
@@ -632,7 +641,10 @@ fn upstream_errors_say_whose_fault_they_were() {
     );
     assert!(end["error"].get("retry_after_ms").is_none(), "{end}");
     assert_eq!((kimi.requests().len(), glm.requests().len()), (1, 0));
-    assert_eq!(gw.metric("hivegate_breaker_state{service=\"kimi\"}"), 0.0);
+    assert_eq!(
+        gw.metric("hivegate_breaker_state{service=\"kimi\",state=\"closed\"}"),
+        1.0
+    );
     // The key's fault: counted against it, and the next provider answers.
     kimi.set(status(401, "{\"error\":{\"message\":\"bad key\"}}"));
     call(&mut ws, "r401", json!({}));

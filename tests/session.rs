@@ -106,8 +106,8 @@ fn application_ping_gets_pong_with_the_request_id() {
     let (mut ws, _) = gw.session(None);
     send_json(&mut ws, &json!({"op":"ping","request_id":"p1"}));
     assert_eq!(recv_json(&mut ws), json!({"op":"pong","request_id":"p1"}));
-    assert!(gw.metric("hivegate_frames_in_total") >= 2.0);
-    assert!(gw.metric("hivegate_frames_out_total") >= 2.0);
+    assert!(gw.metric("hivegate_frames_received_total") >= 2.0);
+    assert!(gw.metric("hivegate_frames_sent_total") >= 2.0);
 }
 
 #[test]

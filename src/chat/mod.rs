@@ -28,7 +28,7 @@ pub use requests::{told, Asker, ChatRequests, Rights};
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The most presence frames a room sends: one per interval.
 pub const PRESENCE_INTERVAL: Duration = Duration::from_millis(100);
@@ -51,8 +51,8 @@ pub enum JoinError {
 
 /// A frame waiting in the fan-out queue.
 enum Outgoing {
-    /// For every member of a room.
-    Room(Rc<str>, Frame),
+    /// For every member of a room, and when it was queued.
+    Room(Rc<str>, Frame, Instant),
     /// For one connection (slot key, connection id): an `ack` that must
     /// reach its publisher before, and in the same write as, the message.
     Direct(usize, u64, Frame),
@@ -87,6 +87,10 @@ pub struct Chat {
     by_conn: RefCell<HashMap<usize, Vec<Rc<str>>>>,
     /// Direct answers cut to fit the client's outbox.
     answers_cut: std::cell::Cell<u64>,
+    /// From a `publish` read to its `ack` queued (the commit included).
+    pub publish_ack: crate::ops::histogram::Histogram,
+    /// From a room frame queued to its members' outboxes holding it.
+    fanout_lag: crate::ops::histogram::Histogram,
     /// Rooms with presence changes not sent yet.
     dirty: RefCell<Vec<Rc<str>>>,
     pub presence_due: event_listener::Event,
@@ -114,6 +118,8 @@ impl Chat {
             rooms: RefCell::default(),
             by_conn: RefCell::default(),
             answers_cut: std::cell::Cell::new(0),
+            publish_ack: Default::default(),
+            fanout_lag: Default::default(),
             dirty: RefCell::default(),
             presence_due: event_listener::Event::new(),
             queue: RefCell::default(),
@@ -126,7 +132,9 @@ impl Chat {
 
     /// Queues a frame for every member of `room`, behind what is queued.
     pub fn enqueue(&self, room: Rc<str>, f: Frame) {
-        self.queue.borrow_mut().push_back(Outgoing::Room(room, f));
+        self.queue
+            .borrow_mut()
+            .push_back(Outgoing::Room(room, f, Instant::now()));
         self.queued.notify(1);
     }
 
@@ -170,7 +178,8 @@ impl Chat {
     /// Takes up to [`FANOUT_BATCH`] queued frames and delivers them, room
     /// by room, each member getting its frames in order.
     async fn deliver_batch(&self, table: &RefCell<Table>) -> Fanout {
-        let mut by_room: Vec<(Rc<str>, Vec<Frame>)> = Vec::new();
+        // Each room's frames, and when the first of them was queued.
+        let mut by_room: Vec<(Rc<str>, Vec<Frame>, Instant)> = Vec::new();
         let mut total = Fanout::default();
         {
             let mut queue = self.queue.borrow_mut();
@@ -183,17 +192,19 @@ impl Chat {
                             total.delivered += 1;
                         }
                     }
-                    Some(Outgoing::Room(room, f)) => {
-                        match by_room.iter_mut().find(|(r, _)| *r == room) {
-                            Some((_, frames)) => frames.push(f),
-                            None => by_room.push((room, vec![f])),
+                    Some(Outgoing::Room(room, f, queued)) => {
+                        match by_room.iter_mut().find(|(r, _, _)| *r == room) {
+                            Some((_, frames, _)) => frames.push(f),
+                            None => by_room.push((room, vec![f], queued)),
                         }
                     }
                 }
             }
         }
-        for (room, frames) in by_room {
+        for (room, frames, queued) in by_room {
             let s = self.deliver(table, &room, &frames).await;
+            // The oldest frame's wait: what its members waited longest.
+            self.fanout_lag.observe(queued.elapsed());
             total.delivered += s.delivered;
             total.slow += s.slow;
         }
@@ -346,6 +357,21 @@ impl Chat {
             "History answers cut to fit the client's outbox (sent with \"more\":true).",
             self.answers_cut.get(),
         );
+        for (name, help, h) in [
+            (
+                "hivegate_publish_ack_seconds",
+                "From a publish read to its ack queued, the commit to SQLite included.",
+                &self.publish_ack,
+            ),
+            (
+                "hivegate_fanout_lag_seconds",
+                "From a room's frame queued to every member's outbox holding it (per room and batch, its oldest frame).",
+                &self.fanout_lag,
+            ),
+        ] {
+            crate::ops::histogram::family(out, name, help);
+            h.write(out, name, "");
+        }
     }
 
     fn mark_dirty(&self, room: &Rc<str>) {

@@ -226,6 +226,7 @@ impl ChatRequests {
         if !reply.begin(&asker.in_flight, MAX_IN_FLIGHT) {
             return None;
         }
+        let began = std::time::Instant::now();
         let ts = crate::clock::unix_ms();
         let id = store.new_id(ts.max(0) as u64);
         let msg = StoredMessage::new(id, room, asker.user.to_string(), text, ts);
@@ -243,6 +244,7 @@ impl ChatRequests {
                     // Through the fan-out queue, just ahead of the message:
                     // the publisher gets both in one write.
                     chat.enqueue_direct(reply.key, reply.conn, frame(ack));
+                    chat.publish_ack.observe(began.elapsed());
                     chat.enqueue(Rc::from(stored.room.as_str()), frame(stored.frame()));
                 }
                 Err(e) => store_error(log, &reply, &e),

@@ -293,23 +293,6 @@ impl Meters {
         ]
     }
 
-    /// `hivegate_<name>_per_second{window="1s"}` gauges.
-    pub fn render(&mut self, now: Instant, out: &mut String) {
-        for (name, meter) in self.each() {
-            let rates: Vec<(&str, f64)> = WINDOWS
-                .iter()
-                .map(|(secs, label)| (*label, meter.rate(now, *secs)))
-                .collect();
-            crate::ops::metrics::gauge_f64_with(
-                out,
-                &format!("hivegate_{name}_per_second"),
-                "Events per second over the last complete seconds of each window.",
-                "window",
-                &rates,
-            );
-        }
-    }
-
     /// `{"messages_in":{"1s":..,"10s":..,"60s":..},...}` for `/readyz`.
     pub fn json(&mut self, now: Instant) -> String {
         let mut out = crate::json::JsonOut::new();
@@ -455,20 +438,6 @@ mod tests {
         let mut m = Meters::new(t0);
         m.messages_in.record_n(t0, 30);
         let t1 = t0 + Duration::from_secs(1);
-        let mut out = String::new();
-        m.render(t1, &mut out);
-        assert!(
-            out.contains("hivegate_messages_in_per_second{window=\"1s\"} 30\n"),
-            "{out}"
-        );
-        assert!(
-            out.contains("hivegate_messages_in_per_second{window=\"10s\"} 3\n"),
-            "{out}"
-        );
-        assert!(
-            out.contains("hivegate_messages_in_per_second{window=\"60s\"} 0.5\n"),
-            "{out}"
-        );
         assert_eq!(
             m.json(t1),
             r#"{"messages_in":{"1s":30,"10s":3,"60s":0.5},"messages_out":{"1s":0,"10s":0,"60s":0},"refusals":{"1s":0,"10s":0,"60s":0}}"#

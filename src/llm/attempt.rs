@@ -100,7 +100,9 @@ impl Llm {
             return Attempt::NoSlot;
         };
         let _slot = InFlight::take(&p.in_flight);
-        let deadline = Instant::now() + p.cfg.total_timeout;
+        let sent = Instant::now();
+        let mut first = true;
+        let deadline = sent + p.cfg.total_timeout;
         let (mut text, mut chunks) = (String::new(), 0u64);
         let mut thought = 0usize;
         let mut tool_calls: Vec<ToolCallDelta> = Vec::new();
@@ -126,6 +128,10 @@ impl Llm {
                     Step::Deadline
                 })
                 .await;
+            if first && matches!(step, Step::Event(Some(_))) {
+                first = false;
+                p.first_byte.observe(sent.elapsed());
+            }
             let (field, piece, calls) = match step {
                 Step::Cancelled => return Attempt::Cancelled,
                 Step::Silence => {

@@ -64,6 +64,9 @@ struct Provider {
     quota: Option<(BucketParams, RefCell<TokenBucket>)>,
     calls: Cell<u64>,
     failures: Cell<u64>,
+    /// From a call sent to its first event, and to its answer's end.
+    first_byte: crate::ops::histogram::Histogram,
+    call_time: crate::ops::histogram::Histogram,
     /// Tokens each way, estimates included, and the calls estimated.
     prompt_tokens: Cell<u64>,
     completion_tokens: Cell<u64>,
@@ -118,6 +121,8 @@ impl Llm {
                     (params, RefCell::new(TokenBucket::new(&params, now)))
                 }),
                 calls: Cell::new(0),
+                first_byte: Default::default(),
+                call_time: Default::default(),
                 failures: Cell::new(0),
                 prompt_tokens: Cell::new(0),
                 completion_tokens: Cell::new(0),
@@ -336,7 +341,12 @@ impl Llm {
                 }
                 p.calls.set(p.calls.get() + 1);
                 let key_id = p.key.id();
-                match self.attempt(p, &call, out).await {
+                let began = Instant::now();
+                let attempted = self.attempt(p, &call, out).await;
+                if matches!(attempted, Attempt::Done { .. }) {
+                    p.call_time.observe(began.elapsed());
+                }
+                match attempted {
                     Attempt::Done {
                         text,
                         tool_calls,
@@ -546,6 +556,23 @@ impl Llm {
             "provider",
             &per(&|p| p.failures.get()),
         );
+        for (name, help, which) in [
+            (
+                "hivegate_llm_first_byte_seconds",
+                "From a call sent to a provider to its first event (the upstream's time to first byte, the pool's wait included).",
+                (|p: &Provider| &p.first_byte) as fn(&Provider) -> &crate::ops::histogram::Histogram,
+            ),
+            (
+                "hivegate_llm_call_seconds",
+                "From a call sent to a provider to the end of its answer, for calls that succeeded.",
+                |p: &Provider| &p.call_time,
+            ),
+        ] {
+            crate::ops::histogram::family(out, name, help);
+            for p in &self.providers {
+                which(p).write(out, name, &format!("provider=\"{}\"", p.cfg.name));
+            }
+        }
         out.push_str(
             "# HELP hivegate_llm_tokens_total Tokens per provider and direction (prompt, completion), as reported or estimated.\n\
              # TYPE hivegate_llm_tokens_total counter\n",

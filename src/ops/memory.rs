@@ -118,12 +118,6 @@ impl MemorySentinel {
         use super::metrics::gauge;
         gauge(
             out,
-            "hivegate_memory_rss_bytes",
-            "Resident memory at the last check.",
-            self.rss(),
-        );
-        gauge(
-            out,
             "hivegate_memory_limit_bytes",
             "Memory limit in force (0: none).",
             self.limit.get().unwrap_or(0),

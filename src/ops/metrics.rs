@@ -132,6 +132,8 @@ pub struct Metrics {
     pub mcp_requests_ws: Cell<u64>,
     /// Requests to the OpenAI-compatible endpoint.
     pub openai_requests: Cell<u64>,
+    /// From accept to the upgrade's answer (or an API request admitted).
+    pub handshake: super::histogram::Histogram,
 }
 
 pub fn inc(c: &Cell<u64>) {
@@ -176,6 +178,13 @@ impl Metrics {
     }
 
     pub fn render(&self, g: &Gauges, out: &mut String) {
+        let name = "hivegate_handshake_seconds";
+        super::histogram::family(
+            out,
+            name,
+            "From accept to the WebSocket upgrade's answer or an HTTP API request admitted (TLS and the request head included).",
+        );
+        self.handshake.write(out, name, "");
         gauge(
             out,
             "hivegate_connections_open",
@@ -241,25 +250,25 @@ impl Metrics {
         );
         counter(
             out,
-            "hivegate_frames_in_total",
+            "hivegate_frames_received_total",
             "WebSocket data frames received.",
             self.frames_in.get(),
         );
         counter(
             out,
-            "hivegate_frames_out_total",
+            "hivegate_frames_sent_total",
             "WebSocket data frames sent.",
             self.frames_out.get(),
         );
         counter(
             out,
-            "hivegate_bytes_in_total",
+            "hivegate_received_bytes_total",
             "Payload bytes received.",
             self.bytes_in.get(),
         );
         counter(
             out,
-            "hivegate_bytes_out_total",
+            "hivegate_sent_bytes_total",
             "Payload bytes sent.",
             self.bytes_out.get(),
         );

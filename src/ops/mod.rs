@@ -2,6 +2,7 @@
 
 pub mod fd;
 pub mod file;
+pub mod histogram;
 pub mod log;
 pub mod memory;
 pub mod metrics;

@@ -424,6 +424,7 @@ fn handle_socket(
     (guard, evicted): (HandshakeGuard, Rc<handshakes::Eviction>),
 ) -> impl std::future::Future<Output = ()> {
     async move {
+        let began = Instant::now();
         let ip = peer.ip().to_canonical();
         let timeout = gw.cfg.server.handshake_timeout;
         let mut stream = stream;
@@ -480,6 +481,9 @@ fn handle_socket(
         );
         let (outcome, socket) = handshake.await;
         drop(guard);
+        if matches!(outcome, Outcome::Upgrade { .. } | Outcome::Api(_)) {
+            gw.metrics.handshake.observe(began.elapsed());
+        }
         let (outcome, stream) = match (outcome, socket) {
             (Outcome::Api(admitted), Some(stream)) => {
                 // Boxed: the task's state is as large as its largest

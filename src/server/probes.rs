@@ -10,7 +10,6 @@ pub fn metrics_page(gw: &Gateway) -> String {
     let mut body = String::with_capacity(8192);
     gw.metrics.render(&gw.gauges(), &mut body);
     gw.limits.borrow().render(&mut body);
-    gw.meters.borrow_mut().render(Instant::now(), &mut body);
     gw.pool.render(&mut body);
     gw.llm.render(&mut body);
     if let Some(r) = &gw.remote {
