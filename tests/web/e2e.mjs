@@ -145,6 +145,30 @@ try {
   check(box.bottom <= 844 && box.font >= 16, `on a phone the composer is visible and its font is ${box.font}px`);
   const small = await phone.$$eval("button", (bs) => bs.filter((b) => b.offsetParent && b.getBoundingClientRect().height < 40).length);
   check(small === 0, "tap targets are large enough");
+  // The side panel opens over the page and closes again, by its own
+  // button and by Escape; the composer is reachable after.
+  const reachable = (page, sel) => page.$eval(sel, (n) => {
+    const r = n.getBoundingClientRect();
+    const hit = document.elementFromPoint(r.left + r.width / 2, r.top + r.height / 2);
+    return r.width > 0 && (hit === n || n.contains(hit));
+  });
+  await phone.click("#panel");
+  check(await phone.isVisible("#members") && await reachable(phone, "#closeside"), "on a phone the people & assistant panel opens, with a Close button in reach");
+  await phone.click("#closeside");
+  check(!(await phone.isVisible("#members")) && await reachable(phone, "#text") && await reachable(phone, "#panel"), "Close closes it: the composer and the panel button are in reach again");
+  await phone.click("#panel");
+  await phone.keyboard.press("Escape");
+  check(!(await phone.isVisible("#members")), "Escape closes it too");
+  // Joining a room works on a phone (then back to the first room).
+  const firstRoom = await phone.textContent("#title");
+  check(await reachable(phone, "#newroom"), "on a phone the join field is there");
+  await phone.fill("#newroom", "phoneroom");
+  await phone.click("#join button");
+  await phone.waitForFunction(() => document.getElementById("title").textContent.includes("phoneroom"));
+  check(true, "a room joined from a phone becomes the current one");
+  await phone.screenshot({ path: SHOTS + "/phone-joined.png" });
+  await phone.click(`#rooms .room:text-is("${firstRoom}")`);
+  await phone.waitForFunction((t) => document.getElementById("title").textContent === t, firstRoom);
 
   // Reading older messages: they load on scroll up, and a new message
   // does not pull the reader down but shows a marker.
