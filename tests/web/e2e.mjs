@@ -93,6 +93,23 @@ try {
   await a.click(`${lastOfB} .chip.mine`);
   await b.waitForFunction(() => ![...document.querySelectorAll("#timeline .chip")].some((c) => c.textContent.startsWith("👍 ")));
   check(true, "clicking the chip again takes the reaction back, on both pages");
+  // One emoji picker at a time, and Escape closes it.
+  await a.click(`${lastOfB} .add`);
+  await a.click(`#timeline .msg:has(.text:text-is("hello from A")) .add`);
+  check(await a.$$eval(".picker.open", (p) => p.length) === 1, "opening a second emoji picker closes the first");
+  await a.keyboard.press("Escape");
+  check(await a.$$eval(".picker.open", (p) => p.length) === 0, "Escape closes the emoji picker");
+  // The composer grows with a long draft.
+  await a.click("#text");
+  for (let i = 0; i < 5; i++) { await a.keyboard.type("line " + i); await a.keyboard.press("Shift+Enter"); }
+  await a.keyboard.type("line 5");
+  const grown = await a.$eval("#text", (n) => n.getBoundingClientRect().height);
+  check(grown >= 100, `a 6-line draft grows the composer (${Math.round(grown)} px)`);
+  await a.fill("#text", "");
+  await a.$eval("#text", (n) => n.dispatchEvent(new Event("input")));
+  // The Join label has room inside its button.
+  const join = await a.$eval("#join button", (b) => ({ fits: b.scrollWidth <= b.clientWidth, pad: parseFloat(getComputedStyle(b).paddingLeft) }));
+  check(join.fits && join.pad >= 8, `the Join label has room in its button (padding ${join.pad}px)`);
 
   // Rooms: join a second room, switch back and forth on the same socket.
   await a.fill("#newroom", "second");
@@ -133,6 +150,12 @@ try {
   const expected = Array.from({ length: 120 }, (_, i) => "m" + String(i).padStart(3, "0"));
   check(JSON.stringify(missed) === JSON.stringify(expected), `all 120 messages sent during the outage are shown, in order (${missed.length})`);
   check(await a.$("#timeline .outage") !== null, "the timeline marks where the outage was");
+  const marker = await a.textContent("#timeline .outage");
+  const msgTime = await a.textContent("#timeline .msg time");
+  // The same shape: digits as digits, AM and PM alike.
+  const shape = new RegExp(msgTime.replace(/\d/g, "\\d").replace(/[AP]M/, "[AP]M"));
+  check(!/\d:\d\d:\d\d/.test(marker) && msgTime.length > 0 && shape.test(marker),
+        `the outage marker writes times as the messages do ("${marker}", "${msgTime}")`);
   // Backoff: a few attempts while the gateway restarts, no storm.
   check(a.sockets >= 2 && a.sockets <= 4, `a reconnect after the outage, with backoff (${a.sockets} sockets in all)`);
   check((await a.textContent("#me")) === "you are " + nameBefore, "the guest name is the same after the reconnect");
