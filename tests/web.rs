@@ -105,7 +105,8 @@ fn the_web_chat_works_in_a_real_browser() {
 }
 
 /// Kills the gateway, starts it again on the same port and data, and sends
-/// 120 messages into `general` from another client, all acknowledged.
+/// 120 messages into `general` and 3 into `second` from another client,
+/// all acknowledged.
 fn outage(gw: &mut Gateway) {
     gw.signal(libc::SIGKILL);
     gw.wait_exit(Duration::from_secs(5));
@@ -118,11 +119,16 @@ fn outage(gw: &mut Gateway) {
     recv_json(&mut ws);
     // One at a time, each acknowledged (a connection has at most 32
     // requests in flight).
-    for i in 0..120 {
-        let text = format!("m{i:03}");
+    send_json(
+        &mut ws,
+        &json!({"op":"join","room":"second","history":0,"request_id":"j2"}),
+    );
+    while recv_json(&mut ws)["op"] != "joined" {}
+    let rooms = (0..120).map(|i| ("general", format!("m{i:03}")));
+    for (room, text) in rooms.chain((0..3).map(|i| ("second", format!("s{i}")))) {
         send_json(
             &mut ws,
-            &json!({"op":"publish","room":"general","text":text,"request_id":text}),
+            &json!({"op":"publish","room":room,"text":text,"request_id":text}),
         );
         while recv_json(&mut ws)["op"] != "ack" {}
     }

@@ -150,6 +150,11 @@ try {
   const expected = Array.from({ length: 120 }, (_, i) => "m" + String(i).padStart(3, "0"));
   check(JSON.stringify(missed) === JSON.stringify(expected), `all 120 messages sent during the outage are shown, in order (${missed.length})`);
   check(await a.$("#timeline .outage") !== null, "the timeline marks where the outage was");
+  await a.waitForFunction(() => [...document.querySelectorAll("#rooms li")].some((li) =>
+    li.querySelector(".room").textContent === "#second" && li.querySelector(".unread")?.textContent === "3"), null, { timeout: 10000 })
+    .catch(() => {});
+  const unread = await a.$$eval("#rooms li", (lis) => lis.map((li) => li.textContent).join(" | "));
+  check(/#second3/.test(unread.replace(/\s/g, "")), `messages another room got during the outage are counted unread (${unread})`);
   const marker = await a.textContent("#timeline .outage");
   const msgTime = await a.textContent("#timeline .msg time");
   // The same shape: digits as digits, AM and PM alike.
@@ -215,6 +220,16 @@ try {
     await t.goto(process.env.TOKEN_URL + "/");
     await t.waitForSelector("#login.open");
     check((await t.textContent("#loginwhy")).includes("needs an access token"), "a token server asks for a token");
+    const card = await t.evaluate(() => {
+      const box = document.getElementById("login").getBoundingClientRect();
+      const tick = document.getElementById("remember").getBoundingClientRect();
+      const label = document.querySelector("#login label").getBoundingClientRect();
+      return { height: box.height, focus: document.activeElement && document.activeElement.id,
+               tick: tick.top + tick.height / 2, label: label.top + label.height / 2 };
+    });
+    check(card.height < 300 && card.focus === "token" && !(await t.isVisible("#text")) && !(await t.isVisible("#ask")),
+          `the sign-in card is compact (${Math.round(card.height)} px), has the focus, and the chat behind it is not usable`);
+    check(Math.abs(card.tick - card.label) <= 3, "the remember checkbox is in line with its label");
     await t.fill("#token", "wrong-token");
     await t.click("#login button");
     await t.waitForFunction(() => document.getElementById("loginwhy").textContent.includes("not accepted"));
