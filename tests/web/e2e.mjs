@@ -265,6 +265,25 @@ try {
     check(true, "a draining server is said to be shutting down");
   }
 
+  // Accessibility: axe-core finds no violation at all, on a desktop and a
+  // phone. (Its script is injected, so this context lets it past the
+  // page's policy; every other page above ran under it.)
+  for (const [name, viewport] of [["desktop", { width: 1200, height: 800 }], ["phone", { width: 390, height: 844 }]]) {
+    const ctx = await browser.newContext({ viewport, bypassCSP: true });
+    const p = await ctx.newPage();
+    await p.goto(BASE + "/");
+    await p.waitForFunction(() => document.getElementById("conn").textContent.startsWith("connected"));
+    await p.waitForSelector("#timeline .msg .add");
+    await p.addScriptTag({ path: new URL("./node_modules/axe-core/axe.min.js", import.meta.url).pathname });
+    const found = await p.evaluate(async () => (await window.axe.run(document)).violations
+      .map((v) => `${v.impact} ${v.id}: ${v.nodes.length} (${v.nodes[0].target.join(" ")})`));
+    check(found.length === 0, `axe-core finds no accessibility violation (${name})` + (found.length ? ": " + found.join("; ") : ""));
+    const names = await p.$$eval("#timeline .msg .add", (bs) => bs.map((b) => b.getAttribute("aria-label")));
+    check(names.length > 1 && new Set(names).size === names.length && names.every((n) => n.startsWith("React to ")),
+          `each react button is named for its message ("${names[0]}")`);
+    await ctx.close();
+  }
+
   check(errors.length === 0, "no console errors under the policy" + (errors.length ? ": " + errors.join("; ") : ""));
   await browser.close();
   console.log("DONE");
