@@ -44,9 +44,6 @@ struct Queued {
     deadline: Instant,
 }
 
-/// Upper bounds (seconds) of the job latency histogram buckets.
-pub use crate::ops::histogram::BOUNDS as LATENCY_BUCKETS;
-
 /// Counters shared with the worker threads.
 #[derive(Default)]
 pub struct PoolStats {
@@ -57,8 +54,9 @@ pub struct PoolStats {
     pub timed_out: AtomicU64,
     /// Queue wait plus run time, in microseconds.
     pub latency_us_sum: AtomicU64,
-    /// Cumulative counts per [`LATENCY_BUCKETS`] bound (and +Inf last).
-    pub latency_buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    /// Counts per bucket of the histogram bounds
+    /// ([`crate::ops::histogram::BOUNDS`]), +Inf last.
+    pub latency_buckets: [AtomicU64; crate::ops::histogram::BOUNDS.len() + 1],
 }
 
 /// Most jobs waiting in the first lane (the store's writer has one batch
@@ -262,12 +260,7 @@ fn worker(
         stats
             .latency_us_sum
             .fetch_add(latency.as_micros() as u64, Relaxed);
-        let secs = latency.as_secs_f64();
-        let bucket = LATENCY_BUCKETS
-            .iter()
-            .position(|b| secs <= *b)
-            .unwrap_or(LATENCY_BUCKETS.len());
-        stats.latency_buckets[bucket].fetch_add(1, Relaxed);
+        stats.latency_buckets[crate::ops::histogram::bucket(latency)].fetch_add(1, Relaxed);
         drop(ran);
     }
 }

@@ -124,8 +124,8 @@ impl NatsTls {
             (None, None) => builder.with_no_client_auth(),
             (Some(cert), Some(key)) => {
                 let chain = crate::ca::pem_certificates(cert, "cluster.tls_cert_file")?;
-                crate::ops::file::check_private(key, "cluster.tls_key_file")?;
-                let key = rustls::pki_types::PrivateKeyDer::from_pem_file(key)
+                let pem = crate::ops::file::read_secret(key, 1 << 20, "cluster.tls_key_file")?;
+                let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(pem.as_bytes())
                     .map_err(|e| format!("cluster.tls_key_file {}: {e}", key.display()))?;
                 builder.with_client_auth_cert(chain, key).map_err(|e| {
                     format!(

@@ -220,14 +220,7 @@ pub const CORE: &[Key] = &[
         default: "[]",
         note: "none: every socket is its own client",
         meaning: "reverse proxies (addresses or networks, `[\"127.0.0.1\", \"10.0.0.0/8\"]`) whose word about the client's address is taken: the PROXY header where `proxy_protocol` is on, else `Forwarded` or `X-Forwarded-For` (the right-most entry that is not a trusted proxy); from anyone else these are ignored",
-        set: Set::C(|c, s| {
-            s.strings().and_then(|list| {
-                list.iter()
-                    .map(|n| crate::forwarded::Cidr::parse(n).map_err(|e| format!("{}: {e}", s.key)))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map(|v| c.server.trusted_proxies = crate::forwarded::TrustedProxies(v))
-            })
-        }),
+        set: Set::C(|c, s| s.networks().map(|v| c.server.trusted_proxies = v)),
     },
     Key {
         name: "server.proxy_protocol",

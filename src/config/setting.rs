@@ -157,6 +157,15 @@ impl Setting<'_> {
         self.socket_addr().map(Some)
     }
 
+    /// Addresses or networks (`10.0.0.0/8`), as trusted proxies are given.
+    pub fn networks(&self) -> Result<crate::forwarded::TrustedProxies, String> {
+        self.strings()?
+            .iter()
+            .map(|n| crate::forwarded::Cidr::parse(n).map_err(|e| format!("{}: {e}", self.key)))
+            .collect::<Result<Vec<_>, _>>()
+            .map(crate::forwarded::TrustedProxies)
+    }
+
     /// Host names (no port, no scheme), lower-cased.
     pub fn hostnames(&self) -> Result<Vec<String>, String> {
         let names = self.strings()?;

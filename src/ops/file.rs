@@ -35,14 +35,6 @@ pub fn read_secret(path: &Path, max: u64, setting: &str) -> Result<String, Strin
     Ok(text)
 }
 
-/// Refuses the secret `path` when its group or others may read or write
-/// it (a key copied with `cp` keeps 0644), with the command that fixes it.
-pub fn check_private(path: &Path, setting: &str) -> Result<(), String> {
-    let file = std::fs::File::open(path)
-        .map_err(|e| format!("{setting}: cannot read {}: {e}", path.display()))?;
-    private(path, &file, setting)
-}
-
 /// Copies `from` to `to`, readable by its owner only: written aside and
 /// renamed, so nobody ever reads it half-written or open to others.
 pub fn private_copy(from: &Path, to: &Path) -> std::io::Result<()> {
@@ -53,6 +45,8 @@ pub fn private_copy(from: &Path, to: &Path) -> std::io::Result<()> {
     std::fs::rename(&aside, to)
 }
 
+/// Refuses the secret `path` when its group or others may read or write
+/// it (a key copied with `cp` keeps 0644), with the command that fixes it.
 fn private(path: &Path, file: &std::fs::File, setting: &str) -> Result<(), String> {
     use std::os::unix::fs::PermissionsExt;
     let meta = file

@@ -17,10 +17,15 @@ pub struct Histogram {
     sum_us: Cell<u64>,
 }
 
+/// The bucket `d` falls in: an index into the counts ([`BOUNDS`], then +Inf).
+pub fn bucket(d: Duration) -> usize {
+    let s = d.as_secs_f64();
+    BOUNDS.iter().position(|b| s <= *b).unwrap_or(BOUNDS.len())
+}
+
 impl Histogram {
     pub fn observe(&self, d: Duration) {
-        let s = d.as_secs_f64();
-        let i = BOUNDS.iter().position(|b| s <= *b).unwrap_or(BOUNDS.len());
+        let i = bucket(d);
         self.counts[i].set(self.counts[i].get() + 1);
         let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
         self.sum_us.set(self.sum_us.get().saturating_add(us));

@@ -24,8 +24,9 @@ use std::sync::Arc;
 /// reads): run it on the pool once the loop is serving.
 pub fn load(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, String> {
     let certs = crate::ca::pem_certificates(cert, "server.tls_cert_file")?;
-    crate::ops::file::check_private(key, "server.tls_key_file")?;
-    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| {
+    // Read once, as a secret: its mode checked on the file read.
+    let pem = crate::ops::file::read_secret(key, 1 << 20, "server.tls_key_file")?;
+    let key = PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| {
         format!(
             "server.tls_key_file {}: cannot read a PEM private key: {e}",
             key.display()

@@ -490,17 +490,12 @@ pub fn raw_fragment(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
 /// Writes a secret (a key, a credential) readable by its owner only, as
 /// the gateway requires of secrets.
 pub fn write_secret(path: &std::path::Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
     std::fs::write(path, text).unwrap();
-    private(path);
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
 }
 
 /// Copies a secret fixture to `to`, readable by its owner only.
 pub fn copy_secret(from: &std::path::Path, to: &std::path::Path) {
-    std::fs::copy(from, to).unwrap();
-    private(to);
-}
-
-fn private(path: &std::path::Path) {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    hivegate::ops::file::private_copy(from, to).unwrap();
 }
