@@ -411,6 +411,29 @@ impl Remote {
         &self.key
     }
 
+    /// `{"mode":..,"backlog":..,"oldest_s":..}` for the detailed `/readyz`.
+    pub fn json(&self) -> String {
+        crate::json::JsonOut::new()
+            .str(
+                "mode",
+                if self.fallback.get() {
+                    "fallback"
+                } else {
+                    "online"
+                },
+            )
+            .num("backlog", self.backlog.get().max(0) as u64)
+            .num("oldest_s", self.oldest_age_s())
+            .finish()
+    }
+
+    /// Age of the oldest row not shipped yet, in seconds (0: none).
+    fn oldest_age_s(&self) -> u64 {
+        self.oldest_ts.get().map_or(0, |ts| {
+            ((crate::clock::unix_ms() - ts).max(0) / 1000) as u64
+        })
+    }
+
     pub fn render(&self, out: &mut String) {
         use crate::ops::metrics::{counter, gauge};
         gauge(
@@ -425,14 +448,11 @@ impl Remote {
             "Messages and reaction changes not shipped yet.",
             self.backlog.get().max(0) as u64,
         );
-        let age = self.oldest_ts.get().map_or(0, |ts| {
-            ((crate::clock::unix_ms() - ts).max(0) / 1000) as u64
-        });
         gauge(
             out,
             "hivegate_sync_backlog_oldest_seconds",
             "Age of the oldest row not shipped yet.",
-            age,
+            self.oldest_age_s(),
         );
         counter(
             out,

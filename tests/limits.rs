@@ -118,11 +118,39 @@ fn rates_are_in_readyz_and_left_to_rate_in_metrics() {
         ready["rates"]["messages_out"]["10s"].as_f64() > Some(0.0),
         "{ready}"
     );
-    for meter in ["messages_in", "messages_out", "refusals"] {
+    for meter in [
+        "messages_in",
+        "messages_out",
+        "connections",
+        "refusals",
+        "llm_calls",
+    ] {
         for window in ["1s", "10s", "60s"] {
             assert!(ready["rates"][meter][window].is_number(), "{ready}");
         }
+        // The operator view's sparkline: each of the last 60 seconds.
+        let series = ready["rates"][meter]["last_60s"].as_array().unwrap();
+        assert_eq!(series.len(), 60, "{ready}");
     }
+    let seconds = |meter: &str| -> u64 {
+        ready["rates"][meter]["last_60s"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(Value::as_u64)
+            .sum()
+    };
+    assert!(
+        seconds("messages_in") >= 5 && seconds("connections") >= 1,
+        "{ready}"
+    );
+    // What else the operator view draws: memory against its limit, and no
+    // sync or bus on a box without them.
+    assert!(ready["memory_limit_bytes"].is_u64(), "{ready}");
+    assert!(
+        ready["sync"].is_null() && ready["cluster"].is_null(),
+        "{ready}"
+    );
     // /metrics has the counters; rates there are PromQL's rate().
     let metrics = gw.get("/metrics").body;
     assert!(!metrics.contains("_per_second"), "{metrics}");

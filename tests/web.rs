@@ -1,7 +1,8 @@
 //! The web chat in real headless Chromium (Debian's `chromium`, driven by
 //! `playwright-core` from tests/web/, both installed by `.ci/web-setup`):
 //! tests/web/e2e.mjs uses the page as people do, against this gateway and a
-//! fake provider, and this test plays the outage it asks for. Screenshots go
+//! fake provider, and this test plays the outage it asks for; it also
+//! opens the operator view on the operator port. Screenshots go
 //! to target/web-screenshots/.
 //!
 //! Without Chromium or playwright-core the test says so and passes, unless
@@ -58,6 +59,7 @@ fn the_web_chat_works_in_a_real_browser() {
         ),
         &[],
     );
+    fill_big_room(&gw, 600);
     // A server with tokens, rate limits, no assistant, and a remote that
     // is down (fallback mode).
     let tokens = Gateway::start(
@@ -74,6 +76,10 @@ fn the_web_chat_works_in_a_real_browser() {
             .env("CHROMIUM", chromium().unwrap())
             .env("SHOT_DIR", &shots)
             .env("TOKEN_URL", format!("http://{}", tokens.addr))
+            .env(
+                "ADMIN_URL",
+                format!("http://{}", gw.admin.expect("an operator port")),
+            )
             .env("TOKEN", "browser-token-1")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -129,6 +135,24 @@ fn outage(gw: &mut Gateway) {
         send_json(
             &mut ws,
             &json!({"op":"publish","room":room,"text":text,"request_id":text}),
+        );
+        while recv_json(&mut ws)["op"] != "ack" {}
+    }
+}
+
+/// `n` messages in room `big`, `b000` first, from one sender.
+fn fill_big_room(gw: &Gateway, n: usize) {
+    let (mut ws, _) = gw.session(None);
+    send_json(
+        &mut ws,
+        &json!({"op":"join","room":"big","history":0,"request_id":"j"}),
+    );
+    while recv_json(&mut ws)["op"] != "joined" {}
+    for i in 0..n {
+        let text = format!("b{i:03}");
+        send_json(
+            &mut ws,
+            &json!({"op":"publish","room":"big","text":text,"request_id":text}),
         );
         while recv_json(&mut ws)["op"] != "ack" {}
     }

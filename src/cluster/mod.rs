@@ -532,6 +532,15 @@ impl Cluster {
         }
     }
 
+    /// `{"connected":..,"peers":..,"outbox":..}` for the detailed `/readyz`.
+    pub fn json(&self) -> String {
+        crate::json::JsonOut::new()
+            .bool("connected", self.connected())
+            .num("peers", self.chat.remote_boxes() as u64)
+            .num("outbox", self.stats.backlog.get())
+            .finish()
+    }
+
     /// `/metrics`.
     pub fn render(&self, out: &mut String) {
         use crate::ops::metrics::{counter, counter_with, gauge};

@@ -86,6 +86,20 @@ impl<const SLOTS: usize> RateMeter<SLOTS> {
             .sum();
         sum as f64 / seconds as f64
     }
+
+    /// Events in each of the last `SLOTS - 1` complete seconds, oldest
+    /// first: a sparkline's points.
+    pub fn seconds(&mut self, now: Instant) -> impl Iterator<Item = u32> + '_ {
+        self.advance(now);
+        let head = self.head;
+        (1..SLOTS as u64).rev().map(move |back| {
+            if back > head {
+                0
+            } else {
+                self.slots[((head - back) % SLOTS as u64) as usize]
+            }
+        })
+    }
 }
 
 /// Remembers the times of the last `N` events, to answer exactly "have
@@ -146,6 +160,23 @@ impl Tally {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn seconds_are_the_complete_ones_oldest_first() {
+        let t0 = Instant::now();
+        let mut m: RateMeter<4> = RateMeter::new(t0);
+        m.record_n(t0, 5);
+        m.record_n(t0 + Duration::from_secs(2), 7);
+        m.record(t0 + Duration::from_millis(3500));
+        let now = t0 + Duration::from_millis(3600);
+        // Seconds 0, 1, 2; second 3 is in progress and left out.
+        assert_eq!(m.seconds(now).collect::<Vec<_>>(), [5, 0, 7]);
+        // Before the meter existed: nothing.
+        let mut young: RateMeter<4> = RateMeter::new(t0);
+        young.record(t0 + Duration::from_millis(1500));
+        let seen: Vec<u32> = young.seconds(t0 + Duration::from_millis(2100)).collect();
+        assert_eq!(seen, [0, 0, 1]);
+    }
     use std::cell::Cell;
     use std::time::Duration;
 

@@ -266,11 +266,14 @@ impl Limits {
     }
 }
 
-/// The gateway-wide rates, 60 complete seconds deep.
+/// The gateway-wide rates, 60 complete seconds deep. (The LLM calls'
+/// meter is the relay's own: `Llm::calls_meter`.)
 pub struct Meters {
     pub messages_in: RateMeter<61>,
     pub messages_out: RateMeter<61>,
     pub refusals: RateMeter<61>,
+    /// Connections upgraded to a WebSocket.
+    pub connections: RateMeter<61>,
 }
 
 /// The windows exported for every meter.
@@ -282,25 +285,31 @@ impl Meters {
             messages_in: RateMeter::new(now),
             messages_out: RateMeter::new(now),
             refusals: RateMeter::new(now),
+            connections: RateMeter::new(now),
         }
     }
 
-    fn each(&mut self) -> [(&'static str, &mut RateMeter<61>); 3] {
-        [
+    /// `{"messages_in":{"1s":..,"10s":..,"60s":..,"last_60s":[..]},...}`
+    /// for `/readyz`, these meters and `more`.
+    pub fn json<'a>(
+        &'a mut self,
+        now: Instant,
+        more: impl IntoIterator<Item = (&'static str, &'a mut RateMeter<61>)>,
+    ) -> String {
+        let mine = [
             ("messages_in", &mut self.messages_in),
             ("messages_out", &mut self.messages_out),
+            ("connections", &mut self.connections),
             ("refusals", &mut self.refusals),
-        ]
-    }
-
-    /// `{"messages_in":{"1s":..,"10s":..,"60s":..},...}` for `/readyz`.
-    pub fn json(&mut self, now: Instant) -> String {
+        ];
         let mut out = crate::json::JsonOut::new();
-        for (name, meter) in self.each() {
+        for (name, meter) in mine.into_iter().chain(more) {
             let mut w = crate::json::JsonOut::new();
             for (secs, label) in WINDOWS {
                 w = w.float(label, meter.rate(now, secs));
             }
+            let series: Vec<String> = meter.seconds(now).map(|n| n.to_string()).collect();
+            w = w.raw("last_60s", &format!("[{}]", series.join(",")));
             out = out.raw(name, &w.finish());
         }
         out.finish()
@@ -437,10 +446,30 @@ mod tests {
         let t0 = Instant::now();
         let mut m = Meters::new(t0);
         m.messages_in.record_n(t0, 30);
+        let mut calls = RateMeter::new(t0);
+        calls.record(t0);
         let t1 = t0 + Duration::from_secs(1);
+        let json: serde_json::Value =
+            serde_json::from_str(&m.json(t1, [("llm_calls", &mut calls)])).unwrap();
+        let names: Vec<&String> = json.as_object().unwrap().keys().collect();
         assert_eq!(
-            m.json(t1),
-            r#"{"messages_in":{"1s":30,"10s":3,"60s":0.5},"messages_out":{"1s":0,"10s":0,"60s":0},"refusals":{"1s":0,"10s":0,"60s":0}}"#
+            names,
+            [
+                "connections",
+                "llm_calls",
+                "messages_in",
+                "messages_out",
+                "refusals"
+            ]
         );
+        assert_eq!(json["messages_in"]["1s"], 30);
+        assert_eq!(json["messages_in"]["10s"], 3);
+        assert_eq!(json["messages_in"]["60s"], 0.5);
+        // Sixty complete seconds, oldest first: the meter's first is last.
+        let series = json["messages_in"]["last_60s"].as_array().unwrap();
+        assert_eq!(series.len(), 60);
+        assert_eq!(series[59], 30);
+        assert!(series[..59].iter().all(|n| n == 0));
+        assert_eq!(json["llm_calls"]["last_60s"][59], 1);
     }
 }

@@ -89,6 +89,9 @@ pub struct Llm {
     redact: RefCell<crate::redact::Redactor>,
     /// Today's spending per user, for the access rules' budgets.
     pub ledger: Ledger,
+    /// Calls sent to providers per second (retries included), for the
+    /// operator's view.
+    pub calls_meter: RefCell<crate::limit::RateMeter<61>>,
 }
 
 impl Llm {
@@ -153,6 +156,7 @@ impl Llm {
             log,
             redact: RefCell::new(redact),
             ledger: Ledger::default(),
+            calls_meter: RefCell::new(crate::limit::RateMeter::new(now)),
         })
     }
 
@@ -340,6 +344,7 @@ impl Llm {
                     Ok(t) => self.note(p, t),
                 }
                 p.calls.set(p.calls.get() + 1);
+                self.calls_meter.borrow_mut().record(Instant::now());
                 let key_id = p.key.id();
                 let began = Instant::now();
                 let attempted = self.attempt(p, &call, out).await;

@@ -44,6 +44,11 @@ impl MemorySentinel {
         self.shedding.get()
     }
 
+    /// The limit in force, if any.
+    pub fn limit(&self) -> Option<u64> {
+        self.limit.get()
+    }
+
     /// The last reading of resident memory, in bytes.
     pub fn rss(&self) -> u64 {
         self.rss.get()

@@ -1,5 +1,6 @@
 //! The operator endpoints on a listener of their own (`server.admin_listen`,
-//! loopback by default): `/metrics` and the detailed `/readyz` say which
+//! loopback by default): `/metrics`, the detailed `/readyz` and the page
+//! drawn from it (`/`, the operator view) say which
 //! upstream keys are in use, how much memory the box holds and which
 //! breakers are open, which is nobody's business on the client port.
 //!
@@ -74,12 +75,14 @@ async fn serve(gw: &Gateway, mut stream: Async<TcpStream>) {
         ),
         "/readyz" if get => probes::readyz(gw, true),
         "/healthz" if get => Response::text(200, "ok\n"),
-        "/metrics" | "/readyz" | "/healthz" => {
+        "/" if get => gw.web.ops(),
+        "/favicon.ico" if get => gw.web.icon(),
+        "/metrics" | "/readyz" | "/healthz" | "/" | "/favicon.ico" => {
             Response::text(405, "method not allowed\n").header("Allow", "GET, HEAD")
         }
         _ => Response::text(
             404,
-            "not found: this port serves /metrics, /readyz and /healthz\n",
+            "not found: this port serves / (the operator view), /metrics, /readyz and /healthz\n",
         ),
     };
     Response {

@@ -603,6 +603,7 @@ async fn pre_upgrade(gw: &Rc<Gateway>, stream: &mut tls::Socket, source: Source)
                     return Outcome::Done;
                 }
                 inc(&gw.metrics.accepted);
+                gw.meters.borrow_mut().connections.record(Instant::now());
                 return Outcome::Upgrade {
                     slot,
                     leftover,

@@ -97,14 +97,31 @@ pub fn readyz(gw: &Gateway, detail: bool) -> Response {
         .num("connections", g.connections_open as u64)
         .num("capacity", g.table_capacity as u64)
         .num("rss_bytes", gw.memory.rss())
+        .num("memory_limit_bytes", gw.memory.limit().unwrap_or(0))
         .raw("breakers", &breakers_json(gw))
-        .raw("rates", &gw.meters.borrow_mut().json(Instant::now()))
+        .raw(
+            "sync",
+            &gw.remote.as_ref().map_or("null".into(), |r| r.json()),
+        )
+        .raw(
+            "cluster",
+            &gw.cluster.as_ref().map_or("null".into(), |c| c.json()),
+        )
+        .raw("rates", &rates_json(gw))
         .finish();
     Response::new(
         if status == "ready" { 200 } else { 503 },
         "application/json",
         body + "\n",
     )
+}
+
+/// The gateway's meters and the relay's, for `/readyz`.
+fn rates_json(gw: &Gateway) -> String {
+    let mut llm = gw.llm.calls_meter.borrow_mut();
+    gw.meters
+        .borrow_mut()
+        .json(Instant::now(), [("llm_calls", &mut *llm)])
 }
 
 /// Every breaker's state, by service, for `/readyz`.

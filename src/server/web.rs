@@ -1,17 +1,57 @@
-//! The embedded web chat (`src/web/index.html`, one file compiled in) and
-//! its icon, served with a Content-Security-Policy that allows the page's
-//! own inline script and style (by their SHA-256, computed once at start)
-//! and connections to its own origin only: a message that got past the
-//! page's escaping still could not run or load anything.
+//! The embedded pages, each one file compiled in: the web chat
+//! (`src/web/index.html`, on the client port) and the operator's view
+//! (`src/web/ops.html`, on the operator port), and their icon. Each is
+//! served with a Content-Security-Policy that allows the page's own inline
+//! script and style (by their SHA-256, computed once at start) and
+//! connections to its own origin only: a string that got past a page's
+//! escaping still could not run or load anything.
 
 use super::http::Response;
 
-const PAGE: &str = include_str!("../web/index.html");
+const CHAT: &str = include_str!("../web/index.html");
+const OPS: &str = include_str!("../web/ops.html");
 const ICON: &str = "<svg xmlns=\"http://www.w3.org/2000/svg\" viewBox=\"0 0 16 16\">\
 <path d=\"M8 1l6 3.5v7L8 15l-6-3.5v-7z\" fill=\"#2563eb\"/></svg>";
 
-pub struct Web {
+/// A page and its policy.
+struct Page {
+    body: &'static str,
     csp: String,
+}
+
+impl Page {
+    fn new(body: &'static str) -> Page {
+        let hash = |open: &str, close: &str| {
+            let inner = body
+                .split_once(open)
+                .and_then(|(_, rest)| rest.split_once(close))
+                .map_or("", |(inner, _)| inner);
+            format!(
+                "'sha256-{}'",
+                base64(&crate::auth::sha256(inner.as_bytes()))
+            )
+        };
+        Page {
+            body,
+            csp: format!(
+                "default-src 'none'; script-src {}; style-src {}; connect-src 'self'; \
+                 img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+                hash("<script>", "</script>"),
+                hash("<style>", "</style>"),
+            ),
+        }
+    }
+
+    fn serve(&self) -> Response {
+        Response::new(200, "text/html; charset=utf-8", self.body)
+            .header("Content-Security-Policy", self.csp.clone())
+            .header("Referrer-Policy", "no-referrer")
+    }
+}
+
+pub struct Web {
+    chat: Page,
+    ops: Page,
 }
 
 impl Default for Web {
@@ -22,27 +62,20 @@ impl Default for Web {
 
 impl Web {
     pub fn new() -> Web {
-        let hash = |open: &str, close: &str| {
-            let body = PAGE
-                .split_once(open)
-                .and_then(|(_, rest)| rest.split_once(close))
-                .map_or("", |(body, _)| body);
-            format!("'sha256-{}'", base64(&crate::auth::sha256(body.as_bytes())))
-        };
         Web {
-            csp: format!(
-                "default-src 'none'; script-src {}; style-src {}; connect-src 'self'; \
-                 img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
-                hash("<script>", "</script>"),
-                hash("<style>", "</style>"),
-            ),
+            chat: Page::new(CHAT),
+            ops: Page::new(OPS),
         }
     }
 
+    /// The web chat.
     pub fn page(&self) -> Response {
-        Response::new(200, "text/html; charset=utf-8", PAGE)
-            .header("Content-Security-Policy", self.csp.clone())
-            .header("Referrer-Policy", "no-referrer")
+        self.chat.serve()
+    }
+
+    /// The operator's view, for the operator port only.
+    pub fn ops(&self) -> Response {
+        self.ops.serve()
     }
 
     pub fn icon(&self) -> Response {
@@ -86,12 +119,15 @@ mod tests {
     }
 
     #[test]
-    fn the_page_is_small_and_its_policy_names_its_script() {
-        assert!(PAGE.len() < 50 * 1024, "{} bytes", PAGE.len());
-        let web = Web::new();
-        assert!(web.csp.contains("script-src 'sha256-"));
-        assert!(!web.csp.contains("unsafe"));
-        // No inline handlers: the policy would block them.
-        assert!(!PAGE.contains(" onclick=") && !PAGE.contains(" style=\""));
+    fn the_pages_are_small_and_their_policies_name_their_scripts() {
+        for (page, body) in [(Page::new(CHAT), CHAT), (Page::new(OPS), OPS)] {
+            assert!(body.len() < 50 * 1024, "{} bytes", body.len());
+            assert!(page.csp.contains("script-src 'sha256-"));
+            assert!(!page.csp.contains("unsafe"));
+            // No inline handlers or styles: the policy would block them.
+            assert!(!body.contains(" onclick=") && !body.contains(" style=\""));
+            assert_eq!(body.matches("<script>").count(), 1);
+            assert_eq!(body.matches("<style>").count(), 1);
+        }
     }
 }

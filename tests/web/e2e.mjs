@@ -12,7 +12,10 @@ mkdirSync(SHOTS, { recursive: true });
 const lines = createInterface({ input: process.stdin });
 // The test that started us is gone: so are we.
 lines.on("close", () => process.exit(2));
-const waitLine = (want) => new Promise((ok) => lines.on("line", (l) => { if (l.trim() === want) ok(); }));
+// Lines are kept: one may come before it is waited for.
+const heard = new Set();
+lines.on("line", (l) => heard.add(l.trim()));
+const waitLine = (want) => new Promise((ok) => { if (heard.has(want)) ok(); else lines.on("line", (l) => { if (l.trim() === want) ok(); }); });
 
 function check(ok, what) {
   if (!ok) throw new Error("failed: " + what);
@@ -25,22 +28,22 @@ const browser = await chromium.launch({
          "--disable-background-networking", "--disable-component-update", "--disable-sync"],
 });
 const errors = [];
-async function open(name, viewport) {
+async function open(name, viewport, path) {
   const context = await browser.newContext({ viewport: viewport || { width: 1200, height: 800 } });
   const page = await context.newPage();
   page.sockets = 0;
   page.on("websocket", () => { page.sockets += 1; });
   page.on("console", (m) => { if (m.type() === "error") errors.push(`${name}: ${m.text()}`); });
   page.on("pageerror", (e) => errors.push(`${name}: ${e.message}`));
-  const response = await page.goto(BASE + "/");
+  const response = await page.goto(BASE + (path || "/"));
   page.headersSeen = response.headers();
   await page.waitForFunction(() => document.getElementById("conn").textContent.startsWith("connected"));
   page.user = (await page.textContent("#me")).replace("you are ", "");
   return page;
 }
-const texts = (page) => page.$$eval("#timeline .msg:not(.pending) .text", (ns) => ns.map((n) => n.innerText));
+const texts = (page) => page.$$eval("#timeline .msg:not(.pending) .text", (ns) => ns.map((n) => n.textContent));
 const waitText = (page, text) => page.waitForFunction((t) =>
-  [...document.querySelectorAll("#timeline .msg .text")].some((n) => n.innerText === t), text, { timeout: 10000 });
+  [...document.querySelectorAll("#timeline .msg .text")].some((n) => n.textContent === t), text, { timeout: 10000 });
 async function say(page, text) {
   await page.click("#text");
   const parts = text.split("\n");
@@ -99,6 +102,35 @@ try {
   check(await a.$$eval(".picker.open", (p) => p.length) === 1, "opening a second emoji picker closes the first");
   await a.keyboard.press("Escape");
   check(await a.$$eval(".picker.open", (p) => p.length) === 0, "Escape closes the emoji picker");
+  // A compact timeline: a sender's consecutive messages are grouped under
+  // one name and avatar, each sender with a stable colour and initial; the
+  // react button shows on hover or focus only.
+  await say(a, "second line of A");
+  await waitText(b, "second line of A");
+  const rows = await b.$$eval("#timeline .msg", (ms) => ms.map((m) => ({
+    cont: m.classList.contains("cont"), height: m.getBoundingClientRect().height,
+    from: m.querySelector(".from")?.textContent, colour: m.querySelector(".from")?.className, initial: m.querySelector(".av")?.textContent })));
+  const grouped = rows.filter((r) => r.cont);
+  check(grouped.length > 0 && grouped.every((r) => r.height <= 30 && !r.from), `consecutive messages are grouped, one line each (${grouped.map((r) => Math.round(r.height)).join(", ")} px)`);
+  const heads = rows.filter((r) => !r.cont);
+  const colours = new Map();
+  check(heads.every((r) => /^from c[0-7]$/.test(r.colour) && r.initial && r.initial.length === 1 &&
+        (colours.get(r.from) || r.colour) === r.colour && colours.set(r.from, r.colour)),
+        `each sender has one colour and an initial (${[...colours].map(([f, c]) => f + ": " + c).join(", ")})`);
+  const seenOnA = await a.$eval(`#timeline .msg .from`, (n) => [n.textContent, n.className]);
+  check(colours.get(seenOnA[0]) === seenOnA[1], "a sender's colour is the same on every page");
+  const opacity = (page, sel) => page.$eval(sel, (n) => getComputedStyle(n).opacity);
+  const aRow = `#timeline .msg:has(.text:text-is("hello from A"))`;
+  await b.mouse.move(1, 1);
+  check(await opacity(b, `${aRow} .add`) === "0", "rows carry no react button until wanted");
+  await b.hover(`${aRow} .text`);
+  check(await opacity(b, `${aRow} .add`) === "1", "hovering a message shows its react button");
+  await b.mouse.move(1, 1);
+  await b.focus(`${aRow} .add`);
+  check(await opacity(b, `${aRow} .add`) === "1", "so does reaching it with the keyboard");
+  const bottom = await b.$eval("#composer", (n) => n.getBoundingClientRect().bottom);
+  check(bottom >= 795, `the chat fills the window: the composer sits at its foot (${Math.round(bottom)} of 800 px)`);
+  await b.screenshot({ path: SHOTS + "/chat.png" });
   // The composer grows with a long draft.
   await a.click("#text");
   for (let i = 0; i < 5; i++) { await a.keyboard.type("line " + i); await a.keyboard.press("Shift+Enter"); }
@@ -127,27 +159,91 @@ try {
   // The assistant streams from the fake provider; Cancel stops it.
   await a.fill("#prompt", "count for me");
   await a.click("#ask");
-  await a.waitForFunction(() => document.getElementById("answer").textContent.length > 6);
+  await a.waitForFunction(() => document.querySelector("#convo .turn:last-child .answer").textContent.length > 6);
   await a.click("#cancel");
   await a.waitForFunction(() => document.getElementById("aistatus").textContent === "cancelled");
-  const stopped = (await a.textContent("#answer")).length;
+  const stopped = (await a.textContent("#convo .turn:last-child .answer")).length;
   await a.waitForTimeout(800);
-  check((await a.textContent("#answer")).length === stopped && stopped > 0, `the answer streamed in (${stopped} chars) and stopped at Cancel`);
+  check((await a.textContent("#convo .turn:last-child .answer")).length === stopped && stopped > 0, `the answer streamed in (${stopped} chars) and stopped at Cancel`);
+  check(await a.textContent("#convo .turn:last-child .q") === "count for me" && (await a.textContent("#convo .turn:last-child .who")).startsWith("Assistant"),
+        "the question is shown above its labelled answer");
+  check(await a.$eval("#prompt", (n) => n.value) === "", "the question box is cleared for the next one");
+  const code = await a.evaluate(() => { const d = document.createElement("div"); rich(d, "Try:\n```js\nlet x = 1 < 2;\n```\ndone"); return d.innerHTML; });
+  check(code === "Try:\n<pre><code>let x = 1 &lt; 2;\n</code></pre>done", `code in an answer is shown as code (${JSON.stringify(code)})`);
+  await a.fill("#prompt", "and again");
+  await a.press("#prompt", "Enter");
+  await a.waitForFunction(() => document.getElementById("aistatus").textContent.startsWith("answered by"), null, { timeout: 20000 });
+  const turns = await a.$$eval("#convo .turn", (ts) => ts.map((t) => [t.querySelector(".q").textContent, t.querySelector(".who").textContent, t.querySelector(".answer").textContent]));
+  check(turns.length === 2 && turns[1][0] === "and again" && turns[1][1] === "Assistant · fake (fake-model)" && turns[1][2].startsWith("c0 c1 ") && turns[1][2].trim().endsWith("c59"),
+        `Enter asks; the answer is labelled with who gave it (${JSON.stringify(turns[1][1])})`);
+
+  // The operator view, on the operator port: live rates as sparklines,
+  // breakers, memory, sync and bus, refreshed every second.
+  const ops = await (await browser.newContext({ viewport: { width: 1200, height: 800 } })).newPage();
+  ops.on("console", (m) => { if (m.type() === "error" && !m.text().includes("Failed to load resource")) errors.push(`ops: ${m.text()}`); });
+  ops.on("pageerror", (e) => errors.push(`ops: ${e.message}`));
+  let polls = 0;
+  ops.on("request", (r) => { if (r.url().endsWith("/readyz")) polls += 1; });
+  const opsHeaders = (await ops.goto(process.env.ADMIN_URL + "/")).headers();
+  const opsCsp = opsHeaders["content-security-policy"] || "";
+  check(opsCsp.includes("script-src 'sha256-") && opsCsp.includes("connect-src 'self'") && !opsCsp.includes("unsafe"), "the operator view has a strict Content-Security-Policy too");
+  await ops.waitForFunction(() => document.getElementById("status").textContent === "ready · online");
+  const cardsSeen = await ops.$$eval("main section h2", (hs) => hs.map((h) => h.textContent));
+  check(["Messages in", "Messages out", "New connections", "LLM calls", "Refusals", "Connections open", "Memory", "Breakers", "Remote sync", "Cluster bus", "Storage"]
+    .every((c) => cardsSeen.includes(c)), `the operator view shows every figure (${cardsSeen.join(", ")})`);
+  const line = (card) => ops.$eval(`#card-${card} polyline`, (p) => p.getAttribute("points").split(" ").map((xy) => Number(xy.split(",")[1])));
+  const inLine = await line("messages_in"), calls = await line("llm_calls");
+  check(inLine.length === 60 && inLine.some((y) => y < 29) && calls.some((y) => y < 29),
+        "messages in and LLM calls of the last minute are drawn as sparklines (60 points)");
+  check(/fake\s*closed/.test(await ops.textContent("#card-breakers")), "the provider's breaker is shown, closed");
+  check(/MiB/.test(await ops.textContent("#card-memory")) && /of/.test(await ops.textContent("#card-open")), "memory and connections are shown against their bounds");
+  check(/local only/.test(await ops.textContent("#card-sync")) && /one box/.test(await ops.textContent("#card-cluster")), "sync and bus say they are not configured here");
+  const polled = polls;
+  for (const end = Date.now() + 5000; polls < polled + 2 && Date.now() < end;) await new Promise((ok) => setTimeout(ok, 50));
+  check(polls >= polled + 2, `it refreshes every second (${polls} reads of /readyz)`);
+  await say(a, "counted by the operator view");
+  await ops.waitForFunction(() => Number(document.querySelector("#card-messages_in .sub").textContent.match(/60 s: ([\d.]+)/)[1]) > 0, null, { timeout: 5000 });
+  check(true, "the message rates move with the traffic");
+  await ops.screenshot({ path: SHOTS + "/ops.png" });
+  {
+    const ctx = await browser.newContext({ viewport: { width: 1200, height: 800 }, bypassCSP: true });
+    const p = await ctx.newPage();
+    await p.goto(process.env.ADMIN_URL + "/");
+    await p.waitForSelector("#card-storage");
+    await p.addScriptTag({ path: new URL("./node_modules/axe-core/axe.min.js", import.meta.url).pathname });
+    const found = await p.evaluate(async () => (await window.axe.run(document)).violations
+      .map((v) => `${v.impact} ${v.id}: ${v.nodes.length} (${v.nodes[0].target.join(" ")})`));
+    check(found.length === 0, "axe-core finds no accessibility violation in the operator view" + (found.length ? ": " + found.join("; ") : ""));
+    await ctx.close();
+  }
+  const opsDown = ops.waitForSelector("#down.show", { timeout: 15000 });
 
   // An outage: the gateway is killed and restarted while another client
   // sends 120 messages; the page shows all of them, in order, and where the
   // outage was.
   const before = (await texts(a)).length;
   const nameBefore = a.user;
+  // B sees the outage in a banner with "Reconnect now", its member list dimmed.
+  const bannerSeen = b.waitForFunction(() => document.getElementById("banner").classList.contains("show") &&
+    document.getElementById("members").classList.contains("stale") && !document.getElementById("reconnect").hidden &&
+    document.getElementById("bannertext").textContent, null, { timeout: 10000, polling: 20 }).then((h) => h.jsonValue());
   console.log("OUTAGE");
   await a.waitForFunction(() => /reconnecting in \d+ s/.test(document.getElementById("conn").textContent), null, { timeout: 10000 });
   check(true, "the page says it is reconnecting, and when");
+  const bannerText = await bannerSeen;
+  await opsDown;
+  check(await ops.evaluate(() => document.body.classList.contains("stale")) && /does not answer/.test(await ops.textContent("#down")),
+        "the operator view says when the gateway does not answer, and greys the last figures");
+  await ops.close();
+  check(/^Connection lost; reconnecting in \d+ s\.$/.test(bannerText), `an outage shows a banner with Reconnect now, the member list dimmed ("${bannerText}")`);
   await waitLine("SENT");
   await a.waitForFunction(() => document.getElementById("conn").textContent.startsWith("connected"), null, { timeout: 30000 });
   await a.waitForFunction((n) => document.querySelectorAll("#timeline .msg:not(.pending) .text").length >= n, before + 120, { timeout: 30000 });
   const after = await texts(a);
   const missed = after.filter((t) => /^m\d{3}$/.test(t));
   const expected = Array.from({ length: 120 }, (_, i) => "m" + String(i).padStart(3, "0"));
+  await b.waitForFunction(() => !document.getElementById("banner").classList.contains("show") && !document.getElementById("members").classList.contains("stale"), null, { timeout: 30000 });
+  check(true, "the banner goes and the member list is bright again once connected");
   check(JSON.stringify(missed) === JSON.stringify(expected), `all 120 messages sent during the outage are shown, in order (${missed.length})`);
   check(await a.$("#timeline .outage") !== null, "the timeline marks where the outage was");
   await a.waitForFunction(() => [...document.querySelectorAll("#rooms li")].some((li) =>
@@ -171,6 +267,8 @@ try {
   await phone.screenshot({ path: SHOTS + "/phone.png" });
   const box = await phone.$eval("#text", (n) => { const r = n.getBoundingClientRect(); return { bottom: r.bottom, font: parseFloat(getComputedStyle(n).fontSize) }; });
   check(box.bottom <= 844 && box.font >= 16, `on a phone the composer is visible and its font is ${box.font}px`);
+  const chrome = await phone.$eval("#timeline", (n) => n.getBoundingClientRect().top);
+  check(chrome <= 100, `on a phone ${Math.round(chrome)} px of chrome sit above the timeline`);
   const small = await phone.$$eval("button", (bs) => bs.filter((b) => b.offsetParent && b.getBoundingClientRect().height < 40).length);
   check(small === 0, "tap targets are large enough");
   // The side panel opens over the page and closes again, by its own
@@ -187,6 +285,14 @@ try {
   await phone.click("#panel");
   await phone.keyboard.press("Escape");
   check(!(await phone.isVisible("#members")), "Escape closes it too");
+  // A long press on a message opens its emoji picker.
+  const touch = (type) => phone.$eval("#timeline .msg:not(.pending)", (m, t) => m.dispatchEvent(new PointerEvent(t, { pointerType: "touch", bubbles: true })), type);
+  await touch("pointerdown");
+  await phone.waitForSelector("#timeline .msg.touch .picker .chip", { timeout: 5000 });
+  await touch("pointerup");
+  check(await phone.$eval("#timeline .msg.touch .add", (n) => getComputedStyle(n).opacity) === "1", "a long press on a message opens its emoji picker and shows its react button");
+  await phone.keyboard.press("Escape");
+  check(await phone.$$eval(".picker, .msg.touch", (p) => p.length) === 0, "Escape closes the picker");
   // Joining a room works on a phone (then back to the first room).
   const firstRoom = await phone.textContent("#title");
   check(await reachable(phone, "#newroom"), "on a phone the join field is there");
@@ -213,9 +319,44 @@ try {
   const below = await phone.$eval("#timeline", (t) => t.scrollHeight - t.scrollTop - t.clientHeight);
   check(below > 200, `a new message shows a marker instead of a jump (${below} px still below)`);
 
+  // A room of 600 messages: the page holds a window of it, wherever the
+  // reader is, in order; the DOM stays the same size.
+  const big = await open("big", { width: 1200, height: 800 }, "/#big");
+  await big.waitForFunction(() => document.getElementById("title").textContent === "#big");
+  await waitText(big, "b599");
+  const view = () => big.evaluate(() => {
+    const ts = [...document.querySelectorAll("#rows .row .text")].map((n) => n.textContent);
+    return { rows: document.querySelectorAll("#rows .row").length, all: document.getElementsByTagName("*").length, ts };
+  });
+  let most = { rows: 0, all: 0 }, v = await view(), inOrder = true;
+  const note = (w) => {
+    most = { rows: Math.max(most.rows, w.rows), all: Math.max(most.all, w.all) };
+    inOrder = inOrder && w.ts.every((t, i) => i === 0 || Number(t.slice(1)) === Number(w.ts[i - 1].slice(1)) + 1);
+  };
+  note(v);
+  while (v.ts[0] !== "b000") {
+    await big.$eval("#timeline", (t) => { t.scrollTop = 0; });
+    await big.waitForFunction((first) => document.querySelector("#rows .row .text").textContent !== first, v.ts[0], { timeout: 10000 });
+    v = await view(); note(v);
+  }
+  check(v.ts[v.ts.length - 1] !== "b599", `read back to the first of 600 messages (${v.ts[0]}..${v.ts[v.ts.length - 1]} in the DOM)`);
+  while (v.ts[v.ts.length - 1] !== "b599") {
+    await big.$eval("#timeline", (t) => { t.scrollTop = t.scrollHeight; });
+    await big.waitForFunction((last) => [...document.querySelectorAll("#rows .row .text")].pop().textContent !== last, v.ts[v.ts.length - 1], { timeout: 10000 });
+    v = await view(); note(v);
+  }
+  check(inOrder && most.rows <= 150 && most.all <= 1500, `and down to the last: at most ${most.rows} rows, ${most.all} elements in the page at any time, always in order`);
+  await say(big, "live in a big room");
+  await waitText(big, "live in a big room");
+  v = await view();
+  check(v.rows <= 150 && await big.$eval("#timeline", (t) => t.scrollHeight - t.scrollTop - t.clientHeight < 40), `a new message joins the window at the bottom, the oldest row leaves it (${v.rows} rows)`);
+  await big.close();
+
   // Token mode: the page asks, explains a wrong token, and signs in.
   if (process.env.TOKEN_URL) {
     const t = await (await browser.newContext()).newPage();
+    t.sockets = 0;
+    t.on("websocket", () => { t.sockets += 1; });
     t.on("console", (m) => { if (m.type() === "error" && !m.text().includes("WebSocket")) errors.push("token: " + m.text()); });
     await t.goto(process.env.TOKEN_URL + "/");
     await t.waitForSelector("#login.open");
@@ -263,6 +404,14 @@ try {
     console.log("DRAIN");
     await t.waitForFunction(() => document.getElementById("conn").textContent.includes("shutting down"), null, { timeout: 10000 });
     check(true, "a draining server is said to be shutting down");
+    // The server is gone: "Reconnect now" tries at once, not at the next
+    // retry (three seconds or more away).
+    await t.waitForFunction(() => document.getElementById("banner").classList.contains("show") &&
+      /reconnecting in ([3-9]|\d\d+) s/.test(document.getElementById("bannertext").textContent), null, { timeout: 60000 });
+    const tries = t.sockets;
+    await t.click("#reconnect");
+    for (const end = Date.now() + 1500; t.sockets === tries && Date.now() < end;) await new Promise((ok) => setTimeout(ok, 20));
+    check(t.sockets === tries + 1, "Reconnect now tries again at once");
   }
 
   // Accessibility: axe-core finds no violation at all, on a desktop and a
