@@ -21,6 +21,7 @@ fn main() {
     strip_symbols();
     order_text();
     find_test_tools();
+    pack_pages();
     println!("cargo:rerun-if-changed=.git/HEAD");
     println!("cargo:rerun-if-changed=.git/refs/heads");
 }
@@ -165,5 +166,38 @@ fn find_test_tools() {
         if !found && !required {
             println!("cargo:rustc-cfg={cfg}");
         }
+    }
+}
+
+/// The web pages go into the binary without their indentation, comment
+/// lines and blank lines (6 KB of 49): the sources stay readable and the
+/// binary inside its size budget. Safe for these pages: no template literal
+/// or `<pre>` in them spans lines (a multi-line one would lose its
+/// indentation), and a comment line is only a line that starts with one.
+fn pack_pages() {
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    for page in ["index.html", "ops.html"] {
+        let source = format!("src/web/{page}");
+        println!("cargo:rerun-if-changed={source}");
+        let text = std::fs::read_to_string(&source).expect("the web pages are in src/web");
+        let mut packed = String::with_capacity(text.len());
+        let mut in_comment = false;
+        for line in text.lines() {
+            let line = line.trim_start();
+            if in_comment {
+                in_comment = !line.contains("*/");
+                continue;
+            }
+            if line.starts_with("/*") {
+                in_comment = !line.contains("*/");
+                continue;
+            }
+            if line.is_empty() || line.starts_with("//") {
+                continue;
+            }
+            packed.push_str(line);
+            packed.push('\n');
+        }
+        std::fs::write(out.join(page), packed).expect("OUT_DIR is writable");
     }
 }

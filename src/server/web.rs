@@ -8,8 +8,9 @@
 
 use super::http::Response;
 
-const CHAT: &str = include_str!("../web/index.html");
-const OPS: &str = include_str!("../web/ops.html");
+// As build.rs packs them: without indentation and comment lines.
+const CHAT: &str = include_str!(concat!(env!("OUT_DIR"), "/index.html"));
+const OPS: &str = include_str!(concat!(env!("OUT_DIR"), "/ops.html"));
 const ICON: &str = "<svg xmlns=\"http://www.w3.org/2000/svg\" viewBox=\"0 0 16 16\">\
 <path d=\"M8 1l6 3.5v7L8 15l-6-3.5v-7z\" fill=\"#2563eb\"/></svg>";
 
