@@ -140,7 +140,8 @@ fn outage(gw: &mut Gateway) {
     }
 }
 
-/// `n` messages in room `big`, `b000` first, from one sender.
+/// `n` messages in room `big`, `b000` first, from one sender; every fifth
+/// is three lines long, so rows differ in height.
 fn fill_big_room(gw: &Gateway, n: usize) {
     let (mut ws, _) = gw.session(None);
     send_json(
@@ -149,10 +150,15 @@ fn fill_big_room(gw: &Gateway, n: usize) {
     );
     while recv_json(&mut ws)["op"] != "joined" {}
     for i in 0..n {
-        let text = format!("b{i:03}");
+        let id = format!("b{i:03}");
+        let text = if i % 5 == 0 {
+            format!("{id} is a longer one\nwith a second line\nand a third")
+        } else {
+            id.clone()
+        };
         send_json(
             &mut ws,
-            &json!({"op":"publish","room":"big","text":text,"request_id":text}),
+            &json!({"op":"publish","room":"big","text":text,"request_id":id}),
         );
         while recv_json(&mut ws)["op"] != "ack" {}
     }

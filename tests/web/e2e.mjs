@@ -2,7 +2,7 @@
 // tests/web.rs, which owns the gateway: when this script prints "OUTAGE" the
 // test kills and restarts the gateway and sends 120 messages, then writes
 // "SENT" to our stdin. Exits 0 when every check passed.
-import { chromium } from "playwright-core";
+import { launch, axeViolations } from "./browser.mjs";
 import { createInterface } from "node:readline";
 import { mkdirSync } from "node:fs";
 
@@ -22,11 +22,7 @@ function check(ok, what) {
   console.log("ok - " + what);
 }
 
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM,
-  args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-});
+const browser = await launch();
 const errors = [];
 async function open(name, viewport, path) {
   const context = await browser.newContext({ viewport: viewport || { width: 1200, height: 800 } });
@@ -210,9 +206,7 @@ try {
     const p = await ctx.newPage();
     await p.goto(process.env.ADMIN_URL + "/");
     await p.waitForSelector("#card-storage");
-    await p.addScriptTag({ path: new URL("./node_modules/axe-core/axe.min.js", import.meta.url).pathname });
-    const found = await p.evaluate(async () => (await window.axe.run(document)).violations
-      .map((v) => `${v.impact} ${v.id}: ${v.nodes.length} (${v.nodes[0].target.join(" ")})`));
+    const found = await axeViolations(p);
     check(found.length === 0, "axe-core finds no accessibility violation in the operator view" + (found.length ? ": " + found.join("; ") : ""));
     await ctx.close();
   }
@@ -328,24 +322,44 @@ try {
     const ts = [...document.querySelectorAll("#rows .row .text")].map((n) => n.textContent);
     return { rows: document.querySelectorAll("#rows .row").length, all: document.getElementsByTagName("*").length, ts };
   });
+  // b000 .. b599, some with more lines after the number.
+  const num = (t) => parseInt(t.slice(1), 10);
   let most = { rows: 0, all: 0 }, v = await view(), inOrder = true;
   const note = (w) => {
     most = { rows: Math.max(most.rows, w.rows), all: Math.max(most.all, w.all) };
-    inOrder = inOrder && w.ts.every((t, i) => i === 0 || Number(t.slice(1)) === Number(w.ts[i - 1].slice(1)) + 1);
+    inOrder = inOrder && w.ts.every((t, i) => i === 0 || num(t) === num(w.ts[i - 1]) + 1);
   };
   note(v);
-  while (v.ts[0] !== "b000") {
+  while (num(v.ts[0]) !== 0) {
     await big.$eval("#timeline", (t) => { t.scrollTop = 0; });
     await big.waitForFunction((first) => document.querySelector("#rows .row .text").textContent !== first, v.ts[0], { timeout: 10000 });
     v = await view(); note(v);
   }
-  check(v.ts[v.ts.length - 1] !== "b599", `read back to the first of 600 messages (${v.ts[0]}..${v.ts[v.ts.length - 1]} in the DOM)`);
-  while (v.ts[v.ts.length - 1] !== "b599") {
+  check(num(v.ts[v.ts.length - 1]) !== 599, `read back to the first of 600 messages (b${num(v.ts[0])}..b${num(v.ts[v.ts.length - 1])} in the DOM)`);
+  while (num(v.ts[v.ts.length - 1]) !== 599) {
     await big.$eval("#timeline", (t) => { t.scrollTop = t.scrollHeight; });
     await big.waitForFunction((last) => [...document.querySelectorAll("#rows .row .text")].pop().textContent !== last, v.ts[v.ts.length - 1], { timeout: 10000 });
     v = await view(); note(v);
   }
   check(inOrder && most.rows <= 150 && most.all <= 1500, `and down to the last: at most ${most.rows} rows, ${most.all} elements in the page at any time, always in order`);
+  // Reading back from the newest, 40 px a frame, the message in the middle
+  // of the view moves by exactly 40 px each frame: rows that come into the
+  // window above, or into view at their real height, move nothing.
+  const jumps = await big.evaluate(() => new Promise((done) => {
+    latest();
+    const tl = document.getElementById("timeline"), box = tl.getBoundingClientRect(), jumps = [];
+    let ref = null, top = 0, frames = 0;
+    const step = () => {
+      if (ref) { const d = ref.getBoundingClientRect().top - top; if (Math.abs(d - 40) > 1) jumps.push(Math.round(d)); }
+      if (++frames > 150 || tl.scrollTop < 40) return done(jumps);
+      ref = document.elementFromPoint(box.left + box.width / 2, box.top + box.height / 2).closest(".row");
+      top = ref.getBoundingClientRect().top;
+      tl.scrollTop -= 40;
+      requestAnimationFrame(step);
+    };
+    requestAnimationFrame(step);
+  }));
+  check(jumps.length === 0, `reading back, the view moves only as scrolled (${jumps.length} jumps: ${jumps.slice(0, 5)})`);
   await say(big, "live in a big room");
   await waitText(big, "live in a big room");
   v = await view();
@@ -423,9 +437,7 @@ try {
     await p.goto(BASE + "/");
     await p.waitForFunction(() => document.getElementById("conn").textContent.startsWith("connected"));
     await p.waitForSelector("#timeline .msg .add");
-    await p.addScriptTag({ path: new URL("./node_modules/axe-core/axe.min.js", import.meta.url).pathname });
-    const found = await p.evaluate(async () => (await window.axe.run(document)).violations
-      .map((v) => `${v.impact} ${v.id}: ${v.nodes.length} (${v.nodes[0].target.join(" ")})`));
+    const found = await axeViolations(p);
     check(found.length === 0, `axe-core finds no accessibility violation (${name})` + (found.length ? ": " + found.join("; ") : ""));
     const names = await p.$$eval("#timeline .msg .add", (bs) => bs.map((b) => b.getAttribute("aria-label")));
     check(names.length > 1 && new Set(names).size === names.length && names.every((n) => n.startsWith("React to ")),
