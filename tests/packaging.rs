@@ -4,6 +4,8 @@
 //! page (the program's own help). `.ci/deb` builds the package and runs
 //! lintian and its maintainer scripts.
 
+mod common;
+use common::run_ok;
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -93,17 +95,10 @@ fn the_packaged_config_is_genconfig_and_valid() {
         packaged == String::from_utf8(out.stdout).unwrap(),
         "packaging/hivegate.toml is not `hivegate genconfig`'s output: regenerate it"
     );
-    let out = Command::new(env!("CARGO_BIN_EXE_hivegate"))
-        .args([
-            "check-config",
-            root.join("packaging/hivegate.toml").to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        Command::new(env!("CARGO_BIN_EXE_hivegate"))
+            .arg("check-config")
+            .arg(root.join("packaging/hivegate.toml")),
     );
 }
 

@@ -245,7 +245,11 @@ impl Gateway {
     pub fn wait_until(&self, what: &str, mut ok: impl FnMut() -> bool) {
         let end = Instant::now() + Duration::from_secs(10);
         while !ok() {
-            assert!(Instant::now() < end, "timed out waiting for {what}");
+            assert!(
+                Instant::now() < end,
+                "timed out waiting for {what}; gateway log:\n{}",
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -498,4 +502,20 @@ pub fn write_secret(path: &std::path::Path, text: &str) {
 /// Copies a secret fixture to `to`, readable by its owner only.
 pub fn copy_secret(from: &std::path::Path, to: &std::path::Path) {
     hivegate::ops::file::private_copy(from, to).unwrap();
+}
+
+/// Runs a tool to its end and fails the test, with everything the tool
+/// said, unless it succeeded; its standard output.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }

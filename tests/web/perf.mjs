@@ -4,13 +4,10 @@
 // reads back to the first message a scroll step per frame and down again,
 // then measures 60 live messages from arrival to the screen. Prints one
 // line per figure; no check of its own (speed is not a test).
-import { chromium } from "playwright-core";
+import { launch } from "./browser.mjs";
 
 const BASE = process.env.BASE_URL, N = Number(process.env.N || 2000), LIVE = 60;
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM,
-  args: ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-});
+const browser = await launch();
 const pct = (xs, p) => { const s = [...xs].sort((a, b) => a - b); return s[Math.min(s.length - 1, Math.floor(p * s.length))] || 0; };
 const ms = (x) => x.toFixed(1);
 
