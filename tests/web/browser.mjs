@@ -18,3 +18,27 @@ export async function axeViolations(page) {
   return page.evaluate(async () => (await window.axe.run(document)).violations
     .map((v) => `${v.impact} ${v.id}: ${v.nodes.length} (${v.nodes[0].target.join(" ")})`));
 }
+
+// The display frames of `page` while `during()` scrolls it, from Chromium's
+// frame reporter in a trace: for each frame that moved a scroller, whether
+// it was shown or dropped (the view stood still for a frame), shown with
+// content not yet drawn, and which thread moved the view. (A frame has a
+// reporter per pipeline, and forked ones while the page's own frame is in
+// flight: they are one frame here.)
+export async function scrollFrames(browser, page, during) {
+  await browser.startTracing(page, { categories: ["disabled-by-default-devtools.timeline.frame"] });
+  await during();
+  const trace = JSON.parse(await browser.stopTracing());
+  const frames = new Map();
+  for (const e of trace.traceEvents || trace) {
+    const f = e.name === "PipelineReporter" && e.ph === "b" && e.args && e.args.frame_reporter;
+    if (!f || !f.scroll_state || f.scroll_state === "SCROLL_NONE") continue;
+    const key = `${e.pid} ${f.layer_tree_host_id} ${f.frame_source} ${f.frame_sequence}`;
+    const seen = frames.get(key) || { shown: false, dropped: false, missing: false, thread: f.scroll_state };
+    if (f.state === "STATE_PRESENTED_ALL" || f.state === "STATE_PRESENTED_PARTIAL") seen.shown = true;
+    if (f.state === "STATE_DROPPED") seen.dropped = true;
+    if (f.checkerboarded_needs_raster || f.checkerboarded_needs_record || f.has_missing_content) seen.missing = true;
+    frames.set(key, seen);
+  }
+  return [...frames.values()].filter((f) => f.shown || f.dropped);
+}

@@ -4,7 +4,7 @@
 // reads back to the first message a scroll step per frame and down again,
 // then measures 60 live messages from arrival to the screen. Prints one
 // line per figure; no check of its own (speed is not a test).
-import { launch } from "./browser.mjs";
+import { launch, scrollFrames } from "./browser.mjs";
 
 const BASE = process.env.BASE_URL, N = Number(process.env.N || 2000), LIVE = 60;
 const browser = await launch();
@@ -85,14 +85,22 @@ const opening = await reader.evaluate(() => new Promise((ok) => setTimeout(() =>
 await reset();
 // (Three senders publish at once, so the room's order is the server's, not
 // the messages' numbers: the ends are its first and last seq.)
+await reader.evaluate(() => {
+  // "" at the room's first message (dir < 0) or its last, else where the window is.
+  window.perfEdge = (dir) => {
+    const tl = document.getElementById("timeline"), rows = document.getElementById("rows"), r = S.rooms.get("perf");
+    const first = Number(rows.firstElementChild.dataset.seq), last = Number(rows.lastElementChild.dataset.seq);
+    const there = dir < 0 ? first === 1 && tl.scrollTop === 0 : last === r.lastSeq && tl.scrollHeight - tl.scrollTop - tl.clientHeight < 2;
+    return there ? "" : `rows ${first}..${last}, window ${V.lo}..${V.hi}`;
+  };
+});
 const scroll = (dir) => reader.evaluate((dir) => new Promise((done) => {
-  const tl = document.getElementById("timeline"), rows = document.getElementById("rows"), r = S.rooms.get("perf");
+  const tl = document.getElementById("timeline");
   const end = Date.now() + 60000;
   const step = () => {
-    const edge = Number((dir < 0 ? rows.firstElementChild : rows.lastElementChild).dataset.seq);
-    const there = dir < 0 ? edge === 1 && tl.scrollTop === 0 : edge === r.lastSeq && tl.scrollHeight - tl.scrollTop - tl.clientHeight < 2;
-    if (there) return done("");
-    if (Date.now() > end) return done(`did not get there: rows ${rows.firstElementChild.dataset.seq}..${edge}, window ${V.lo}..${V.hi}`);
+    const where = perfEdge(dir);
+    if (!where) return done("");
+    if (Date.now() > end) return done("did not get there: " + where);
     tl.scrollTop += dir * 120;
     requestAnimationFrame(step);
   };
@@ -108,6 +116,25 @@ if (stuckDown) console.log("scrolling down " + stuckDown);
 const down = (Date.now() - t1) / 1000;
 const scrolled = await reader.evaluate(() => ({ frames: window.perf.frames, held: S.rooms.get("perf").list.length }));
 scrolled.longs = await longs();
+
+// The same again with the mouse wheel, as people scroll: the browser
+// scrolls on its compositor thread, when it can, and the page moves its
+// window from scroll events. What the reader sees is each display frame:
+// shown on time, dropped (the view stood still for a frame), or shown with
+// rows not yet drawn.
+const cdp = await reader.context().newCDPSession(reader);
+const box = await reader.evaluate(() => { const b = document.getElementById("timeline").getBoundingClientRect(); return { x: Math.round(b.left + b.width / 2), y: Math.round(b.top + b.height / 2) }; });
+const wheel = async (dir) => {
+  const end = Date.now() + 60000;
+  for (;;) {
+    const where = await reader.evaluate((dir) => perfEdge(dir), dir);
+    if (!where) return;
+    if (Date.now() > end) return console.log(`wheel scrolling ${dir < 0 ? "up" : "down"} did not get there: ${where}`);
+    // 120 px a frame at 60 frames a second, as above.
+    await cdp.send("Input.synthesizeScrollGesture", { ...box, yDistance: -dir * 2400, speed: 7200, gestureSourceType: "mouse", preventFling: true });
+  }
+};
+const wheeled = await scrollFrames(browser, reader, async () => { await wheel(-1); await wheel(1); });
 
 // Live messages, one every 100 ms, while the reader follows the room.
 await reset();
@@ -129,6 +156,9 @@ console.log(`room: ${N} messages, ${scrolled.held} of them held by the page afte
 console.log(`scrolling up through all of them (${ms(up)} s, history fetched as it goes) and down again (${ms(down)} s): ${scrolled.frames.length} frames, ` +
   `p50 ${ms(pct(scrolled.frames, 0.5))} ms, p99 ${ms(pct(scrolled.frames, 0.99))} ms, max ${ms(Math.max(...scrolled.frames))} ms, over 20 ms: ${over(scrolled.frames, 20)}; ` +
   `long tasks: ${scrolled.longs.length}` + (scrolled.longs.length ? `, longest ${ms(Math.max(...scrolled.longs))} ms` : ""));
+const threads = [...new Set(wheeled.map((f) => f.thread === "SCROLL_COMPOSITOR_THREAD" ? "the compositor thread" : "the page's main thread"))];
+console.log(`wheel scrolling up to the first and down again, the page holding them all: ${wheeled.length} display frames while scrolling, ` +
+  `${wheeled.filter((f) => !f.shown).length} dropped, ${wheeled.filter((f) => f.shown && f.missing).length} shown with rows not yet drawn; scrolled on ${threads.join(" and ")}`);
 console.log(`a live message, arrival to its row laid out: p50 ${ms(pct(live.laid, 0.5))} ms, p99 ${ms(pct(live.laid, 0.99))} ms, max ${ms(Math.max(...live.laid))} ms; ` +
   `to the start of the next frame (after it was painted): p50 ${ms(pct(live.next, 0.5))} ms, max ${ms(Math.max(...live.next))} ms (${live.laid.length} messages)`);
 console.log(`while live: long tasks ${live.longs.length}` + (live.longs.length ? `, longest ${ms(Math.max(...live.longs))} ms` : "") + `; frames over 20 ms: ${over(live.frames, 20)} of ${live.frames.length}`);

@@ -1,7 +1,8 @@
 //! `web N`: the web chat in a room of N messages, in headless Chromium
 //! (tests/web/perf.mjs, with the playwright-core and Chromium that
 //! `.ci/web-setup` installs): frame times while reading back through the
-//! room and down again, long tasks, the time from a live message's arrival
+//! room and down again from script, display frames dropped doing the same
+//! with the mouse wheel, long tasks, the time from a live message's arrival
 //! to the screen, and the page's element count.
 
 use super::{start_gateway, NO_RATE_LIMITS};
