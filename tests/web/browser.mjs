@@ -42,3 +42,10 @@ export async function scrollFrames(browser, page, during) {
   }
   return [...frames.values()].filter((f) => f.shown || f.dropped);
 }
+
+// A mouse-wheel scroll as the browser's input pipeline sees one (CDP
+// session `cdp` of the page); false if it did not end within 10 s.
+export function wheelGesture(cdp, at, pixels, speed) {
+  const gesture = cdp.send("Input.synthesizeScrollGesture", { x: Math.round(at.x), y: Math.round(at.y), yDistance: pixels, speed, gestureSourceType: "mouse", preventFling: true });
+  return Promise.race([gesture.then(() => true), new Promise((ok) => setTimeout(() => ok(false), 10000))]);
+}

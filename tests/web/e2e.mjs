@@ -2,7 +2,7 @@
 // tests/web.rs, which owns the gateway: when this script prints "OUTAGE" the
 // test kills and restarts the gateway and sends 120 messages, then writes
 // "SENT" to our stdin. Exits 0 when every check passed.
-import { launch, axeViolations, scrollFrames } from "./browser.mjs";
+import { launch, axeViolations, scrollFrames, wheelGesture } from "./browser.mjs";
 import { createInterface } from "node:readline";
 import { mkdirSync } from "node:fs";
 
@@ -363,14 +363,15 @@ try {
   // The wheel scrolls the timeline on the browser's compositor thread, on a
   // screen of scale 1 too: the view keeps moving while the page works.
   await big.evaluate(() => latest());
-  const wheelAt = await big.$eval("#timeline", (t) => { const b = t.getBoundingClientRect(); return { x: Math.round(b.left + b.width / 2), y: Math.round(b.top + b.height / 2) }; });
+  const wheelAt = await big.$eval("#timeline", (t) => { const b = t.getBoundingClientRect(); return { x: b.left + b.width / 2, y: b.top + b.height / 2 }; });
   const cdp = await big.context().newCDPSession(big);
+  let ended = false;
   const wheeled = await scrollFrames(browser, big, async () => {
-    await cdp.send("Input.synthesizeScrollGesture", { ...wheelAt, yDistance: 1000, speed: 3000, gestureSourceType: "mouse", preventFling: true });
+    ended = await wheelGesture(cdp, wheelAt, 1000, 3000);
     await big.evaluate(() => new Promise((done) => requestAnimationFrame(() => requestAnimationFrame(done))));
   });
   const threads = [...new Set(wheeled.map((f) => f.thread))];
-  check(wheeled.length > 0 && threads.join() === "SCROLL_COMPOSITOR_THREAD", `the wheel scrolls the timeline on the compositor thread (${wheeled.length} frames: ${threads})`);
+  check(ended && wheeled.length > 0 && threads.join() === "SCROLL_COMPOSITOR_THREAD", `the wheel scrolls the timeline on the compositor thread (${wheeled.length} frames: ${threads}${ended ? "" : "; the gesture did not end"})`);
   await say(big, "live in a big room");
   await waitText(big, "live in a big room");
   v = await view();

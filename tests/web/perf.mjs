@@ -4,7 +4,7 @@
 // reads back to the first message a scroll step per frame and down again,
 // then measures 60 live messages from arrival to the screen. Prints one
 // line per figure; no check of its own (speed is not a test).
-import { launch, scrollFrames } from "./browser.mjs";
+import { launch, scrollFrames, wheelGesture } from "./browser.mjs";
 
 const BASE = process.env.BASE_URL, N = Number(process.env.N || 2000), LIVE = 60;
 const browser = await launch();
@@ -123,7 +123,7 @@ scrolled.longs = await longs();
 // shown on time, dropped (the view stood still for a frame), or shown with
 // rows not yet drawn.
 const cdp = await reader.context().newCDPSession(reader);
-const box = await reader.evaluate(() => { const b = document.getElementById("timeline").getBoundingClientRect(); return { x: Math.round(b.left + b.width / 2), y: Math.round(b.top + b.height / 2) }; });
+const box = await reader.evaluate(() => { const b = document.getElementById("timeline").getBoundingClientRect(); return { x: b.left + b.width / 2, y: b.top + b.height / 2 }; });
 const wheel = async (dir) => {
   const end = Date.now() + 60000;
   for (;;) {
@@ -131,7 +131,7 @@ const wheel = async (dir) => {
     if (!where) return;
     if (Date.now() > end) return console.log(`wheel scrolling ${dir < 0 ? "up" : "down"} did not get there: ${where}`);
     // 120 px a frame at 60 frames a second, as above.
-    await cdp.send("Input.synthesizeScrollGesture", { ...box, yDistance: -dir * 2400, speed: 7200, gestureSourceType: "mouse", preventFling: true });
+    if (!await wheelGesture(cdp, box, -dir * 2400, 7200)) return console.log(`a wheel gesture did not end in 10 s, at ${await reader.evaluate((dir) => perfEdge(dir), dir)}`);
   }
 };
 const wheeled = await scrollFrames(browser, reader, async () => { await wheel(-1); await wheel(1); });
