@@ -360,9 +360,15 @@ try {
     requestAnimationFrame(step);
   }));
   check(jumps.length === 0, `reading back, the view moves only as scrolled (${jumps.length} jumps: ${jumps.slice(0, 5)})`);
+  // Up in the room, a click on the room's own name goes to its newest message.
+  const lastShown = () => big.$$eval("#rows .row .text", (t) => t[t.length - 1].textContent);
+  const upThere = await lastShown();
+  await big.click("#rooms button.room.current");
+  await big.waitForFunction(() => { const t = document.getElementById("timeline"), all = document.querySelectorAll("#rows .row .text"); return all[all.length - 1].textContent === "b599" && t.scrollHeight - t.scrollTop - t.clientHeight < 2; }, null, { timeout: 10000 }).catch(() => {});
+  const back = await lastShown();
+  check(upThere !== "b599" && back === "b599", `up in a room, a click on its name goes to its newest message (window ended at ${upThere}, then at ${back})`);
   // The wheel scrolls the timeline on the browser's compositor thread, on a
   // screen of scale 1 too: the view keeps moving while the page works.
-  await big.evaluate(() => latest());
   const wheelAt = await big.$eval("#timeline", (t) => { const b = t.getBoundingClientRect(); return { x: b.left + b.width / 2, y: b.top + b.height / 2 }; });
   const cdp = await big.context().newCDPSession(big);
   let ended = false;

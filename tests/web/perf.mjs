@@ -2,8 +2,9 @@
 // `hivegate-bench web N` against a gateway it started (BASE_URL). Fills
 // room `perf` with N messages from three senders, opens the page there,
 // reads back to the first message a scroll step per frame and down again,
-// then measures 60 live messages from arrival to the screen. Prints one
-// line per figure; no check of its own (speed is not a test).
+// from script and then with the mouse wheel, then measures 60 live
+// messages from arrival to the screen. Prints one line per figure; no
+// check of its own (speed is not a test).
 import { launch, scrollFrames, wheelGesture } from "./browser.mjs";
 
 const BASE = process.env.BASE_URL, N = Number(process.env.N || 2000), LIVE = 60;
