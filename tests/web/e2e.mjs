@@ -344,22 +344,29 @@ try {
   check(inOrder && most.rows <= 150 && most.all <= 1500, `and down to the last: at most ${most.rows} rows, ${most.all} elements in the page at any time, always in order`);
   // Reading back from the newest, 40 px a frame, the message in the middle
   // of the view moves by exactly 40 px each frame: rows that come into the
-  // window above, or into view at their real height, move nothing.
-  const jumps = await big.evaluate(() => new Promise((done) => {
+  // window above, or into view at their real height, move nothing. Nor do
+  // they move it within the timeline's content (what the browser drew
+  // stays valid: only the rows that came are drawn).
+  const { jumps, shifts } = await big.evaluate(() => new Promise((done) => {
     latest();
-    const tl = document.getElementById("timeline"), box = tl.getBoundingClientRect(), jumps = [];
-    let ref = null, top = 0, frames = 0;
+    const tl = document.getElementById("timeline"), box = tl.getBoundingClientRect(), jumps = [], shifts = [];
+    let ref = null, top = 0, at = 0, frames = 0;
     const step = () => {
-      if (ref) { const d = ref.getBoundingClientRect().top - top; if (Math.abs(d - 40) > 1) jumps.push(Math.round(d)); }
-      if (++frames > 150 || tl.scrollTop < 40) return done(jumps);
+      if (ref) {
+        const now = ref.getBoundingClientRect().top, d = now - top;
+        if (Math.abs(d - 40) > 1) jumps.push(Math.round(d));
+        if (Math.abs(now + tl.scrollTop - at) > 1) shifts.push(Math.round(now + tl.scrollTop - at));
+      }
+      if (++frames > 150 || tl.scrollTop < 40) return done({ jumps, shifts });
       ref = document.elementFromPoint(box.left + box.width / 2, box.top + box.height / 2).closest(".row");
-      top = ref.getBoundingClientRect().top;
+      top = ref.getBoundingClientRect().top; at = top + tl.scrollTop;
       tl.scrollTop -= 40;
       requestAnimationFrame(step);
     };
     requestAnimationFrame(step);
   }));
   check(jumps.length === 0, `reading back, the view moves only as scrolled (${jumps.length} jumps: ${jumps.slice(0, 5)})`);
+  check(shifts.length === 0, `reading back, rows coming above move none already laid out (${shifts.length} shifts: ${shifts.slice(0, 5)})`);
   // Up in the room, a click on the room's own name goes to its newest message.
   const lastShown = async () => (await view()).ts.at(-1);
   const upThere = await lastShown();

@@ -4,10 +4,11 @@
 // reads back to the first message a scroll step per frame and down again,
 // from script and then with the mouse wheel, then measures 60 live
 // messages from arrival to the screen. Prints one line per figure; no
-// check of its own (speed is not a test).
+// check of its own (speed is not a test). SLOWDOWN (default 1) slows the
+// page's main thread that many times, as on a phone.
 import { launch, scrollFrames, wheelGesture } from "./browser.mjs";
 
-const BASE = process.env.BASE_URL, N = Number(process.env.N || 2000), LIVE = 60;
+const BASE = process.env.BASE_URL, N = Number(process.env.N || 2000), LIVE = 60, SLOWDOWN = Number(process.env.SLOWDOWN || 1);
 const browser = await launch();
 const pct = (xs, p) => { const s = [...xs].sort((a, b) => a - b); return s[Math.min(s.length - 1, Math.floor(p * s.length))] || 0; };
 const ms = (x) => x.toFixed(1);
@@ -74,6 +75,10 @@ await reader.addInitScript(() => {
     window.perf.most = Math.max(window.perf.most, document.getElementsByTagName("*").length);
   }).observe(document.getElementById("rows"), { childList: true }));
 });
+if (SLOWDOWN > 1) {
+  await (await reader.context().newCDPSession(reader)).send("Emulation.setCPUThrottlingRate", { rate: SLOWDOWN });
+  console.log(`the page's thread slowed ${SLOWDOWN} times`);
+}
 await reader.goto(BASE + "/#perf");
 await reader.waitForFunction(() => document.querySelectorAll("#rows .row").length >= 50);
 // Long tasks are told a little late: those that started before a reset

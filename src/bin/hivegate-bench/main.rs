@@ -25,7 +25,7 @@
 //! `guard`, `report`: the figures held to `bench/baseline.txt` (see
 //! `guard.rs`).
 //!
-//! `web N`: the web chat in a room of N messages (see `web.rs`).
+//! `web N [SLOWDOWN]`: the web chat in a room of N messages (see `web.rs`).
 //!
 //! `start`, `quiet S`, `soak S I`: edge fitness (see `fitness.rs`), and
 //! `exercise ADDR`, which `.ci/text-order` runs while it records the code
@@ -60,7 +60,7 @@ Usage: hivegate-bench idle [N]          memory per idle authenticated connection
        hivegate-bench sign [N]          the cost of signing and checking one bus event (20000 of each)
        hivegate-bench beats [N]         a box's CPU per presence beat of 10,000 names, each replacing the last (20)
        hivegate-bench cluster [M] [S] [unsigned]   two boxes on NATS, messages signed unless `unsigned`: cross-box latency, deliveries per second (100, 5 s)
-       hivegate-bench web [N]           the web chat in a room of N messages, in headless Chromium: frames (script and wheel scrolling), long tasks, live latency, DOM size (2000)
+       hivegate-bench web [N] [SLOWDOWN] the web chat in a room of N messages, in headless Chromium, its page's thread SLOWDOWN times slower (a phone's): frames (script and wheel scrolling), long tasks, live latency, DOM size (2000, 1)
        hivegate-bench exercise ADDR     one open-mode session and each HTTP route (.ci/text-order)
        hivegate-bench guard [--write | FIGURE...]   the figures held to bench/baseline.txt, or only those named (.ci/run; needs valgrind)
        hivegate-bench report [--check]  the README's table of those figures, from the baseline
@@ -88,7 +88,9 @@ fn main() {
         ["start"] => fitness::start_rss(),
         ["quiet", rest @ ..] => fitness::quiet(rest),
         ["soak", rest @ ..] => fitness::soak(rest),
-        ["web", rest @ ..] => numbers(rest, [2000]).and_then(|[n]| web::run(n)),
+        ["web", rest @ ..] => {
+            numbers(rest, [2000, 1]).and_then(|[n, slowdown]| web::run(n, slowdown))
+        }
         ["exercise", addr] => fitness::exercise(addr),
         ["guard", rest @ ..] => guard::run(rest),
         ["report", rest @ ..] => guard::report(rest),
