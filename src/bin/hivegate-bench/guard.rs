@@ -64,7 +64,7 @@ const FIGURES: &[Figure] = &[
         what: "memory per idle authenticated connection",
         unit: "bytes",
         tolerance: Tolerance::Percent(5.0),
-        how: "RSS over 3,000 connections after 200 warm-up, the median of three gateways (`hivegate-bench idle 3000`)",
+        how: "RSS over 3,000 connections after 200 warm-up, the median of five gateways (`hivegate-bench idle 3000`)",
         measure: idle_median,
     },
     Figure {
@@ -509,14 +509,16 @@ fn per_publish() -> Result<f64, String> {
     Ok((counted as f64 / PUBLISHES as f64).round())
 }
 
-/// The median of three idle measurements: one gateway in a few grows by
+/// The median of five idle measurements: one gateway in a few grows by
 /// some 300 KiB during the window (a background task's allocation), which
-/// is noise, not a cost per connection.
+/// is noise, not a cost per connection. With three, two such gateways in
+/// one guard failed CI once (1,906 bytes against 1,892 allowed; the same
+/// binary then measured 1,806 and 1,879); five take a few seconds more.
 fn idle_median() -> Result<f64, String> {
-    let mut runs = [0.0; 3];
+    let mut runs = [0.0; 5];
     for r in &mut runs {
         *r = idle_bytes(IDLE_CONNECTIONS)?;
     }
     runs.sort_by(f64::total_cmp);
-    Ok(runs[1].round())
+    Ok(runs[2].round())
 }
