@@ -2,10 +2,10 @@
 // `hivegate-bench web N` against a gateway it started (BASE_URL). Fills
 // room `perf` with N messages from three senders, opens the page there,
 // reads back to the first message a scroll step per frame and down again,
-// from script and then with the mouse wheel, then measures 60 live
-// messages from arrival to the screen. Prints one line per figure; no
-// check of its own (speed is not a test). SLOWDOWN (default 1) slows the
-// page's main thread that many times, as on a phone.
+// from script (counting the view's jumps) and then with the mouse wheel,
+// then measures 60 live messages from arrival to the screen. Prints one
+// line per figure; no check of its own (speed is not a test). SLOWDOWN
+// (default 1) slows the page's main thread that many times, as on a phone.
 import { launch, scrollFrames, wheelGesture } from "./browser.mjs";
 
 const BASE = process.env.BASE_URL, N = Number(process.env.N || 2000), LIVE = 60, SLOWDOWN = Number(process.env.SLOWDOWN || 1);
@@ -100,14 +100,22 @@ await reader.evaluate(() => {
     return there ? "" : `rows ${first}..${last}, window ${V.lo}..${V.hi}`;
   };
 });
+// The view jumps when the row in its middle moves by other than the step
+// scrolled since the last frame: what came, went or grew above it moved it.
 const scroll = (dir) => reader.evaluate((dir) => new Promise((done) => {
-  const tl = document.getElementById("timeline");
-  const end = Date.now() + 60000;
+  const tl = document.getElementById("timeline"), box = tl.getBoundingClientRect();
+  const end = Date.now() + 60000, J = (window.perf.jumps ||= { n: 0, px: 0 });
+  let ref = null, top = 0, moved = 0;
   const step = () => {
+    if (ref && ref.isConnected) { const off = Math.abs(ref.getBoundingClientRect().top - top - moved); if (off > 1) { J.n += 1; J.px += off; } }
     const where = perfEdge(dir);
     if (!where) return done("");
     if (Date.now() > end) return done("did not get there: " + where);
+    const hit = document.elementFromPoint(box.left + box.width / 2, box.top + box.height / 2);
+    ref = hit && hit.closest(".row"); top = ref ? ref.getBoundingClientRect().top : 0;
+    const was = tl.scrollTop;
     tl.scrollTop += dir * 120;
+    moved = was - tl.scrollTop;
     requestAnimationFrame(step);
   };
   requestAnimationFrame(step);
@@ -120,7 +128,7 @@ const t1 = Date.now();
 const stuckDown = await scroll(1);
 if (stuckDown) console.log("scrolling down " + stuckDown);
 const down = (Date.now() - t1) / 1000;
-const scrolled = await reader.evaluate(() => ({ frames: window.perf.frames, held: S.rooms.get("perf").list.length }));
+const scrolled = await reader.evaluate(() => ({ frames: window.perf.frames, held: S.rooms.get("perf").list.length, jumps: window.perf.jumps }));
 scrolled.longs = await longs();
 
 // The same again with the mouse wheel, as people scroll: the browser
@@ -161,7 +169,8 @@ const over = (xs, x) => xs.filter((v) => v > x).length;
 console.log(`room: ${N} messages, ${scrolled.held} of them held by the page after reading back to the first; opening the page and the room: long tasks ${JSON.stringify(opening)} ms`);
 console.log(`scrolling up through all of them (${ms(up)} s, history fetched as it goes) and down again (${ms(down)} s): ${scrolled.frames.length} frames, ` +
   `p50 ${ms(pct(scrolled.frames, 0.5))} ms, p99 ${ms(pct(scrolled.frames, 0.99))} ms, max ${ms(Math.max(...scrolled.frames))} ms, over 20 ms: ${over(scrolled.frames, 20)}; ` +
-  `long tasks: ${scrolled.longs.length}` + (scrolled.longs.length ? `, longest ${ms(Math.max(...scrolled.longs))} ms` : ""));
+  `long tasks: ${scrolled.longs.length}` + (scrolled.longs.length ? `, longest ${ms(Math.max(...scrolled.longs))} ms` : "") +
+  `; the view jumped ${scrolled.jumps.n} times, ${Math.round(scrolled.jumps.px)} px in all`);
 const threads = [...new Set(wheeled.map((f) => f.thread === "SCROLL_COMPOSITOR_THREAD" ? "the compositor thread" : "the page's main thread"))];
 console.log(`wheel scrolling up to the first and down again, the page holding them all: ${wheeled.length} display frames while scrolling, ` +
   `${wheeled.filter((f) => !f.shown).length} dropped, ${wheeled.filter((f) => f.shown && f.missing).length} shown with rows not yet drawn; scrolled on ${threads.join(" and ")}`);
