@@ -177,7 +177,8 @@ fn find_test_tools() {
 /// `<pre>` in them spans lines (a multi-line one would lose its indentation
 /// or its line breaks), a comment line is only a line that starts with one,
 /// and a line that holds `//` or `/*` anywhere (a URL, an end-of-line
-/// comment) keeps its line break.
+/// comment) keeps its line break. In `<style>`, the spaces CSS does not
+/// need go too (see `tighten_css`), and the line breaks after `}`.
 fn pack_pages() {
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     for page in ["index.html", "ops.html"] {
@@ -185,7 +186,7 @@ fn pack_pages() {
         println!("cargo:rerun-if-changed={source}");
         let text = std::fs::read_to_string(&source).expect("the web pages are in src/web");
         let mut packed = String::with_capacity(text.len());
-        let (mut in_comment, mut in_code) = (false, false);
+        let (mut in_comment, mut in_code, mut in_style) = (false, false, false);
         for line in text.lines() {
             let line = line.trim_start();
             if in_comment {
@@ -200,24 +201,52 @@ fn pack_pages() {
                 continue;
             }
             if line.starts_with("</script") || line.starts_with("</style") {
-                in_code = false;
+                (in_code, in_style) = (false, false);
             }
             let line = match line.find("  // ") {
                 Some(at) if in_code => line[..at].trim_end(),
                 _ => line,
             };
-            packed.push_str(line);
+            let line = if in_style {
+                tighten_css(line)
+            } else {
+                line.to_string()
+            };
+            packed.push_str(&line);
             let joins = in_code
-                && (line.ends_with(';') || line.ends_with('{'))
+                && (line.ends_with(';') || line.ends_with('{') || in_style && line.ends_with('}'))
                 && !line.contains("//")
                 && !line.contains("/*");
             if !joins {
                 packed.push('\n');
             }
             if line.starts_with("<script") || line.starts_with("<style") {
-                in_code = true;
+                (in_code, in_style) = (true, line.starts_with("<style"));
             }
         }
         std::fs::write(out.join(page), packed).expect("OUT_DIR is writable");
     }
+}
+
+/// A line of CSS without the spaces it does not need: after `:`, `;`, `,`,
+/// `{` and another space, before `{` and `}`; quoted strings stay as they
+/// are. (A space after `:` is never a selector's: a pseudo-class's colon
+/// has none. The pages have no unquoted `url()`.)
+fn tighten_css(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut quote = None;
+    for c in line.chars() {
+        match quote {
+            Some(q) if c == q => quote = None,
+            Some(_) => {}
+            None if c == '"' || c == '\'' => quote = Some(c),
+            None if c == ' ' && out.ends_with([':', ';', ',', '{', ' ']) => continue,
+            None if (c == '{' || c == '}') && out.ends_with(' ') => {
+                out.pop();
+            }
+            None => {}
+        }
+        out.push(c);
+    }
+    out
 }
