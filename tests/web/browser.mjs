@@ -49,3 +49,49 @@ export function wheelGesture(cdp, at, pixels, speed) {
   const gesture = cdp.send("Input.synthesizeScrollGesture", { x: Math.round(at.x), y: Math.round(at.y), yDistance: pixels, speed, gestureSourceType: "mouse", preventFling: true });
   return Promise.race([gesture.then(() => true), new Promise((ok) => setTimeout(() => ok(false), 10000))]);
 }
+
+// Where the chat page's view is in its current room: "" at the room's
+// first message (dir < 0) or its last, else the rows and the window the
+// page holds. (Runs in the page.)
+function edge(dir) {
+  const tl = document.getElementById("timeline"), rows = document.getElementById("rows"), r = S.rooms.get(S.current);
+  const first = Number(rows.firstElementChild.dataset.seq), last = Number(rows.lastElementChild.dataset.seq);
+  const there = dir < 0 ? !r.more && first === r.list[0].seq && tl.scrollTop === 0
+    : last === r.lastSeq && tl.scrollHeight - tl.scrollTop - tl.clientHeight < 2;
+  return there ? "" : `rows ${first}..${last}, window ${V.lo}..${V.hi}`;
+}
+export const timelineEdge = (page, dir) => page.evaluate(edge, dir);
+
+// Scrolls the chat page's timeline from script, `step` px a frame (up if
+// negative), to the room's first or last message or for `frames` frames;
+// 60 s at most. Returns where it stopped (`left`: "" if at the end) and what
+// the reader saw move that was not scrolled:
+// - jumps: the row in the middle of the view moved by other than the step
+//   (what came, went or grew above it moved it), px each;
+// - shifts: that row moved within the timeline's content (laid out again
+//   somewhere else, so drawn again), px each.
+export async function scrollTimeline(page, { step, frames = Infinity }) {
+  await page.evaluate(`window.timelineEdge = ${edge}`);
+  return page.evaluate(({ step, frames }) => new Promise((done) => {
+    const tl = document.getElementById("timeline"), box = tl.getBoundingClientRect(), end = Date.now() + 60000;
+    const jumps = [], shifts = [];
+    let ref = null, top = 0, at = 0, moved = 0, n = 0;
+    const next = () => {
+      if (ref && ref.isConnected) {
+        const now = ref.getBoundingClientRect().top;
+        if (Math.abs(now - top - moved) > 1) jumps.push(Math.round(now - top - moved));
+        if (Math.abs(now + tl.scrollTop - at) > 1) shifts.push(Math.round(now + tl.scrollTop - at));
+      }
+      const left = window.timelineEdge(Math.sign(step));
+      if (!left || n++ >= frames) return done({ left, jumps, shifts });
+      if (Date.now() > end) return done({ left: "did not get there: " + left, jumps, shifts });
+      const hit = document.elementFromPoint(box.left + box.width / 2, box.top + box.height / 2);
+      ref = hit && hit.closest(".row"); top = ref ? ref.getBoundingClientRect().top : 0; at = top + tl.scrollTop;
+      const was = tl.scrollTop;
+      tl.scrollTop += step;
+      moved = was - tl.scrollTop;
+      requestAnimationFrame(next);
+    };
+    requestAnimationFrame(next);
+  }), { step, frames });
+}

@@ -2,7 +2,7 @@
 // tests/web.rs, which owns the gateway: when this script prints "OUTAGE" the
 // test kills and restarts the gateway and sends 120 messages, then writes
 // "SENT" to our stdin. Exits 0 when every check passed.
-import { launch, axeViolations, scrollFrames, wheelGesture } from "./browser.mjs";
+import { launch, axeViolations, scrollFrames, scrollTimeline, wheelGesture } from "./browser.mjs";
 import { createInterface } from "node:readline";
 import { mkdirSync } from "node:fs";
 
@@ -347,24 +347,8 @@ try {
   // window above, or into view at their real height, move nothing. Nor do
   // they move it within the timeline's content (what the browser drew
   // stays valid: only the rows that came are drawn).
-  const { jumps, shifts } = await big.evaluate(() => new Promise((done) => {
-    latest();
-    const tl = document.getElementById("timeline"), box = tl.getBoundingClientRect(), jumps = [], shifts = [];
-    let ref = null, top = 0, at = 0, frames = 0;
-    const step = () => {
-      if (ref) {
-        const now = ref.getBoundingClientRect().top, d = now - top;
-        if (Math.abs(d - 40) > 1) jumps.push(Math.round(d));
-        if (Math.abs(now + tl.scrollTop - at) > 1) shifts.push(Math.round(now + tl.scrollTop - at));
-      }
-      if (++frames > 150 || tl.scrollTop < 40) return done({ jumps, shifts });
-      ref = document.elementFromPoint(box.left + box.width / 2, box.top + box.height / 2).closest(".row");
-      top = ref.getBoundingClientRect().top; at = top + tl.scrollTop;
-      tl.scrollTop -= 40;
-      requestAnimationFrame(step);
-    };
-    requestAnimationFrame(step);
-  }));
+  await big.evaluate(() => latest());
+  const { jumps, shifts } = await scrollTimeline(big, { step: -40, frames: 150 });
   check(jumps.length === 0, `reading back, the view moves only as scrolled (${jumps.length} jumps: ${jumps.slice(0, 5)})`);
   check(shifts.length === 0, `reading back, rows coming above move none already laid out (${shifts.length} shifts: ${shifts.slice(0, 5)})`);
   // Up in the room, a click on the room's own name goes to its newest message.
@@ -374,6 +358,17 @@ try {
   await big.waitForFunction(() => { const t = document.getElementById("timeline"), all = document.querySelectorAll("#rows .row .text"); return all[all.length - 1].textContent === "b599" && t.scrollHeight - t.scrollTop - t.clientHeight < 2; }, null, { timeout: 10000 }).catch(() => {});
   const back = await lastShown();
   check(upThere !== "b599" && back === "b599", `up in a room, a click on its name goes to its newest message (window ended at ${upThere}, then at ${back})`);
+  // Reading the whole room from a fresh page, 120 px a frame, up as older
+  // messages load and down again: nothing moves the view either. (Where
+  // a message's look waits for the one before it, where the hint above the
+  // first message goes, where rows that leave above shrink the content
+  // under a view near its bottom, it would.)
+  const fresh = await open("big again", { width: 1200, height: 800 }, "/#big");
+  await waitText(fresh, "b599");
+  const upAll = await scrollTimeline(fresh, { step: -120 }), downAll = await scrollTimeline(fresh, { step: 120 });
+  const moves = [...upAll.jumps, ...downAll.jumps];
+  check(!upAll.left && !downAll.left && moves.length === 0, `reading the whole room up and down, the view moves only as scrolled (${moves.length} jumps: ${moves.slice(0, 5)}${upAll.left || downAll.left ? "; " + upAll.left + downAll.left : ""})`);
+  await fresh.close();
   // The wheel scrolls the timeline on the browser's compositor thread, on a
   // screen of scale 1 too: the view keeps moving while the page works.
   const wheelAt = await big.$eval("#timeline", (t) => { const b = t.getBoundingClientRect(); return { x: b.left + b.width / 2, y: b.top + b.height / 2 }; });

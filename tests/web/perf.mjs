@@ -6,7 +6,7 @@
 // then measures 60 live messages from arrival to the screen. Prints one
 // line per figure; no check of its own (speed is not a test). SLOWDOWN
 // (default 1) slows the page's main thread that many times, as on a phone.
-import { launch, scrollFrames, wheelGesture } from "./browser.mjs";
+import { launch, scrollFrames, scrollTimeline, timelineEdge, wheelGesture } from "./browser.mjs";
 
 const BASE = process.env.BASE_URL, N = Number(process.env.N || 2000), LIVE = 60, SLOWDOWN = Number(process.env.SLOWDOWN || 1);
 const browser = await launch();
@@ -89,37 +89,12 @@ const opening = await reader.evaluate(() => new Promise((ok) => setTimeout(() =>
 
 // Read back to the first message, a step per frame, and down again.
 await reset();
-// (Three senders publish at once, so the room's order is the server's, not
-// the messages' numbers: the ends are its first and last seq.)
-await reader.evaluate(() => {
-  // "" at the room's first message (dir < 0) or its last, else where the window is.
-  window.perfEdge = (dir) => {
-    const tl = document.getElementById("timeline"), rows = document.getElementById("rows"), r = S.rooms.get("perf");
-    const first = Number(rows.firstElementChild.dataset.seq), last = Number(rows.lastElementChild.dataset.seq);
-    const there = dir < 0 ? first === 1 && tl.scrollTop === 0 : last === r.lastSeq && tl.scrollHeight - tl.scrollTop - tl.clientHeight < 2;
-    return there ? "" : `rows ${first}..${last}, window ${V.lo}..${V.hi}`;
-  };
-});
-// The view jumps when the row in its middle moves by other than the step
-// scrolled since the last frame: what came, went or grew above it moved it.
-const scroll = (dir) => reader.evaluate((dir) => new Promise((done) => {
-  const tl = document.getElementById("timeline"), box = tl.getBoundingClientRect();
-  const end = Date.now() + 60000, J = (window.perf.jumps ||= { n: 0, px: 0 });
-  let ref = null, top = 0, moved = 0;
-  const step = () => {
-    if (ref && ref.isConnected) { const off = Math.abs(ref.getBoundingClientRect().top - top - moved); if (off > 1) { J.n += 1; J.px += off; } }
-    const where = perfEdge(dir);
-    if (!where) return done("");
-    if (Date.now() > end) return done("did not get there: " + where);
-    const hit = document.elementFromPoint(box.left + box.width / 2, box.top + box.height / 2);
-    ref = hit && hit.closest(".row"); top = ref ? ref.getBoundingClientRect().top : 0;
-    const was = tl.scrollTop;
-    tl.scrollTop += dir * 120;
-    moved = was - tl.scrollTop;
-    requestAnimationFrame(step);
-  };
-  requestAnimationFrame(step);
-}), dir);
+const jumps = [];
+const scroll = async (dir) => {
+  const run = await scrollTimeline(reader, { step: dir * 120 });
+  jumps.push(...run.jumps);
+  return run.left;
+};
 const t0 = Date.now();
 const stuckUp = await scroll(-1);
 if (stuckUp) console.log("scrolling up " + stuckUp);
@@ -128,7 +103,7 @@ const t1 = Date.now();
 const stuckDown = await scroll(1);
 if (stuckDown) console.log("scrolling down " + stuckDown);
 const down = (Date.now() - t1) / 1000;
-const scrolled = await reader.evaluate(() => ({ frames: window.perf.frames, held: S.rooms.get("perf").list.length, jumps: window.perf.jumps }));
+const scrolled = await reader.evaluate(() => ({ frames: window.perf.frames, held: S.rooms.get("perf").list.length }));
 scrolled.longs = await longs();
 
 // The same again with the mouse wheel, as people scroll: the browser
@@ -141,11 +116,11 @@ const box = await reader.evaluate(() => { const b = document.getElementById("tim
 const wheel = async (dir) => {
   const end = Date.now() + 60000;
   for (;;) {
-    const where = await reader.evaluate((dir) => perfEdge(dir), dir);
+    const where = await timelineEdge(reader, dir);
     if (!where) return;
     if (Date.now() > end) return console.log(`wheel scrolling ${dir < 0 ? "up" : "down"} did not get there: ${where}`);
     // 120 px a frame at 60 frames a second, as above.
-    if (!await wheelGesture(cdp, box, -dir * 2400, 7200)) return console.log(`a wheel gesture did not end in 10 s, at ${await reader.evaluate((dir) => perfEdge(dir), dir)}`);
+    if (!await wheelGesture(cdp, box, -dir * 2400, 7200)) return console.log(`a wheel gesture did not end in 10 s, at ${await timelineEdge(reader, dir)}`);
   }
 };
 const wheeled = await scrollFrames(browser, reader, async () => { await wheel(-1); await wheel(1); });
@@ -170,7 +145,7 @@ console.log(`room: ${N} messages, ${scrolled.held} of them held by the page afte
 console.log(`scrolling up through all of them (${ms(up)} s, history fetched as it goes) and down again (${ms(down)} s): ${scrolled.frames.length} frames, ` +
   `p50 ${ms(pct(scrolled.frames, 0.5))} ms, p99 ${ms(pct(scrolled.frames, 0.99))} ms, max ${ms(Math.max(...scrolled.frames))} ms, over 20 ms: ${over(scrolled.frames, 20)}; ` +
   `long tasks: ${scrolled.longs.length}` + (scrolled.longs.length ? `, longest ${ms(Math.max(...scrolled.longs))} ms` : "") +
-  `; the view jumped ${scrolled.jumps.n} times, ${Math.round(scrolled.jumps.px)} px in all`);
+  `; the view jumped ${jumps.length} times, ${jumps.reduce((a, j) => a + Math.abs(j), 0)} px in all`);
 const threads = [...new Set(wheeled.map((f) => f.thread === "SCROLL_COMPOSITOR_THREAD" ? "the compositor thread" : "the page's main thread"))];
 console.log(`wheel scrolling up to the first and down again, the page holding them all: ${wheeled.length} display frames while scrolling, ` +
   `${wheeled.filter((f) => !f.shown).length} dropped, ${wheeled.filter((f) => f.shown && f.missing).length} shown with rows not yet drawn; scrolled on ${threads.join(" and ")}`);
