@@ -294,6 +294,8 @@ try {
   await phone.click("#join button");
   await phone.waitForFunction(() => document.getElementById("title").textContent.includes("phoneroom"));
   check(true, "a room joined from a phone becomes the current one");
+  const tall = await phone.evaluate(() => ({ timeline: $("timeline").offsetHeight, composer: $("composer").offsetHeight }));
+  check(tall.composer < 100 && tall.timeline > 500, `on a phone, an empty room's timeline takes the height, not its composer (${tall.timeline} and ${tall.composer} px)`);
   await phone.screenshot({ path: SHOTS + "/phone-joined.png" });
   await phone.click(`#rooms .room:text-is("${firstRoom}")`);
   await phone.waitForFunction((t) => document.getElementById("title").textContent === t, firstRoom);
