@@ -30,15 +30,22 @@ fn sdk(py: &PathBuf, gw: &Gateway, token: &str, scenario: &str) -> Value {
 
 fn sdk_at(py: &PathBuf, gw: &Gateway, url: &str, token: &str, scenario: &str) -> Value {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/mcp/client.py");
-    let out = Command::new(py)
-        .arg(script)
-        .args([url, token, scenario])
+    client_report(
+        Command::new(py).arg(script).args([url, token, scenario]),
+        gw,
+    )
+}
+
+/// Runs an MCP client script to its end; the JSON report it prints. Fails
+/// the test with what the client and the gateway said unless it succeeded.
+fn client_report(cmd: &mut Command, gw: &Gateway) -> Value {
+    let out = cmd
         .output()
-        .expect("run the MCP client");
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
-        "client.py {scenario} failed:\n{}\n{stdout}\ngateway log:\n{}",
+        "{cmd:?} failed:\n{}\n{stdout}\ngateway log:\n{}",
         String::from_utf8_lossy(&out.stderr),
         gw.log_text()
     );
@@ -379,23 +386,14 @@ fn the_typescript_sdk_connects_over_the_websocket_with_a_token() {
     let fake = FakeOpenAi::start(ok_stream(transcript("hello.txt")));
     let gw = gateway(&fake, "[auth]\ntokens = [\"ada:tok-ada\"]\n");
     let url = format!("ws://{}/ws", gw.addr);
-    let run = |token: &str| {
-        Command::new("node")
-            .arg("--experimental-websocket")
+    let client = |token: &str| {
+        let mut cmd = Command::new("node");
+        cmd.arg("--experimental-websocket")
             .arg(dir.join("ws_client.mjs"))
-            .args([url.as_str(), token])
-            .output()
-            .expect("run node")
+            .args([url.as_str(), token]);
+        cmd
     };
-    let out = run("tok-ada");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "ws_client.mjs failed:\n{}\n{stdout}\ngateway log:\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        gw.log_text()
-    );
-    let r: Value = serde_json::from_str(stdout.trim()).expect("the client prints JSON");
+    let r = client_report(&mut client("tok-ada"), &gw);
     assert_eq!(r["tools"], serde_json::json!(["chat"]));
     assert_eq!(r["isError"], false);
     assert!(
@@ -403,5 +401,6 @@ fn the_typescript_sdk_connects_over_the_websocket_with_a_token() {
         "{r}"
     );
     // A wrong token is refused at the upgrade.
-    assert!(!run("tok-wrong").status.success());
+    let refused = client("tok-wrong").output().expect("run node");
+    assert!(!refused.status.success());
 }
