@@ -197,6 +197,8 @@ try {
   const polled = polls;
   for (const end = Date.now() + 5000; polls < polled + 2 && Date.now() < end;) await new Promise((ok) => setTimeout(ok, 50));
   check(polls >= polled + 2, `it refreshes every second (${polls} reads of /readyz)`);
+  const stamp = await ops.textContent("#updated");
+  check(/^updated \d\d:\d\d:\d\d$/.test(stamp), `it says when, in the chat page's 24-hour format (${stamp})`);
   await say(a, "counted by the operator view");
   await ops.waitForFunction(() => Number(document.querySelector("#card-messages_in .sub").textContent.match(/60 s: ([\d.]+)/)[1]) > 0, null, { timeout: 5000 });
   check(true, "the message rates move with the traffic");
