@@ -298,6 +298,8 @@ try {
   check(true, "a room joined from a phone becomes the current one");
   const tall = await phone.evaluate(() => ({ timeline: $("timeline").offsetHeight, composer: $("composer").offsetHeight }));
   check(tall.composer < 100 && tall.timeline > 500, `on a phone, an empty room's timeline takes the height, not its composer (${tall.timeline} and ${tall.composer} px)`);
+  const strip = await phone.evaluate(() => { const s = $("rooms").getBoundingClientRect(), b = document.querySelector("#rooms .room.current").getBoundingClientRect(); return [b.left - s.left, s.right - b.right].map(Math.round); });
+  check(strip[0] >= 0 && strip[1] >= 0, `on a phone the room just joined is in view in the strip of rooms (${strip} px inside its left and right)`);
   await phone.screenshot({ path: SHOTS + "/phone-joined.png" });
   await phone.click(`#rooms .room:text-is("${firstRoom}")`);
   await phone.waitForFunction((t) => document.getElementById("title").textContent === t, firstRoom);
